@@ -1,0 +1,1 @@
+"""cowdisk: copy-on-write root disks for microVM sandboxes."""

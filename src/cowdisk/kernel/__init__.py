@@ -1,0 +1,1 @@
+"""Thin typed wrappers over kernel interfaces (loop, device-mapper, block, files). No policy."""

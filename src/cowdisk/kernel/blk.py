@@ -1,0 +1,125 @@
+"""Block devices and files: sizes, device numbers, device nodes (for jails)."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import stat
+import struct
+
+from ..errors import KernelError
+
+BLKGETSIZE64 = 0x80081272
+BLKSSZGET = 0x1268
+BLKFLSBUF = 0x1261
+
+SECTOR = 512
+
+
+def size_bytes(path: str | os.PathLike[str]) -> int:
+    """Size in bytes of a block device (BLKGETSIZE64) or a regular file (st_size)."""
+    p = os.fspath(path)
+    try:
+        st = os.stat(p)
+    except OSError as e:
+        raise KernelError.from_oserror("size", p, e) from None
+    if stat.S_ISREG(st.st_mode):
+        return st.st_size
+    if not stat.S_ISBLK(st.st_mode):
+        raise KernelError("size", p, errno.ENOTBLK, detail="neither a block device nor a file")
+    try:
+        fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise KernelError.from_oserror("size: open", p, e) from None
+    try:
+        out = fcntl.ioctl(fd, BLKGETSIZE64, b"\0" * 8)
+        return int(struct.unpack("=Q", out)[0])
+    except OSError as e:
+        raise KernelError.from_oserror("size (BLKGETSIZE64)", p, e) from None
+    finally:
+        os.close(fd)
+
+
+def size_sectors(path: str | os.PathLike[str]) -> int:
+    """Size in 512-byte sectors (a file's tail under 512 bytes is not counted, as a loop does)."""
+    return size_bytes(path) // SECTOR
+
+
+def devno(path: str | os.PathLike[str]) -> tuple[int, int]:
+    """(major, minor) of a block device node."""
+    p = os.fspath(path)
+    try:
+        st = os.stat(p)
+    except OSError as e:
+        raise KernelError.from_oserror("device number", p, e) from None
+    if not stat.S_ISBLK(st.st_mode):
+        raise KernelError("device number", p, errno.ENOTBLK)
+    return os.major(st.st_rdev), os.minor(st.st_rdev)
+
+
+def devno_str(path: str | os.PathLike[str]) -> str:
+    ma, mi = devno(path)
+    return f"{ma}:{mi}"
+
+
+def make_node(path: str | os.PathLike[str], major: int, minor: int, *, mode: int = 0o600,
+              uid: int | None = None, gid: int | None = None) -> None:
+    """Create (or replace) a block device node ``path`` with major:minor.
+
+    A stale node or file at ``path`` is replaced atomically: the new node is made
+    under a temporary name in the same directory and renamed over it.
+    """
+    p = os.fspath(path)
+    d = os.path.dirname(os.path.abspath(p))
+    tmp = os.path.join(d, f".{os.path.basename(p)}.cowdisk-{os.getpid()}")
+    try:
+        os.unlink(tmp)
+    except FileNotFoundError:
+        pass
+    try:
+        os.mknod(tmp, stat.S_IFBLK | mode, os.makedev(major, minor))
+        os.chmod(tmp, mode)
+        if uid is not None or gid is not None:
+            os.chown(tmp, -1 if uid is None else uid, -1 if gid is None else gid)
+        os.replace(tmp, p)
+    except OSError as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise KernelError.from_oserror("make device node", p, e) from None
+
+
+def is_block(path: str | os.PathLike[str]) -> bool:
+    try:
+        return stat.S_ISBLK(os.stat(os.fspath(path)).st_mode)
+    except OSError:
+        return False
+
+
+def open_count_hint(path: str | os.PathLike[str]) -> list[int]:
+    """PIDs that have ``path`` (a block device) open, from /proc/*/fd. Best effort."""
+    p = os.fspath(path)
+    try:
+        target = os.stat(p).st_rdev
+    except OSError:
+        return []
+    pids = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        fddir = f"/proc/{pid}/fd"
+        try:
+            fds = os.listdir(fddir)
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                st = os.stat(f"{fddir}/{fd}")
+            except OSError:
+                continue
+            if stat.S_ISBLK(st.st_mode) and st.st_rdev == target:
+                pids.append(int(pid))
+                break
+    return pids

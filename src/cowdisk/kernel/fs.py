@@ -1,0 +1,402 @@
+"""Files: FICLONE, statfs filesystem type, FIEMAP usage, sparse files and sparse copies.
+
+Facts in ../shared/reference/loop-and-files.md section 3. Every failure is a
+``KernelError`` naming the operation and the path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import os
+import struct
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+from ..errors import KernelError
+
+FICLONE = 0x40049409
+FS_IOC_FIEMAP = 0xC020660B
+FS_IOC_GETFLAGS = 0x80086601
+FS_IOC_SETFLAGS = 0x40086602
+FS_IMMUTABLE_FL = 0x10
+
+FIEMAP_FLAG_SYNC = 0x1
+FIEMAP_EXTENT_LAST = 0x1
+FIEMAP_EXTENT_UNKNOWN = 0x2
+FIEMAP_EXTENT_DELALLOC = 0x4
+FIEMAP_EXTENT_DATA_INLINE = 0x200
+FIEMAP_EXTENT_SHARED = 0x2000
+
+_fiemap_hdr = struct.Struct("=QQIIII")
+_fiemap_ext = struct.Struct("=QQQ16xI12x")
+
+# statfs f_type magics
+BTRFS_MAGIC = 0x9123683E
+XFS_MAGIC = 0x58465342
+EXT4_MAGIC = 0xEF53
+TMPFS_MAGIC = 0x01021994
+OVERLAY_MAGIC = 0x794C7630
+NFS_MAGIC = 0x6969
+V9FS_MAGIC = 0x01021997
+FUSE_MAGIC = 0x65735546
+CIFS_MAGIC = 0xFF534D42
+SMB2_MAGIC = 0xFE534D42
+CEPH_MAGIC = 0x00C36400
+
+FS_NAMES = {
+    BTRFS_MAGIC: "btrfs",
+    XFS_MAGIC: "xfs",
+    EXT4_MAGIC: "ext4",
+    TMPFS_MAGIC: "tmpfs",
+    OVERLAY_MAGIC: "overlayfs",
+    NFS_MAGIC: "nfs",
+    V9FS_MAGIC: "9p",
+    FUSE_MAGIC: "fuse",
+    CIFS_MAGIC: "cifs",
+    SMB2_MAGIC: "smb2",
+    CEPH_MAGIC: "ceph",
+    0x9FA0: "proc",
+    0x62656572: "sysfs",
+    0x858458F6: "ramfs",
+    0x73717368: "squashfs",
+}
+REFLINK_FS = {BTRFS_MAGIC, XFS_MAGIC}
+REMOTE_LOCK_FS = {NFS_MAGIC, CIFS_MAGIC, SMB2_MAGIC, FUSE_MAGIC, V9FS_MAGIC, CEPH_MAGIC}
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+_libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long)
+_libc.statfs.argtypes = (ctypes.c_char_p, ctypes.c_void_p)
+
+
+@dataclass(frozen=True)
+class StatFs:
+    """The parts of ``struct statfs`` cowdisk uses (x86-64 layout)."""
+
+    path: str
+    f_type: int
+    bsize: int
+    blocks: int
+    bfree: int
+    bavail: int
+
+    @property
+    def name(self) -> str:
+        return FS_NAMES.get(self.f_type, f"0x{self.f_type:x}")
+
+    @property
+    def free_bytes(self) -> int:
+        return self.bavail * self.bsize
+
+    @property
+    def reflink_capable(self) -> bool:
+        return self.f_type in REFLINK_FS
+
+
+def statfs(path: str | os.PathLike[str]) -> StatFs:
+    """``statfs(2)`` of ``path``; f_type masked to 32 bits."""
+    p = os.fspath(path)
+    buf = ctypes.create_string_buffer(120)
+    if _libc.statfs(p.encode(), buf) != 0:
+        raise KernelError("statfs", p, ctypes.get_errno())
+    f_type, bsize, blocks, bfree, bavail = struct.unpack_from("=qqqqq", buf.raw, 0)
+    return StatFs(p, f_type & 0xFFFFFFFF, bsize, blocks, bfree, bavail)
+
+
+def nearest_existing(path: str | os.PathLike[str]) -> str:
+    """The path itself if it exists, else its nearest existing ancestor."""
+    p = os.path.abspath(os.fspath(path))
+    while not os.path.exists(p):
+        parent = os.path.dirname(p)
+        if parent == p:
+            break
+        p = parent
+    return p
+
+
+def fs_type(path: str | os.PathLike[str]) -> StatFs:
+    """statfs of ``path`` or, when it does not exist yet, of its nearest existing ancestor."""
+    return statfs(nearest_existing(path))
+
+
+def ficlone(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+    """Clone ``src`` into a new file ``dst`` (FICLONE). ``dst`` must not exist.
+
+    On failure the new file is removed, so nothing is left behind.
+    """
+    s, d = os.fspath(src), os.fspath(dst)
+    try:
+        sfd = os.open(s, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise KernelError.from_oserror("reflink: open source", s, e) from None
+    try:
+        try:
+            dfd = os.open(d, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            raise KernelError.from_oserror("reflink: create", d, e) from None
+        try:
+            fcntl.ioctl(dfd, FICLONE, sfd)
+        except OSError as e:
+            os.close(dfd)
+            dfd = -1
+            _unlink_quiet(d)
+            hint = ""
+            if e.errno in (errno.EOPNOTSUPP, errno.EXDEV, errno.EINVAL):
+                hint = "reflink needs source and destination on one btrfs or xfs (reflink=1) filesystem"
+            raise KernelError("reflink (FICLONE)", f"{s} -> {d}", e.errno or 0, hint=hint) from None
+        finally:
+            if dfd >= 0:
+                os.close(dfd)
+    finally:
+        os.close(sfd)
+
+
+def probe_reflink(directory: str | os.PathLike[str]) -> bool:
+    """True when a FICLONE inside ``directory`` works (the definitive test)."""
+    d = os.fspath(directory)
+    a = os.path.join(d, f".cowdisk-reflink-probe-{os.getpid()}-a")
+    b = os.path.join(d, f".cowdisk-reflink-probe-{os.getpid()}-b")
+    try:
+        with open(a, "wb") as f:
+            f.write(b"\0" * 4096)
+        ficlone(a, b)
+        return True
+    except (OSError, KernelError):
+        return False
+    finally:
+        _unlink_quiet(a)
+        _unlink_quiet(b)
+
+
+def _unlink_quiet(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def create_sparse(path: str | os.PathLike[str], size: int, *, exclusive: bool = True) -> None:
+    """Create a sparse file of ``size`` bytes (no blocks allocated)."""
+    p = os.fspath(path)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_EXCL if exclusive else 0)
+    try:
+        fd = os.open(p, flags, 0o600)
+    except OSError as e:
+        raise KernelError.from_oserror("create sparse file", p, e) from None
+    try:
+        os.ftruncate(fd, size)
+    except OSError as e:
+        os.close(fd)
+        _unlink_quiet(p)
+        raise KernelError.from_oserror("size sparse file", p, e) from None
+    os.close(fd)
+
+
+def punch_hole(fd: int, offset: int, length: int) -> None:
+    if _libc.fallocate(fd, 3, offset, length) != 0:
+        raise KernelError("punch hole", f"fd {fd}", ctypes.get_errno())
+
+
+def data_segments(fd: int, size: int) -> Iterator[tuple[int, int]]:
+    """Yield (offset, length) of the data parts of a file, skipping holes."""
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:
+                return
+            raise
+        end = os.lseek(fd, start, os.SEEK_HOLE)
+        end = min(end, size)
+        if end > start:
+            yield start, end - start
+        pos = end
+
+
+Progress = Callable[[int, int], None]
+"""Called with (bytes done, bytes total)."""
+
+
+def sparse_copy(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    *,
+    progress: Progress | None = None,
+    chunk: int = 8 << 20,
+) -> int:
+    """Copy ``src`` to a new file ``dst`` keeping holes; returns bytes of data copied.
+
+    Uses copy_file_range per data segment (which may reflink on btrfs/xfs) and falls
+    back to read/write across filesystems. All-zero blocks read in the fallback are
+    skipped. ``dst`` is removed again if the copy fails.
+    """
+    s, d = os.fspath(src), os.fspath(dst)
+    try:
+        sfd = os.open(s, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise KernelError.from_oserror("copy: open source", s, e) from None
+    dfd = -1
+    try:
+        size = os.fstat(sfd).st_size
+        try:
+            dfd = os.open(d, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            raise KernelError.from_oserror("copy: create", d, e) from None
+        try:
+            os.ftruncate(dfd, size)
+            segments = list(data_segments(sfd, size))
+            total = sum(n for _, n in segments)
+            done = 0
+            use_cfr = True
+            zero = bytes(chunk)
+            for off, length in segments:
+                end = off + length
+                while off < end:
+                    n = min(chunk, end - off)
+                    if use_cfr:
+                        try:
+                            w = os.copy_file_range(sfd, dfd, n, off, off)
+                        except OSError as e:
+                            if e.errno not in (errno.EXDEV, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                                raise
+                            use_cfr = False
+                            continue
+                        if w == 0:
+                            break
+                    else:
+                        data = os.pread(sfd, n, off)
+                        w = len(data)
+                        if w == 0:
+                            break
+                        if data != zero[:w]:
+                            os.pwrite(dfd, data, off)
+                    off += w
+                    done += w
+                    if progress:
+                        progress(done, total)
+            return done
+        except OSError as e:
+            raise KernelError.from_oserror("copy", f"{s} -> {d}", e) from None
+    except BaseException:
+        if dfd >= 0:
+            os.close(dfd)
+            dfd = -1
+            _unlink_quiet(d)
+        raise
+    finally:
+        if dfd >= 0:
+            os.close(dfd)
+        os.close(sfd)
+
+
+def disk_usage(path: str | os.PathLike[str]) -> int:
+    """Bytes really allocated on disk (st_blocks * 512), not the apparent size."""
+    return os.stat(os.fspath(path)).st_blocks * 512
+
+
+@dataclass(frozen=True)
+class Extent:
+    logical: int
+    physical: int
+    length: int
+    flags: int
+
+    @property
+    def shared(self) -> bool:
+        return bool(self.flags & FIEMAP_EXTENT_SHARED)
+
+
+def fiemap(path: str | os.PathLike[str], *, sync: bool = True, batch: int = 512) -> list[Extent]:
+    """All extents of a file (FS_IOC_FIEMAP), flushed first unless ``sync`` is False."""
+    p = os.fspath(path)
+    try:
+        fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise KernelError.from_oserror("fiemap: open", p, e) from None
+    out: list[Extent] = []
+    try:
+        start = 0
+        while True:
+            buf = bytearray(_fiemap_hdr.size + batch * _fiemap_ext.size)
+            _fiemap_hdr.pack_into(buf, 0, start, 2**64 - 1 - start, FIEMAP_FLAG_SYNC if sync else 0, 0, batch, 0)
+            try:
+                fcntl.ioctl(fd, FS_IOC_FIEMAP, buf, True)
+            except OSError as e:
+                raise KernelError.from_oserror("fiemap", p, e) from None
+            mapped = _fiemap_hdr.unpack_from(buf, 0)[3]
+            if mapped == 0:
+                break
+            last = False
+            for i in range(mapped):
+                lg, ph, ln, fl = _fiemap_ext.unpack_from(buf, _fiemap_hdr.size + i * _fiemap_ext.size)
+                out.append(Extent(lg, ph, ln, fl))
+                last = bool(fl & FIEMAP_EXTENT_LAST)
+            if last:
+                break
+            start = out[-1].logical + out[-1].length
+    finally:
+        os.close(fd)
+    return out
+
+
+@dataclass(frozen=True)
+class SharedUsage:
+    """Bytes of a file on disk split by whether another file shares them right now."""
+
+    exclusive: int
+    shared: int
+
+
+def shared_usage(path: str | os.PathLike[str]) -> SharedUsage:
+    """Exclusive vs shared bytes from FIEMAP extent flags (as ``btrfs filesystem du``)."""
+    ex = sh = 0
+    skip = FIEMAP_EXTENT_UNKNOWN | FIEMAP_EXTENT_DELALLOC | FIEMAP_EXTENT_DATA_INLINE
+    for e in fiemap(path):
+        if e.flags & skip:
+            continue
+        if e.shared:
+            sh += e.length
+        else:
+            ex += e.length
+    return SharedUsage(ex, sh)
+
+
+def get_flags(fd: int) -> int:
+    buf = fcntl.ioctl(fd, FS_IOC_GETFLAGS, b"\0\0\0\0")
+    return int(struct.unpack("=i", buf)[0])
+
+
+def set_immutable(path: str | os.PathLike[str], on: bool = True) -> bool:
+    """Set or clear FS_IMMUTABLE_FL (chattr +i). Returns False where the fs cannot."""
+    p = os.fspath(path)
+    fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        try:
+            flags = get_flags(fd)
+        except OSError:
+            return False
+        new = (flags | FS_IMMUTABLE_FL) if on else (flags & ~FS_IMMUTABLE_FL)
+        if new == flags:
+            return True
+        try:
+            fcntl.ioctl(fd, FS_IOC_SETFLAGS, struct.pack("=i", new))
+        except OSError as e:
+            if e.errno in (errno.ENOTTY, errno.EOPNOTSUPP, errno.EINVAL, errno.EPERM):
+                return False
+            raise KernelError.from_oserror("set immutable flag", p, e) from None
+        return True
+    finally:
+        os.close(fd)
+
+
+def is_immutable(path: str | os.PathLike[str]) -> bool:
+    fd = os.open(os.fspath(path), os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return bool(get_flags(fd) & FS_IMMUTABLE_FL)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)

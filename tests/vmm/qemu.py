@@ -1,0 +1,426 @@
+"""A small QEMU runner for VMM end-to-end tests (TCG, serial line protocol, QMP).
+
+    with Vm(guest, drive=link, workdir=tmp) as vm:      # boots
+        bootid = vm.wait_ready()
+        vm.checkpoint(state)                             # stop + migrate to file + quit
+    with Vm(guest, drive=link, workdir=tmp, incoming=state) as vm:
+        vm.wait_incoming(); vm.cont()
+        vm.command("write2")
+
+Every Vm kills only the QEMU process it started, by PID, when its ``with`` block
+ends (normally or by exception); QEMU also gets SIGKILL if the test process dies
+(``setpriv --pdeathsig KILL``).
+
+Migration transport: ``fd`` (default) hands QEMU an open file through QMP
+``getfd`` and migrates to ``fd:NAME``; the destination gets ``-incoming fd:N``.
+QEMU writes the state file itself, so "completed" means the file is complete.
+``exec`` uses ``exec:cat > STATE`` / ``-incoming "exec:cat STATE"`` as in the
+usual recipe; there QEMU closes the pipe and reaps ``cat`` (SIGTERM, then
+SIGKILL, after ~10 ms) at completion, which can race with ``cat`` draining the
+pipe, so ``checkpoint`` with exec waits for the size to settle.
+"""
+
+from __future__ import annotations
+
+import array
+import json
+import os
+import re
+import select
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from cowdisk import drive as drive_cfg
+
+QEMU = "qemu-system-x86_64"
+
+
+class VmError(RuntimeError):
+    pass
+
+
+class QMPError(VmError):
+    pass
+
+
+class QMP:
+    """Minimal QMP client over a unix socket (one command at a time)."""
+
+    def __init__(self, path: str, connect_timeout: float = 30.0, alive=lambda: True):
+        self.path = path
+        self.events: list[dict] = []
+        self._buf = b""
+        deadline = time.monotonic() + connect_timeout
+        while True:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                s.connect(path)
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                s.close()
+                if not alive():
+                    raise VmError("QEMU exited before its QMP socket was ready")
+                if time.monotonic() > deadline:
+                    raise VmError(f"QMP socket {path} not ready after {connect_timeout}s")
+                time.sleep(0.05)
+        self.sock = s
+        greeting = self._recv(timeout=connect_timeout)
+        if "QMP" not in greeting:
+            raise QMPError(f"unexpected QMP greeting {greeting}")
+        self.execute("qmp_capabilities")
+
+    def _recv(self, timeout: float) -> dict:
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self._buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise VmError(f"QMP: no reply within {timeout}s")
+            r, _, _ = select.select([self.sock], [], [], left)
+            if not r:
+                continue
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise VmError("QMP connection closed by QEMU")
+            self._buf += chunk
+        line, _, self._buf = self._buf.partition(b"\n")
+        return json.loads(line)
+
+    def execute(self, cmd: str, args: dict | None = None, timeout: float = 30.0,
+                fds: list[int] | None = None) -> Any:
+        msg = {"execute": cmd}
+        if args:
+            msg["arguments"] = args
+        data = json.dumps(msg).encode() + b"\n"
+        if fds:
+            self.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                        array.array("i", fds))])
+        else:
+            self.sock.sendall(data)
+        while True:
+            reply = self._recv(timeout)
+            if "event" in reply:
+                self.events.append(reply)
+                continue
+            if "error" in reply:
+                raise QMPError(f"QMP {cmd} failed: {reply['error']}")
+            if "return" in reply:
+                return reply["return"]
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+def _odirect_ok(path: str) -> bool:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
+
+
+class Vm:
+    """One QEMU process. Use as a context manager; it starts on enter."""
+
+    def __init__(self, guest, drive: str | os.PathLike, workdir: str | os.PathLike, *,
+                 name: str = "vm", memory_mib: int = 256, incoming: str | os.PathLike | None = None,
+                 transport: str = "fd", cache: str = "auto", extra_args: list[str] = (),
+                 cmdline: str | None = None):
+        if transport not in ("fd", "exec"):
+            raise ValueError("transport is 'fd' or 'exec'")
+        self.guest = guest
+        self.drive = os.fspath(drive)
+        self.workdir = Path(workdir)
+        self.name = name
+        self.memory_mib = memory_mib
+        self.incoming = os.fspath(incoming) if incoming else None
+        self.transport = transport
+        self.cache = cache
+        self.extra_args = list(extra_args)
+        self.cmdline = cmdline or guest.cmdline
+        self.proc: subprocess.Popen | None = None
+        self.qmp: QMP | None = None
+        self.lines: list[str] = []
+        self._cursor = 0
+        self._cond = threading.Condition()
+        self._reader: threading.Thread | None = None
+        self._sockdir: str | None = None
+        self._tag = 0
+        self.times: dict[str, float] = {}
+        self.log_path = self.workdir / f"{name}.serial.log"
+        self.err_path = self.workdir / f"{name}.stderr.log"
+        self._t0 = 0.0
+
+    # -- lifecycle -------------------------------------------------------------------
+    def argv(self, incoming_fd: int | None = None) -> list[str]:
+        cache = self.cache
+        if cache == "auto":
+            cache = "none" if _odirect_ok(self.drive) else "writeback"
+        qmp_path = os.path.join(self._sockdir, "qmp.sock")
+        argv = [QEMU, "-name", self.name, "-nodefaults", "-no-user-config",
+                "-machine", "q35,accel=tcg", "-cpu", "max", "-m", str(self.memory_mib),
+                "-display", "none", "-no-reboot",
+                "-chardev", "stdio,id=ser0,signal=off", "-serial", "chardev:ser0",
+                "-qmp", f"unix:{qmp_path},server=on,wait=off",
+                "-kernel", self.guest.kernel, "-initrd", self.guest.initrd,
+                "-append", self.cmdline]
+        argv += drive_cfg.qemu(self.drive, cache=cache)
+        if self.incoming:
+            if self.transport == "fd":
+                argv += ["-incoming", f"fd:{incoming_fd}"]
+            else:
+                argv += ["-incoming", f"exec:cat {shlex.quote(self.incoming)}"]
+        return argv + self.extra_args
+
+    def start(self) -> "Vm":
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self._sockdir = tempfile.mkdtemp(prefix="cdvm-", dir="/tmp")  # short: sun_path limit
+        in_fd = None
+        pass_fds: tuple[int, ...] = ()
+        if self.incoming and self.transport == "fd":
+            in_fd = os.open(self.incoming, os.O_RDONLY | os.O_CLOEXEC)
+            pass_fds = (in_fd,)
+        argv = self.argv(in_fd)
+        launcher = ["setpriv", "--pdeathsig", "KILL", "--"] if shutil.which("setpriv") else []
+        self._err = open(self.err_path, "wb")
+        self._log = open(self.log_path, "a", buffering=1)
+        self._log.write(f"# {shlex.join(argv)}\n")
+        self._t0 = time.monotonic()
+        try:
+            self.proc = subprocess.Popen(launcher + argv, stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, stderr=self._err,
+                                         pass_fds=pass_fds, start_new_session=True)
+        finally:
+            if in_fd is not None:
+                os.close(in_fd)
+        self._reader = threading.Thread(target=self._read_loop, name=f"{self.name}-serial",
+                                        daemon=True)
+        self._reader.start()
+        self.qmp = QMP(os.path.join(self._sockdir, "qmp.sock"), alive=self.alive)
+        return self
+
+    def __enter__(self) -> "Vm":
+        try:
+            return self.start()
+        except BaseException:
+            self.close()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def close(self) -> None:
+        """Make sure our QEMU (only ours, by PID) is gone; release everything."""
+        p = self.proc
+        if p is not None and p.poll() is None:
+            try:
+                os.kill(p.pid, signal.SIGTERM)
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                os.kill(p.pid, signal.SIGKILL)
+                p.wait(timeout=10)
+            except ProcessLookupError:
+                pass
+        if self._reader:
+            self._reader.join(timeout=5)  # QEMU is gone, so its stdout hits EOF
+        if p is not None:
+            for f in (p.stdin, p.stdout):
+                try:
+                    if f:
+                        f.close()
+                except OSError:
+                    pass
+        if self.qmp:
+            self.qmp.close()
+            self.qmp = None
+        for f in ("_err", "_log"):
+            fh = getattr(self, f, None)
+            if fh:
+                fh.close()
+                setattr(self, f, None)
+        if self._sockdir:
+            shutil.rmtree(self._sockdir, ignore_errors=True)
+            self._sockdir = None
+
+    # -- serial ----------------------------------------------------------------------
+    def _read_loop(self) -> None:
+        fd = self.proc.stdout.fileno()
+        buf = b""
+        while True:
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:
+                chunk = b""
+            if not chunk:
+                break
+            buf += chunk
+            *done, buf = buf.split(b"\n")
+            if done:
+                with self._cond:
+                    for raw in done:
+                        line = raw.decode(errors="replace").rstrip("\r")
+                        self.lines.append(line)
+                        if self._log:
+                            self._log.write(f"{time.monotonic() - self._t0:8.3f} {line}\n")
+                    self._cond.notify_all()
+        with self._cond:
+            if buf:
+                self.lines.append(buf.decode(errors="replace"))
+            self._cond.notify_all()
+
+    def tail(self, n: int = 30) -> str:
+        out = "\n".join(self.lines[-n:])
+        try:
+            err = self.err_path.read_text(errors="replace")[-2000:]
+        except OSError:
+            err = ""
+        return f"--- serial (last {n}) ---\n{out}\n--- qemu stderr ---\n{err}"
+
+    def wait_line(self, pattern: str, timeout: float) -> re.Match:
+        """Wait for a serial line matching ``pattern`` (regex, search), after the cursor."""
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                while self._cursor < len(self.lines):
+                    line = self.lines[self._cursor]
+                    self._cursor += 1
+                    if "COWDISK-PANIC" in line:
+                        raise VmError(f"guest panicked: {line}\n{self.tail()}")
+                    m = rx.search(line)
+                    if m:
+                        return m
+                if not self.alive():
+                    raise VmError(f"QEMU exited (rc={self.proc.returncode}) while waiting "
+                                  f"for {pattern!r}\n{self.tail()}")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise VmError(f"timeout {timeout}s waiting for {pattern!r}\n{self.tail()}")
+                self._cond.wait(min(left, 0.5))
+
+    def send(self, line: str) -> None:
+        self.proc.stdin.write(line.encode() + b"\n")
+        self.proc.stdin.flush()
+
+    def wait_ready(self, timeout: float = 90.0) -> str:
+        m = self.wait_line(r"COWDISK-READY (\S+)", timeout)
+        self.times["boot"] = time.monotonic() - self._t0
+        return m.group(1)
+
+    def command(self, verb: str, *args: str, timeout: float = 30.0) -> str:
+        """Send ``CMD <tag> verb args``; return the guest's result text; raise on ERR."""
+        self._tag += 1
+        tag = f"{os.getpid()}.{self._tag}"
+        self.send(" ".join(["CMD", tag, verb, *args]))
+        m = self.wait_line(rf"COWDISK-(OK|ERR) {re.escape(tag)}(?: (.*))?$", timeout)
+        if m.group(1) == "ERR":
+            raise VmError(f"guest: {verb} failed: {m.group(2)}")
+        return (m.group(2) or "").strip()
+
+    # -- QMP ---------------------------------------------------------------------------
+    def status(self) -> str:
+        return self.qmp.execute("query-status")["status"]
+
+    def _wait_migration(self, timeout: float) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            info = self.qmp.execute("query-migrate")
+            st = info.get("status")
+            if st == "completed":
+                return info
+            if st in ("failed", "cancelled"):
+                raise VmError(f"migration {st}: {info}\n{self.tail()}")
+            if not self.alive():
+                raise VmError(f"QEMU exited during migration\n{self.tail()}")
+            if time.monotonic() > deadline:
+                raise VmError(f"migration not completed after {timeout}s: {info}")
+            time.sleep(0.05)
+
+    def checkpoint(self, state: str | os.PathLike, timeout: float = 120.0,
+                   quit: bool = True) -> dict:
+        """Pause the VM and save its state to ``state`` (migrate to file), then quit.
+
+        Returns migration info; sets ``times['checkpoint']`` (stop to file complete).
+        """
+        state = os.fspath(state)
+        t = time.monotonic()
+        self.qmp.execute("stop")
+        if self.transport == "fd":
+            fd = os.open(state, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                self.qmp.execute("getfd", {"fdname": "ckpt"}, fds=[fd])
+            finally:
+                os.close(fd)
+            self.qmp.execute("migrate", {"uri": "fd:ckpt"})
+        else:
+            self.qmp.execute("migrate", {"uri": f"exec:cat > {shlex.quote(state)}"})
+        info = self._wait_migration(timeout)
+        if self.transport == "exec":
+            _wait_size_settles(state)
+        with open(state, "rb") as f:
+            os.fsync(f.fileno())
+        self.times["checkpoint"] = time.monotonic() - t
+        if quit:
+            self.quit()
+        return info
+
+    def wait_incoming(self, timeout: float = 120.0) -> dict:
+        """Wait until the incoming migration has loaded; sets ``times['restore_load']``."""
+        info = self._wait_migration(timeout)
+        deadline = time.monotonic() + timeout
+        while self.status() == "inmigrate":
+            if time.monotonic() > deadline:
+                raise VmError("VM still inmigrate after the migration completed")
+            time.sleep(0.05)
+        self.times["restore_load"] = time.monotonic() - self._t0
+        return info
+
+    def cont(self) -> None:
+        self.qmp.execute("cont")
+        self.times["restore"] = time.monotonic() - self._t0
+
+    def quit(self, timeout: float = 30.0) -> int:
+        try:
+            self.qmp.execute("quit", timeout=timeout)
+        except VmError:
+            pass  # QEMU may close the socket before replying
+        return self.wait_exit(timeout)
+
+    def wait_exit(self, timeout: float = 60.0) -> int:
+        try:
+            rc = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise VmError(f"QEMU did not exit within {timeout}s\n{self.tail()}") from None
+        if self._reader:
+            self._reader.join(timeout=5)
+        return rc
+
+    def poweroff(self, timeout: float = 60.0) -> int:
+        self.command("poweroff", timeout=timeout)
+        return self.wait_exit(timeout)
+
+
+def _wait_size_settles(path: str, quiet: float = 0.3, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    last, since = -1, time.monotonic()
+    while time.monotonic() < deadline:
+        size = os.path.getsize(path)
+        if size != last:
+            last, since = size, time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            return
+        time.sleep(0.05)

@@ -1,0 +1,275 @@
+"""dm-snapshot volumes: one shared read-only template loop, a sparse COW file per volume.
+
+Table: ``0 <sectors> snapshot <template loop> <cow loop> P 8`` (persistent, 4 KiB
+chunks). Both loops are configured with autoclear and closed once the table holds
+them, so the kernel frees them when the dm device goes, even if cowdisk is killed.
+
+The COW file is sized with the persistent store's overhead (one metadata chunk per
+256 data chunks, a header, and the next area that a full area needs), so a guest that
+rewrites its whole disk never turns the snapshot Invalid
+(reference/dm-snapshot-cow-format.md, "Capacity"). The file is sparse: the margin
+costs nothing.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from typing import Callable, Iterator
+
+from ..errors import InUse, KernelError
+from ..kernel import dm, fs, loop
+from . import KernelObject, Usage, VolumeCtx
+
+COW = "cow.img"
+CHUNK_SECTORS = 8
+CHUNK = CHUNK_SECTORS * 512
+EXCEPTIONS_PER_AREA = CHUNK // 16
+
+
+def cow_size(template_bytes: int) -> int:
+    """Bytes a COW needs so that rewriting every chunk of the template still fits."""
+    d = -(-template_bytes // CHUNK)
+    areas = -(-d // EXCEPTIONS_PER_AREA)
+    return (1 + d + areas + 2) * CHUNK
+
+
+def cow_path(ctx: VolumeCtx) -> str:
+    return os.path.join(ctx.data_dir, COW)
+
+
+class DmSnapshotBackend:
+    name = "dm-snapshot"
+    block_device = True
+
+    def __init__(self, *, dm_prefix: str, data_root: str,
+                 shared_loop_get: Callable[[str], tuple[int, str] | None] = lambda tid: None,
+                 shared_loop_set: Callable[[str, int, str], None] = lambda tid, n, d: None) -> None:
+        self.dm_prefix = dm_prefix
+        self.data_root = os.path.abspath(data_root)
+        self._shared_get = shared_loop_get
+        self._shared_set = shared_loop_set
+
+    # -- the shared template loop ----------------------------------------------------
+
+    def _hold_template_loop(self, ctx: VolumeCtx) -> tuple[int, str]:
+        """An open fd on the template's shared loop (attached if needed) and its major:minor.
+
+        Call with the template lock held; keep the fd until a dm table holds the loop.
+        """
+        t = ctx.template
+        label = f"{ctx.tag}:t:{t.id}"
+        st = os.stat(t.path)
+        known = self._shared_get(t.id)
+        if known is not None:
+            n, devno = known
+            try:
+                fd = loop.open_loop(n)
+            except KernelError:
+                fd = -1  # gone, or in rundown after its last user left
+            if fd >= 0:
+                try:
+                    s = loop.get_status(fd)
+                    if (s.label == label[:63] and s.backing_inode == st.st_ino
+                            and s.backing_dev == st.st_dev and s.read_only):
+                        return fd, devno
+                except KernelError:
+                    pass
+                os.close(fd)
+        lp = loop.attach(t.path, read_only=True, autoclear=True, label=label)
+        devno = lp.devno
+        self._shared_set(t.id, lp.number, devno)
+        return lp.fd, devno
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def create(self, ctx: VolumeCtx) -> str:
+        os.makedirs(ctx.data_dir, exist_ok=True)
+        cow = cow_path(ctx)
+        ctx.record("file", cow)
+        fs.create_sparse(cow, cow_size(ctx.template.size))
+        ctx.step("cow_file")
+        return self._activate(ctx)
+
+    def attach(self, ctx: VolumeCtx) -> str:
+        if not os.path.exists(cow_path(ctx)):
+            raise KernelError("attach volume", cow_path(ctx), errno.ENOENT, detail="COW file is missing")
+        return self._activate(ctx)
+
+    def _activate(self, ctx: VolumeCtx) -> str:
+        cow = cow_path(ctx)
+        sectors = ctx.template.size // 512
+        with ctx.template_lock():
+            tfd, tdev = self._hold_template_loop(ctx)
+            try:
+                ctx.step("template_loop")
+                cl = loop.attach(cow, autoclear=True, label=f"{ctx.tag}:v:{ctx.id}")
+                try:
+                    ctx.record("loop", str(cl.number))
+                    ctx.step("cow_loop")
+                    ctx.record("dm", ctx.dm_name)
+                    table = [dm.Target(0, sectors, "snapshot", f"{tdev} {cl.devno} P {CHUNK_SECTORS}")]
+                    info = dm.create_device(ctx.dm_name, table)
+                finally:
+                    cl.close()  # the dm table holds it now (or, on failure, autoclear frees it)
+            finally:
+                os.close(tfd)
+        ctx.forget("loop", str(cl.number))
+        ctx.step("dm")
+        return dm.device_node(info)
+
+    def detach(self, ctx: VolumeCtx, *, deadline_s: float = 5.0) -> None:
+        dm.remove(ctx.dm_name, deadline_s=deadline_s, missing_ok=True)
+        ctx.forget("dm", ctx.dm_name)
+        self._wait_cow_released(ctx, deadline_s)
+
+    def _wait_cow_released(self, ctx: VolumeCtx, deadline_s: float) -> None:
+        cow = cow_path(ctx)
+        end = time.monotonic() + deadline_s
+        while True:
+            bound = loop.find_by_backing(cow)
+            if not bound:
+                return
+            if time.monotonic() > end:
+                raise InUse(f"release COW loop of volume {ctx.id}: {bound[0].path} still holds {cow}",
+                            op="detach volume", obj=ctx.id,
+                            hint=f"something still opens {bound[0].path}; holders: {loop.holders(bound[0].number)}")
+            time.sleep(0.01)
+
+    def destroy(self, ctx: VolumeCtx) -> None:
+        cow = cow_path(ctx)
+        bound = loop.find_by_backing(cow)
+        if bound:
+            raise InUse(f"delete COW of volume {ctx.id}: {bound[0].path} still uses it",
+                        op="remove volume", obj=ctx.id)
+        try:
+            os.unlink(cow)
+        except FileNotFoundError:
+            pass
+        ctx.forget("file", cow)
+
+    def copy_data(self, src: VolumeCtx, dst: VolumeCtx, *, src_attached: bool) -> None:
+        os.makedirs(dst.data_dir, exist_ok=True)
+        dst.record("file", cow_path(dst))
+        if src_attached:
+            dm.suspend(src.dm_name)
+            try:
+                fs.sparse_copy(cow_path(src), cow_path(dst), progress=dst.progress)
+            finally:
+                dm.resume(src.dm_name)
+        else:
+            fs.sparse_copy(cow_path(src), cow_path(dst), progress=dst.progress)
+
+    def flatten(self, ctx: VolumeCtx, out_path: str, *, attached: bool) -> None:
+        if attached:
+            dev = dm.device_node(dm.info(ctx.dm_name))
+            _copy_device(dev, out_path, ctx.template.size, ctx.progress)
+        else:
+            from ..cowformat import flatten as offline_flatten
+
+            offline_flatten(ctx.template.path, cow_path(ctx), out_path, progress=ctx.progress)
+
+    def usage(self, ctx: VolumeCtx, *, attached: bool) -> Usage:
+        cow = cow_path(ctx)
+        st = os.stat(cow)
+        used = total = None
+        health = "ok"
+        if attached:
+            lines = dm.status(ctx.dm_name)
+            if lines:
+                s = dm.parse_snapshot_status(lines[0].text)
+                if not s.valid or s.allocated_sectors is None or s.total_sectors is None:
+                    health = s.state
+                else:
+                    used, total = s.allocated_sectors * 512, s.total_sectors * 512
+        return Usage(disk_bytes=st.st_blocks * 512, apparent_bytes=st.st_size,
+                     cow_used_bytes=used, cow_total_bytes=total, health=health)
+
+    def is_attached(self, ctx: VolumeCtx) -> bool:
+        return dm_exists(ctx.dm_name)
+
+    def device_path(self, ctx: VolumeCtx) -> str | None:
+        if not dm_exists(ctx.dm_name):
+            return None
+        return dm.device_node(dm.info(ctx.dm_name))
+
+    # -- recovery ------------------------------------------------------------------
+
+    def scan(self, tag: str) -> Iterator[KernelObject]:
+        """dm devices with this store's prefix, and loops backed by files of this store."""
+        if dm_available():
+            for d in dm.list_devices():
+                if d.name.startswith(self.dm_prefix):
+                    yield KernelObject("dm", d.name, d.name[len(self.dm_prefix):])
+        root = self.data_root + os.sep
+        for li in loop.list_loops():
+            bf = li.backing_file.removesuffix(" (deleted)")
+            if bf.startswith(root):
+                rel = bf[len(root):].split(os.sep)
+                vid = rel[1] if len(rel) >= 3 and rel[0] == "volumes" else None
+                yield KernelObject("loop", str(li.number), vid, detail=bf)
+
+    def release(self, obj: KernelObject, *, deadline_s: float = 5.0) -> None:
+        if obj.kind == "dm":
+            dm.remove(obj.name, deadline_s=deadline_s, missing_ok=True)
+        elif obj.kind == "loop":
+            loop.detach(int(obj.name), missing_ok=True)
+
+
+def dm_available() -> bool:
+    """True when this kernel has device-mapper (its control node can be opened)."""
+    try:
+        dm.version()
+        return True
+    except (KernelError, OSError):
+        return False
+
+
+def dm_exists(name: str) -> bool:
+    try:
+        dm.info(name)
+        return True
+    except KernelError as e:
+        if dm.is_gone(e):
+            return False
+        raise
+
+
+def snapshot_supported() -> tuple[bool, str]:
+    """Whether dm-snapshot volumes can be made here, and if not, why."""
+    try:
+        dm.version()
+    except (KernelError, OSError) as e:
+        return False, f"no device-mapper in this kernel ({e})"
+    try:
+        dm.get_target_version("snapshot")
+    except (KernelError, OSError) as e:
+        return False, f"device-mapper has no snapshot target ({e})"
+    return True, "device-mapper with the snapshot target"
+
+
+def _copy_device(dev: str, out_path: str, size: int, progress: fs.Progress | None) -> None:
+    """Copy a block device into a new sparse file, skipping all-zero blocks."""
+    bs = 1 << 20
+    zero = bytes(bs)
+    fd = os.open(dev, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        out = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        try:
+            os.ftruncate(out, size)
+            off = 0
+            while off < size:
+                data = os.pread(fd, min(bs, size - off), off)
+                if not data:
+                    break
+                if data != zero[: len(data)]:
+                    os.pwrite(out, data, off)
+                off += len(data)
+                if progress:
+                    progress(off, size)
+            os.fsync(out)
+        finally:
+            os.close(out)
+    finally:
+        os.close(fd)

@@ -1,0 +1,123 @@
+"""The embedded pool: a sparse xfs (reflink=1) image under the store, loop-mounted.
+
+Used where the store's own filesystem cannot reflink and device-mapper is absent, so
+that every host with loop and xfs still gets O(1) copy-on-write volumes. The loop is
+configured with autoclear and held only by the mount: unmounting frees it. After a
+reboot the store mounts the pool again on open. It grows when asked (sparse file
+grown, loop capacity re-read, ``xfs_growfs``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import subprocess
+
+from ..errors import CowdiskError, KernelError, Unsupported
+from ..kernel import fs, loop
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+_libc.mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p)
+_libc.umount2.argtypes = (ctypes.c_char_p, ctypes.c_int)
+
+DEFAULT_SIZE = 64 << 30  # sparse: costs nothing until written
+MS_NODEV = 4
+
+
+def mounted_at(path: str) -> str | None:
+    """The source device mounted at ``path``, or None."""
+    p = os.path.realpath(path)
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                parts = line.split()
+                if parts[4] == p:
+                    sep = parts.index("-")
+                    return parts[sep + 2]
+    except OSError:
+        pass
+    return None
+
+
+class Pool:
+    def __init__(self, root: str, label: str) -> None:
+        self.dir = os.path.join(root, "pool")
+        self.image = os.path.join(self.dir, "pool.img")
+        self.mnt = os.path.join(self.dir, "mnt")
+        self.label = label
+
+    @property
+    def exists(self) -> bool:
+        return os.path.exists(self.image)
+
+    @property
+    def mounted(self) -> bool:
+        return mounted_at(self.mnt) is not None
+
+    def ensure(self, size: int = DEFAULT_SIZE) -> str:
+        """Create the pool if needed and make sure it is mounted; return its mount point."""
+        if not self.exists:
+            self._create(size)
+        if not self.mounted:
+            self.mount()
+        return self.mnt
+
+    def _create(self, size: int) -> None:
+        os.makedirs(self.dir, exist_ok=True)
+        tmp = self.image + ".new"
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        fs.create_sparse(tmp, size)
+        try:
+            r = subprocess.run(["mkfs.xfs", "-q", "-m", "reflink=1", "-L", "cowdisk-pool", tmp],
+                               capture_output=True, text=True)
+        except FileNotFoundError:
+            os.unlink(tmp)
+            raise Unsupported("create pool: mkfs.xfs not found", op="create pool", obj=self.image,
+                              hint="install xfsprogs") from None
+        if r.returncode != 0:
+            os.unlink(tmp)
+            raise CowdiskError(f"create pool {self.image}: mkfs.xfs failed: {r.stderr.strip()}",
+                               op="create pool", obj=self.image)
+        os.rename(tmp, self.image)
+
+    def mount(self) -> None:
+        os.makedirs(self.mnt, exist_ok=True)
+        lp = loop.attach(self.image, autoclear=True, label=self.label)
+        try:
+            if _libc.mount(lp.path.encode(), self.mnt.encode(), b"xfs", MS_NODEV, None) != 0:
+                raise KernelError("mount pool", f"{lp.path} on {self.mnt}", ctypes.get_errno())
+        finally:
+            lp.close()  # the mount holds the loop now; unmount frees it
+
+    def unmount(self) -> None:
+        if not self.mounted:
+            return
+        if _libc.umount2(self.mnt.encode(), 0) != 0:
+            raise KernelError("unmount pool", self.mnt, ctypes.get_errno(),
+                              hint="a volume of the pool is still open (a running VM?)")
+
+    def grow(self, size: int) -> None:
+        """Grow the pool image to ``size`` bytes and the filesystem with it."""
+        cur = os.stat(self.image).st_size
+        if size <= cur:
+            return
+        os.truncate(self.image, size)
+        src = mounted_at(self.mnt)
+        if src and src.startswith("/dev/loop"):
+            loop.set_capacity(loop.number_from_path(src))
+            r = subprocess.run(["xfs_growfs", self.mnt], capture_output=True, text=True)
+            if r.returncode != 0:
+                raise CowdiskError(f"grow pool {self.image}: xfs_growfs failed: {r.stderr.strip()}",
+                                   op="grow pool", obj=self.image)
+
+    def destroy(self) -> None:
+        """Unmount and delete the pool image (everything in it is lost)."""
+        self.unmount()
+        try:
+            os.unlink(self.image)
+        except FileNotFoundError:
+            pass

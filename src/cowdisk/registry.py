@@ -1,0 +1,438 @@
+"""Durable state of one store in SQLite (WAL): templates, volumes, kernel objects, intents.
+
+All SQL lives here. Only the store writes through this module. One connection per
+thread; every write is one ``BEGIN IMMEDIATE`` transaction, so several processes and
+threads can share a store. The schema has one version number and an ordered list of
+migrations applied on open.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+from .errors import AlreadyExists, CowdiskError, NotFound
+
+SCHEMA_VERSION = 1
+
+MIGRATIONS: list[list[str]] = [
+    # version 1
+    [
+        """CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)""",
+        """CREATE TABLE templates (
+            id TEXT PRIMARY KEY,
+            path TEXT NOT NULL,
+            size INTEGER NOT NULL,
+            digest TEXT NOT NULL,
+            mtime_ns INTEGER NOT NULL,
+            ino INTEGER NOT NULL,
+            owned INTEGER NOT NULL,
+            source TEXT NOT NULL,
+            created REAL NOT NULL,
+            state TEXT NOT NULL DEFAULT 'ready'
+        )""",
+        """CREATE TABLE template_names (
+            name TEXT PRIMARY KEY,
+            template_id TEXT NOT NULL REFERENCES templates(id) ON DELETE CASCADE
+        )""",
+        """CREATE TABLE template_loops (
+            template_id TEXT PRIMARY KEY REFERENCES templates(id) ON DELETE CASCADE,
+            loop INTEGER NOT NULL,
+            devno TEXT NOT NULL
+        )""",
+        """CREATE TABLE volumes (
+            id TEXT PRIMARY KEY,
+            template_id TEXT NOT NULL REFERENCES templates(id),
+            backend TEXT NOT NULL,
+            state TEXT NOT NULL,
+            size INTEGER NOT NULL,
+            data_path TEXT NOT NULL,
+            device TEXT,
+            created REAL NOT NULL,
+            updated REAL NOT NULL,
+            parent TEXT,
+            error TEXT
+        )""",
+        """CREATE INDEX volumes_template ON volumes(template_id)""",
+        """CREATE TABLE objects (
+            kind TEXT NOT NULL,
+            name TEXT NOT NULL,
+            volume_id TEXT NOT NULL,
+            created REAL NOT NULL,
+            PRIMARY KEY (kind, name)
+        )""",
+        """CREATE TABLE links (
+            path TEXT PRIMARY KEY,
+            volume_id TEXT NOT NULL,
+            target TEXT NOT NULL
+        )""",
+        """CREATE TABLE intents (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            op TEXT NOT NULL,
+            volume_id TEXT,
+            template_id TEXT,
+            pid INTEGER NOT NULL,
+            pid_start TEXT NOT NULL,
+            started REAL NOT NULL,
+            data TEXT NOT NULL DEFAULT '{}'
+        )""",
+    ],
+]
+assert len(MIGRATIONS) == SCHEMA_VERSION
+
+# volume states
+CREATING = "creating"
+ATTACHED = "attached"
+CHECKPOINTED = "checkpointed"
+REMOVING = "removing"
+ERROR = "error"
+
+
+@dataclass(frozen=True)
+class TemplateRow:
+    id: str
+    path: str
+    size: int
+    digest: str
+    mtime_ns: int
+    ino: int
+    owned: bool
+    source: str
+    created: float
+    state: str
+    names: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class VolumeRow:
+    id: str
+    template_id: str
+    backend: str
+    state: str
+    size: int
+    data_path: str
+    device: str | None
+    created: float
+    updated: float
+    parent: str | None
+    error: str | None
+
+
+@dataclass(frozen=True)
+class Intent:
+    id: int
+    op: str
+    volume_id: str | None
+    template_id: str | None
+    pid: int
+    pid_start: str
+    started: float
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+def process_start(pid: int) -> str:
+    """The start time of a process (field 22 of /proc/PID/stat), '' if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            s = f.read()
+    except OSError:
+        return ""
+    return s.rsplit(")", 1)[1].split()[19]
+
+
+def process_alive(pid: int, start: str) -> bool:
+    """True if ``pid`` runs and is the same process that was recorded (no PID reuse)."""
+    return bool(start) and process_start(pid) == start
+
+
+class Registry:
+    """The SQLite registry at ``path``."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._local = threading.local()
+        self._migrate()
+
+    # -- connections -------------------------------------------------------------
+
+    def _conn(self) -> sqlite3.Connection:
+        c = getattr(self._local, "conn", None)
+        if c is None or getattr(self._local, "pid", None) != os.getpid():
+            c = sqlite3.connect(self.path, timeout=60, isolation_level=None, check_same_thread=False)
+            c.row_factory = sqlite3.Row
+            c.execute("PRAGMA journal_mode=WAL")
+            c.execute("PRAGMA synchronous=FULL")
+            c.execute("PRAGMA foreign_keys=ON")
+            c.execute("PRAGMA busy_timeout=60000")
+            self._local.conn = c
+            self._local.pid = os.getpid()
+        return c
+
+    def close(self) -> None:
+        c = getattr(self._local, "conn", None)
+        if c is not None:
+            c.close()
+            self._local.conn = None
+
+    @contextmanager
+    def tx(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction (BEGIN IMMEDIATE ... COMMIT, ROLLBACK on error)."""
+        c = self._conn()
+        if c.in_transaction:  # nested: join the outer transaction
+            yield c
+            return
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            yield c
+        except BaseException:
+            c.execute("ROLLBACK")
+            raise
+        c.execute("COMMIT")
+
+    def _q(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        return self._conn().execute(sql, args).fetchall()
+
+    def _migrate(self) -> None:
+        with self.tx() as c:
+            version = c.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise CowdiskError(
+                    f"open registry {self.path}: schema version {version} is newer than this cowdisk "
+                    f"({SCHEMA_VERSION})", op="open registry", obj=self.path,
+                    hint="upgrade cowdisk")
+            for v in range(version, SCHEMA_VERSION):
+                for stmt in MIGRATIONS[v]:
+                    c.execute(stmt)
+                c.execute(f"PRAGMA user_version={v + 1}")
+
+    @property
+    def schema_version(self) -> int:
+        return int(self._q("PRAGMA user_version")[0][0])
+
+    # -- meta --------------------------------------------------------------------
+
+    def meta(self, key: str) -> str | None:
+        rows = self._q("SELECT value FROM meta WHERE key=?", (key,))
+        return rows[0][0] if rows else None
+
+    def set_meta_default(self, key: str, value: str) -> str:
+        """Set ``key`` unless it is set; return the value in force."""
+        with self.tx() as c:
+            c.execute("INSERT OR IGNORE INTO meta(key, value) VALUES (?, ?)", (key, value))
+            return str(c.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()[0])
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self.tx() as c:
+            c.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
+
+    # -- templates ---------------------------------------------------------------
+
+    def _template(self, r: sqlite3.Row) -> TemplateRow:
+        names = tuple(x[0] for x in self._q(
+            "SELECT name FROM template_names WHERE template_id=? ORDER BY name", (r["id"],)))
+        return TemplateRow(r["id"], r["path"], r["size"], r["digest"], r["mtime_ns"], r["ino"],
+                           bool(r["owned"]), r["source"], r["created"], r["state"], names)
+
+    def add_template(self, t: TemplateRow) -> None:
+        with self.tx() as c:
+            try:
+                c.execute(
+                    "INSERT INTO templates(id, path, size, digest, mtime_ns, ino, owned, source, created, state)"
+                    " VALUES (?,?,?,?,?,?,?,?,?,?)",
+                    (t.id, t.path, t.size, t.digest, t.mtime_ns, t.ino, int(t.owned), t.source, t.created,
+                     t.state))
+            except sqlite3.IntegrityError:
+                raise AlreadyExists(f"template {t.id} already exists", op="add template", obj=t.id) from None
+            for n in t.names:
+                self.add_template_name(t.id, n)
+
+    def add_template_name(self, template_id: str, name: str) -> None:
+        with self.tx() as c:
+            row = c.execute("SELECT template_id FROM template_names WHERE name=?", (name,)).fetchone()
+            if row and row[0] != template_id:
+                raise AlreadyExists(f"template name {name!r} is already used by template {row[0]}",
+                                    op="name template", obj=name)
+            c.execute("INSERT OR IGNORE INTO template_names(name, template_id) VALUES (?, ?)",
+                      (name, template_id))
+
+    def find_template(self, ref: str) -> TemplateRow | None:
+        rows = self._q("SELECT * FROM templates WHERE id=?", (ref,))
+        if not rows:
+            rows = self._q("SELECT t.* FROM templates t JOIN template_names n ON n.template_id=t.id"
+                           " WHERE n.name=?", (ref,))
+        if not rows and len(ref) >= 6:
+            rows = self._q("SELECT * FROM templates WHERE id LIKE ? OR digest LIKE ?", (ref + "%", ref + "%"))
+            if len(rows) > 1:
+                return None
+        return self._template(rows[0]) if rows else None
+
+    def get_template(self, ref: str) -> TemplateRow:
+        t = self.find_template(ref)
+        if t is None:
+            raise NotFound(f"template {ref!r} not found", op="find template", obj=ref,
+                           hint="`cowdisk template ls` lists templates")
+        return t
+
+    def templates(self) -> list[TemplateRow]:
+        return [self._template(r) for r in self._q("SELECT * FROM templates ORDER BY created")]
+
+    def set_template_state(self, template_id: str, state: str) -> None:
+        with self.tx() as c:
+            c.execute("UPDATE templates SET state=? WHERE id=?", (state, template_id))
+
+    def delete_template(self, template_id: str) -> None:
+        with self.tx() as c:
+            c.execute("DELETE FROM template_names WHERE template_id=?", (template_id,))
+            c.execute("DELETE FROM template_loops WHERE template_id=?", (template_id,))
+            c.execute("DELETE FROM templates WHERE id=?", (template_id,))
+
+    def template_users(self, template_id: str) -> list[str]:
+        return [r[0] for r in self._q("SELECT id FROM volumes WHERE template_id=? ORDER BY id", (template_id,))]
+
+    # -- template loops ----------------------------------------------------------
+
+    def template_loop(self, template_id: str) -> tuple[int, str] | None:
+        rows = self._q("SELECT loop, devno FROM template_loops WHERE template_id=?", (template_id,))
+        return (rows[0][0], rows[0][1]) if rows else None
+
+    def set_template_loop(self, template_id: str, loop: int, devno: str) -> None:
+        with self.tx() as c:
+            c.execute("INSERT OR REPLACE INTO template_loops(template_id, loop, devno) VALUES (?,?,?)",
+                      (template_id, loop, devno))
+
+    def clear_template_loop(self, template_id: str) -> None:
+        with self.tx() as c:
+            c.execute("DELETE FROM template_loops WHERE template_id=?", (template_id,))
+
+    def template_refcount(self, template_id: str, backend: str) -> int:
+        """Attached volumes of a template on a backend: the users of its shared loop."""
+        return int(self._q("SELECT COUNT(*) FROM volumes WHERE template_id=? AND backend=? AND state=?",
+                           (template_id, backend, ATTACHED))[0][0])
+
+    # -- volumes -----------------------------------------------------------------
+
+    @staticmethod
+    def _volume(r: sqlite3.Row) -> VolumeRow:
+        return VolumeRow(r["id"], r["template_id"], r["backend"], r["state"], r["size"], r["data_path"],
+                         r["device"], r["created"], r["updated"], r["parent"], r["error"])
+
+    def add_volume(self, v: VolumeRow) -> None:
+        with self.tx() as c:
+            try:
+                c.execute(
+                    "INSERT INTO volumes(id, template_id, backend, state, size, data_path, device, created,"
+                    " updated, parent, error) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                    (v.id, v.template_id, v.backend, v.state, v.size, v.data_path, v.device, v.created,
+                     v.updated, v.parent, v.error))
+            except sqlite3.IntegrityError:
+                raise AlreadyExists(f"volume {v.id!r} already exists", op="create volume", obj=v.id,
+                                    hint="pick another id or remove the old volume") from None
+
+    def find_volume(self, vid: str) -> VolumeRow | None:
+        rows = self._q("SELECT * FROM volumes WHERE id=?", (vid,))
+        return self._volume(rows[0]) if rows else None
+
+    def get_volume(self, vid: str) -> VolumeRow:
+        v = self.find_volume(vid)
+        if v is None:
+            raise NotFound(f"volume {vid!r} not found", op="find volume", obj=vid,
+                           hint="`cowdisk volume ls` lists volumes")
+        return v
+
+    def volumes(self) -> list[VolumeRow]:
+        return [self._volume(r) for r in self._q("SELECT * FROM volumes ORDER BY created, id")]
+
+    def update_volume(self, vid: str, **fields: Any) -> None:
+        if not fields:
+            return
+        fields["updated"] = time.time()
+        cols = ", ".join(f"{k}=?" for k in fields)
+        with self.tx() as c:
+            c.execute(f"UPDATE volumes SET {cols} WHERE id=?", (*fields.values(), vid))
+
+    def delete_volume(self, vid: str) -> None:
+        with self.tx() as c:
+            c.execute("DELETE FROM objects WHERE volume_id=?", (vid,))
+            c.execute("DELETE FROM links WHERE volume_id=?", (vid,))
+            c.execute("DELETE FROM volumes WHERE id=?", (vid,))
+
+    # -- kernel objects and links ---------------------------------------------------
+
+    def record_object(self, volume_id: str, kind: str, name: str) -> None:
+        with self.tx() as c:
+            c.execute("INSERT OR REPLACE INTO objects(kind, name, volume_id, created) VALUES (?,?,?,?)",
+                      (kind, name, volume_id, time.time()))
+
+    def forget_object(self, kind: str, name: str) -> None:
+        with self.tx() as c:
+            c.execute("DELETE FROM objects WHERE kind=? AND name=?", (kind, name))
+
+    def objects(self, volume_id: str | None = None) -> list[tuple[str, str, str]]:
+        if volume_id is None:
+            rows = self._q("SELECT kind, name, volume_id FROM objects ORDER BY created")
+        else:
+            rows = self._q("SELECT kind, name, volume_id FROM objects WHERE volume_id=? ORDER BY created",
+                           (volume_id,))
+        return [(r[0], r[1], r[2]) for r in rows]
+
+    def set_link(self, path: str, volume_id: str, target: str) -> None:
+        with self.tx() as c:
+            c.execute("INSERT OR REPLACE INTO links(path, volume_id, target) VALUES (?,?,?)",
+                      (path, volume_id, target))
+
+    def drop_link(self, path: str) -> None:
+        with self.tx() as c:
+            c.execute("DELETE FROM links WHERE path=?", (path,))
+
+    def links(self, volume_id: str | None = None) -> list[tuple[str, str, str]]:
+        if volume_id is None:
+            rows = self._q("SELECT path, volume_id, target FROM links ORDER BY path")
+        else:
+            rows = self._q("SELECT path, volume_id, target FROM links WHERE volume_id=? ORDER BY path",
+                           (volume_id,))
+        return [(r[0], r[1], r[2]) for r in rows]
+
+    # -- intents -----------------------------------------------------------------
+
+    def begin_intent(self, op: str, *, volume_id: str | None = None, template_id: str | None = None,
+                     data: dict[str, Any] | None = None) -> int:
+        pid = os.getpid()
+        with self.tx() as c:
+            cur = c.execute(
+                "INSERT INTO intents(op, volume_id, template_id, pid, pid_start, started, data)"
+                " VALUES (?,?,?,?,?,?,?)",
+                (op, volume_id, template_id, pid, process_start(pid), time.time(), json.dumps(data or {})))
+            return int(cur.lastrowid or 0)
+
+    def update_intent(self, intent_id: int, data: dict[str, Any]) -> None:
+        with self.tx() as c:
+            c.execute("UPDATE intents SET data=? WHERE id=?", (json.dumps(data), intent_id))
+
+    def end_intent(self, intent_id: int) -> None:
+        with self.tx() as c:
+            c.execute("DELETE FROM intents WHERE id=?", (intent_id,))
+
+    def intents(self) -> list[Intent]:
+        return [Intent(r["id"], r["op"], r["volume_id"], r["template_id"], r["pid"], r["pid_start"],
+                       r["started"], json.loads(r["data"]))
+                for r in self._q("SELECT * FROM intents ORDER BY id")]
+
+    def live_intent_volumes(self) -> set[str]:
+        """Volumes (and template ids) that a running process is working on right now."""
+        out: set[str] = set()
+        for i in self.intents():
+            if process_alive(i.pid, i.pid_start):
+                if i.volume_id:
+                    out.add(i.volume_id)
+                if i.template_id:
+                    out.add(i.template_id)
+                nv = i.data.get("new_id")
+                if nv:
+                    out.add(nv)
+        return out

@@ -1,0 +1,75 @@
+"""Helpers shared by the test tiers: scratch filesystems and a leak witness."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from typing import Iterator
+
+from cowdisk.kernel import loop
+
+
+def in_lab() -> bool:
+    return os.environ.get("COWDISK_IN_LAB") == "1"
+
+
+MKFS = {
+    "xfs": ["mkfs.xfs", "-q", "-f", "-m", "reflink=1"],
+    "btrfs": ["mkfs.btrfs", "-q", "-f"],
+    "ext4": ["mkfs.ext4", "-q", "-F"],
+}
+
+
+@contextlib.contextmanager
+def scratch_fs(fstype: str, size: int = 2 << 30, base: str | None = None) -> Iterator[str]:
+    """A fresh filesystem of ``fstype`` on a sparse image, loop-mounted; all gone afterwards."""
+    d = tempfile.mkdtemp(prefix=f"cowdisk-test-{fstype}-", dir=base)
+    img = os.path.join(d, "fs.img")
+    mnt = os.path.join(d, "mnt")
+    os.mkdir(mnt)
+    with open(img, "wb") as f:
+        f.truncate(size)
+    subprocess.run(MKFS[fstype] + [img], check=True, capture_output=True)
+    lp = loop.attach(img, autoclear=True, label="cowdisk-test-scratch")
+    try:
+        subprocess.run(["mount", lp.path, mnt], check=True, capture_output=True)
+    finally:
+        lp.close()  # the mount holds it; unmount frees it
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", mnt], check=False, capture_output=True)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class HostState:
+    """What the host has: loops (number, backing), dm names, loop mounts."""
+
+    loops: frozenset[tuple[int, str]]
+    dm: frozenset[str]
+    mounts: frozenset[str]
+
+
+def host_state() -> HostState:
+    loops = frozenset((li.number, li.backing_file) for li in loop.list_loops())
+    dm: frozenset[str] = frozenset()
+    if os.path.exists("/dev/mapper/control"):
+        out = subprocess.run(["dmsetup", "ls"], capture_output=True, text=True).stdout
+        dm = frozenset(line.split()[0] for line in out.splitlines()
+                       if line.strip() and not line.startswith("No devices"))
+    with open("/proc/self/mounts") as f:
+        mounts = frozenset(line.split()[1] for line in f if line.startswith("/dev/loop"))
+    return HostState(loops, dm, mounts)
+
+
+def assert_same_host(before: HostState, after: HostState | None = None) -> None:
+    """No loop, dm device or loop mount was added (or lost) since ``before``."""
+    after = after or host_state()
+    assert after.loops == before.loops, f"loops differ: +{after.loops - before.loops} -{before.loops - after.loops}"
+    assert after.dm == before.dm, f"dm devices differ: +{after.dm - before.dm} -{before.dm - after.dm}"
+    assert after.mounts == before.mounts, f"mounts differ: +{after.mounts - before.mounts}"

@@ -474,6 +474,7 @@ class _Stream:
         self.init_seen = False
         self.begin_time: float | None = None
         self.marker_rc: int | None = None
+        self.skip_nl = False
 
     def _emit(self, data: bytes) -> None:
         if data:
@@ -498,11 +499,14 @@ class _Stream:
             if self.show_boot:
                 self._emit(self.buf[:i])
             self.buf = self.buf[i + len(self.begin):]
-            if self.buf.startswith(b"\n"):
-                self.buf = self.buf[1:]
             self.state = "run"
             self.begin_time = time.monotonic()
+            self.skip_nl = True
         if self.state == "run":
+            if self.skip_nl and self.buf:  # the newline that ends the begin marker's line
+                if self.buf.startswith(b"\n"):
+                    self.buf = self.buf[1:]
+                self.skip_nl = False
             m = self.end_re.search(self.buf)
             if m:
                 self._emit(self.buf[:m.start()])

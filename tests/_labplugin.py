@@ -125,6 +125,24 @@ def outcome_for(nodeid: str, results: dict[tuple[str, str], LabOutcome] | None,
 # --------------------------------------------------------------------------- host side
 
 
+def load_kernel_lab():
+    """lab/kernel_lab.py as a module (it is a script, not part of the package)."""
+    name = "cowdisk_kernel_lab"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, KERNEL_LAB)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {KERNEL_LAB}")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod  # dataclasses need the module registered while it executes
+    try:
+        spec.loader.exec_module(mod)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return mod
+
+
 class LabFailure(Exception):
     pass
 
@@ -155,12 +173,7 @@ class LabRun:
             self.error = f"kernel lab failed: {type(e).__name__}: {e}"
 
     def _run(self) -> None:
-        spec = importlib.util.spec_from_file_location("cowdisk_kernel_lab", KERNEL_LAB)
-        if spec is None or spec.loader is None:
-            raise LabFailure(f"cannot load {KERNEL_LAB}")
-        kl = importlib.util.module_from_spec(spec)
-        sys.modules.setdefault("cowdisk_kernel_lab", kl)
-        spec.loader.exec_module(kl)
+        kl = load_kernel_lab()
         tmp = tempfile.mkdtemp(prefix="cowdisk-lab-pytest-")
         try:
             junit = os.path.join(tmp, "junit.xml")

@@ -50,6 +50,7 @@ import re
 import shutil
 import stat
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -693,7 +694,10 @@ def _rmtree(path: str, op: str) -> None:
             return
         errors.append(e)
 
-    shutil.rmtree(path, onerror=onerror)
+    if sys.version_info >= (3, 12):
+        shutil.rmtree(path, onexc=lambda f, p, e: onerror(f, p, (type(e), e, None)))
+    else:
+        shutil.rmtree(path, onerror=onerror)
     if errors:
         e = errors[0]
         raise KernelError.from_oserror(op, getattr(e, "filename", None) or path, e) from None

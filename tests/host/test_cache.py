@@ -333,6 +333,29 @@ def test_two_processes_race_one_builds_other_reuses(tmp_path: Path, cowdisk_cach
     e2fsck_ok(c.list()[0].image)
 
 
+def test_two_threads_race_one_builds(cowdisk_cache: TemplateCache, cowdisk_cache_tree: Path):
+    """flock belongs to the open file description, so threads exclude each other too."""
+    import threading
+    results: list[bool] = []
+    go = threading.Barrier(4)
+
+    def slow(msg: str) -> None:
+        if msg.startswith("formatting"):
+            time.sleep(0.5)
+
+    def run() -> None:
+        go.wait()
+        results.append(cowdisk_cache.get_or_build(TreeRecipe(str(cowdisk_cache_tree), 64 * MiB), progress=slow).built)
+
+    threads = [threading.Thread(target=run) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(results) == [False, False, False, True]
+    assert len(cowdisk_cache.list()) == 1 and staging_dirs(cowdisk_cache) == []
+
+
 # --------------------------------------------------------------------------- lock timeout names the holder
 
 

@@ -27,7 +27,7 @@ import pytest
 from vmm import guest as guestlib
 from vmm.qemu import Vm, VmError
 
-store_mod = pytest.importorskip("cowdisk.store", reason="cowdisk.store not available yet")
+store_mod = pytest.importorskip("cowdisk.store")  # skips until the Store lands
 
 pytestmark = [
     pytest.mark.root,

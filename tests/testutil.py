@@ -55,15 +55,28 @@ class HostState:
     mounts: frozenset[str]
 
 
+def _test_paths() -> tuple[str, ...]:
+    """Where test-made backing files live: pytest's temp dirs and scratch filesystems.
+
+    The witness looks only there (and at dm names of cowdisk and the tests), so other
+    users of this shared machine do not disturb it; every object a test makes is there.
+    """
+    t = tempfile.gettempdir()
+    return (os.path.join(t, "pytest-of-"), os.path.join(t, "cowdisk-test-"))
+
+
 def host_state() -> HostState:
-    loops = frozenset((li.number, li.backing_file) for li in loop.list_loops())
+    scope = _test_paths()
+    loops = frozenset((li.number, li.backing_file) for li in loop.list_loops()
+                      if li.backing_file.startswith(scope))
     dm: frozenset[str] = frozenset()
     if os.path.exists("/dev/mapper/control"):
         out = subprocess.run(["dmsetup", "ls"], capture_output=True, text=True).stdout
         dm = frozenset(line.split()[0] for line in out.splitlines()
-                       if line.strip() and not line.startswith("No devices"))
+                       if line.startswith(("cowdisk-", "cdtest-")))
     with open("/proc/self/mounts") as f:
-        mounts = frozenset(line.split()[1] for line in f if line.startswith("/dev/loop"))
+        mounts = frozenset(line.split()[1] for line in f
+                           if line.startswith("/dev/loop") and line.split()[1].startswith(scope))
     return HostState(loops, dm, mounts)
 
 

@@ -621,6 +621,9 @@ class Store:
                 self.backend.flatten(ctx, out, attached=v.state == ATTACHED)
                 failpoints.hit("flatten", "data")
                 digest = _sha256(out)
+                existed = self.registry.find_template(digest[:16]) is not None
+                self.registry.update_intent(intent, {"staging": staging, "template_id": digest[:16],
+                                                     "existed": existed})
                 tpl = self._register_template(out, digest, owned=True, source=f"flatten:{vid}", name=name)
                 failpoints.hit("flatten", "register")
                 self.registry.end_intent(intent)
@@ -765,6 +768,9 @@ class Store:
         v = self.registry.find_volume(vid) if vid else None
         if it.op == "flatten":
             shutil.rmtree(it.data.get("staging", ""), ignore_errors=True)
+            tid = it.data.get("template_id")
+            if tid and not it.data.get("existed") and self.registry.find_template(tid) is not None:
+                self.remove_template(tid)  # registered, but the flatten never returned it
             self.registry.end_intent(it.id)
             rep.rolled_back.append(label)
             return

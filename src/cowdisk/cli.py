@@ -89,6 +89,14 @@ def parse_size(text: str) -> int:
     return n
 
 
+def _table(*columns: str, **kw: Any) -> Table:
+    """A table whose cells fold rather than being cut with an ellipsis (ids and paths must stay whole)."""
+    t = Table(**kw)
+    for c in columns:
+        t.add_column(c, overflow="fold")
+    return t
+
+
 def _when(ts: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
 
@@ -102,7 +110,9 @@ class App:
         self.verbose = verbose
         self.quiet = quiet
         self.json = False
-        self.out = Console(highlight=False, soft_wrap=True)
+        # off a terminal (pipes, CI) rich would assume 80 columns; prefer whole lines
+        width = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 160
+        self.out = Console(highlight=False, soft_wrap=True, width=width)
         self.err = Console(stderr=True, highlight=False)
         self.interactive = sys.stderr.isatty() and os.environ.get("TERM") != "dumb"
         self._store: Store | None = None
@@ -112,14 +122,17 @@ class App:
     def has_store(self) -> bool:
         return os.path.exists(os.path.join(self.root, "registry.db"))
 
-    def store(self, *, create: bool = False) -> Store:
-        """The store at ``--root``; only commands that import or build may create one."""
+    def store(self, *, create: bool = False, recover: bool = True) -> Store:
+        """The store at ``--root``; only commands that import or build may create one.
+
+        Opening a store runs recovery; ``recover``/``gc`` open it with ``recover=False`` and
+        run it themselves, so that they can report what it did."""
         if self._store is None:
             if not create and not self.has_store():
                 raise NotFound(f"no cowdisk store at {self.root}", op="open store", obj=self.root,
                                hint="build or import a template first (`cowdisk template build DIR`), "
                                     "or point --root / COWDISK_ROOT at an existing store")
-            self._store = Store(self.root, backend=self.backend)
+            self._store = Store(self.root, backend=self.backend, recover=recover)
         return self._store
 
     def close(self) -> None:
@@ -361,7 +374,7 @@ def template_ls(app: App, as_json: bool) -> None:
     if app.json:
         app.emit({"templates": rows})
         return
-    t = Table("id", "names", "size", "on disk", "volumes", "state", "created")
+    t = _table("id", "names", "size", "on disk", "volumes", "state", "created")
     for d in rows:
         t.add_row(d["id"], ", ".join(d["names"]) or "-", human_bytes(d["size"]), human_bytes(d["disk_bytes"]),
                   str(len(d["users"])), d["state"], _when(d["created"]))
@@ -421,10 +434,9 @@ def template_rm(app: App, refs: tuple[str, ...], as_json: bool) -> None:
     for r in refs:
         validate_id(r, "template name or id")
     store = app.store()
-    removed = []
-    for r in refs:
-        tid = store.template(r).id
-        store.remove_template(r)
+    removed: list[str] = []
+    for tid in dict.fromkeys(store.template(r).id for r in refs):  # a name and an id may be one template
+        store.remove_template(tid)
         removed.append(tid)
         if not app.json:
             app.info(f"removed template {tid}")
@@ -515,7 +527,7 @@ def volume_ls(app: App, tref: str | None, as_json: bool) -> None:
     if app.json:
         app.emit({"volumes": [v.as_dict() for v in vols]})
         return
-    t = Table("id", "state", "backend", "template", "size", "link", "device")
+    t = _table("id", "state", "backend", "template", "size", "link", "device")
     for v in vols:
         t.add_row(v.id, v.state, v.backend, v.template_id, human_bytes(v.size), v.link, v.device or "-")
     app.out.print(t)
@@ -724,7 +736,7 @@ def volume_usage(app: App, vids: tuple[str, ...], as_json: bool) -> None:
     if app.json:
         app.emit({"volumes": rows})
         return
-    t = Table("id", "state", "template", "own", "allocated", "apparent", "cow used", "health")
+    t = _table("id", "state", "template", "own", "allocated", "apparent", "cow used", "health")
     for r in rows:
         cow = "-" if r["cow_used_bytes"] is None else \
             f"{human_bytes(r['cow_used_bytes'])} / {human_bytes(r['cow_total_bytes'])}"
@@ -764,7 +776,7 @@ def _show_report(app: App, rep: dict[str, Any], what: str) -> None:
     if app.json:
         app.emit(rep)
         return
-    t = Table("action", "objects", title=what, title_justify="left")
+    t = _table("action", "objects", title=what, title_justify="left")
     for k, v in rep.items():
         if v:
             t.add_row(k.replace("_", " "), "\n".join(map(str, v)))
@@ -792,7 +804,7 @@ def recover(app: App, as_json: bool) -> None:
         rep: dict[str, Any] = {"rolled_back": [], "finished": [], "reactivated": [], "orphans_removed": [],
                                "kept": [], "errors": []}
     else:
-        rep = app.store().recover().as_dict()
+        rep = app.store(recover=False).recover().as_dict()
     _show_report(app, rep, "recover")
     if rep["errors"]:
         raise click.exceptions.Exit(1)
@@ -812,7 +824,7 @@ def gc(app: App, as_json: bool) -> None:
         rep: dict[str, Any] = {"rolled_back": [], "finished": [], "reactivated": [], "orphans_removed": [],
                                "kept": [], "errors": []}
     else:
-        rep = app.store().gc().as_dict()
+        rep = app.store(recover=False).gc().as_dict()
     _show_report(app, rep, "gc")
     if rep["errors"]:
         raise click.exceptions.Exit(1)
@@ -837,7 +849,7 @@ def doctor(app: App, as_json: bool) -> None:
     if app.json:
         app.emit(rep.as_dict())
         return
-    t = Table("check", "", "detail", title=f"cowdisk doctor: {rep.root}", title_justify="left")
+    t = _table("check", "", "detail", title=f"cowdisk doctor: {rep.root}", title_justify="left")
     for c in rep.checks:
         mark = {True: "[green]ok[/]", False: "[red]no[/]", None: "[cyan]->[/]"}[c.ok]
         detail = c.detail + (f"\n[dim]{c.hint}[/]" if c.hint else "")
@@ -1024,7 +1036,7 @@ def run_demo(parent: str | None, backend: str = "auto", count: int = 3, *,
             u = store.usage(v.id)
             res["volumes"].append({"id": v.id, "state": v.state, "own_bytes": u.own_bytes,
                                    "disk_bytes": u.disk_bytes, "apparent_bytes": u.apparent_bytes})
-        t = Table("volume", "state", "own", "allocated", "apparent", title="what each volume costs on disk",
+        t = _table("volume", "state", "own", "allocated", "apparent", title="what each volume costs on disk",
                   title_justify="left")
         for r in res["volumes"]:
             t.add_row(r["id"], r["state"], human_bytes(r["own_bytes"]), human_bytes(r["disk_bytes"]),

@@ -1,0 +1,369 @@
+"""The ``cowdisk`` command line, run as a user would: CliRunner and a real ``python3 -m cowdisk``.
+
+Every test gets its own store under tmp_path, destroyed at the end (the pool backend
+mounts an xfs image through a loop device: ``Store.destroy`` unmounts it), and checks
+that no loop device, dm device or loop mount was added or lost.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from typing import Any, Iterator
+
+import click
+import pytest
+from click.testing import CliRunner, Result
+
+from cowdisk.cli import cli
+from cowdisk.store import Store
+from testutil import assert_same_host, host_state
+
+SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "src")
+MiB = 1 << 20
+
+BACKENDS = [pytest.param("copy", id="copy"), pytest.param("pool", id="pool", marks=pytest.mark.root)]
+
+
+@pytest.fixture(autouse=True)
+def _plain_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NO_COLOR", "1")
+    monkeypatch.setenv("COLUMNS", "200")
+    monkeypatch.delenv("COWDISK_ROOT", raising=False)
+    monkeypatch.delenv("COWDISK_BACKEND", raising=False)
+
+
+def _destroy(root: str) -> None:
+    if os.path.exists(os.path.join(root, "registry.db")):
+        s = Store(root)
+        try:
+            s.destroy()
+        finally:
+            s.close()
+
+
+class Cli:
+    """Runs the command against one store root and backend."""
+
+    def __init__(self, root: str, backend: str) -> None:
+        self.root = root
+        self.backend = backend
+        self.runner = CliRunner()
+
+    def __call__(self, *args: str, code: int = 0) -> Result:
+        r = self.runner.invoke(cli, ["--root", self.root, "--backend", self.backend, *args],
+                               catch_exceptions=False)
+        assert r.exit_code == code, f"exit {r.exit_code} != {code}\nstdout:\n{r.stdout}\nstderr:\n{r.stderr}"
+        return r
+
+    def json(self, *args: str, code: int = 0) -> Any:
+        return json.loads(self(*args, "--json", code=code).stdout)
+
+
+@pytest.fixture(params=BACKENDS)
+def run(request: pytest.FixtureRequest, tmp_path) -> Iterator[Cli]:
+    before = host_state()
+    root = str(tmp_path / "store")
+    try:
+        yield Cli(root, request.param)
+    finally:
+        _destroy(root)
+        assert_same_host(before)
+
+
+@pytest.fixture
+def tree(tmp_path) -> str:
+    d = tmp_path / "tree"
+    (d / "etc").mkdir(parents=True)
+    (d / "etc" / "hostname").write_text("template\n")
+    (d / "payload.bin").write_bytes(os.urandom(MiB))
+    return str(d)
+
+
+def _read(path: str, off: int, n: int) -> bytes:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.pread(fd, n, off)
+    finally:
+        os.close(fd)
+
+
+def _write(path: str, off: int, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, data, off)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _all_commands(group: click.Group, prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
+    for name, cmd in group.commands.items():
+        yield prefix + (name,)
+        if isinstance(cmd, click.Group):
+            yield from _all_commands(cmd, prefix + (name,))
+
+
+def test_help_on_every_command_has_an_example() -> None:
+    runner = CliRunner()
+    cmds = list(_all_commands(cli))
+    assert {("template", "import"), ("template", "build"), ("template", "ls"), ("template", "inspect"),
+            ("template", "verify"), ("template", "rm"), ("volume", "create"), ("volume", "ls"),
+            ("volume", "inspect"), ("volume", "checkpoint"), ("volume", "restore"), ("volume", "fork"),
+            ("volume", "flatten"), ("volume", "jail"), ("volume", "drive"), ("volume", "usage"),
+            ("volume", "rm"), ("recover",), ("gc",), ("doctor",), ("demo",)} <= set(cmds)
+    for c in [()] + cmds:
+        r = runner.invoke(cli, [*c, "--help"], catch_exceptions=False)
+        assert r.exit_code == 0, (c, r.output)
+        assert "Example" in r.stdout, c
+    r = runner.invoke(cli, ["--help"], catch_exceptions=False)
+    assert "COWDISK_ROOT" in r.stdout
+
+
+def test_lifecycle(run: Cli, tree: str, tmp_path) -> None:
+    t = run.json("template", "build", tree, "--name", "base")
+    assert t["names"] == ["base"] and t["size"] >= 64 * MiB and len(t["digest"]) == 64
+    assert os.path.isfile(t["path"]) and t["disk_bytes"] > 0
+    assert run.json("template", "ls")["templates"][0]["id"] == t["id"]
+    assert run.json("template", "inspect", "base")["id"] == t["id"]
+
+    v = run.json("volume", "create", "vm1", "--template", "base")
+    assert (v["id"], v["state"], v["backend"], v["template_id"]) == ("vm1", "attached", run.backend, t["id"])
+    assert v["link"] == os.path.join(run.root, "links", "vm1", "rootfs")
+    assert os.readlink(v["link"]) == v["device"]
+    data = os.urandom(4096)
+    _write(v["link"], 32 * MiB, data)
+    assert _read(v["link"], 32 * MiB, 4096) == data
+
+    info = run.json("volume", "inspect", "vm1")
+    assert info["usage"]["disk_bytes"] > 0 and info["usage"]["apparent_bytes"] == t["size"]
+    assert {"own_bytes", "exclusive_bytes", "shared_bytes", "health"} <= set(info["usage"])
+    u = run.json("volume", "usage")["volumes"]
+    assert [r["id"] for r in u] == ["vm1"] and u[0]["own_bytes"] >= 4096
+
+    assert run.json("volume", "checkpoint", "vm1")["state"] == "checkpointed"
+    assert not os.path.lexists(v["link"])
+    r = run.json("volume", "restore", "vm1", "--as", "vm2")
+    assert (r["id"], r["state"], r["parent"]) == ("vm2", "attached", "vm1")
+    assert os.readlink(v["link"]) == r["device"]  # vm1's link, retargeted
+    assert _read(r["link"], 32 * MiB, 4096) == data
+    _write(r["link"], 0, b"\xff" * 512)  # vm2's writes do not reach vm1's checkpoint
+
+    assert run.json("volume", "restore", "vm1")["state"] == "attached"
+    assert os.readlink(v["link"]) == v["device"]
+    assert _read(v["link"], 32 * MiB, 4096) == data
+    assert _read(v["link"], 0, 512) != b"\xff" * 512
+
+    forks = run.json("volume", "fork", "vm2", "f1", "f2")["volumes"]
+    assert [f["id"] for f in forks] == ["f1", "f2"]
+    assert all(_read(f["link"], 32 * MiB, 4096) == data for f in forks)
+    flat = run.json("volume", "flatten", "vm2", "--name", "flat")
+    assert flat["names"] == ["flat"] and flat["id"] != t["id"] and flat["source"] == "flatten:vm2"
+
+    fc = run.json("volume", "drive", "vm1", "--format", "firecracker")
+    assert fc["config"] == {"drive_id": "rootfs", "path_on_host": v["link"], "is_root_device": True,
+                            "is_read_only": False}
+    assert run("volume", "drive", "vm1", "-f", "qemu").stdout.strip() == \
+        f"-drive file={v['link']},format=raw,if=virtio,cache=none,id=rootfs"
+    assert run("volume", "drive", "vm1", "-f", "cloud-hypervisor", "--readonly").stdout.strip() == \
+        f"--disk path={v['link']},readonly=on"
+    assert json.loads(run("volume", "drive", "vm1", "-f", "firecracker").stdout)["path_on_host"] == v["link"]
+
+    ls = run.json("volume", "ls")["volumes"]
+    assert sorted(x["id"] for x in ls) == ["f1", "f2", "vm1", "vm2"]
+    assert [x["id"] for x in run.json("volume", "ls", "--template", "base")["volumes"]] == \
+        [x["id"] for x in ls]
+    run("template", "verify", "base")
+
+    assert run.json("volume", "rm", "vm1", "vm2", "f1", "f2")["removed"] == ["vm1", "vm2", "f1", "f2"]
+    assert not os.path.lexists(os.path.join(run.root, "links", "vm1"))
+    assert run.json("volume", "ls")["volumes"] == []
+    assert sorted(run.json("template", "rm", "base", "flat")["removed"]) == sorted([t["id"], flat["id"]])
+    assert not os.path.exists(t["path"])
+    assert run.json("template", "ls")["templates"] == []
+
+
+def test_human_output(run: Cli, tree: str) -> None:
+    r = run("template", "build", tree, "--name", "base")
+    assert "names" in r.stdout and "base" in r.stdout and "build: mkfs.ext4" in r.stderr
+    r = run("volume", "create", "vm1", "-t", "base")
+    assert "attached" in r.stdout and os.path.join(run.root, "links", "vm1", "rootfs") in r.stdout
+    for args in (("template", "ls"), ("volume", "ls"), ("volume", "usage"), ("volume", "inspect", "vm1")):
+        assert "vm1" in run(*args).stdout or "base" in run(*args).stdout
+    r = run("volume", "rm", "vm1")
+    assert r.stdout == "" and "removed volume vm1" in r.stderr
+
+
+def test_errors(run: Cli, tree: str) -> None:
+    r = run("volume", "ls")  # no store yet: empty, and none created
+    assert not os.path.exists(os.path.join(run.root, "registry.db"))
+    r = run("volume", "create", "vm1", "-t", "base", code=3)
+    assert "no cowdisk store at" in r.stderr and "hint:" in r.stderr
+    run("template", "build", tree, "--name", "base")
+    for bad in ("bad/id", "../x", "-x", "a b", "x" * 65):
+        r = run("volume", "create", "--template", "base", "--", bad, code=2)
+        assert "invalid volume id" in r.stderr, r.stderr
+    assert not os.listdir(os.path.join(run.root, "links"))
+    r = run("volume", "create", "vm1", "-t", "nope", code=3)
+    assert r.stderr.splitlines() == ["cowdisk: error: template 'nope' not found",
+                                     "  hint: `cowdisk template ls` lists templates"]
+    err = run.json("volume", "inspect", "ghost", code=3)["error"]
+    assert (err["type"], err["exit_code"], err["object"]) == ("NotFound", 3, "ghost")
+    run("volume", "create", "vm1", "-t", "base")
+    r = run("volume", "create", "vm1", "-t", "base", code=5)
+    assert "already exists" in r.stderr
+    r = run("volume", "restore", "vm1", code=7)
+    assert "restore volume vm1: it is attached, not checkpointed" in r.stderr
+    r = run("template", "rm", "base", code=6)
+    assert "used by volumes vm1" in r.stderr and "hint: remove or flatten those volumes first" in r.stderr
+    run("volume", "checkpoint", "vm1")
+    r = run("volume", "checkpoint", "vm1", code=7)
+    assert "it is checkpointed, not attached" in r.stderr
+    r = run("volume", "jail", "vm1", str(run.root), code=7)
+    assert "not attached" in r.stderr
+    r = run("volume", "restore", "vm1", "--as", "bad/id", code=2)
+    assert "invalid new volume id" in r.stderr
+    r = run("template", "build", tree, "--size", "lots", code=2)
+    assert "invalid size 'lots'" in r.stderr
+    r = run("volume", "drive", "vm1", "--format", "vmware", code=2)  # click's usage error
+    assert "Invalid value for '--format'" in r.stderr
+    r = run("volume", "frobnicate", code=2)
+    assert "No such command" in r.stderr
+    r = run("--backend", "copy" if run.backend == "pool" else "pool", "volume", "ls", code=2)
+    assert "uses backend" in r.stderr
+
+
+def test_template_changed(run: Cli, tree: str, tmp_path) -> None:
+    img = tmp_path / "img.raw"
+    img.write_bytes(os.urandom(1 * MiB))
+    t = run.json("template", "import", str(img), "--adopt", "--name", "adopted")
+    with open(img, "r+b") as f:
+        f.write(b"changed")
+    r = run("template", "verify", "adopted", code=8)
+    assert f"template {t['id']}" in r.stderr
+    r = run("volume", "create", "vm1", "-t", "adopted", code=8)
+    assert "changed on disk since import" in r.stderr
+
+
+def test_jail(run: Cli, tree: str, tmp_path) -> None:
+    run("template", "build", tree, "--name", "base")
+    v = run.json("volume", "create", "vm1", "-t", "base")
+    # a file volume is staged by hard link, so the jail must be on the volume's filesystem
+    data_root = os.path.dirname(os.path.dirname(v["data_path"]))
+    jail = os.path.join(data_root, "jail-vm1")
+    os.mkdir(jail)
+    try:
+        j = run.json("volume", "jail", "vm1", jail)
+        assert j["path"] == os.path.join(jail, "rootfs")
+        assert os.stat(j["path"]).st_ino == os.stat(v["device"]).st_ino
+        if run.backend == "pool":  # another filesystem than the pool: refused with a hint
+            other = tmp_path / "jail-other"
+            other.mkdir()
+            r = run("volume", "jail", "vm1", str(other), code=9)
+            assert "hint: put the jail on the store's filesystem" in r.stderr
+    finally:
+        for f in os.listdir(jail):
+            os.unlink(os.path.join(jail, f))
+        os.rmdir(jail)
+
+
+def test_recover_gc_doctor(run: Cli, tree: str, tmp_path) -> None:
+    assert run.json("recover") == {"rolled_back": [], "finished": [], "reactivated": [], "orphans_removed": [],
+                                   "kept": [], "errors": []}
+    run("template", "build", tree)  # no name: gc takes it once unused
+    run("template", "build", tree + "/etc", "--name", "kept")
+    rep = run.json("gc")
+    assert rep["errors"] == [] and len([o for o in rep["orphans_removed"] if o.startswith("template ")]) == 1
+    assert [t["names"] for t in run.json("template", "ls")["templates"]] == [["kept"]]
+    os.makedirs(os.path.join(run.root, "links", "ghost"))
+    assert os.path.join(run.root, "links", "ghost") in run.json("recover")["orphans_removed"]
+
+    fresh = tmp_path / "nowhere" / "store"
+    d = json.loads(CliRunner().invoke(cli, ["--root", str(fresh), "doctor", "--json"],
+                                      catch_exceptions=False).stdout)
+    assert not fresh.exists()  # doctor creates nothing
+    assert d["backend"] in ("dm-snapshot", "reflink", "pool", "copy") and d["why"]
+    names = {c["name"] for c in d["checks"]}
+    assert {"loop", "device-mapper", "reflink", "mkfs.ext4", "mkfs.xfs", "e2fsck", "auto backend"} <= names
+    assert set(d["dm_targets"]) >= {"snapshot", "thin-pool"}
+    if not os.path.exists("/dev/mapper/control"):
+        dm = next(c for c in d["checks"] if c["name"] == "device-mapper")
+        assert dm["ok"] is False and dm["hint"]
+        assert d["dm_targets"]["snapshot"] is None
+    r = CliRunner().invoke(cli, ["--root", str(fresh), "doctor"], catch_exceptions=False)
+    assert r.exit_code == 0 and "backend auto -> " in r.stdout
+
+
+# -- a real process ------------------------------------------------------------------------
+
+
+def _proc(*args: str, root: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "NO_COLOR": "1", "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env.pop("COWDISK_ROOT", None)
+    if root:
+        env["COWDISK_ROOT"] = root
+    return subprocess.run([sys.executable, "-m", "cowdisk", *args], capture_output=True, text=True, env=env,
+                          timeout=300, stdin=subprocess.DEVNULL)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_subprocess_create_and_errors(backend: str, tree: str, tmp_path) -> None:
+    before = host_state()
+    root = str(tmp_path / "store")
+    try:
+        p = _proc("--backend", backend, "template", "build", tree, "--name", "base", "--json", root=root)
+        assert p.returncode == 0, p.stderr
+        assert json.loads(p.stdout)["names"] == ["base"]
+        p = _proc("volume", "create", "vm1", "-t", "base", "--json", root=root)
+        assert p.returncode == 0, p.stderr
+        link = json.loads(p.stdout)["link"]
+        assert os.path.realpath(link) == json.loads(p.stdout)["device"]
+        p = _proc("volume", "create", "bad/id", "-t", "base", root=root)
+        assert (p.returncode, p.stdout) == (2, "")
+        assert p.stderr.startswith("cowdisk: error: invalid volume id 'bad/id'")
+        p = _proc("volume", "rm", "ghost", root=root)
+        assert p.returncode == 3 and "volume 'ghost' not found" in p.stderr
+        p = _proc("volume", "restore", "vm1", "--json", root=root)
+        assert p.returncode == 7 and json.loads(p.stdout)["error"]["type"] == "StateError"
+        p = _proc("volume", "drive", "vm1", "--format", "qemu", root=root)
+        assert p.returncode == 0 and p.stdout.startswith(f"-drive file={link},")
+        p = _proc("--no-such-option", root=root)
+        assert p.returncode == 2
+        p = _proc("volume", "rm", "vm1", root=root)
+        assert p.returncode == 0 and not os.path.lexists(link)
+    finally:
+        _destroy(root)
+    assert_same_host(before)
+
+
+@pytest.mark.root
+def test_subprocess_demo(tmp_path) -> None:
+    """The main job: on this host (no dm, / on ext4) it picks the pool backend."""
+    before = host_state()
+    parent = tmp_path / "demo"
+    p = _proc("--root", str(parent), "demo")
+    assert p.returncode == 0, p.stdout + p.stderr
+    last = p.stdout.strip().splitlines()[-1]
+    assert last.startswith("cowdisk demo OK:"), p.stdout
+    assert "template unchanged" in last and "everything cleaned up" in last
+    assert "what each volume costs on disk" in p.stdout
+    assert os.listdir(parent) == []  # its temp dir is gone
+    assert_same_host(before)
+
+
+def test_subprocess_demo_json_copy(tmp_path) -> None:
+    before = host_state()
+    parent = tmp_path / "demo"
+    p = _proc("--backend", "copy", "--root", str(parent), "demo", "--volumes", "2", "--json")
+    assert p.returncode == 0, p.stdout + p.stderr
+    d = json.loads(p.stdout)
+    assert d["ok"] and d["backend"] == "copy" and d["cleanup"]["ok"]
+    assert d["template"]["unchanged"] and d["template"]["digest_before"] == d["template"]["digest_after"]
+    assert [v["id"] for v in d["volumes"]] == ["sandbox-1", "sandbox-2"]
+    assert d["write"]["read_back"] and d["write"]["other_volumes_unchanged"]
+    assert all(s["ms"] >= 0 for s in d["steps"])
+    assert any(s["name"].startswith("restore sandbox-1 as") for s in d["steps"])
+    assert os.listdir(parent) == []
+    assert_same_host(before)

@@ -340,3 +340,9 @@ def test_kernel_error_keeps_errno() -> None:
 def test_target_line() -> None:
     assert dm.Target(0, 8, "zero", "").line() == "0 8 zero"
     assert dm.Target(0, 8, "linear", "7:0 0").line() == "0 8 linear 7:0 0"
+
+
+def test_data_range_reads_size_at_12_and_start_at_16() -> None:
+    buf = dm.pack_dm_ioctl(data_size=1024)
+    buf[12:20] = _u32(400) + _u32(312)  # as the kernel writes back: data_size, then data_start
+    assert dm._data_range(buf) == (312, 400)

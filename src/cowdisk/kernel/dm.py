@@ -419,6 +419,12 @@ def _cstr(buf: bytes | bytearray | memoryview, off: int, end: int | None = None)
     return os.fsdecode(b[:nul]), off + nul
 
 
+def _data_range(buf: bytes | bytearray) -> tuple[int, int]:
+    """(data_start, data_size) of a returned header: the payload is buf[data_start:data_size]."""
+    data_size, data_start = struct.unpack_from("=II", buf, 12)
+    return data_start, data_size
+
+
 def _decode_dev(dev: int) -> tuple[int, int]:
     # The kernel's new_encode_dev, equal to glibc's makedev below major 4096 / minor 2^20.
     return (dev >> 8) & 0xFFF, (dev & 0xFF) | ((dev >> 12) & 0xFFF00)
@@ -866,7 +872,7 @@ class Control:
         """Every dm device on the host (DM_LIST_DEVICES with uuids), sorted by name by current kernels."""
         buf = self._data_cmd(DM_LIST_DEVICES, "dm list", "devices", flags=DM_UUID_FLAG)
         hdr = parse_dm_ioctl(buf)
-        data_start, data_size = struct.unpack_from("=II", buf, 16)
+        data_start, data_size = _data_range(buf)
         return parse_name_list(buf, data_start, data_size, hdr.version)
 
     def create(self, name: str, uuid: str | None = None, minor: int | None = None) -> DeviceInfo:
@@ -991,7 +997,7 @@ class Control:
         raw = validate_name(name)
         buf = self._data_cmd(DM_TABLE_STATUS, op, name, name=raw, flags=flags)
         hdr = parse_dm_ioctl(buf)
-        data_start, data_size = struct.unpack_from("=II", buf, 16)
+        data_start, data_size = _data_range(buf)
         return parse_target_specs(buf, data_start, hdr.target_count, data_size)
 
     def table(self, name: str, inactive: bool = False) -> list[TargetLine]:
@@ -1039,13 +1045,13 @@ class Control:
                 continue
             if not out_flags & DM_DATA_OUT_FLAG:
                 return None
-            data_start, data_size = struct.unpack_from("=II", buf, 16)
+            data_start, data_size = _data_range(buf)
             return _cstr(buf, data_start, data_size)[0]
 
     def list_target_versions(self) -> dict[str, tuple[int, int, int]]:
         """Registered target types and their versions (DM_LIST_VERSIONS, 4.1.0)."""
         buf = self._data_cmd(DM_LIST_VERSIONS, "dm list versions", "targets", version=V_LIST_VERSIONS)
-        data_start, data_size = struct.unpack_from("=II", buf, 16)
+        data_start, data_size = _data_range(buf)
         return parse_target_versions(buf, data_start, data_size)
 
     def get_target_version(self, target_type: str) -> tuple[int, int, int]:
@@ -1059,7 +1065,7 @@ class Control:
         buf = self._data_cmd(
             DM_GET_TARGET_VERSION, "dm target version", target_type, name=raw, version=V_GET_TARGET_VERSION, size=2048
         )
-        data_start, data_size = struct.unpack_from("=II", buf, 16)
+        data_start, data_size = _data_range(buf)
         versions = parse_target_versions(buf, data_start, data_size)
         if target_type in versions:
             return versions[target_type]

@@ -367,3 +367,19 @@ def test_subprocess_demo_json_copy(tmp_path) -> None:
     assert any(s["name"].startswith("restore sandbox-1 as") for s in d["steps"])
     assert os.listdir(parent) == []
     assert_same_host(before)
+
+
+def test_subprocess_demo_failure_cleans_up(tmp_path) -> None:
+    """A demo that cannot run (reflink asked on a filesystem without it) says why, exits with the
+    error's code, and still leaves nothing behind."""
+    from cowdisk.kernel import fs
+
+    if fs.fs_type(str(tmp_path)).reflink_capable:
+        pytest.skip(f"{tmp_path} can reflink: the reflink demo would succeed")
+    before = host_state()
+    parent = tmp_path / "demo"
+    p = _proc("--backend", "reflink", "--root", str(parent), "demo")
+    assert p.returncode == 9, p.stdout + p.stderr
+    assert "cowdisk demo FAILED: reflink backend:" in p.stderr and "everything it made was cleaned up" in p.stderr
+    assert os.listdir(parent) == []
+    assert_same_host(before)

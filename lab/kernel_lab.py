@@ -391,9 +391,7 @@ def prepare(verbose: bool = True) -> Prepared:
                 tmp_cpio.rename(initrd)
             finally:
                 shutil.rmtree(build, ignore_errors=True)
-            for old in kdir.glob("initramfs-*.cpio"):
-                if old != initrd:
-                    old.unlink()
+            # Older initramfs files are kept: another checkout may be booting one right now.
         (kdir / "ready.json.tmp").write_text(json.dumps({
             "kernel": str(kernel), "initrd": str(initrd), "kver": kver, "package": pkg,
             "version": ver, "modfiles": modfiles, "lazy": lazy_lines, "bzimage": str(bzimage),

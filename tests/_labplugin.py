@@ -201,7 +201,13 @@ class LabRun:
                 raise LabFailure(f"the lab's pytest (exit status {res.returncode}) wrote no results")
             self.results = parse_junit(junit)
             if res.returncode not in (0, 1):
-                self._rc_note = f" (the lab's pytest exited with status {res.returncode})"
+                self._rc_note = f"\nthe lab's pytest exited with status {res.returncode}"
+            # Failures not tied to a requested test (e.g. collection errors) explain missing ones.
+            wanted = {junit_key(n) for n in self.nodeids}
+            extra = [f"{'::'.join(x for x in k if x)}: {o.text}" for k, o in self.results.items()
+                     if k not in wanted and o.outcome == "failed"]
+            if extra:
+                self._rc_note += "\nother errors in the lab run:\n" + "\n".join(extra)[-4000:]
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 

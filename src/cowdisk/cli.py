@@ -30,7 +30,7 @@ from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, Time
 from rich.table import Table
 
 from . import drive as drive_mod
-from .errors import CowdiskError, InvalidArgument, NotFound
+from .errors import CowdiskError, InvalidArgument, NotFound, message_of
 from .store import DEFAULT_ROOT, Store, validate_id
 
 BACKEND_CHOICES = ("auto", "dm-snapshot", "reflink", "pool", "copy")
@@ -49,15 +49,6 @@ EXIT_CODES = {
     10: "lock timeout",
     11: "snapshot invalid",
 }
-
-
-def message_of(e: BaseException) -> str:
-    """An error's message without the " (hint)" that ``CowdiskError.__str__`` appends."""
-    msg = str(e)
-    hint = getattr(e, "hint", "")
-    if hint and msg.endswith(f" ({hint})"):
-        msg = msg[: -len(hint) - 3]
-    return msg
 
 
 def human_bytes(n: int | None) -> str:

@@ -15,7 +15,7 @@ import stat
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .errors import CowdiskError
+from .errors import CowdiskError, message_of
 from .kernel import dm, fs
 
 __all__ = ["Check", "Report", "check", "message_of", "DM_TARGETS", "TOOLS"]
@@ -55,15 +55,6 @@ class Report:
         d = asdict(self)
         d["checks"] = [asdict(c) for c in self.checks]
         return d
-
-
-def message_of(e: BaseException) -> str:
-    """An error's message without the " (hint)" that ``CowdiskError.__str__`` appends."""
-    msg = str(e)
-    hint = getattr(e, "hint", "")
-    if hint and msg.endswith(f" ({hint})"):
-        msg = msg[: -len(hint) - 3]
-    return msg
 
 
 def _v(t: tuple[int, int, int]) -> str:

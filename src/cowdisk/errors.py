@@ -21,10 +21,12 @@ class CowdiskError(Exception):
         self.op = op
         self.obj = obj
         self.hint = hint
+        self.message = message
+        """The message without the hint (``str(e)`` has both)."""
         full = message
         if hint:
             full = f"{message} ({hint})"
-        super().__init__(full)
+        Exception.__init__(self, full)
 
 
 class KernelError(CowdiskError, OSError):
@@ -33,13 +35,16 @@ class KernelError(CowdiskError, OSError):
     exit_code = 4
 
     def __init__(self, op: str, obj: str, err: int, detail: str = "", hint: str = "") -> None:
-        self.errno = err
-        self.strerror = os.strerror(err) if err else ""
+        strerror = os.strerror(err) if err else ""
         name = _errno.errorcode.get(err, str(err))
-        msg = f"{op} {obj}: {name}: {self.strerror}"
+        msg = f"{op} {obj}: {name}: {strerror}"
         if detail:
             msg += f": {detail}"
         CowdiskError.__init__(self, msg, op=op, obj=obj, hint=hint)
+        # set after the base __init__: OSError's constructor would reset them
+        self.errno = err
+        self.strerror = strerror
+        self.detail = detail
 
     def __str__(self) -> str:  # OSError.__str__ would print only errno/strerror
         return CowdiskError.__str__(self)
@@ -99,7 +104,13 @@ class SnapshotInvalid(CowdiskError):
     exit_code = 11
 
 
+def message_of(e: BaseException) -> str:
+    """An error's message without its hint (cowdisk errors), or ``str(e)`` (any other)."""
+    return e.message if isinstance(e, CowdiskError) else str(e)
+
+
 __all__ = [
+    "message_of",
     "CowdiskError",
     "KernelError",
     "InvalidArgument",

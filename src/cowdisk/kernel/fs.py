@@ -12,6 +12,7 @@ import errno
 import fcntl
 import os
 import struct
+import threading
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -156,8 +157,9 @@ def ficlone(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
 def probe_reflink(directory: str | os.PathLike[str]) -> bool:
     """True when a FICLONE inside ``directory`` works (the definitive test)."""
     d = os.fspath(directory)
-    a = os.path.join(d, f".cowdisk-reflink-probe-{os.getpid()}-a")
-    b = os.path.join(d, f".cowdisk-reflink-probe-{os.getpid()}-b")
+    tag = f"{os.getpid()}-{threading.get_ident()}-{os.urandom(4).hex()}"
+    a = os.path.join(d, f".cowdisk-reflink-probe-{tag}-a")
+    b = os.path.join(d, f".cowdisk-reflink-probe-{tag}-b")
     try:
         with open(a, "wb") as f:
             f.write(b"\0" * 4096)

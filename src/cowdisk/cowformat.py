@@ -583,6 +583,7 @@ def _flatten_into(ofd: int, cfd: int, wfd: int, length: int, b: int,
     block = max(IO_BLOCK, b)  # a whole number of chunks (both are powers of two)
     zero_gran = min(b, 64 * 1024)
     zero = bytes(block)
+    zgran = bytes(zero_gran)
     remapped = sorted(remap)
     ri = 0  # index of the first remapped chunk not before the current block
     pos = 0
@@ -611,21 +612,23 @@ def _flatten_into(ofd: int, cfd: int, wfd: int, length: int, b: int,
             m = min(b, length - x * b)
             buf[s:s + m] = _pread_full(cfd, m, remap[x] * b)
             j += 1
-        mv = memoryview(buf)
-        if mv != zero[:n]:
-            # write runs of non-zero granules
-            i = 0
-            while i < n:
-                while i < n and mv[i:i + zero_gran] == zero[:min(zero_gran, n - i)]:
-                    i += zero_gran
-                if i >= n:
-                    break
-                k = i
-                while k < n and mv[k:k + zero_gran] != zero[:min(zero_gran, n - k)]:
-                    k += zero_gran
-                k = min(k, n)
-                _pwrite_full(wfd, mv[i:k], pos + i)
-                i = k
+        # bytes/bytearray comparisons are memcmp; memoryview ones go element by element
+        if buf != (zero if n == block else bytes(n)):
+            with memoryview(buf) as mv:
+                i = 0
+                while i < n:  # write the runs of non-zero granules
+                    g = min(zero_gran, n - i)
+                    if buf[i:i + g] == zgran[:g]:
+                        i += g
+                        continue
+                    k = i + g
+                    while k < n:
+                        g = min(zero_gran, n - k)
+                        if buf[k:k + g] == zgran[:g]:
+                            break
+                        k += g
+                    _pwrite_full(wfd, mv[i:k], pos + i)
+                    i = k
         pos += n
         if progress:
             progress(pos, length)

@@ -27,7 +27,7 @@ MKFS = {
 @contextlib.contextmanager
 def scratch_fs(fstype: str, size: int = 2 << 30, base: str | None = None) -> Iterator[str]:
     """A fresh filesystem of ``fstype`` on a sparse image, loop-mounted; all gone afterwards."""
-    d = tempfile.mkdtemp(prefix=f"cowdisk-test-{fstype}-", dir=base)
+    d = tempfile.mkdtemp(prefix=f"cowdisk-test-{os.getpid()}-{fstype}-", dir=base)
     img = os.path.join(d, "fs.img")
     mnt = os.path.join(d, "mnt")
     os.mkdir(mnt)
@@ -62,7 +62,8 @@ def _test_paths() -> tuple[str, ...]:
     users of this shared machine do not disturb it; every object a test makes is there.
     """
     t = tempfile.gettempdir()
-    return (os.path.join(t, "pytest-of-"), os.path.join(t, "cowdisk-test-"))
+    session = os.environ.get("COWDISK_TEST_SCOPE") or os.path.join(t, "pytest-of-")
+    return (session, os.path.join(t, f"cowdisk-test-{os.getpid()}-"))
 
 
 def host_state() -> HostState:

@@ -191,7 +191,8 @@ class Registry:
         try:
             yield c
         except BaseException:
-            c.execute("ROLLBACK")
+            if c.in_transaction:  # SQLite already rolled back on SQLITE_FULL and the like
+                c.execute("ROLLBACK")
             raise
         c.execute("COMMIT")
 

@@ -25,6 +25,7 @@ import os
 import re
 import secrets
 import shutil
+import sqlite3
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -308,36 +309,36 @@ class Store:
         self.registry.add_template(row)
         return self.template(tid)
 
-    def build_template(self, source_dir: str, name: str | None = None, *, size: int | None = None,
+    def build_template(self, source: str, name: str | None = None, *, size: int | None = None,
                        fs_type: str = "ext4", progress: Callable[[str], None] | None = None) -> Template:
-        """Build an ext4 template from a directory tree with ``mkfs.ext4 -d`` (no mount needed)."""
-        if not os.path.isdir(source_dir):
-            raise NotFound(f"build template: {source_dir} is not a directory", op="build template",
-                           obj=source_dir)
-        if fs_type != "ext4":
-            raise InvalidArgument(f"build template: filesystem {fs_type} not supported (ext4 only)",
-                                  op="build template", obj=source_dir)
-        if size is None:
-            used = sum(os.lstat(os.path.join(d, f)).st_size for d, _, fl in os.walk(source_dir) for f in fl)
-            size = max(64 << 20, (used * 2 + (32 << 20) + (1 << 20) - 1) // (1 << 20) * (1 << 20))
-        staging = os.path.join(self.root, "staging", f"build-{os.getpid()}-{secrets.token_hex(4)}")
-        os.makedirs(staging)
-        try:
-            img = os.path.join(staging, "disk.img")
-            fs.create_sparse(img, size)
-            if progress:
-                progress(f"mkfs.ext4 -d {source_dir} ({size >> 20} MiB)")
-            r = subprocess.run(["mkfs.ext4", "-q", "-F", "-E", "root_owner=0:0", "-d", source_dir, img],
-                               capture_output=True, text=True, env={**os.environ, "E2FSPROGS_FAKE_TIME": "1",
-                                                                    "SOURCE_DATE_EPOCH": "1"})
-            if r.returncode != 0:
-                raise CowdiskError(f"build template from {source_dir}: mkfs.ext4 failed: {r.stderr.strip()}",
-                                   op="build template", obj=source_dir)
+        """Build a template from a directory tree or a tarball (``mkfs.ext4 -d``, no mount needed).
+
+        The image is built once per recipe in the store's template cache (key: filesystem,
+        capacity, mkfs version fingerprint and the content digest of the source), so
+        building the same tree again, here or in a concurrent process, reuses it.
+        """
+        from .cache import TarRecipe, TemplateCache, TreeRecipe
+
+        if name is not None:
+            validate_id(name, "template name")
+        if os.path.isdir(source):
+            if size is None:
+                used = sum(os.lstat(os.path.join(d, f)).st_size for d, _, fl in os.walk(source) for f in fl)
+                size = max(64 << 20, (used * 2 + (32 << 20) + (1 << 20) - 1) // (1 << 20) * (1 << 20))
+            recipe: TreeRecipe | TarRecipe = TreeRecipe(os.path.abspath(source), size, fs=fs_type)
+        elif os.path.isfile(source) and ".tar" in os.path.basename(source):
+            if size is None:
+                size = max(64 << 20, (os.path.getsize(source) * 3 + (32 << 20)) // (1 << 20) * (1 << 20))
+            recipe = TarRecipe(os.path.abspath(source), size, fs=fs_type)
+        else:
+            raise NotFound(f"build template: {source} is neither a directory nor a tarball",
+                           op="build template", obj=source)
+        cache = TemplateCache(os.path.join(self.root, "cache"))
+        res = cache.get_or_build(recipe, progress=progress)
+        with cache.hold(res.entry.key) as entry:
             if progress:
                 progress("importing")
-            return self.import_template(img, name)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            return self.import_template(entry.image, name)
 
     def templates(self) -> list[Template]:
         return [Template.of(t, self.registry.template_users(t.id)) for t in self.registry.templates()]
@@ -399,7 +400,7 @@ class Store:
         validate_id(vid)
         t = self.registry.get_template(template)
         self.check_template(t)
-        with self._lock("volume", vid):
+        with self._lock("volume", vid), _named_errors("create volume", vid):
             now = time.time()
             row = VolumeRow(vid, t.id, self.backend_name, CREATING, t.size // 512 * 512,
                             self._vol_dir(vid), None, now, now, None, None)
@@ -450,7 +451,7 @@ class Store:
         with self._lock("volume", vid):
             v = self.registry.get_volume(vid)
             ctx = self._ctx(v, op="remove")
-            if v.state == ATTACHED and self.backend.block_device:
+            if v.state == ATTACHED:
                 self._check_not_open(v, ctx, deadline_s)
             intent = self.registry.begin_intent("remove", volume_id=vid)
             self.registry.update_volume(vid, state=REMOVING)
@@ -462,17 +463,20 @@ class Store:
                 self.registry.end_intent(intent)
 
     def _check_not_open(self, v: VolumeRow, ctx: VolumeCtx, deadline_s: float) -> None:
-        """Fail early, with the holder's PIDs, when a VM still has the device open."""
+        """Fail early, with the holder's PIDs, when a VM still has the device (or, for file
+        backends, the volume file: same st_dev/st_ino, through any link) open."""
         dev = self.backend.device_path(ctx)
         if dev is None:
             return
+        holders = blk.open_count_hint if self.backend.block_device else _file_holders
+        what = "device" if self.backend.block_device else "file"
         end = time.monotonic() + deadline_s
         while True:
-            pids = [p for p in blk.open_count_hint(dev) if p != os.getpid()]
+            pids = [p for p in holders(dev) if p != os.getpid()]
             if not pids:
                 return
             if time.monotonic() > end:
-                raise InUse(f"remove volume {v.id}: device {dev} is still open by PID "
+                raise InUse(f"remove volume {v.id}: {what} {dev} is still open by PID "
                             f"{', '.join(map(str, pids))}", op="remove volume", obj=v.id,
                             hint="stop the VM that uses it first")
             time.sleep(0.05)
@@ -485,8 +489,7 @@ class Store:
                 raise StateError(f"checkpoint volume {vid}: it is {v.state}, not attached", op="checkpoint",
                                  obj=vid)
             ctx = self._ctx(v, op="checkpoint")
-            if self.backend.block_device:
-                self._check_not_open(v, ctx, deadline_s)
+            self._check_not_open(v, ctx, deadline_s)
             intent = self.registry.begin_intent("checkpoint", volume_id=vid)
             self._teardown(v, ctx, keep_data=True, deadline_s=deadline_s)
             failpoints.hit("checkpoint", "detach")
@@ -662,6 +665,9 @@ class Store:
         try:
             os.link(v.device, tmp)
             os.replace(tmp, dest)
+            # rename(2) of two links to one inode (a re-jail) does nothing: drop the temporary
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
         except OSError as e:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
@@ -722,35 +728,47 @@ class Store:
                 continue
             if obj.kind == "loop" and vid is None:
                 continue  # a template loop: kept alive only by the dm tables that use it
-            try:
-                self.backend.release(obj)
-                rep.orphans_removed.append(f"{obj.kind} {obj.name}")
-            except CowdiskError as e:
-                rep.errors.append(f"release {obj.kind} {obj.name}: {e}")
+            # another process or thread may be creating this volume right now: look again
+            # under its lock (and leave it alone if someone holds that lock)
+            with self._idle_volume(vid) if vid else contextlib.nullcontext(True) as idle:
+                if not idle or (vid and not self._orphan_now(vid)):
+                    continue
+                try:
+                    self.backend.release(obj)
+                    rep.orphans_removed.append(f"{obj.kind} {obj.name}")
+                except CowdiskError as e:
+                    rep.errors.append(f"release {obj.kind} {obj.name}: {e}")
         # attached volumes whose device is gone (host reboot): attach them again
         for v in known.values():
             if v.state != ATTACHED or v.id in live:
                 continue
-            ctx = self._ctx(v, op="recover")
-            if self.backend.is_attached(ctx):
-                rep.kept.append(v.id)
-                continue
-            try:
-                with self._lock("volume", v.id):
+            with self._idle_volume(v.id) as idle:
+                # under the lock, fresh: a concurrent remove may have taken it away meanwhile
+                cur = self.registry.find_volume(v.id) if idle else None
+                if cur is None or cur.state != ATTACHED or v.id in self.registry.live_intent_volumes():
+                    continue
+                ctx = self._ctx(cur, op="recover")
+                if self.backend.is_attached(ctx):
+                    rep.kept.append(v.id)
+                    continue
+                try:
                     dev = self.backend.attach(ctx)
                     self._set_link(v.id, self.link_path(v.id), dev)
                     self.registry.update_volume(v.id, device=dev)
-                rep.reactivated.append(v.id)
-            except CowdiskError as e:
-                self.registry.update_volume(v.id, state=ERROR, error=str(e))
-                rep.errors.append(f"reactivate {v.id}: {e}")
+                    rep.reactivated.append(v.id)
+                except (CowdiskError, OSError) as e:
+                    self.registry.update_volume(v.id, state=ERROR, error=str(e))
+                    rep.errors.append(f"reactivate {v.id}: {e}")
         # files and links of volumes that do not exist
         for base in (os.path.join(self.data_root, "volumes"), os.path.join(self.root, "links")):
             for name in os.listdir(base):
                 if name in known or name in live:
                     continue
-                shutil.rmtree(os.path.join(base, name), ignore_errors=True)
-                rep.orphans_removed.append(os.path.join(base, name))
+                with self._idle_volume(name) as idle:  # not a volume being created right now
+                    if not idle or not self._orphan_now(name, files=True):
+                        continue
+                    shutil.rmtree(os.path.join(base, name), ignore_errors=True)
+                    rep.orphans_removed.append(os.path.join(base, name))
         for base in (os.path.join(self.data_root, "templates"), os.path.join(self.root, "staging")):
             for name in os.listdir(base):
                 if not (name.startswith(".staging-") or name.startswith("build-")):
@@ -761,6 +779,32 @@ class Store:
                 shutil.rmtree(os.path.join(base, name), ignore_errors=True)
                 rep.orphans_removed.append(os.path.join(base, name))
         return rep
+
+    @contextlib.contextmanager
+    def _idle_volume(self, vid: str) -> Iterator[bool]:
+        """Hold volume ``vid``'s lock if nobody else does; yield False (and hold nothing) when
+        another process or thread is working on that volume: recovery then leaves it alone."""
+        lk = FileLock(os.path.join(self.root, "locks", f"volume-{vid}.lock"), timeout=0, what=f"volume {vid}")
+        try:
+            lk.acquire()
+        except CowdiskError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            lk.release()
+
+    def _orphan_now(self, vid: str, *, files: bool = False) -> bool:
+        """Looked up again (under the volume's lock): nothing of ``vid`` is in use.
+        Kernel objects are orphans unless the volume is attached or being created; files
+        and links are orphans only when no volume ``vid`` exists at all."""
+        if vid in self.registry.live_intent_volumes():
+            return False
+        v = self.registry.find_volume(vid)
+        if files:
+            return v is None
+        return v is None or v.state not in (ATTACHED, CREATING)
 
     def _recover_intent(self, it: Intent, rep: RecoveryReport) -> None:
         vid = it.volume_id
@@ -824,7 +868,50 @@ class Store:
         for t in self.registry.templates():
             self.remove_template(t.id)
         if self.backend_name == "pool":
-            self.pool.unmount()
+            self.pool.destroy()
+
+
+@contextlib.contextmanager
+def _named_errors(op: str, obj: str) -> Iterator[None]:
+    """Turn a bare OSError or SQLite error (ENOSPC, "database or disk is full") into a
+    cowdisk error that names the operation and the object."""
+    try:
+        yield
+    except CowdiskError:
+        raise
+    except OSError as e:
+        raise KernelError(op, obj, e.errno or 0, detail=e.filename or "") from e
+    except sqlite3.Error as e:
+        raise CowdiskError(f"{op} {obj}: registry {e}", op=op, obj=obj,
+                           hint="free space on the store's filesystem" if "full" in str(e) else "") from e
+
+
+def _file_holders(path: str) -> list[int]:
+    """PIDs that have the regular file ``path`` open (matched by st_dev and st_ino, so hard
+    links and symlinks count), from /proc/*/fd. Best effort, like blk.open_count_hint."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return []
+    key = (st.st_dev, st.st_ino)
+    pids = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        fddir = f"/proc/{pid}/fd"
+        try:
+            fds = os.listdir(fddir)
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                fst = os.stat(f"{fddir}/{fd}")
+            except OSError:
+                continue
+            if (fst.st_dev, fst.st_ino) == key:
+                pids.append(int(pid))
+                break
+    return pids
 
 
 def _pid_of(name: str) -> int | None:

@@ -187,7 +187,7 @@ def test_lifecycle(run: Cli, tree: str, tmp_path) -> None:
 
 def test_human_output(run: Cli, tree: str) -> None:
     r = run("template", "build", tree, "--name", "base")
-    assert "names" in r.stdout and "base" in r.stdout and "build: mkfs.ext4" in r.stderr
+    assert "names" in r.stdout and "base" in r.stdout and "build: formatting ext4 image" in r.stderr
     r = run("volume", "create", "vm1", "-t", "base")
     assert "attached" in r.stdout and os.path.join(run.root, "links", "vm1", "rootfs") in r.stdout
     for args in (("template", "ls"), ("volume", "ls"), ("volume", "usage"), ("volume", "inspect", "vm1")):

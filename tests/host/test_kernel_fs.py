@@ -1,0 +1,88 @@
+"""cowdisk.kernel.fs on real filesystems: FICLONE, statfs, FIEMAP usage, sparse copy."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+
+from cowdisk.errors import KernelError
+from cowdisk.kernel import fs
+from testutil import scratch_fs
+
+MiB = 1 << 20
+
+
+def _file_with_data(path: str, size: int = 64 * MiB) -> None:
+    with open(path, "wb") as f:
+        f.truncate(size)
+        f.seek(MiB)
+        f.write(os.urandom(MiB))
+        f.seek(40 * MiB)
+        f.write(b"z" * 4096)
+
+
+def test_statfs_names_and_nearest_existing(tmp_path) -> None:
+    st = fs.fs_type(str(tmp_path / "does" / "not" / "exist"))
+    assert st.path == str(tmp_path)
+    assert st.f_type == fs.statfs(str(tmp_path)).f_type
+    assert fs.statfs("/proc").name == "proc"
+    with pytest.raises(KernelError) as e:
+        fs.statfs(str(tmp_path / "missing"))
+    assert e.value.errno == errno.ENOENT
+
+
+def test_sparse_create_copy_and_usage(tmp_path) -> None:
+    a = str(tmp_path / "a.img")
+    fs.create_sparse(a, 64 * MiB)
+    assert fs.disk_usage(a) == 0 and os.path.getsize(a) == 64 * MiB
+    _file_with_data(str(tmp_path / "b.img"))
+    seen = []
+    n = fs.sparse_copy(str(tmp_path / "b.img"), str(tmp_path / "c.img"), progress=lambda d, t: seen.append((d, t)))
+    assert n == MiB + 4096
+    assert seen and seen[-1][0] == seen[-1][1]
+    assert fs.disk_usage(str(tmp_path / "c.img")) <= 2 * MiB
+    with open(str(tmp_path / "b.img"), "rb") as x, open(str(tmp_path / "c.img"), "rb") as y:
+        assert x.read() == y.read()
+    with pytest.raises(KernelError):
+        fs.sparse_copy(str(tmp_path / "b.img"), str(tmp_path / "c.img"))  # exists: refused, not clobbered
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("fstype", ["btrfs", "xfs"])
+def test_ficlone_shares_then_diverges(fstype: str) -> None:
+    with scratch_fs(fstype, 1 << 30) as mnt:
+        src, dst = os.path.join(mnt, "t.img"), os.path.join(mnt, "v.img")
+        _file_with_data(src)
+        st = fs.statfs(mnt)
+        assert st.reflink_capable and st.name == fstype
+        assert fs.probe_reflink(mnt)
+        fs.ficlone(src, dst)
+        u = fs.shared_usage(dst)
+        assert u.exclusive == 0 and u.shared >= MiB
+        with open(dst, "r+b") as f:
+            f.seek(MiB)
+            f.write(b"\1" * 65536)
+            f.flush()
+            os.fsync(f.fileno())
+        u2 = fs.shared_usage(dst)
+        assert u2.exclusive >= 65536
+        with open(src, "rb") as f:
+            f.seek(MiB)
+            assert f.read(65536) != b"\1" * 65536
+        assert fs.set_immutable(src, True) and fs.is_immutable(src)
+        fs.set_immutable(src, False)
+
+
+@pytest.mark.root
+def test_ficlone_refused_on_ext4_names_paths() -> None:
+    with scratch_fs("ext4", 256 * MiB) as mnt:
+        src, dst = os.path.join(mnt, "s.img"), os.path.join(mnt, "d.img")
+        _file_with_data(src, 4 * MiB)
+        with pytest.raises(KernelError) as e:
+            fs.ficlone(src, dst)
+        assert e.value.errno == errno.EOPNOTSUPP and src in str(e.value) and "btrfs or xfs" in str(e.value)
+        assert not os.path.exists(dst)
+        assert not fs.probe_reflink(mnt)
+        assert sorted(os.listdir(mnt)) == ["lost+found", "s.img"]  # the probe left nothing

@@ -42,8 +42,24 @@ def scratch_fs(fstype: str, size: int = 2 << 30, base: str | None = None) -> Ite
     try:
         yield mnt
     finally:
-        subprocess.run(["umount", mnt], check=False, capture_output=True)
+        _umount(mnt)
         shutil.rmtree(d, ignore_errors=True)
+
+
+def _umount(mnt: str) -> None:
+    """Unmount a test filesystem; a mount that stays busy is a leak and fails the test."""
+    import gc
+    import time
+
+    for _ in range(50):
+        r = subprocess.run(["umount", mnt], capture_output=True, text=True)
+        if r.returncode == 0:
+            return
+        gc.collect()  # drop unreferenced stores and their open registry files
+        time.sleep(0.1)
+    holders = subprocess.run(["fuser", "-vm", mnt], capture_output=True, text=True)
+    subprocess.run(["umount", "-l", mnt], capture_output=True)  # do not leave it mounted
+    raise AssertionError(f"test filesystem {mnt} stayed busy: {r.stderr.strip()} {holders.stderr.strip()}")
 
 
 @dataclass(frozen=True)

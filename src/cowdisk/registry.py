@@ -157,6 +157,8 @@ class Registry:
     def __init__(self, path: str) -> None:
         self.path = path
         self._local = threading.local()
+        self._all: list[sqlite3.Connection] = []
+        self._all_lock = threading.Lock()
         self._migrate()
 
     # -- connections -------------------------------------------------------------
@@ -172,13 +174,20 @@ class Registry:
             c.execute("PRAGMA busy_timeout=60000")
             self._local.conn = c
             self._local.pid = os.getpid()
+            with self._all_lock:
+                self._all.append(c)
         return c
 
     def close(self) -> None:
-        c = getattr(self._local, "conn", None)
-        if c is not None:
-            c.close()
-            self._local.conn = None
+        """Close every thread's connection (no file of the store stays open)."""
+        with self._all_lock:
+            conns, self._all = self._all, []
+        for c in conns:
+            try:
+                c.close()
+            except sqlite3.ProgrammingError:
+                pass  # made in another thread that is still using it; it closes with that thread
+        self._local.conn = None
 
     @contextmanager
     def tx(self) -> Iterator[sqlite3.Connection]:

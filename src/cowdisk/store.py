@@ -20,6 +20,7 @@ Layout of a store root::
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import re
@@ -472,7 +473,8 @@ class Store:
         what = "device" if self.backend.block_device else "file"
         end = time.monotonic() + deadline_s
         while True:
-            pids = [p for p in holders(dev) if p != os.getpid()]
+            # our own process counts for a block device: dm remove would fail on its open too
+            pids = [p for p in holders(dev) if p != os.getpid() or self.backend.block_device]
             if not pids:
                 return
             if time.monotonic() > end:
@@ -515,6 +517,7 @@ class Store:
             if src.state != CHECKPOINTED:
                 raise StateError(f"restore volume {vid}: it is {src.state}, not checkpointed", op="restore",
                                  obj=vid, hint="checkpoint it first, or use fork")
+            self._require_data(src)
             t = self.registry.get_template(src.template_id)
             self.check_template(t)
             intent = self.registry.begin_intent("restore", volume_id=new_id, data={"source": vid})
@@ -544,12 +547,23 @@ class Store:
                 raise
         return self.volume(new_id)
 
+    def _require_data(self, v: VolumeRow) -> None:
+        """Refuse a restore early and clearly when the checkpoint's data files (the ones the
+        registry recorded for the volume) vanished behind cowdisk's back."""
+        missing = [name for kind, name, _ in self.registry.objects(v.id)
+                   if kind == "file" and not os.path.exists(name)]
+        if missing:
+            raise NotFound(f"restore volume {v.id}: its checkpointed data is gone ({', '.join(missing)})",
+                           op="restore", obj=v.id,
+                           hint="it cannot be restored; `cowdisk volume remove` it")
+
     def _restore_in_place(self, vid: str) -> Volume:
         with self._lock("volume", vid):
             v = self.registry.get_volume(vid)
             if v.state != CHECKPOINTED:
                 raise StateError(f"restore volume {vid}: it is {v.state}, not checkpointed", op="restore",
                                  obj=vid)
+            self._require_data(v)
             t = self.registry.get_template(v.template_id)
             self.check_template(t)
             ctx = self._ctx(v, t, op="restore")
@@ -691,7 +705,9 @@ class Store:
         except OSError as e:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
-            raise KernelError.from_oserror("set stable link", path, e) from None
+            hint = ("its directory must be writable: not read-only, not immutable (see lsattr -d)"
+                    if e.errno in (errno.EPERM, errno.EACCES, errno.EROFS) else "")
+            raise KernelError.from_oserror("set stable link", path, e, hint=hint) from None
         self.registry.set_link(path, owner, target)
 
     def _drop_link(self, path: str) -> None:
@@ -860,6 +876,14 @@ class Store:
                 self.remove_template(t.id)
                 rep.orphans_removed.append(f"template {t.id}")
         return rep
+
+    def grow_pool(self, size: int) -> int:
+        """Grow the embedded pool to ``size`` bytes (pool backend); returns its free bytes."""
+        if self.backend_name != "pool":
+            raise StateError(f"grow pool: store {self.root} uses the {self.backend_name} backend, not pool",
+                             op="grow pool", obj=self.root)
+        self.pool.grow(size)
+        return fs.statfs(self.pool.mnt).free_bytes
 
     def destroy(self) -> None:
         """Remove every volume and template, unmount the pool. For tests and teardown."""

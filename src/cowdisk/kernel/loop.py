@@ -332,8 +332,12 @@ def info(number: int) -> LoopInfo | None:
         ac = _read(f"{base}/loop/autoclear") == "1"
         off = int(_read(f"{base}/loop/offset"))
         lim = int(_read(f"{base}/loop/sizelimit"))
-    except (FileNotFoundError, ValueError):
-        return None  # unbound, or detached while we read
+    except ValueError:
+        return None  # detached while we read
+    except OSError as e:  # unbound (ENOENT), or in rundown while we read (ENODEV, ENXIO)
+        if e.errno in (errno.ENOENT, errno.ENODEV, errno.ENXIO):
+            return None
+        raise
     return LoopInfo(number, maj, mn, backing, ro, ac, off, lim)
 
 

@@ -174,10 +174,10 @@ _RESERVED_NAMES = frozenset({".", "..", "control"})
 
 
 def _kernel_error(op: str, obj: str, err: int, detail: str = "", hint: str = "") -> KernelError:
-    """Build a KernelError whose ``errno``/``strerror`` survive.
+    """Build a KernelError, making sure ``errno`` and ``strerror`` are set.
 
-    ``KernelError.__init__`` ends in ``OSError.__init__(message)``, which resets
-    ``errno`` and ``strerror`` to None (cowdisk.errors as of 8519b0b); set them again.
+    Early ``cowdisk.errors`` (before 8b283a0) lost them in ``OSError.__init__``;
+    setting them again is harmless and keeps :func:`is_gone` and errno checks true.
     """
     exc = KernelError(op, obj, err, detail=detail, hint=hint)
     exc.errno = err
@@ -1123,6 +1123,12 @@ def _replace_node(path: str, make: Callable[[str], None]) -> None:
 
 
 def _ensure_node(info: DeviceInfo, mapper_link: bool) -> str:
+    if not (info.active_table or info.inactive_table):
+        # The gendisk (and so dm-N) exists only from the first table load on (5.15+);
+        # a node made now would open with ENXIO.
+        raise _kernel_error(
+            "dm device node", info.name, errno.ENXIO, detail="device has no table yet: load one first"
+        )
     path = info.node
     rdev = os.makedev(info.major, info.minor)
     try:
@@ -1309,9 +1315,12 @@ def device_node(name_or_info: str | DeviceInfo, mapper_link: bool = False) -> st
     the device's major:minor, and a wrong node at that path is replaced.  With
     ``mapper_link`` also make ``/dev/mapper/<name>`` a symlink to ``../dm-<minor>``
     (what udev would make; nothing in cowdisk depends on it).  Passing a
-    :class:`DeviceInfo` skips the DM_DEV_STATUS lookup.
+    :class:`DeviceInfo` skips the DM_DEV_STATUS lookup.  A node made here is not
+    removed with the device (devtmpfs deletes only nodes it made); it is harmless,
+    since the next device with that minor is checked and, if needed, replaced.
 
-    :raises KernelError: ENXIO (no such device) or the mknod/symlink errno.
+    :raises KernelError: ENXIO (no such device, or no table loaded yet) or the
+        mknod/symlink errno.
     """
     if isinstance(name_or_info, DeviceInfo):
         return _ensure_node(name_or_info, mapper_link)

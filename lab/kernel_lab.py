@@ -533,7 +533,7 @@ class _Stream:
 
 def _qemu_cmd(prep: Prepared, jobdir: str, nonce: str, scratch_img: str | None,
               scratch_dir: str | None, interactive: bool = False) -> list[str]:
-    append = ["console=ttyS0", "quiet", "panic=-1", "oops=panic", f"cowdisk_lab.nonce={nonce}",
+    append = ["console=ttyS0", "quiet", "loglevel=3", "panic=-1", "oops=panic", f"cowdisk_lab.nonce={nonce}",
               f"cowdisk_lab.job={jobdir}"]
     if scratch_dir:
         append.append(f"cowdisk_lab.scratch={scratch_dir}")

@@ -165,7 +165,7 @@ def bench_dm(args: argparse.Namespace) -> dict[str, object]:
         }
         print(f"dm-snapshot over a {args.size_mib} MiB origin, {args.iterations} iterations "
               f"(+{args.warmup} warm-up), dm interface {'.'.join(map(str, kernel))}, "
-              f"kernel {os.uname().release}")
+              f"kernel {os.uname().release}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}")
         print(f"cowdisk: Control.create_device + Control.remove (ioctls on one control fd); "
               f"CLI: dmsetup create --table + dmsetup remove")
         rows = print_table(
@@ -182,8 +182,8 @@ def bench_dm(args: argparse.Namespace) -> dict[str, object]:
         verdict = "meets" if ratio >= DM_TARGET_RATIO else "MISSES"
         print(f"\ncreate+remove: cowdisk is {ratio:.1f}x faster than the CLI (median); "
               f"{verdict} the {DM_TARGET_RATIO:g}x target")
-        return {"section": "dm", "rows": rows,
-                "cowdisk_steps_median_ms": {k: statistics.median(v) * 1e3 for k, v in steps.items()}, "ratio": ratio, "target": DM_TARGET_RATIO,
+        return {"section": "dm", "rows": rows, "ratio": ratio, "target": DM_TARGET_RATIO,
+                "cowdisk_steps_median_ms": {k: statistics.median(v) * 1e3 for k, v in steps.items()},
                 "iterations": args.iterations, "kernel": os.uname().release}
     finally:
         # Leave nothing behind: our devices first, then our loops, then the files.

@@ -61,6 +61,7 @@ from contextlib import contextmanager
 
 from .errors import CowdiskError, InvalidArgument, KernelError, LockTimeout, NotFound, Unsupported
 from .kernel import fs as kfs
+from .kernel import procfs
 
 Progress = Callable[[str], None]
 
@@ -540,44 +541,7 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
-def lock_holders(lock_path: str) -> list[tuple[int, str]]:
-    """(pid, "READ"|"WRITE") of every process whose open file holds a lock on ``lock_path``.
-
-    Walks /proc/<pid>/fd matching (st_dev, st_ino), then reads that fd's fdinfo ``lock:``
-    lines: this names the real holder even when the locking process handed the fd to a
-    child and exited (/proc/locks would show the stale PID) and on btrfs, whose
-    /proc/locks device numbers do not match st_dev.
-    """
-    try:
-        st = os.stat(lock_path)
-    except OSError:
-        return []
-    found: dict[int, str] = {}
-    try:
-        pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
-    except OSError:
-        return []
-    for pid in pids:
-        fddir = f"/proc/{pid}/fd"
-        try:
-            fds = os.listdir(fddir)
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                fst = os.stat(f"{fddir}/{fd}")
-            except OSError:
-                continue
-            if (fst.st_dev, fst.st_ino) != (st.st_dev, st.st_ino):
-                continue
-            try:
-                with open(f"/proc/{pid}/fdinfo/{fd}") as f:
-                    for line in f:
-                        if line.startswith("lock:") and "->" not in line:
-                            found[pid] = "WRITE" if " WRITE " in line else "READ"
-            except OSError:
-                continue
-    return sorted(found.items())
+lock_holders = procfs.lock_holders
 
 
 def _describe_holders(lock_path: str) -> str:

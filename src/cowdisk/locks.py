@@ -14,38 +14,7 @@ import time
 from types import TracebackType
 
 from .errors import KernelError, LockTimeout
-
-
-def lock_holders(path: str) -> list[int]:
-    """PIDs whose open files hold a lock on ``path`` (from /proc/*/fdinfo lock lines)."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return []
-    out: list[int] = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        fddir = f"/proc/{pid}/fd"
-        try:
-            fds = os.listdir(fddir)
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                fst = os.stat(f"{fddir}/{fd}")
-            except OSError:
-                continue
-            if (fst.st_dev, fst.st_ino) != (st.st_dev, st.st_ino):
-                continue
-            try:
-                with open(f"/proc/{pid}/fdinfo/{fd}") as f:
-                    if any(line.startswith("lock:") for line in f):
-                        out.append(int(pid))
-                        break
-            except OSError:
-                continue
-    return sorted(set(out))
+from .kernel import procfs
 
 
 class FileLock:
@@ -76,7 +45,7 @@ class FileLock:
                     self.fd = -1
                     raise KernelError.from_oserror("lock", self.path, e) from None
             if time.monotonic() >= end:
-                holders = lock_holders(self.path)
+                holders = [pid for pid, _ in procfs.lock_holders(self.path)]
                 os.close(self.fd)
                 self.fd = -1
                 who = ", ".join(str(p) for p in holders) or "unknown"

@@ -46,7 +46,7 @@ from .errors import (
     TemplateChanged,
     Unsupported,
 )
-from .kernel import blk, fs
+from .kernel import blk, fs, procfs
 from .kernel.fs import Progress
 from .locks import FileLock
 from .registry import (
@@ -469,7 +469,7 @@ class Store:
         dev = self.backend.device_path(ctx)
         if dev is None:
             return
-        holders = blk.open_count_hint if self.backend.block_device else _file_holders
+        holders = procfs.holders
         what = "device" if self.backend.block_device else "file"
         end = time.monotonic() + deadline_s
         while True:
@@ -908,34 +908,6 @@ def _named_errors(op: str, obj: str) -> Iterator[None]:
     except sqlite3.Error as e:
         raise CowdiskError(f"{op} {obj}: registry {e}", op=op, obj=obj,
                            hint="free space on the store's filesystem" if "full" in str(e) else "") from e
-
-
-def _file_holders(path: str) -> list[int]:
-    """PIDs that have the regular file ``path`` open (matched by st_dev and st_ino, so hard
-    links and symlinks count), from /proc/*/fd. Best effort, like blk.open_count_hint."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return []
-    key = (st.st_dev, st.st_ino)
-    pids = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        fddir = f"/proc/{pid}/fd"
-        try:
-            fds = os.listdir(fddir)
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                fst = os.stat(f"{fddir}/{fd}")
-            except OSError:
-                continue
-            if (fst.st_dev, fst.st_ino) == key:
-                pids.append(int(pid))
-                break
-    return pids
 
 
 def _pid_of(name: str) -> int | None:

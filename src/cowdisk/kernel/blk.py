@@ -96,30 +96,3 @@ def is_block(path: str | os.PathLike[str]) -> bool:
         return stat.S_ISBLK(os.stat(os.fspath(path)).st_mode)
     except OSError:
         return False
-
-
-def open_count_hint(path: str | os.PathLike[str]) -> list[int]:
-    """PIDs that have ``path`` (a block device) open, from /proc/*/fd. Best effort."""
-    p = os.fspath(path)
-    try:
-        target = os.stat(p).st_rdev
-    except OSError:
-        return []
-    pids = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        fddir = f"/proc/{pid}/fd"
-        try:
-            fds = os.listdir(fddir)
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                st = os.stat(f"{fddir}/{fd}")
-            except OSError:
-                continue
-            if stat.S_ISBLK(st.st_mode) and st.st_rdev == target:
-                pids.append(int(pid))
-                break
-    return pids

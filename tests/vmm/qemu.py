@@ -42,6 +42,12 @@ from cowdisk import drive as drive_cfg
 
 QEMU = "qemu-system-x86_64"
 
+# Every wait below is multiplied by this: nested TCG (QEMU inside the kernel lab, itself
+# under TCG) is one to two orders of magnitude slower. COWDISK_VMM_TIMEOUT_SCALE sets it;
+# the default is 20 inside the kernel lab, else 1.
+TIMEOUT_SCALE = float(os.environ.get("COWDISK_VMM_TIMEOUT_SCALE")
+                      or (20 if os.environ.get("COWDISK_IN_LAB") == "1" else 1))
+
 
 class VmError(RuntimeError):
     pass
@@ -58,6 +64,7 @@ class QMP:
         self.path = path
         self.events: list[dict] = []
         self._buf = b""
+        connect_timeout *= TIMEOUT_SCALE
         deadline = time.monotonic() + connect_timeout
         while True:
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -78,6 +85,7 @@ class QMP:
         self.execute("qmp_capabilities")
 
     def _recv(self, timeout: float) -> dict:
+        timeout *= TIMEOUT_SCALE
         deadline = time.monotonic() + timeout
         while b"\n" not in self._buf:
             left = deadline - time.monotonic()
@@ -185,7 +193,7 @@ class Vm:
 
     def start(self) -> "Vm":
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self._sockdir = tempfile.mkdtemp(prefix="cdvm-", dir="/tmp")  # short: sun_path limit
+        self._sockdir = tempfile.mkdtemp(prefix="cdvm-", dir=_sock_parent())
         in_fd = None
         pass_fds: tuple[int, ...] = ()
         if self.incoming and self.transport == "fd":
@@ -293,6 +301,7 @@ class Vm:
     def wait_line(self, pattern: str, timeout: float) -> re.Match:
         """Wait for a serial line matching ``pattern`` (regex, search), after the cursor."""
         rx = re.compile(pattern)
+        timeout *= TIMEOUT_SCALE
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
@@ -336,6 +345,7 @@ class Vm:
         return self.qmp.execute("query-status")["status"]
 
     def _wait_migration(self, timeout: float) -> dict:
+        timeout *= TIMEOUT_SCALE
         deadline = time.monotonic() + timeout
         while True:
             info = self.qmp.execute("query-migrate")
@@ -381,7 +391,7 @@ class Vm:
     def wait_incoming(self, timeout: float = 120.0) -> dict:
         """Wait until the incoming migration has loaded; sets ``times['restore_load']``."""
         info = self._wait_migration(timeout)
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + timeout * TIMEOUT_SCALE
         while self.status() == "inmigrate":
             if time.monotonic() > deadline:
                 raise VmError("VM still inmigrate after the migration completed")
@@ -402,7 +412,7 @@ class Vm:
 
     def wait_exit(self, timeout: float = 60.0) -> int:
         try:
-            rc = self.proc.wait(timeout=timeout)
+            rc = self.proc.wait(timeout=timeout * TIMEOUT_SCALE)
         except subprocess.TimeoutExpired:
             raise VmError(f"QEMU did not exit within {timeout}s\n{self.tail()}") from None
         if self._reader:
@@ -412,6 +422,14 @@ class Vm:
     def poweroff(self, timeout: float = 60.0) -> int:
         self.command("poweroff", timeout=timeout)
         return self.wait_exit(timeout)
+
+
+def _sock_parent() -> str:
+    """Where the QMP socket's directory goes: the temp dir ($TMPDIR) if its path is short
+    (sun_path is 108 bytes), else /tmp. In the kernel lab /tmp is 9p, where a socket
+    cannot be bound (ENXIO); there $TMPDIR is the lab's ext4 scratch disk."""
+    t = tempfile.gettempdir()
+    return t if len(t) <= 60 else "/tmp"
 
 
 def _wait_size_settles(path: str, quiet: float = 0.3, timeout: float = 30.0) -> None:

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import pytest
 
+from testutil import assert_same_host, host_state
 from vmm import guest as guestlib
 from vmm.qemu import Vm
 
@@ -115,6 +116,7 @@ def tree(tmp_path_factory):
 
 @pytest.fixture
 def store(tmp_path):
+    before = host_state()
     s = store_mod.Store(str(tmp_path / "store"), backend=BACKEND)
     try:
         yield s
@@ -123,6 +125,9 @@ def store(tmp_path):
             s.destroy()
         finally:
             s.close()
+        # no loop, dm device or mount left (the jailed QEMU's bind mounts lived and died in
+        # its own mount namespace; its copy of the pool mount went with it)
+        assert_same_host(before)
 
 
 def jail_parent(store, tmp_path: Path) -> Path:

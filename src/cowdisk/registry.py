@@ -157,7 +157,7 @@ class Registry:
     def __init__(self, path: str) -> None:
         self.path = path
         self._local = threading.local()
-        self._all: list[sqlite3.Connection] = []
+        self._all: list[tuple[int, sqlite3.Connection]] = []
         self._all_lock = threading.Lock()
         self._migrate()
 
@@ -175,13 +175,15 @@ class Registry:
             self._local.conn = c
             self._local.pid = os.getpid()
             with self._all_lock:
-                self._all.append(c)
+                self._all.append((os.getpid(), c))
         return c
 
     def close(self) -> None:
         """Close every thread's connection (no file of the store stays open)."""
+        me = os.getpid()
         with self._all_lock:
-            conns, self._all = self._all, []
+            conns = [c for pid, c in self._all if pid == me]  # never close a parent's, after fork
+            self._all = []
         for c in conns:
             try:
                 c.close()

@@ -437,10 +437,14 @@ class Store:
 
     def _teardown(self, row: VolumeRow, ctx: VolumeCtx, *, keep_data: bool = False,
                   deadline_s: float = 5.0) -> None:
-        """Ordered teardown: links, device, then the data (only once the device let go)."""
+        """Ordered teardown: device, links, then the data (only once the device let go).
+
+        The device goes first so that a device still held open (EBUSY at the deadline)
+        leaves the volume exactly as it was, links included; see :meth:`_detach_or_revert`.
+        """
+        self.backend.detach(ctx, deadline_s=deadline_s)
         for path, _, _ in self.registry.links(row.id):
             self._drop_link(path)
-        self.backend.detach(ctx, deadline_s=deadline_s)
         if keep_data:
             return
         self.backend.destroy(ctx)
@@ -457,11 +461,29 @@ class Store:
             intent = self.registry.begin_intent("remove", volume_id=vid)
             self.registry.update_volume(vid, state=REMOVING)
             failpoints.hit("remove", "intent")
+            self._detach_or_revert(v, ctx, intent, deadline_s)
             self._teardown(v, ctx, deadline_s=deadline_s)
             failpoints.hit("remove", "teardown")
             with self.registry.tx():
                 self.registry.delete_volume(vid)
                 self.registry.end_intent(intent)
+
+    def _detach_or_revert(self, v: VolumeRow, ctx: VolumeCtx, intent: int, deadline_s: float) -> None:
+        """Release the device; if someone opened it after the holder check and it is still
+        attached at the deadline, put the volume back as it was and raise InUse."""
+        try:
+            self.backend.detach(ctx, deadline_s=deadline_s)
+        except (KernelError, InUse) as e:
+            if v.state != ATTACHED or not self.backend.is_attached(ctx):
+                raise
+            with self.registry.tx():
+                self.registry.update_volume(v.id, state=ATTACHED)
+                self.registry.end_intent(intent)
+            dev = v.device or ""
+            pids = [p for p in procfs.holders(dev)] if dev else []
+            raise InUse(f"release volume {v.id}: its device {dev} is still open"
+                        + (f" by PID {', '.join(map(str, pids))}" if pids else ""),
+                        op="release volume", obj=v.id, hint="stop the VM that uses it first") from e
 
     def _check_not_open(self, v: VolumeRow, ctx: VolumeCtx, deadline_s: float) -> None:
         """Fail early, with the holder's PIDs, when a VM still has the device (or, for file
@@ -493,6 +515,7 @@ class Store:
             ctx = self._ctx(v, op="checkpoint")
             self._check_not_open(v, ctx, deadline_s)
             intent = self.registry.begin_intent("checkpoint", volume_id=vid)
+            self._detach_or_revert(v, ctx, intent, deadline_s)
             self._teardown(v, ctx, keep_data=True, deadline_s=deadline_s)
             failpoints.hit("checkpoint", "detach")
             with self.registry.tx():

@@ -914,6 +914,10 @@ class Store:
             self.remove_volume(v.id)
         for t in self.registry.templates():
             self.remove_template(t.id)
+        if os.path.isdir(os.path.join(self.root, "cache")):
+            from .cache import TemplateCache
+
+            TemplateCache(os.path.join(self.root, "cache")).clean_all()
         if self.backend_name == "pool":
             self.pool.destroy()
 

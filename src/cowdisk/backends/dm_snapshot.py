@@ -120,29 +120,57 @@ class DmSnapshotBackend:
         return dm.device_node(info)
 
     def detach(self, ctx: VolumeCtx, *, deadline_s: float = 5.0) -> None:
+        cow_loops = self._cow_loops(ctx)
         dm.remove(ctx.dm_name, deadline_s=deadline_s, missing_ok=True)
         ctx.forget("dm", ctx.dm_name)
-        self._wait_cow_released(ctx, deadline_s)
+        self._wait_cow_released(ctx, deadline_s, cow_loops)
 
-    def _wait_cow_released(self, ctx: VolumeCtx, deadline_s: float) -> None:
+    def _cow_loops(self, ctx: VolumeCtx) -> list[int] | None:
+        """The loops under this volume's dm device that hold its COW (from sysfs slaves),
+        or None when the device is gone and only a scan of every loop can tell."""
+        try:
+            minor = dm.info(ctx.dm_name).minor
+            slaves = os.listdir(f"/sys/block/dm-{minor}/slaves")
+        except FileNotFoundError:
+            return None
+        except KernelError as e:
+            if dm.is_gone(e):
+                return None
+            raise
+        cow = cow_path(ctx)
+        out = []
+        for s in slaves:
+            if s.startswith("loop") and s[4:].isdigit():
+                li = loop.info(int(s[4:]))
+                if li is not None and li.backing_file.removesuffix(" (deleted)") == cow:
+                    out.append(li.number)
+        return out
+
+    def _wait_cow_released(self, ctx: VolumeCtx, deadline_s: float, candidates: list[int] | None) -> None:
+        """Wait until no loop is bound to the COW file (autoclear after the dm device let go).
+
+        Looks only at ``candidates`` when known, so removing one volume costs the same
+        however many exist; scans every loop only when the dm device was already gone.
+        """
         cow = cow_path(ctx)
         end = time.monotonic() + deadline_s
         while True:
-            bound = loop.find_by_backing(cow)
+            if candidates is None:
+                bound = [li.number for li in loop.find_by_backing(cow)]
+            else:
+                bound = [n for n in candidates
+                         if (li := loop.info(n)) is not None and li.backing_file.removesuffix(" (deleted)") == cow]
             if not bound:
                 return
             if time.monotonic() > end:
-                raise InUse(f"release COW loop of volume {ctx.id}: {bound[0].path} still holds {cow}",
+                raise InUse(f"release COW loop of volume {ctx.id}: /dev/loop{bound[0]} still holds {cow}",
                             op="detach volume", obj=ctx.id,
-                            hint=f"something still opens {bound[0].path}; holders: {loop.holders(bound[0].number)}")
-            time.sleep(0.01)
+                            hint=f"something still opens /dev/loop{bound[0]}; holders: {loop.holders(bound[0])}")
+            time.sleep(0.005)
 
     def destroy(self, ctx: VolumeCtx) -> None:
+        """Delete the COW file. Called only after :meth:`detach` saw its loop released."""
         cow = cow_path(ctx)
-        bound = loop.find_by_backing(cow)
-        if bound:
-            raise InUse(f"delete COW of volume {ctx.id}: {bound[0].path} still uses it",
-                        op="remove volume", obj=ctx.id)
         try:
             os.unlink(cow)
         except FileNotFoundError:

@@ -10,7 +10,7 @@
   naming the PID, for file volumes as for block devices (the holder search matches
   the file's st_dev/st_ino among /proc/*/fd); once the VM stops, remove works.
 
-Host tier: pool and copy stores (dm-snapshot too where the kernel has it, e.g. in the
+Host tier: pool and copy stores. dm-snapshot: tests/lab/test_failures_dm.py runs the same tests in the
 kernel lab); only the last test needs QEMU.
 """
 
@@ -27,9 +27,9 @@ import pytest
 
 from testutil import assert_same_host, host_state
 
-store_mod = pytest.importorskip("cowdisk.store")
-from cowdisk.errors import InUse, KernelError, NotFound  # noqa: E402
-from cowdisk.kernel import fs  # noqa: E402
+import cowdisk.store as store_mod
+from cowdisk.errors import InUse, KernelError, NotFound
+from cowdisk.kernel import fs
 
 pytestmark = [
     pytest.mark.root,
@@ -39,17 +39,8 @@ pytestmark = [
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 
 
-def _dm_ok() -> bool:
-    from cowdisk.backends.dm_snapshot import snapshot_supported
-
-    return snapshot_supported()[0]
-
-
-BACKENDS = [
-    "pool",
-    "copy",
-    pytest.param("dm-snapshot", marks=pytest.mark.skipif(not _dm_ok(), reason="no dm-snapshot here (lab)")),
-]
+# dm-snapshot: tests/lab/test_failures_dm.py runs these same tests in the kernel lab
+BACKENDS = ["pool", "copy"]
 
 
 def cowdisk_cli(root: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:

@@ -22,6 +22,7 @@ import signal
 from dataclasses import dataclass
 from typing import Callable
 
+from conformance import read_at, write_at
 from cowdisk.kernel import loop
 from cowdisk.store import Store
 
@@ -66,23 +67,6 @@ def cases(backend: str) -> list[Case]:
     return COMMON + (DM_ONLY if backend == "dm-snapshot" else FILE_ONLY)
 
 
-def _write(dev: str, off: int, data: bytes) -> None:
-    fd = os.open(dev, os.O_WRONLY | os.O_CLOEXEC)
-    try:
-        os.pwrite(fd, data, off)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _read(dev: str, off: int, n: int) -> bytes:
-    fd = os.open(dev, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        return os.pread(fd, n, off)
-    finally:
-        os.close(fd)
-
-
 def setup(root: str, backend: str, tree: str, case: Case) -> None:
     """A store with a template, an attached bystander and the subject volume ``x`` as the op needs it."""
     from conformance import make_tree
@@ -90,10 +74,10 @@ def setup(root: str, backend: str, tree: str, case: Case) -> None:
     s = Store(root, backend=backend)
     s.build_template(make_tree(tree), "base")
     by = s.create_volume("bystander", "base")
-    _write(by.link, 3 * MiB, BYSTANDER)
+    write_at(by.link, 3 * MiB, BYSTANDER)
     if case.op != "create":
         x = s.create_volume("x", "base")
-        _write(x.link, 4 * MiB, SUBJECT)
+        write_at(x.link, 4 * MiB, SUBJECT)
         if case.op in ("restore", "restore-new"):
             s.checkpoint("x")
     s.close()
@@ -153,11 +137,11 @@ def check(root: str, case: Case, backend: str, dm_names: Callable[[str], list[st
         assert [t.names for t in s.templates()] == [("base",)], s.templates()
     # every volume that existed before still has its data
     by = vols["bystander"]
-    assert by.state == "attached" and _read(by.link, 3 * MiB, 4096) == BYSTANDER
+    assert by.state == "attached" and read_at(by.link, 3 * MiB, 4096) == BYSTANDER
     if "x" in vols and case.op != "create":
         if vols["x"].state == "checkpointed":
             s.restore("x")
-        assert _read(s.volume("x").link, 4 * MiB, 4096) == SUBJECT
+        assert read_at(s.volume("x").link, 4 * MiB, 4096) == SUBJECT
         if case.op != "flatten":
             s.checkpoint("x")
     vols = {v.id: v for v in s.volumes()}

@@ -8,9 +8,12 @@ import shutil
 import subprocess
 import tempfile
 from dataclasses import dataclass
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 from cowdisk.kernel import loop
+
+if TYPE_CHECKING:
+    from cowdisk.store import Store
 
 
 def in_lab() -> bool:
@@ -60,6 +63,23 @@ def _umount(mnt: str) -> None:
     holders = subprocess.run(["fuser", "-vm", mnt], capture_output=True, text=True)
     subprocess.run(["umount", "-l", mnt], capture_output=True)  # do not leave it mounted
     raise AssertionError(f"test filesystem {mnt} stayed busy: {r.stderr.strip()} {holders.stderr.strip()}")
+
+
+@contextlib.contextmanager
+def managed_store(root: str, backend: str) -> Iterator["Store"]:
+    """A store destroyed afterwards, pass or fail; the host must then be exactly as before."""
+    from cowdisk.store import Store
+
+    before = host_state()
+    s = Store(root, backend=backend)
+    try:
+        yield s
+    finally:
+        try:
+            s.destroy()
+        finally:
+            s.close()
+    assert_same_host(before)
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ import pytest
 
 import conformance
 from cowdisk.store import Store
-from testutil import assert_same_host, host_state, scratch_fs
+from testutil import assert_same_host, host_state, managed_store, scratch_fs
 
 pytestmark = pytest.mark.root
 
@@ -21,20 +21,11 @@ def store(request: pytest.FixtureRequest, tmp_path) -> Iterator[Store]:
     before = host_state()
     kind = request.param
     if kind.startswith("reflink-"):
-        with scratch_fs(kind.split("-", 1)[1]) as mnt:
-            s = Store(os.path.join(mnt, "store"), backend="reflink")
-            try:
-                yield s
-            finally:
-                s.destroy()
-                s.close()
-    else:
-        s = Store(str(tmp_path / "store"), backend=kind)
-        try:
+        with scratch_fs(kind.split("-", 1)[1]) as mnt, managed_store(os.path.join(mnt, "store"), "reflink") as s:
             yield s
-        finally:
-            s.destroy()
-            s.close()
+    else:
+        with managed_store(str(tmp_path / "store"), kind) as s:
+            yield s
     assert_same_host(before)
 
 

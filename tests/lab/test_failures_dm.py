@@ -6,7 +6,7 @@ from typing import Iterator
 
 import pytest
 
-from testutil import assert_same_host, host_state
+from testutil import managed_store
 from vmm.test_failures import (  # noqa: F401  (fixtures and tests reused as they are)
     immutable,
     test_restore_when_the_checkpoint_data_vanished,
@@ -22,13 +22,5 @@ pytestmark = pytest.mark.lab
 
 @pytest.fixture
 def store(tmp_path) -> Iterator[store_mod.Store]:
-    before = host_state()
-    s = store_mod.Store(str(tmp_path / "store"), backend="dm-snapshot")
-    try:
+    with managed_store(str(tmp_path / "store"), "dm-snapshot") as s:
         yield s
-    finally:
-        try:
-            s.destroy()
-        finally:
-            s.close()
-        assert_same_host(before)

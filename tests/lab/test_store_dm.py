@@ -10,21 +10,15 @@ import pytest
 
 import conformance
 from cowdisk.store import Store
-from testutil import assert_same_host, host_state
+from testutil import managed_store
 
 pytestmark = pytest.mark.lab
 
 
 @pytest.fixture
 def store(tmp_path) -> Iterator[Store]:
-    before = host_state()
-    s = Store(str(tmp_path / "store"), backend="dm-snapshot")
-    try:
+    with managed_store(str(tmp_path / "store"), "dm-snapshot") as s:
         yield s
-    finally:
-        s.destroy()
-        s.close()
-    assert_same_host(before)
 
 
 def test_lifecycle(store: Store, tmp_path) -> None:

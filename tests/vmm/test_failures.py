@@ -25,9 +25,8 @@ from pathlib import Path
 
 import pytest
 
-from testutil import assert_same_host, host_state
+from testutil import host_state, managed_store
 
-import cowdisk.store as store_mod
 from cowdisk.errors import InUse, KernelError, NotFound
 from cowdisk.kernel import fs
 
@@ -58,22 +57,10 @@ def tree(tmp_path_factory):
     return str(d)
 
 
-def _open_store(root: str, backend: str):
-    return store_mod.Store(root, backend=backend)
-
-
 @pytest.fixture(params=BACKENDS)
 def store(request, tmp_path):
-    before = host_state()
-    s = _open_store(str(tmp_path / "store"), request.param)
-    try:
+    with managed_store(str(tmp_path / "store"), request.param) as s:
         yield s
-    finally:
-        try:
-            s.destroy()
-        finally:
-            s.close()
-        assert_same_host(before)
 
 
 def snapshot(s) -> dict:
@@ -213,16 +200,8 @@ def guest():
 @pytest.fixture
 def auto_store(tmp_path):
     """The backend this host picks (COWDISK_TEST_BACKEND overrides), as the e2e test does."""
-    before = host_state()
-    s = _open_store(str(tmp_path / "store"), os.environ.get("COWDISK_TEST_BACKEND", "auto"))
-    try:
+    with managed_store(str(tmp_path / "store"), os.environ.get("COWDISK_TEST_BACKEND", "auto")) as s:
         yield s
-    finally:
-        try:
-            s.destroy()
-        finally:
-            s.close()
-        assert_same_host(before)
 
 
 def test_remove_refused_while_a_vmm_holds_the_volume(guest, auto_store, tmp_path, record_property):

@@ -67,3 +67,59 @@ def lock_holders(path: str) -> list[tuple[int, str]]:
         except OSError:
             continue
     return sorted(found.items())
+
+
+# -- process identity ----------------------------------------------------------------
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (state first), None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    return data[data.rindex(b")") + 2:].decode(errors="replace").split()
+
+
+def process_start(pid: int) -> str:
+    """The start time of a process (field 22 of /proc/PID/stat, clock ticks since boot),
+    '' if it is gone. With :func:`boot_id` it names one process for good: a PID is reused,
+    a (PID, start, boot) triple never is."""
+    f = _stat_fields(pid)
+    return f[19] if f else ""
+
+
+def boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def process_alive(pid: int, start: str | int | None = None, boot: str | None = None) -> bool:
+    """Is the process recorded as (``pid``, ``start``, ``boot``) still running?
+
+    A zombie counts as dead, and so does a PID reused by a newer process (another start
+    time, or another boot). ``start`` None checks the PID only: use it only for records
+    that never had a start time."""
+    if pid <= 0:
+        return False
+    if boot and boot != boot_id():
+        return False
+    f = _stat_fields(pid)
+    if f is None:
+        return False
+    if f[0] in ("Z", "X", "x"):
+        return False
+    return start is None or str(start) == f[19]
+
+
+def cmdline(pid: int, limit: int = 120) -> str:
+    """The command line of ``pid`` (spaces for NULs, at most ``limit`` characters), '' if gone."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()[:limit]
+    except OSError:
+        return ""

@@ -25,7 +25,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping
 
-from .errors import CowdiskError, InvalidArgument, SnapshotInvalid
+from .errors import CowFormatError, InvalidArgument, SnapshotInvalid
 
 __all__ = [
     "MAGIC",
@@ -55,12 +55,6 @@ DEFAULT_CHUNK_SECTORS = 8  # what cowdisk puts in its tables
 IO_BLOCK = 1 << 20
 
 Progress = Callable[[int, int], None]
-
-
-class CowFormatError(CowdiskError):
-    """A COW file is unreadable, corrupt or cannot be used for the operation."""
-
-    exit_code = 12
 
 
 # ---------------------------------------------------------------------------

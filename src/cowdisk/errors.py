@@ -3,7 +3,7 @@
 Every failure names the operation that failed, the object it failed on and, where
 the kernel said why, the errno.  ``KernelError`` is an ``OSError`` so callers can
 still test ``e.errno``; all cowdisk errors derive from ``CowdiskError`` and carry an
-``exit_code`` the command line returns (documented in the README).
+``exit_code`` the command line returns (documented in docs/cli.md).
 """
 
 from __future__ import annotations
@@ -104,6 +104,13 @@ class SnapshotInvalid(CowdiskError):
     exit_code = 11
 
 
+class CowFormatError(CowdiskError):
+    """A dm-snapshot COW file is unreadable, corrupt or unusable for the operation
+    (read offline by :mod:`cowdisk.cowformat`)."""
+
+    exit_code = 12
+
+
 def message_of(e: BaseException) -> str:
     """An error's message without its hint (cowdisk errors), or ``str(e)`` (any other)."""
     return e.message if isinstance(e, CowdiskError) else str(e)
@@ -122,4 +129,5 @@ __all__ = [
     "Unsupported",
     "LockTimeout",
     "SnapshotInvalid",
+    "CowFormatError",
 ]

@@ -98,7 +98,7 @@ def bench_dm(args: argparse.Namespace) -> dict[str, object]:
         with open(origin_file, "wb") as f:
             f.truncate(size)
         with open(cow_file, "wb") as f:
-            f.truncate(size + size // 200)  # the COW overhead margin (DESIGN.md)
+            f.truncate(size + size // 200)  # the COW overhead margin (docs/reference/dm-snapshot-cow-format.md section 2)
         origin = _run("losetup", "-f", "--show", "-r", str(origin_file)).strip()
         loops.append(origin)
         cow = _run("losetup", "-f", "--show", str(cow_file)).strip()

@@ -1,6 +1,6 @@
 """cowdisk.cowformat against a real dm-snapshot (runs inside the kernel lab).
 
-Follows section 5 of the COW format reference: make an origin holding a pattern and a
+Follows section 5 of docs/reference/dm-snapshot-cow-format.md: make an origin holding a pattern and a
 sparse COW, build ``snapshot <origin loop> <cow loop> P 8`` with cowdisk's own kernel
 wrappers, write through the snapshot device with O_DIRECT, capture the kernel's status
 line and the device's content, remove the device, then check the offline reader
@@ -113,15 +113,15 @@ class Lab:
         name = f"cdtest-cow-{secrets.token_hex(4)}"
         self.names.append(name)
         try:
-            info = dm.create_device(name, [dm.Target(0, sectors, "snapshot",
-                                                     f"{lo.devno} {lc.devno} {mode} {chunk}")])
+            info = dm.control().create_device(name, [dm.Target(0, sectors, "snapshot",
+                                                               f"{lo.devno} {lc.devno} {mode} {chunk}")])
         finally:
             lo.close()  # the table holds the loops now; with no table they vanish here
             lc.close()
         return name, dm.device_node(info), sectors
 
     def remove(self, name: str) -> None:
-        dm.remove(name)
+        dm.control().remove(name)
         self.names.remove(name)
         self.wait_loops_gone()
 
@@ -137,7 +137,7 @@ class Lab:
         problems = []
         for name in reversed(self.names):
             try:
-                dm.remove(name, missing_ok=True)
+                dm.control().remove(name, missing_ok=True)
             except KernelError as e:
                 problems.append(str(e))
         for lo in self.loops:
@@ -161,7 +161,7 @@ def lab() -> Iterator[Lab]:
 
 
 def status_of(name: str) -> str:
-    lines = dm.status(name)
+    lines = dm.control().status(name)
     assert len(lines) == 1 and lines[0].type == "snapshot", lines
     return lines[0].text.strip()
 
@@ -267,7 +267,7 @@ def test_reader_agrees_with_kernel(lab: Lab, tmp_path: Path) -> None:
 
     # case 8 (+9): re-create on the same COW, with the table asking for 16-sector chunks
     name, node, _ = lab.snapshot(origin, cow, chunk=16)
-    assert dm.table(name)[0].text.split()[-2:] == ["P", "8"]  # the header's chunk size wins
+    assert dm.control().table(name)[0].text.split()[-2:] == ["P", "8"]  # the header's chunk size wins
     again = read_device(node, length)
     s2 = status_of(name)
     lab.remove(name)

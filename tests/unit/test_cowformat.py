@@ -1,6 +1,6 @@
 """cowdisk.cowformat without a kernel: writer/reader round trips, computed status, checks.
 
-The byte layouts asserted here come from the format reference (section 1-2); the same
+The byte layouts asserted here come from docs/reference/dm-snapshot-cow-format.md (sections 1-2); the same
 functions are checked against a real dm-snapshot in tests/lab/test_cowformat_dm.py.
 """
 
@@ -211,7 +211,7 @@ def test_writer_size_and_argument_checks(tmp_path: Path) -> None:
         cf.write_cow(cow, 8, {0: bytes(B + 1)}, 64 * B)
     with pytest.raises(CowdiskError):
         cf.write_cow(cow, 8, {0: b"a"}, 64 * B, size=2 * B)
-    assert cf.min_cow_chunks(262_144) == 263_170  # the reference's 1 GiB example
+    assert cf.min_cow_chunks(262_144) == 263_170  # the 1 GiB example of docs/reference/dm-snapshot-cow-format.md section 2
 
 
 # -- flatten behaviour -------------------------------------------------------

@@ -94,7 +94,7 @@ def run_site(name: str, args: argparse.Namespace, tag: str) -> dict[str, object]
             store.remove_volume(vid)
             remove.append(time.perf_counter() - a)
         t_remove = time.perf_counter() - t0
-        after_loops = [li for li in mine() if li.backing_file != store.pool.image]  # the pool's own loop stays
+        after_loops = [li for li in mine() if li.backing_file != store.backend.pool.image]  # the pool's own loop stays
         after_dm = bu.dm_names(store.dm_prefix)
         after_vols = os.listdir(os.path.join(store.data_root, "volumes"))
         after_links = os.listdir(os.path.join(store.root, "links"))

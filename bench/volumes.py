@@ -132,7 +132,7 @@ def close_store(store: Store) -> None:
                 store.remove_template(t.id)
         if store.backend_name == "pool":
             with contextlib.suppress(Exception):
-                store.pool.destroy()
+                store.backend.pool.destroy()
     finally:
         store.close()
 

@@ -1,18 +1,26 @@
-"""The crash-point matrix: SIGKILL an operation right after each of its steps, recover, check.
+"""The crash-point matrix: SIGKILL every operation right after each of its steps, recover, check.
 
-For every (operation, step) a forked child opens the store without recovery, sets
-``COWDISK_CRASH_AT=<op>:<step>`` and runs the operation; the failpoint kills it with
-SIGKILL exactly there. The parent then opens the store (recovery runs on open) and
-checks the invariants:
+The cases are not listed here: they come from the operations the store declares
+(``cowdisk.store.transition.OPERATIONS``) and the steps each backend declares for the
+methods those operations call (:func:`cowdisk.store.transition.crash_points`). A new
+operation, step or backend is crash-tested by declaring it; the only thing a new
+operation adds here is one line in :data:`RUNNERS` saying how to call it (and
+:func:`test_every_operation_has_a_runner` fails until it is there).
+
+For every (operation, crash point) a forked child opens the store without recovery,
+sets ``COWDISK_CRASH_AT=<op>:<point>`` and runs the operation; the failpoint kills it
+with SIGKILL exactly there. The parent then opens the store (recovery runs on open)
+and checks the invariants:
 
 * no leaked kernel object or file: the dm devices, loops and files of the store are
   exactly what the registry's volumes need (one dm device and one COW loop per
   attached dm volume, one template loop per template in use, a data dir per volume,
   a link dir per volume with a link);
 * every volume that existed before the operation still has its data;
-* the operation either fully happened or not at all (create, restore and flatten roll
-  back; remove and checkpoint roll forward);
-* no intent is left.
+* the operation either fully happened or not at all, as it declares: an ``undo``
+  operation leaves everything as it was before, a ``finish`` operation is completed
+  (its subject in the done state, or gone);
+* no intent is left, and a second recovery finds nothing to do.
 """
 
 from __future__ import annotations
@@ -20,15 +28,29 @@ from __future__ import annotations
 import os
 import signal
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 from conformance import read_at, write_at
+from cowdisk.backends import backend_class
 from cowdisk.kernel import loop
+from cowdisk.registry import ATTACHED, CHECKPOINTED, VolumeState
 from cowdisk.store import Store
+from cowdisk.store.transition import OPERATIONS, Operation, crash_points
 
 MiB = 1 << 20
 BYSTANDER = b"bystander-data".ljust(4096, b".")
 SUBJECT = b"subject-data".ljust(4096, b"#")
+
+RUNNERS: dict[str, Callable[[Store], Any]] = {
+    "create": lambda s: s.create_volume("x", "base"),
+    "remove": lambda s: s.remove_volume("x"),
+    "checkpoint": lambda s: s.checkpoint("x"),
+    "restore": lambda s: s.restore("x"),
+    "restore-as": lambda s: s.restore("x", "y"),
+    "fork": lambda s: s.fork("x", ["y"]),
+    "flatten": lambda s: s.flatten("x", "flat"),
+}
+"""How to run each operation on the subject ``x`` (a new volume is ``y``)."""
 
 
 @dataclass(frozen=True)
@@ -36,35 +58,35 @@ class Case:
     op: str
     step: str
 
-
-# (op, step) pairs; steps named by the failpoints in store.py and the backends
-COMMON = [
-    Case("remove", "intent"),
-    Case("remove", "teardown"),
-    Case("checkpoint", "detach"),
-    Case("restore", "attach"),
-    Case("restore", "link"),
-    Case("restore-new", "copy"),
-    Case("restore-new", "attach"),
-    Case("restore-new", "link"),
-    Case("flatten", "data"),
-    Case("flatten", "register"),
-    Case("create", "link"),
-]
-DM_ONLY = [
-    Case("create", "cow_file"),
-    Case("create", "template_loop"),
-    Case("create", "cow_loop"),
-    Case("create", "dm"),
-    Case("restore", "template_loop"),
-    Case("restore", "cow_loop"),
-    Case("restore", "dm"),
-]
-FILE_ONLY = [Case("create", "data")]
+    @property
+    def operation(self) -> Operation:
+        return OPERATIONS[self.op]
 
 
 def cases(backend: str) -> list[Case]:
-    return COMMON + (DM_ONLY if backend == "dm-snapshot" else FILE_ONLY)
+    steps = backend_class(backend).steps
+    return [Case(op.name, p) for op in OPERATIONS.values() for p in crash_points(op, steps)]
+
+
+def subject_state(op: Operation) -> VolumeState | None:
+    """The state ``x`` is set up in: what the operation (or, making a volume, its source)
+    starts from, attached where it may be; None when the operation makes ``x`` itself."""
+    states = op.starts_from if op.source_from is None else op.source_from
+    if states is None:
+        return None
+    return ATTACHED if ATTACHED in states else CHECKPOINTED
+
+
+def expected(op: Operation) -> dict[str, VolumeState]:
+    """The volumes after the crash and recovery, as the operation declares."""
+    before = subject_state(op)
+    vols = {"bystander": ATTACHED}
+    if op.after_crash == "undo":
+        if before is not None:
+            vols["x"] = before
+    elif op.done is not None:
+        vols["x"] = op.done
+    return vols
 
 
 def setup(root: str, backend: str, tree: str, case: Case) -> None:
@@ -75,25 +97,13 @@ def setup(root: str, backend: str, tree: str, case: Case) -> None:
     s.build_template(make_tree(tree), "base")
     by = s.create_volume("bystander", "base")
     write_at(by.link, 3 * MiB, BYSTANDER)
-    if case.op != "create":
+    state = subject_state(case.operation)
+    if state is not None:
         x = s.create_volume("x", "base")
         write_at(x.link, 4 * MiB, SUBJECT)
-        if case.op in ("restore", "restore-new"):
+        if state == CHECKPOINTED:
             s.checkpoint("x")
     s.close()
-
-
-def run_op(root: str, case: Case) -> None:
-    s = Store(root, recover=False)
-    op = {
-        "create": lambda: s.create_volume("x", "base"),
-        "remove": lambda: s.remove_volume("x"),
-        "checkpoint": lambda: s.checkpoint("x"),
-        "restore": lambda: s.restore("x"),
-        "restore-new": lambda: s.restore("x", "y"),
-        "flatten": lambda: s.flatten("x", "flat"),
-    }[case.op]
-    op()
 
 
 def crash(root: str, case: Case) -> int:
@@ -102,8 +112,8 @@ def crash(root: str, case: Case) -> int:
     if pid == 0:  # child
         code = 0
         try:
-            os.environ["COWDISK_CRASH_AT"] = f"{case.op.split('-')[0]}:{case.step}"
-            run_op(root, case)
+            os.environ["COWDISK_CRASH_AT"] = f"{case.op}:{case.step}"
+            RUNNERS[case.op](Store(root, recover=False))
         except BaseException:
             code = 3
         os._exit(code)
@@ -124,25 +134,17 @@ def check(root: str, case: Case, backend: str, dm_names: Callable[[str], list[st
     assert s.registry.intents() == [], "intents left after recovery"
     vols = {v.id: v for v in s.volumes()}
     # the operation happened fully or not at all
-    if case.op == "create":
-        assert set(vols) == {"bystander"}, vols
-    elif case.op == "remove":
-        assert set(vols) == {"bystander"}, vols
-    elif case.op in ("checkpoint", "restore"):
-        assert set(vols) == {"bystander", "x"} and vols["x"].state == "checkpointed", vols
-    elif case.op == "restore-new":
-        assert set(vols) == {"bystander", "x"} and vols["x"].state == "checkpointed", vols
-    elif case.op == "flatten":
-        assert set(vols) == {"bystander", "x"} and vols["x"].state == "attached", vols
-        assert [t.names for t in s.templates()] == [("base",)], s.templates()
+    want = expected(case.operation)
+    assert {k: v.state for k, v in vols.items()} == want, (vols, want)
+    assert [t.names for t in s.templates()] == [("base",)], s.templates()
     # every volume that existed before still has its data
     by = vols["bystander"]
     assert by.state == "attached" and read_at(by.link, 3 * MiB, 4096) == BYSTANDER
-    if "x" in vols and case.op != "create":
-        if vols["x"].state == "checkpointed":
+    if "x" in vols:
+        if vols["x"].state == CHECKPOINTED:
             s.restore("x")
         assert read_at(s.volume("x").link, 4 * MiB, 4096) == SUBJECT
-        if case.op != "flatten":
+        if want["x"] == CHECKPOINTED:
             s.checkpoint("x")
     vols = {v.id: v for v in s.volumes()}
     attached = [v for v in vols.values() if v.state == "attached"]
@@ -164,7 +166,6 @@ def check(root: str, case: Case, backend: str, dm_names: Callable[[str], list[st
         assert os.path.realpath(v.link) == os.path.realpath(v.device)
     tdir = os.path.join(s.data_root, "templates")
     assert not [n for n in os.listdir(tdir) if n.startswith(".staging")], os.listdir(tdir)
-    assert os.listdir(os.path.join(s.root, "staging")) == []
     s.destroy()
     s.close()
     return rep.as_dict()

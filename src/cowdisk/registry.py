@@ -8,7 +8,9 @@ migrations applied on open.
 
 from __future__ import annotations
 
+import enum
 import json
+import logging
 import os
 import sqlite3
 import threading
@@ -17,7 +19,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-from .errors import AlreadyExists, CowdiskError, NotFound
+from .errors import AlreadyExists, CowdiskError, NotFound, StateError
+from .kernel.procfs import process_alive, process_start
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 
@@ -86,12 +91,45 @@ MIGRATIONS: list[list[str]] = [
 ]
 assert len(MIGRATIONS) == SCHEMA_VERSION
 
-# volume states
-CREATING = "creating"
-ATTACHED = "attached"
-CHECKPOINTED = "checkpointed"
-REMOVING = "removing"
-ERROR = "error"
+
+
+class VolumeState(enum.StrEnum):
+    """A volume's state. Operations come in trying/done pairs (containerd's devmapper
+    ``DeviceState``): the trying state is committed with the operation's intent before
+    the kernel is touched, the done state with the end of the intent."""
+
+    CREATING = "creating"  # trying: create, restore as a new id, fork (done: attached)
+    ATTACHED = "attached"
+    CHECKPOINTING = "checkpointing"  # trying: checkpoint (done: checkpointed)
+    CHECKPOINTED = "checkpointed"
+    RESTORING = "restoring"  # trying: restore in place (done: attached)
+    REMOVING = "removing"  # trying: remove (done: the row is gone)
+    ERROR = "error"  # recovery could not bring it back; a person looks, `volume rm` clears it
+
+
+CREATING = VolumeState.CREATING
+ATTACHED = VolumeState.ATTACHED
+CHECKPOINTING = VolumeState.CHECKPOINTING
+CHECKPOINTED = VolumeState.CHECKPOINTED
+RESTORING = VolumeState.RESTORING
+REMOVING = VolumeState.REMOVING
+ERROR = VolumeState.ERROR
+
+TRANSITIONS: frozenset[tuple[VolumeState, VolumeState]] = frozenset({
+    (CREATING, ATTACHED),
+    (ATTACHED, CHECKPOINTING), (CHECKPOINTING, CHECKPOINTED),
+    (CHECKPOINTING, ATTACHED),  # the device was still open: checkpoint reverted
+    (CHECKPOINTED, RESTORING), (RESTORING, ATTACHED),
+    (RESTORING, CHECKPOINTED),  # restore rolled back
+    # remove takes a volume from any state (a stale trying state included: its operation
+    # is over, the volume lock says so)
+    *((s, REMOVING) for s in (CREATING, ATTACHED, CHECKPOINTING, CHECKPOINTED, RESTORING, ERROR)),
+    (REMOVING, ATTACHED),  # the device was still open: remove reverted
+    (ATTACHED, ERROR),  # recovery could not attach it again after a reboot
+    (ATTACHED, ATTACHED),  # recovery re-attached it (new device path)
+})
+"""Every allowed change of a volume's state; :meth:`Registry.set_state` refuses the rest.
+A row is born ``creating`` and deleted from ``creating`` (rolled back) or ``removing``."""
 
 
 @dataclass(frozen=True)
@@ -134,21 +172,6 @@ class Intent:
     pid_start: str
     started: float
     data: dict[str, Any] = field(default_factory=dict)
-
-
-def process_start(pid: int) -> str:
-    """The start time of a process (field 22 of /proc/PID/stat), '' if it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            s = f.read()
-    except OSError:
-        return ""
-    return s.rsplit(")", 1)[1].split()[19]
-
-
-def process_alive(pid: int, start: str) -> bool:
-    """True if ``pid`` runs and is the same process that was recorded (no PID reuse)."""
-    return bool(start) and process_start(pid) == start
 
 
 class Registry:
@@ -322,19 +345,17 @@ class Registry:
         with self.tx() as c:
             c.execute("DELETE FROM template_loops WHERE template_id=?", (template_id,))
 
-    def template_refcount(self, template_id: str, backend: str) -> int:
-        """Attached volumes of a template on a backend: the users of its shared loop."""
-        return int(self._q("SELECT COUNT(*) FROM volumes WHERE template_id=? AND backend=? AND state=?",
-                           (template_id, backend, ATTACHED))[0][0])
-
     # -- volumes -----------------------------------------------------------------
 
     @staticmethod
     def _volume(r: sqlite3.Row) -> VolumeRow:
-        return VolumeRow(r["id"], r["template_id"], r["backend"], r["state"], r["size"], r["data_path"],
+        return VolumeRow(r["id"], r["template_id"], r["backend"], VolumeState(r["state"]), r["size"], r["data_path"],
                          r["device"], r["created"], r["updated"], r["parent"], r["error"])
 
     def add_volume(self, v: VolumeRow) -> None:
+        if v.state != CREATING:
+            raise StateError(f"add volume {v.id}: a volume is born {CREATING.value}, not {v.state}",
+                             op="add volume", obj=v.id)
         with self.tx() as c:
             try:
                 c.execute(
@@ -360,13 +381,36 @@ class Registry:
     def volumes(self) -> list[VolumeRow]:
         return [self._volume(r) for r in self._q("SELECT * FROM volumes ORDER BY created, id")]
 
+    _MUTABLE = frozenset({"device", "error"})
+
     def update_volume(self, vid: str, **fields: Any) -> None:
+        """Change a volume's device path or error text; the state only through :meth:`set_state`,
+        identity fields (id, template, backend, data path) never."""
+        bad = set(fields) - self._MUTABLE
+        if bad:
+            raise TypeError(f"update_volume({vid!r}): {', '.join(sorted(bad))} cannot be updated here")
         if not fields:
             return
         fields["updated"] = time.time()
         cols = ", ".join(f"{k}=?" for k in fields)
         with self.tx() as c:
             c.execute(f"UPDATE volumes SET {cols} WHERE id=?", (*fields.values(), vid))
+
+    def set_state(self, vid: str, to: VolumeState, **fields: Any) -> VolumeState:
+        """Move volume ``vid`` to state ``to`` (and set ``fields``: device, error) if the
+        transition table allows it; returns the state it left. Raises StateError otherwise."""
+        with self.tx() as c:
+            row = c.execute("SELECT state FROM volumes WHERE id=?", (vid,)).fetchone()
+            if row is None:
+                raise NotFound(f"volume {vid!r} not found", op="set volume state", obj=vid)
+            cur = VolumeState(row[0])
+            if (cur, to) not in TRANSITIONS:
+                raise StateError(f"volume {vid}: {cur.value} -> {to.value} is not an allowed transition",
+                                 op="set volume state", obj=vid)
+            self.update_volume(vid, **fields)
+            c.execute("UPDATE volumes SET state=?, updated=? WHERE id=?", (to.value, time.time(), vid))
+        log.debug("volume %s: %s -> %s", vid, cur.value, to.value)
+        return cur
 
     def delete_volume(self, vid: str) -> None:
         with self.tx() as c:
@@ -444,7 +488,4 @@ class Registry:
                     out.add(i.volume_id)
                 if i.template_id:
                     out.add(i.template_id)
-                nv = i.data.get("new_id")
-                if nv:
-                    out.add(nv)
         return out

@@ -5,9 +5,14 @@ from __future__ import annotations
 import pytest
 
 import crashmatrix
+from cowdisk.store.transition import OPERATIONS
 from testutil import assert_same_host, host_state
 
 pytestmark = pytest.mark.root
+
+
+def test_every_operation_has_a_runner() -> None:
+    assert set(crashmatrix.RUNNERS) == set(OPERATIONS)
 
 
 @pytest.mark.parametrize("case", crashmatrix.cases("copy"), ids=lambda c: f"{c.op}:{c.step}")

@@ -21,22 +21,22 @@ def test_pool_survives_a_reboot_and_grows(tmp_path) -> None:
     root = str(tmp_path / "store")
     s = Store(root, backend="pool")
     try:
-        assert mounted_at(s.pool.mnt) and fs.statfs(s.pool.mnt).name == "xfs"
+        assert mounted_at(s.backend.pool.mnt) and fs.statfs(s.backend.pool.mnt).name == "xfs"
         s.build_template(conformance.make_tree(str(tmp_path / "tree")), "base")
         v = s.create_volume("vm", "base")
         conformance.write_at(v.link, 8 * MiB, b"kept" * 1024)
         s.close()
         # a reboot: the pool's mount and loop are gone, the files stay
-        s.pool.unmount()
-        assert mounted_at(s.pool.mnt) is None
+        s.backend.pool.unmount()
+        assert mounted_at(s.backend.pool.mnt) is None
         s = Store(root)
-        assert s.backend_name == "pool" and mounted_at(s.pool.mnt)
+        assert s.backend_name == "pool" and mounted_at(s.backend.pool.mnt)
         assert s.volume("vm").state == "attached"
         assert conformance.read_at(s.volume("vm").link, 8 * MiB, 4096) == b"kept" * 1024
-        size = os.path.getsize(s.pool.image)
-        free = fs.statfs(s.pool.mnt).free_bytes
+        size = os.path.getsize(s.backend.pool.image)
+        free = fs.statfs(s.backend.pool.mnt).free_bytes
         grown = s.grow_pool(size * 2)
-        assert os.path.getsize(s.pool.image) == size * 2
+        assert os.path.getsize(s.backend.pool.image) == size * 2
         assert grown > free + size // 2, (free, grown)
     finally:
         s.destroy()

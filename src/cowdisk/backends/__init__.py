@@ -1,9 +1,9 @@
 """Backends: the mechanisms that make a volume, all behind one protocol.
 
 A backend turns (template, volume id) into something a VMM can open (the *device
-path*) and back. It never touches the registry: the store hands it a
-:class:`VolumeCtx` whose callbacks record the kernel objects it makes, mark crash
-points and take the template's lock.
+path*) and back. It never touches the registry and never parses arguments: the store
+hands it a :class:`VolumeCtx` whose callbacks record the kernel objects it makes, mark
+crash points and take the template's lock.
 
 Lifecycle of a volume's data on every backend::
 
@@ -11,20 +11,53 @@ Lifecycle of a volume's data on every backend::
     detach  -> device released, data kept           (checkpoint)
     attach  -> the kept data attached again          (restore)
     destroy -> data deleted (after detach)           (remove)
+
+The contract (what the store relies on, and the conformance suite checks):
+
+* **Order.** The store holds the volume's lock around every call for that volume, so
+  calls for one volume never overlap; calls for different volumes may run at once in
+  several threads and processes. ``destroy`` only follows a ``detach`` that returned.
+* **Record before you make.** Every kernel object or file a method makes is passed to
+  ``ctx.record(kind, name)`` *before* it exists (and ``ctx.forget`` once it is gone or
+  owned by another object), so a kill at any instant leaves the registry naming it.
+* **Steps.** ``steps[method]`` names, in order, the points at which the method calls
+  ``ctx.step(name)``: right after each durable change. The crash matrix kills the
+  process at each of them.
+* **Failure.** A method that raises leaves nothing of its own call behind that it did
+  not record: it undoes what it made, or leaves it recorded for the store's rollback.
+  Errors are cowdisk errors naming the operation, the object and the errno.
+* **Idempotency.** ``detach``, ``destroy`` and ``release`` succeed when their object is
+  already gone; ``detach`` waits up to ``deadline_s`` for a busy device and then raises
+  InUse or a KernelError(EBUSY) with the device still attached. ``attach`` and
+  ``create`` may find a half-made attempt of a killed process (recovery tears it down
+  first, so they may assume a clean slate for the volume).
+* **Data.** ``create`` and ``copy_data`` never change the template or the source
+  volume; ``copy_data`` of an attached source gives a crash-consistent copy.
+* **Scan.** ``scan()`` lists this store's kernel objects on the host (by the store's
+  tag or name prefix), never another store's; ``release`` frees one of them.
 """
 
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Callable, ContextManager, Iterator, Protocol
+from typing import Callable, ClassVar, ContextManager, Iterator, Mapping, Protocol
 
-from ..kernel.fs import Progress
-from ..registry import TemplateRow
+from ..errors import InvalidArgument
+from ..progress import Progress
 
 
 def _no_lock() -> ContextManager[None]:
     return contextlib.nullcontext()
+
+
+@dataclass(frozen=True)
+class TemplateRef:
+    """What a backend knows of a template: its id, its (read-only) image and size."""
+
+    id: str
+    path: str
+    size: int
 
 
 @dataclass
@@ -32,7 +65,7 @@ class VolumeCtx:
     """What a backend needs to know about one volume, and how it reports back."""
 
     id: str
-    template: TemplateRow
+    template: TemplateRef
     data_dir: str
     tag: str
     """Label prefix for kernel objects of this store (loop labels, dm names)."""
@@ -42,6 +75,18 @@ class VolumeCtx:
     step: Callable[[str], None] = lambda name: None
     template_lock: Callable[[], ContextManager[None]] = field(default=_no_lock)
     progress: Progress | None = None
+
+
+@dataclass(frozen=True)
+class BackendEnv:
+    """What a backend is opened with: the store's root, its tag and dm name prefix, and
+    where it keeps a template's shared kernel object (dm-snapshot's template loop)."""
+
+    root: str
+    tag: str
+    dm_prefix: str
+    shared_loop_get: Callable[[str], tuple[int, str] | None] = lambda tid: None
+    shared_loop_set: Callable[[str, int, str], None] = lambda tid, n, d: None
 
 
 @dataclass(frozen=True)
@@ -74,9 +119,23 @@ class KernelObject:
 
 
 class Backend(Protocol):
-    name: str
-    block_device: bool
+    name: ClassVar[str]
+    block_device: ClassVar[bool]
     """True when the device path is a block device (dm), False when it is a file."""
+    steps: ClassVar[Mapping[str, tuple[str, ...]]]
+    """Method name -> the ``ctx.step`` names it passes, in order (see the module docstring)."""
+    data_root: str
+    """Where ``templates/`` and ``volumes/`` live (the store root, or the pool's mount)."""
+
+    @classmethod
+    def available(cls, root: str) -> tuple[bool, str]:
+        """Whether volumes of this kind can be made for a store at ``root``, and why (not)."""
+        ...
+
+    @classmethod
+    def open(cls, env: BackendEnv) -> "Backend":
+        """The backend for one store, its store-wide resources ready (the pool mounted)."""
+        ...
 
     def create(self, ctx: VolumeCtx) -> str: ...
 
@@ -96,9 +155,49 @@ class Backend(Protocol):
 
     def device_path(self, ctx: VolumeCtx) -> str | None: ...
 
-    def scan(self, tag: str) -> Iterator[KernelObject]: ...
+    def stage(self, ctx: VolumeCtx, device: str, dest: str, *, uid: int | None, gid: int | None) -> str:
+        """Make the attached volume ``device`` reachable at ``dest`` inside a jail
+        (a device node, or a hard link to the file); replaces a stale ``dest``."""
+        ...
+
+    def scan(self) -> Iterator[KernelObject]: ...
 
     def release(self, obj: KernelObject, *, deadline_s: float = 5.0) -> None: ...
 
+    def destroy_store(self) -> None:
+        """Release the store-wide resources (unmount the pool); volumes are gone already."""
+        ...
 
-BACKENDS = ("dm-snapshot", "reflink", "pool", "copy")
+
+def _registry() -> dict[str, type[Backend]]:
+    from .dm_snapshot import DmSnapshotBackend
+    from .files import CopyBackend, ReflinkBackend
+    from .pool import PoolBackend
+
+    return {c.name: c for c in (DmSnapshotBackend, ReflinkBackend, PoolBackend, CopyBackend)}
+
+
+BACKENDS: tuple[str, ...] = ("dm-snapshot", "reflink", "pool", "copy")
+"""Every backend by name, in the order ``auto`` tries them."""
+
+
+def backend_class(name: str) -> type[Backend]:
+    """The class of backend ``name``; InvalidArgument naming the choices for an unknown one."""
+    classes = _registry()
+    try:
+        return classes[name]
+    except KeyError:
+        raise InvalidArgument(f"unknown backend {name!r}", op="choose backend", obj=name,
+                              hint="one of auto, " + ", ".join(BACKENDS)) from None
+
+
+def explain(root: str) -> tuple[str, list[str]]:
+    """The backend ``auto`` picks for a store at ``root`` and why: each backend in order
+    says whether it can work here, the first that can wins."""
+    why: list[str] = []
+    for name in BACKENDS:
+        ok, reason = backend_class(name).available(root)
+        why.append(reason)
+        if ok:
+            return name, why
+    raise AssertionError("the copy backend is always available")

@@ -7,7 +7,7 @@ them, so the kernel frees them when the dm device goes, even if cowdisk is kille
 The COW file is sized with the persistent store's overhead (one metadata chunk per
 256 data chunks, a header, and the next area that a full area needs), so a guest that
 rewrites its whole disk never turns the snapshot Invalid
-(reference/dm-snapshot-cow-format.md, "Capacity"). The file is sparse: the margin
+(docs/reference/dm-snapshot-cow-format.md section 2, "Capacity"). The file is sparse: the margin
 costs nothing.
 """
 
@@ -16,11 +16,12 @@ from __future__ import annotations
 import errno
 import os
 import time
-from typing import Callable, Iterator
+from typing import Callable, ClassVar, Iterator, Mapping
 
 from ..errors import InUse, KernelError
-from ..kernel import dm, fs, loop
-from . import KernelObject, Usage, VolumeCtx
+from ..kernel import blk, dm, dm_status, fs, loop
+from ..progress import Progress
+from . import BackendEnv, KernelObject, Usage, VolumeCtx
 
 COW = "cow.img"
 CHUNK_SECTORS = 8
@@ -42,6 +43,29 @@ def cow_path(ctx: VolumeCtx) -> str:
 class DmSnapshotBackend:
     name = "dm-snapshot"
     block_device = True
+    steps: ClassVar[Mapping[str, tuple[str, ...]]] = {
+        "create": ("cow_file", "template_loop", "cow_loop", "dm"),
+        "attach": ("template_loop", "cow_loop", "dm"),
+    }
+
+    @classmethod
+    def available(cls, root: str) -> tuple[bool, str]:
+        ok, reason = snapshot_supported()
+        return ok, ("device-mapper with the snapshot target is available" if ok else f"dm-snapshot: {reason}")
+
+    @classmethod
+    def open(cls, env: BackendEnv) -> "DmSnapshotBackend":
+        return cls(dm_prefix=env.dm_prefix, data_root=env.root, shared_loop_get=env.shared_loop_get,
+                   shared_loop_set=env.shared_loop_set)
+
+    def destroy_store(self) -> None:
+        return None
+
+    def stage(self, ctx: VolumeCtx, device: str, dest: str, *, uid: int | None, gid: int | None) -> str:
+        """A block device node with the dm device's major:minor."""
+        ma, mi = blk.devno(device)
+        blk.make_node(dest, ma, mi, uid=uid, gid=gid)
+        return dest
 
     def __init__(self, *, dm_prefix: str, data_root: str,
                  shared_loop_get: Callable[[str], tuple[int, str] | None] = lambda tid: None,
@@ -110,7 +134,7 @@ class DmSnapshotBackend:
                     ctx.step("cow_loop")
                     ctx.record("dm", ctx.dm_name)
                     table = [dm.Target(0, sectors, "snapshot", f"{tdev} {cl.devno} P {CHUNK_SECTORS}")]
-                    info = dm.create_device(ctx.dm_name, table)
+                    info = dm.control().create_device(ctx.dm_name, table)
                 finally:
                     cl.close()  # the dm table holds it now (or, on failure, autoclear frees it)
             finally:
@@ -121,7 +145,7 @@ class DmSnapshotBackend:
 
     def detach(self, ctx: VolumeCtx, *, deadline_s: float = 5.0) -> None:
         cow_loops = self._cow_loops(ctx)
-        dm.remove(ctx.dm_name, deadline_s=deadline_s, missing_ok=True)
+        dm.control().remove(ctx.dm_name, deadline_s=deadline_s, missing_ok=True)
         ctx.forget("dm", ctx.dm_name)
         self._wait_cow_released(ctx, deadline_s, cow_loops)
 
@@ -129,7 +153,7 @@ class DmSnapshotBackend:
         """The loops under this volume's dm device that hold its COW (from sysfs slaves),
         or None when the device is gone and only a scan of every loop can tell."""
         try:
-            minor = dm.info(ctx.dm_name).minor
+            minor = dm.control().info(ctx.dm_name).minor
             slaves = os.listdir(f"/sys/block/dm-{minor}/slaves")
         except FileNotFoundError:
             return None
@@ -181,17 +205,17 @@ class DmSnapshotBackend:
         os.makedirs(dst.data_dir, exist_ok=True)
         dst.record("file", cow_path(dst))
         if src_attached:
-            dm.suspend(src.dm_name)
+            dm.control().suspend(src.dm_name)
             try:
                 fs.sparse_copy(cow_path(src), cow_path(dst), progress=dst.progress)
             finally:
-                dm.resume(src.dm_name)
+                dm.control().resume(src.dm_name)
         else:
             fs.sparse_copy(cow_path(src), cow_path(dst), progress=dst.progress)
 
     def flatten(self, ctx: VolumeCtx, out_path: str, *, attached: bool) -> None:
         if attached:
-            dev = dm.device_node(dm.info(ctx.dm_name))
+            dev = dm.device_node(dm.control().info(ctx.dm_name))
             _copy_device(dev, out_path, ctx.template.size, ctx.progress)
         else:
             from ..cowformat import flatten as offline_flatten
@@ -204,9 +228,9 @@ class DmSnapshotBackend:
         used = total = None
         health = "ok"
         if attached:
-            lines = dm.status(ctx.dm_name)
+            lines = dm.control().status(ctx.dm_name)
             if lines:
-                s = dm.parse_snapshot_status(lines[0].text)
+                s = dm_status.parse_snapshot_status(lines[0].text)
                 if not s.valid or s.allocated_sectors is None or s.total_sectors is None:
                     health = s.state
                 else:
@@ -220,14 +244,14 @@ class DmSnapshotBackend:
     def device_path(self, ctx: VolumeCtx) -> str | None:
         if not dm_exists(ctx.dm_name):
             return None
-        return dm.device_node(dm.info(ctx.dm_name))
+        return dm.device_node(dm.control().info(ctx.dm_name))
 
     # -- recovery ------------------------------------------------------------------
 
-    def scan(self, tag: str) -> Iterator[KernelObject]:
+    def scan(self) -> Iterator[KernelObject]:
         """dm devices with this store's prefix, and loops backed by files of this store."""
         if dm_available():
-            for d in dm.list_devices():
+            for d in dm.control().list_devices():
                 if d.name.startswith(self.dm_prefix):
                     yield KernelObject("dm", d.name, d.name[len(self.dm_prefix):])
         root = self.data_root + os.sep
@@ -240,7 +264,7 @@ class DmSnapshotBackend:
 
     def release(self, obj: KernelObject, *, deadline_s: float = 5.0) -> None:
         if obj.kind == "dm":
-            dm.remove(obj.name, deadline_s=deadline_s, missing_ok=True)
+            dm.control().remove(obj.name, deadline_s=deadline_s, missing_ok=True)
         elif obj.kind == "loop":
             loop.detach(int(obj.name), missing_ok=True)
 
@@ -248,7 +272,7 @@ class DmSnapshotBackend:
 def dm_available() -> bool:
     """True when this kernel has device-mapper (its control node can be opened)."""
     try:
-        dm.version()
+        dm.control().version()
         return True
     except (KernelError, OSError):
         return False
@@ -256,7 +280,7 @@ def dm_available() -> bool:
 
 def dm_exists(name: str) -> bool:
     try:
-        dm.info(name)
+        dm.control().info(name)
         return True
     except KernelError as e:
         if dm.is_gone(e):
@@ -267,17 +291,17 @@ def dm_exists(name: str) -> bool:
 def snapshot_supported() -> tuple[bool, str]:
     """Whether dm-snapshot volumes can be made here, and if not, why."""
     try:
-        dm.version()
+        dm.control().version()
     except (KernelError, OSError) as e:
         return False, f"no device-mapper in this kernel ({e})"
     try:
-        dm.get_target_version("snapshot")
+        dm.control().get_target_version("snapshot")
     except (KernelError, OSError) as e:
         return False, f"device-mapper has no snapshot target ({e})"
     return True, "device-mapper with the snapshot target"
 
 
-def _copy_device(dev: str, out_path: str, size: int, progress: fs.Progress | None) -> None:
+def _copy_device(dev: str, out_path: str, size: int, progress: Progress | None) -> None:
     """Copy a block device into a new sparse file, skipping all-zero blocks."""
     bs = 1 << 20
     zero = bytes(bs)

@@ -12,11 +12,13 @@ the kernel to hold, so a file-backed volume cannot leak a kernel object.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Iterator
+from typing import ClassVar, Iterator, Mapping
 
+from ..errors import KernelError, Unsupported
 from ..kernel import fs
-from . import KernelObject, Usage, VolumeCtx
+from . import BackendEnv, KernelObject, Usage, VolumeCtx
 
 DISK = "disk.img"
 
@@ -26,11 +28,22 @@ def disk_path(ctx: VolumeCtx) -> str:
 
 
 class FileBackend:
-    block_device = False
+    """A volume is one file; ``reflink`` says whether it is cloned or copied."""
 
-    def __init__(self, name: str, *, reflink: bool) -> None:
-        self.name = name
-        self.reflink = reflink
+    name: ClassVar[str] = "copy"
+    block_device: ClassVar[bool] = False
+    reflink: ClassVar[bool] = False
+    steps: ClassVar[Mapping[str, tuple[str, ...]]] = {"create": ("data",)}
+
+    def __init__(self, data_root: str) -> None:
+        self.data_root = data_root
+
+    @classmethod
+    def open(cls, env: BackendEnv) -> "FileBackend":
+        return cls(env.root)
+
+    def destroy_store(self) -> None:
+        return None
 
     def _clone(self, src: str, dst: str, ctx: VolumeCtx) -> None:
         if self.reflink:
@@ -89,8 +102,65 @@ class FileBackend:
         p = disk_path(ctx)
         return p if os.path.exists(p) else None
 
-    def scan(self, tag: str) -> Iterator[KernelObject]:
+    def stage(self, ctx: VolumeCtx, device: str, dest: str, *, uid: int | None, gid: int | None) -> str:
+        """A hard link to the volume file (a jail cannot follow a symlink out of itself)."""
+        jail_dir = os.path.dirname(dest)
+        if os.stat(jail_dir).st_dev != os.stat(device).st_dev:
+            raise Unsupported(f"jail volume {ctx.id}: {jail_dir} is on another filesystem than the volume file",
+                              op="jail", obj=ctx.id,
+                              hint="put the jail on the store's filesystem, so that a hard link can be used")
+        tmp = dest + f".cowdisk-{os.getpid()}"
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        try:
+            os.link(device, tmp)
+            os.replace(tmp, dest)
+            # rename(2) of two links to one inode (a re-jail) does nothing: drop the temporary
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise KernelError.from_oserror("jail: hard link", dest, e) from None
+        if uid is not None or gid is not None:
+            os.chown(dest, -1 if uid is None else uid, -1 if gid is None else gid)
+        return dest
+
+    def scan(self) -> Iterator[KernelObject]:
         return iter(())
 
     def release(self, obj: KernelObject, *, deadline_s: float = 5.0) -> None:
         return None
+
+
+class CopyBackend(FileBackend):
+    """``copy``: a sparse copy of the template per volume; works on every filesystem."""
+
+    name = "copy"
+
+    @classmethod
+    def available(cls, root: str) -> tuple[bool, str]:
+        return True, "copy: always works, one full sparse copy per volume"
+
+
+class ReflinkBackend(FileBackend):
+    """``reflink``: a FICLONE of the template on the store's own btrfs or xfs."""
+
+    name = "reflink"
+    reflink = True
+
+    @classmethod
+    def available(cls, root: str) -> tuple[bool, str]:
+        st = fs.fs_type(root)
+        if st.reflink_capable:
+            return True, f"{st.path} is on {st.name}, which can reflink"
+        return False, f"reflink: {st.path} is on {st.name}, which cannot reflink"
+
+    @classmethod
+    def open(cls, env: BackendEnv) -> "FileBackend":
+        st = fs.fs_type(env.root)
+        if not st.reflink_capable and not fs.probe_reflink(fs.nearest_existing(env.root)):
+            raise Unsupported(
+                f"reflink backend: {st.path} is on {st.name}, which cannot reflink", op="open store",
+                obj=env.root, hint="put the store on btrfs or xfs (reflink=1), or use --backend pool or copy")
+        return cls(env.root)

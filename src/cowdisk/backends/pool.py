@@ -9,35 +9,18 @@ grown, loop capacity re-read, ``xfs_growfs``).
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
+import shutil
 import subprocess
 
 from ..errors import CowdiskError, KernelError, Unsupported
 from ..kernel import fs, loop
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-_libc.mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p)
-_libc.umount2.argtypes = (ctypes.c_char_p, ctypes.c_int)
+from ..kernel import mount as kmount
+from ..kernel.mount import mounted_at  # noqa: F401 (kept importable from here for callers)
+from . import BackendEnv
+from .files import FileBackend
 
 DEFAULT_SIZE = 64 << 30  # sparse: costs nothing until written
-MS_NODEV = 4
-
-
-def mounted_at(path: str) -> str | None:
-    """The source device mounted at ``path``, or None."""
-    p = os.path.realpath(path)
-    try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                parts = line.split()
-                if parts[4] == p:
-                    sep = parts.index("-")
-                    return parts[sep + 2]
-    except OSError:
-        pass
-    return None
 
 
 class Pool:
@@ -88,17 +71,21 @@ class Pool:
         os.makedirs(self.mnt, exist_ok=True)
         lp = loop.attach(self.image, autoclear=True, label=self.label)
         try:
-            if _libc.mount(lp.path.encode(), self.mnt.encode(), b"xfs", MS_NODEV, None) != 0:
-                raise KernelError("mount pool", f"{lp.path} on {self.mnt}", ctypes.get_errno())
+            try:
+                kmount.mount(lp.path, self.mnt, "xfs", kmount.MS_NODEV)
+            except KernelError as e:
+                raise KernelError("mount pool", f"{lp.path} on {self.mnt}", e.errno or 0) from None
         finally:
             lp.close()  # the mount holds the loop now; unmount frees it
 
     def unmount(self) -> None:
         if not self.mounted:
             return
-        if _libc.umount2(self.mnt.encode(), 0) != 0:
-            raise KernelError("unmount pool", self.mnt, ctypes.get_errno(),
-                              hint="a volume of the pool is still open (a running VM?)")
+        try:
+            kmount.umount(self.mnt)
+        except KernelError as e:
+            raise KernelError("unmount pool", self.mnt, e.errno or 0,
+                              hint="a volume of the pool is still open (a running VM?)") from None
 
     def grow(self, size: int) -> None:
         """Grow the pool image to ``size`` bytes and the filesystem with it."""
@@ -121,3 +108,33 @@ class Pool:
             os.unlink(self.image)
         except FileNotFoundError:
             pass
+
+
+class PoolBackend(FileBackend):
+    """``pool``: reflinked volume files inside the store's embedded xfs pool."""
+
+    name = "pool"
+    reflink = True
+
+    def __init__(self, data_root: str, pool: Pool) -> None:
+        super().__init__(data_root)
+        self.pool = pool
+
+    @classmethod
+    def available(cls, root: str) -> tuple[bool, str]:
+        if os.path.exists("/dev/loop-control") and shutil.which("mkfs.xfs"):
+            return True, "pool: loop devices and mkfs.xfs are here: an embedded xfs pool under the store"
+        return False, "pool: needs /dev/loop-control and mkfs.xfs"
+
+    @classmethod
+    def open(cls, env: BackendEnv) -> "PoolBackend":
+        pool = Pool(env.root, f"{env.tag}:pool")
+        return cls(pool.ensure(), pool)
+
+    def grow(self, size: int) -> int:
+        """Grow the pool to ``size`` bytes; returns its free bytes."""
+        self.pool.grow(size)
+        return fs.statfs(self.pool.mnt).free_bytes
+
+    def destroy_store(self) -> None:
+        self.pool.destroy()

@@ -1,0 +1,505 @@
+"""The store: the facade users call. Owns locking, the volumes' state changes and recovery.
+
+Every state change of a volume is an :class:`~cowdisk.store.transition.Operation` run
+through one :class:`~cowdisk.store.transition.Transition`: the intent and the trying
+state are committed before the kernel is touched, every kernel object is recorded as
+soon as it exists, and the done state is committed in the same transaction that ends
+the intent. A process killed at any point leaves an intent behind; :meth:`Store.recover`
+(also run on open) finishes or rolls back the operation through the same handlers an
+in-process failure uses, and removes only true orphans of this store. A running
+volume is never torn down by recovery.
+
+Layout of a store root::
+
+    registry.db           SQLite registry (WAL)
+    locks/                flock files: volume-<id>, template-<id>
+    templates/<id>/disk.img
+    volumes/<id>/cow.img | disk.img
+    cache/                the template cache (built images; templates link to them)
+    links/<id>/rootfs     the stable link a VMM is given
+    pool/                 the embedded xfs pool (pool backend only; then templates/,
+                          volumes/ and cache/ live inside its mount)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import secrets
+import shutil
+import sqlite3
+import time
+from typing import Iterator
+
+from ..backends import Backend, BackendEnv, TemplateRef, Usage, VolumeCtx, backend_class, explain
+from ..errors import CowdiskError, InUse, InvalidArgument, KernelError, NotFound, StateError
+from ..kernel import procfs
+from ..locks import FileLock
+from ..progress import Progress
+from ..registry import ATTACHED, CHECKPOINTED, CREATING, Registry, TemplateRow, VolumeRow
+from . import recovery
+from .model import RecoveryReport, Template, Volume, default_root, validate_id
+from .templates import Templates
+from .transition import CHECKPOINT, CREATE, FLATTEN, FORK, REMOVE, RESTORE, RESTORE_AS, Transition
+
+log = logging.getLogger(__name__)
+
+
+class Store:
+    """One state root on a host: templates, volumes, links, locks and the registry."""
+
+    def __init__(self, root: str | None = None, *, backend: str = "auto", recover: bool = True,
+                 lock_timeout: float = 30.0) -> None:
+        self.root = os.path.abspath(root or default_root())
+        self.lock_timeout = lock_timeout
+        for d in ("locks", "links"):
+            os.makedirs(os.path.join(self.root, d), exist_ok=True)
+        self.registry = Registry(os.path.join(self.root, "registry.db"))
+        self.id = self.registry.set_meta_default("store_id", secrets.token_hex(4))
+        self.tag = f"cowdisk:{self.id}"
+        self.dm_prefix = f"cowdisk-{self.id}-"
+        chosen = self.registry.meta("backend")
+        if chosen is None:
+            chosen = explain(self.root)[0] if backend == "auto" else backend
+            backend_class(chosen)  # an unknown name fails here, before it is recorded
+            chosen = self.registry.set_meta_default("backend", chosen)
+        elif backend not in ("auto", chosen):
+            raise InvalidArgument(f"store {self.root} uses backend {chosen}, not {backend}",
+                                  op="open store", obj=self.root, hint="use another --root for another backend")
+        self.backend_name = chosen
+        self.backend: Backend = backend_class(chosen).open(BackendEnv(
+            root=self.root, tag=self.tag, dm_prefix=self.dm_prefix,
+            shared_loop_get=self.registry.template_loop, shared_loop_set=self.registry.set_template_loop))
+        self.data_root = self.backend.data_root
+        for d in ("templates", "volumes"):
+            os.makedirs(os.path.join(self.data_root, d), exist_ok=True)
+        self._templates = Templates(self.registry, self.data_root, lambda tid: self._lock("template", tid))
+        if recover:
+            self.recover()
+
+    def close(self) -> None:
+        self.registry.close()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- paths, locks, contexts --------------------------------------------------------
+
+    def _vol_dir(self, vid: str) -> str:
+        return os.path.join(self.data_root, "volumes", vid)
+
+    def link_path(self, vid: str) -> str:
+        return os.path.join(self.root, "links", vid, "rootfs")
+
+    def _lock(self, kind: str, name: str) -> FileLock:
+        return FileLock(os.path.join(self.root, "locks", f"{kind}-{name}.lock"), timeout=self.lock_timeout,
+                        what=f"{kind} {name}")
+
+    def _ctx(self, v: VolumeRow, t: TemplateRow | None = None, *, op: str = "",
+             progress: Progress | None = None) -> VolumeCtx:
+        from .. import failpoints
+
+        t = t or self.registry.get_template(v.template_id)
+        vid = v.id
+        return VolumeCtx(
+            id=vid, template=TemplateRef(t.id, t.path, t.size), data_dir=self._vol_dir(vid), tag=self.tag,
+            dm_name=self.dm_prefix + vid,
+            record=lambda kind, name: self.registry.record_object(vid, kind, name),
+            forget=lambda kind, name: self.registry.forget_object(kind, name),
+            step=lambda s: failpoints.hit(op, s),
+            template_lock=lambda: self._lock("template", t.id),
+            progress=progress,
+        )
+
+    def _to_volume(self, v: VolumeRow) -> Volume:
+        return Volume(v.id, v.template_id, v.backend, v.state, v.size, v.device, self.link_path(v.id),
+                      v.data_path, v.created, v.parent, v.error)
+
+    def _new_row(self, vid: str, t: TemplateRow, size: int, parent: str | None) -> VolumeRow:
+        now = time.time()
+        return VolumeRow(vid, t.id, self.backend_name, CREATING, size, self._vol_dir(vid), None, now, now,
+                         parent, None)
+
+    # -- templates -------------------------------------------------------------------
+
+    def import_template(self, src: str, name: str | None = None, *, adopt: bool = False,
+                        progress: Progress | None = None) -> Template:
+        """Import a raw disk image: copy it in (or adopt it in place), digest it, make it read-only."""
+        return self._templates.import_image(src, name, adopt=adopt, progress=progress)
+
+    def build_template(self, source: str, name: str | None = None, *, size: int | None = None,
+                       fs_type: str = "ext4", progress: Progress | None = None) -> Template:
+        """Build a template from a directory tree or a tarball through the template cache."""
+        return self._templates.build(source, name, size=size, fs_type=fs_type, progress=progress)
+
+    def templates(self) -> list[Template]:
+        return self._templates.list()
+
+    def template(self, ref: str) -> Template:
+        return self._templates.get(ref)
+
+    def check_template(self, t: TemplateRow) -> None:
+        """Refuse a template whose file changed since import (size, mtime, inode)."""
+        self._templates.check(t)
+
+    def verify_template(self, ref: str, progress: Progress | None = None) -> Template:
+        """Check size, mtime and the full content digest; mark the template changed if they differ."""
+        return self._templates.verify(ref, progress)
+
+    def remove_template(self, ref: str) -> None:
+        self._templates.remove(ref)
+
+    def template_usage(self, ref: str) -> int:
+        """Bytes the template's file really takes on disk (st_blocks)."""
+        return self._templates.usage(ref)
+
+    # -- volumes: reading ------------------------------------------------------------
+
+    def volumes(self) -> list[Volume]:
+        return [self._to_volume(v) for v in self.registry.volumes()]
+
+    def volume(self, vid: str) -> Volume:
+        return self._to_volume(self.registry.get_volume(vid))
+
+    def usage(self, vid: str) -> Usage:
+        v = self.registry.get_volume(vid)
+        return self.backend.usage(self._ctx(v), attached=v.state == ATTACHED)
+
+    # -- volumes: state changes -----------------------------------------------------
+
+    def _undo(self, v: VolumeRow, ctx: VolumeCtx) -> recovery.Undo:
+        """The in-process undo of an operation: the handler recovery runs after a crash."""
+        handler = recovery.HANDLERS
+        return lambda t, _e: handler[t.op.name](self, t.intent, t.data, v, ctx)
+
+    def create_volume(self, vid: str, template: str, *, progress: Progress | None = None) -> Volume:
+        """A new writable copy-on-write volume over ``template``, attached, with its stable link."""
+        validate_id(vid)
+        t = self.registry.get_template(template)
+        self.check_template(t)
+        with self._lock("volume", vid), _named_errors("create volume", vid):
+            row = self._new_row(vid, t, t.size // 512 * 512, None)
+            ctx = self._ctx(row, t, op=CREATE.name, progress=progress)
+            with Transition(self.registry, CREATE, vid, row=row, undo=self._undo(row, ctx)) as tr:
+                dev = tr.step("volume", self.backend.create, ctx)
+                tr.step("link", self._set_link, vid, self.link_path(vid), dev)
+                tr.finish(device=dev)
+        return self.volume(vid)
+
+    def remove_volume(self, vid: str, *, deadline_s: float = 5.0) -> None:
+        """Detach and delete a volume and its data. Retries while the device is briefly busy."""
+        with self._lock("volume", vid):
+            v = self.registry.get_volume(vid)
+            ctx = self._ctx(v, op=REMOVE.name)
+            if v.state == ATTACHED:
+                self._check_not_open(v, ctx, deadline_s, "remove volume")
+            with Transition(self.registry, REMOVE, vid) as tr:
+                tr.step("detach", self._detach_or_revert, tr, v, ctx, deadline_s)
+                tr.step("links", self._drop_links, vid)
+                tr.step("data", self._destroy_data, v, ctx)
+                tr.finish()
+
+    def checkpoint(self, vid: str, *, deadline_s: float = 5.0) -> Volume:
+        """Detach a volume and keep its data (the VM is paused or gone); its stable link goes."""
+        with self._lock("volume", vid):
+            v = self.registry.get_volume(vid)
+            if v.state != ATTACHED:
+                raise StateError(f"checkpoint volume {vid}: it is {v.state}, not attached", op="checkpoint",
+                                 obj=vid)
+            ctx = self._ctx(v, op=CHECKPOINT.name)
+            self._check_not_open(v, ctx, deadline_s, "checkpoint volume")
+            with Transition(self.registry, CHECKPOINT, vid) as tr:
+                tr.step("detach", self._detach_or_revert, tr, v, ctx, deadline_s)
+                tr.step("links", self._drop_links, vid)
+                tr.finish(device=None)
+        return self.volume(vid)
+
+    def restore(self, vid: str, new_id: str | None = None, *, retarget_source_link: bool = True,
+                progress: Progress | None = None) -> Volume:
+        """Attach a checkpointed volume again, in place or as a new volume ``new_id``.
+
+        Restoring under a new id copies the checkpoint's data (sparse, or reflinked
+        where the filesystem can), so the checkpoint stays as it was and can be
+        restored again. By default the source's stable link is retargeted to the new
+        device too: that is the path a VM snapshot recorded.
+        """
+        if new_id is None or new_id == vid:
+            return self._restore_in_place(vid, progress)
+        validate_id(new_id)
+        with self._lock("volume", vid), self._lock("volume", new_id):
+            src = self.registry.get_volume(vid)
+            if src.state != CHECKPOINTED:
+                raise StateError(f"restore volume {vid}: it is {src.state}, not checkpointed", op="restore",
+                                 obj=vid, hint="checkpoint it first, or use fork")
+            self._require_data(src)
+            t = self.registry.get_template(src.template_id)
+            self.check_template(t)
+            row = self._new_row(new_id, t, src.size, vid)
+            ctx = self._ctx(row, t, op=RESTORE_AS.name, progress=progress)
+            with Transition(self.registry, RESTORE_AS, new_id, row=row, data={"source": vid},
+                            undo=self._undo(row, ctx)) as tr:
+                tr.step("copy", self.backend.copy_data, self._ctx(src, t), ctx, src_attached=False)
+                dev = tr.step("device", self.backend.attach, ctx)
+                tr.step("link", self._link_copy, new_id, dev, vid if retarget_source_link else None)
+                tr.finish(device=dev)
+        return self.volume(new_id)
+
+    def _restore_in_place(self, vid: str, progress: Progress | None) -> Volume:
+        with self._lock("volume", vid):
+            v = self.registry.get_volume(vid)
+            if v.state != CHECKPOINTED:
+                raise StateError(f"restore volume {vid}: it is {v.state}, not checkpointed", op="restore",
+                                 obj=vid)
+            self._require_data(v)
+            t = self.registry.get_template(v.template_id)
+            self.check_template(t)
+            ctx = self._ctx(v, t, op=RESTORE.name, progress=progress)
+            with Transition(self.registry, RESTORE, vid, data={"in_place": True}, undo=self._undo(v, ctx)) as tr:
+                dev = tr.step("device", self.backend.attach, ctx)
+                tr.step("link", self._set_link, vid, self.link_path(vid), dev)
+                tr.finish(device=dev)
+        return self.volume(vid)
+
+    def fork(self, vid: str, new_ids: list[str], *, progress: Progress | None = None) -> list[Volume]:
+        """New volumes that each start from ``vid``'s current contents."""
+        for n in new_ids:
+            validate_id(n)
+        out = []
+        for n in new_ids:
+            with self._lock("volume", vid), self._lock("volume", n):
+                src = self.registry.get_volume(vid)
+                if src.state not in (ATTACHED, CHECKPOINTED):
+                    raise StateError(f"fork volume {vid}: it is {src.state}", op="fork", obj=vid)
+                t = self.registry.get_template(src.template_id)
+                row = self._new_row(n, t, src.size, vid)
+                ctx = self._ctx(row, t, op=FORK.name, progress=progress)
+                with Transition(self.registry, FORK, n, row=row, data={"source": vid},
+                                undo=self._undo(row, ctx)) as tr:
+                    tr.step("copy", self.backend.copy_data, self._ctx(src, t), ctx,
+                            src_attached=src.state == ATTACHED)
+                    dev = tr.step("device", self.backend.attach, ctx)
+                    tr.step("link", self._set_link, n, self.link_path(n), dev)
+                    tr.finish(device=dev)
+            out.append(self.volume(n))
+        return out
+
+    def flatten(self, vid: str, name: str | None = None, *, progress: Progress | None = None) -> Template:
+        """Materialise a volume (template + its changes) as a new template."""
+        if name is not None:
+            validate_id(name, "template name")
+        with self._lock("volume", vid):
+            v = self.registry.get_volume(vid)
+            if v.state not in (ATTACHED, CHECKPOINTED):
+                raise StateError(f"flatten volume {vid}: it is {v.state}", op="flatten", obj=vid)
+            t = self.registry.get_template(v.template_id)
+            self.check_template(t)
+            ctx = self._ctx(v, t, op=FLATTEN.name, progress=progress)
+            staging = self._templates.staging()
+            with Transition(self.registry, FLATTEN, vid, data={"staging": staging},
+                            undo=self._undo(v, ctx)) as tr:
+                out = os.path.join(staging, "disk.img")
+                tr.step("data", self.backend.flatten, ctx, out, attached=v.state == ATTACHED)
+                tpl = tr.step("register", self._register_flat, tr, out, vid, name)
+                tr.finish()
+            shutil.rmtree(staging, ignore_errors=True)
+            return tpl
+
+    def _register_flat(self, tr: Transition, out: str, vid: str, name: str | None) -> Template:
+        from ..digest import sha256_file
+
+        digest = sha256_file(out)
+        tr.note(template_id=digest[:16], existed=self.registry.find_template(digest[:16]) is not None)
+        return self._templates.register(out, digest, owned=True, source=f"flatten:{vid}", name=name)
+
+    # -- the steps -------------------------------------------------------------------
+
+    def _require_data(self, v: VolumeRow) -> None:
+        """Refuse a restore early and clearly when the checkpoint's data files (the ones the
+        registry recorded for the volume) vanished behind cowdisk's back."""
+        missing = [name for kind, name, _ in self.registry.objects(v.id)
+                   if kind == "file" and not os.path.exists(name)]
+        if missing:
+            raise NotFound(f"restore volume {v.id}: its checkpointed data is gone ({', '.join(missing)})",
+                           op="restore", obj=v.id,
+                           hint="it cannot be restored; `cowdisk volume remove` it")
+
+    def _check_not_open(self, v: VolumeRow, ctx: VolumeCtx, deadline_s: float, op: str) -> None:
+        """Fail early, with the holder's PIDs, when a VM still has the device (or, for file
+        backends, the volume file: same st_dev/st_ino, through any link) open."""
+        dev = self.backend.device_path(ctx)
+        if dev is None:
+            return
+        what = "device" if self.backend.block_device else "file"
+        end = time.monotonic() + deadline_s
+        while True:
+            # our own process counts for a block device: dm remove would fail on its open too
+            pids = [p for p in procfs.holders(dev) if p != os.getpid() or self.backend.block_device]
+            if not pids:
+                return
+            if time.monotonic() > end:
+                raise InUse(f"{op} {v.id}: {what} {dev} is still open by PID "
+                            f"{', '.join(map(str, pids))}", op=op, obj=v.id,
+                            hint="stop the VM that uses it first")
+            time.sleep(0.05)
+
+    def _detach_or_revert(self, tr: Transition, v: VolumeRow, ctx: VolumeCtx, deadline_s: float) -> None:
+        """Release the device; if someone opened it after the holder check and it is still
+        attached at the deadline, put the volume back as it was and raise InUse."""
+        try:
+            self.backend.detach(ctx, deadline_s=deadline_s)
+        except (KernelError, InUse) as e:
+            if v.state != ATTACHED or not self.backend.is_attached(ctx):
+                raise
+            tr.revert()
+            dev = v.device or ""
+            pids = procfs.holders(dev) if dev else []
+            raise InUse(f"release volume {v.id}: its device {dev} is still open"
+                        + (f" by PID {', '.join(map(str, pids))}" if pids else ""),
+                        op="release volume", obj=v.id, hint="stop the VM that uses it first") from e
+
+    def teardown(self, v: VolumeRow, ctx: VolumeCtx, *, keep_data: bool = False, deadline_s: float = 5.0) -> None:
+        """Ordered teardown: device, links, then the data (only once the device let go)."""
+        self.backend.detach(ctx, deadline_s=deadline_s)
+        self._drop_links(v.id)
+        if not keep_data:
+            self._destroy_data(v, ctx)
+
+    def _destroy_data(self, v: VolumeRow, ctx: VolumeCtx) -> None:
+        self.backend.destroy(ctx)
+        shutil.rmtree(ctx.data_dir, ignore_errors=True)
+        shutil.rmtree(os.path.dirname(self.link_path(v.id)), ignore_errors=True)
+
+    # -- links -------------------------------------------------------------------------
+
+    def _set_link(self, owner: str, path: str, target: str) -> None:
+        """Point ``path`` at ``target`` atomically (symlink under a temporary name, then rename)."""
+        d = os.path.dirname(path)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        try:
+            os.makedirs(d, exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            os.symlink(target, tmp)
+            os.replace(tmp, path)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            hint = ("its directory must be writable: not read-only, not immutable (see lsattr -d)"
+                    if e.errno in (errno.EPERM, errno.EACCES, errno.EROFS) else "")
+            raise KernelError.from_oserror("set stable link", path, e, hint=hint) from None
+        self.registry.set_link(path, owner, target)
+
+    def _link_copy(self, vid: str, dev: str, source: str | None) -> None:
+        """The new volume's own link, and the source's link retargeted to it (the path a VM
+        snapshot of the source recorded)."""
+        self._set_link(vid, self.link_path(vid), dev)
+        if source is not None:
+            self._set_link(vid, self.link_path(source), dev)
+
+    def _drop_links(self, vid: str) -> None:
+        for path, _, _ in self.registry.links(vid):
+            self._drop_link(path)
+
+    def _drop_link(self, path: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        d = os.path.dirname(path)
+        vdir_owner = os.path.basename(d)
+        if self.registry.find_volume(vdir_owner) is None or not os.listdir(d):
+            with contextlib.suppress(OSError):
+                os.rmdir(d)
+        self.registry.drop_link(path)
+
+    # -- jails ------------------------------------------------------------------------
+
+    def jail(self, vid: str, jail_dir: str, name: str = "rootfs", *, uid: int | None = None,
+             gid: int | None = None) -> str:
+        """Stage the volume inside a jail directory the way its backend allows (a device
+        node for a block device, a hard link for a file)."""
+        v = self.registry.get_volume(vid)
+        if v.state != ATTACHED or not v.device:
+            raise StateError(f"jail volume {vid}: it is {v.state}, not attached", op="jail", obj=vid)
+        if not os.path.isdir(jail_dir):
+            raise NotFound(f"jail volume {vid}: jail directory {jail_dir} does not exist", op="jail", obj=jail_dir)
+        return self.backend.stage(self._ctx(v), v.device, os.path.join(jail_dir, name), uid=uid, gid=gid)
+
+    # -- recovery and maintenance --------------------------------------------------------
+
+    def recover(self) -> RecoveryReport:
+        """Reconcile registry, kernel and files after a crash or a restart."""
+        return recovery.recover(self)
+
+    def gc(self) -> RecoveryReport:
+        """Recovery, then remove templates no volume uses and that have no name."""
+        rep = self.recover()
+        for t in self.registry.templates():
+            if not t.names and not self.registry.template_users(t.id):
+                self.remove_template(t.id)
+                rep.orphans_removed.append(f"template {t.id}")
+        return rep
+
+    def grow_pool(self, size: int) -> int:
+        """Grow the embedded pool to ``size`` bytes (pool backend); returns its free bytes."""
+        grow = getattr(self.backend, "grow", None)
+        if grow is None:
+            raise StateError(f"grow pool: store {self.root} uses the {self.backend_name} backend, not pool",
+                             op="grow pool", obj=self.root)
+        return int(grow(size))
+
+    def destroy(self) -> None:
+        """Remove every volume and template, empty the cache, release the store-wide
+        resources (unmount the pool). For tests and teardown."""
+        for v in self.registry.volumes():
+            self.remove_volume(v.id)
+        for t in self.registry.templates():
+            self.remove_template(t.id)
+        self._templates.clean_cache()
+        self.backend.destroy_store()
+
+
+@contextlib.contextmanager
+def _named_errors(op: str, obj: str) -> Iterator[None]:
+    """Turn a bare OSError or SQLite error (ENOSPC, "database or disk is full") into a
+    cowdisk error that names the operation and the object."""
+    try:
+        yield
+    except CowdiskError:
+        raise
+    except OSError as e:
+        raise KernelError(op, obj, e.errno or 0, detail=e.filename or "") from e
+    except sqlite3.Error as e:
+        raise CowdiskError(f"{op} {obj}: registry {e}", op=op, obj=obj,
+                           hint="free space on the store's filesystem" if "full" in str(e) else "") from e
+
+
+def choose_backend(root: str) -> str:
+    """dm-snapshot where device-mapper and its snapshot target exist, else reflink, else pool, else copy."""
+    return explain(root)[0]
+
+
+def explain_backend(root: str) -> tuple[str, list[str]]:
+    """The backend ``auto`` picks for ``root`` and why."""
+    return explain(root)
+
+
+def release_pool(root: str) -> list[str]:
+    """Unmount the embedded pool of the store at ``root`` if it is mounted (a store that
+    failed to open after mounting it); returns what stays mounted, empty when nothing."""
+    from ..backends.pool import Pool
+    from ..kernel.mount import mounted_at
+
+    pool = Pool(os.path.abspath(root), "")
+    errors = []
+    try:
+        pool.unmount()
+    except (CowdiskError, OSError) as e:
+        errors.append(f"unmount pool {pool.mnt}: {e}")
+    if mounted_at(pool.mnt):
+        errors.append(f"{pool.mnt} is still mounted")
+    return errors
+

@@ -1,0 +1,95 @@
+"""What the store hands its callers: templates, volumes and recovery reports as plain data,
+and the rules for the ids callers choose."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import InvalidArgument
+from ..registry import TemplateRow, VolumeState
+
+DEFAULT_ROOT = "/var/lib/cowdisk"
+ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+:=@-]*$")
+MAX_ID = 64
+
+
+def default_root() -> str:
+    return os.environ.get("COWDISK_ROOT") or DEFAULT_ROOT
+
+
+def validate_id(vid: str, what: str = "volume id") -> str:
+    """Volume ids end up in dm names and paths: allow only a safe charset and length."""
+    if not isinstance(vid, str) or not vid:
+        raise InvalidArgument(f"invalid {what} {vid!r}: empty", op="validate id", obj=repr(vid))
+    if len(vid.encode()) > MAX_ID:
+        raise InvalidArgument(f"invalid {what} {vid!r}: longer than {MAX_ID} bytes", op="validate id",
+                              obj=vid)
+    if not ID_RE.match(vid) or ".." in vid:
+        raise InvalidArgument(
+            f"invalid {what} {vid!r}: use letters, digits and _ . + : = @ -, starting with a letter or "
+            "digit (no '/', '..', whitespace or NUL)", op="validate id", obj=repr(vid))
+    return vid
+
+
+@dataclass(frozen=True)
+class Template:
+    id: str
+    names: tuple[str, ...]
+    path: str
+    size: int
+    digest: str
+    source: str
+    created: float
+    state: str
+    users: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, row: TemplateRow, users: list[str]) -> "Template":
+        return cls(row.id, row.names, row.path, row.size, row.digest, row.source, row.created, row.state,
+                   tuple(users))
+
+    def as_dict(self) -> dict[str, Any]:
+        d = self.__dict__.copy()
+        d["names"] = list(self.names)
+        d["users"] = list(self.users)
+        return d
+
+
+@dataclass(frozen=True)
+class Volume:
+    id: str
+    template_id: str
+    backend: str
+    state: VolumeState
+    size: int
+    device: str | None
+    link: str
+    data_path: str
+    created: float
+    parent: str | None
+    error: str | None
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["state"] = self.state.value
+        return d
+
+
+@dataclass
+class RecoveryReport:
+    rolled_back: list[str] = field(default_factory=list)
+    finished: list[str] = field(default_factory=list)
+    reactivated: list[str] = field(default_factory=list)
+    orphans_removed: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def actions(self) -> int:
+        return len(self.rolled_back) + len(self.finished) + len(self.reactivated) + len(self.orphans_removed)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)

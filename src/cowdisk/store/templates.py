@@ -1,0 +1,219 @@
+"""Templates: import a raw image, build one from a tree or tarball through the cache,
+verify, remove. A template is immutable once registered: ``templates/<id>/disk.img``,
+mode 0444 and chattr +i, known by the sha256 of its bytes (``id`` is its first 16 hex
+digits).
+
+A built template is stored once and hashed once: the cache hashes the image when it
+publishes it, and the template is a hard link to the cache's image (a sparse copy only
+where the cache is on another filesystem), registered with the cache's digest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import secrets
+import shutil
+import time
+from typing import Callable, ContextManager
+
+from ..digest import sha256_file
+from ..errors import InUse, InvalidArgument, KernelError, NotFound, TemplateChanged
+from ..kernel import fs, procfs
+from ..progress import Progress, stage
+from ..registry import Registry, TemplateRow
+from .model import Template, validate_id
+
+log = logging.getLogger(__name__)
+
+STAGING_PREFIX = ".staging-"
+
+
+def staging_name() -> str:
+    """A staging directory name that says which process made it (PID and start time), so
+    recovery removes it only once that very process is gone."""
+    pid = os.getpid()
+    return f"{STAGING_PREFIX}{pid}-{procfs.process_start(pid)}-{secrets.token_hex(4)}"
+
+
+def staging_owner_alive(name: str) -> bool:
+    """Whether the process that made staging directory ``name`` still runs."""
+    parts = name[len(STAGING_PREFIX):].split("-")
+    if len(parts) < 2 or not parts[0].isdigit():
+        return False
+    start = parts[1] if len(parts) == 3 else None  # older names carry no start time
+    return procfs.process_alive(int(parts[0]), start)
+
+
+class Templates:
+    """The templates of one store."""
+
+    def __init__(self, registry: Registry, data_root: str, lock: Callable[[str], ContextManager[object]]) -> None:
+        self.registry = registry
+        self.dir = os.path.join(data_root, "templates")
+        self.cache_dir = os.path.join(data_root, "cache")
+        self._lock = lock
+
+    def staging(self) -> str:
+        """A new staging directory beside the templates (same filesystem: publishing is a rename)."""
+        path = os.path.join(self.dir, staging_name())
+        os.makedirs(path)
+        return path
+
+    # -- reading -----------------------------------------------------------------------
+
+    def list(self) -> list[Template]:
+        return [Template.of(t, self.registry.template_users(t.id)) for t in self.registry.templates()]
+
+    def get(self, ref: str) -> Template:
+        t = self.registry.get_template(ref)
+        return Template.of(t, self.registry.template_users(t.id))
+
+    def usage(self, ref: str) -> int:
+        """Bytes the template's file really takes on disk (st_blocks)."""
+        return fs.disk_usage(self.registry.get_template(ref).path)
+
+    # -- import and build ----------------------------------------------------------------
+
+    def import_image(self, src: str, name: str | None = None, *, adopt: bool = False,
+                     progress: Progress | None = None) -> Template:
+        """Import a raw disk image: copy it in (or adopt it in place), digest it, make it read-only."""
+        src = os.path.abspath(src)
+        if name is not None:
+            validate_id(name, "template name")
+        if not os.path.isfile(src):
+            raise NotFound(f"import template: {src} is not a file", op="import template", obj=src)
+        size = os.path.getsize(src)
+        if size < 4096 or size % 512:
+            raise InvalidArgument(f"import template {src}: size {size} is not a positive multiple of 512 bytes",
+                                  op="import template", obj=src)
+        if adopt:
+            return self.register(src, sha256_file(src, progress), owned=False, source=src, name=name)
+        staging = self.staging()
+        try:
+            tmp = os.path.join(staging, "disk.img")
+            fs.sparse_copy(src, tmp, progress=progress)
+            return self.register(tmp, sha256_file(tmp), owned=True, source=src, name=name)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def build(self, source: str, name: str | None = None, *, size: int | None = None, fs_type: str = "ext4",
+              progress: Progress | None = None) -> Template:
+        """Build a template from a directory tree or a tarball (``mkfs.ext4 -d``, no mount needed).
+
+        The image is built once per recipe in the store's template cache (key: filesystem,
+        capacity, mkfs version fingerprint and the content digest of the source), so
+        building the same tree again, here or in a concurrent process, reuses it.
+        """
+        from ..cache import TarRecipe, TemplateCache, TreeRecipe
+
+        if name is not None:
+            validate_id(name, "template name")
+        if os.path.isdir(source):
+            if size is None:
+                used = sum(os.lstat(os.path.join(d, f)).st_size for d, _, fl in os.walk(source) for f in fl)
+                size = max(64 << 20, (used * 2 + (32 << 20) + (1 << 20) - 1) // (1 << 20) * (1 << 20))
+            recipe: TreeRecipe | TarRecipe = TreeRecipe(os.path.abspath(source), size, fs=fs_type)
+        elif os.path.isfile(source) and ".tar" in os.path.basename(source):
+            if size is None:
+                size = max(64 << 20, (os.path.getsize(source) * 3 + (32 << 20)) // (1 << 20) * (1 << 20))
+            recipe = TarRecipe(os.path.abspath(source), size, fs=fs_type)
+        else:
+            raise NotFound(f"build template: {source} is neither a directory nor a tarball",
+                           op="build template", obj=source)
+        cache = TemplateCache(self.cache_dir)
+        res = cache.get_or_build(recipe, progress=progress)
+        with cache.hold(res.entry.key) as entry:
+            stage(progress, "importing")
+            t = self.registry.find_template(entry.sha256[:16])
+            if t is not None and t.digest == entry.sha256:
+                return self.register(t.path, t.digest, owned=t.owned, source=t.source, name=name)
+            staging = self.staging()
+            try:
+                tmp = os.path.join(staging, "disk.img")
+                try:
+                    os.link(entry.image, tmp)  # the cache's image itself: stored once
+                except OSError as e:
+                    if e.errno != errno.EXDEV:
+                        raise KernelError.from_oserror("import built template: link", entry.image, e) from None
+                    fs.sparse_copy(entry.image, tmp, progress=progress)
+                return self.register(tmp, entry.sha256, owned=True, source=entry.image, name=name)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+
+    def register(self, path: str, digest: str, *, owned: bool, source: str, name: str | None) -> Template:
+        """Register the image at ``path`` with content ``digest`` (moving it into the store when
+        ``owned``), or name the template that already has that content."""
+        tid = digest[:16]
+        existing = self.registry.find_template(tid)
+        if existing is not None and existing.digest == digest:
+            if name:
+                self.registry.add_template_name(tid, name)
+            return self.get(tid)
+        final = path
+        if owned:
+            tdir = os.path.join(self.dir, tid)
+            os.makedirs(tdir, exist_ok=True)
+            final = os.path.join(tdir, "disk.img")
+            os.chmod(path, 0o444)
+            os.rename(path, final)
+            fs.set_immutable(final, True)
+        st = os.stat(final)
+        row = TemplateRow(tid, final, st.st_size, digest, st.st_mtime_ns, st.st_ino, owned, source,
+                          time.time(), "ready", (name,) if name else ())
+        self.registry.add_template(row)
+        log.debug("template %s registered: %s", tid, final)
+        return self.get(tid)
+
+    # -- checks ------------------------------------------------------------------------
+
+    def check(self, t: TemplateRow) -> None:
+        """Refuse a template whose file changed since import (size, mtime, inode)."""
+        try:
+            st = os.stat(t.path)
+        except FileNotFoundError:
+            raise TemplateChanged(f"template {t.id}: its file {t.path} is gone", op="check template",
+                                  obj=t.id) from None
+        if (st.st_size, st.st_mtime_ns, st.st_ino) != (t.size, t.mtime_ns, t.ino):
+            self.registry.set_template_state(t.id, "changed")
+            raise TemplateChanged(
+                f"template {t.id}: {t.path} changed on disk since import (size {t.size} -> {st.st_size}, "
+                f"mtime or inode differ); attaching it would silently corrupt every volume over it",
+                op="check template", obj=t.id, hint="import the new image as a new template")
+
+    def verify(self, ref: str, progress: Progress | None = None) -> Template:
+        """Check size, mtime and the full content digest; mark the template changed if they differ."""
+        t = self.registry.get_template(ref)
+        self.check(t)
+        if sha256_file(t.path, progress) != t.digest:
+            self.registry.set_template_state(t.id, "changed")
+            raise TemplateChanged(f"template {t.id}: content digest differs from import", op="verify template",
+                                  obj=t.id)
+        return self.get(t.id)
+
+    # -- removal -----------------------------------------------------------------------
+
+    def remove(self, ref: str) -> None:
+        t = self.registry.get_template(ref)
+        with self._lock(t.id):
+            users = self.registry.template_users(t.id)
+            if users:
+                raise InUse(f"remove template {t.id}: used by volumes {', '.join(users)}", op="remove template",
+                            obj=t.id, hint="remove or flatten those volumes first")
+            if t.owned:
+                with contextlib.suppress(OSError):
+                    fs.set_immutable(t.path, False)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(t.path)
+                with contextlib.suppress(OSError):
+                    os.rmdir(os.path.dirname(t.path))
+            self.registry.delete_template(t.id)
+
+    def clean_cache(self) -> None:
+        """Empty the template cache (store teardown)."""
+        if os.path.isdir(self.cache_dir):
+            from ..cache import TemplateCache
+
+            TemplateCache(self.cache_dir).clean_all()

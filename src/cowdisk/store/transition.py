@@ -1,0 +1,209 @@
+"""One mechanism for every state change of a volume (containerd devmapper's
+``transition(trying, success, fn)``, vdsm's intent-then-compensation).
+
+An :class:`Operation` declares, once, everything the store and its tests need to know
+about a state change: the state its subject starts in, the *trying* state committed
+together with the intent before anything is touched, the named steps it runs in order
+(and which backend method each calls, whose own steps count too), the *done* state
+committed together with the end of the intent, and what recovery does with an intent
+whose process died: ``undo`` (roll back) or ``finish`` (roll forward).
+
+:class:`Transition` runs one operation on one volume::
+
+    with Transition(registry, CREATE, vid, row=row) as t:   # intent + row, one transaction
+        dev = t.step("volume", backend.create, ctx)          # crash points: backend steps, then "volume"
+        t.step("link", set_link, vid, dev)
+        t.finish(device=dev)                                 # done state + end of intent, one transaction
+
+On an exception inside the block an ``undo`` operation runs its recovery handler at
+once (the same code recovery runs after a crash); a ``finish`` operation leaves its
+intent for recovery, unless a step reverted it explicitly (:meth:`Transition.revert`).
+The crash matrix kills the process at every point :func:`crash_points` lists, so a new
+operation is crash-tested by declaring it here.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Callable, Literal, Mapping, TypeVar
+
+from .. import failpoints
+from ..registry import (
+    ATTACHED,
+    CHECKPOINTED,
+    CHECKPOINTING,
+    CREATING,
+    REMOVING,
+    RESTORING,
+    Registry,
+    VolumeRow,
+    VolumeState,
+)
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+INTENT = "intent"
+"""The crash point right after an operation's intent (and trying state) is committed."""
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    backend: str | None = None
+    """The backend method this step calls: its declared steps are crash points too."""
+
+
+@dataclass(frozen=True)
+class Operation:
+    name: str
+    starts_from: frozenset[VolumeState] | None
+    """States the subject may be in; None: the operation makes a new volume."""
+    trying: VolumeState | None
+    """Committed with the intent (CREATING for a new row); None: the state does not change."""
+    done: VolumeState | None
+    """Committed with the end of the intent; None: the row is deleted (or, without a
+    trying state, left as it is)."""
+    after_crash: Literal["undo", "finish"]
+    steps: tuple[Step, ...] = field(default=())
+    source_from: frozenset[VolumeState] | None = None
+    """For an operation that makes a volume from another: the states that source may be in."""
+
+    @property
+    def makes_volume(self) -> bool:
+        return self.starts_from is None
+
+
+CREATE = Operation("create", None, CREATING, ATTACHED, "undo",
+                   (Step("volume", "create"), Step("link")))
+REMOVE = Operation("remove", frozenset(VolumeState), REMOVING, None, "finish",
+                   (Step("detach"), Step("links"), Step("data")))
+CHECKPOINT = Operation("checkpoint", frozenset({ATTACHED}), CHECKPOINTING, CHECKPOINTED, "finish",
+                       (Step("detach"), Step("links")))
+RESTORE = Operation("restore", frozenset({CHECKPOINTED}), RESTORING, ATTACHED, "undo",
+                    (Step("device", "attach"), Step("link")))
+RESTORE_AS = Operation("restore-as", None, CREATING, ATTACHED, "undo",
+                       (Step("copy", "copy_data"), Step("device", "attach"), Step("link")),
+                       source_from=frozenset({CHECKPOINTED}))
+FORK = Operation("fork", None, CREATING, ATTACHED, "undo",
+                 (Step("copy", "copy_data"), Step("device", "attach"), Step("link")),
+                 source_from=frozenset({ATTACHED, CHECKPOINTED}))
+FLATTEN = Operation("flatten", frozenset({ATTACHED, CHECKPOINTED}), None, None, "undo",
+                    (Step("data", "flatten"), Step("register")))
+
+OPERATIONS: Mapping[str, Operation] = {o.name: o for o in
+                                       (CREATE, REMOVE, CHECKPOINT, RESTORE, RESTORE_AS, FORK, FLATTEN)}
+"""Every operation by name: the intents' ``op`` column and recovery's handler table key."""
+
+
+def crash_points(op: Operation, backend_steps: Mapping[str, tuple[str, ...]]) -> list[str]:
+    """Every point at which ``op`` can be killed, in order: right after its intent, after
+    each step a backend method it calls declares, and after each of its own steps."""
+    out = [INTENT]
+    for s in op.steps:
+        if s.backend:
+            out += [n for n in backend_steps.get(s.backend, ()) if n not in out]
+        out.append(s.name)
+    return out
+
+
+Undo = Callable[["Transition", BaseException], None]
+
+
+class Transition:
+    """One run of ``op`` on volume ``vid`` (see the module docstring).
+
+    ``row`` is the new volume's row for operations that make one; ``undo`` is the
+    recovery handler an ``undo`` operation runs on an exception inside the block."""
+
+    def __init__(self, registry: Registry, op: Operation, vid: str, *, row: VolumeRow | None = None,
+                 data: dict[str, Any] | None = None, undo: Undo | None = None) -> None:
+        if op.makes_volume != (row is not None):
+            raise TypeError(f"{op.name}: a new row is {'required' if op.makes_volume else 'not expected'}")
+        self.registry = registry
+        self.op = op
+        self.vid = vid
+        self.row = row
+        self.data = dict(data or {})
+        self.undo = undo
+        self.intent = 0
+        self.before: VolumeState | None = None
+        self._next = 0
+        self._ended = False
+
+    def __enter__(self) -> "Transition":
+        with self.registry.tx():
+            self.intent = self.registry.begin_intent(self.op.name, volume_id=self.vid, data=self.data)
+            if self.row is not None:
+                self.registry.add_volume(self.row)
+            elif self.op.trying is not None:
+                self.before = self.registry.set_state(self.vid, self.op.trying)
+        log.debug("%s %s: intent %d", self.op.name, self.vid, self.intent)
+        failpoints.hit(self.op.name, INTENT)
+        return self
+
+    def step(self, name: str, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
+        """Run the declared step ``name`` (steps run in their declared order; an optional
+        one may be left out), then pass its crash point."""
+        names = [s.name for s in self.op.steps]
+        try:
+            i = names.index(name, self._next)
+        except ValueError:
+            raise TypeError(f"{self.op.name}: step {name!r} is not declared after "
+                            f"{names[self._next - 1] if self._next else INTENT!r}") from None
+        self._next = i + 1
+        out = fn(*args, **kw)
+        log.debug("%s %s: %s done", self.op.name, self.vid, name)
+        failpoints.hit(self.op.name, name)
+        return out
+
+    def note(self, **data: Any) -> None:
+        """Add facts to the intent that recovery will need (a staging path, a new template id)."""
+        self.data.update(data)
+        self.registry.update_intent(self.intent, self.data)
+
+    def finish(self, **fields: Any) -> None:
+        """Commit the done state (with ``fields``: device, error) and end the intent at once."""
+        with self.registry.tx():
+            if self.op.done is not None:
+                self.registry.set_state(self.vid, self.op.done, **fields)
+            elif self.op.trying is not None:  # the operation deletes its subject
+                self.registry.delete_volume(self.vid)
+            self.registry.end_intent(self.intent)
+        self._ended = True
+
+    def revert(self, **fields: Any) -> None:
+        """Put the subject back in the state it started from and end the intent (a step found
+        it cannot go on, and nothing was changed yet: a device still open)."""
+        with self.registry.tx():
+            if self.before is not None:
+                self.registry.set_state(self.vid, self.before, **fields)
+            self.registry.end_intent(self.intent)
+        self._ended = True
+
+    def __exit__(self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        if self._ended:
+            return
+        if e is None:
+            raise TypeError(f"{self.op.name} {self.vid}: the block ended without finish()")
+        if self.op.after_crash != "undo" or self.undo is None:
+            return  # the intent stays: recovery finishes the operation
+        try:
+            self.undo(self, e)
+            self._ended = True
+        except Exception as e2:  # keep the intent: recovery retries
+            e.add_note(f"undo of {self.op.name} {self.vid} failed too: {e2}; `cowdisk recover` retries it")
+            log.warning("%s %s: undo failed: %s", self.op.name, self.vid, e2)
+
+
+def legacy_op(op: str, data: Mapping[str, Any]) -> str:
+    """The operation an intent written by an older cowdisk stands for."""
+    if op == "restore" and not data.get("in_place"):
+        return RESTORE_AS.name
+    if op == "create" and data.get("fork_of"):
+        return FORK.name
+    return op
+

@@ -307,7 +307,7 @@ def dm_names(prefix: str) -> list[str]:
     try:
         from cowdisk.kernel import dm
 
-        return sorted(d.name for d in dm.list_devices() if d.name.startswith(prefix))
+        return sorted(d.name for d in dm.control().list_devices() if d.name.startswith(prefix))
     except Exception:
         out = subprocess.run(["dmsetup", "ls"], capture_output=True, text=True).stdout
         return sorted(line.split()[0] for line in out.splitlines() if line.startswith(prefix))

@@ -2,7 +2,7 @@
 
 A dm-snapshot volume (``snapshot <origin> <cow> P <C>``) keeps its changes in a COW
 file laid out as follows (all integers little-endian; see
-``/work/shared/reference/dm-snapshot-cow-format.md`` for the sources):
+``docs/reference/dm-snapshot-cow-format.md`` for the sources):
 
 * chunk 0: header ``magic u32 = 0x70416E53 ("SnAp") | valid u32 | version u32 = 1 |
   chunk_size u32 (sectors)``, zeros to the end of the chunk;
@@ -23,9 +23,10 @@ import errno
 import os
 import struct
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping
+from typing import Iterable, Mapping
 
 from .errors import CowFormatError, InvalidArgument, SnapshotInvalid
+from .progress import Progress
 
 __all__ = [
     "MAGIC",
@@ -53,8 +54,6 @@ CHUNK_NUMBER_LIMIT = 1 << 56  # DM_CHUNK_NUMBER_BITS: the loader reads higher bi
 MAX_CHUNK_SECTORS = (2**31 - 1) >> 9  # INT_MAX >> SECTOR_SHIFT
 DEFAULT_CHUNK_SECTORS = 8  # what cowdisk puts in its tables
 IO_BLOCK = 1 << 20
-
-Progress = Callable[[int, int], None]
 
 
 # ---------------------------------------------------------------------------

@@ -78,10 +78,11 @@ def check(root: str) -> Report:
         add(Check("loop", False, f"/dev/loop-control: {e.strerror}", "modprobe loop"))
 
     try:
-        rep.dm_version = _v(dm.version())
+        ctl = dm.control()
+        rep.dm_version = _v(ctl.version())
         add(Check("device-mapper", True, f"ioctl interface {rep.dm_version}"))
         try:
-            versions = dm.list_target_versions()
+            versions = ctl.list_target_versions()
         except CowdiskError as e:
             versions = {}
             add(Check("dm targets", False, message_of(e), e.hint))
@@ -91,7 +92,7 @@ def check(root: str) -> Report:
         missing = [n for n in ("snapshot", "thin-pool") if rep.dm_targets[n] is None]
         for n in missing:
             try:
-                rep.dm_targets[n] = _v(dm.get_target_version(n))
+                rep.dm_targets[n] = _v(ctl.get_target_version(n))
             except CowdiskError:
                 pass
         for n in ("snapshot", "thin-pool"):
@@ -104,14 +105,9 @@ def check(root: str) -> Report:
         add(Check("device-mapper", False, message_of(e), getattr(e, "hint", "") or "modprobe dm-mod"))
 
     try:
-        sf = fs.fs_type(root)
-        if sf.reflink_capable:
-            add(Check("reflink", True, f"{sf.path} is on {sf.name}"))
-        elif os.path.isdir(root) and fs.probe_reflink(root):
-            add(Check("reflink", True, f"{root} is on {sf.name}, and FICLONE works there"))
-        else:
-            add(Check("reflink", False, f"{sf.path} is on {sf.name}, which cannot reflink",
-                      "put the store on xfs (reflink=1) or btrfs for the reflink backend"))
+        rs = fs.reflink_support(root)
+        add(Check("reflink", rs.ok, rs.reason,
+                  "" if rs.ok else "put the store on xfs (reflink=1) or btrfs for the reflink backend"))
     except CowdiskError as e:
         add(Check("reflink", False, message_of(e), e.hint))
 

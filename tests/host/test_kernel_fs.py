@@ -58,6 +58,10 @@ def test_ficlone_shares_then_diverges(fstype: str) -> None:
         st = fs.statfs(mnt)
         assert st.reflink_capable and st.name == fstype
         assert fs.probe_reflink(mnt)
+        rs = fs.reflink_support(mnt)
+        assert rs.ok and rs.probe_ran and rs.probe_step == "" and rs.fs.name == fstype and rs.probed == mnt
+        ahead = fs.reflink_support(os.path.join(mnt, "not", "yet"))  # no probe written into ancestors
+        assert ahead.ok and not ahead.probe_ran and ahead.probed == mnt and ahead.fs_can_reflink
         fs.ficlone(src, dst)
         u = fs.shared_usage(dst)
         assert u.exclusive == 0 and u.shared >= MiB
@@ -85,4 +89,9 @@ def test_ficlone_refused_on_ext4_names_paths() -> None:
         assert e.value.errno == errno.EOPNOTSUPP and src in str(e.value) and "btrfs or xfs" in str(e.value)
         assert not os.path.exists(dst)
         assert not fs.probe_reflink(mnt)
-        assert sorted(os.listdir(mnt)) == ["lost+found", "s.img"]  # the probe left nothing
+        rs = fs.reflink_support(mnt)
+        assert not rs.ok and not rs.fs_can_reflink and rs.fs.name == "ext4"
+        assert rs.probe_step == "FICLONE" and rs.probe_errno == errno.EOPNOTSUPP
+        assert "ext4" in rs.reason and "FICLONE" in rs.reason
+        assert not fs.reflink_support(mnt, probe=False).probe_ran
+        assert sorted(os.listdir(mnt)) == ["lost+found", "s.img"]  # the probes left nothing

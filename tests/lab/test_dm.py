@@ -23,7 +23,7 @@ from typing import Iterator
 import pytest
 
 from cowdisk.errors import InvalidArgument, KernelError
-from cowdisk.kernel import dm
+from cowdisk.kernel import dm, dm_status
 
 pytestmark = pytest.mark.lab
 
@@ -213,13 +213,25 @@ def test_version_and_target_versions(ctl: dm.Control) -> None:
     assert ei.value.errno == errno.EINVAL
 
 
-def test_module_level_functions_share_one_control(objs: Objects) -> None:
+def test_shared_control_is_one_per_process(objs: Objects) -> None:
     name = objs.name("mod")
-    info = dm.create_device(name, [dm.Target(0, 2048, "zero", "")])
+    info = dm.control().create_device(name, [dm.Target(0, 2048, "zero", "")])
     assert dm.control() is dm.control()
-    assert dm.info(name).minor == info.minor
-    assert dm_line(dm.table(name)) == dmsetup_table(name)
-    assert dm.remove(name) is not None
+    assert dm.control().info(name).minor == info.minor
+    assert dm_line(dm.control().table(name)) == dmsetup_table(name)
+    parent = dm.control()
+    pid = os.fork()
+    if pid == 0:  # a forked child gets its own control, which works
+        ok = False
+        try:
+            child = dm.control()
+            ok = child is not parent and child.info(name).minor == info.minor
+        finally:
+            os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert dm.control() is parent and parent.fileno() >= 0
+    assert dm.control().remove(name) is not None
     assert name not in dmsetup_ls()
 
 
@@ -286,7 +298,7 @@ def test_device_node_recreated_and_mapper_link(ctl: dm.Control, objs: Objects) -
     node = f"/dev/dm-{info.minor}"
     os.unlink(node)  # as inside a container whose /dev is not devtmpfs
     try:
-        assert dm.device_node(name, mapper_link=True) == node
+        assert ctl.device_node(name, mapper_link=True) == node
         assert rdev_of(node) == (info.major, info.minor)
         link = f"/dev/mapper/{name}"
         assert os.readlink(link) == f"../dm-{info.minor}"
@@ -327,8 +339,8 @@ def test_snapshot_create_status_write_remove(
 
     [st] = ctl.status(name)
     assert line_of(st) == dmsetup_status(name)
-    s = dm.parse_snapshot_status(st.text)
-    assert s == dm.SnapshotStatus("valid", 16, 16800, 16)
+    s = dm_status.parse_snapshot_status(st.text)
+    assert s == dm_status.SnapshotStatus("valid", 16, 16800, 16)
 
     node = dm.device_node(info)
     assert direct_read(node, 0, 4096) == (b"template" * 512)
@@ -339,7 +351,7 @@ def test_snapshot_create_status_write_remove(
 
     [st] = ctl.status(name)
     assert line_of(st) == dmsetup_status(name)
-    s2 = dm.parse_snapshot_status(st.text)
+    s2 = dm_status.parse_snapshot_status(st.text)
     assert s2.valid and s2.data_sectors == 8 and s2.total_sectors == 16800
 
     ctl.remove(name)
@@ -361,7 +373,7 @@ def test_snapshot_overflow(
     assert ei.value.errno == errno.EIO
     [st] = ctl.status(name)
     assert line_of(st) == dmsetup_status(name)
-    assert dm.parse_snapshot_status(st.text).state == state
+    assert dm_status.parse_snapshot_status(st.text).state == state
     ctl.remove(name)
 
 
@@ -380,8 +392,8 @@ def test_thin_pool_thin_and_snapshot(ctl: dm.Control, objs: Objects, tmp_path: P
     assert dmsetup_table(pool) == f"0 {data_sectors} thin-pool {mmaj}:{mmin} {dmaj}:{dmin} 128 0 0 "  # sic: trailing space
     assert dm_line(ctl.table(pool)) == dmsetup_table(pool)
     [st] = ctl.status(pool)
-    ps = dm.parse_thin_pool_status(st.text)
-    assert ps == dm.parse_thin_pool_status(dmsetup_status(pool).split(" ", 3)[3])
+    ps = dm_status.parse_thin_pool_status(st.text)
+    assert ps == dm_status.parse_thin_pool_status(dmsetup_status(pool).split(" ", 3)[3])
     assert (ps.state, ps.transaction_id, ps.used_data_blocks, ps.total_data_blocks, ps.mode) == ("ok", 0, 0, 1024, "rw")
 
     assert ctl.message(pool, 0, "create_thin 1") is None
@@ -396,13 +408,13 @@ def test_thin_pool_thin_and_snapshot(ctl: dm.Control, objs: Objects, tmp_path: P
     tinfo = ctl.create_device(thin, [dm.Target(0, 32768, "thin", f"{pinfo.devno} 1")])
     assert dmsetup_table(thin) == f"0 32768 thin {pinfo.major}:{pinfo.minor} 1"
     [st] = ctl.status(thin)
-    assert dm.parse_thin_status(st.text) == dm.ThinStatus("ok", 0, None)
+    assert dm_status.parse_thin_status(st.text) == dm_status.ThinStatus("ok", 0, None)
     node = dm.device_node(tinfo)
     direct_write(node, 0, b"thin-one" * 8192)  # 64 KiB = one pool block
     [st] = ctl.status(thin)
     assert line_of(st) == dmsetup_status(thin)
-    assert dm.parse_thin_status(st.text) == dm.ThinStatus("ok", 128, 127)
-    assert dm.parse_thin_pool_status(ctl.status(pool)[0].text).used_data_blocks == 1
+    assert dm_status.parse_thin_status(st.text) == dm_status.ThinStatus("ok", 128, 127)
+    assert dm_status.parse_thin_pool_status(ctl.status(pool)[0].text).used_data_blocks == 1
 
     # Snapshot of the thin device: suspend the origin around create_snap.
     ctl.suspend(thin)
@@ -423,7 +435,7 @@ def test_thin_pool_thin_and_snapshot(ctl: dm.Control, objs: Objects, tmp_path: P
     assert ctl.message(pool, 0, "delete 2") is None
     ctl.remove(thin)
     assert ctl.message(pool, 0, "delete 1") is None
-    assert dm.parse_thin_pool_status(ctl.status(pool)[0].text).used_data_blocks == 0
+    assert dm_status.parse_thin_pool_status(ctl.status(pool)[0].text).used_data_blocks == 0
     ctl.remove(pool)
     assert not {pool, thin, snap} & set(dmsetup_ls())
 
@@ -576,7 +588,7 @@ def test_duplicate_name(ctl: dm.Control, objs: Objects) -> None:
     # No table yet, so no gendisk: device_node refuses rather than mknod a dead node.
     assert not info.active_table and not info.inactive_table
     with pytest.raises(KernelError) as ei:
-        dm.device_node(name)
+        ctl.device_node(name)
     assert ei.value.errno == errno.ENXIO
     ctl.remove(name)
 

@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import logging
 import os
 import stat
 import struct
 
 from ..errors import KernelError
+from .ioc import IO, IOR
 
-BLKGETSIZE64 = 0x80081272
-BLKSSZGET = 0x1268
-BLKFLSBUF = 0x1261
+log = logging.getLogger(__name__)
+
+_u64 = struct.Struct("=Q")
+
+BLKGETSIZE64 = IOR(0x12, 114, 8)  # _IOR(0x12, 114, size_t)
+BLKSSZGET = IO(0x12, 104)
+BLKFLSBUF = IO(0x12, 97)
 
 SECTOR = 512
 
@@ -33,8 +39,8 @@ def size_bytes(path: str | os.PathLike[str]) -> int:
     except OSError as e:
         raise KernelError.from_oserror("size: open", p, e) from None
     try:
-        out = fcntl.ioctl(fd, BLKGETSIZE64, b"\0" * 8)
-        return int(struct.unpack("=Q", out)[0])
+        out = fcntl.ioctl(fd, BLKGETSIZE64, bytes(_u64.size))
+        return int(_u64.unpack(out)[0])
     except OSError as e:
         raise KernelError.from_oserror("size (BLKGETSIZE64)", p, e) from None
     finally:
@@ -83,6 +89,7 @@ def make_node(path: str | os.PathLike[str], major: int, minor: int, *, mode: int
         if uid is not None or gid is not None:
             os.chown(tmp, -1 if uid is None else uid, -1 if gid is None else gid)
         os.replace(tmp, p)
+        log.debug("make device node %s: ok (%d:%d, mode %o)", p, major, minor, mode)
     except OSError as e:
         try:
             os.unlink(tmp)

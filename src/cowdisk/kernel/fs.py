@@ -1,27 +1,38 @@
 """Files: FICLONE, statfs filesystem type, FIEMAP usage, sparse files and sparse copies.
 
-Facts in ../shared/reference/loop-and-files.md section 3. Every failure is a
+Facts in docs/reference/loop-and-files.md section 3. Every failure is a
 ``KernelError`` naming the operation and the path.
 """
 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import fcntl
+import logging
 import os
 import struct
 import threading
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Iterator
 
 from ..errors import KernelError
+from ..progress import Progress
+from .ioc import IOR, IOW, IOWR
+from .libc import errno as _libc_errno
+from .libc import libc as _libc
 
-FICLONE = 0x40049409
-FS_IOC_FIEMAP = 0xC020660B
-FS_IOC_GETFLAGS = 0x80086601
-FS_IOC_SETFLAGS = 0x40086602
+log = logging.getLogger(__name__)
+
+_fiemap_hdr = struct.Struct("=QQIIII")
+_fiemap_ext = struct.Struct("=QQQ16xI12x")
+_int = struct.Struct("=i")
+_long = struct.Struct("l")  # native C long: 8 bytes on 64-bit
+
+FICLONE = IOW(0x94, 9, _int)  # _IOW(0x94, 9, int)
+FS_IOC_FIEMAP = IOWR(ord("f"), 11, _fiemap_hdr)  # _IOWR('f', 11, struct fiemap)
+FS_IOC_GETFLAGS = IOR(ord("f"), 1, _long)  # _IOR('f', 1, long)
+FS_IOC_SETFLAGS = IOW(ord("f"), 2, _long)  # _IOW('f', 2, long)
 FS_IMMUTABLE_FL = 0x10
 
 FIEMAP_FLAG_SYNC = 0x1
@@ -30,9 +41,6 @@ FIEMAP_EXTENT_UNKNOWN = 0x2
 FIEMAP_EXTENT_DELALLOC = 0x4
 FIEMAP_EXTENT_DATA_INLINE = 0x200
 FIEMAP_EXTENT_SHARED = 0x2000
-
-_fiemap_hdr = struct.Struct("=QQIIII")
-_fiemap_ext = struct.Struct("=QQQ16xI12x")
 
 # statfs f_type magics
 BTRFS_MAGIC = 0x9123683E
@@ -67,9 +75,8 @@ FS_NAMES = {
 REFLINK_FS = {BTRFS_MAGIC, XFS_MAGIC}
 REMOTE_LOCK_FS = {NFS_MAGIC, CIFS_MAGIC, SMB2_MAGIC, FUSE_MAGIC, V9FS_MAGIC, CEPH_MAGIC}
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-_libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long)
-_libc.statfs.argtypes = (ctypes.c_char_p, ctypes.c_void_p)
+_statfs = struct.Struct("=qqqqq")  # f_type, f_bsize, f_blocks, f_bfree, f_bavail: the head of struct statfs
+_STATFS_SIZE = 120  # sizeof(struct statfs) on x86-64
 
 
 @dataclass(frozen=True)
@@ -99,10 +106,10 @@ class StatFs:
 def statfs(path: str | os.PathLike[str]) -> StatFs:
     """``statfs(2)`` of ``path``; f_type masked to 32 bits."""
     p = os.fspath(path)
-    buf = ctypes.create_string_buffer(120)
-    if _libc.statfs(p.encode(), buf) != 0:
-        raise KernelError("statfs", p, ctypes.get_errno())
-    f_type, bsize, blocks, bfree, bavail = struct.unpack_from("=qqqqq", buf.raw, 0)
+    buf = ctypes.create_string_buffer(_STATFS_SIZE)
+    if _libc.statfs(os.fsencode(p), buf) != 0:
+        raise KernelError("statfs", p, _libc_errno())
+    f_type, bsize, blocks, bfree, bavail = _statfs.unpack_from(buf.raw, 0)
     return StatFs(p, f_type & 0xFFFFFFFF, bsize, blocks, bfree, bavail)
 
 
@@ -147,6 +154,8 @@ def ficlone(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
             if e.errno in (errno.EOPNOTSUPP, errno.EXDEV, errno.EINVAL):
                 hint = "reflink needs source and destination on one btrfs or xfs (reflink=1) filesystem"
             raise KernelError("reflink (FICLONE)", f"{s} -> {d}", e.errno or 0, hint=hint) from None
+        else:
+            log.debug("reflink (FICLONE) %s -> %s: ok", s, d)
         finally:
             if dfd >= 0:
                 os.close(dfd)
@@ -154,22 +163,101 @@ def ficlone(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
         os.close(sfd)
 
 
-def probe_reflink(directory: str | os.PathLike[str]) -> bool:
-    """True when a FICLONE inside ``directory`` works (the definitive test)."""
-    d = os.fspath(directory)
+def _ficlone_probe(directory: str) -> tuple[str, int]:
+    """FICLONE one 4 KiB probe file into another inside ``directory``, removing both.
+
+    :returns: ``("", 0)`` when it worked, else the failed step and its errno.
+    """
     tag = f"{os.getpid()}-{threading.get_ident()}-{os.urandom(4).hex()}"
-    a = os.path.join(d, f".cowdisk-reflink-probe-{tag}-a")
-    b = os.path.join(d, f".cowdisk-reflink-probe-{tag}-b")
+    a = os.path.join(directory, f".cowdisk-reflink-probe-{tag}-a")
+    b = os.path.join(directory, f".cowdisk-reflink-probe-{tag}-b")
+    step = "create probe file"
     try:
         with open(a, "wb") as f:
             f.write(b"\0" * 4096)
+        step = "FICLONE"
         ficlone(a, b)
-        return True
-    except (OSError, KernelError):
-        return False
+        return "", 0
+    except OSError as e:  # KernelError is an OSError
+        return step, e.errno or 0
     finally:
         _unlink_quiet(a)
         _unlink_quiet(b)
+
+
+def probe_reflink(directory: str | os.PathLike[str]) -> bool:
+    """True when a FICLONE inside ``directory`` works (the definitive test).
+
+    See :func:`reflink_support` for the answer with its reasons.
+    """
+    return _ficlone_probe(os.fspath(directory))[1] == 0
+
+
+@dataclass(frozen=True)
+class ReflinkSupport:
+    """Whether files under ``path`` can be reflinked, and the facts that decided it.
+
+    ``fs`` is the statfs of ``probed``: ``path`` itself, or its nearest existing
+    ancestor when ``path`` does not exist yet.  ``probe_step`` is ``None`` when no
+    FICLONE probe ran (``path`` is not an existing directory, or the caller said
+    not to), ``""`` when it worked, else the step that failed (``"create probe
+    file"`` or ``"FICLONE"``) with its errno in ``probe_errno``.  ``ok`` is the
+    probe's result when it ran (it catches xfs made with reflink=0 and accepts
+    filesystems that pass FICLONE through, such as overlayfs over btrfs), else
+    whether the filesystem type is one that can (btrfs, xfs).
+    """
+
+    path: str
+    probed: str
+    fs: StatFs
+    probe_step: str | None = None
+    probe_errno: int = 0
+
+    @property
+    def fs_can_reflink(self) -> bool:
+        return self.fs.reflink_capable
+
+    @property
+    def probe_ran(self) -> bool:
+        return self.probe_step is not None
+
+    @property
+    def ok(self) -> bool:
+        if self.probe_step is not None:
+            return self.probe_step == ""
+        return self.fs_can_reflink
+
+    @property
+    def reason(self) -> str:
+        """One factual sentence: the filesystem and, if one ran, the probe's outcome."""
+        where = self.path if self.probed == self.path else f"{self.path} (nearest existing: {self.probed})"
+        text = f"{where} is on {self.fs.name} (statfs f_type 0x{self.fs.f_type:x})"
+        if self.probe_step is None:
+            return text + (", which can reflink" if self.fs_can_reflink else ", which cannot reflink")
+        if self.probe_step == "":
+            return text + ", and a FICLONE probe there worked"
+        name = errno.errorcode.get(self.probe_errno, str(self.probe_errno))
+        return text + f", and a FICLONE probe there failed ({self.probe_step}: {name})"
+
+
+def reflink_support(path: str | os.PathLike[str], *, probe: bool = True) -> ReflinkSupport:
+    """Can files under ``path`` be reflinked here, and why (not)?
+
+    statfs f_type of ``path`` or its nearest existing ancestor first; then, when
+    ``path`` is an existing directory and ``probe`` is true, a FICLONE between two
+    probe files made (and removed) inside it, which is the final word.  Nothing is
+    written into ancestors of a path that does not exist yet.  Returns data only;
+    what to do about a "no" is the caller's business.
+
+    :raises KernelError: statfs failed.
+    """
+    p = os.path.abspath(os.fspath(path))
+    probed = nearest_existing(p)
+    st = statfs(probed)
+    if probe and probed == p and os.path.isdir(p):
+        step, err = _ficlone_probe(p)
+        return ReflinkSupport(p, probed, st, step, err)
+    return ReflinkSupport(p, probed, st)
 
 
 def _unlink_quiet(path: str) -> None:
@@ -194,11 +282,18 @@ def create_sparse(path: str | os.PathLike[str], size: int, *, exclusive: bool = 
         _unlink_quiet(p)
         raise KernelError.from_oserror("size sparse file", p, e) from None
     os.close(fd)
+    log.debug("create sparse file %s: ok (%d bytes)", p, size)
+
+
+FALLOC_FL_KEEP_SIZE = 1
+FALLOC_FL_PUNCH_HOLE = 2
 
 
 def punch_hole(fd: int, offset: int, length: int) -> None:
-    if _libc.fallocate(fd, 3, offset, length) != 0:
-        raise KernelError("punch hole", f"fd {fd}", ctypes.get_errno())
+    """fallocate(PUNCH_HOLE | KEEP_SIZE) ``length`` bytes at ``offset`` of ``fd``."""
+    if _libc.fallocate(fd, FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE, offset, length) != 0:
+        raise KernelError("punch hole", f"fd {fd}", _libc_errno())
+    log.debug("punch hole fd %d: ok (%d bytes at %d)", fd, length, offset)
 
 
 def data_segments(fd: int, size: int) -> Iterator[tuple[int, int]]:
@@ -218,10 +313,6 @@ def data_segments(fd: int, size: int) -> Iterator[tuple[int, int]]:
         pos = end
 
 
-Progress = Callable[[int, int], None]
-"""Called with (bytes done, bytes total)."""
-
-
 def sparse_copy(
     src: str | os.PathLike[str],
     dst: str | os.PathLike[str],
@@ -233,7 +324,8 @@ def sparse_copy(
 
     Uses copy_file_range per data segment (which may reflink on btrfs/xfs) and falls
     back to read/write across filesystems. All-zero blocks read in the fallback are
-    skipped. ``dst`` is removed again if the copy fails.
+    skipped. ``dst`` is removed again if the copy fails. ``progress`` is called as
+    ``progress(done, total)`` in bytes of data (holes not counted).
     """
     s, d = os.fspath(src), os.fspath(dst)
     try:
@@ -279,6 +371,8 @@ def sparse_copy(
                     done += w
                     if progress:
                         progress(done, total)
+            log.debug("copy %s -> %s: ok (%d bytes of data, %s)", s, d, done,
+                      "copy_file_range" if use_cfr else "read/write")
             return done
         except OSError as e:
             raise KernelError.from_oserror("copy", f"{s} -> {d}", e) from None
@@ -376,22 +470,31 @@ def set_immutable(path: str | os.PathLike[str], on: bool = True) -> bool:
     p = os.fspath(path)
     fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        try:
-            flags = get_flags(fd)
-        except OSError:
-            return False
-        new = (flags | FS_IMMUTABLE_FL) if on else (flags & ~FS_IMMUTABLE_FL)
-        if new == flags:
-            return True
-        try:
-            fcntl.ioctl(fd, FS_IOC_SETFLAGS, struct.pack("=i", new))
-        except OSError as e:
-            if e.errno in (errno.ENOTTY, errno.EOPNOTSUPP, errno.EINVAL, errno.EPERM):
-                return False
-            raise KernelError.from_oserror("set immutable flag", p, e) from None
-        return True
+        return set_immutable_fd(fd, on, p)
     finally:
         os.close(fd)
+
+
+def set_immutable_fd(fd: int, on: bool = True, name: str = "") -> bool:
+    """:func:`set_immutable` on an open file (``name`` for messages only): it works after
+    the file's name is gone or renamed, e.g. to set the flag again on an inode that
+    keeps another hard link after one was unlinked."""
+    p = name or f"fd {fd}"
+    try:
+        flags = get_flags(fd)
+    except OSError:
+        return False
+    new = (flags | FS_IMMUTABLE_FL) if on else (flags & ~FS_IMMUTABLE_FL)
+    if new == flags:
+        return True
+    try:
+        fcntl.ioctl(fd, FS_IOC_SETFLAGS, struct.pack("=i", new))
+    except OSError as e:
+        if e.errno in (errno.ENOTTY, errno.EOPNOTSUPP, errno.EINVAL, errno.EPERM):
+            return False
+        raise KernelError.from_oserror("set immutable flag", p, e) from None
+    log.debug("set immutable flag %s: ok (%s)", p, "on" if on else "off")
+    return True
 
 
 def is_immutable(path: str | os.PathLike[str]) -> bool:

@@ -1,6 +1,6 @@
 """Loop devices through /dev/loop-control and LOOP_CONFIGURE, no losetup.
 
-Facts in ../shared/reference/loop-and-files.md section 1:
+Facts in docs/reference/loop-and-files.md section 1:
 
 * ``LOOP_CTL_GET_FREE`` reserves nothing: two callers get the same index and the
   loser's ``LOOP_CONFIGURE`` fails with EBUSY, so :func:`attach` retries with a new
@@ -16,24 +16,31 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import logging
 import os
 import struct
 import time
 from dataclasses import dataclass
 
 from ..errors import KernelError
+from .ioc import IO
 
-LOOP_SET_FD = 0x4C00
-LOOP_CLR_FD = 0x4C01
-LOOP_SET_STATUS64 = 0x4C04
-LOOP_GET_STATUS64 = 0x4C05
-LOOP_SET_CAPACITY = 0x4C07
-LOOP_SET_DIRECT_IO = 0x4C08
-LOOP_SET_BLOCK_SIZE = 0x4C09
-LOOP_CONFIGURE = 0x4C0A
-LOOP_CTL_ADD = 0x4C80
-LOOP_CTL_REMOVE = 0x4C81
-LOOP_CTL_GET_FREE = 0x4C82
+log = logging.getLogger(__name__)
+
+# The UAPI defines these as plain numbers (0x4C00...), which equal _IO('L', nr):
+# the argument (an fd, a struct pointer or nothing) is not encoded in the number.
+LOOP_IOC_TYPE = ord("L")
+LOOP_SET_FD = IO(LOOP_IOC_TYPE, 0x00)
+LOOP_CLR_FD = IO(LOOP_IOC_TYPE, 0x01)
+LOOP_SET_STATUS64 = IO(LOOP_IOC_TYPE, 0x04)
+LOOP_GET_STATUS64 = IO(LOOP_IOC_TYPE, 0x05)
+LOOP_SET_CAPACITY = IO(LOOP_IOC_TYPE, 0x07)
+LOOP_SET_DIRECT_IO = IO(LOOP_IOC_TYPE, 0x08)
+LOOP_SET_BLOCK_SIZE = IO(LOOP_IOC_TYPE, 0x09)
+LOOP_CONFIGURE = IO(LOOP_IOC_TYPE, 0x0A)
+LOOP_CTL_ADD = IO(LOOP_IOC_TYPE, 0x80)
+LOOP_CTL_REMOVE = IO(LOOP_IOC_TYPE, 0x81)
+LOOP_CTL_GET_FREE = IO(LOOP_IOC_TYPE, 0x82)
 
 LO_FLAGS_READ_ONLY = 1
 LO_FLAGS_AUTOCLEAR = 4
@@ -139,6 +146,9 @@ class Loop:
         except OSError as e:
             if e.errno != errno.ENXIO:
                 raise KernelError.from_oserror("loop detach", self.path, e) from None
+            log.debug("loop detach %s: already unbound", self.path)
+        else:
+            log.debug("loop detach %s: ok", self.path)
         finally:
             self.close()
 
@@ -215,6 +225,7 @@ def attach(
                         last = e  # lost the race for this index: ask again
                         continue
                     raise KernelError.from_oserror("loop attach: LOOP_CONFIGURE", f"{dev} <- {path}", e) from None
+                log.debug("loop attach %s <- %s: ok (flags %#x, label %r)", dev, path, flags, label)
                 return Loop(n, dfd, path)
             assert last is not None
             raise KernelError.from_oserror("loop attach", path, last,
@@ -236,6 +247,7 @@ def _open_loop_node(n: int, mode: int) -> int:
                 with open(f"/sys/block/loop{n}/dev") as f:
                     maj, mn = (int(x) for x in f.read().split(":"))
                 os.mknod(dev, 0o660 | 0o060000, os.makedev(maj, mn))
+                log.debug("loop mknod %s: ok (%d:%d)", dev, maj, mn)
             except FileExistsError:
                 pass
             except OSError:
@@ -282,6 +294,7 @@ def detach(number: int, *, missing_ok: bool = False) -> None:
         fd = os.open(dev, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as e:
         if missing_ok and e.errno in (errno.ENOENT, errno.ENXIO):
+            log.debug("loop detach %s: no such device", dev)
             return
         raise KernelError.from_oserror("loop detach: open", dev, e) from None
     try:
@@ -289,6 +302,9 @@ def detach(number: int, *, missing_ok: bool = False) -> None:
     except OSError as e:
         if not (missing_ok and e.errno == errno.ENXIO):
             raise KernelError.from_oserror("loop detach", dev, e) from None
+        log.debug("loop detach %s: already unbound", dev)
+    else:
+        log.debug("loop detach %s: ok", dev)
     finally:
         os.close(fd)
 
@@ -304,6 +320,7 @@ def set_autoclear(number: int, on: bool = True) -> None:
         raise KernelError.from_oserror("loop set autoclear", f"/dev/loop{number}", e) from None
     finally:
         os.close(fd)
+    log.debug("loop set autoclear /dev/loop%d: ok (%s)", number, "on" if on else "off")
 
 
 def set_capacity(number: int) -> None:
@@ -315,6 +332,7 @@ def set_capacity(number: int) -> None:
         raise KernelError.from_oserror("loop set capacity", f"/dev/loop{number}", e) from None
     finally:
         os.close(fd)
+    log.debug("loop set capacity /dev/loop%d: ok", number)
 
 
 def _read(path: str) -> str:

@@ -7,7 +7,7 @@ them, so the kernel frees them when the dm device goes, even if cowdisk is kille
 The COW file is sized with the persistent store's overhead (one metadata chunk per
 256 data chunks, a header, and the next area that a full area needs), so a guest that
 rewrites its whole disk never turns the snapshot Invalid
-(docs/reference/dm-snapshot-cow-format.md, "Capacity"). The file is sparse: the margin
+(docs/reference/dm-snapshot-cow-format.md section 2, "Capacity"). The file is sparse: the margin
 costs nothing.
 """
 
@@ -16,12 +16,12 @@ from __future__ import annotations
 import errno
 import os
 import time
-from typing import Callable, Iterator
+from typing import Callable, ClassVar, Iterator, Mapping
 
 from ..errors import InUse, KernelError
-from ..kernel import dm, dm_status, fs, loop
+from ..kernel import blk, dm, dm_status, fs, loop
 from ..progress import Progress
-from . import KernelObject, Usage, VolumeCtx
+from . import BackendEnv, KernelObject, Usage, VolumeCtx
 
 COW = "cow.img"
 CHUNK_SECTORS = 8
@@ -43,6 +43,29 @@ def cow_path(ctx: VolumeCtx) -> str:
 class DmSnapshotBackend:
     name = "dm-snapshot"
     block_device = True
+    steps: ClassVar[Mapping[str, tuple[str, ...]]] = {
+        "create": ("cow_file", "template_loop", "cow_loop", "dm"),
+        "attach": ("template_loop", "cow_loop", "dm"),
+    }
+
+    @classmethod
+    def available(cls, root: str) -> tuple[bool, str]:
+        ok, reason = snapshot_supported()
+        return ok, ("device-mapper with the snapshot target is available" if ok else f"dm-snapshot: {reason}")
+
+    @classmethod
+    def open(cls, env: BackendEnv) -> "DmSnapshotBackend":
+        return cls(dm_prefix=env.dm_prefix, data_root=env.root, shared_loop_get=env.shared_loop_get,
+                   shared_loop_set=env.shared_loop_set)
+
+    def destroy_store(self) -> None:
+        return None
+
+    def stage(self, ctx: VolumeCtx, device: str, dest: str, *, uid: int | None, gid: int | None) -> str:
+        """A block device node with the dm device's major:minor."""
+        ma, mi = blk.devno(device)
+        blk.make_node(dest, ma, mi, uid=uid, gid=gid)
+        return dest
 
     def __init__(self, *, dm_prefix: str, data_root: str,
                  shared_loop_get: Callable[[str], tuple[int, str] | None] = lambda tid: None,
@@ -225,7 +248,7 @@ class DmSnapshotBackend:
 
     # -- recovery ------------------------------------------------------------------
 
-    def scan(self, tag: str) -> Iterator[KernelObject]:
+    def scan(self) -> Iterator[KernelObject]:
         """dm devices with this store's prefix, and loops backed by files of this store."""
         if dm_available():
             for d in dm.control().list_devices():

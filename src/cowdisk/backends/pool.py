@@ -10,12 +10,15 @@ grown, loop capacity re-read, ``xfs_growfs``).
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 
 from ..errors import CowdiskError, KernelError, Unsupported
 from ..kernel import fs, loop
 from ..kernel import mount as kmount
 from ..kernel.mount import mounted_at  # noqa: F401 (kept importable from here for callers)
+from . import BackendEnv
+from .files import FileBackend
 
 DEFAULT_SIZE = 64 << 30  # sparse: costs nothing until written
 
@@ -105,3 +108,33 @@ class Pool:
             os.unlink(self.image)
         except FileNotFoundError:
             pass
+
+
+class PoolBackend(FileBackend):
+    """``pool``: reflinked volume files inside the store's embedded xfs pool."""
+
+    name = "pool"
+    reflink = True
+
+    def __init__(self, data_root: str, pool: Pool) -> None:
+        super().__init__(data_root)
+        self.pool = pool
+
+    @classmethod
+    def available(cls, root: str) -> tuple[bool, str]:
+        if os.path.exists("/dev/loop-control") and shutil.which("mkfs.xfs"):
+            return True, "pool: loop devices and mkfs.xfs are here: an embedded xfs pool under the store"
+        return False, "pool: needs /dev/loop-control and mkfs.xfs"
+
+    @classmethod
+    def open(cls, env: BackendEnv) -> "PoolBackend":
+        pool = Pool(env.root, f"{env.tag}:pool")
+        return cls(pool.ensure(), pool)
+
+    def grow(self, size: int) -> int:
+        """Grow the pool to ``size`` bytes; returns its free bytes."""
+        self.pool.grow(size)
+        return fs.statfs(self.pool.mnt).free_bytes
+
+    def destroy_store(self) -> None:
+        self.pool.destroy()

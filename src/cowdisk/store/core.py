@@ -38,7 +38,7 @@ from ..errors import CowdiskError, InUse, InvalidArgument, KernelError, NotFound
 from ..kernel import procfs
 from ..locks import FileLock
 from ..progress import Progress
-from ..registry import ATTACHED, CHECKPOINTED, CREATING, Registry, TemplateRow, VolumeRow
+from ..registry import ATTACHED, CREATING, Registry, TemplateRow, VolumeRow
 from . import recovery
 from .model import RecoveryReport, Template, Volume, default_root, validate_id
 from .templates import Templates
@@ -208,9 +208,7 @@ class Store:
         """Detach a volume and keep its data (the VM is paused or gone); its stable link goes."""
         with self._lock("volume", vid):
             v = self.registry.get_volume(vid)
-            if v.state != ATTACHED:
-                raise StateError(f"checkpoint volume {vid}: it is {v.state}, not attached", op="checkpoint",
-                                 obj=vid)
+            CHECKPOINT.require(v)
             ctx = self._ctx(v, op=CHECKPOINT.name)
             self._check_not_open(v, ctx, deadline_s, "checkpoint volume")
             with Transition(self.registry, CHECKPOINT, vid) as tr:
@@ -233,9 +231,7 @@ class Store:
         validate_id(new_id)
         with self._lock("volume", vid), self._lock("volume", new_id):
             src = self.registry.get_volume(vid)
-            if src.state != CHECKPOINTED:
-                raise StateError(f"restore volume {vid}: it is {src.state}, not checkpointed", op="restore",
-                                 obj=vid, hint="checkpoint it first, or use fork")
+            RESTORE_AS.require(src, hint="checkpoint it first, or use fork")
             self._require_data(src)
             t = self.registry.get_template(src.template_id)
             self.check_template(t)
@@ -252,9 +248,7 @@ class Store:
     def _restore_in_place(self, vid: str, progress: Progress | None) -> Volume:
         with self._lock("volume", vid):
             v = self.registry.get_volume(vid)
-            if v.state != CHECKPOINTED:
-                raise StateError(f"restore volume {vid}: it is {v.state}, not checkpointed", op="restore",
-                                 obj=vid)
+            RESTORE.require(v)
             self._require_data(v)
             t = self.registry.get_template(v.template_id)
             self.check_template(t)
@@ -273,8 +267,7 @@ class Store:
         for n in new_ids:
             with self._lock("volume", vid), self._lock("volume", n):
                 src = self.registry.get_volume(vid)
-                if src.state not in (ATTACHED, CHECKPOINTED):
-                    raise StateError(f"fork volume {vid}: it is {src.state}", op="fork", obj=vid)
+                FORK.require(src)
                 t = self.registry.get_template(src.template_id)
                 row = self._new_row(n, t, src.size, vid)
                 ctx = self._ctx(row, t, op=FORK.name, progress=progress)
@@ -294,8 +287,7 @@ class Store:
             validate_id(name, "template name")
         with self._lock("volume", vid):
             v = self.registry.get_volume(vid)
-            if v.state not in (ATTACHED, CHECKPOINTED):
-                raise StateError(f"flatten volume {vid}: it is {v.state}", op="flatten", obj=vid)
+            FLATTEN.require(v)
             t = self.registry.get_template(v.template_id)
             self.check_template(t)
             ctx = self._ctx(v, t, op=FLATTEN.name, progress=progress)

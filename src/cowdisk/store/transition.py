@@ -30,6 +30,7 @@ from types import TracebackType
 from typing import Any, Callable, Literal, Mapping, TypeVar
 
 from .. import failpoints
+from ..errors import StateError
 from ..registry import (
     ATTACHED,
     CHECKPOINTED,
@@ -75,6 +76,20 @@ class Operation:
     @property
     def makes_volume(self) -> bool:
         return self.starts_from is None
+
+    @property
+    def verb(self) -> str:
+        """What users call it ("restore" for restore-as)."""
+        return self.name.split("-")[0]
+
+    def require(self, v: VolumeRow, hint: str = "") -> None:
+        """Refuse (StateError) a subject, or for an operation that makes a volume its source,
+        that is not in a state the operation starts from."""
+        allowed = self.source_from if self.makes_volume else self.starts_from
+        if allowed is not None and v.state not in allowed:
+            want = " or ".join(s.value for s in VolumeState if s in allowed)
+            raise StateError(f"{self.verb} volume {v.id}: it is {v.state}, not {want}", op=self.verb, obj=v.id,
+                             hint=hint)
 
 
 CREATE = Operation("create", None, CREATING, ATTACHED, "undo",

@@ -27,8 +27,10 @@ import pytest
 
 from cowdisk import cache as cc
 from cowdisk.cache import FilesRecipe, TarRecipe, TemplateCache, TreeRecipe
+from cowdisk.digest import sha256_file
 from cowdisk.errors import CowdiskError, KernelError, LockTimeout, Unsupported
 from cowdisk.kernel import fs as kfs
+from cowdisk.kernel import procfs
 
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 MiB = 1 << 20
@@ -36,7 +38,7 @@ IS_ROOT = os.geteuid() == 0
 
 needs_e2fs = pytest.mark.skipif(shutil.which("mkfs.ext4", path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
                                 is None, reason="e2fsprogs not installed")
-pytestmark = needs_e2fs
+pytestmark = [pytest.mark.root, needs_e2fs]
 
 
 # --------------------------------------------------------------------------- helpers
@@ -131,10 +133,38 @@ def readline(p: subprocess.Popen[str], timeout: float = 30) -> str:
     return line.strip()
 
 
+def stages(into: list[str]):
+    """A Progress that records the stage reports (the phase texts) into ``into``."""
+    def progress(done: int, total: int, stage: str = "") -> None:
+        if stage:
+            into.append(stage)
+    return progress
+
+
 def dead_pid() -> int:
     p = subprocess.Popen([sys.executable, "-c", "pass"])
     p.wait()
     return p.pid
+
+
+# --------------------------------------------------------------------------- keys (moved from tests/unit)
+
+
+def test_mkfs_fingerprint_is_stable():
+    a = cc.mkfs_fingerprint("ext4")
+    b = cc.mkfs_fingerprint("ext4")
+    assert a == b
+    assert len(a.fingerprint) == 64
+    assert "mke2fs" in a.version
+
+
+@pytest.mark.root
+@pytest.mark.skipif(not IS_ROOT, reason="chown needs root")
+def test_tree_digest_sensitive_to_owner(tmp_path: Path):
+    a = make_tree(tmp_path / "a")
+    before = cc.tree_digest(a)
+    os.chown(a / "etc" / "hostname", 1234, 1234)
+    assert cc.tree_digest(a) != before
 
 
 # --------------------------------------------------------------------------- build and reuse
@@ -143,7 +173,7 @@ def dead_pid() -> int:
 def test_build_then_reuse_tree_recipe(cowdisk_cache: TemplateCache, cowdisk_cache_tree: Path):
     steps: list[str] = []
     r = TreeRecipe(str(cowdisk_cache_tree), 64 * MiB)
-    first = cowdisk_cache.get_or_build(r, progress=steps.append)
+    first = cowdisk_cache.get_or_build(r, progress=stages(steps))
     assert first.built
     assert any(s.startswith("formatting ext4") for s in steps)
     e = first.entry
@@ -160,7 +190,7 @@ def test_build_then_reuse_tree_recipe(cowdisk_cache: TemplateCache, cowdisk_cach
         assert "User:  1234" in debugfs(e.image, "stat /etc/hostname")
     meta = json.loads(Path(e.path, "meta.json").read_text())
     assert meta["key"] == e.key and meta["fs"] == "ext4" and meta["capacity"] == 64 * MiB
-    assert meta["sha256"] == cc._file_sha256(e.image) == e.sha256
+    assert meta["sha256"] == sha256_file(e.image) == e.sha256
     assert meta["mkfs"]["fingerprint"] == cc.mkfs_fingerprint("ext4").fingerprint
     assert meta["recipe"]["kind"] == "tree" and meta["recipe"]["source"] == str(cowdisk_cache_tree)
     assert not [n for n in os.listdir(cowdisk_cache.root) if n.startswith(".staging-")]
@@ -209,7 +239,7 @@ def test_files_recipe(cowdisk_cache: TemplateCache, cowdisk_cache_tree: Path, tm
     os.chmod(conf, 0o600)
     r = FilesRecipe(((str(cowdisk_cache_tree), "/"), (str(conf), "/etc/app/app.conf"),
                      (str(cowdisk_cache_tree / "usr"), "/opt/usr")), 64 * MiB)
-    res = cowdisk_cache.get_or_build(r, progress=lambda m: None)
+    res = cowdisk_cache.get_or_build(r, progress=lambda done, total, stage="": None)
     assert res.built
     img = res.entry.image
     e2fsck_ok(img)
@@ -238,7 +268,7 @@ def test_import_image_by_content_digest(cowdisk_cache: TemplateCache, tmp_path: 
         f.seek(MiB)
         f.write(b"template bytes")
     res = cowdisk_cache.import_image(img, fs="raw")
-    assert res.built and res.entry.key == cc._file_sha256(str(img)) == res.entry.sha256
+    assert res.built and res.entry.key == sha256_file(str(img)) == res.entry.sha256
     assert res.entry.meta["recipe"] == {"kind": "image", "source": str(img)}
     assert Path(res.entry.image).read_bytes() == img.read_bytes()
     assert kfs.disk_usage(res.entry.image) < 2 * MiB
@@ -263,8 +293,8 @@ def test_failed_build_leaves_nothing(cowdisk_cache: TemplateCache, tmp_path: Pat
 
 
 def test_interrupted_build_leaves_nothing(cowdisk_cache: TemplateCache, cowdisk_cache_tree: Path):
-    def boom(msg: str) -> None:
-        if msg.startswith("hashing the image"):
+    def boom(done: int, total: int, stage: str = "") -> None:
+        if stage.startswith("hashing the image"):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
@@ -273,8 +303,8 @@ def test_interrupted_build_leaves_nothing(cowdisk_cache: TemplateCache, cowdisk_
 
 
 def test_source_changed_during_build_is_not_published(cowdisk_cache: TemplateCache, cowdisk_cache_tree: Path):
-    def edit(msg: str) -> None:
-        if msg.startswith("formatting"):
+    def edit(done: int, total: int, stage: str = "") -> None:
+        if stage.startswith("formatting"):
             (cowdisk_cache_tree / "etc" / "hostname").write_text("edited mid-build\n")
 
     with pytest.raises(CowdiskError, match="changed while building"):
@@ -294,6 +324,46 @@ def test_immutable_entry_can_still_be_removed(tmp_path: Path, cowdisk_cache_tree
     assert not os.path.exists(e.path)
 
 
+@pytest.mark.root
+@pytest.mark.skipif(not IS_ROOT, reason="chattr +i needs CAP_LINUX_IMMUTABLE")
+@pytest.mark.parametrize("how", ["remove", "clean_all", "sweep"])
+def test_removing_entry_keeps_other_hard_link_immutable(tmp_path: Path, cowdisk_cache_tree: Path, how: str):
+    """The store hard-links an entry's image as its template file and sets chattr +i on it
+    (one inode): removing the cache's name must leave that file immutable."""
+    c = TemplateCache(tmp_path / "cowdisk-cache-link", immutable=(how == "remove"))
+    e = c.get_or_build(TreeRecipe(str(cowdisk_cache_tree), 64 * MiB)).entry
+    template = tmp_path / "cowdisk-template.img"
+    src = e.image
+    if how == "sweep":  # debris of a dead builder whose image is linked elsewhere
+        debris = fake_staging(c, "e" * 64, dead_pid())
+        os.unlink(os.path.join(debris, "disk.img"))
+        kfs.set_immutable(e.image, False)
+        os.link(e.image, os.path.join(debris, "disk.img"))
+        src = os.path.join(debris, "disk.img")
+    kfs.set_immutable(src, False)  # link(2) refuses an immutable inode: the store links first
+    os.link(src, template)
+    if not kfs.set_immutable(template, True) or not kfs.is_immutable(template):
+        pytest.skip("filesystem of tmp_path does not support chattr +i")
+    before = sha256_file(template)
+    if how == "remove":
+        assert c.remove(e.key)
+    elif how == "clean_all":
+        assert c.clean_all().removed == [e.key]
+    else:
+        assert c.sweep() == [debris]
+        assert not os.path.exists(debris)
+        assert c.remove(e.key)
+    assert not os.path.exists(e.path) and c.lookup(e.key) is None
+    try:
+        assert kfs.is_immutable(template)
+        assert os.stat(template).st_nlink == 1 and sha256_file(template) == before
+        with pytest.raises(PermissionError):
+            os.unlink(template)
+    finally:
+        kfs.set_immutable(template, False)
+        os.unlink(template)
+
+
 # --------------------------------------------------------------------------- two processes, one build
 
 
@@ -301,8 +371,8 @@ RACE = """
 import json, sys, time
 from cowdisk.cache import TemplateCache, TreeRecipe
 root, tree, counter = sys.argv[1:4]
-def progress(msg):
-    if msg.startswith("formatting"):
+def progress(done, total, stage=""):
+    if stage.startswith("formatting"):
         with open(counter, "a") as f:
             f.write("build\\n")
         time.sleep(1.0)   # keep the lock long enough for the peer to queue behind it
@@ -339,8 +409,8 @@ def test_two_threads_race_one_builds(cowdisk_cache: TemplateCache, cowdisk_cache
     results: list[bool] = []
     go = threading.Barrier(4)
 
-    def slow(msg: str) -> None:
-        if msg.startswith("formatting"):
+    def slow(done: int, total: int, stage: str = "") -> None:
+        if stage.startswith("formatting"):
             time.sleep(0.5)
 
     def run() -> None:
@@ -363,8 +433,8 @@ HOLD_BUILDING = """
 import sys, time
 from cowdisk.cache import TemplateCache, TreeRecipe
 root, tree = sys.argv[1:3]
-def progress(msg):
-    if msg.startswith("formatting"):
+def progress(done, total, stage=""):
+    if stage.startswith("formatting"):
         print("building", flush=True)
         time.sleep(120)
 TemplateCache(root).get_or_build(TreeRecipe(tree, 64 << 20), progress=progress)
@@ -379,7 +449,7 @@ def test_lock_timeout_names_the_builder_pid(tmp_path: Path, cowdisk_cache_tree: 
     steps: list[str] = []
     t0 = time.monotonic()
     with pytest.raises(LockTimeout) as ei:
-        c.get_or_build(TreeRecipe(str(cowdisk_cache_tree), 64 * MiB), timeout=1.5, progress=steps.append)
+        c.get_or_build(TreeRecipe(str(cowdisk_cache_tree), 64 * MiB), timeout=1.5, progress=stages(steps))
     assert 1.4 <= time.monotonic() - t0 < 10
     msg = str(ei.value)
     assert f"PID {child.pid}" in msg, msg
@@ -445,13 +515,13 @@ SLEEPER = "import time; print('up', flush=True); time.sleep(120)"
 def test_sweep_removes_dead_keeps_live(cowdisk_cache: TemplateCache, cowdisk_children: Children):
     live = cowdisk_children.python(SLEEPER)
     assert readline(live) == "up"
-    live_start = cc._proc_stat(live.pid)[1]
+    live_start = int(procfs.process_start(live.pid))  # an int, as every version writes .owner
     k1, k2, k3, k4, k5 = (c * 64 for c in "12345")
     dead = fake_staging(cowdisk_cache, k1, dead_pid())
-    kept = fake_staging(cowdisk_cache, k2, live.pid, {"pid": live.pid, "start": live_start, "boot": cc._boot_id()})
+    kept = fake_staging(cowdisk_cache, k2, live.pid, {"pid": live.pid, "start": live_start, "boot": procfs.boot_id()})
     kept_no_owner = fake_staging(cowdisk_cache, k3, live.pid)
     reused = fake_staging(cowdisk_cache, k4, live.pid, {"pid": live.pid, "start": live_start - 1,
-                                                         "boot": cc._boot_id()})
+                                                         "boot": procfs.boot_id()})
     ours_stale = fake_staging(cowdisk_cache, k5, os.getpid())  # our PID, but no build of ours is active
     other_boot = fake_staging(cowdisk_cache, k1, live.pid, {"pid": live.pid, "start": live_start,
                                                             "boot": "not-this-boot"})
@@ -461,6 +531,27 @@ def test_sweep_removes_dead_keeps_live(cowdisk_cache: TemplateCache, cowdisk_chi
     assert sorted(removed) == sorted([dead, reused, ours_stale, other_boot, probe])
     assert os.path.isdir(kept) and os.path.isdir(kept_no_owner)
     assert not any(map(os.path.exists, removed))
+
+
+def test_sweep_removes_dead_builders_reflink_probes(cowdisk_cache: TemplateCache, cowdisk_children: Children):
+    """Probe files as kernel.fs names them today (<pid>-<tid>-<random>-a|b) are debris too."""
+    live = cowdisk_children.python(SLEEPER)
+    assert readline(live) == "up"
+    os.makedirs(cowdisk_cache.root)
+    dead = os.path.join(cowdisk_cache.root, f".cowdisk-reflink-probe-{dead_pid()}-140234-0a1b2c3d-b")
+    alive = os.path.join(cowdisk_cache.root, f".cowdisk-reflink-probe-{live.pid}-140234-0a1b2c3d-a")
+    Path(dead).touch()
+    Path(alive).touch()
+    assert cowdisk_cache.sweep() == [dead]
+    assert os.path.exists(alive)
+
+
+def test_sweep_reads_owner_with_start_as_text(cowdisk_cache: TemplateCache, cowdisk_children: Children):
+    live = cowdisk_children.python(SLEEPER)
+    assert readline(live) == "up"
+    start = procfs.process_start(live.pid)
+    kept = fake_staging(cowdisk_cache, "b" * 64, live.pid, {"pid": live.pid, "start": start, "boot": procfs.boot_id()})
+    assert cowdisk_cache.sweep() == [] and os.path.isdir(kept)
 
 
 def test_sweep_skips_debris_while_key_is_locked(cowdisk_cache: TemplateCache, cowdisk_children: Children):
@@ -623,7 +714,7 @@ def test_reflink_capable_on_loop_mounted(fs: str, tmp_path: Path, cowdisk_cache_
         e = c.get_or_build(TreeRecipe(str(cowdisk_cache_tree), 64 * MiB)).entry
         clone = os.path.join(mnt, "store", "vol.img")
         kfs.ficlone(e.image, clone)
-        assert cc._file_sha256(clone) == e.sha256
+        assert sha256_file(clone) == e.sha256
         assert kfs.shared_usage(clone).shared > 0
         os.unlink(clone)
         assert c.clean_all().removed == [e.key]

@@ -24,7 +24,9 @@ from testutil import assert_same_host, host_state
 SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "src")
 MiB = 1 << 20
 
-BACKENDS = [pytest.param("copy", id="copy"), pytest.param("pool", id="pool", marks=pytest.mark.root)]
+BACKENDS = ("copy", "pool")
+
+pytestmark = pytest.mark.root  # the host tier: the pool backend and the demo make loop devices and mounts
 
 
 @pytest.fixture(autouse=True)
@@ -308,12 +310,12 @@ def _proc(*args: str, root: str | None = None) -> subprocess.CompletedProcess[st
                           timeout=300, stdin=subprocess.DEVNULL)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_subprocess_create_and_errors(backend: str, tree: str, tmp_path) -> None:
+@pytest.mark.parametrize("cli_backend", BACKENDS)
+def test_subprocess_create_and_errors(cli_backend: str, tree: str, tmp_path) -> None:
     before = host_state()
     root = str(tmp_path / "store")
     try:
-        p = _proc("--backend", backend, "template", "build", tree, "--name", "base", "--json", root=root)
+        p = _proc("--backend", cli_backend, "template", "build", tree, "--name", "base", "--json", root=root)
         assert p.returncode == 0, p.stderr
         assert json.loads(p.stdout)["names"] == ["base"]
         p = _proc("volume", "create", "vm1", "-t", "base", "--json", root=root)
@@ -338,7 +340,6 @@ def test_subprocess_create_and_errors(backend: str, tree: str, tmp_path) -> None
     assert_same_host(before)
 
 
-@pytest.mark.root
 def test_subprocess_demo(tmp_path) -> None:
     """The main job: on this host (no dm, / on ext4) it picks the pool backend."""
     before = host_state()

@@ -47,39 +47,30 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[["Store", int, Mapping[str, Any], "VolumeRow | None", "VolumeCtx | None"], str]
-"""(store, intent id, intent data, the volume's row or None, its context) -> "rolled back"
-or "finished". Runs with the volume's lock held; ends the intent in the transaction that
-records the outcome."""
+Handler = Callable[["Store", int, Mapping[str, Any], "VolumeRow | None", "VolumeCtx | None"], None]
+"""(store, intent id, intent data, the volume's row or None, its context). Runs with the
+volume's lock held and ends the intent in the transaction that records the outcome.
+Whether that outcome is a roll-back or a roll-forward is the operation's ``after_crash``."""
 
 Undo = Callable[[Transition, BaseException], None]
 
 
-def _undo_new(store: "Store", intent: int, data: Mapping[str, Any], v: VolumeRow | None,
-              ctx: VolumeCtx | None) -> str:
-    """create, restore-as, fork: tear down whatever of the new volume exists, forget it."""
+def _forget(store: "Store", intent: int, data: Mapping[str, Any], v: VolumeRow | None,
+            ctx: VolumeCtx | None) -> None:
+    """Tear down whatever of the volume exists and forget it: undoes create, restore-as and
+    fork, finishes remove."""
     if v is not None and ctx is not None:
         store.teardown(v, ctx)
     with store.registry.tx():
         if v is not None:
             store.registry.delete_volume(v.id)
         store.registry.end_intent(intent)
-    return "rolled back"
 
 
-def _finish_remove(store: "Store", intent: int, data: Mapping[str, Any], v: VolumeRow | None,
-                   ctx: VolumeCtx | None) -> str:
-    if v is not None and ctx is not None:
-        store.teardown(v, ctx)
-    with store.registry.tx():
-        if v is not None:
-            store.registry.delete_volume(v.id)
-        store.registry.end_intent(intent)
-    return "finished"
-
-
-def _detached(store: "Store", intent: int, v: VolumeRow | None, ctx: VolumeCtx | None) -> None:
-    """Release the device, keep the data, record the volume checkpointed."""
+def _detached(store: "Store", intent: int, data: Mapping[str, Any], v: VolumeRow | None,
+              ctx: VolumeCtx | None) -> None:
+    """Release the device, keep the data, record the volume checkpointed: finishes
+    checkpoint, undoes restore."""
     if v is not None and ctx is not None:
         store.teardown(v, ctx, keep_data=True)
     with store.registry.tx():
@@ -89,37 +80,24 @@ def _detached(store: "Store", intent: int, v: VolumeRow | None, ctx: VolumeCtx |
         store.registry.end_intent(intent)
 
 
-def _finish_checkpoint(store: "Store", intent: int, data: Mapping[str, Any], v: VolumeRow | None,
-                       ctx: VolumeCtx | None) -> str:
-    _detached(store, intent, v, ctx)
-    return "finished"
-
-
-def _undo_restore(store: "Store", intent: int, data: Mapping[str, Any], v: VolumeRow | None,
-                  ctx: VolumeCtx | None) -> str:
-    _detached(store, intent, v, ctx)
-    return "rolled back"
-
-
-def _undo_flatten(store: "Store", intent: int, data: Mapping[str, Any], v: VolumeRow | None,
-                  ctx: VolumeCtx | None) -> str:
-    """Drop the staging directory, and the template if this flatten registered it."""
+def _drop_flat(store: "Store", intent: int, data: Mapping[str, Any], v: VolumeRow | None,
+               ctx: VolumeCtx | None) -> None:
+    """Undo flatten: drop the staging directory, and the template if this flatten registered it."""
     shutil.rmtree(data.get("staging", ""), ignore_errors=True)
     tid = data.get("template_id")
     if tid and not data.get("existed") and store.registry.find_template(tid) is not None:
         store.remove_template(tid)
     store.registry.end_intent(intent)
-    return "rolled back"
 
 
 HANDLERS: Mapping[str, Handler] = {
-    CREATE.name: _undo_new,
-    RESTORE_AS.name: _undo_new,
-    FORK.name: _undo_new,
-    REMOVE.name: _finish_remove,
-    CHECKPOINT.name: _finish_checkpoint,
-    RESTORE.name: _undo_restore,
-    FLATTEN.name: _undo_flatten,
+    CREATE.name: _forget,
+    RESTORE_AS.name: _forget,
+    FORK.name: _forget,
+    REMOVE.name: _forget,
+    CHECKPOINT.name: _detached,
+    RESTORE.name: _detached,
+    FLATTEN.name: _drop_flat,
 }
 assert set(HANDLERS) == set(OPERATIONS), "every operation needs its recovery handler"
 
@@ -135,8 +113,8 @@ def recover_intent(store: "Store", it: Intent, rep: RecoveryReport) -> None:
     with store._lock("volume", it.volume_id) if it.volume_id else contextlib.nullcontext():
         v = store.registry.find_volume(it.volume_id) if it.volume_id else None
         ctx = store._ctx(v, op="recover") if v is not None else None
-        outcome = handler(store, it.id, it.data, v, ctx)
-    (rep.rolled_back if outcome == "rolled back" else rep.finished).append(label)
+        handler(store, it.id, it.data, v, ctx)
+    (rep.rolled_back if OPERATIONS[op].after_crash == "undo" else rep.finished).append(label)
 
 
 def recover(store: "Store") -> RecoveryReport:

@@ -1,0 +1,174 @@
+"""The transition mechanism on a real SQLite registry, no kernel: intent and trying state
+together, steps in their declared order, done state with the end of the intent, undo on
+failure for roll-back operations, the intent kept for roll-forward ones, revert, and the
+crash points derived from the declarations."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from cowdisk.errors import StateError
+from cowdisk.registry import ATTACHED, CHECKPOINTED, CHECKPOINTING, CREATING, Registry, TemplateRow, VolumeRow
+from cowdisk.store.transition import (
+    CHECKPOINT,
+    CREATE,
+    FLATTEN,
+    FORK,
+    INTENT,
+    OPERATIONS,
+    REMOVE,
+    RESTORE,
+    RESTORE_AS,
+    Operation,
+    Step,
+    Transition,
+    crash_points,
+    legacy_op,
+)
+
+
+@pytest.fixture
+def reg(tmp_path) -> Registry:
+    r = Registry(str(tmp_path / "registry.db"))
+    r.add_template(TemplateRow("t1", "/nowhere/disk.img", 4096, "d" * 64, 0, 0, False, "test", time.time(), "ready"))
+    yield r
+    r.close()
+
+
+def row(vid: str) -> VolumeRow:
+    now = time.time()
+    return VolumeRow(vid, "t1", "copy", CREATING, 4096, f"/nowhere/{vid}", None, now, now, None, None)
+
+
+def test_create_commits_intent_and_row_together_then_done_state(reg: Registry) -> None:
+    seen = []
+    with Transition(reg, CREATE, "v", row=row("v")) as t:
+        seen.append((reg.get_volume("v").state, [i.op for i in reg.intents()]))
+        t.step("volume", lambda: "/dev/x")
+        t.step("link", lambda: None)
+        t.finish(device="/dev/x")
+    assert seen == [(CREATING, ["create"])]
+    v = reg.get_volume("v")
+    assert (v.state, v.device) == (ATTACHED, "/dev/x")
+    assert reg.intents() == []
+
+
+def test_an_undo_operation_runs_its_undo_on_failure(reg: Registry) -> None:
+    undone = []
+
+    def undo(t: Transition, e: BaseException) -> None:
+        undone.append((t.op.name, type(e).__name__))
+        reg.delete_volume(t.vid)
+        reg.end_intent(t.intent)
+
+    with pytest.raises(OSError):
+        with Transition(reg, CREATE, "v", row=row("v"), undo=undo) as t:
+            t.step("volume", lambda: (_ for _ in ()).throw(OSError(5, "boom")))
+    assert undone == [("create", "OSError")]
+    assert reg.find_volume("v") is None and reg.intents() == []
+
+
+def test_a_failed_undo_keeps_the_intent_and_says_so(reg: Registry) -> None:
+    def undo(t: Transition, e: BaseException) -> None:
+        raise RuntimeError("undo broke")
+
+    with pytest.raises(OSError) as ei:
+        with Transition(reg, CREATE, "v", row=row("v"), undo=undo):
+            raise OSError(5, "boom")
+    assert any("undo of create v failed too" in n for n in ei.value.__notes__)
+    assert [i.op for i in reg.intents()] == ["create"]
+
+
+def test_a_finish_operation_leaves_its_intent_for_recovery(reg: Registry) -> None:
+    reg.add_volume(row("v"))
+    reg.set_state("v", ATTACHED)
+    with pytest.raises(OSError):
+        with Transition(reg, CHECKPOINT, "v") as t:
+            t.step("detach", lambda: (_ for _ in ()).throw(OSError(16, "busy")))
+    assert reg.get_volume("v").state == CHECKPOINTING
+    assert [(i.op, i.volume_id) for i in reg.intents()] == [("checkpoint", "v")]
+
+
+def test_revert_puts_the_start_state_back_and_ends_the_intent(reg: Registry) -> None:
+    reg.add_volume(row("v"))
+    reg.set_state("v", ATTACHED)
+    with pytest.raises(LookupError):
+        with Transition(reg, REMOVE, "v") as t:
+            t.revert()
+            raise LookupError("in use")
+    assert reg.get_volume("v").state == ATTACHED and reg.intents() == []
+
+
+def test_remove_deletes_the_row_with_the_end_of_its_intent(reg: Registry) -> None:
+    reg.add_volume(row("v"))
+    reg.set_state("v", ATTACHED)
+    with Transition(reg, REMOVE, "v") as t:
+        t.step("detach", lambda: None)
+        t.step("data", lambda: None)  # "links" left out: optional steps may be skipped
+        t.finish()
+    assert reg.find_volume("v") is None and reg.intents() == []
+
+
+def test_steps_run_only_in_their_declared_order(reg: Registry) -> None:
+    reg.add_volume(row("v"))
+    reg.set_state("v", ATTACHED)
+    with pytest.raises(TypeError, match="not declared"):
+        with Transition(reg, REMOVE, "v") as t:
+            t.step("data", lambda: None)
+            t.step("detach", lambda: None)
+
+
+def test_a_block_that_forgets_finish_is_a_bug(reg: Registry) -> None:
+    with pytest.raises(TypeError, match="without finish"):
+        with Transition(reg, CREATE, "v", row=row("v")):
+            pass
+
+
+def test_the_trying_state_must_be_allowed_from_the_current_one(reg: Registry) -> None:
+    reg.add_volume(row("v"))  # creating: checkpoint cannot start
+    with pytest.raises(StateError):
+        with Transition(reg, CHECKPOINT, "v") as t:
+            t.finish()
+    assert reg.get_volume("v").state == CREATING and reg.intents() == []
+
+
+def test_require_names_the_operation_state_and_what_it_needs(reg: Registry) -> None:
+    reg.add_volume(row("v"))
+    v = reg.get_volume("v")
+    with pytest.raises(StateError, match=r"restore volume v: it is creating, not checkpointed") as ei:
+        RESTORE_AS.require(v)
+    assert ei.value.exit_code == StateError.exit_code
+    for op in (FORK, FLATTEN):
+        with pytest.raises(StateError, match=f"{op.name} volume v: it is creating, not attached or checkpointed"):
+            op.require(v)
+    reg.set_state("v", ATTACHED)
+    FLATTEN.require(reg.get_volume("v"))  # allowed: no error
+
+
+def test_crash_points_come_from_the_declared_steps() -> None:
+    backend_steps = {"create": ("cow_file", "dm"), "attach": ("dm",)}
+    assert crash_points(CREATE, backend_steps) == [INTENT, "cow_file", "dm", "volume", "link"]
+    assert crash_points(RESTORE, backend_steps) == [INTENT, "dm", "device", "link"]
+    assert crash_points(REMOVE, {}) == [INTENT, "detach", "links", "data"]
+    op = Operation("demo", frozenset({ATTACHED}), None, None, "undo", (Step("a", "copy_data"), Step("b")))
+    assert crash_points(op, {"copy_data": ("x", "y")}) == [INTENT, "x", "y", "a", "b"]
+
+
+def test_every_operation_is_declared_consistently() -> None:
+    for op in OPERATIONS.values():
+        assert op.steps, op.name
+        assert len({s.name for s in op.steps}) == len(op.steps), op.name
+        if op.makes_volume:
+            assert op.trying == CREATING, op.name
+            assert (op.source_from is None) == (op is CREATE), op.name
+        assert op.after_crash in ("undo", "finish")
+    assert CHECKPOINT.done == CHECKPOINTED and REMOVE.done is None
+
+
+def test_intents_of_older_versions_map_to_todays_operations() -> None:
+    assert legacy_op("restore", {"source": "a"}) == "restore-as"
+    assert legacy_op("restore", {"in_place": True}) == "restore"
+    assert legacy_op("create", {"fork_of": "a"}) == "fork"
+    assert legacy_op("create", {}) == "create"

@@ -15,11 +15,11 @@ import traceback
 
 import click
 
-from ..store import default_root
+from ..store import BACKENDS, default_root
 from . import admin, demo, templates, volumes
 from .app import App, CowdiskGroup
 
-BACKEND_CHOICES = ("auto", "dm-snapshot", "reflink", "pool", "copy")
+BACKEND_CHOICES = ("auto", *BACKENDS)
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 

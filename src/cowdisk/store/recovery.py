@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 from ..backends import VolumeCtx
 from ..errors import CowdiskError
+from ..kernel import fs
 from ..kernel.procfs import process_alive
 from ..locks import FileLock
 from ..registry import ATTACHED, CHECKPOINTED, CREATING, ERROR, Intent, VolumeRow
@@ -131,6 +132,7 @@ def recover(store: "Store") -> RecoveryReport:
     _reactivate(store, rep)
     _remove_orphan_files(store, rep)
     _remove_staging_debris(store, rep)
+    _protect_templates(store, rep)
     return rep
 
 
@@ -234,3 +236,18 @@ def _remove_staging_debris(store: "Store", rep: RecoveryReport) -> None:
         if name.startswith(STAGING_PREFIX) and not staging_owner_alive(name):
             shutil.rmtree(os.path.join(base, name), ignore_errors=True)
             rep.orphans_removed.append(os.path.join(base, name))
+
+
+def _protect_templates(store: "Store", rep: RecoveryReport) -> None:
+    """Owned template files are immutable (chattr +i). A process killed while it removed a
+    cache entry that shares the template's inode (the flag is cleared for the unlink and
+    set again right after) leaves it mutable: set it again."""
+    for t in store.registry.templates():
+        if not t.owned:
+            continue
+        try:
+            if os.path.exists(t.path) and not fs.is_immutable(t.path):
+                fs.set_immutable(t.path, True)
+                rep.finished.append(f"template {t.id}: immutable again")
+        except (CowdiskError, OSError) as e:
+            rep.errors.append(f"protect template {t.id}: {e}")

@@ -151,16 +151,17 @@ class ReflinkBackend(FileBackend):
 
     @classmethod
     def available(cls, root: str) -> tuple[bool, str]:
-        st = fs.fs_type(root)
+        st = fs.reflink_support(root, probe=False).fs
         if st.reflink_capable:
             return True, f"{st.path} is on {st.name}, which can reflink"
         return False, f"reflink: {st.path} is on {st.name}, which cannot reflink"
 
     @classmethod
     def open(cls, env: BackendEnv) -> "FileBackend":
-        st = fs.fs_type(env.root)
-        if not st.reflink_capable and not fs.probe_reflink(fs.nearest_existing(env.root)):
+        r = fs.reflink_support(env.root)  # the store root exists: a FICLONE probe decides
+        if not r.ok:
             raise Unsupported(
-                f"reflink backend: {st.path} is on {st.name}, which cannot reflink", op="open store",
+                f"reflink backend: {r.fs.path} is on {r.fs.name}, which cannot reflink"
+                + (f" (FICLONE probe: {r.probe_step} failed)" if r.probe_step else ""), op="open store",
                 obj=env.root, hint="put the store on btrfs or xfs (reflink=1), or use --backend pool or copy")
         return cls(env.root)

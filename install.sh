@@ -4,6 +4,8 @@
 set -eu
 cd "$(dirname "$0")"
 PKGS="qemu-system-x86 busybox-static kmod cpio e2fsprogs xfsprogs btrfs-progs util-linux dmsetup fio"
+# a stock Debian has no pip for its python3
+python3 -m pip --version >/dev/null 2>&1 || PKGS="$PKGS python3-pip"
 missing=""
 for p in $PKGS; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
@@ -13,4 +15,10 @@ if [ -n "$missing" ]; then
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends $missing >/dev/null
 fi
-python3 -m pip install -q --disable-pip-version-check -e '.[test]'
+# Debian's own python3 is "externally managed" (PEP 668): pip then installs into
+# /usr/local (the place Debian leaves to the admin) only when told so explicitly.
+flags=""
+if python3 -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(os.path.join(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED")))'; then
+    flags="--break-system-packages"
+fi
+python3 -m pip install -q --disable-pip-version-check $flags -e '.[test]'

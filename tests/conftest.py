@@ -1,8 +1,143 @@
+"""Test tiers, their markers, and the one backend-factory fixture the store suites share.
+
+Tiers (the directory says which): ``tests/unit`` runs without root and without device
+tools (marked neither ``root`` nor ``lab``; tests/host/test_unit_unprivileged.py runs it as
+nobody); ``tests/host`` and ``tests/vmm`` need root (every test marked ``root``);
+``tests/lab`` runs inside the kernel lab (_labplugin.py). Collection fails when a test's
+markers disagree with its tier.
+
+The suites in ``tests/suites/`` are test functions taking ``backend`` (a name from
+testutil.HOST_BACKENDS or LAB_BACKENDS) and ``store`` (a fresh store for it, destroyed
+afterwards, host left exactly as before, its volumes/ and links/ left empty by the test).
+A tier's test file imports the suite functions; ``backend`` is parametrized here with the
+tier's backends, narrowed by ``@pytest.mark.backends(...)`` on a test.
+"""
+
+import contextlib
 import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
+
+import pytest
+
+if TYPE_CHECKING:
+    from cowdisk.store import Store
+
+pytest.register_assert_rewrite("suites", "testutil")
 
 pytest_plugins = ["_labplugin"] if os.path.exists(os.path.join(os.path.dirname(__file__), "_labplugin.py")) else []
+
+TESTS = Path(__file__).resolve().parent
+ROOT_TIERS = ("host", "vmm")
+
+# A file its owner is editing right now (issue 10) that still lacks
+# ``pytestmark = pytest.mark.root``; it leaves this list once it has it.
+ROOT_MARK_PENDING = frozenset({"host/test_kernel_fs.py"})
+
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "backends(*names): run this suite test only on these backends")
 
 
 def pytest_sessionstart(session) -> None:
     """Scope the leak witness (testutil.host_state) to this session's temp dirs."""
     os.environ["COWDISK_TEST_SCOPE"] = str(session.config._tmp_path_factory.getbasetemp())
+
+
+def tier_of(path) -> str | None:
+    """``unit``, ``host``, ``lab`` or ``vmm`` for a path under tests/, else None."""
+    try:
+        rel = Path(str(path)).resolve().relative_to(TESTS)
+    except ValueError:
+        return None
+    return rel.parts[0] if len(rel.parts) > 1 else None
+
+
+def _names_backend_itself(metafunc) -> bool:
+    """The test parametrizes ``backend`` itself, or a fixture of that name exists for it."""
+    if "backend" in metafunc._arg2fixturedefs:
+        return True
+    for m in metafunc.definition.iter_markers("parametrize"):
+        names = m.args[0] if m.args else m.kwargs.get("argnames", ())
+        if isinstance(names, str):
+            names = [n.strip() for n in names.split(",")]
+        if "backend" in names:
+            return True
+    return False
+
+
+def pytest_generate_tests(metafunc) -> None:
+    if "backend" not in metafunc.fixturenames or _names_backend_itself(metafunc):
+        return
+    from testutil import HOST_BACKENDS, LAB_BACKENDS
+
+    tier = tier_of(metafunc.definition.path)
+    tier_backends = {"host": HOST_BACKENDS, "lab": LAB_BACKENDS}.get(tier)
+    if tier_backends is None:
+        raise pytest.UsageError(f"{metafunc.definition.nodeid}: the backend fixture runs only under "
+                                f"tests/host or tests/lab, not {tier!r}")
+    mark = metafunc.definition.get_closest_marker("backends")
+    wanted = [b for b in tier_backends if mark is None or b in mark.args]
+    if not wanted:
+        raise pytest.UsageError(f"{metafunc.definition.nodeid}: none of its backends {mark.args} runs in "
+                                f"tests/{tier} ({', '.join(tier_backends)}); do not import it there")
+    metafunc.parametrize("backend", wanted)
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Enforce the tiers' markers (see the module docstring)."""
+    bad = []
+    for it in items:
+        tier = tier_of(it.path)
+        marks = {m.name for m in it.iter_markers()}
+        rel = Path(str(it.path)).resolve().relative_to(TESTS).as_posix() if tier else ""
+        if tier in ROOT_TIERS and "root" not in marks and rel not in ROOT_MARK_PENDING:
+            bad.append(f"{it.nodeid}: tests under tests/{tier} need root: mark them "
+                       "(pytestmark = pytest.mark.root)")
+        elif tier == "unit" and marks & {"root", "lab"}:
+            bad.append(f"{it.nodeid}: tests under tests/unit run without root or the kernel lab, but it is "
+                       f"marked {sorted(marks & {'root', 'lab'})}: move it to tests/host or tests/lab")
+    if bad:
+        raise pytest.UsageError("tests in the wrong tier:\n  " + "\n  ".join(bad))
+
+
+# --------------------------------------------------------------------------- suite fixtures
+
+
+@pytest.fixture
+def store(backend: str, tmp_path) -> Iterator["Store"]:
+    """A fresh store for ``backend``; the test must leave its volumes/ and links/ empty."""
+    from testutil import backend_store, store_files
+
+    with backend_store(backend, str(tmp_path)) as s:
+        yield s
+        left = store_files(s)
+    assert left == [], f"the test left files in the store: {left}"
+
+
+@pytest.fixture
+def base(store, tmp_path):
+    """The template ``base`` (testutil.make_tree) in ``store``."""
+    from testutil import make_tree
+
+    return store.build_template(make_tree(str(tmp_path / "tree")), "base")
+
+
+@pytest.fixture
+def immutable():
+    """set_immutable(path) for the test; always cleared afterwards (or the tmp dir cannot go)."""
+    from cowdisk.kernel import fs
+
+    marked: list[str] = []
+
+    def mark(path: str) -> None:
+        if not fs.set_immutable(path, True):
+            pytest.skip(f"{path}: the filesystem has no immutable flag")
+        marked.append(path)
+
+    try:
+        yield mark
+    finally:
+        for p in reversed(marked):
+            with contextlib.suppress(FileNotFoundError):  # the test removed it (flag cleared first)
+                fs.set_immutable(p, False)

@@ -1,12 +1,22 @@
-"""Helpers shared by the test tiers: scratch filesystems and a leak witness."""
+"""Helpers shared by the test tiers: scratch filesystems, a leak witness, the store a
+backend name stands for (``backend_store``) and the data helpers the suites use.
+
+Everything here checks from outside cowdisk where it can (sysfs, losetup, dmsetup,
+/proc/self/mounts, data read back through the device), so a bug in cowdisk cannot hide
+behind the same bug in its witness.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
+import stat
 import subprocess
+import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator
 
@@ -16,8 +26,81 @@ if TYPE_CHECKING:
     from cowdisk.store import Store
 
 
+MiB = 1 << 20
+
+# The backends the suites run on, by tier (tests/conftest.py parametrizes ``backend``
+# with them). A reflink store lives on a scratch filesystem of the named type.
+HOST_BACKENDS = ("copy", "reflink-xfs", "reflink-btrfs", "pool")
+LAB_BACKENDS = ("dm-snapshot",)
+BLOCK_BACKENDS = frozenset({"dm-snapshot"})
+FILE_BACKENDS = frozenset({"copy", "reflink-xfs", "reflink-btrfs", "pool"})
+
+
 def in_lab() -> bool:
     return os.environ.get("COWDISK_IN_LAB") == "1"
+
+
+# --------------------------------------------------------------------------- data
+
+
+def make_tree(d: str) -> str:
+    """A small root tree: /etc/hostname ("template") and 2 MiB of random payload."""
+    os.makedirs(os.path.join(d, "etc"), exist_ok=True)
+    with open(os.path.join(d, "etc", "hostname"), "w") as f:
+        f.write("template\n")
+    with open(os.path.join(d, "payload.bin"), "wb") as f:
+        f.write(os.urandom(2 * MiB))
+    return d
+
+
+def sha(path: str) -> str:
+    """sha256 hex digest of a file or device (hashlib: not cowdisk's own helper)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_at(dev: str, offset: int, data: bytes) -> None:
+    fd = os.open(dev, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.pwrite(fd, data, offset)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_at(dev: str, offset: int, n: int) -> bytes:
+    fd = os.open(dev, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.pread(fd, n, offset)
+    finally:
+        os.close(fd)
+
+
+def debugfs_cat(image: str, path: str) -> bytes:
+    r = subprocess.run(["debugfs", "-R", f"cat {path}", image], capture_output=True, check=True)
+    return r.stdout
+
+
+@contextlib.contextmanager
+def mounted(path: str, mnt: str) -> Iterator[str]:
+    """Mount the ext4 inside a volume: a block device directly, a file through an
+    autoclear loop (the mount holds it; umount frees it)."""
+    os.makedirs(mnt, exist_ok=True)
+    if stat.S_ISBLK(os.stat(path).st_mode):
+        subprocess.run(["mount", "-t", "ext4", path, mnt], check=True, capture_output=True)
+    else:
+        lp = loop.attach(path, autoclear=True, label="cowdisk-test-mount")
+        try:
+            subprocess.run(["mount", "-t", "ext4", lp.path, mnt], check=True, capture_output=True)
+        finally:
+            lp.close()
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", mnt], check=False, capture_output=True)
 
 
 MKFS = {
@@ -63,6 +146,57 @@ def _umount(mnt: str) -> None:
     holders = subprocess.run(["fuser", "-vm", mnt], capture_output=True, text=True)
     subprocess.run(["umount", "-l", mnt], capture_output=True)  # do not leave it mounted
     raise AssertionError(f"test filesystem {mnt} stayed busy: {r.stderr.strip()} {holders.stderr.strip()}")
+
+
+SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+
+
+def cowdisk_cli(root: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """``python -m cowdisk --root ROOT ARGS`` from this checkout, as a user runs it."""
+    env = {**os.environ, "NO_COLOR": "1", "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env.pop("COWDISK_ROOT", None)
+    return subprocess.run([sys.executable, "-m", "cowdisk", "--root", root, *args], capture_output=True,
+                          text=True, env=env, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def store_files(s: "Store") -> list[str]:
+    """Every path under the store's volumes/ and links/ directories."""
+    out = []
+    for base in (os.path.join(s.data_root, "volumes"), os.path.join(s.root, "links")):
+        for d, dirs, files in os.walk(base):
+            out += [os.path.join(d, n) for n in dirs + files]
+    return sorted(out)
+
+
+def losetup_template_loops(path: str) -> list[str]:
+    """Loop devices whose backing file is ``path``, as losetup(8) lists them."""
+    out = subprocess.run(["losetup", "--list", "--noheadings", "-O", "NAME,BACK-FILE"], capture_output=True,
+                         text=True, check=True).stdout
+    return [ln.split()[0] for ln in out.splitlines() if len(ln.split()) >= 2 and ln.split(None, 1)[1] == path]
+
+
+def sysfs_template_loops(path: str) -> int:
+    """The same count from sysfs (no process start), for polling."""
+    return sum(1 for li in loop.list_loops() if li.backing_file == path)
+
+
+@contextlib.contextmanager
+def backend_store(backend: str, base: str) -> Iterator["Store"]:
+    """A fresh store for ``backend`` (one of HOST_BACKENDS or LAB_BACKENDS) under ``base``.
+
+    ``reflink-xfs`` and ``reflink-btrfs`` put the store on a scratch filesystem of that
+    type. Afterwards the store is destroyed (managed_store) and the host must be exactly
+    as before, the scratch filesystem's loop included.
+    """
+    before = host_state()
+    if backend.startswith("reflink-"):
+        with scratch_fs(backend.split("-", 1)[1], base=base) as mnt, \
+                managed_store(os.path.join(mnt, "store"), "reflink") as s:
+            yield s
+    else:
+        with managed_store(os.path.join(base, "store"), backend) as s:
+            yield s
+    assert_settled(before)
 
 
 @contextlib.contextmanager
@@ -123,3 +257,17 @@ def assert_same_host(before: HostState, after: HostState | None = None) -> None:
     assert after.loops == before.loops, f"loops differ: +{after.loops - before.loops} -{before.loops - after.loops}"
     assert after.dm == before.dm, f"dm devices differ: +{after.dm - before.dm} -{before.dm - after.dm}"
     assert after.mounts == before.mounts, f"mounts differ: +{after.mounts - before.mounts}"
+
+
+def assert_settled(before: HostState, wait_s: float = 10.0) -> None:
+    """assert_same_host, allowing an autoclear loop a moment to detach: the kernel
+    releases it at the last close, which may come just after umount returns."""
+    end = time.monotonic() + wait_s
+    while True:
+        try:
+            assert_same_host(before)
+            return
+        except AssertionError:
+            if time.monotonic() > end:
+                raise
+        time.sleep(0.05)

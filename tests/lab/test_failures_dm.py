@@ -1,26 +1,13 @@
-"""The failure tests of tests/vmm/test_failures.py on dm-snapshot, in the kernel lab."""
-
-from __future__ import annotations
-
-from typing import Iterator
+"""Failures under the store (suites/failures.py) on dm-snapshot, against a real device-mapper in the kernel lab."""
 
 import pytest
 
-from testutil import managed_store
-from vmm.test_failures import (  # noqa: F401  (fixtures and tests reused as they are)
-    immutable,
-    test_restore_when_the_checkpoint_data_vanished,
-    test_restore_with_the_links_root_immutable,
+from suites.failures import (  # noqa: F401  (collected here, parametrized by backend)
+    test_enospc_on_store_filesystem_during_create,
+    test_remove_while_held_open_by_another_process,
     test_restore_with_the_source_link_dir_immutable,
-    tree,
+    test_restore_with_the_links_root_immutable,
+    test_restore_when_the_checkpoint_data_vanished,
 )
 
-import cowdisk.store as store_mod
-
 pytestmark = pytest.mark.lab
-
-
-@pytest.fixture
-def store(tmp_path) -> Iterator[store_mod.Store]:
-    with managed_store(str(tmp_path / "store"), "dm-snapshot") as s:
-        yield s

@@ -19,6 +19,10 @@ Which staging the test covers depends on the store's backend: block backends
 (dm-snapshot, in the kernel lab) get a device node with the device's major:minor;
 file backends (reflink, pool, copy: this host picks pool) get a hard link, so the
 jail has to be on the volume's filesystem (for the pool: inside the pool mount).
+
+Staging without a VMM (stale entries replaced, another filesystem refused) is in
+tests/suites/jail.py, run on every backend by tests/host/test_jail.py and
+tests/lab/test_jail_dm.py.
 """
 
 from __future__ import annotations
@@ -30,7 +34,6 @@ import shutil
 import stat
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -104,14 +107,6 @@ def guest():
     for tool in ("qemu-system-x86_64", "mkfs.ext4", "debugfs", "unshare", "chroot", "mount"):
         assert shutil.which(tool), f"{tool} missing: run install.sh"
     return guestlib.build()
-
-
-@pytest.fixture(scope="module")
-def tree(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tree")
-    (d / "etc").mkdir()
-    (d / "etc" / "hello").write_text("hello\n")
-    return str(d)
 
 
 @pytest.fixture
@@ -198,57 +193,3 @@ def test_jailed_qemu_boots_from_the_staged_disk(guest, store, jails, tmp_path, r
     os.unlink(staged)  # the jailer's teardown; then the volume goes as usual
     store.remove_volume("jvm")
     assert not os.path.lexists(vol.link) and not os.path.exists(vol.data_path)
-
-
-def test_stale_entry_at_the_jail_path_is_replaced(tree, store, jails):
-    tpl = store.build_template(tree, "t")
-    a = store.create_volume("ja", tpl.id)
-    b = store.create_volume("jb", tpl.id)
-    jail = jails("stale")
-    dest = jail / "rootfs"
-
-    def staged_is(vol) -> bool:
-        st, vst = os.lstat(dest), os.stat(vol.device)
-        if store.backend.block_device:
-            return stat.S_ISBLK(st.st_mode) and st.st_rdev == vst.st_rdev
-        return (st.st_dev, st.st_ino) == (vst.st_dev, vst.st_ino)
-
-    stale_kinds = {
-        "file": lambda: dest.write_bytes(b"left over by a crashed jailer"),
-        "fifo": lambda: os.mkfifo(dest),
-        "dangling symlink": lambda: os.symlink("/nonexistent/cowdisk-device", dest),
-        # a previous sandbox's disk: replacing it must not touch that volume
-        "other volume": lambda: cowdisk_cli(store.root, "volume", "jail", "jb", str(jail)).check_returncode(),
-    }
-    b_before = Path(b.device).read_bytes()
-    for kind, make in stale_kinds.items():
-        if dest.exists() or dest.is_symlink():
-            dest.unlink()
-        make()
-        p = cowdisk_cli(store.root, "volume", "jail", "ja", str(jail))
-        assert p.returncode == 0, f"{kind}: {p.stderr}"
-        assert staged_is(a), kind
-        assert sorted(os.listdir(jail)) == ["rootfs"], kind  # no temporary names left
-    assert Path(b.device).read_bytes() == b_before
-    assert os.path.exists(b.device) and os.path.exists(a.device)
-
-
-def test_jail_on_another_filesystem_is_refused(tree, store, tmp_path):
-    if store.backend.block_device:
-        pytest.skip("block backends stage a device node, which works on any filesystem")
-    tpl = store.build_template(tree, "t")
-    v = store.create_volume("jx", tpl.id)
-    assert os.stat("/dev/shm").st_dev != os.stat(v.device).st_dev
-    jail = Path(tempfile.mkdtemp(prefix="cowdisk-jail-", dir="/dev/shm"))
-    try:
-        p = cowdisk_cli(store.root, "volume", "jail", "jx", str(jail))
-        assert p.returncode == 9, (p.returncode, p.stdout, p.stderr)  # Unsupported
-        assert "on another filesystem than the volume file" in p.stderr
-        assert "hint: put the jail on the store's filesystem" in p.stderr
-        assert os.listdir(jail) == []  # nothing behind: no node, no link, no temporary
-        assert os.stat(v.device).st_nlink == 1
-        with pytest.raises(store_mod.Unsupported):
-            store.jail("jx", str(jail))
-        assert os.listdir(jail) == []
-    finally:
-        shutil.rmtree(jail, ignore_errors=True)

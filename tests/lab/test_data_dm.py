@@ -1,0 +1,9 @@
+"""Data through a mounted volume (suites/data.py) on dm-snapshot, against a real device-mapper in the kernel lab."""
+
+import pytest
+
+from suites.data import (  # noqa: F401  (collected here, parametrized by backend)
+    test_ext4_data_survives_checkpoint_and_restore_under_new_id,
+)
+
+pytestmark = pytest.mark.lab

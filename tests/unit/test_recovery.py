@@ -20,7 +20,7 @@ import pytest
 
 from cowdisk.kernel.procfs import process_start
 from cowdisk.registry import ATTACHED, CHECKPOINTED, CHECKPOINTING, CREATING, ERROR, REMOVING, RESTORING
-from cowdisk.registry import TemplateRow, VolumeRow, VolumeState
+from cowdisk.registry import TemplateRow, VolumeState
 from cowdisk.store import Store
 
 DISK = "disk.img"  # the copy backend's file in a volume's data directory

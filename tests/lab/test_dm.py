@@ -454,7 +454,7 @@ def test_flakey_and_delay(ctl: dm.Control, objs: Objects, tmp_path: Path) -> Non
     assert line_of(ctl.status(fl)[0]) == dmsetup_status(fl)
     # up 0 s, down 5 s and no features: every I/O fails.
     with pytest.raises(OSError) as ei:
-        direct_read(dm.device_node(fl), 0, 4096)
+        direct_read(ctl.device_node(fl), 0, 4096)
     assert ei.value.errno == errno.EIO
 
     de = objs.name("delay")

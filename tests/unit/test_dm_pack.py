@@ -347,3 +347,8 @@ def test_data_range_reads_size_at_12_and_start_at_16() -> None:
     buf = abi.pack_dm_ioctl(data_size=1024)
     buf[12:20] = _u32(400) + _u32(312)  # as the kernel writes back: data_size, then data_start
     assert abi.data_range(buf) == (312, 400)
+
+
+def test_device_node_wants_a_device_info() -> None:
+    with pytest.raises(TypeError):
+        dm.device_node("vm1")  # type: ignore[arg-type]

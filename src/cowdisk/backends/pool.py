@@ -16,7 +16,7 @@ import subprocess
 from ..errors import CowdiskError, KernelError, Unsupported
 from ..kernel import fs, loop
 from ..kernel import mount as kmount
-from ..kernel.mount import mounted_at  # noqa: F401 (kept importable from here for callers)
+from ..kernel.mount import mounted_at
 from . import BackendEnv
 from .files import FileBackend
 

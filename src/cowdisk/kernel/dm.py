@@ -719,7 +719,11 @@ def device_node(info: DeviceInfo, mapper_link: bool = False) -> str:
     since the next device with that minor is checked and, if needed, replaced.
 
     :raises KernelError: ENXIO (no table loaded yet) or the mknod/symlink errno.
+    :raises TypeError: given a name: use ``Control.device_node(name)``.
     """
+    if not isinstance(info, DeviceInfo):
+        raise TypeError(f"dm.device_node takes a DeviceInfo, not {type(info).__name__}: "
+                        "use Control.device_node(name) to look a name up")
     return _ensure_node(info, mapper_link)
 
 

@@ -190,7 +190,7 @@ def probe_reflink(directory: str | os.PathLike[str]) -> bool:
 
     See :func:`reflink_support` for the answer with its reasons.
     """
-    return _ficlone_probe(os.fspath(directory))[1] == 0
+    return _ficlone_probe(os.fspath(directory))[0] == ""
 
 
 @dataclass(frozen=True)

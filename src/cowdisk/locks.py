@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import logging
 import os
 import time
 from types import TracebackType
@@ -22,6 +23,8 @@ from typing import Callable
 
 from .errors import KernelError, LockTimeout
 from .kernel import procfs
+
+log = logging.getLogger(__name__)
 
 WAIT_NOTICE = 1.0  # seconds of waiting before ``on_wait`` is told who holds the lock
 
@@ -110,6 +113,9 @@ class FileLock:
         except BaseException:
             self.release()
             raise
+        waited = time.monotonic() - start
+        if waited >= WAIT_NOTICE:
+            log.debug("lock %s: acquired after %.1f s", self.what, waited)
         return self
 
     def release(self) -> None:

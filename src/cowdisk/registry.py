@@ -357,15 +357,17 @@ class Registry:
             raise StateError(f"add volume {v.id}: a volume is born {CREATING.value}, not {v.state}",
                              op="add volume", obj=v.id)
         with self.tx() as c:
-            try:
-                c.execute(
-                    "INSERT INTO volumes(id, template_id, backend, state, size, data_path, device, created,"
-                    " updated, parent, error) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                    (v.id, v.template_id, v.backend, v.state, v.size, v.data_path, v.device, v.created,
-                     v.updated, v.parent, v.error))
-            except sqlite3.IntegrityError:
+            if c.execute("SELECT 1 FROM volumes WHERE id=?", (v.id,)).fetchone():
                 raise AlreadyExists(f"volume {v.id!r} already exists", op="create volume", obj=v.id,
-                                    hint="pick another id or remove the old volume") from None
+                                    hint="pick another id or remove the old volume")
+            if not c.execute("SELECT 1 FROM templates WHERE id=?", (v.template_id,)).fetchone():
+                raise NotFound(f"add volume {v.id}: template {v.template_id!r} not found", op="add volume",
+                               obj=v.template_id)
+            c.execute(
+                "INSERT INTO volumes(id, template_id, backend, state, size, data_path, device, created,"
+                " updated, parent, error) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                (v.id, v.template_id, v.backend, v.state, v.size, v.data_path, v.device, v.created,
+                 v.updated, v.parent, v.error))
 
     def find_volume(self, vid: str) -> VolumeRow | None:
         rows = self._q("SELECT * FROM volumes WHERE id=?", (vid,))

@@ -207,13 +207,11 @@ def test_a_volume_is_born_creating_once(reg) -> None:
     assert ei.value.obj == "v"
 
 
-@pytest.mark.xfail(strict=True, reason="registry.add_volume maps every IntegrityError, the missing template's "
-                   "foreign key included, to AlreadyExists('volume already exists'); reported to the store")
 def test_a_volume_needs_its_template(reg) -> None:
-    with pytest.raises(Exception) as ei:  # noqa: B017 - which type is what this checks
+    with pytest.raises(NotFound) as ei:
         reg.add_volume(vol("v", template_id="missing"))
     assert reg.volumes() == []
-    assert not isinstance(ei.value, AlreadyExists), ei.value
+    assert ei.value.obj == "missing"
 
 
 def test_update_volume_changes_only_device_and_error(reg, db) -> None:

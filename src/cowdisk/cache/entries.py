@@ -4,6 +4,7 @@ removing entries."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import stat
@@ -24,6 +25,8 @@ from .fscheck import check_same_filesystem
 from .mkfs import MkfsInfo, mkfs_fingerprint
 from .recipes import FORMAT, KEY_RE, Recipe, cache_key, check_recipe, hash_file, recipe_digest, validate_key
 from .tree import remove_tree
+
+log = logging.getLogger(__name__)
 
 META_NAME = "meta.json"
 LOCK_DIR = ".locks"
@@ -270,6 +273,7 @@ class TemplateCache:
                 except OSError as e:
                     raise KernelError.from_oserror("publish cache entry", f"{staging} -> {final}", e) from None
                 _fsync_path(self.root, directory=True)
+                log.debug("cache entry %s published: %s", key, final)
             except BaseException:
                 try:
                     if os.path.lexists(staging):
@@ -296,6 +300,7 @@ class TemplateCache:
             if not os.path.lexists(path):
                 return False
             remove_entry_dir(path, "remove cache entry")
+            log.debug("cache entry %s removed", key)
             return True
 
     def sweep(self) -> list[str]:

@@ -9,6 +9,7 @@ the same bytes again after a ``clean_all`` (file timestamps still come from the 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 import subprocess
@@ -18,6 +19,8 @@ from dataclasses import dataclass
 
 from ..errors import CowdiskError, KernelError, Unsupported
 from ..kernel import fs as kfs
+
+log = logging.getLogger(__name__)
 
 FAKE_TIME = 1_700_000_000  # mke2fs timestamps, for reproducible ext4 images
 _MKFS_PATH_EXTRA = ("/usr/local/sbin", "/usr/sbin", "/sbin")
@@ -48,6 +51,7 @@ def run(cmd: list[str], op: str, obj: str, env: dict[str, str] | None = None,
         hint: str = "") -> subprocess.CompletedProcess[bytes]:
     """Run a tool (in :func:`c_env` unless ``env`` is given); a non-zero exit raises with
     the last lines of its output."""
+    log.debug("%s %s: %s", op, obj, " ".join(cmd))
     try:
         r = subprocess.run(cmd, capture_output=True, env=env or c_env(), stdin=subprocess.DEVNULL)
     except OSError as e:

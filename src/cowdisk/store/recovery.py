@@ -133,6 +133,9 @@ def recover(store: "Store") -> RecoveryReport:
     _remove_orphan_files(store, rep)
     _remove_staging_debris(store, rep)
     _protect_templates(store, rep)
+    for what, items in rep.as_dict().items():
+        for item in items:
+            (log.warning if what == "errors" else log.info)("recover: %s %s", what.replace("_", " "), item)
     return rep
 
 

@@ -30,7 +30,7 @@ import signal
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from conformance import read_at, write_at
+from testutil import make_tree, read_at, write_at
 from cowdisk.backends import backend_class
 from cowdisk.kernel import loop
 from cowdisk.registry import ATTACHED, CHECKPOINTED, VolumeState
@@ -91,8 +91,6 @@ def expected(op: Operation) -> dict[str, VolumeState]:
 
 def setup(root: str, backend: str, tree: str, case: Case) -> None:
     """A store with a template, an attached bystander and the subject volume ``x`` as the op needs it."""
-    from conformance import make_tree
-
     s = Store(root, backend=backend)
     s.build_template(make_tree(tree), "base")
     by = s.create_volume("bystander", "base")

@@ -6,11 +6,10 @@ import os
 
 import pytest
 
-import conformance
-from cowdisk.backends.pool import mounted_at
+from cowdisk.kernel.mount import mounted_at
 from cowdisk.kernel import fs
 from cowdisk.store import Store
-from testutil import assert_same_host, host_state
+from testutil import assert_same_host, host_state, make_tree, read_at, write_at
 
 pytestmark = pytest.mark.root
 MiB = 1 << 20
@@ -22,9 +21,9 @@ def test_pool_survives_a_reboot_and_grows(tmp_path) -> None:
     s = Store(root, backend="pool")
     try:
         assert mounted_at(s.backend.pool.mnt) and fs.statfs(s.backend.pool.mnt).name == "xfs"
-        s.build_template(conformance.make_tree(str(tmp_path / "tree")), "base")
+        s.build_template(make_tree(str(tmp_path / "tree")), "base")
         v = s.create_volume("vm", "base")
-        conformance.write_at(v.link, 8 * MiB, b"kept" * 1024)
+        write_at(v.link, 8 * MiB, b"kept" * 1024)
         s.close()
         # a reboot: the pool's mount and loop are gone, the files stay
         s.backend.pool.unmount()
@@ -32,7 +31,7 @@ def test_pool_survives_a_reboot_and_grows(tmp_path) -> None:
         s = Store(root)
         assert s.backend_name == "pool" and mounted_at(s.backend.pool.mnt)
         assert s.volume("vm").state == "attached"
-        assert conformance.read_at(s.volume("vm").link, 8 * MiB, 4096) == b"kept" * 1024
+        assert read_at(s.volume("vm").link, 8 * MiB, 4096) == b"kept" * 1024
         size = os.path.getsize(s.backend.pool.image)
         free = fs.statfs(s.backend.pool.mnt).free_bytes
         grown = s.grow_pool(size * 2)

@@ -29,7 +29,7 @@ def test_invalid_ids(store, base) -> None:
                    lambda: store.fork("ok", [bad])):
             with pytest.raises(InvalidArgument) as ei:
                 op()
-            assert ei.value.op == "validate id", (bad, ei.value)
+            assert ei.value.op == "validate id" and ei.value.obj == repr(bad), (bad, ei.value)
         assert_settled(before)
         assert store_files(store) == files, bad
     assert [x.id for x in store.volumes()] == ["ok"]

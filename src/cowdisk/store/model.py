@@ -21,12 +21,13 @@ def default_root() -> str:
 
 
 def validate_id(vid: str, what: str = "volume id") -> str:
-    """Volume ids end up in dm names and paths: allow only a safe charset and length."""
+    """Volume ids end up in dm names and paths: allow only a safe charset and length.
+    The error's ``obj`` is ``repr(vid)``: the id as given, whitespace and NULs visible."""
     if not isinstance(vid, str) or not vid:
         raise InvalidArgument(f"invalid {what} {vid!r}: empty", op="validate id", obj=repr(vid))
     if len(vid.encode()) > MAX_ID:
         raise InvalidArgument(f"invalid {what} {vid!r}: longer than {MAX_ID} bytes", op="validate id",
-                              obj=vid)
+                              obj=repr(vid))
     if not ID_RE.match(vid) or ".." in vid:
         raise InvalidArgument(
             f"invalid {what} {vid!r}: use letters, digits and _ . + : = @ -, starting with a letter or "

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from testutil import sha
 from vmm import guest as guestlib
 from vmm.qemu import Vm, VmError
 
@@ -89,7 +90,7 @@ def test_boot_checkpoint_restore_on_retargeted_link(guest, work, transport, reco
     b_img = work / "B.img"
     shutil.copyfile(a_img, b_img)
     _retarget(link, b_img)
-    a_digest = _digest(a_img)
+    a_digest = sha(str(a_img))
 
     with Vm(guest, link, work, name="B", transport=transport, incoming=state) as vm:
         pids.append(vm.proc.pid)
@@ -107,7 +108,7 @@ def test_boot_checkpoint_restore_on_retargeted_link(guest, work, transport, reco
     assert guestlib.read_file(b_img, "/data/b") == f"{bootid} {bootid}\n".encode()
     # A is untouched by B's run.
     assert guestlib.read_file(a_img, "/data/b") is None
-    assert _digest(a_img) == a_digest
+    assert sha(str(a_img)) == a_digest
     assert all(_gone(p) for p in pids)
 
     result = {"transport": transport, "boot_s": round(t_boot, 2),
@@ -137,12 +138,3 @@ def test_wait_timeout_names_the_pattern_and_kills(guest, work):
             vm.wait_line("NEVER-PRINTED", timeout=1)
     assert time.monotonic() - t < 15
     assert vm.proc.returncode is not None
-
-
-def _digest(p: Path) -> str:
-    import hashlib
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

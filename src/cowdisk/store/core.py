@@ -33,7 +33,9 @@ import sqlite3
 import time
 from typing import Iterator
 
+from .. import failpoints
 from ..backends import Backend, BackendEnv, TemplateRef, Usage, VolumeCtx, backend_class, explain
+from ..digest import sha256_file
 from ..errors import CowdiskError, InUse, InvalidArgument, KernelError, NotFound, StateError
 from ..kernel import procfs
 from ..locks import FileLock
@@ -102,8 +104,6 @@ class Store:
 
     def _ctx(self, v: VolumeRow, t: TemplateRow | None = None, *, op: str = "",
              progress: Progress | None = None) -> VolumeCtx:
-        from .. import failpoints
-
         t = t or self.registry.get_template(v.template_id)
         vid = v.id
         return VolumeCtx(
@@ -302,8 +302,6 @@ class Store:
             return tpl
 
     def _register_flat(self, tr: Transition, out: str, vid: str, name: str | None) -> Template:
-        from ..digest import sha256_file
-
         digest = sha256_file(out)
         tr.note(template_id=digest[:16], existed=self.registry.find_template(digest[:16]) is not None)
         return self._templates.register(out, digest, owned=True, source=f"flatten:{vid}", name=name)

@@ -35,7 +35,7 @@ OWNER_NAME = ".owner"  # inside a staging directory only; removed before publish
 DEFAULT_LOCK_TIMEOUT = 600.0
 
 _STAGING_RE = re.compile(r"^\.staging-([0-9a-f]{64})-(\d+)-(.+)$")
-# kernel.fs.probe_reflink's files: .cowdisk-reflink-probe-<pid>[-<tid>-<random>]-a|b
+# kernel.fs.reflink_support's probe files: .cowdisk-reflink-probe-<pid>[-<tid>-<random>]-a|b
 _PROBE_RE = re.compile(r"^\.cowdisk-reflink-probe-(\d+)-(?:[0-9a-f]+-)*[ab]$")
 
 

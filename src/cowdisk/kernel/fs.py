@@ -185,14 +185,6 @@ def _ficlone_probe(directory: str) -> tuple[str, int]:
         _unlink_quiet(b)
 
 
-def probe_reflink(directory: str | os.PathLike[str]) -> bool:
-    """True when a FICLONE inside ``directory`` works (the definitive test).
-
-    See :func:`reflink_support` for the answer with its reasons.
-    """
-    return _ficlone_probe(os.fspath(directory))[0] == ""
-
-
 @dataclass(frozen=True)
 class ReflinkSupport:
     """Whether files under ``path`` can be reflinked, and the facts that decided it.

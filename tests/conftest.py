@@ -30,9 +30,6 @@ pytest_plugins = ["_labplugin"] if os.path.exists(os.path.join(os.path.dirname(_
 TESTS = Path(__file__).resolve().parent
 ROOT_TIERS = ("host", "vmm")
 
-# A file its owner is editing right now (issue 10) that still lacks
-# ``pytestmark = pytest.mark.root``; it leaves this list once it has it.
-ROOT_MARK_PENDING = frozenset({"host/test_kernel_fs.py"})
 
 
 def pytest_configure(config) -> None:
@@ -90,8 +87,7 @@ def pytest_collection_modifyitems(config, items) -> None:
     for it in items:
         tier = tier_of(it.path)
         marks = {m.name for m in it.iter_markers()}
-        rel = Path(str(it.path)).resolve().relative_to(TESTS).as_posix() if tier else ""
-        if tier in ROOT_TIERS and "root" not in marks and rel not in ROOT_MARK_PENDING:
+        if tier in ROOT_TIERS and "root" not in marks:
             bad.append(f"{it.nodeid}: tests under tests/{tier} need root: mark them "
                        "(pytestmark = pytest.mark.root)")
         elif tier == "unit" and marks & {"root", "lab"}:

@@ -11,6 +11,8 @@ from cowdisk.errors import KernelError
 from cowdisk.kernel import fs
 from testutil import scratch_fs
 
+pytestmark = pytest.mark.root
+
 MiB = 1 << 20
 
 

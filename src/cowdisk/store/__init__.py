@@ -1,6 +1,7 @@
 """The store: one state root on a host, and the only way callers change it.
 
-``Store`` (core.py) is the facade; templates.py imports, builds and verifies templates;
+``Store`` (core.py) is the facade; parts.py is what its operations and recovery share
+(registry, backend, paths, locks, links, teardown); templates.py imports, builds and verifies templates;
 transition.py declares every state change of a volume and runs it; recovery.py undoes or
 finishes interrupted operations and reconciles the registry with the kernel and the files;
 model.py is the plain data handed to callers.

@@ -24,97 +24,35 @@ Layout of a store root::
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
-import secrets
 import shutil
 import sqlite3
 import time
 from typing import Iterator
 
-from .. import failpoints
-from ..backends import Backend, BackendEnv, TemplateRef, Usage, VolumeCtx, backend_class, explain
+from ..backends import Usage, VolumeCtx, explain
 from ..digest import sha256_file
-from ..errors import CowdiskError, InUse, InvalidArgument, KernelError, NotFound, StateError
+from ..errors import CowdiskError, InUse, KernelError, NotFound, StateError
 from ..kernel import procfs
-from ..locks import FileLock
 from ..progress import Progress
-from ..registry import ATTACHED, CREATING, Registry, TemplateRow, VolumeRow
+from ..registry import ATTACHED, CREATING, TemplateRow, VolumeRow
 from . import recovery
-from .model import RecoveryReport, Template, Volume, default_root, validate_id
-from .templates import Templates
+from .model import RecoveryReport, Template, Volume, validate_id
+from .parts import StoreParts
 from .transition import CHECKPOINT, CREATE, FLATTEN, FORK, REMOVE, RESTORE, RESTORE_AS, Transition
 
 log = logging.getLogger(__name__)
 
 
-class Store:
+class Store(StoreParts):
     """One state root on a host: templates, volumes, links, locks and the registry."""
 
     def __init__(self, root: str | None = None, *, backend: str = "auto", recover: bool = True,
                  lock_timeout: float = 30.0) -> None:
-        self.root = os.path.abspath(root or default_root())
-        self.lock_timeout = lock_timeout
-        for d in ("locks", "links"):
-            os.makedirs(os.path.join(self.root, d), exist_ok=True)
-        self.registry = Registry(os.path.join(self.root, "registry.db"))
-        self.id = self.registry.set_meta_default("store_id", secrets.token_hex(4))
-        self.tag = f"cowdisk:{self.id}"
-        self.dm_prefix = f"cowdisk-{self.id}-"
-        chosen = self.registry.meta("backend")
-        if chosen is None:
-            chosen = explain(self.root)[0] if backend == "auto" else backend
-            backend_class(chosen)  # an unknown name fails here, before it is recorded
-            chosen = self.registry.set_meta_default("backend", chosen)
-        elif backend not in ("auto", chosen):
-            raise InvalidArgument(f"store {self.root} uses backend {chosen}, not {backend}",
-                                  op="open store", obj=self.root, hint="use another --root for another backend")
-        self.backend_name = chosen
-        self.backend: Backend = backend_class(chosen).open(BackendEnv(
-            root=self.root, tag=self.tag, dm_prefix=self.dm_prefix,
-            shared_loop_get=self.registry.template_loop, shared_loop_set=self.registry.set_template_loop))
-        self.data_root = self.backend.data_root
-        for d in ("templates", "volumes"):
-            os.makedirs(os.path.join(self.data_root, d), exist_ok=True)
-        self._templates = Templates(self.registry, self.data_root, lambda tid: self._lock("template", tid))
+        super().__init__(root, backend=backend, lock_timeout=lock_timeout)
         if recover:
             self.recover()
-
-    def close(self) -> None:
-        self.registry.close()
-
-    def __enter__(self) -> "Store":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    # -- paths, locks, contexts --------------------------------------------------------
-
-    def _vol_dir(self, vid: str) -> str:
-        return os.path.join(self.data_root, "volumes", vid)
-
-    def link_path(self, vid: str) -> str:
-        return os.path.join(self.root, "links", vid, "rootfs")
-
-    def _lock(self, kind: str, name: str) -> FileLock:
-        return FileLock(os.path.join(self.root, "locks", f"{kind}-{name}.lock"), timeout=self.lock_timeout,
-                        what=f"{kind} {name}")
-
-    def _ctx(self, v: VolumeRow, t: TemplateRow | None = None, *, op: str = "",
-             progress: Progress | None = None) -> VolumeCtx:
-        t = t or self.registry.get_template(v.template_id)
-        vid = v.id
-        return VolumeCtx(
-            id=vid, template=TemplateRef(t.id, t.path, t.size), data_dir=self._vol_dir(vid), tag=self.tag,
-            dm_name=self.dm_prefix + vid,
-            record=lambda kind, name: self.registry.record_object(vid, kind, name),
-            forget=lambda kind, name: self.registry.forget_object(kind, name),
-            step=lambda s: failpoints.hit(op, s),
-            template_lock=lambda: self._lock("template", t.id),
-            progress=progress,
-        )
 
     def _to_volume(self, v: VolumeRow) -> Volume:
         return Volume(v.id, v.template_id, v.backend, v.state, v.size, v.device, self.link_path(v.id),
@@ -122,7 +60,7 @@ class Store:
 
     def _new_row(self, vid: str, t: TemplateRow, size: int, parent: str | None) -> VolumeRow:
         now = time.time()
-        return VolumeRow(vid, t.id, self.backend_name, CREATING, size, self._vol_dir(vid), None, now, now,
+        return VolumeRow(vid, t.id, self.backend_name, CREATING, size, self.vol_dir(vid), None, now, now,
                          parent, None)
 
     # -- templates -------------------------------------------------------------------
@@ -151,9 +89,6 @@ class Store:
         """Check size, mtime and the full content digest; mark the template changed if they differ."""
         return self._templates.verify(ref, progress)
 
-    def remove_template(self, ref: str) -> None:
-        self._templates.remove(ref)
-
     def template_usage(self, ref: str) -> int:
         """Bytes the template's file really takes on disk (st_blocks)."""
         return self._templates.usage(ref)
@@ -168,7 +103,7 @@ class Store:
 
     def usage(self, vid: str) -> Usage:
         v = self.registry.get_volume(vid)
-        return self.backend.usage(self._ctx(v), attached=v.state == ATTACHED)
+        return self.backend.usage(self.ctx(v), attached=v.state == ATTACHED)
 
     # -- volumes: state changes -----------------------------------------------------
 
@@ -182,38 +117,38 @@ class Store:
         validate_id(vid)
         t = self.registry.get_template(template)
         self.check_template(t)
-        with self._lock("volume", vid), _named_errors("create volume", vid):
+        with self.lock("volume", vid), _named_errors("create volume", vid):
             row = self._new_row(vid, t, t.size // 512 * 512, None)
-            ctx = self._ctx(row, t, op=CREATE.name, progress=progress)
+            ctx = self.ctx(row, t, op=CREATE.name, progress=progress)
             with Transition(self.registry, CREATE, vid, row=row, undo=self._undo(row, ctx)) as tr:
                 dev = tr.step("volume", self.backend.create, ctx)
-                tr.step("link", self._set_link, vid, self.link_path(vid), dev)
+                tr.step("link", self.set_link, vid, self.link_path(vid), dev)
                 tr.finish(device=dev)
         return self.volume(vid)
 
     def remove_volume(self, vid: str, *, deadline_s: float = 5.0) -> None:
         """Detach and delete a volume and its data. Retries while the device is briefly busy."""
-        with self._lock("volume", vid):
+        with self.lock("volume", vid):
             v = self.registry.get_volume(vid)
-            ctx = self._ctx(v, op=REMOVE.name)
+            ctx = self.ctx(v, op=REMOVE.name)
             if v.state == ATTACHED:
                 self._check_not_open(v, ctx, deadline_s, "remove volume")
             with Transition(self.registry, REMOVE, vid) as tr:
                 tr.step("detach", self._detach_or_revert, tr, v, ctx, deadline_s)
-                tr.step("links", self._drop_links, vid)
-                tr.step("data", self._destroy_data, v, ctx)
+                tr.step("links", self.drop_links, vid)
+                tr.step("data", self.destroy_data, v, ctx)
                 tr.finish()
 
     def checkpoint(self, vid: str, *, deadline_s: float = 5.0) -> Volume:
         """Detach a volume and keep its data (the VM is paused or gone); its stable link goes."""
-        with self._lock("volume", vid):
+        with self.lock("volume", vid):
             v = self.registry.get_volume(vid)
             CHECKPOINT.require(v)
-            ctx = self._ctx(v, op=CHECKPOINT.name)
+            ctx = self.ctx(v, op=CHECKPOINT.name)
             self._check_not_open(v, ctx, deadline_s, "checkpoint volume")
             with Transition(self.registry, CHECKPOINT, vid) as tr:
                 tr.step("detach", self._detach_or_revert, tr, v, ctx, deadline_s)
-                tr.step("links", self._drop_links, vid)
+                tr.step("links", self.drop_links, vid)
                 tr.finish(device=None)
         return self.volume(vid)
 
@@ -229,33 +164,40 @@ class Store:
         if new_id is None or new_id == vid:
             return self._restore_in_place(vid, progress)
         validate_id(new_id)
-        with self._lock("volume", vid), self._lock("volume", new_id):
+        with self.lock("volume", vid), self.lock("volume", new_id):
             src = self.registry.get_volume(vid)
             RESTORE_AS.require(src, hint="checkpoint it first, or use fork")
             self._require_data(src)
             t = self.registry.get_template(src.template_id)
             self.check_template(t)
             row = self._new_row(new_id, t, src.size, vid)
-            ctx = self._ctx(row, t, op=RESTORE_AS.name, progress=progress)
+            ctx = self.ctx(row, t, op=RESTORE_AS.name, progress=progress)
             with Transition(self.registry, RESTORE_AS, new_id, row=row, data={"source": vid},
                             undo=self._undo(row, ctx)) as tr:
-                tr.step("copy", self.backend.copy_data, self._ctx(src, t), ctx, src_attached=False)
+                tr.step("copy", self.backend.copy_data, self.ctx(src, t), ctx, src_attached=False)
                 dev = tr.step("device", self.backend.attach, ctx)
                 tr.step("link", self._link_copy, new_id, dev, vid if retarget_source_link else None)
                 tr.finish(device=dev)
         return self.volume(new_id)
 
+    def _link_copy(self, vid: str, dev: str, source: str | None) -> None:
+        """The new volume's own link, and the source's link retargeted to it (the path a VM
+        snapshot of the source recorded)."""
+        self.set_link(vid, self.link_path(vid), dev)
+        if source is not None:
+            self.set_link(vid, self.link_path(source), dev)
+
     def _restore_in_place(self, vid: str, progress: Progress | None) -> Volume:
-        with self._lock("volume", vid):
+        with self.lock("volume", vid):
             v = self.registry.get_volume(vid)
             RESTORE.require(v)
             self._require_data(v)
             t = self.registry.get_template(v.template_id)
             self.check_template(t)
-            ctx = self._ctx(v, t, op=RESTORE.name, progress=progress)
+            ctx = self.ctx(v, t, op=RESTORE.name, progress=progress)
             with Transition(self.registry, RESTORE, vid, data={"in_place": True}, undo=self._undo(v, ctx)) as tr:
                 dev = tr.step("device", self.backend.attach, ctx)
-                tr.step("link", self._set_link, vid, self.link_path(vid), dev)
+                tr.step("link", self.set_link, vid, self.link_path(vid), dev)
                 tr.finish(device=dev)
         return self.volume(vid)
 
@@ -265,18 +207,18 @@ class Store:
             validate_id(n)
         out = []
         for n in new_ids:
-            with self._lock("volume", vid), self._lock("volume", n):
+            with self.lock("volume", vid), self.lock("volume", n):
                 src = self.registry.get_volume(vid)
                 FORK.require(src)
                 t = self.registry.get_template(src.template_id)
                 row = self._new_row(n, t, src.size, vid)
-                ctx = self._ctx(row, t, op=FORK.name, progress=progress)
+                ctx = self.ctx(row, t, op=FORK.name, progress=progress)
                 with Transition(self.registry, FORK, n, row=row, data={"source": vid},
                                 undo=self._undo(row, ctx)) as tr:
-                    tr.step("copy", self.backend.copy_data, self._ctx(src, t), ctx,
+                    tr.step("copy", self.backend.copy_data, self.ctx(src, t), ctx,
                             src_attached=src.state == ATTACHED)
                     dev = tr.step("device", self.backend.attach, ctx)
-                    tr.step("link", self._set_link, n, self.link_path(n), dev)
+                    tr.step("link", self.set_link, n, self.link_path(n), dev)
                     tr.finish(device=dev)
             out.append(self.volume(n))
         return out
@@ -285,12 +227,12 @@ class Store:
         """Materialise a volume (template + its changes) as a new template."""
         if name is not None:
             validate_id(name, "template name")
-        with self._lock("volume", vid):
+        with self.lock("volume", vid):
             v = self.registry.get_volume(vid)
             FLATTEN.require(v)
             t = self.registry.get_template(v.template_id)
             self.check_template(t)
-            ctx = self._ctx(v, t, op=FLATTEN.name, progress=progress)
+            ctx = self.ctx(v, t, op=FLATTEN.name, progress=progress)
             staging = self._templates.staging()
             with Transition(self.registry, FLATTEN, vid, data={"staging": staging},
                             undo=self._undo(v, ctx)) as tr:
@@ -352,59 +294,6 @@ class Store:
                         + (f" by PID {', '.join(map(str, pids))}" if pids else ""),
                         op="release volume", obj=v.id, hint="stop the VM that uses it first") from e
 
-    def teardown(self, v: VolumeRow, ctx: VolumeCtx, *, keep_data: bool = False, deadline_s: float = 5.0) -> None:
-        """Ordered teardown: device, links, then the data (only once the device let go)."""
-        self.backend.detach(ctx, deadline_s=deadline_s)
-        self._drop_links(v.id)
-        if not keep_data:
-            self._destroy_data(v, ctx)
-
-    def _destroy_data(self, v: VolumeRow, ctx: VolumeCtx) -> None:
-        self.backend.destroy(ctx)
-        shutil.rmtree(ctx.data_dir, ignore_errors=True)
-        shutil.rmtree(os.path.dirname(self.link_path(v.id)), ignore_errors=True)
-
-    # -- links -------------------------------------------------------------------------
-
-    def _set_link(self, owner: str, path: str, target: str) -> None:
-        """Point ``path`` at ``target`` atomically (symlink under a temporary name, then rename)."""
-        d = os.path.dirname(path)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        try:
-            os.makedirs(d, exist_ok=True)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            os.symlink(target, tmp)
-            os.replace(tmp, path)
-        except OSError as e:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            hint = ("its directory must be writable: not read-only, not immutable (see lsattr -d)"
-                    if e.errno in (errno.EPERM, errno.EACCES, errno.EROFS) else "")
-            raise KernelError.from_oserror("set stable link", path, e, hint=hint) from None
-        self.registry.set_link(path, owner, target)
-
-    def _link_copy(self, vid: str, dev: str, source: str | None) -> None:
-        """The new volume's own link, and the source's link retargeted to it (the path a VM
-        snapshot of the source recorded)."""
-        self._set_link(vid, self.link_path(vid), dev)
-        if source is not None:
-            self._set_link(vid, self.link_path(source), dev)
-
-    def _drop_links(self, vid: str) -> None:
-        for path, _, _ in self.registry.links(vid):
-            self._drop_link(path)
-
-    def _drop_link(self, path: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        d = os.path.dirname(path)
-        vdir_owner = os.path.basename(d)
-        if self.registry.find_volume(vdir_owner) is None or not os.listdir(d):
-            with contextlib.suppress(OSError):
-                os.rmdir(d)
-        self.registry.drop_link(path)
-
     # -- jails ------------------------------------------------------------------------
 
     def jail(self, vid: str, jail_dir: str, name: str = "rootfs", *, uid: int | None = None,
@@ -416,7 +305,7 @@ class Store:
             raise StateError(f"jail volume {vid}: it is {v.state}, not attached", op="jail", obj=vid)
         if not os.path.isdir(jail_dir):
             raise NotFound(f"jail volume {vid}: jail directory {jail_dir} does not exist", op="jail", obj=jail_dir)
-        return self.backend.stage(self._ctx(v), v.device, os.path.join(jail_dir, name), uid=uid, gid=gid)
+        return self.backend.stage(self.ctx(v), v.device, os.path.join(jail_dir, name), uid=uid, gid=gid)
 
     # -- recovery and maintenance --------------------------------------------------------
 

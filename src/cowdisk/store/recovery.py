@@ -20,7 +20,7 @@ import contextlib
 import logging
 import os
 import shutil
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from ..backends import VolumeCtx
 from ..errors import CowdiskError
@@ -29,6 +29,7 @@ from ..kernel.procfs import process_alive
 from ..locks import FileLock
 from ..registry import ATTACHED, CHECKPOINTED, CREATING, ERROR, Intent, VolumeRow
 from .model import RecoveryReport
+from .parts import StoreParts
 from .templates import STAGING_PREFIX, staging_owner_alive
 from .transition import (
     CHECKPOINT,
@@ -43,12 +44,10 @@ from .transition import (
     legacy_op,
 )
 
-if TYPE_CHECKING:
-    from .core import Store
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[["Store", int, Mapping[str, Any], "VolumeRow | None", "VolumeCtx | None"], None]
+Handler = Callable[[StoreParts, int, Mapping[str, Any], "VolumeRow | None", "VolumeCtx | None"], None]
 """(store, intent id, intent data, the volume's row or None, its context). Runs with the
 volume's lock held and ends the intent in the transaction that records the outcome.
 Whether that outcome is a roll-back or a roll-forward is the operation's ``after_crash``."""
@@ -56,7 +55,7 @@ Whether that outcome is a roll-back or a roll-forward is the operation's ``after
 Undo = Callable[[Transition, BaseException], None]
 
 
-def _forget(store: "Store", intent: int, data: Mapping[str, Any], v: VolumeRow | None,
+def _forget(store: StoreParts, intent: int, data: Mapping[str, Any], v: VolumeRow | None,
             ctx: VolumeCtx | None) -> None:
     """Tear down whatever of the volume exists and forget it: undoes create, restore-as and
     fork, finishes remove."""
@@ -68,7 +67,7 @@ def _forget(store: "Store", intent: int, data: Mapping[str, Any], v: VolumeRow |
         store.registry.end_intent(intent)
 
 
-def _detached(store: "Store", intent: int, data: Mapping[str, Any], v: VolumeRow | None,
+def _detached(store: StoreParts, intent: int, data: Mapping[str, Any], v: VolumeRow | None,
               ctx: VolumeCtx | None) -> None:
     """Release the device, keep the data, record the volume checkpointed: finishes
     checkpoint, undoes restore."""
@@ -81,7 +80,7 @@ def _detached(store: "Store", intent: int, data: Mapping[str, Any], v: VolumeRow
         store.registry.end_intent(intent)
 
 
-def _drop_flat(store: "Store", intent: int, data: Mapping[str, Any], v: VolumeRow | None,
+def _drop_flat(store: StoreParts, intent: int, data: Mapping[str, Any], v: VolumeRow | None,
                ctx: VolumeCtx | None) -> None:
     """Undo flatten: drop the staging directory, and the template if this flatten registered it."""
     shutil.rmtree(data.get("staging", ""), ignore_errors=True)
@@ -103,7 +102,7 @@ HANDLERS: Mapping[str, Handler] = {
 assert set(HANDLERS) == set(OPERATIONS), "every operation needs its recovery handler"
 
 
-def recover_intent(store: "Store", it: Intent, rep: RecoveryReport) -> None:
+def recover_intent(store: StoreParts, it: Intent, rep: RecoveryReport) -> None:
     """Undo or finish the operation of one intent whose process is gone."""
     op = legacy_op(it.op, it.data)
     handler = HANDLERS.get(op)
@@ -111,14 +110,14 @@ def recover_intent(store: "Store", it: Intent, rep: RecoveryReport) -> None:
     if handler is None:  # an operation this cowdisk does not know: never guess
         rep.errors.append(f"{label}: unknown operation {it.op!r} (intent {it.id} kept)")
         return
-    with store._lock("volume", it.volume_id) if it.volume_id else contextlib.nullcontext():
+    with store.lock("volume", it.volume_id) if it.volume_id else contextlib.nullcontext():
         v = store.registry.find_volume(it.volume_id) if it.volume_id else None
-        ctx = store._ctx(v, op="recover") if v is not None else None
+        ctx = store.ctx(v, op="recover") if v is not None else None
         handler(store, it.id, it.data, v, ctx)
     (rep.rolled_back if OPERATIONS[op].after_crash == "undo" else rep.finished).append(label)
 
 
-def recover(store: "Store") -> RecoveryReport:
+def recover(store: StoreParts) -> RecoveryReport:
     """Reconcile registry, kernel and files (see the module docstring)."""
     rep = RecoveryReport()
     for it in store.registry.intents():
@@ -140,7 +139,7 @@ def recover(store: "Store") -> RecoveryReport:
 
 
 @contextlib.contextmanager
-def _idle_volume(store: "Store", vid: str) -> Iterator[bool]:
+def _idle_volume(store: StoreParts, vid: str) -> Iterator[bool]:
     """Hold volume ``vid``'s lock if nobody else does; yield False (and hold nothing) when
     another process or thread is working on that volume: recovery then leaves it alone."""
     lk = FileLock(os.path.join(store.root, "locks", f"volume-{vid}.lock"), timeout=0, what=f"volume {vid}")
@@ -155,7 +154,7 @@ def _idle_volume(store: "Store", vid: str) -> Iterator[bool]:
         lk.release()
 
 
-def _orphan_now(store: "Store", vid: str, *, files: bool = False) -> bool:
+def _orphan_now(store: StoreParts, vid: str, *, files: bool = False) -> bool:
     """Looked up again (under the volume's lock): nothing of ``vid`` is in use.
     Kernel objects are orphans unless the volume is attached or being created; files
     and links are orphans only when no volume ``vid`` exists at all."""
@@ -167,7 +166,7 @@ def _orphan_now(store: "Store", vid: str, *, files: bool = False) -> bool:
     return v is None or v.state not in (ATTACHED, CREATING)
 
 
-def _release_orphan_objects(store: "Store", rep: RecoveryReport) -> None:
+def _release_orphan_objects(store: StoreParts, rep: RecoveryReport) -> None:
     """Kernel objects of this store that no volume accounts for."""
     live = store.registry.live_intent_volumes()
     known = {v.id: v for v in store.registry.volumes()}
@@ -192,7 +191,7 @@ def _release_orphan_objects(store: "Store", rep: RecoveryReport) -> None:
                 rep.errors.append(f"release {obj.kind} {obj.name}: {e}")
 
 
-def _reactivate(store: "Store", rep: RecoveryReport) -> None:
+def _reactivate(store: StoreParts, rep: RecoveryReport) -> None:
     """Attached volumes whose device is gone (host reboot): attach them again."""
     live = store.registry.live_intent_volumes()
     for v in store.registry.volumes():
@@ -203,13 +202,13 @@ def _reactivate(store: "Store", rep: RecoveryReport) -> None:
             cur = store.registry.find_volume(v.id) if idle else None
             if cur is None or cur.state != ATTACHED or v.id in store.registry.live_intent_volumes():
                 continue
-            ctx = store._ctx(cur, op="recover")
+            ctx = store.ctx(cur, op="recover")
             if store.backend.is_attached(ctx):
                 rep.kept.append(v.id)
                 continue
             try:
                 dev = store.backend.attach(ctx)
-                store._set_link(v.id, store.link_path(v.id), dev)
+                store.set_link(v.id, store.link_path(v.id), dev)
                 store.registry.set_state(v.id, ATTACHED, device=dev)
                 rep.reactivated.append(v.id)
             except (CowdiskError, OSError) as e:
@@ -217,7 +216,7 @@ def _reactivate(store: "Store", rep: RecoveryReport) -> None:
                 rep.errors.append(f"reactivate {v.id}: {e}")
 
 
-def _remove_orphan_files(store: "Store", rep: RecoveryReport) -> None:
+def _remove_orphan_files(store: StoreParts, rep: RecoveryReport) -> None:
     """Files and links of volumes that do not exist."""
     live = store.registry.live_intent_volumes()
     known = {v.id for v in store.registry.volumes()}
@@ -232,7 +231,7 @@ def _remove_orphan_files(store: "Store", rep: RecoveryReport) -> None:
                 rep.orphans_removed.append(os.path.join(base, name))
 
 
-def _remove_staging_debris(store: "Store", rep: RecoveryReport) -> None:
+def _remove_staging_debris(store: StoreParts, rep: RecoveryReport) -> None:
     """Staging directories of imports and flattens whose process is gone."""
     base = os.path.join(store.data_root, "templates")
     for name in os.listdir(base):
@@ -241,7 +240,7 @@ def _remove_staging_debris(store: "Store", rep: RecoveryReport) -> None:
             rep.orphans_removed.append(os.path.join(base, name))
 
 
-def _protect_templates(store: "Store", rep: RecoveryReport) -> None:
+def _protect_templates(store: StoreParts, rep: RecoveryReport) -> None:
     """Owned template files are immutable (chattr +i). A process killed while it removed a
     cache entry that shares the template's inode (the flag is cleared for the unlink and
     set again right after) leaves it mutable: set it again."""

@@ -1,0 +1,136 @@
+"""What every part of the store shares: the opened registry and backend, paths, locks,
+the context a backend is handed for a volume, the stable links, and the ordered teardown.
+:class:`~cowdisk.store.core.Store` (the operations) and :mod:`~cowdisk.store.recovery`
+both build on it, so neither reaches into the other."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import secrets
+import shutil
+from typing import Self
+
+from .. import failpoints
+from ..backends import Backend, BackendEnv, TemplateRef, VolumeCtx, backend_class, explain
+from ..errors import InvalidArgument, KernelError
+from ..locks import FileLock
+from ..progress import Progress
+from ..registry import Registry, TemplateRow, VolumeRow
+from .model import default_root
+from .templates import Templates
+
+
+class StoreParts:
+    """One store root opened: registry, backend (chosen once and recorded), templates."""
+
+    def __init__(self, root: str | None = None, *, backend: str = "auto", lock_timeout: float = 30.0) -> None:
+        self.root = os.path.abspath(root or default_root())
+        self.lock_timeout = lock_timeout
+        for d in ("locks", "links"):
+            os.makedirs(os.path.join(self.root, d), exist_ok=True)
+        self.registry = Registry(os.path.join(self.root, "registry.db"))
+        self.id = self.registry.set_meta_default("store_id", secrets.token_hex(4))
+        self.tag = f"cowdisk:{self.id}"
+        self.dm_prefix = f"cowdisk-{self.id}-"
+        chosen = self.registry.meta("backend")
+        if chosen is None:
+            chosen = explain(self.root)[0] if backend == "auto" else backend
+            backend_class(chosen)  # an unknown name fails here, before it is recorded
+            chosen = self.registry.set_meta_default("backend", chosen)
+        elif backend not in ("auto", chosen):
+            raise InvalidArgument(f"store {self.root} uses backend {chosen}, not {backend}",
+                                  op="open store", obj=self.root, hint="use another --root for another backend")
+        self.backend_name = chosen
+        self.backend: Backend = backend_class(chosen).open(BackendEnv(
+            root=self.root, tag=self.tag, dm_prefix=self.dm_prefix,
+            shared_loop_get=self.registry.template_loop, shared_loop_set=self.registry.set_template_loop))
+        self.data_root = self.backend.data_root
+        for d in ("templates", "volumes"):
+            os.makedirs(os.path.join(self.data_root, d), exist_ok=True)
+        self._templates = Templates(self.registry, self.data_root, lambda tid: self.lock("template", tid))
+
+    def close(self) -> None:
+        self.registry.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- paths, locks, contexts --------------------------------------------------------
+
+    def vol_dir(self, vid: str) -> str:
+        return os.path.join(self.data_root, "volumes", vid)
+
+    def link_path(self, vid: str) -> str:
+        return os.path.join(self.root, "links", vid, "rootfs")
+
+    def lock(self, kind: str, name: str) -> FileLock:
+        return FileLock(os.path.join(self.root, "locks", f"{kind}-{name}.lock"), timeout=self.lock_timeout,
+                        what=f"{kind} {name}")
+
+    def ctx(self, v: VolumeRow, t: TemplateRow | None = None, *, op: str = "",
+             progress: Progress | None = None) -> VolumeCtx:
+        t = t or self.registry.get_template(v.template_id)
+        vid = v.id
+        return VolumeCtx(
+            id=vid, template=TemplateRef(t.id, t.path, t.size), data_dir=self.vol_dir(vid), tag=self.tag,
+            dm_name=self.dm_prefix + vid,
+            record=lambda kind, name: self.registry.record_object(vid, kind, name),
+            forget=lambda kind, name: self.registry.forget_object(kind, name),
+            step=lambda s: failpoints.hit(op, s),
+            template_lock=lambda: self.lock("template", t.id),
+            progress=progress,
+        )
+
+    def remove_template(self, ref: str) -> None:
+        self._templates.remove(ref)
+
+    def teardown(self, v: VolumeRow, ctx: VolumeCtx, *, keep_data: bool = False, deadline_s: float = 5.0) -> None:
+        """Ordered teardown: device, links, then the data (only once the device let go)."""
+        self.backend.detach(ctx, deadline_s=deadline_s)
+        self.drop_links(v.id)
+        if not keep_data:
+            self.destroy_data(v, ctx)
+
+    def destroy_data(self, v: VolumeRow, ctx: VolumeCtx) -> None:
+        self.backend.destroy(ctx)
+        shutil.rmtree(ctx.data_dir, ignore_errors=True)
+        shutil.rmtree(os.path.dirname(self.link_path(v.id)), ignore_errors=True)
+
+    # -- links -------------------------------------------------------------------------
+
+    def set_link(self, owner: str, path: str, target: str) -> None:
+        """Point ``path`` at ``target`` atomically (symlink under a temporary name, then rename)."""
+        d = os.path.dirname(path)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        try:
+            os.makedirs(d, exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            os.symlink(target, tmp)
+            os.replace(tmp, path)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            hint = ("its directory must be writable: not read-only, not immutable (see lsattr -d)"
+                    if e.errno in (errno.EPERM, errno.EACCES, errno.EROFS) else "")
+            raise KernelError.from_oserror("set stable link", path, e, hint=hint) from None
+        self.registry.set_link(path, owner, target)
+
+    def drop_links(self, vid: str) -> None:
+        for path, _, _ in self.registry.links(vid):
+            self.drop_link(path)
+
+    def drop_link(self, path: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        d = os.path.dirname(path)
+        vdir_owner = os.path.basename(d)
+        if self.registry.find_volume(vdir_owner) is None or not os.listdir(d):
+            with contextlib.suppress(OSError):
+                os.rmdir(d)
+        self.registry.drop_link(path)

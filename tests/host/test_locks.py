@@ -25,7 +25,7 @@ SRC = str(Path(__file__).resolve().parents[2] / "src")
 HOLD = """
 import sys, time
 from cowdisk.locks import FileLock
-lk = FileLock(sys.argv[1], shared=sys.argv[2] == "shared", timeout=5)
+lk = FileLock(sys.argv[1], shared=sys.argv[2] == "shared", timeout=5, pid_hint=True)
 lk.acquire()
 print("held", flush=True)
 time.sleep(120)
@@ -55,7 +55,9 @@ def hold(procs: list[subprocess.Popen[str]], path: Path, mode: str = "exclusive"
 
 def test_exclusive_writes_pid_hint_and_releases(tmp_path: Path):
     path = tmp_path / "a.lock"
-    with FileLock(str(path), timeout=1) as lk:
+    with FileLock(str(path), timeout=1):  # the store's locks: no hint (two syscalls saved)
+        assert path.read_text() == ""
+    with FileLock(str(path), timeout=1, pid_hint=True) as lk:
         assert lk.fd >= 0
         assert path.read_text() == f"{os.getpid()}\n"
         assert procfs.lock_holders(str(path)) == [(os.getpid(), "WRITE")]
@@ -121,7 +123,7 @@ def test_zero_timeout_is_one_try(tmp_path: Path, holders: list[subprocess.Popen[
 def test_try_acquire(tmp_path: Path, holders: list[subprocess.Popen[str]]):
     path = tmp_path / "n.lock"
     child = hold(holders, path)
-    lk = FileLock(str(path))
+    lk = FileLock(str(path), pid_hint=True)
     assert not lk.try_acquire()
     lk.release()
     child.kill()
@@ -152,7 +154,7 @@ def test_stale_hint_named_when_holder_not_visible(tmp_path: Path, monkeypatch: p
     """With no holder visible in /proc (another PID namespace), the error falls back to
     the PID hint in the lock file, saying it may be stale."""
     path = tmp_path / "h.lock"
-    with FileLock(str(path)):
+    with FileLock(str(path), pid_hint=True):
         other = FileLock(str(path), timeout=0)
         monkeypatch.setattr(procfs, "lock_holders", lambda p: [])
         with pytest.raises(LockTimeout, match=f"names PID {os.getpid()}, a hint that may be stale"):

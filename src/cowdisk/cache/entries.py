@@ -105,7 +105,7 @@ class TemplateCache:
         """The key's lock: exclusive for builders and removers, shared for holders."""
         self._ensure_dirs()
         return FileLock(self.lock_path(key), timeout=self.lock_timeout if timeout is None else timeout,
-                        shared=shared, what=f"cache entry {key}", mode=0o644,
+                        shared=shared, what=f"cache entry {key}", mode=0o644, pid_hint=True,
                         on_wait=None if progress is None else (lambda text: stage(progress, text)))
 
     # keys

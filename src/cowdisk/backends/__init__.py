@@ -85,8 +85,19 @@ class BackendEnv:
     root: str
     tag: str
     dm_prefix: str
+    options: Mapping[str, str] = field(default_factory=dict)
+    """Backend settings recorded with the store when it was made (a cluster's config path,
+    a pool's devices); each backend documents the keys it reads and refuses unknown ones."""
     shared_loop_get: Callable[[str], tuple[int, str] | None] = lambda tid: None
     shared_loop_set: Callable[[str, int, str], None] = lambda tid, n, d: None
+
+
+def check_options(name: str, env: BackendEnv, known: frozenset[str] = frozenset()) -> None:
+    """Refuse backend options that backend ``name`` does not read (a typo must not pass)."""
+    unknown = sorted(set(env.options) - known)
+    if unknown:
+        raise InvalidArgument(f"backend {name}: unknown option(s) {', '.join(unknown)}", op="open store",
+                              obj=env.root, hint=f"{name} reads {', '.join(sorted(known)) or 'no options'}")
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from typing import Callable, ClassVar, Iterator, Mapping
 from ..errors import InUse, KernelError
 from ..kernel import blk, dm, dm_status, fs, loop
 from ..progress import Progress
-from . import BackendEnv, KernelObject, Usage, VolumeCtx
+from . import BackendEnv, KernelObject, Usage, VolumeCtx, check_options
 
 COW = "cow.img"
 CHUNK_SECTORS = 8
@@ -55,6 +55,7 @@ class DmSnapshotBackend:
 
     @classmethod
     def open(cls, env: BackendEnv) -> "DmSnapshotBackend":
+        check_options(cls.name, env)
         return cls(dm_prefix=env.dm_prefix, data_root=env.root, shared_loop_get=env.shared_loop_get,
                    shared_loop_set=env.shared_loop_set)
 

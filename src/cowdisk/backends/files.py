@@ -18,7 +18,7 @@ from typing import ClassVar, Iterator, Mapping
 
 from ..errors import KernelError, Unsupported
 from ..kernel import fs
-from . import BackendEnv, KernelObject, Usage, VolumeCtx
+from . import BackendEnv, KernelObject, Usage, VolumeCtx, check_options
 
 DISK = "disk.img"
 
@@ -40,6 +40,7 @@ class FileBackend:
 
     @classmethod
     def open(cls, env: BackendEnv) -> "FileBackend":
+        check_options(cls.name, env)
         return cls(env.root)
 
     def destroy_store(self) -> None:
@@ -158,6 +159,7 @@ class ReflinkBackend(FileBackend):
 
     @classmethod
     def open(cls, env: BackendEnv) -> "FileBackend":
+        check_options(cls.name, env)
         r = fs.reflink_support(env.root)  # the store root exists: a FICLONE probe decides
         if not r.ok:
             raise Unsupported(

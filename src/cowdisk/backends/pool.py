@@ -17,7 +17,7 @@ from ..errors import CowdiskError, KernelError, Unsupported
 from ..kernel import fs, loop
 from ..kernel import mount as kmount
 from ..kernel.mount import mounted_at
-from . import BackendEnv
+from . import BackendEnv, check_options
 from .files import FileBackend
 
 DEFAULT_SIZE = 64 << 30  # sparse: costs nothing until written
@@ -128,6 +128,7 @@ class PoolBackend(FileBackend):
 
     @classmethod
     def open(cls, env: BackendEnv) -> "PoolBackend":
+        check_options(cls.name, env)
         pool = Pool(env.root, f"{env.tag}:pool")
         return cls(pool.ensure(), pool)
 

@@ -29,7 +29,7 @@ import os
 import shutil
 import sqlite3
 import time
-from typing import Iterator
+from typing import Iterator, Mapping
 
 from ..backends import Usage, VolumeCtx, explain
 from ..digest import sha256_file
@@ -49,8 +49,8 @@ class Store(StoreParts):
     """One state root on a host: templates, volumes, links, locks and the registry."""
 
     def __init__(self, root: str | None = None, *, backend: str = "auto", recover: bool = True,
-                 lock_timeout: float = 30.0) -> None:
-        super().__init__(root, backend=backend, lock_timeout=lock_timeout)
+                 lock_timeout: float = 30.0, backend_options: Mapping[str, str] | None = None) -> None:
+        super().__init__(root, backend=backend, lock_timeout=lock_timeout, backend_options=backend_options)
         if recover:
             self.recover()
 

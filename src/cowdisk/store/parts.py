@@ -9,8 +9,9 @@ import contextlib
 import errno
 import os
 import secrets
+import json
 import shutil
-from typing import Self
+from typing import Mapping, Self
 
 from .. import failpoints
 from ..backends import Backend, BackendEnv, TemplateRef, VolumeCtx, backend_class, explain
@@ -25,7 +26,8 @@ from .templates import Templates
 class StoreParts:
     """One store root opened: registry, backend (chosen once and recorded), templates."""
 
-    def __init__(self, root: str | None = None, *, backend: str = "auto", lock_timeout: float = 30.0) -> None:
+    def __init__(self, root: str | None = None, *, backend: str = "auto", lock_timeout: float = 30.0,
+                 backend_options: Mapping[str, str] | None = None) -> None:
         self.root = os.path.abspath(root or default_root())
         self.lock_timeout = lock_timeout
         for d in ("locks", "links"):
@@ -34,18 +36,29 @@ class StoreParts:
         self.id = self.registry.set_meta_default("store_id", secrets.token_hex(4))
         self.tag = f"cowdisk:{self.id}"
         self.dm_prefix = f"cowdisk-{self.id}-"
-        chosen = self.registry.meta("backend")
-        if chosen is None:
-            chosen = explain(self.root)[0] if backend == "auto" else backend
-            backend_class(chosen)  # an unknown name fails here, before it is recorded
-            chosen = self.registry.set_meta_default("backend", chosen)
-        elif backend not in ("auto", chosen):
-            raise InvalidArgument(f"store {self.root} uses backend {chosen}, not {backend}",
+        recorded = self.registry.meta("backend")
+        if recorded is not None and backend not in ("auto", recorded):
+            raise InvalidArgument(f"store {self.root} uses backend {recorded}, not {backend}",
                                   op="open store", obj=self.root, hint="use another --root for another backend")
-        self.backend_name = chosen
+        chosen = recorded or (explain(self.root)[0] if backend == "auto" else backend)
+        saved = self.registry.meta("backend_options")
+        options = dict(json.loads(saved)) if saved else dict(backend_options or {})
+        if saved and backend_options and dict(backend_options) != options:
+            raise InvalidArgument(f"store {self.root} was made with backend options {options}, not "
+                                  f"{dict(backend_options)}", op="open store", obj=self.root)
+        # open it before recording it: a backend that cannot work here (reflink on ext4, a pool
+        # whose mkfs fails) leaves the store unrecorded, free to be made with another one
         self.backend: Backend = backend_class(chosen).open(BackendEnv(
-            root=self.root, tag=self.tag, dm_prefix=self.dm_prefix,
+            root=self.root, tag=self.tag, dm_prefix=self.dm_prefix, options=options,
             shared_loop_get=self.registry.template_loop, shared_loop_set=self.registry.set_template_loop))
+        if recorded is None:
+            with self.registry.tx():
+                in_force = self.registry.set_meta_default("backend", chosen)
+                self.registry.set_meta_default("backend_options", json.dumps(options, sort_keys=True))
+            if in_force != chosen:  # another process made the store first, with another backend
+                raise InvalidArgument(f"store {self.root} was just made with backend {in_force}, not {chosen}",
+                                      op="open store", obj=self.root)
+        self.backend_name = chosen
         self.data_root = self.backend.data_root
         for d in ("templates", "volumes"):
             os.makedirs(os.path.join(self.data_root, d), exist_ok=True)

@@ -49,8 +49,14 @@ RUNNERS: dict[str, Callable[[Store], Any]] = {
     "restore-as": lambda s: s.restore("x", "y"),
     "fork": lambda s: s.fork("x", ["y"]),
     "flatten": lambda s: s.flatten("x", "flat"),
+    "import": lambda s: s.import_template(import_image(s.root), "imported"),
 }
 """How to run each operation on the subject ``x`` (a new volume is ``y``)."""
+
+
+def import_image(root: str) -> str:
+    """A raw image beside the store for the import operation (made by :func:`setup`)."""
+    return os.path.join(os.path.dirname(os.path.abspath(root)), "import.img")
 
 
 @dataclass(frozen=True)
@@ -93,6 +99,8 @@ def setup(root: str, backend: str, tree: str, case: Case) -> None:
     """A store with a template, an attached bystander and the subject volume ``x`` as the op needs it."""
     s = Store(root, backend=backend)
     s.build_template(make_tree(tree), "base")
+    with open(import_image(root), "wb") as f:
+        f.write(os.urandom(1 << 20))
     by = s.create_volume("bystander", "base")
     write_at(by.link, 3 * MiB, BYSTANDER)
     state = subject_state(case.operation)

@@ -24,7 +24,7 @@ from .kernel.procfs import process_alive, process_start
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 MIGRATIONS: list[list[str]] = [
     # version 1
@@ -88,6 +88,11 @@ MIGRATIONS: list[list[str]] = [
             data TEXT NOT NULL DEFAULT '{}'
         )""",
     ],
+    # version 2: a template's change time joins its quick identity check (ctime cannot be
+    # set from user space, unlike mtime)
+    [
+        """ALTER TABLE templates ADD COLUMN ctime_ns INTEGER NOT NULL DEFAULT 0""",
+    ],
 ]
 assert len(MIGRATIONS) == SCHEMA_VERSION
 
@@ -145,6 +150,8 @@ class TemplateRow:
     created: float
     state: str
     names: tuple[str, ...] = ()
+    ctime_ns: int = 0
+    """0 for rows made before the change time was recorded: then it is not compared."""
 
 
 @dataclass(frozen=True)
@@ -272,16 +279,16 @@ class Registry:
         names = tuple(x[0] for x in self._q(
             "SELECT name FROM template_names WHERE template_id=? ORDER BY name", (r["id"],)))
         return TemplateRow(r["id"], r["path"], r["size"], r["digest"], r["mtime_ns"], r["ino"],
-                           bool(r["owned"]), r["source"], r["created"], r["state"], names)
+                           bool(r["owned"]), r["source"], r["created"], r["state"], names, r["ctime_ns"])
 
     def add_template(self, t: TemplateRow) -> None:
         with self.tx() as c:
             try:
                 c.execute(
-                    "INSERT INTO templates(id, path, size, digest, mtime_ns, ino, owned, source, created, state)"
-                    " VALUES (?,?,?,?,?,?,?,?,?,?)",
+                    "INSERT INTO templates(id, path, size, digest, mtime_ns, ino, owned, source, created, state,"
+                    " ctime_ns) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                     (t.id, t.path, t.size, t.digest, t.mtime_ns, t.ino, int(t.owned), t.source, t.created,
-                     t.state))
+                     t.state, t.ctime_ns))
             except sqlite3.IntegrityError:
                 raise AlreadyExists(f"template {t.id} already exists", op="add template", obj=t.id) from None
             for n in t.names:
@@ -320,6 +327,17 @@ class Registry:
     def set_template_state(self, template_id: str, state: str) -> None:
         with self.tx() as c:
             c.execute("UPDATE templates SET state=? WHERE id=?", (state, template_id))
+
+    def set_template_identity(self, template_id: str, size: int, mtime_ns: int, ino: int, ctime_ns: int) -> None:
+        """Record the template file's quick identity again (after a full digest found the
+        content unchanged) and mark it ready."""
+        with self.tx() as c:
+            c.execute("UPDATE templates SET size=?, mtime_ns=?, ino=?, ctime_ns=?, state='ready' WHERE id=?",
+                      (size, mtime_ns, ino, ctime_ns, template_id))
+
+    def find_template_by_source(self, source: str) -> TemplateRow | None:
+        rows = self._q("SELECT * FROM templates WHERE source=? ORDER BY created LIMIT 1", (source,))
+        return self._template(rows[0]) if rows else None
 
     def delete_template(self, template_id: str) -> None:
         with self.tx() as c:

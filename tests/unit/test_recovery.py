@@ -258,16 +258,27 @@ def test_an_attached_volume_is_kept_and_one_whose_file_vanished_is_marked_error(
     assert gone(hm.s, "lost")
 
 
-def test_orphan_files_and_links_are_removed_known_ones_kept(hm) -> None:
+def test_orphan_data_is_quarantined_orphan_links_removed_known_ones_kept(hm) -> None:
     hm.volume("known", CHECKPOINTED, link=False)
     for base in (os.path.join(hm.s.data_root, "volumes"), os.path.join(hm.s.root, "links")):
         os.makedirs(os.path.join(base, "ghost"))
-        open(os.path.join(base, "ghost", "x"), "w").close()
+        with open(os.path.join(base, "ghost", "x"), "w") as f:
+            f.write(base)
     rep = hm.s.recover()
-    assert sorted(rep.orphans_removed) == sorted([os.path.join(hm.s.data_root, "volumes", "ghost"),
-                                                  os.path.join(hm.s.root, "links", "ghost")])
-    assert not os.path.exists(os.path.join(hm.s.data_root, "volumes", "ghost"))
+    # a link holds no data: removed; a volume directory may be the only copy of a disk: kept aside
+    assert rep.orphans_removed == [os.path.join(hm.s.root, "links", "ghost")]
+    ghost = os.path.join(hm.s.data_root, "volumes", "ghost")
+    assert not os.path.exists(ghost)
+    [entry] = rep.quarantined
+    assert entry.startswith(ghost + " -> ")
+    moved = entry.split(" -> ", 1)[1]
+    with open(os.path.join(moved, "x")) as f:
+        assert f.read() == os.path.join(hm.s.data_root, "volumes")
+    with open(os.path.join(moved, "why.json")) as f:
+        why = json.load(f)
+    assert why["from"] == ghost and "no volume" in why["reason"]
     assert os.path.exists(os.path.join(hm.s.data_root, "volumes", "known", DISK))
+    assert hm.s.recover().actions == 0  # the quarantine is not an orphan itself
 
 
 def test_opening_the_store_runs_recovery(hm, tmp_path) -> None:

@@ -55,6 +55,16 @@ class CacheEntry:
 
 
 @dataclass(frozen=True)
+class Plan:
+    """A recipe hashed: its cache key, content digest, stat signature and mkfs fingerprint."""
+
+    key: str
+    digest: str
+    sig: str
+    mkfs: MkfsInfo
+
+
+@dataclass(frozen=True)
 class CacheResult:
     entry: CacheEntry
     built: bool  # True when this call built it, False when it was reused
@@ -111,8 +121,16 @@ class TemplateCache:
     # keys
     def key_for(self, recipe: Recipe) -> str:
         """The key ``recipe`` builds under (hashes the recipe's inputs)."""
+        return self.plan(recipe).key
+
+    def plan(self, recipe: Recipe, progress: Progress | None = None) -> "Plan":
+        """Hash the recipe's inputs once: its key, and what a build needs. Pass it to
+        :meth:`get_or_build` so that a caller who looks the key up first hashes once."""
         check_recipe(recipe)
-        return self._key(recipe, recipe_digest(recipe)[0], mkfs_fingerprint(recipe.fs))
+        mk = mkfs_fingerprint(recipe.fs)
+        stage(progress, f"hashing {recipe.kind} recipe")
+        digest, sig = recipe_digest(recipe)
+        return Plan(self._key(recipe, digest, mk), digest, sig, mk)
 
     @staticmethod
     def _key(recipe: Recipe, digest: str, mk: MkfsInfo) -> str:
@@ -168,18 +186,16 @@ class TemplateCache:
 
     # building
     def get_or_build(self, recipe: Recipe, *, progress: Progress | None = None,
-                     timeout: float | None = None) -> CacheResult:
+                     timeout: float | None = None, plan: "Plan | None" = None) -> CacheResult:
         """Return the entry for ``recipe``, building it unless it is cached.
 
         Concurrent callers for one key: one builds, the others wait for the key lock (up to
         ``timeout`` seconds, default the cache's ``lock_timeout``) and reuse its entry.
         ``progress`` gets a stage report as each phase begins, and bytes while hashing.
+        ``plan`` is :meth:`plan`'s result for this recipe, when the caller has it.
         """
-        check_recipe(recipe)
-        mk = mkfs_fingerprint(recipe.fs)
-        stage(progress, f"hashing {recipe.kind} recipe")
-        digest, sig = recipe_digest(recipe)
-        key = self._key(recipe, digest, mk)
+        p = plan or self.plan(recipe, progress)
+        key, digest, sig, mk = p.key, p.digest, p.sig, p.mkfs
         hit = self.lookup(key)
         if hit is not None:
             stage(progress, f"cache hit {key}")

@@ -85,12 +85,15 @@ class RecoveryReport:
     finished: list[str] = field(default_factory=list)
     reactivated: list[str] = field(default_factory=list)
     orphans_removed: list[str] = field(default_factory=list)
+    quarantined: list[str] = field(default_factory=list)
+    """Data the registry does not account for, moved aside (never deleted by recovery)."""
     kept: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
     @property
     def actions(self) -> int:
-        return len(self.rolled_back) + len(self.finished) + len(self.reactivated) + len(self.orphans_removed)
+        return (len(self.rolled_back) + len(self.finished) + len(self.reactivated) + len(self.orphans_removed)
+                + len(self.quarantined))
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)

@@ -11,6 +11,7 @@ import os
 import secrets
 import json
 import shutil
+import time
 from typing import Mapping, Self
 
 from .. import failpoints
@@ -21,6 +22,10 @@ from ..progress import Progress
 from ..registry import Registry, TemplateRow, VolumeRow
 from .model import default_root
 from .templates import Templates
+
+
+QUARANTINE = "quarantine"
+QUARANTINE_NOTE = "why.json"
 
 
 class StoreParts:
@@ -102,6 +107,9 @@ class StoreParts:
     def remove_template(self, ref: str) -> None:
         self._templates.remove(ref)
 
+    def undo_import(self, intent: int, tid: str) -> None:
+        self._templates.undo_import(intent, tid)
+
     def teardown(self, v: VolumeRow, ctx: VolumeCtx, *, keep_data: bool = False, deadline_s: float = 5.0) -> None:
         """Ordered teardown: device, links, then the data (only once the device let go)."""
         self.backend.detach(ctx, deadline_s=deadline_s)
@@ -139,11 +147,32 @@ class StoreParts:
             self.drop_link(path)
 
     def drop_link(self, path: str) -> None:
+        """Remove a stable link and its row; a link or directory already gone (removed by
+        hand, or by a killed earlier attempt) is fine. The directory goes when it is empty
+        or its volume no longer exists."""
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
         d = os.path.dirname(path)
-        vdir_owner = os.path.basename(d)
-        if self.registry.find_volume(vdir_owner) is None or not os.listdir(d):
+        try:
+            empty = not os.listdir(d)
+        except FileNotFoundError:
+            empty = False  # nothing left to remove
+        if empty or self.registry.find_volume(os.path.basename(d)) is None:
             with contextlib.suppress(OSError):
                 os.rmdir(d)
         self.registry.drop_link(path)
+
+    # -- quarantine --------------------------------------------------------------------
+
+    def quarantine(self, path: str, reason: str) -> str:
+        """Move data the registry does not account for out of the way instead of deleting it:
+        ``<data root>/quarantine/<name>-<time>/`` with ``why.json`` saying where it came from
+        and why. Only an explicit purge deletes it."""
+        qdir = os.path.join(self.data_root, QUARANTINE)
+        os.makedirs(qdir, exist_ok=True)
+        dest = os.path.join(qdir, f"{os.path.basename(path)}-{time.strftime('%Y%m%dT%H%M%S')}-"
+                                  f"{secrets.token_hex(2)}")
+        os.rename(path, dest)  # same filesystem: data_root
+        with open(os.path.join(dest, QUARANTINE_NOTE), "w") as f:
+            json.dump({"from": path, "reason": reason, "time": time.time(), "store": self.id}, f)
+        return dest

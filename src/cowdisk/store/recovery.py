@@ -22,7 +22,7 @@ import os
 import shutil
 from typing import Any, Callable, Iterator, Mapping
 
-from ..backends import VolumeCtx
+from ..backends import KernelObject, VolumeCtx
 from ..errors import CowdiskError
 from ..kernel import fs
 from ..kernel.procfs import process_alive
@@ -36,6 +36,7 @@ from .transition import (
     CREATE,
     FLATTEN,
     FORK,
+    IMPORT,
     OPERATIONS,
     REMOVE,
     RESTORE,
@@ -90,6 +91,12 @@ def _drop_flat(store: StoreParts, intent: int, data: Mapping[str, Any], v: Volum
     store.registry.end_intent(intent)
 
 
+def _unpublish(store: StoreParts, intent: int, data: Mapping[str, Any], v: VolumeRow | None,
+               ctx: VolumeCtx | None) -> None:
+    """Undo import: a template file published without its row goes, immutable flag included."""
+    store.undo_import(intent, str(data["template_id"]))
+
+
 HANDLERS: Mapping[str, Handler] = {
     CREATE.name: _forget,
     RESTORE_AS.name: _forget,
@@ -98,44 +105,53 @@ HANDLERS: Mapping[str, Handler] = {
     CHECKPOINT.name: _detached,
     RESTORE.name: _detached,
     FLATTEN.name: _drop_flat,
+    IMPORT.name: _unpublish,
 }
 assert set(HANDLERS) == set(OPERATIONS), "every operation needs its recovery handler"
 
 
 def recover_intent(store: StoreParts, it: Intent, rep: RecoveryReport) -> None:
-    """Undo or finish the operation of one intent whose process is gone."""
+    """Undo or finish the operation of one intent whose process is gone, under the lock of
+    what it names (the volume, or the template)."""
     op = legacy_op(it.op, it.data)
     handler = HANDLERS.get(op)
-    label = f"{it.op} {it.volume_id}"
+    label = f"{it.op} {it.volume_id or it.template_id}"
     if handler is None:  # an operation this cowdisk does not know: never guess
         rep.errors.append(f"{label}: unknown operation {it.op!r} (intent {it.id} kept)")
         return
-    with store.lock("volume", it.volume_id) if it.volume_id else contextlib.nullcontext():
-        v = store.registry.find_volume(it.volume_id) if it.volume_id else None
-        ctx = store.ctx(v, op="recover") if v is not None else None
-        handler(store, it.id, it.data, v, ctx)
+    if OPERATIONS[op].subject == "template":
+        with store.lock("template", str(it.template_id)):
+            handler(store, it.id, it.data, None, None)
+    else:
+        with store.lock("volume", it.volume_id) if it.volume_id else contextlib.nullcontext():
+            v = store.registry.find_volume(it.volume_id) if it.volume_id else None
+            ctx = store.ctx(v, op="recover") if v is not None else None
+            handler(store, it.id, it.data, v, ctx)
     (rep.rolled_back if OPERATIONS[op].after_crash == "undo" else rep.finished).append(label)
 
 
 def recover(store: StoreParts) -> RecoveryReport:
-    """Reconcile registry, kernel and files (see the module docstring)."""
+    """Reconcile registry, kernel and files (see the module docstring). Never raises for one
+    item: each failure is recorded in the report's errors and the others go on."""
     rep = RecoveryReport()
     for it in store.registry.intents():
-        if process_alive(it.pid, it.pid_start):
-            continue
-        try:
-            recover_intent(store, it, rep)
-        except CowdiskError as e:
-            rep.errors.append(f"{it.op} {it.volume_id}: {e}")
-    _release_orphan_objects(store, rep)
-    _reactivate(store, rep)
-    _remove_orphan_files(store, rep)
-    _remove_staging_debris(store, rep)
-    _protect_templates(store, rep)
+        if not process_alive(it.pid, it.pid_start):
+            _each(rep, f"{it.op} {it.volume_id or it.template_id}", recover_intent, store, it, rep)
+    for step in (_release_orphan_objects, _reactivate, _reconcile_links, _orphan_volume_dirs,
+                 _orphan_template_dirs, _remove_staging_debris, _protect_templates):
+        _each(rep, step.__name__.strip("_").replace("_", " "), step, store, rep)
     for what, items in rep.as_dict().items():
         for item in items:
             (log.warning if what == "errors" else log.info)("recover: %s %s", what.replace("_", " "), item)
     return rep
+
+
+def _each(rep: RecoveryReport, what: str, fn: Callable[..., object], *args: object) -> None:
+    """Run one item of recovery; record its failure (with the errno where there is one) and go on."""
+    try:
+        fn(*args)
+    except Exception as e:  # one bad item never stops the others, nor the store's open
+        rep.errors.append(f"{what}: {type(e).__name__}: {e}")
 
 
 @contextlib.contextmanager
@@ -181,54 +197,121 @@ def _release_orphan_objects(store: StoreParts, rep: RecoveryReport) -> None:
             continue  # a template loop: kept alive only by the dm tables that use it
         # another process or thread may be creating this volume right now: look again
         # under its lock (and leave it alone if someone holds that lock)
-        with _idle_volume(store, vid) if vid else contextlib.nullcontext(True) as idle:
-            if not idle or (vid and not _orphan_now(store, vid)):
-                continue
-            try:
-                store.backend.release(obj)
-                rep.orphans_removed.append(f"{obj.kind} {obj.name}")
-            except CowdiskError as e:
-                rep.errors.append(f"release {obj.kind} {obj.name}: {e}")
+        _each(rep, f"release {obj.kind} {obj.name}", _release_one, store, obj, rep)
+
+
+def _release_one(store: StoreParts, obj: KernelObject, rep: RecoveryReport) -> None:
+    vid = obj.volume_id
+    with _idle_volume(store, vid) if vid else contextlib.nullcontext(True) as idle:
+        if not idle or (vid and not _orphan_now(store, vid)):
+            return
+        store.backend.release(obj)  # a detach loses no data
+        rep.orphans_removed.append(f"{obj.kind} {obj.name}")
 
 
 def _reactivate(store: StoreParts, rep: RecoveryReport) -> None:
     """Attached volumes whose device is gone (host reboot): attach them again."""
     live = store.registry.live_intent_volumes()
     for v in store.registry.volumes():
-        if v.state != ATTACHED or v.id in live:
+        if v.state == ATTACHED and v.id not in live:
+            _each(rep, f"reactivate {v.id}", _reactivate_one, store, v.id, rep)
+
+
+def _reactivate_one(store: StoreParts, vid: str, rep: RecoveryReport) -> None:
+    with _idle_volume(store, vid) as idle:
+        # under the lock, fresh: a concurrent remove may have taken it away meanwhile
+        cur = store.registry.find_volume(vid) if idle else None
+        if cur is None or cur.state != ATTACHED or vid in store.registry.live_intent_volumes():
+            return
+        ctx = store.ctx(cur, op="recover")
+        if store.backend.is_attached(ctx):
+            if cur.device and not _link_ok(store.link_path(vid), cur.device):
+                store.set_link(vid, store.link_path(vid), cur.device)  # removed by hand
+                rep.finished.append(f"link {vid}: made again")
+            rep.kept.append(vid)
+            return
+        try:
+            dev = store.backend.attach(ctx)
+            store.set_link(vid, store.link_path(vid), dev)
+            store.registry.set_state(vid, ATTACHED, device=dev)
+            rep.reactivated.append(vid)
+        except (CowdiskError, OSError) as e:
+            store.registry.set_state(vid, ERROR, error=str(e))
+            rep.errors.append(f"reactivate {vid}: {e}")
+
+
+def _link_ok(path: str, target: str) -> bool:
+    try:
+        return os.readlink(path) == target
+    except OSError:
+        return False
+
+
+def _reconcile_links(store: StoreParts, rep: RecoveryReport) -> None:
+    """Link rows whose owner is gone or no longer attached, or whose file was removed by
+    hand: drop them (an attached owner's own link is made again by reactivation)."""
+    live = store.registry.live_intent_volumes()
+    vols = {v.id: v for v in store.registry.volumes()}
+    for path, owner, target in store.registry.links():
+        v = vols.get(owner)
+        if owner in live:
             continue
-        with _idle_volume(store, v.id) as idle:
-            # under the lock, fresh: a concurrent remove may have taken it away meanwhile
-            cur = store.registry.find_volume(v.id) if idle else None
-            if cur is None or cur.state != ATTACHED or v.id in store.registry.live_intent_volumes():
-                continue
-            ctx = store.ctx(cur, op="recover")
-            if store.backend.is_attached(ctx):
-                rep.kept.append(v.id)
-                continue
-            try:
-                dev = store.backend.attach(ctx)
-                store.set_link(v.id, store.link_path(v.id), dev)
-                store.registry.set_state(v.id, ATTACHED, device=dev)
-                rep.reactivated.append(v.id)
-            except (CowdiskError, OSError) as e:
-                store.registry.set_state(v.id, ERROR, error=str(e))
-                rep.errors.append(f"reactivate {v.id}: {e}")
+        if v is None or v.state != ATTACHED or v.device != target:
+            with _idle_volume(store, owner) as idle:
+                if idle and owner not in store.registry.live_intent_volumes():
+                    store.drop_link(path)
+                    rep.orphans_removed.append(f"link {path}")
+        elif not _link_ok(path, target) and path != store.link_path(owner):
+            store.set_link(owner, path, target)  # a retargeted source link removed by hand
+            rep.finished.append(f"link {path}: made again")
 
 
-def _remove_orphan_files(store: StoreParts, rep: RecoveryReport) -> None:
-    """Files and links of volumes that do not exist."""
+def _orphan_volume_dirs(store: StoreParts, rep: RecoveryReport) -> None:
+    """Volume directories no volume accounts for go to the quarantine (their data may be
+    the only copy of a disk whose row was lost); link directories of no volume are removed
+    (a link holds no data)."""
     live = store.registry.live_intent_volumes()
     known = {v.id for v in store.registry.volumes()}
-    for base in (os.path.join(store.data_root, "volumes"), os.path.join(store.root, "links")):
-        for name in os.listdir(base):
-            if name in known or name in live:
-                continue
-            with _idle_volume(store, name) as idle:  # not a volume being created right now
-                if not idle or not _orphan_now(store, name, files=True):
-                    continue
-                shutil.rmtree(os.path.join(base, name), ignore_errors=True)
-                rep.orphans_removed.append(os.path.join(base, name))
+    vbase = os.path.join(store.data_root, "volumes")
+    for name in os.listdir(vbase):
+        if name not in known and name not in live:
+            _each(rep, f"quarantine volume dir {name}", _orphan_dir, store, vbase, name, rep, True)
+    lbase = os.path.join(store.root, "links")
+    for name in os.listdir(lbase):
+        if name not in known and name not in live:
+            _each(rep, f"remove link dir {name}", _orphan_dir, store, lbase, name, rep, False)
+
+
+def _orphan_dir(store: StoreParts, base: str, name: str, rep: RecoveryReport, keep: bool) -> None:
+    with _idle_volume(store, name) as idle:  # not a volume being created right now
+        if not idle or not _orphan_now(store, name, files=True):
+            return
+        path = os.path.join(base, name)
+        if keep:
+            rep.quarantined.append(f"{path} -> {store.quarantine(path, 'no volume in the registry')}")
+        else:
+            shutil.rmtree(path)
+            rep.orphans_removed.append(path)
+
+
+def _orphan_template_dirs(store: StoreParts, rep: RecoveryReport) -> None:
+    """Template directories no template accounts for (a kill between publishing the file
+    and registering it): quarantined, never deleted."""
+    base = os.path.join(store.data_root, "templates")
+    live = store.registry.live_intent_volumes()  # template ids of live imports too
+    known = {t.id for t in store.registry.templates()}
+    for name in os.listdir(base):
+        if name.startswith(STAGING_PREFIX) or name in known or name in live:
+            continue
+        path = os.path.join(base, name)
+        _each(rep, f"quarantine template dir {name}", _quarantine_template_dir, store, path, rep)
+
+
+def _quarantine_template_dir(store: StoreParts, path: str, rep: RecoveryReport) -> None:
+    img = os.path.join(path, "disk.img")
+    if os.path.exists(img):
+        fs.set_immutable(img, False)  # the quarantine may be purged; the flag would forbid it
+    rep.quarantined.append(f"{path} -> {store.quarantine(path, 'no template in the registry')}")
 
 
 def _remove_staging_debris(store: StoreParts, rep: RecoveryReport) -> None:

@@ -11,13 +11,12 @@ where the cache is on another filesystem), registered with the cache's digest.
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import secrets
 import shutil
 import time
-from typing import Callable, ContextManager
+from typing import TYPE_CHECKING, Callable, ContextManager
 
 from ..digest import sha256_file
 from ..errors import InUse, InvalidArgument, KernelError, NotFound, TemplateChanged
@@ -25,6 +24,9 @@ from ..kernel import fs, procfs
 from ..progress import Progress, stage
 from ..registry import Registry, TemplateRow
 from .model import Template, validate_id
+
+if TYPE_CHECKING:
+    from ..cache import TemplateCache
 
 log = logging.getLogger(__name__)
 
@@ -103,9 +105,11 @@ class Templates:
               progress: Progress | None = None) -> Template:
         """Build a template from a directory tree or a tarball (``mkfs.ext4 -d``, no mount needed).
 
-        The image is built once per recipe in the store's template cache (key: filesystem,
-        capacity, mkfs version fingerprint and the content digest of the source), so
-        building the same tree again, here or in a concurrent process, reuses it.
+        The image is built once per recipe (key: filesystem, capacity, mkfs version
+        fingerprint and the content digest of the source) in the store's template cache,
+        which serializes concurrent builders of one recipe. The built image then *moves*
+        into ``templates/`` (stored once, never copied) with the digest the cache computed
+        (hashed once); building the same recipe again finds the template by its key.
         """
         from ..cache import TarRecipe, TemplateCache, TreeRecipe
 
@@ -124,7 +128,47 @@ class Templates:
             raise NotFound(f"build template: {source} is neither a directory nor a tarball",
                            op="build template", obj=source)
         cache = TemplateCache(self.cache_dir)
-        res = cache.get_or_build(recipe, progress=progress)
+        plan = cache.plan(recipe, progress)
+        built_from = f"cache:{plan.key}"
+        t = self.registry.find_template_by_source(built_from)
+        if t is None:
+            cache.get_or_build(recipe, progress=progress, plan=plan)
+            with self._lock(f"recipe-{plan.key[:16]}"):  # one mover per recipe
+                t = self.registry.find_template_by_source(built_from)
+                if t is None:
+                    stage(progress, "importing")
+                    t = self._adopt_cache_entry(cache, plan.key, built_from, name)
+            cache.remove(plan.key)  # its meta, without the image that is now the template
+        return self.register(t.path, t.digest, owned=t.owned, source=t.source, name=name)
+
+    def _adopt_cache_entry(self, cache: "TemplateCache", key: str, source: str, name: str | None) -> TemplateRow:
+        staging = self.staging()
+        try:
+            tmp = os.path.join(staging, "disk.img")
+            with cache.hold(key) as entry:
+                try:
+                    os.rename(entry.image, tmp)  # same filesystem: the cache lives in the data root
+                except OSError as e:
+                    raise KernelError.from_oserror("import built template: move", entry.image, e) from None
+            self.register(tmp, entry.sha256, owned=True, source=source, name=name)
+            return self.registry.get_template(entry.sha256[:16])
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def build_from_image(self, ref: str, name: str | None = None, *, size: int | None = None,
+                         fs_type: str = "ext4", progress: Progress | None = None) -> Template:
+        """Build a template from a container image: an OCI layout directory, an OCI archive or
+        a ``docker save`` archive (``ref``: see :mod:`cowdisk.cache.oci`), unpacked with its
+        whiteouts, owners, modes, xattrs and hard links. Cached under the image's manifest
+        digest (a docker archive: its image id), so the same image is built once; ``size``
+        None chooses one from the unpacked content with headroom."""
+        from ..cache import TemplateCache
+        from ..cache.recipes import ImageRecipe
+
+        if name is not None:
+            validate_id(name, "template name")
+        cache = TemplateCache(self.cache_dir)
+        res = cache.get_or_build(ImageRecipe(ref, size or 0, fs=fs_type), progress=progress)
         with cache.hold(res.entry.key) as entry:
             stage(progress, "importing")
             t = self.registry.find_template(entry.sha256[:16])
@@ -139,58 +183,108 @@ class Templates:
                     if e.errno != errno.EXDEV:
                         raise KernelError.from_oserror("import built template: link", entry.image, e) from None
                     fs.sparse_copy(entry.image, tmp, progress=progress)
-                return self.register(tmp, entry.sha256, owned=True, source=entry.image, name=name)
+                return self.register(tmp, entry.sha256, owned=True, source=f"image:{ref}", name=name)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
 
     def register(self, path: str, digest: str, *, owned: bool, source: str, name: str | None) -> Template:
-        """Register the image at ``path`` with content ``digest`` (moving it into the store when
-        ``owned``), or name the template that already has that content."""
+        """Register the image at ``path`` with content ``digest`` (publishing it into the
+        store when ``owned``: moved, made read-only and immutable), or name the template that
+        already has that content."""
+        from .transition import IMPORT, Transition
+
         tid = digest[:16]
         existing = self.registry.find_template(tid)
+        if existing is None and owned:
+            with self._lock(tid):
+                existing = self.registry.find_template(tid)
+                if existing is None:
+                    with Transition(self.registry, IMPORT, tid, data={"template_id": tid},
+                                    undo=lambda tr, _e: self.undo_import(tr.intent, tid)) as tr:
+                        final = tr.step("publish", self._publish, path, tid)
+                        row = self._row(tid, final, digest, owned, source, name)
+                        tr.finish(commit=lambda: self.registry.add_template(row))
+                    log.debug("template %s registered: %s", tid, final)
+                    return self.get(tid)
         if existing is not None and existing.digest == digest:
             if name:
                 self.registry.add_template_name(tid, name)
             return self.get(tid)
-        final = path
-        if owned:
-            tdir = os.path.join(self.dir, tid)
-            os.makedirs(tdir, exist_ok=True)
-            final = os.path.join(tdir, "disk.img")
-            os.chmod(path, 0o444)
-            os.rename(path, final)
-            fs.set_immutable(final, True)
-        st = os.stat(final)
-        row = TemplateRow(tid, final, st.st_size, digest, st.st_mtime_ns, st.st_ino, owned, source,
-                          time.time(), "ready", (name,) if name else ())
-        self.registry.add_template(row)
-        log.debug("template %s registered: %s", tid, final)
+        self.registry.add_template(self._row(tid, path, digest, owned, source, name))  # adopted in place
         return self.get(tid)
+
+    def _publish(self, path: str, tid: str) -> str:
+        tdir = os.path.join(self.dir, tid)
+        os.makedirs(tdir, exist_ok=True)
+        final = os.path.join(tdir, "disk.img")
+        os.chmod(path, 0o444)
+        os.rename(path, final)
+        fs.set_immutable(final, True)
+        return final
+
+    @staticmethod
+    def _row(tid: str, path: str, digest: str, owned: bool, source: str, name: str | None) -> TemplateRow:
+        st = os.stat(path)  # after chmod and chattr: both change ctime
+        return TemplateRow(tid, path, st.st_size, digest, st.st_mtime_ns, st.st_ino, owned, source, time.time(),
+                           "ready", (name,) if name else (), st.st_ctime_ns)
+
+    def undo_import(self, intent: int, tid: str) -> None:
+        """Remove a template file published without its row (immutable flag included) and end
+        the import's intent. Call with the template's lock held."""
+        if self.registry.find_template(tid) is None:
+            tdir = os.path.join(self.dir, tid)
+            with contextlib.suppress(FileNotFoundError, OSError):
+                fs.set_immutable(os.path.join(tdir, "disk.img"), False)
+            shutil.rmtree(tdir, ignore_errors=True)
+        self.registry.end_intent(intent)
 
     # -- checks ------------------------------------------------------------------------
 
     def check(self, t: TemplateRow) -> None:
-        """Refuse a template whose file changed since import (size, mtime, inode)."""
+        """Refuse a template whose file may have changed since import: size, mtime, inode,
+        change time (which user space cannot set back) and, for owned files, the immutable
+        flag. Once marked changed it stays refused until :meth:`verify` finds the content
+        unchanged."""
+        hint = "`cowdisk template verify` re-digests it; import the new image as a new template"
+        if t.state == "changed":
+            raise TemplateChanged(f"template {t.id}: marked as changed on disk since import by an earlier check; "
+                                  "attaching it could corrupt every volume over it", op="check template", obj=t.id,
+                                  hint=hint)
         try:
             st = os.stat(t.path)
         except FileNotFoundError:
             raise TemplateChanged(f"template {t.id}: its file {t.path} is gone", op="check template",
                                   obj=t.id) from None
+        why = []
         if (st.st_size, st.st_mtime_ns, st.st_ino) != (t.size, t.mtime_ns, t.ino):
+            why.append(f"size {t.size} -> {st.st_size}, mtime or inode differ")
+        if t.ctime_ns and st.st_ctime_ns != t.ctime_ns:
+            why.append("its change time moved")
+        if t.owned and not fs.is_immutable(t.path):
+            why.append("it is no longer immutable")
+        if why:
             self.registry.set_template_state(t.id, "changed")
             raise TemplateChanged(
-                f"template {t.id}: {t.path} changed on disk since import (size {t.size} -> {st.st_size}, "
-                f"mtime or inode differ); attaching it would silently corrupt every volume over it",
-                op="check template", obj=t.id, hint="import the new image as a new template")
+                f"template {t.id}: {t.path} changed on disk since import ({'; '.join(why)}); "
+                "attaching it could silently corrupt every volume over it", op="check template", obj=t.id,
+                hint=hint)
 
     def verify(self, ref: str, progress: Progress | None = None) -> Template:
-        """Check size, mtime and the full content digest; mark the template changed if they differ."""
+        """Re-digest the template. Unchanged content clears a "changed" mark (the quick check's
+        record is refreshed, an owned file made immutable again); changed content marks it
+        changed and raises."""
         t = self.registry.get_template(ref)
-        self.check(t)
-        if sha256_file(t.path, progress) != t.digest:
-            self.registry.set_template_state(t.id, "changed")
-            raise TemplateChanged(f"template {t.id}: content digest differs from import", op="verify template",
-                                  obj=t.id)
+        with self._lock(t.id):
+            if not os.path.exists(t.path):
+                self.check(t)  # raises: the file is gone
+            if sha256_file(t.path, progress) != t.digest:
+                self.registry.set_template_state(t.id, "changed")
+                raise TemplateChanged(f"template {t.id}: content digest differs from import",
+                                      op="verify template", obj=t.id)
+            if t.owned and not fs.is_immutable(t.path):
+                fs.set_immutable(t.path, True)
+            st = os.stat(t.path)
+            self.registry.set_template_identity(t.id, st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
         return self.get(t.id)
 
     # -- removal -----------------------------------------------------------------------

@@ -72,10 +72,12 @@ class Operation:
     steps: tuple[Step, ...] = field(default=())
     source_from: frozenset[VolumeState] | None = None
     """For an operation that makes a volume from another: the states that source may be in."""
+    subject: Literal["volume", "template"] = "volume"
+    """What the intent names: a volume id, or a template id (no volume state changes)."""
 
     @property
     def makes_volume(self) -> bool:
-        return self.starts_from is None
+        return self.subject == "volume" and self.starts_from is None
 
     @property
     def verb(self) -> str:
@@ -108,9 +110,13 @@ FORK = Operation("fork", None, CREATING, ATTACHED, "undo",
                  source_from=frozenset({ATTACHED, CHECKPOINTED}))
 FLATTEN = Operation("flatten", frozenset({ATTACHED, CHECKPOINTED}), None, None, "undo",
                     (Step("data", "flatten"), Step("register")))
+IMPORT = Operation("import", None, None, None, "undo", (Step("publish"),), subject="template")
+"""Publish a template's file (templates/<id>/disk.img, immutable) and register it: the row is
+committed with the end of the intent, so a kill leaves either both or an intent whose undo
+removes the file."""
 
 OPERATIONS: Mapping[str, Operation] = {o.name: o for o in
-                                       (CREATE, REMOVE, CHECKPOINT, RESTORE, RESTORE_AS, FORK, FLATTEN)}
+                                       (CREATE, REMOVE, CHECKPOINT, RESTORE, RESTORE_AS, FORK, FLATTEN, IMPORT)}
 """Every operation by name: the intents' ``op`` column and recovery's handler table key."""
 
 
@@ -151,7 +157,10 @@ class Transition:
 
     def __enter__(self) -> "Transition":
         with self.registry.tx():
-            self.intent = self.registry.begin_intent(self.op.name, volume_id=self.vid, data=self.data)
+            if self.op.subject == "template":
+                self.intent = self.registry.begin_intent(self.op.name, template_id=self.vid, data=self.data)
+            else:
+                self.intent = self.registry.begin_intent(self.op.name, volume_id=self.vid, data=self.data)
             if self.row is not None:
                 self.registry.add_volume(self.row)
             elif self.op.trying is not None:
@@ -180,9 +189,12 @@ class Transition:
         self.data.update(data)
         self.registry.update_intent(self.intent, self.data)
 
-    def finish(self, **fields: Any) -> None:
-        """Commit the done state (with ``fields``: device, error) and end the intent at once."""
+    def finish(self, commit: Callable[[], None] | None = None, **fields: Any) -> None:
+        """Commit the done state (with ``fields``: device, error) and end the intent at once;
+        ``commit`` adds its own writes to that one transaction (a template's row)."""
         with self.registry.tx():
+            if commit is not None:
+                commit()
             if self.op.done is not None:
                 self.registry.set_state(self.vid, self.op.done, **fields)
             elif self.op.trying is not None:  # the operation deletes its subject

@@ -16,7 +16,7 @@ import traceback
 import click
 
 from ..store import BACKENDS, default_root
-from . import admin, demo, serve, templates, volumes
+from . import admin, demo, templates, volumes
 from .app import App, CowdiskGroup
 
 BACKEND_CHOICES = ("auto", *BACKENDS)
@@ -57,8 +57,7 @@ def cli(ctx: click.Context, root: str, backend: str, verbose: int, quiet: bool) 
     ctx.call_on_close(app.close)
 
 
-for _command in (templates.template, volumes.volume, admin.recover, admin.gc, admin.doctor, demo.demo_command,
-                 serve.serve):
+for _command in (templates.template, volumes.volume, admin.recover, admin.gc, admin.doctor, demo.demo_command):
     cli.add_command(_command)
 
 

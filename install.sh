@@ -6,6 +6,8 @@ cd "$(dirname "$0")"
 PKGS="qemu-system-x86 busybox-static kmod cpio e2fsprogs xfsprogs btrfs-progs util-linux dmsetup fio"
 # a stock Debian has no pip for its python3
 python3 -m pip --version >/dev/null 2>&1 || PKGS="$PKGS python3-pip"
+# container images -> templates: skopeo reads OCI layouts/archives and docker-save archives, umoci unpacks
+PKGS="$PKGS skopeo umoci"
 missing=""
 for p in $PKGS; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"

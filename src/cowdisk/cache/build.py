@@ -10,7 +10,8 @@ from typing import Any
 from ..errors import CowdiskError, InvalidArgument, KernelError
 from ..progress import Progress, stage
 from .mkfs import MkfsInfo, make_image, run
-from .recipes import FilesRecipe, Recipe, TarRecipe, TreeRecipe, clean_dest, recipe_signature, summary
+from .oci import auto_capacity, parse_ref, unpack
+from .recipes import FilesRecipe, ImageRecipe, Recipe, TarRecipe, TreeRecipe, clean_dest, recipe_signature, summary
 from .tree import copy_node, makedirs_owned, remove_tree
 
 IMAGE_NAME = "disk.img"
@@ -26,15 +27,20 @@ def build_image(recipe: Recipe, mk: MkfsInfo, key: str, staging: str, digest: st
     """
     img = os.path.join(staging, IMAGE_NAME)
     tree = populate(recipe, staging, progress)
-    stage(progress, f"formatting {recipe.fs} image of {recipe.capacity} bytes")
-    make_image(mk, key, img, recipe.capacity, tree, recipe.mkfs_options)
+    capacity = recipe.capacity
+    extra: dict[str, Any] = {}
+    if isinstance(recipe, ImageRecipe) and capacity == 0 and tree is not None:
+        capacity = extra["auto_capacity"] = auto_capacity(tree)
+    stage(progress, f"formatting {recipe.fs} image of {capacity} bytes")
+    make_image(mk, key, img, capacity, tree, recipe.mkfs_options)
     if tree is not None and tree.startswith(staging + os.sep):
         stage(progress, "removing the unpacked tree")
-        remove_tree(tree, "remove build tree")
+        # an image's rootfs sits in umoci's bundle (config.json, mtree): all of it goes
+        remove_tree(os.path.dirname(tree) if isinstance(recipe, ImageRecipe) else tree, "remove build tree")
     if recipe_signature(recipe) != sig:
         raise CowdiskError(f"recipe inputs changed while building cache entry {key}; not publishing",
                            op="build cache entry", obj=key, hint="retry once the source is stable")
-    return {"kind": recipe.kind, "digest": digest, **summary(recipe)}
+    return {"kind": recipe.kind, "digest": digest, **summary(recipe), **extra}
 
 
 def populate(recipe: Recipe, staging: str, progress: Progress | None) -> str | None:
@@ -46,6 +52,9 @@ def populate(recipe: Recipe, staging: str, progress: Progress | None) -> str | N
     os.mkdir(tree, 0o755)
     if os.geteuid() == 0:
         os.chown(tree, 0, 0)
+    if isinstance(recipe, ImageRecipe):
+        os.rmdir(tree)
+        return unpack(parse_ref(recipe.ref), staging, progress)
     if isinstance(recipe, TarRecipe):
         stage(progress, f"unpacking {recipe.tarball}")
         cmd = ["tar", "-x", "-f", os.path.abspath(recipe.tarball), "-C", tree, "--numeric-owner",

@@ -66,7 +66,22 @@ class FilesRecipe:
     kind = "files"
 
 
-Recipe = Union[TreeRecipe, TarRecipe, FilesRecipe]
+@dataclass(frozen=True)
+class ImageRecipe:
+    """An image holding the root filesystem of a container image (:mod:`.oci`): an OCI
+    layout, an OCI archive or a ``docker save`` archive, ``ref`` as :func:`.oci.parse_ref`
+    takes it. Its content digest is the image's manifest digest (or a docker archive's
+    image id). ``capacity`` 0 means "chosen from the unpacked content" (:func:`.oci.auto_capacity`):
+    a function of the image, so the key stays sound."""
+
+    ref: str
+    capacity: int = 0
+    fs: str = "ext4"
+    mkfs_options: tuple[str, ...] = ()
+    kind = "image"
+
+
+Recipe = Union[TreeRecipe, TarRecipe, FilesRecipe, ImageRecipe]
 
 
 # --------------------------------------------------------------------------- validation
@@ -80,7 +95,9 @@ def check_recipe(recipe: Recipe) -> None:
         raise Unsupported(f"cache recipes build {', '.join(SUPPORTED_FS)} images, not {recipe.fs!r}",
                           op="cache recipe", obj=recipe.fs, hint=hint)
     cap = recipe.capacity
-    if not isinstance(cap, int) or isinstance(cap, bool) or cap <= 0 or cap % 512:
+    if isinstance(recipe, ImageRecipe) and cap == 0:
+        pass  # auto: chosen from the unpacked image
+    elif not isinstance(cap, int) or isinstance(cap, bool) or cap <= 0 or cap % 512:
         raise InvalidArgument(f"capacity {cap!r} must be a positive multiple of 512 bytes",
                               op="cache recipe", obj=str(cap))
     for o in recipe.mkfs_options:
@@ -245,6 +262,12 @@ def recipe_digest(recipe: Recipe) -> tuple[str, str]:
             raise NotFound(f"recipe tarball {recipe.tarball} is not a file", op="cache recipe", obj=recipe.tarball)
         sig = _stat_sig(recipe.tarball)
         return hash_file(recipe.tarball), sig
+    if isinstance(recipe, ImageRecipe):
+        from . import oci
+
+        src = oci.parse_ref(recipe.ref)
+        sig = oci.signature(src)
+        return oci.identity(src), sig
     if isinstance(recipe, FilesRecipe):
         if not recipe.files:
             raise InvalidArgument("file list recipe has no entries", op="cache recipe", obj="files")
@@ -275,6 +298,10 @@ def recipe_signature(recipe: Recipe) -> str:
         return _stat_sig(recipe.tarball)
     if isinstance(recipe, TreeRecipe):
         return _sig_tree(recipe.source)
+    if isinstance(recipe, ImageRecipe):
+        from . import oci
+
+        return oci.signature(oci.parse_ref(recipe.ref))
     sig = hashlib.sha256()
     for src, _dest in recipe.files:
         if os.path.islink(src):
@@ -291,5 +318,7 @@ def summary(recipe: Recipe) -> dict[str, Any]:
         return {"source": os.path.abspath(recipe.source), "mkfs_options": list(recipe.mkfs_options)}
     if isinstance(recipe, TarRecipe):
         return {"tarball": os.path.abspath(recipe.tarball), "mkfs_options": list(recipe.mkfs_options)}
+    if isinstance(recipe, ImageRecipe):
+        return {"image": recipe.ref, "mkfs_options": list(recipe.mkfs_options)}
     files = [[os.path.abspath(s), "/" + clean_dest(d)] for s, d in recipe.files]
     return {"files": files[:100], "count": len(files), "mkfs_options": list(recipe.mkfs_options)}

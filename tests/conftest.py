@@ -23,12 +23,12 @@ import pytest
 if TYPE_CHECKING:
     from cowdisk.store import Store
 
-pytest.register_assert_rewrite("suites", "testutil")
+pytest.register_assert_rewrite("suites", "testutil", "faults")
 
 pytest_plugins = ["_labplugin"] if os.path.exists(os.path.join(os.path.dirname(__file__), "_labplugin.py")) else []
 
 TESTS = Path(__file__).resolve().parent
-ROOT_TIERS = ("host", "vmm")
+ROOT_TIERS = ("host", "vmm", "ceph")
 
 
 
@@ -66,13 +66,13 @@ def _names_backend_itself(metafunc) -> bool:
 def pytest_generate_tests(metafunc) -> None:
     if "backend" not in metafunc.fixturenames or _names_backend_itself(metafunc):
         return
-    from testutil import HOST_BACKENDS, LAB_BACKENDS
+    from testutil import CEPH_BACKENDS, HOST_BACKENDS, LAB_BACKENDS
 
     tier = tier_of(metafunc.definition.path)
-    tier_backends = {"host": HOST_BACKENDS, "lab": LAB_BACKENDS}.get(tier)
+    tier_backends = {"host": HOST_BACKENDS, "lab": LAB_BACKENDS, "ceph": CEPH_BACKENDS}.get(tier)
     if tier_backends is None:
         raise pytest.UsageError(f"{metafunc.definition.nodeid}: the backend fixture runs only under "
-                                f"tests/host or tests/lab, not {tier!r}")
+                                f"tests/host, tests/lab or tests/ceph, not {tier!r}")
     mark = metafunc.definition.get_closest_marker("backends")
     wanted = [b for b in tier_backends if mark is None or b in mark.args]
     if not wanted:

@@ -50,6 +50,7 @@ RUNNERS: dict[str, Callable[[Store], Any]] = {
     "fork": lambda s: s.fork("x", ["y"]),
     "flatten": lambda s: s.flatten("x", "flat"),
     "import": lambda s: s.import_template(import_image(s.root), "imported"),
+    "template-remove": lambda s: s.remove_template("victim"),
 }
 """How to run each operation on the subject ``x`` (a new volume is ``y``)."""
 
@@ -101,6 +102,8 @@ def setup(root: str, backend: str, tree: str, case: Case) -> None:
     s.build_template(make_tree(tree), "base")
     with open(import_image(root), "wb") as f:
         f.write(os.urandom(1 << 20))
+    if case.op == "template-remove":  # a template no volume uses, for the removal to take
+        s.import_template(import_image(root), "victim")
     by = s.create_volume("bystander", "base")
     write_at(by.link, 3 * MiB, BYSTANDER)
     state = subject_state(case.operation)

@@ -17,6 +17,7 @@ from typing import Mapping, Self
 from .. import failpoints
 from ..backends import Backend, BackendEnv, TemplateRef, VolumeCtx, backend_class, explain
 from ..errors import InvalidArgument, KernelError
+from ..kernel import procfs
 from ..locks import FileLock
 from ..progress import Progress
 from ..registry import Registry, TemplateRow, VolumeRow
@@ -24,6 +25,8 @@ from .model import default_root
 from .templates import Templates
 
 
+LINK_TMP = ".tmp-"
+"""A link is made as ``rootfs.tmp-<pid>-<start>`` and renamed over ``rootfs``."""
 QUARANTINE = "quarantine"
 QUARANTINE_NOTE = "why.json"
 
@@ -110,6 +113,9 @@ class StoreParts:
     def undo_import(self, intent: int, tid: str) -> None:
         self._templates.undo_import(intent, tid)
 
+    def finish_template_remove(self, intent: int, tid: str) -> None:
+        self._templates.finish_remove(intent, tid)
+
     def teardown(self, v: VolumeRow, ctx: VolumeCtx, *, keep_data: bool = False, deadline_s: float = 5.0) -> None:
         """Ordered teardown: device, links, then the data (only once the device let go)."""
         self.backend.detach(ctx, deadline_s=deadline_s)
@@ -118,16 +124,27 @@ class StoreParts:
             self.destroy_data(v, ctx)
 
     def destroy_data(self, v: VolumeRow, ctx: VolumeCtx) -> None:
+        """Delete the volume's data and its link directory, with the rows of every link in
+        that directory (a restore-as retargeted the source's link to its copy: when the
+        source goes, that link goes too)."""
         self.backend.destroy(ctx)
         shutil.rmtree(ctx.data_dir, ignore_errors=True)
-        shutil.rmtree(os.path.dirname(self.link_path(v.id)), ignore_errors=True)
+        ldir = os.path.dirname(self.link_path(v.id))
+        for path, _, _ in self.registry.links():
+            if os.path.dirname(path) == ldir:
+                self.registry.drop_link(path)
+        shutil.rmtree(ldir, ignore_errors=True)
 
     # -- links -------------------------------------------------------------------------
 
     def set_link(self, owner: str, path: str, target: str) -> None:
-        """Point ``path`` at ``target`` atomically (symlink under a temporary name, then rename)."""
+        """Point ``path`` at ``target`` atomically (symlink under a temporary name, then rename).
+        The row is recorded first, so a kill at any point leaves a row recovery acts on
+        (it drops the links of volumes that are not attached and makes missing ones again)."""
         d = os.path.dirname(path)
-        tmp = f"{path}.tmp-{os.getpid()}"
+        tmp = f"{path}{LINK_TMP}{os.getpid()}-{procfs.process_start(os.getpid())}"
+        prev = next(((p, o, t) for p, o, t in self.registry.links() if p == path), None)
+        self.registry.set_link(path, owner, target)
         try:
             os.makedirs(d, exist_ok=True)
             with contextlib.suppress(FileNotFoundError):
@@ -137,10 +154,13 @@ class StoreParts:
         except OSError as e:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
+            if prev is not None:
+                self.registry.set_link(*prev)
+            else:
+                self.registry.drop_link(path)
             hint = ("its directory must be writable: not read-only, not immutable (see lsattr -d)"
                     if e.errno in (errno.EPERM, errno.EACCES, errno.EROFS) else "")
             raise KernelError.from_oserror("set stable link", path, e, hint=hint) from None
-        self.registry.set_link(path, owner, target)
 
     def drop_links(self, vid: str) -> None:
         for path, _, _ in self.registry.links(vid):

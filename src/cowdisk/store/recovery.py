@@ -29,7 +29,7 @@ from ..kernel.procfs import process_alive
 from ..locks import FileLock
 from ..registry import ATTACHED, CHECKPOINTED, CREATING, ERROR, Intent, VolumeRow
 from .model import RecoveryReport
-from .parts import StoreParts
+from .parts import LINK_TMP, StoreParts
 from .templates import STAGING_PREFIX, staging_owner_alive
 from .transition import (
     CHECKPOINT,
@@ -41,6 +41,7 @@ from .transition import (
     REMOVE,
     RESTORE,
     RESTORE_AS,
+    TEMPLATE_REMOVE,
     Transition,
     legacy_op,
 )
@@ -97,6 +98,12 @@ def _unpublish(store: StoreParts, intent: int, data: Mapping[str, Any], v: Volum
     store.undo_import(intent, str(data["template_id"]))
 
 
+def _template_gone(store: StoreParts, intent: int, data: Mapping[str, Any], v: VolumeRow | None,
+                   ctx: VolumeCtx | None) -> None:
+    """Finish template-remove: the file and the row go."""
+    store.finish_template_remove(intent, str(data["template_id"]))
+
+
 HANDLERS: Mapping[str, Handler] = {
     CREATE.name: _forget,
     RESTORE_AS.name: _forget,
@@ -106,6 +113,7 @@ HANDLERS: Mapping[str, Handler] = {
     RESTORE.name: _detached,
     FLATTEN.name: _drop_flat,
     IMPORT.name: _unpublish,
+    TEMPLATE_REMOVE.name: _template_gone,
 }
 assert set(HANDLERS) == set(OPERATIONS), "every operation needs its recovery handler"
 
@@ -261,6 +269,11 @@ def _reconcile_links(store: StoreParts, rep: RecoveryReport) -> None:
                 if idle and owner not in store.registry.live_intent_volumes():
                     store.drop_link(path)
                     rep.orphans_removed.append(f"link {path}")
+        elif os.path.basename(os.path.dirname(path)) not in vols:
+            with _idle_volume(store, owner) as idle:  # its directory's volume was removed
+                if idle:
+                    store.drop_link(path)
+                    rep.orphans_removed.append(f"link {path}")
         elif not _link_ok(path, target) and path != store.link_path(owner):
             store.set_link(owner, path, target)  # a retargeted source link removed by hand
             rep.finished.append(f"link {path}: made again")
@@ -280,6 +293,21 @@ def _orphan_volume_dirs(store: StoreParts, rep: RecoveryReport) -> None:
     for name in os.listdir(lbase):
         if name not in known and name not in live:
             _each(rep, f"remove link dir {name}", _orphan_dir, store, lbase, name, rep, False)
+        elif os.path.isdir(os.path.join(lbase, name)):
+            _each(rep, f"link debris in {name}", _link_debris, os.path.join(lbase, name), rep)
+
+
+def _link_debris(ldir: str, rep: RecoveryReport) -> None:
+    """``rootfs.tmp-<pid>-<start>`` left by a process killed between making a link and
+    renaming it into place."""
+    for entry in os.listdir(ldir):
+        _, sep, who = entry.partition(LINK_TMP)
+        if not sep:
+            continue
+        pid, _, start = who.partition("-")
+        if pid.isdigit() and not process_alive(int(pid), start or None):
+            os.unlink(os.path.join(ldir, entry))
+            rep.orphans_removed.append(os.path.join(ldir, entry))
 
 
 def _orphan_dir(store: StoreParts, base: str, name: str, rep: RecoveryReport, keep: bool) -> None:

@@ -11,6 +11,7 @@ where the cache is on another filesystem), registered with the cache's digest.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import secrets
@@ -296,14 +297,34 @@ class Templates:
             if users:
                 raise InUse(f"remove template {t.id}: used by volumes {', '.join(users)}", op="remove template",
                             obj=t.id, hint="remove or flatten those volumes first")
+            from .transition import TEMPLATE_REMOVE, Transition
+
+            with Transition(self.registry, TEMPLATE_REMOVE, t.id, data={"template_id": t.id}) as tr:
+                if t.owned:
+                    tr.step("file", self._remove_file, t.path)
+                tr.finish(commit=lambda: self.registry.delete_template(t.id))
+
+    def finish_remove(self, intent: int, tid: str) -> None:
+        """Finish a killed template removal: the file (if still there) and the row go, unless
+        a volume uses the template (then only the intent ends). Call with its lock held."""
+        t = self.registry.find_template(tid)
+        if t is not None and not self.registry.template_users(tid):
             if t.owned:
-                with contextlib.suppress(OSError):
-                    fs.set_immutable(t.path, False)
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(t.path)
-                with contextlib.suppress(OSError):
-                    os.rmdir(os.path.dirname(t.path))
-            self.registry.delete_template(t.id)
+                self._remove_file(t.path)
+            with self.registry.tx():
+                self.registry.delete_template(tid)
+                self.registry.end_intent(intent)
+            return
+        self.registry.end_intent(intent)
+
+    @staticmethod
+    def _remove_file(path: str) -> None:
+        with contextlib.suppress(OSError):
+            fs.set_immutable(path, False)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        with contextlib.suppress(OSError):
+            os.rmdir(os.path.dirname(path))
 
     def clean_cache(self) -> None:
         """Empty the template cache (store teardown)."""

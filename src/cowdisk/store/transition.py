@@ -111,12 +111,16 @@ FORK = Operation("fork", None, CREATING, ATTACHED, "undo",
 FLATTEN = Operation("flatten", frozenset({ATTACHED, CHECKPOINTED}), None, None, "undo",
                     (Step("data", "flatten"), Step("register")))
 IMPORT = Operation("import", None, None, None, "undo", (Step("publish"),), subject="template")
+TEMPLATE_REMOVE = Operation("template-remove", None, None, None, "finish", (Step("file"),), subject="template")
+"""Remove a template no volume uses: its file, then its row with the end of the intent; a
+kill in between is finished by recovery (no row left whose file is gone)."""
 """Publish a template's file (templates/<id>/disk.img, immutable) and register it: the row is
 committed with the end of the intent, so a kill leaves either both or an intent whose undo
 removes the file."""
 
 OPERATIONS: Mapping[str, Operation] = {o.name: o for o in
-                                       (CREATE, REMOVE, CHECKPOINT, RESTORE, RESTORE_AS, FORK, FLATTEN, IMPORT)}
+                                       (CREATE, REMOVE, CHECKPOINT, RESTORE, RESTORE_AS, FORK, FLATTEN, IMPORT,
+                                        TEMPLATE_REMOVE)}
 """Every operation by name: the intents' ``op`` column and recovery's handler table key."""
 
 

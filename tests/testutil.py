@@ -34,6 +34,31 @@ HOST_BACKENDS = ("copy", "reflink-xfs", "reflink-btrfs", "pool")
 LAB_BACKENDS = ("dm-snapshot",)
 BLOCK_BACKENDS = frozenset({"dm-snapshot"})
 FILE_BACKENDS = frozenset({"copy", "reflink-xfs", "reflink-btrfs", "pool"})
+# tests/ceph: rbd on the Ceph cluster its session fixture starts (tests/ceph/conftest.py)
+CEPH_BACKENDS = ("rbd",)
+CEPH_ENV = "COWDISK_TEST_CEPH"
+"""JSON of the session cluster's store options (conf, pool, client), set by the fixture."""
+
+
+def ceph_options(namespace: str | None = None, map: str = "fuse") -> dict[str, str]:
+    """Store options for the session's test cluster; each store its own RADOS namespace."""
+    import json
+    import secrets
+
+    opts = dict(json.loads(os.environ[CEPH_ENV]))
+    return {**opts, "namespace": namespace or f"t-{secrets.token_hex(4)}", "map": map}
+
+
+def rbd_images(opts: dict[str, str]) -> list[str]:
+    """Images in the store's namespace, as the ``rbd`` tool lists them ([] for no namespace)."""
+    r = subprocess.run(["rbd", "-c", opts["conf"], "ls", "-p", opts["pool"], "--namespace", opts["namespace"]],
+                       capture_output=True, text=True)
+    if r.returncode != 0 and "does not exist" in r.stderr:
+        return []
+    assert r.returncode == 0, r.stderr
+    return sorted(r.stdout.split())
+
+
 
 
 def in_lab() -> bool:
@@ -193,6 +218,11 @@ def backend_store(backend: str, base: str) -> Iterator["Store"]:
         with scratch_fs(backend.split("-", 1)[1], base=base) as mnt, \
                 managed_store(os.path.join(mnt, "store"), "reflink") as s:
             yield s
+    elif backend == "rbd":
+        opts = ceph_options()
+        with managed_store(os.path.join(base, "store"), backend, opts) as s:
+            yield s
+        assert rbd_images(opts) == [], f"images left in the cluster: {rbd_images(opts)}"
     else:
         with managed_store(os.path.join(base, "store"), backend) as s:
             yield s
@@ -200,12 +230,12 @@ def backend_store(backend: str, base: str) -> Iterator["Store"]:
 
 
 @contextlib.contextmanager
-def managed_store(root: str, backend: str) -> Iterator["Store"]:
+def managed_store(root: str, backend: str, options: dict[str, str] | None = None) -> Iterator["Store"]:
     """A store destroyed afterwards, pass or fail; the host must then be exactly as before."""
     from cowdisk.store import Store
 
     before = host_state()
-    s = Store(root, backend=backend)
+    s = Store(root, backend=backend, backend_options=options)
     try:
         yield s
     finally:
@@ -247,7 +277,7 @@ def host_state() -> HostState:
                        if line.startswith(("cowdisk-", "cdtest-")))
     with open("/proc/self/mounts") as f:
         mounts = frozenset(line.split()[1] for line in f
-                           if line.startswith("/dev/loop") and line.split()[1].startswith(scope))
+                           if line.startswith(("/dev/loop", "/dev/fuse")) and line.split()[1].startswith(scope))
     return HostState(loops, dm, mounts)
 
 

@@ -184,12 +184,16 @@ def _registry() -> dict[str, type[Backend]]:
     from .dm_snapshot import DmSnapshotBackend
     from .files import CopyBackend, ReflinkBackend
     from .pool import PoolBackend
+    from .rbd import RbdBackend
 
-    return {c.name: c for c in (DmSnapshotBackend, ReflinkBackend, PoolBackend, CopyBackend)}
+    return {c.name: c for c in (DmSnapshotBackend, ReflinkBackend, PoolBackend, CopyBackend, RbdBackend)}
 
 
-BACKENDS: tuple[str, ...] = ("dm-snapshot", "reflink", "pool", "copy")
-"""Every backend by name, in the order ``auto`` tries them."""
+BACKENDS: tuple[str, ...] = ("dm-snapshot", "reflink", "pool", "copy", "rbd")
+"""Every backend by name, in the order ``auto`` tries them (those in NOT_AUTO excepted)."""
+
+NOT_AUTO: frozenset[str] = frozenset({"rbd"})
+"""Backends ``auto`` never picks: they need settings (a cluster) only the caller gives."""
 
 
 def backend_class(name: str) -> type[Backend]:
@@ -207,6 +211,8 @@ def explain(root: str) -> tuple[str, list[str]]:
     says whether it can work here, the first that can wins."""
     why: list[str] = []
     for name in BACKENDS:
+        if name in NOT_AUTO:
+            continue
         ok, reason = backend_class(name).available(root)
         why.append(reason)
         if ok:

@@ -1,0 +1,782 @@
+"""``rbd``: volumes as layered Ceph RBD images, through librbd (the ``rbd`` Python module).
+
+A template is an RBD image ``cowdisk-t-<template id>`` written sparsely from the
+template file, with a protected snapshot ``cowdisk-<template id>`` (the id is the first
+16 hex digits of the template's sha256). A volume is a clone ``cowdisk-v-<volume id>``
+of that snapshot: no data is copied. Fork and restore under a new id snapshot the
+source image (``cowdisk-for-<new id>``, protected) and clone that. Removing a volume
+deletes its clone, then unprotects and removes the snapshot it was cloned from once no
+other clone uses it (the template's image too). Flatten reads the image (with its
+parents) into a new local template file.
+
+Every image lives in the store's pool and RADOS namespace (options below). Images are
+named by template digest and volume id, not by store, so that stores on several hosts
+sharing a namespace share the templates (imported once into the cluster) and can hand a
+checkpointed volume to one another. Who may write a volume is the *holder* record, the
+image metadata ``cowdisk.holder`` (the store's tag and host name), set on attach and
+cleared on detach. Attaching an image another store holds is refused (InUse naming that
+store and whether it still has a live client watching the image);
+:meth:`RbdBackend.take_over` is the explicit fencing step for a host that died: it
+blocklists the old holder's clients (``osd blocklist add``), breaks their exclusive lock
+and records the new holder.
+
+What the device path (and the store's stable link) is, by the ``map`` option:
+
+* ``fuse`` (default): the image is exported as a regular file
+  ``volumes/<id>/disk.img`` by a ``qemu-storage-daemon`` (QEMU's own rbd driver and its
+  FUSE export, one daemon per attached volume, started detached so it outlives
+  cowdisk like a kernel object). Every VMM opens it as a raw file; no kernel module.
+* ``none``: nothing is mapped; the device path is QEMU's rbd filename
+  ``rbd:<pool>/[<namespace>/]<image>:id=<client>:conf=<conf>``, and the stable link is a
+  symlink whose *target text* is that string (it does not resolve: ``readlink`` it).
+  For QEMU, which opens RBD itself (``cowdisk volume drive --format qemu``). Fastest.
+
+Options (``Store(root, backend="rbd", backend_options={...})``, recorded with the store):
+``conf`` (ceph.conf path, required; put ``keyring`` there for cephx), ``pool``
+(required), ``client`` (the client id, default ``admin``), ``namespace`` (RADOS
+namespace, default the pool's default one; created on open), ``map`` (``fuse`` or
+``none``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import importlib.machinery
+import importlib.util
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+import weakref
+from typing import Any, ClassVar, Iterator, Mapping
+
+from ..errors import CowdiskError, InUse, InvalidArgument, KernelError, NotFound, Unsupported
+from ..kernel import mount as kmount
+from ..kernel.procfs import process_alive, process_start
+from ..progress import Progress
+from . import BackendEnv, KernelObject, Usage, VolumeCtx, check_options
+
+log = logging.getLogger(__name__)
+
+OPTIONS = frozenset({"conf", "pool", "client", "namespace", "map"})
+MAPS = ("fuse", "none")
+DISK = "disk.img"
+PIDFILE = "qsd.pid"
+HOLDER = "cowdisk.holder"
+DEBIAN_DIST = "/usr/lib/python3/dist-packages"
+QSD = "qemu-storage-daemon"
+
+
+# -- librbd -----------------------------------------------------------------------------
+
+
+def librbd() -> tuple[Any, Any]:
+    """The ``rados`` and ``rbd`` modules.
+
+    Ceph ships its Python bindings only as Debian's python3-rados and python3-rbd
+    (extension modules built for Debian's python3). When they are not importable as is
+    (another interpreter of the same version, a virtualenv), exactly these two files are
+    loaded from Debian's dist-packages; nothing else of that directory is put on
+    ``sys.path``."""
+    try:
+        import rados
+        import rbd
+
+        return rados, rbd
+    except ImportError:
+        pass
+    suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
+    mods = []
+    for name in ("rados", "rbd"):
+        if name in sys.modules:
+            mods.append(sys.modules[name])
+            continue
+        path = os.path.join(DEBIAN_DIST, name + suffix)
+        if not os.path.exists(path):
+            raise Unsupported(f"rbd backend: the {name} module is not importable and {path} does not exist",
+                              op="load librbd", obj=name,
+                              hint="install python3-rados and python3-rbd (./install.sh) for this Python "
+                                   f"{sys.version_info.major}.{sys.version_info.minor}")
+        loader = importlib.machinery.ExtensionFileLoader(name, path)
+        spec = importlib.util.spec_from_file_location(name, path, loader=loader)
+        assert spec is not None
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        try:
+            loader.exec_module(mod)
+        except ImportError as e:
+            del sys.modules[name]
+            raise Unsupported(f"rbd backend: cannot load {path}: {e}", op="load librbd", obj=name) from None
+        mods.append(mod)
+    return mods[0], mods[1]
+
+
+@contextlib.contextmanager
+def named(op: str, obj: str) -> Iterator[None]:
+    """librados/librbd errors as KernelError(op, obj, errno)."""
+    rados, rbd = librbd()
+    try:
+        yield
+    except CowdiskError:
+        raise
+    except (rados.Error, rbd.Error) as e:
+        err = getattr(e, "errno", None) or errno.EIO
+        raise KernelError(op, obj, abs(err), detail=str(e)) from None
+
+
+_forked: list[Any] = []  # clusters inherited over fork(): never shut down in the child (librados threads are gone)
+
+
+def _after_fork() -> None:
+    """A forked child keeps its parent's connections unused and never shut down: their
+    librados threads did not survive the fork."""
+    for b in list(RbdBackend._instances):
+        if b._cluster is not None:
+            _forked.append(b._cluster)
+            b._cluster = b._ioctx = None
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
+# -- the backend ------------------------------------------------------------------------
+
+
+def volume_image(vid: str) -> str:
+    return f"cowdisk-v-{vid}"
+
+
+def template_image(tid: str) -> str:
+    return f"cowdisk-t-{tid}"
+
+
+def template_snap(tid: str) -> str:
+    return f"cowdisk-{tid}"
+
+
+def copy_snap(dst: str) -> str:
+    return f"cowdisk-for-{dst}"
+
+
+class RbdBackend:
+    name: ClassVar[str] = "rbd"
+    block_device: ClassVar[bool] = False
+    steps: ClassVar[Mapping[str, tuple[str, ...]]] = {
+        "create": ("template", "clone", "hold", "map"),
+        "attach": ("hold", "map"),
+        "copy_data": ("snapshot", "clone"),
+    }
+    _instances: ClassVar["weakref.WeakSet[RbdBackend]"]
+
+    def __init__(self, env: BackendEnv) -> None:
+        o = dict(env.options)
+        missing = [k for k in ("conf", "pool") if not o.get(k)]
+        if missing:
+            raise InvalidArgument(f"backend rbd: option(s) {', '.join(missing)} missing", op="open store",
+                                  obj=env.root, hint="rbd needs conf=<ceph.conf> and pool=<pool> (docs/rbd.md)")
+        self.conf = os.path.abspath(o["conf"])
+        self.pool = o["pool"]
+        self.client = o.get("client") or "admin"
+        self.namespace = o.get("namespace") or ""
+        self.map = o.get("map") or "fuse"
+        if self.map not in MAPS:
+            raise InvalidArgument(f"backend rbd: map={self.map!r} is not one of {', '.join(MAPS)}",
+                                  op="open store", obj=env.root)
+        if not os.path.isfile(self.conf):
+            raise NotFound(f"backend rbd: ceph config {self.conf} does not exist", op="open store", obj=self.conf)
+        if self.map == "fuse" and not _which(QSD):
+            raise Unsupported(f"backend rbd: map=fuse needs {QSD}", op="open store", obj=env.root,
+                              hint="install qemu-system-common and qemu-block-extra, or use map=none")
+        self.data_root = env.root
+        self.tag = env.tag
+        self.holder = f"{env.tag}@{socket.gethostname()}"
+        self._cluster: Any = None
+        self._ioctx: Any = None
+        RbdBackend._instances.add(self)
+
+    # -- store-wide ---------------------------------------------------------------------
+
+    @classmethod
+    def available(cls, root: str) -> tuple[bool, str]:
+        try:
+            librbd()
+        except Unsupported as e:
+            return False, f"rbd: {e.message}"
+        return True, "rbd: librbd is here; needs a cluster (options conf, pool), never picked by auto"
+
+    @classmethod
+    def open(cls, env: BackendEnv) -> "RbdBackend":
+        check_options(cls.name, env, OPTIONS)
+        b = cls(env)
+        b.ioctx()  # connect now: a wrong conf or pool fails the open, before the store is recorded
+        return b
+
+    def ioctx(self) -> Any:
+        if self._ioctx is not None:
+            return self._ioctx
+        rados, rbd = librbd()
+        with named("connect to ceph", f"{self.conf} (client.{self.client})"):
+            c = rados.Rados(conffile=self.conf, rados_id=self.client,
+                            conf={"rados_mon_op_timeout": "30", "rados_osd_op_timeout": "30",
+                                  "client_mount_timeout": "20", "rbd_default_clone_format": "1"})
+            c.connect(timeout=20)
+        try:
+            with named("open pool", self.pool):
+                io = c.open_ioctx(self.pool)
+            if self.namespace:
+                with named("open namespace", f"{self.pool}/{self.namespace}"):
+                    if not rbd.RBD().namespace_exists(io, self.namespace):
+                        with contextlib.suppress(rbd.ImageExists):
+                            rbd.RBD().namespace_create(io, self.namespace)
+                    io.set_namespace(self.namespace)
+        except BaseException:
+            c.shutdown()
+            raise
+        self._cluster, self._ioctx = c, io
+        return io
+
+    def close(self) -> None:
+        if self._cluster is not None:
+            with contextlib.suppress(Exception):
+                self._ioctx.close()
+            with contextlib.suppress(Exception):
+                self._cluster.shutdown()
+        self._cluster = self._ioctx = None
+
+    def destroy_store(self) -> None:
+        """Remove the namespace if it is now empty (another store may still use it)."""
+        _, rbd = librbd()
+        io = self.ioctx()
+        if self.namespace:
+            left = rbd.RBD().list(io)
+            if not left:
+                with named("remove namespace", f"{self.pool}/{self.namespace}"):
+                    base = self._cluster.open_ioctx(self.pool)
+                    try:
+                        with contextlib.suppress(rbd.ImageNotFound, rbd.ImageBusy):
+                            rbd.RBD().namespace_remove(base, self.namespace)
+                    finally:
+                        base.close()
+        self.close()
+
+    def spec(self, image: str) -> str:
+        """QEMU's rbd filename for ``image`` (what map=none hands the VMM)."""
+        ns = f"{self.namespace}/" if self.namespace else ""
+        return f"rbd:{self.pool}/{ns}{image}:id={self.client}:conf={self.conf}"
+
+    # -- templates ----------------------------------------------------------------------
+
+    def _ensure_template(self, ctx: VolumeCtx) -> None:
+        """The template's image and protected snapshot, written from its file once per
+        namespace (several stores share it). Written under a staging name and renamed,
+        so a half-written image is never taken for the template."""
+        _, rbd = librbd()
+        io = self.ioctx()
+        t = ctx.template
+        name, snap = template_image(t.id), template_snap(t.id)
+        for _ in range(3):
+            try:
+                with rbd.Image(io, name, read_only=True) as im:
+                    if any(s["name"] == snap for s in im.list_snaps()) and im.is_protected_snap(snap):
+                        return
+            except rbd.ImageNotFound:
+                self._write_template(ctx)
+                continue
+            # the image exists without its protected snapshot: finish it (idempotent)
+            with named("snapshot template", name), rbd.Image(io, name) as im:
+                with contextlib.suppress(rbd.ImageExists):
+                    im.create_snap(snap)
+                with contextlib.suppress(rbd.ImageBusy, rbd.InvalidArgument):
+                    im.protect_snap(snap)
+        raise KernelError("import template into ceph", name, errno.EAGAIN, detail="template image kept vanishing")
+
+    def _write_template(self, ctx: VolumeCtx) -> None:
+        rados, rbd = librbd()
+        io = self.ioctx()
+        t = ctx.template
+        final = template_image(t.id)
+        staging = f"{final}.tmp-{self.tag.split(':')[-1]}-{os.getpid()}-{process_start(os.getpid())}"
+        with named("import template into ceph", final):
+            rbd.RBD().create(io, staging, t.size, old_format=False)
+            try:
+                with rbd.Image(io, staging) as im:
+                    _write_sparse(t.path, im, t.size, ctx.progress)
+                    im.create_snap(template_snap(t.id))
+                    im.protect_snap(template_snap(t.id))
+                try:
+                    rbd.RBD().rename(io, staging, final)
+                    return
+                except rbd.ImageExists:
+                    pass  # another store imported it first: use theirs
+            except BaseException:
+                self._remove_staging(staging)
+                raise
+            self._remove_staging(staging)
+
+    def _remove_staging(self, name: str) -> None:
+        _, rbd = librbd()
+        io = self.ioctx()
+        with contextlib.suppress(rbd.ImageNotFound):
+            with rbd.Image(io, name) as im:
+                for s in list(im.list_snaps()):
+                    with contextlib.suppress(rbd.InvalidArgument):
+                        im.unprotect_snap(s["name"])
+                    im.remove_snap(s["name"])
+            rbd.RBD().remove(io, name)
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def create(self, ctx: VolumeCtx) -> str:
+        _, rbd = librbd()
+        os.makedirs(ctx.data_dir, exist_ok=True)
+        with ctx.template_lock():
+            self._ensure_template(ctx)
+        ctx.step("template")
+        img = volume_image(ctx.id)
+        ctx.record("rbd", img)
+        t = ctx.template
+        with named("clone template", img):
+            for attempt in range(3):
+                try:
+                    rbd.RBD().clone(self.ioctx(), template_image(t.id), template_snap(t.id), self.ioctx(), img)
+                    break
+                except (rbd.ImageNotFound, rbd.InvalidArgument):
+                    if attempt == 2:  # the template went away under us (its last clone removed elsewhere)
+                        raise
+                    with ctx.template_lock():
+                        self._ensure_template(ctx)
+        ctx.step("clone")
+        return self._activate(ctx)
+
+    def attach(self, ctx: VolumeCtx) -> str:
+        _, rbd = librbd()
+        img = volume_image(ctx.id)
+        try:
+            with rbd.Image(self.ioctx(), img, read_only=True):
+                pass
+        except rbd.ImageNotFound:
+            raise NotFound(f"attach volume {ctx.id}: its image {self.pool}/{img} is gone", op="attach volume",
+                           obj=ctx.id) from None
+        return self._activate(ctx)
+
+    def _activate(self, ctx: VolumeCtx) -> str:
+        img = volume_image(ctx.id)
+        self._hold(ctx.id, img)
+        ctx.step("hold")
+        if self.map == "none":
+            ctx.step("map")
+            return self.spec(img)
+        dev = self._map(ctx, img)
+        ctx.step("map")
+        return dev
+
+    # -- the holder record ---------------------------------------------------------------
+
+    def holder_of(self, vid: str) -> str | None:
+        """The store (tag@host) that holds volume ``vid`` attached, or None."""
+        _, rbd = librbd()
+        with named("read holder", volume_image(vid)), rbd.Image(self.ioctx(), volume_image(vid), read_only=True) as im:
+            try:
+                return str(im.metadata_get(HOLDER)) or None
+            except KeyError:
+                return None
+
+    def watchers(self, vid: str) -> list[str]:
+        """Addresses of the clients that have the image open (a VMM, a mapping daemon)."""
+        _, rbd = librbd()
+        with named("list watchers", volume_image(vid)), rbd.Image(self.ioctx(), volume_image(vid), read_only=True) as im:
+            return [w["addr"] for w in im.watchers_list()]
+
+    def _hold(self, vid: str, img: str) -> None:
+        _, rbd = librbd()
+        with named("hold volume", img), rbd.Image(self.ioctx(), img) as im:
+            try:
+                cur = str(im.metadata_get(HOLDER))
+            except KeyError:
+                cur = ""
+            if cur and cur != self.holder:
+                live = [w["addr"] for w in im.watchers_list()]
+                live = [a for a in live if a != self._my_addr()]
+                state = (f"it has {len(live)} live client(s): {', '.join(live)}" if live else
+                         "no client of it is alive (a dead host?)")
+                raise InUse(f"attach volume {vid}: {self.pool}/{img} is held by {cur}; {state}",
+                            op="attach volume", obj=vid,
+                            hint="checkpoint it there first; if that host is dead, take it over explicitly "
+                                 "(RbdBackend.take_over: fences the old holder)")
+            im.metadata_set(HOLDER, self.holder)
+
+    def _release_hold(self, img: str) -> None:
+        _, rbd = librbd()
+        try:
+            with named("release hold", img), rbd.Image(self.ioctx(), img) as im:
+                with contextlib.suppress(KeyError):
+                    if str(im.metadata_get(HOLDER)) == self.holder:
+                        im.metadata_remove(HOLDER)
+        except rbd.ImageNotFound:
+            pass
+
+    def _my_addr(self) -> str:
+        try:
+            return str(self._cluster.get_addrs()) if self._cluster is not None else ""
+        except Exception:  # noqa: BLE001 - older bindings
+            return ""
+
+    def take_over(self, vid: str) -> str | None:
+        """Fence the store holding ``vid`` and record this store as its holder: every
+        client watching the image is blocklisted (it can no longer write, even if that
+        host comes back), its exclusive lock broken. Returns the old holder. For a host
+        known dead only: a live VM on the old holder loses its disk."""
+        _, rbd = librbd()
+        img = volume_image(vid)
+        old = self.holder_of(vid)
+        io = self.ioctx()
+        with named("take over volume", img), rbd.Image(io, img) as im:
+            mine = self._my_addr()
+            for w in im.watchers_list():
+                if w["addr"] != mine:
+                    self._blocklist(w["addr"])
+            for o in im.lock_get_owners():
+                with contextlib.suppress(rbd.ImageNotFound):
+                    im.lock_break(o["mode"], o["owner"])
+            im.metadata_set(HOLDER, self.holder)
+        log.warning("took over volume %s from %s", vid, old)
+        return old
+
+    def _blocklist(self, addr: str) -> None:
+        cmd = json.dumps({"prefix": "osd blocklist", "blocklistop": "add", "addr": addr})
+        with named("blocklist client", addr):
+            ret, _, err = self._cluster.mon_command(cmd, b"", timeout=30)
+            if ret != 0:
+                raise KernelError("blocklist client", addr, abs(ret), detail=err)
+
+    # -- the fuse mapping -----------------------------------------------------------------
+
+    def _map(self, ctx: VolumeCtx, img: str) -> str:
+        os.makedirs(ctx.data_dir, exist_ok=True)
+        mnt = os.path.join(ctx.data_dir, DISK)
+        pidfile = os.path.join(ctx.data_dir, PIDFILE)
+        ctx.record("fuse", mnt)
+        if _mounted(mnt):  # a half-made attempt of a killed process
+            self._unmap(mnt, pidfile, 5.0, ctx.id)
+        with open(mnt, "a"):
+            pass
+        os.chmod(mnt, 0o600)
+        ns = f",namespace={self.namespace}" if self.namespace else ""
+        node = f"driver=rbd,node-name=v,pool={self.pool}{ns},image={img},conf={self.conf},user={self.client}," \
+               "cache.direct=on"
+        argv = [QSD, "--blockdev", node,
+                "--export", f"type=fuse,id=e,node-name=v,mountpoint={mnt},writable=on,growable=off",
+                "--pidfile", pidfile, "--daemonize"]
+        r = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=60)
+        if r.returncode != 0:
+            raise KernelError("map volume", ctx.id, errno.EIO, detail=f"{QSD}: {r.stderr.strip()}")
+        return mnt
+
+    def _unmap(self, mnt: str, pidfile: str, deadline_s: float, vid: str) -> None:
+        pid = _read_pid(pidfile)
+        if pid is not None and _is_qsd(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+            end = time.monotonic() + max(deadline_s, 5.0)
+            while _is_qsd(pid) and time.monotonic() < end:
+                time.sleep(0.002)
+            if _is_qsd(pid):
+                raise InUse(f"unmap volume {vid}: {QSD} PID {pid} does not exit", op="detach volume", obj=vid,
+                            hint=f"something still has {mnt} open")
+        if _mounted(mnt):  # the daemon died without unmounting (killed): a stale FUSE mount
+            with contextlib.suppress(KernelError):
+                kmount.umount(mnt, kmount.MNT_DETACH)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(pidfile)
+
+    def detach(self, ctx: VolumeCtx, *, deadline_s: float = 5.0) -> None:
+        if self.map == "fuse":
+            self._unmap(os.path.join(ctx.data_dir, DISK), os.path.join(ctx.data_dir, PIDFILE), deadline_s, ctx.id)
+            ctx.forget("fuse", os.path.join(ctx.data_dir, DISK))
+        else:
+            live = [a for a in self._watchers_or_none(ctx.id) if a != self._my_addr()]
+            end = time.monotonic() + deadline_s
+            while live and time.monotonic() < end:
+                time.sleep(0.05)
+                live = [a for a in self._watchers_or_none(ctx.id) if a != self._my_addr()]
+            if live and self.holder_of(ctx.id) == self.holder:
+                raise InUse(f"detach volume {ctx.id}: its image is still open by {', '.join(live)}",
+                            op="detach volume", obj=ctx.id, hint="stop the VM that uses it first")
+        self._release_hold(volume_image(ctx.id))
+
+    def _watchers_or_none(self, vid: str) -> list[str]:
+        _, rbd = librbd()
+        try:
+            return self.watchers(vid)
+        except KernelError as e:
+            if e.errno == errno.ENOENT:
+                return []
+            raise
+
+    def destroy(self, ctx: VolumeCtx) -> None:
+        """Delete the clone, then the snapshot it came from once no clone uses it (and
+        the template's image with it). Clones of this volume (restored or forked from
+        it) are flattened first: they keep their data. An image another store holds is
+        left alone (the volume moved to that host): only this store forgets it."""
+        _, rbd = librbd()
+        io = self.ioctx()
+        img = volume_image(ctx.id)
+        parent = None
+        try:
+            with rbd.Image(io, img) as im:
+                try:
+                    cur = str(im.metadata_get(HOLDER))
+                except KeyError:
+                    cur = ""
+                if cur and cur != self.holder:
+                    log.warning("volume %s: image held by %s, left in the cluster", ctx.id, cur)
+                    ctx.forget("rbd", img)
+                    return
+                with named("read parent", img):
+                    with contextlib.suppress(rbd.ImageNotFound):
+                        parent = im.parent_info()[1:]
+                self._drop_snaps(im, img)
+            with named("remove volume image", img):
+                rbd.RBD().remove(io, img)
+        except rbd.ImageNotFound:
+            pass
+        ctx.forget("rbd", img)
+        if parent is not None:
+            self._drop_parent_snap(*parent)
+
+    def _drop_snaps(self, im: Any, img: str) -> None:
+        """Flatten the clones of ``img``'s snapshots, then remove the snapshots."""
+        _, rbd = librbd()
+        io = self.ioctx()
+        for s in list(im.list_snaps()):
+            with named("flatten clones of", f"{img}@{s['name']}"):
+                im.set_snap(s["name"])
+                children = list(im.list_children2()) if hasattr(im, "list_children2") else []
+                im.set_snap(None)
+                for ch in children:
+                    cio = self._cluster.open_ioctx(ch["pool"])
+                    try:
+                        cio.set_namespace(ch.get("pool_namespace") or "")
+                        with rbd.Image(cio, ch["image"]) as c:
+                            c.flatten()
+                    finally:
+                        cio.close()
+                with contextlib.suppress(rbd.InvalidArgument):
+                    im.unprotect_snap(s["name"])
+                im.remove_snap(s["name"])
+
+    def _drop_parent_snap(self, parent: str, snap: str) -> None:
+        """Unprotect and remove ``parent@snap`` when no clone is left (EBUSY: one is);
+        a template image goes with its snapshot."""
+        _, rbd = librbd()
+        io = self.ioctx()
+        try:
+            with rbd.Image(io, parent) as im:
+                try:
+                    im.unprotect_snap(snap)
+                except (rbd.ImageBusy, rbd.InvalidArgument):
+                    return  # clones left (or already unprotected by a concurrent removal)
+                with named("remove snapshot", f"{parent}@{snap}"):
+                    im.remove_snap(snap)
+                    others = list(im.list_snaps())
+            if parent.startswith("cowdisk-t-") and not others:
+                with named("remove template image", parent), contextlib.suppress(rbd.ImageNotFound, rbd.ImageBusy,
+                                                                                   rbd.ImageHasSnapshots):
+                    rbd.RBD().remove(io, parent)
+        except rbd.ImageNotFound:
+            pass
+
+    def copy_data(self, src: VolumeCtx, dst: VolumeCtx, *, src_attached: bool) -> None:
+        """A protected snapshot of the source (crash-consistent if attached: writes are
+        acknowledged only once the OSDs have them) and a clone of it: no data copied."""
+        _, rbd = librbd()
+        io = self.ioctx()
+        simg, dimg, snap = volume_image(src.id), volume_image(dst.id), copy_snap(dst.id)
+        os.makedirs(dst.data_dir, exist_ok=True)
+        dst.record("rbd", dimg)
+        with named("snapshot volume", f"{simg}@{snap}"), rbd.Image(io, simg) as im:
+            if not any(s["name"] == snap for s in im.list_snaps()):
+                im.create_snap(snap)
+            if not im.is_protected_snap(snap):
+                im.protect_snap(snap)
+        dst.step("snapshot")
+        with named("clone volume", dimg):
+            try:
+                rbd.RBD().clone(io, simg, snap, io, dimg)
+            except rbd.ImageExists:
+                pass  # a killed attempt made it; recovery would have removed a bad one
+        dst.step("clone")
+
+    def flatten(self, ctx: VolumeCtx, out_path: str, *, attached: bool) -> None:
+        """The image with its parents read into a new sparse file (a new local template)."""
+        _, rbd = librbd()
+        img = volume_image(ctx.id)
+        with named("flatten volume", img), rbd.Image(self.ioctx(), img, read_only=True) as im:
+            size = im.size()
+            fd = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            try:
+                os.ftruncate(fd, size)
+                extents: list[tuple[int, int]] = []
+                im.diff_iterate(0, size, None, lambda off, n, exists: extents.append((off, n)) if exists else None,
+                                include_parent=True, whole_object=False)
+                done = 0
+                for off, n in extents:
+                    pos = off
+                    while pos < off + n:
+                        data = im.read(pos, min(4 << 20, off + n - pos))
+                        if data.strip(b"\0"):
+                            os.pwrite(fd, data, pos)
+                        pos += len(data)
+                    done += n
+                    if ctx.progress:
+                        ctx.progress(done, size)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def usage(self, ctx: VolumeCtx, *, attached: bool) -> Usage:
+        """The image's own bytes (fast-diff, whole objects) and the template's shared bytes."""
+        _, rbd = librbd()
+        img = volume_image(ctx.id)
+        with named("usage", img), rbd.Image(self.ioctx(), img, read_only=True) as im:
+            size = im.size()
+            own = _allocated(im, size, include_parent=False)
+            total = _allocated(im, size, include_parent=True)
+        return Usage(disk_bytes=own, apparent_bytes=size, exclusive_bytes=own, shared_bytes=max(total - own, 0))
+
+    def is_attached(self, ctx: VolumeCtx) -> bool:
+        if self.map == "fuse":
+            mnt = os.path.join(ctx.data_dir, DISK)
+            pid = _read_pid(os.path.join(ctx.data_dir, PIDFILE))
+            return _mounted(mnt) and pid is not None and _is_qsd(pid)
+        try:
+            return self.holder_of(ctx.id) == self.holder
+        except KernelError as e:
+            if e.errno == errno.ENOENT:
+                return False
+            raise
+
+    def device_path(self, ctx: VolumeCtx) -> str | None:
+        if not self.is_attached(ctx):
+            return None
+        return os.path.join(ctx.data_dir, DISK) if self.map == "fuse" else self.spec(volume_image(ctx.id))
+
+    def stage(self, ctx: VolumeCtx, device: str, dest: str, *, uid: int | None, gid: int | None) -> str:
+        raise Unsupported(f"jail volume {ctx.id}: the rbd backend cannot stage a volume into a jail yet",
+                          op="jail", obj=ctx.id, hint="give the jailed VMM the rbd image through QEMU, or "
+                                                      "bind-mount the mapped file")
+
+    # -- recovery -------------------------------------------------------------------------
+
+    def scan(self) -> Iterator[KernelObject]:
+        """This store's FUSE mappings (and their daemons), and template images a dead
+        process of this store left half-written."""
+        base = os.path.join(self.data_root, "volumes")
+        with contextlib.suppress(FileNotFoundError):
+            for vid in os.listdir(base):
+                mnt = os.path.join(base, vid, DISK)
+                pid = _read_pid(os.path.join(base, vid, PIDFILE))
+                if _mounted(mnt) or (pid is not None and _is_qsd(pid)):
+                    yield KernelObject("fuse", mnt, vid, detail=f"{QSD} PID {pid}")
+        _, rbd = librbd()
+        mine = f".tmp-{self.tag.split(':')[-1]}-"
+        with named("list images", f"{self.pool}/{self.namespace}"):
+            names = rbd.RBD().list(self.ioctx())
+        for n in names:
+            if n.startswith("cowdisk-t-") and mine in n:
+                pid, _, start = n.split(mine, 1)[1].partition("-")
+                if not (pid.isdigit() and process_alive(int(pid), start or None)):
+                    yield KernelObject("rbd-staging", n, None)
+
+    def release(self, obj: KernelObject, *, deadline_s: float = 5.0) -> None:
+        if obj.kind == "fuse":
+            d = os.path.dirname(obj.name)
+            self._unmap(obj.name, os.path.join(d, PIDFILE), deadline_s, obj.volume_id or "?")
+            if obj.volume_id:
+                self._release_hold(volume_image(obj.volume_id))
+        elif obj.kind == "rbd-staging":
+            with named("remove staging image", obj.name):
+                self._remove_staging(obj.name)
+
+
+RbdBackend._instances = weakref.WeakSet()
+
+
+# -- helpers ------------------------------------------------------------------------------
+
+
+def _which(name: str) -> bool:
+    import shutil
+
+    return shutil.which(name) is not None
+
+
+def _read_pid(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            s = f.read().strip()
+        return int(s) if s.isdigit() else None
+    except FileNotFoundError:
+        return None
+
+
+def _is_qsd(pid: int) -> bool:
+    """``pid`` runs (not a zombie) and is a qemu-storage-daemon."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            st = f.read()
+    except FileNotFoundError:
+        return False
+    comm, _, rest = st.partition("(")[2].rpartition(")")
+    return rest.split()[0] != "Z" and comm.startswith("qemu-storage-d")
+
+
+def _mounted(path: str) -> bool:
+    return kmount.mounted_at(path) is not None
+
+
+def _allocated(im: Any, size: int, *, include_parent: bool) -> int:
+    total = 0
+
+    def cb(off: int, n: int, exists: bool) -> None:
+        nonlocal total
+        if exists:
+            total += n
+
+    im.diff_iterate(0, size, None, cb, include_parent=include_parent, whole_object=True)
+    return total
+
+
+def _write_sparse(path: str, im: Any, size: int, progress: Progress | None) -> None:
+    """Write the file's data extents (SEEK_DATA/SEEK_HOLE) into the image, skipping
+    all-zero blocks: a fresh RBD image reads zeros."""
+    bs = 4 << 20
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        off = 0
+        while off < size:
+            try:
+                off = os.lseek(fd, off, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno == errno.ENXIO:
+                    break
+                raise
+            end = os.lseek(fd, off, os.SEEK_HOLE)
+            while off < end:
+                data = os.pread(fd, min(bs, end - off), off)
+                if not data:
+                    break
+                if data.strip(b"\0"):
+                    im.write(data, off)
+                off += len(data)
+                if progress:
+                    progress(off, size)
+        im.flush()
+    finally:
+        os.close(fd)

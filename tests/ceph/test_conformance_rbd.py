@@ -1,0 +1,12 @@
+"""The conformance suite (suites/conformance.py) on rbd, on the session's Ceph cluster."""
+
+import pytest
+
+from suites.conformance import (  # noqa: F401  (collected here, parametrized by backend)
+    test_lifecycle,
+    test_restore_new_id,
+    test_fork_flatten_usage,
+    test_bad_input,
+)
+
+pytestmark = pytest.mark.root

@@ -8,6 +8,9 @@ PKGS="qemu-system-x86 busybox-static kmod cpio e2fsprogs xfsprogs btrfs-progs ut
 python3 -m pip --version >/dev/null 2>&1 || PKGS="$PKGS python3-pip"
 # container images -> templates: skopeo reads OCI layouts/archives and docker-save archives, umoci unpacks
 PKGS="$PKGS skopeo umoci"
+# the rbd backend and its tests: a single-node Ceph cluster (lab/ceph_cluster.py), librbd's
+# Python bindings, QEMU's rbd driver (qemu-block-extra) and its FUSE export (qemu-storage-daemon)
+PKGS="$PKGS ceph-mon ceph-mgr ceph-osd ceph-common python3-rados python3-rbd qemu-block-extra qemu-system-common"
 missing=""
 for p in $PKGS; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"

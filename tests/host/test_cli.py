@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from typing import Any, Iterator
 
 import click
@@ -145,11 +146,16 @@ def test_lifecycle(run: Cli, tree: str, tmp_path) -> None:
     u = run.json("volume", "usage")["volumes"]
     assert [r["id"] for r in u] == ["vm1"] and u[0]["own_bytes"] >= 4096
 
-    assert run.json("volume", "checkpoint", "vm1")["state"] == "checkpointed"
-    assert not os.path.lexists(v["link"])
+    ck = run.json("volume", "checkpoint", "vm1")
+    assert [c["state"] for c in ck["volumes"]] == ["checkpointed"] and ck["errors"] == []
+    assert not os.path.lexists(v["link"])  # checkpoint removes the link (docs/vmm.md)
     r = run.json("volume", "restore", "vm1", "--as", "vm2")
     assert (r["id"], r["state"], r["parent"]) == ("vm2", "attached", "vm1")
     assert os.readlink(v["link"]) == r["device"]  # vm1's link, retargeted
+    assert r["links"] == [r["link"], v["link"]]  # and inspect/ls say so
+    assert run.json("volume", "inspect", "vm2")["links"] == [r["link"], v["link"]]
+    assert {x["id"]: x["links"] for x in run.json("volume", "ls")["volumes"]} == \
+        {"vm1": [], "vm2": [r["link"], v["link"]]}
     assert _read(r["link"], 32 * MiB, 4096) == data
     _write(r["link"], 0, b"\xff" * 512)  # vm2's writes do not reach vm1's checkpoint
 
@@ -209,7 +215,7 @@ def test_errors(run: Cli, tree: str) -> None:
         assert "invalid volume id" in r.stderr, r.stderr
     assert not os.listdir(os.path.join(run.root, "links"))
     r = run("volume", "create", "vm1", "-t", "nope", code=3)
-    assert r.stderr.splitlines() == ["cowdisk: error: template 'nope' not found",
+    assert r.stderr.splitlines() == ["cowdisk volume create: error: template 'nope' not found",
                                      "  hint: `cowdisk template ls` lists templates"]
     err = run.json("volume", "inspect", "ghost", code=3)["error"]
     assert (err["type"], err["exit_code"], err["object"]) == ("NotFound", 3, "ghost")
@@ -231,6 +237,9 @@ def test_errors(run: Cli, tree: str) -> None:
     assert "invalid size 'lots'" in r.stderr
     r = run("volume", "drive", "vm1", "--format", "vmware", code=2)  # click's usage error
     assert "Invalid value for '--format'" in r.stderr
+    err = run.json("volume", "drive", "vm1", "--format", "vmware", code=2)["error"]  # as JSON too
+    assert (err["type"], err["exit_code"], err["command"]) == ("BadParameter", 2, "volume drive")
+    assert "Invalid value for '--format'" in err["message"] and "--help" in err["hint"]
     r = run("volume", "frobnicate", code=2)
     assert "No such command" in r.stderr
     r = run("--backend", "copy" if run.backend == "pool" else "pool", "volume", "ls", code=2)
@@ -318,17 +327,25 @@ def test_subprocess_create_and_errors(cli_backend: str, tree: str, tmp_path) -> 
         p = _proc("--backend", cli_backend, "template", "build", tree, "--name", "base", "--json", root=root)
         assert p.returncode == 0, p.stderr
         assert json.loads(p.stdout)["names"] == ["base"]
+        p0 = p.stdout
         p = _proc("volume", "create", "vm1", "-t", "base", "--json", root=root)
         assert p.returncode == 0, p.stderr
         link = json.loads(p.stdout)["link"]
         assert os.path.realpath(link) == json.loads(p.stdout)["device"]
         p = _proc("volume", "create", "bad/id", "-t", "base", root=root)
         assert (p.returncode, p.stdout) == (2, "")
-        assert p.stderr.startswith("cowdisk: error: invalid volume id 'bad/id'")
+        assert p.stderr.startswith("cowdisk volume create: error: invalid volume id 'bad/id'")
         p = _proc("volume", "rm", "ghost", root=root)
         assert p.returncode == 3 and "volume 'ghost' not found" in p.stderr
         p = _proc("volume", "restore", "vm1", "--json", root=root)
         assert p.returncode == 7 and json.loads(p.stdout)["error"]["type"] == "StateError"
+        p = _proc("--json", "volume", "create", root=root)  # a usage error, in a real process
+        assert p.returncode == 2 and json.loads(p.stdout)["error"]["message"] == "Missing argument 'ID'."
+        assert "Missing argument 'ID'" in p.stderr
+        p = _proc("volume", "ls", root=root)  # a pipe: tab-separated, nothing folded
+        assert p.stdout.splitlines() == ["ID\tSTATE\tBACKEND\tTEMPLATE_ID\tSIZE\tLINKS\tDEVICE",
+                                         f"vm1\tattached\t{cli_backend}\t{json.loads(p0)['id']}\t"
+                                         f"{json.loads(p0)['size']}\t{link}\t{os.path.realpath(link)}"]
         p = _proc("volume", "drive", "vm1", "--format", "qemu", root=root)
         assert p.returncode == 0 and p.stdout.startswith(f"-drive file={link},")
         p = _proc("--no-such-option", root=root)
@@ -381,6 +398,115 @@ def test_subprocess_demo_failure_cleans_up(tmp_path) -> None:
     parent = tmp_path / "demo"
     p = _proc("--backend", "reflink", "--root", str(parent), "demo")
     assert p.returncode == 9, p.stdout + p.stderr
-    assert "cowdisk demo FAILED: reflink backend:" in p.stderr and "everything it made was cleaned up" in p.stderr
+    assert "cowdisk demo FAILED: " in p.stderr and "reflink" in p.stderr
+    assert "everything it made was cleaned up" in p.stderr
     assert os.listdir(parent) == []
     assert_same_host(before)
+
+
+# -- issue 14: a scriptable command line ------------------------------------------------------
+
+
+def test_scriptable_listing_and_global_options(run: Cli, tree: str) -> None:
+    run("template", "build", tree, "--name", "base")
+    for vid in ("vm:smile:1", "vm2"):  # ':' is a valid id character; no emoji may come of it
+        run("volume", "create", vid, "-t", "base")
+    assert run("volume", "ls", "-q").stdout.splitlines() == ["vm:smile:1", "vm2"]
+    assert run("template", "ls", "-q").stdout.splitlines() == [run.json("template", "inspect", "base")["id"]]
+    out = run("volume", "ls", "--no-headings", "-o", "id,state,size").stdout.splitlines()
+    size = run.json("volume", "inspect", "vm2")["size"]
+    assert out == [f"vm:smile:1\tattached\t{size}", f"vm2\tattached\t{size}"]
+    plain = run("volume", "ls").stdout.splitlines()  # not a terminal: tab-separated, a heading, whole paths
+    assert plain[0].split("\t") == ["ID", "STATE", "BACKEND", "TEMPLATE_ID", "SIZE", "LINKS", "DEVICE"]
+    assert plain[1].split("\t")[5] == os.path.join(run.root, "links", "vm:smile:1", "rootfs")
+    # global options after the subcommand; --json before it
+    r = CliRunner().invoke(cli, ["volume", "ls", "--root", run.root, "--json", "-v"], catch_exceptions=False)
+    assert [v["id"] for v in json.loads(r.stdout)["volumes"]] == ["vm:smile:1", "vm2"]
+    r = CliRunner().invoke(cli, ["--json", "--root", run.root, "template", "ls"], catch_exceptions=False)
+    assert json.loads(r.stdout)["templates"][0]["names"] == ["base"]
+    r = run("volume", "rm", "vm2", "-q")
+    assert r.stderr == ""  # -q after the subcommand silences messages
+    r = run("volume", "inspect", "vm:smile:1")
+    assert "vm:smile:1" in r.stdout and "\N{SMILING FACE WITH OPEN MOUTH}" not in r.stdout
+
+
+def test_no_markup_in_data(run: Cli, tmp_path) -> None:
+    img = tmp_path / "a[red]x.img"
+    img.write_bytes(os.urandom(1 * MiB))
+    r = run("template", "import", str(img), "--name", "odd")
+    assert "import a[red]x.img: done" in r.stderr
+    assert str(img) in run("template", "inspect", "odd").stdout  # the source path, whole
+
+
+def test_several_ids_each_tried_and_force(run: Cli, tree: str) -> None:
+    run("template", "build", tree, "--name", "base")
+    for vid in ("a", "b"):
+        run("volume", "create", vid, "-t", "base")
+    d = run.json("volume", "rm", "a", "nope", "b", code=3)
+    assert d["removed"] == ["a", "b"] and [(e["id"], e["type"], e["exit_code"]) for e in d["errors"]] == \
+        [("nope", "NotFound", 3)]
+    assert d["errors"][0]["command"] == "volume rm"
+    r = run("volume", "rm", "nope", "--force")
+    assert r.exit_code == 0
+    assert run.json("volume", "rm", "-f", "nope")["absent"] == ["nope"]
+    tid = run.json("template", "inspect", "base")["id"]
+    assert run.json("template", "rm", "--force", "base", "gone") == {"removed": [tid], "absent": ["gone"],
+                                                                     "errors": []}
+
+
+def test_timeout_on_a_held_lock_and_a_busy_device(run: Cli, tree: str) -> None:
+    from cowdisk.locks import FileLock
+
+    run("template", "build", tree, "--name", "base")
+    v = run.json("volume", "create", "vm1", "-t", "base")
+    with FileLock(os.path.join(run.root, "locks", "volume-vm1.lock"), timeout=1):
+        t0 = time.monotonic()
+        err = run.json("volume", "rm", "vm1", "--timeout", "0.3", code=10)["errors"][0]
+        assert err["type"] == "LockTimeout" and time.monotonic() - t0 < 5
+    holder = subprocess.Popen(["sleep", "60"], stdin=open(v["link"], "rb"))  # a "VMM" holding the disk
+    try:
+        t0 = time.monotonic()
+        r = run("volume", "checkpoint", "vm1", "--timeout", "0.2", code=6)
+        assert time.monotonic() - t0 < 4
+        assert "checkpoint volume vm1" in r.stderr and f"PID {holder.pid}" in r.stderr, r.stderr
+        assert "remove volume" not in r.stderr
+        d = run.json("volume", "rm", "vm1", "--force", "--timeout", "0.2", code=6)  # never torn down while held
+        assert d["errors"][0]["type"] == "InUse" and d["removed"] == []
+    finally:
+        holder.kill()
+        holder.wait()
+    assert run.json("volume", "checkpoint", "vm1")["volumes"][0]["state"] == "checkpointed"
+
+
+def test_shell_completion(run: Cli, tree: str) -> None:
+    run("template", "build", tree, "--name", "base")
+    run("volume", "create", "vm1", "-t", "base")
+    run("volume", "create", "web1", "-t", "base")
+    env = {"_COWDISK_COMPLETE": "bash_complete", "COWDISK_ROOT": run.root, "COMP_CWORD": "3",
+           "COMP_WORDS": "cowdisk volume rm v"}
+    r = CliRunner(env=env).invoke(cli, [], prog_name="cowdisk")
+    assert r.stdout.split() == ["plain,vm1"]
+    env.update(COMP_WORDS="cowdisk volume create x --template ", COMP_CWORD="5")
+    assert "plain,base" in CliRunner(env=env).invoke(cli, [], prog_name="cowdisk").stdout.split()
+    env.update(COMP_WORDS="cowdisk vol", COMP_CWORD="1")
+    assert CliRunner(env=env).invoke(cli, [], prog_name="cowdisk").stdout.split() == ["plain,volume"]
+
+
+def test_build_from_tarballs_and_images(run: Cli, tree: str, tmp_path) -> None:
+    from vmm.images import copy_tree, debugfs, make_image
+
+    for flag, ext in (("-z", "gz"), ("--zstd", "zst"), ("-J", "xz")):
+        tarball = str(tmp_path / f"rootfs.tar.{ext}")
+        subprocess.run(["tar", flag, "-C", tree, "-cf", tarball, "."], check=True)
+        t = run.json("template", "build", tarball)
+        assert debugfs(t["path"], "cat /etc/hostname") == "template\n", ext
+
+    layout = str(tmp_path / "layout")
+    make_image(layout, "v1", [copy_tree(tree)])
+    t = run.json("template", "build", "--from-image", f"{layout}:v1", "--name", "img")
+    assert debugfs(t["path"], "cat /etc/hostname") == "template\n"
+    assert t["source"] == f"image:{layout}:v1" and t["names"] == ["img"]
+    r = run("template", "build", "--from-image", f"{layout}:nope", code=3)
+    assert "no manifest tagged 'nope'" in r.stderr
+    r = run("template", "build", tree, "--from-image", layout, code=2)
+    assert "one of them" in r.stderr

@@ -9,53 +9,49 @@ has the root group and :func:`main`, the entry point of the ``cowdisk`` script a
 
 from __future__ import annotations
 
-import logging
 import sys
 import traceback
 
 import click
 
-from ..store import BACKENDS, default_root
 from . import admin, demo, templates, volumes
-from .app import App, CowdiskGroup
-
-BACKEND_CHOICES = ("auto", *BACKENDS)
+from .app import App, CowdiskGroup, global_params, setup_logging
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
 @click.group(cls=CowdiskGroup, context_settings=CONTEXT)
-@click.option("--root", envvar="COWDISK_ROOT", default=default_root(), show_default=True,
-              type=click.Path(file_okay=False), help="Store root directory. [env: COWDISK_ROOT]")
-@click.option("--backend", envvar="COWDISK_BACKEND", default="auto", show_default=True,
-              type=click.Choice(BACKEND_CHOICES),
-              help="Volume backend; only matters when the store is created (it is then fixed). "
-                   "[env: COWDISK_BACKEND]")
-@click.option("-v", "--verbose", count=True, help="More detail: debug logs, tracebacks on errors.")
-@click.option("-q", "--quiet", is_flag=True, help="No messages or progress on stderr (errors still).")
 @click.version_option(package_name="cowdisk")
 @click.pass_context
-def cli(ctx: click.Context, root: str, backend: str, verbose: int, quiet: bool) -> None:
+def cli(ctx: click.Context, root: str, backend: str, verbose: int, quiet: bool, as_json: bool,
+        timeout: float | None) -> None:
     """Copy-on-write root disks for microVM sandboxes over shared read-only templates.
 
+    The options below are accepted before or after the subcommand
+    (`cowdisk --json volume ls` and `cowdisk volume ls --json` are the same).
+
     \b
-    Example: a sandbox disk from a directory tree
+    Example: a sandbox disk from a container image or a directory tree
+      cowdisk template build --from-image ./image.oci.tar --name base
       cowdisk template build ./rootfs --name base
       cowdisk volume create vm1 --template base
       cowdisk volume drive vm1 --format firecracker
       cowdisk volume rm vm1
 
-    Exit codes: 0 ok, 1 other, 2 invalid argument, 3 not found, 4 kernel error,
+    Exit codes: 0 ok, 1 other, 2 invalid argument or usage, 3 not found, 4 kernel error,
     5 already exists, 6 in use, 7 wrong state, 8 template changed, 9 unsupported,
     10 lock timeout, 11 snapshot invalid, 12 COW format error (see docs/cli.md).
+    Shell completion: eval "$(_COWDISK_COMPLETE=bash_source cowdisk)" (zsh_source, fish_source).
     """
-    if verbose:
-        logging.basicConfig(level=logging.DEBUG if verbose > 1 else logging.INFO, stream=sys.stderr,
-                            format="%(levelname)s %(name)s: %(message)s")
+    setup_logging(verbose)
     app = App(root, backend, verbose, quiet)
+    app.json = as_json
+    app.timeout = timeout
     ctx.obj = app
     ctx.call_on_close(app.close)
 
+
+cli.params[:0] = global_params(at_root=True)
 
 for _command in (templates.template, volumes.volume, admin.recover, admin.gc, admin.doctor, demo.demo_command):
     cli.add_command(_command)

@@ -8,7 +8,9 @@ import click
 
 from .. import doctor as doctor_mod
 from ..store import Store
-from .app import App, json_option, pass_app, table
+from rich.text import Text
+
+from .app import App, Column, CowdiskCommand, pass_app, table
 
 REPORT_KEYS = ("rolled_back", "finished", "reactivated", "orphans_removed", "kept", "errors")
 """The keys of a recovery report, in order: what ``recover``/``gc`` print on a root with no store."""
@@ -23,19 +25,18 @@ def _maintain(app: App, what: str, run: Callable[[Store], Any]) -> None:
     if app.json:
         app.emit(rep)
     else:
-        t = table("action", "objects", title=what, title_justify="left")
-        for k, v in rep.items():
-            if v:
-                t.add_row(k.replace("_", " "), "\n".join(map(str, v)))
-        app.out.print(t if t.row_count else f"{what}: nothing to do")
+        rows = [{"action": k, "object": str(o)} for k, v in rep.items() for o in v]
+        if rows:
+            app.listing(rows, [Column("action"), Column("object")], title=what)
+        else:
+            app.info(f"{what}: nothing to do")
     if rep["errors"]:
         raise click.exceptions.Exit(1)
 
 
-@click.command()
-@json_option
+@click.command(cls=CowdiskCommand)
 @pass_app
-def recover(app: App, as_json: bool) -> None:
+def recover(app: App) -> None:
     """Reconcile registry, kernel and files after a crash or reboot (safe to run any time).
 
     Finishes or rolls back interrupted operations, re-attaches volumes whose device
@@ -49,10 +50,9 @@ def recover(app: App, as_json: bool) -> None:
     _maintain(app, "recover", Store.recover)
 
 
-@click.command()
-@json_option
+@click.command(cls=CowdiskCommand)
 @pass_app
-def gc(app: App, as_json: bool) -> None:
+def gc(app: App) -> None:
     """Recover, then remove templates that no volume uses and that have no name.
 
     \b
@@ -62,10 +62,9 @@ def gc(app: App, as_json: bool) -> None:
     _maintain(app, "gc", Store.gc)
 
 
-@click.command()
-@json_option
+@click.command(cls=CowdiskCommand)
 @pass_app
-def doctor(app: App, as_json: bool) -> None:
+def doctor(app: App) -> None:
     """Report which kernel features and tools this host has, and the backend `auto` picks.
 
     Read-only: it creates no store, loop device or mount.
@@ -81,13 +80,14 @@ def doctor(app: App, as_json: bool) -> None:
         return
     t = table("check", "", "detail", title=f"cowdisk doctor: {rep.root}", title_justify="left")
     for c in rep.checks:
-        mark = {True: "[green]ok[/]", False: "[red]no[/]", None: "[cyan]->[/]"}[c.ok]
-        detail = c.detail + (f"\n[dim]{c.hint}[/]" if c.hint else "")
-        t.add_row(c.name, mark, detail.replace("[", "\\[").replace("\\[dim]", "[dim]").replace("\\[/]", "[/]"))
+        mark = {True: Text("ok", style="green"), False: Text("no", style="red"), None: Text("->", style="cyan")}[c.ok]
+        detail = Text(c.detail)
+        if c.hint:
+            detail.append("\n" + c.hint, style="dim")
+        t.add_row(Text(c.name), mark, detail)
     app.out.print(t)
     if rep.dm_version:
-        app.out.print("dm targets: " + ", ".join(f"{k} {v or 'absent'}" for k, v in rep.dm_targets.items()),
-                      markup=False)
-    app.out.print(f"backend auto -> {rep.backend}", markup=False)
+        app.out.print("dm targets: " + ", ".join(f"{k} {v or 'absent'}" for k, v in rep.dm_targets.items()))
+    app.out.print(f"backend auto -> {rep.backend}")
     for w in rep.why:
-        app.out.print(f"  - {w}", markup=False)
+        app.out.print(f"  - {w}")

@@ -1,11 +1,14 @@
-"""What every command shares: the :class:`App` (options, the store, all output), progress
-rendering, and the one place errors become a message and an exit code.
+"""What every command shares: the :class:`App` (options, the store, all output), the global
+options every command accepts, tables, progress, and the one place errors become a message,
+a JSON document and an exit code.
 
-Data goes to stdout (rich tables for people, one JSON document with ``--json``);
-messages, progress and errors go to stderr. Progress bars run only when stderr is a
-terminal; otherwise the same progress is printed as plain lines. Every failure ends
-in :meth:`CowdiskGroup.invoke`, which prints what failed, on what, and what to do,
-and exits with the error's ``exit_code`` (cowdisk/errors.py; docs/cli.md lists them).
+Data goes to stdout: a table for people on a terminal; plain tab-separated lines (raw
+values, no wrapping, no markup) when stdout is not a terminal; one JSON document with
+``--json``. Messages, progress and errors go to stderr. Data is never read as markup or
+emoji (an id ``a[red]x`` prints as ``a[red]x``). Every failure, usage errors of the parser
+included, ends in :func:`report_error`: what failed (the command and the operation), on
+what, what to do, as text on stderr and, with ``--json``, as ``{"error": {...}}`` on stdout;
+the exit code is the error's ``exit_code`` (cowdisk/errors.py; docs/cli.md lists them).
 """
 
 from __future__ import annotations
@@ -16,17 +19,22 @@ import os
 import sys
 import time
 import traceback
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import click
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+from rich.progress import (BarColumn, DownloadColumn, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn, TransferSpeedColumn)
 from rich.progress import Progress as Bar
 from rich.table import Table
+from rich.text import Text
 
 from ..errors import CowdiskError, InvalidArgument, NotFound, message_of
 from ..progress import Progress
-from ..store import Store
+from ..store import BACKENDS, Store, default_root
+
+F = TypeVar("F", bound=Callable[..., Any])
+BACKEND_CHOICES = ("auto", *BACKENDS)
 
 
 def human_bytes(n: int | None) -> str:
@@ -58,16 +66,28 @@ def parse_size(text: str) -> int:
     return n
 
 
-def table(*columns: str, **kw: Any) -> Table:
-    """A table whose cells fold rather than being cut with an ellipsis (ids and paths must stay whole)."""
-    t = Table(**kw)
-    for c in columns:
-        t.add_column(c, overflow="fold")
-    return t
-
-
 def when(ts: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
+
+
+def _plain(v: Any) -> str:
+    """A raw value as one tab-free, newline-free field."""
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (list, tuple)):
+        return ",".join(map(str, v)) or "-"
+    return str(v).replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n")
+
+
+class Column:
+    """One column of a listing: its JSON key, its heading, and how a person reads it."""
+
+    def __init__(self, key: str, heading: str = "", human: Callable[[Any], str] | None = None) -> None:
+        self.key = key
+        self.heading = heading or key
+        self.human = human
 
 
 class App:
@@ -79,10 +99,13 @@ class App:
         self.verbose = verbose
         self.quiet = quiet
         self.json = False
-        # off a terminal (pipes, CI) rich would assume 80 columns; prefer whole lines
-        width = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 160
-        self.out = Console(highlight=False, soft_wrap=True, width=width)
-        self.err = Console(stderr=True, highlight=False)
+        self.timeout: float | None = None
+        self.command = ""
+        self.tty = sys.stdout.isatty()
+        width = None if self.tty else 1 << 16  # never wrap or fold off a terminal
+        self.out = Console(highlight=False, markup=False, emoji=False, soft_wrap=not self.tty, width=width)
+        self.err = Console(stderr=True, highlight=False, markup=False, emoji=False, soft_wrap=True,
+                           width=None if sys.stderr.isatty() else 1 << 16)
         self.interactive = sys.stderr.isatty() and os.environ.get("TERM") != "dumb"
         self._store: Store | None = None
 
@@ -92,7 +115,8 @@ class App:
         return os.path.exists(os.path.join(self.root, "registry.db"))
 
     def store(self, *, create: bool = False, recover: bool = True) -> Store:
-        """The store at ``--root``; only commands that import or build may create one.
+        """The store at ``--root``: the one place the command line opens a store. Only
+        commands that import or build may create one; ``--timeout`` bounds its lock waits.
 
         Opening a store runs recovery; ``recover``/``gc`` open it with ``recover=False`` and
         run it themselves, so that they can report what it did."""
@@ -101,8 +125,13 @@ class App:
                 raise NotFound(f"no cowdisk store at {self.root}", op="open store", obj=self.root,
                                hint="build or import a template first (`cowdisk template build DIR`), "
                                     "or point --root / COWDISK_ROOT at an existing store")
-            self._store = Store(self.root, backend=self.backend, recover=recover)
+            kw: dict[str, Any] = {} if self.timeout is None else {"lock_timeout": self.timeout}
+            self._store = Store(self.root, backend=self.backend, recover=recover, **kw)
         return self._store
+
+    def deadline(self) -> dict[str, float]:
+        """``deadline_s`` for operations that wait for a busy device (``--timeout``)."""
+        return {} if self.timeout is None else {"deadline_s": self.timeout}
 
     def close(self) -> None:
         if self._store is not None:
@@ -113,62 +142,234 @@ class App:
 
     def info(self, msg: str) -> None:
         if not self.quiet:
-            self.err.print(msg, markup=False)
+            self.err.print(Text(msg))
 
     def emit(self, data: Any) -> None:
         """The one JSON document a ``--json`` command writes to stdout."""
         click.echo(json.dumps(data, indent=2, default=str))
 
+    def line(self, text: str) -> None:
+        click.echo(text)
+
     def kv(self, title: str, data: dict[str, Any]) -> None:
+        """One object as ``key value`` lines (a titled two-column table on a terminal)."""
+        rows = [(k, ", ".join(map(str, v)) or "-" if isinstance(v, (list, tuple)) else "-" if v is None else str(v))
+                for k, v in data.items()]
+        if not self.tty:
+            for k, v in rows:
+                click.echo(f"{k}\t{_plain(v)}")
+            return
         t = Table(title=title, show_header=False, title_justify="left", box=None, pad_edge=False)
-        t.add_column(style="bold")
+        t.add_column(style="bold", no_wrap=True)
         t.add_column(overflow="fold")
-        for k, v in data.items():
-            if isinstance(v, (list, tuple)):
-                v = ", ".join(map(str, v)) or "-"
-            t.add_row(k, "-" if v is None else str(v))
+        for k, v in rows:
+            t.add_row(Text(k), Text(v))
+        self.out.print(t)
+
+    def listing(self, rows: Sequence[dict[str, Any]], columns: Sequence[Column], *, headings: bool = True,
+                only: Sequence[str] | None = None, title: str | None = None) -> None:
+        """Rows as a table (terminal) or tab-separated raw values (otherwise). ``only`` are the
+        ``-o`` columns (JSON keys, in that order)."""
+        by_key = {c.key: c for c in columns}
+        cols = list(columns)
+        if only:
+            cols = [by_key.get(k) or Column(k) for k in only]
+        if not self.tty or only:
+            if headings:
+                click.echo("\t".join(c.key.upper() for c in cols))
+            for r in rows:
+                click.echo("\t".join(_plain(r.get(c.key)) for c in cols))
+            return
+        t = Table(title=title, title_justify="left", show_header=headings, box=None, pad_edge=False,
+                  header_style="bold")
+        for c in cols:
+            t.add_column(c.heading, overflow="fold")
+        for r in rows:
+            t.add_row(*(Text(c.human(r.get(c.key)) if c.human else _plain(r.get(c.key))) for c in cols))
         self.out.print(t)
 
     @contextlib.contextmanager
     def progress(self, what: str) -> Iterator[Progress]:
         """A :class:`~cowdisk.progress.Progress` for one store call, labelled ``what``.
 
-        Each new stage is a line (``build: formatting ext4 image ...``). Bytes are a rich
-        bar on a terminal, else a line at every quarter (``import disk.img: 25% of 1.0 GiB``).
-        One closing line says how long it took."""
+        Each new stage is a line (``build: formatting ext4 image ...``). On a terminal a bar
+        shows the bytes, or, while the total is unknown, a spinner and the elapsed time (so
+        a long step visibly moves); elsewhere a line at every quarter
+        (``import disk.img: 25% of 1.0 GiB``). One closing line says how long it took."""
         start = time.monotonic()
-        seen = {"done": 0, "next": 0}
+        done_bytes = 0
+        next_pct = 0
+        task: TaskID | None = None
         with contextlib.ExitStack() as stack:
             bar: Bar | None = None
             if self.interactive and not self.quiet:
-                bar = stack.enter_context(Bar(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-                                              TransferSpeedColumn(), TimeRemainingColumn(), console=self.err,
-                                              transient=True))
-                seen["task"] = bar.add_task(what, total=None)
+                bar = stack.enter_context(Bar(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                                              DownloadColumn(), TransferSpeedColumn(), TimeElapsedColumn(),
+                                              TimeRemainingColumn(), console=self.err, transient=True))
+                task = bar.add_task(what, total=None)
 
             def report(done: int, total: int, stage: str = "") -> None:
+                nonlocal done_bytes, next_pct, task
                 if stage:
                     self.info(f"{what}: {stage}")  # printed above the bar on a terminal
-                    seen["next"] = 0
-                    if bar is not None:  # a new phase: a new bar, its size unknown until told
-                        bar.remove_task(seen["task"])
-                        seen["task"] = bar.add_task(f"{what}: {stage}", total=None)
-                seen["done"] = done
-                if bar is not None:
-                    bar.update(seen["task"], completed=done, total=total or None)
+                    next_pct = 0
+                    if bar is not None and task is not None:  # a new phase: a new bar, size unknown until told
+                        bar.remove_task(task)
+                        task = bar.add_task(f"{what}: {stage}", total=None)
+                done_bytes = done
+                if bar is not None and task is not None:
+                    bar.update(task, completed=done, total=total or None)
                 elif total > 0:
                     pct = done * 100 // total
-                    if seen["next"] <= pct < 100:
+                    if next_pct <= pct < 100:
                         self.info(f"{what}: {pct}% of {human_bytes(total)}")
-                        seen["next"] = (pct // 25 + 1) * 25
+                        next_pct = (pct // 25 + 1) * 25
 
             yield report
-        amount = f"{human_bytes(seen['done'])} " if seen["done"] else ""
+        amount = f"{human_bytes(done_bytes)} " if done_bytes else ""
         self.info(f"{what}: done, {amount}in {(time.monotonic() - start) * 1000:.0f} ms")
+
+    def each(self, ids: Sequence[str], what: str, fn: Callable[[str], Any]) -> tuple[list[Any], list[dict[str, Any]]]:
+        """Run ``fn`` on every id, each on its own: a failure is reported and the rest still
+        run. Returns (results, errors); the command exits with the first error's code."""
+        results: list[Any] = []
+        errors: list[dict[str, Any]] = []
+        for i in ids:
+            try:
+                results.append(fn(i))
+            except (CowdiskError, OSError) as e:
+                code = e.exit_code if isinstance(e, CowdiskError) else 1
+                errors.append({"id": i, **error_doc(e, code, self.command)})
+                click.echo(f"cowdisk {self.command}: error: {i}: {message_of(e)}", err=True)
+                hint = getattr(e, "hint", "")
+                if hint:
+                    click.echo(f"  hint: {hint}", err=True)
+        return results, errors
+
+    def finish_each(self, doc: dict[str, Any], errors: list[dict[str, Any]]) -> None:
+        """Print ``doc`` (+ its ``errors``) with --json; exit with the first error's code."""
+        if self.json:
+            self.emit({**doc, "errors": errors})
+        if errors:
+            self.close()
+            raise click.exceptions.Exit(int(errors[0]["exit_code"]))
+
+
+# -- global options: accepted before or after the subcommand --------------------------------
+
+
+def _app(ctx: click.Context) -> App | None:
+    return ctx.find_object(App)
+
+
+def _set(attr: str, convert: Callable[[Any], Any] = lambda v: v) -> Callable[[click.Context, click.Parameter, Any], Any]:
+    def cb(ctx: click.Context, _param: click.Parameter, value: Any) -> Any:
+        app = _app(ctx)
+        if app is not None and value not in (None, False, 0, ()):
+            setattr(app, attr, convert(value))
+        return value
+    return cb
+
+
+def _verbose(ctx: click.Context, _param: click.Parameter, value: int) -> int:
+    app = _app(ctx)
+    if app is not None and value:
+        app.verbose = max(app.verbose, value)
+        setup_logging(app.verbose)
+    return value
+
+
+def setup_logging(verbose: int) -> None:
+    import logging
+
+    if verbose:
+        logging.basicConfig(level=logging.DEBUG if verbose > 1 else logging.INFO, stream=sys.stderr,
+                            format="%(levelname)s %(name)s: %(message)s", force=True)
+
+
+def _timeout(value: float | None) -> float | None:
+    if value is not None and value < 0:
+        raise click.BadParameter("must be 0 or more seconds")
+    return value
+
+
+def global_params(*, at_root: bool) -> list[click.Parameter]:
+    """The options every command takes, before or after the subcommand. At the root they
+    carry their defaults and environment and are passed to the root group; after a
+    subcommand they only override what the root set (on the :class:`App`)."""
+
+    def cb(setter: Callable[[click.Context, click.Parameter, Any], Any]) -> Any:
+        return None if at_root else setter
+
+    return [
+        click.Option(["--root"], envvar="COWDISK_ROOT" if at_root else None,
+                     default=default_root() if at_root else None, show_default=at_root,
+                     type=click.Path(file_okay=False), expose_value=at_root, is_eager=True,
+                     callback=cb(_set("root", os.path.abspath)), help="Store root directory. [env: COWDISK_ROOT]"),
+        click.Option(["--backend"], envvar="COWDISK_BACKEND" if at_root else None,
+                     default="auto" if at_root else None, show_default=at_root,
+                     type=click.Choice(BACKEND_CHOICES), expose_value=at_root, is_eager=True,
+                     callback=cb(_set("backend")),
+                     help="Volume backend; only matters when the store is created (it is then fixed). "
+                          "[env: COWDISK_BACKEND]"),
+        click.Option(["-v", "--verbose"], count=True, expose_value=at_root, is_eager=True, callback=cb(_verbose),
+                     help="More detail: debug logs, tracebacks on errors."),
+        click.Option(["-q", "--quiet"], is_flag=True, expose_value=at_root, is_eager=True, callback=cb(_set("quiet")),
+                     help="No messages or progress on stderr (errors still)."),
+        click.Option(["--json", "as_json"], is_flag=True, expose_value=at_root, is_eager=True,
+                     callback=cb(_set("json")),
+                     help="Print one JSON document on stdout (stable keys), errors included."),
+        click.Option(["--timeout"], type=click.FloatRange(min=0), metavar="SECONDS", expose_value=at_root, is_eager=True,
+                     callback=cb(_set("timeout")),
+                     help="How long to wait for a lock held by another process or a busy device "
+                          "(default: 30 s for locks, 5 s for a device)."),
+    ]
+
+
+def table(*columns: str, **kw: Any) -> Table:
+    """A rich table whose cells fold rather than being cut (the demo's tables)."""
+    t = Table(**kw)
+    for c in columns:
+        t.add_column(c, overflow="fold")
+    return t
+
+
+class CowdiskCommand(click.Command):
+    """A command that also takes the global options after its name."""
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        names = {n for p in self.params for n in getattr(p, "opts", [])}
+        self.params += [p for p in global_params(at_root=False) if not set(p.opts) & names]
+
+    def invoke(self, ctx: click.Context) -> Any:
+        app = _app(ctx)
+        if app is not None:
+            app.command = ctx.command_path.partition(" ")[2] or ctx.command_path
+        return super().invoke(ctx)
+
+
+class CowdiskSubGroup(click.Group):
+    """``template`` and ``volume``: their commands take the global options too."""
+
+    command_class = CowdiskCommand
+
+
+def _json_wanted(args: Sequence[str]) -> bool:
+    for a in args:
+        if a == "--":
+            return False
+        if a == "--json":
+            return True
+    return False
 
 
 class CowdiskGroup(click.Group):
-    """The root group: turns every cowdisk error into a message on stderr and its exit code."""
+    """The root group: every error (a cowdisk error, an OS error, a usage error of the parser)
+    becomes a message on stderr, a JSON document with --json, and its exit code."""
+
+    command_class = CowdiskCommand
+    group_class = CowdiskSubGroup
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -178,23 +379,53 @@ class CowdiskGroup(click.Group):
         except OSError as e:  # not wrapped by cowdisk: permissions on --root, a full disk...
             report_error(ctx, e, 1, hint="check --root and that you run as root")
 
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
+             complete_var: str | None = None, standalone_mode: bool = True, **extra: Any) -> Any:
+        argv = list(sys.argv[1:] if args is None else args)
+        if not standalone_mode:
+            return super().main(argv, prog_name, complete_var, False, **extra)
+        try:  # with standalone_mode off click returns an Exit's code instead of raising it
+            rv = super().main(argv, prog_name, complete_var, False, **extra)
+        except click.exceptions.Exit as e:
+            sys.exit(e.exit_code)
+        except click.Abort:
+            click.echo("cowdisk: aborted", err=True)
+            sys.exit(1)
+        except click.ClickException as e:  # usage errors: unknown option, bad value, missing argument
+            code = e.exit_code
+            doc = {"type": type(e).__name__, "exit_code": code, "message": e.format_message(),
+                   "hint": "", "op": "parse arguments", "object": "", "errno": None, "notes": []}
+            ctx = getattr(e, "ctx", None)
+            if ctx is not None:
+                doc["command"] = ctx.command_path.partition(" ")[2]
+                doc["hint"] = f"`{ctx.command_path} --help` shows the usage"
+            if _json_wanted(argv):
+                click.echo(json.dumps({"error": doc}, indent=2))
+            e.show()
+            sys.exit(code)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def error_doc(e: BaseException, code: int, command: str, hint: str = "") -> dict[str, Any]:
+    return {"type": type(e).__name__, "exit_code": code, "message": message_of(e),
+            "hint": getattr(e, "hint", "") or hint, "command": command, "op": getattr(e, "op", ""),
+            "object": getattr(e, "obj", ""), "errno": getattr(e, "errno", None),
+            "notes": list(getattr(e, "__notes__", ()))}
+
 
 def report_error(ctx: click.Context, e: BaseException, code: int, hint: str = "") -> None:
     """Print ``e`` (and one JSON error document with ``--json``), then exit with ``code``."""
     app = ctx.find_object(App)
-    hint = getattr(e, "hint", "") or hint
-    msg = message_of(e)
-    notes = list(getattr(e, "__notes__", ()))
+    command = app.command if app is not None else ""
+    doc = error_doc(e, code, command, hint)
     if app is not None and app.json:
-        click.echo(json.dumps({"error": {
-            "type": type(e).__name__, "exit_code": code, "message": msg, "hint": hint,
-            "op": getattr(e, "op", ""), "object": getattr(e, "obj", ""),
-            "errno": getattr(e, "errno", None), "notes": notes}}, indent=2))
-    click.echo(f"cowdisk: error: {msg}", err=True)
-    for n in notes:
+        click.echo(json.dumps({"error": doc}, indent=2))
+    where = f"cowdisk {command}" if command else "cowdisk"
+    click.echo(f"{where}: error: {doc['message']}", err=True)
+    for n in doc["notes"]:
         click.echo(f"  note: {n}", err=True)
-    if hint:
-        click.echo(f"  hint: {hint}", err=True)
+    if doc["hint"]:
+        click.echo(f"  hint: {doc['hint']}", err=True)
     if app is not None and app.verbose:
         traceback.print_exception(e, file=sys.stderr)
     if app is not None:
@@ -202,15 +433,38 @@ def report_error(ctx: click.Context, e: BaseException, code: int, hint: str = ""
     raise click.exceptions.Exit(code)
 
 
-def _set_json(ctx: click.Context, _param: click.Parameter, value: bool) -> bool:
-    if value:
-        app = ctx.find_object(App)
-        if app is not None:
-            app.json = True
-    return value
-
-
-json_option = click.option("--json", "as_json", is_flag=True, callback=_set_json, is_eager=True,
-                           help="Print one JSON document on stdout (stable keys) instead of tables.")
-
 pass_app = click.make_pass_decorator(App)
+
+
+# -- completion ---------------------------------------------------------------------------
+
+
+def _complete_store(ctx: click.Context) -> Store | None:
+    root = ctx.find_root().params.get("root") or os.environ.get("COWDISK_ROOT") or default_root()
+    if not os.path.exists(os.path.join(root, "registry.db")):
+        return None
+    try:
+        return Store(root, recover=False, lock_timeout=0.5)
+    except (CowdiskError, OSError):
+        return None
+
+
+def complete_volumes(ctx: click.Context, _param: click.Parameter, incomplete: str) -> list[str]:
+    """Volume ids for shell completion (read-only: the store is opened without recovery)."""
+    s = _complete_store(ctx)
+    if s is None:
+        return []
+    try:
+        return [v.id for v in s.volumes() if v.id.startswith(incomplete)]
+    finally:
+        s.close()
+
+
+def complete_templates(ctx: click.Context, _param: click.Parameter, incomplete: str) -> list[str]:
+    s = _complete_store(ctx)
+    if s is None:
+        return []
+    try:
+        return sorted({n for t in s.templates() for n in (t.id, *t.names) if n.startswith(incomplete)})
+    finally:
+        s.close()

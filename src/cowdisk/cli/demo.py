@@ -21,7 +21,7 @@ from ..digest import sha256_file
 from ..errors import CowdiskError, message_of
 from ..progress import Progress
 from ..store import Store, release_pool
-from .app import App, human_bytes, json_option, table
+from .app import App, CowdiskCommand, human_bytes, table
 
 
 def _make_tree(d: str) -> None:
@@ -89,12 +89,11 @@ class _Writer:
         return (size - n - (1 << 20)) // 4096 * 4096
 
 
-@click.command("demo")
+@click.command("demo", cls=CowdiskCommand)
 @click.option("--volumes", "-n", "count", default=3, show_default=True, type=click.IntRange(1, 64),
               help="How many sandbox volumes to create.")
-@json_option
 @click.pass_context
-def demo_command(ctx: click.Context, count: int, as_json: bool) -> None:
+def demo_command(ctx: click.Context, count: int) -> None:
     """Show cowdisk doing its job on a throwaway store, then clean up everything.
 
     Builds a small ext4 template from a generated directory tree, creates sandbox
@@ -113,7 +112,7 @@ def demo_command(ctx: click.Context, count: int, as_json: bool) -> None:
     src = ctx.find_root().get_parameter_source("root")
     parent = app.root if src in (click.core.ParameterSource.COMMANDLINE,
                                  click.core.ParameterSource.ENVIRONMENT) else None
-    result = run_demo(parent, app.backend, count, say=(lambda m: None) if app.json else app.out.print,
+    result = run_demo(parent, app.backend, count, say=(lambda m: None) if app.json else (lambda m: app.out.print(m, markup=True)),
                       progress=app.progress)
     if app.json:
         app.emit(result)

@@ -1,4 +1,5 @@
-"""``cowdisk template ...``: import, build, list, inspect, verify and remove templates."""
+"""``cowdisk template ...``: import, build (from a tree, a rootfs tarball or a container
+image), list, inspect, verify and remove templates."""
 
 from __future__ import annotations
 
@@ -7,13 +8,17 @@ from typing import Any
 
 import click
 
-from ..errors import CowdiskError
-from ..store import Store, validate_id
-from .app import App, human_bytes, json_option, parse_size, pass_app, table, when
+from ..errors import CowdiskError, InvalidArgument, NotFound
+from ..store import Store, Template, validate_id
+from .app import App, Column, CowdiskSubGroup, complete_templates, human_bytes, parse_size, pass_app, when
+
+COLUMNS = [Column("id"), Column("names"), Column("size", human=human_bytes),
+           Column("disk_bytes", "on disk", human=human_bytes), Column("users", "volumes", human=lambda u: str(len(u))),
+           Column("state"), Column("created", human=when)]
 
 
-def template_dict(store: Store, t: Any) -> dict[str, Any]:
-    d = t.as_dict()
+def template_dict(store: Store, t: Template) -> dict[str, Any]:
+    d: dict[str, Any] = t.as_dict()
     try:
         d["disk_bytes"] = store.template_usage(t.id)
     except (CowdiskError, OSError):
@@ -21,7 +26,7 @@ def template_dict(store: Store, t: Any) -> dict[str, Any]:
     return d
 
 
-def show_template(app: App, store: Store, t: Any, title: str) -> None:
+def show_template(app: App, store: Store, t: Template, title: str) -> None:
     d = template_dict(store, t)
     if app.json:
         app.emit(d)
@@ -32,13 +37,13 @@ def show_template(app: App, store: Store, t: Any, title: str) -> None:
                    "volumes": d["users"], "created": when(d["created"])})
 
 
-@click.group(cls=click.Group)
+@click.group(cls=CowdiskSubGroup)
 def template() -> None:
     """Templates: immutable base disk images, known by digest and names.
 
     \b
     Example:
-      cowdisk template build ./rootfs --name base
+      cowdisk template build --from-image ./alpine.oci.tar --name base
       cowdisk template ls
     """
 
@@ -47,9 +52,8 @@ def template() -> None:
 @click.argument("image", type=click.Path(dir_okay=False))
 @click.option("--name", "-n", help="A name to refer to the template by.")
 @click.option("--adopt", is_flag=True, help="Use the image in place (no copy); it must never change.")
-@json_option
 @pass_app
-def template_import(app: App, image: str, name: str | None, adopt: bool, as_json: bool) -> None:
+def template_import(app: App, image: str, name: str | None, adopt: bool) -> None:
     """Import a raw disk image as a template (copied sparsely, digested, made read-only).
 
     \b
@@ -65,36 +69,64 @@ def template_import(app: App, image: str, name: str | None, adopt: bool, as_json
 
 
 @template.command("build")
-@click.argument("directory", type=click.Path(file_okay=False))
+@click.argument("source", required=False, type=click.Path())
+@click.option("--from-image", "image", metavar="REF",
+              help="A container image: an OCI layout directory, an OCI archive or a `docker save` archive "
+                   "(PATH[:TAG], or oci:, oci-archive:, docker-archive: in front).")
 @click.option("--name", "-n", help="A name to refer to the template by.")
-@click.option("--size", "size", help="Image size (e.g. 256M, 2G); default: twice the tree plus 32 MiB, "
-                                     "at least 64 MiB.")
-@json_option
+@click.option("--size", "size", help="Image size (e.g. 256M, 2G); default: chosen from the content with "
+                                     "headroom (a tree or tarball: twice its size plus 32 MiB; an image: 1.5 times "
+                                     "its unpacked size plus 64 MiB), at least 64 MiB.")
 @pass_app
-def template_build(app: App, directory: str, name: str | None, size: str | None, as_json: bool) -> None:
-    """Build an ext4 template from a directory tree (mkfs.ext4 -d, no mount, reproducible).
+def template_build(app: App, source: str | None, image: str | None, name: str | None, size: str | None) -> None:
+    """Build an ext4 template from a directory tree, a rootfs tarball (plain, gzip, zstd, xz)
+    or a container image (--from-image), with mkfs.ext4 -d: no mount, reproducible, built
+    once per content (a container image: once per manifest digest).
 
     \b
     Example:
       cowdisk template build ./rootfs --name base --size 512M
+      cowdisk template build ./rootfs.tar.zst --name base
+      cowdisk template build --from-image ./layout:v1 --name base
+      cowdisk template build --from-image docker-archive:./img.tar --name base
     """
+    if (source is None) == (image is None):
+        raise InvalidArgument("template build: give a SOURCE (directory or tarball) or --from-image REF, "
+                              "one of them", op="template build", obj=source or image or "",
+                              hint="`cowdisk template build --help` shows both forms")
     if name is not None:
         validate_id(name, "template name")
     nbytes = parse_size(size) if size is not None else None
+    if source is not None and not os.path.exists(source):
+        raise NotFound(f"build template: {source} does not exist", op="build template", obj=source)
     store = app.store(create=True)
-    with app.progress("build") as progress:
-        t = store.build_template(directory, name, size=nbytes, progress=progress)
+    if image is not None:
+        with app.progress("build") as progress:
+            t = store.build_template_from_image(image, name, size=nbytes, progress=progress)
+    else:
+        assert source is not None
+        with app.progress("build") as progress:
+            t = store.build_template(source, name, size=nbytes, progress=progress)
     show_template(app, store, t, f"template {t.id}")
 
 
 @template.command("ls")
-@json_option
+@click.option("-q", "--quiet", "ids_only", is_flag=True, help="Only the ids, one per line.")
+@click.option("--no-headings", is_flag=True, help="No heading line.")
+@click.option("-o", "--output", "columns", metavar="COLUMNS",
+              help=f"Comma-separated columns (JSON keys), e.g. id,names,size: {','.join(c.key for c in COLUMNS)}, "
+                   "digest, path, source.")
 @pass_app
-def template_ls(app: App, as_json: bool) -> None:
+def template_ls(app: App, ids_only: bool, no_headings: bool, columns: str | None) -> None:
     """List templates.
+
+    Off a terminal the table is tab-separated raw values (sizes in bytes), one line each.
 
     \b
     Example:
+      cowdisk template ls
+      cowdisk template ls -q
+      cowdisk template ls --no-headings -o id,size
       cowdisk template ls --json | jq -r '.templates[].id'
     """
     rows = []
@@ -103,19 +135,26 @@ def template_ls(app: App, as_json: bool) -> None:
         rows = [template_dict(store, t) for t in store.templates()]
     if app.json:
         app.emit({"templates": rows})
-        return
-    t = table("id", "names", "size", "on disk", "volumes", "state", "created")
-    for d in rows:
-        t.add_row(d["id"], ", ".join(d["names"]) or "-", human_bytes(d["size"]), human_bytes(d["disk_bytes"]),
-                  str(len(d["users"])), d["state"], when(d["created"]))
-    app.out.print(t)
+    elif ids_only:
+        for r in rows:
+            app.line(r["id"])
+    else:
+        app.listing(rows, COLUMNS, headings=not no_headings, only=_columns(columns))
+
+
+def _columns(text: str | None) -> list[str] | None:
+    if text is None:
+        return None
+    cols = [c.strip() for c in text.split(",") if c.strip()]
+    if not cols:
+        raise InvalidArgument(f"no columns in {text!r}", op="parse columns", obj=text)
+    return cols
 
 
 @template.command("inspect")
-@click.argument("ref")
-@json_option
+@click.argument("ref", shell_complete=complete_templates)
 @pass_app
-def template_inspect(app: App, ref: str, as_json: bool) -> None:
+def template_inspect(app: App, ref: str) -> None:
     """Show one template (by id, digest prefix or name).
 
     \b
@@ -129,10 +168,9 @@ def template_inspect(app: App, ref: str, as_json: bool) -> None:
 
 
 @template.command("verify")
-@click.argument("ref")
-@json_option
+@click.argument("ref", shell_complete=complete_templates)
 @pass_app
-def template_verify(app: App, ref: str, as_json: bool) -> None:
+def template_verify(app: App, ref: str) -> None:
     """Re-read a template and check its size, mtime and full content digest (exit 8 if changed).
 
     \b
@@ -147,28 +185,46 @@ def template_verify(app: App, ref: str, as_json: bool) -> None:
     if app.json:
         app.emit({"ok": True, "template": template_dict(store, t)})
     else:
-        app.out.print(f"template {t.id}: intact (sha256:{t.digest})")
+        app.line(f"template {t.id}: intact (sha256:{t.digest})")
 
 
 @template.command("rm")
-@click.argument("refs", nargs=-1, required=True)
-@json_option
+@click.argument("refs", metavar="REF...", nargs=-1, required=True, shell_complete=complete_templates)
+@click.option("-f", "--force", is_flag=True, help="A template that does not exist is not an error.")
 @pass_app
-def template_rm(app: App, refs: tuple[str, ...], as_json: bool) -> None:
-    """Remove templates (refused while volumes use them: exit 6).
+def template_rm(app: App, refs: tuple[str, ...], force: bool) -> None:
+    """Remove templates, each on its own (one refused while volumes use it, exit 6, does not
+    stop the others; the exit code is the first failure's).
 
     \b
     Example:
-      cowdisk template rm base
+      cowdisk template rm base old
+      cowdisk template rm --force maybe-gone
     """
-    for r in refs:
-        validate_id(r, "template name or id")
-    store = app.store()
+    store = app.store() if app.has_store() or not force else None
     removed: list[str] = []
-    for tid in dict.fromkeys(store.template(r).id for r in refs):  # a name and an id may be one template
+    absent: list[str] = []
+    seen: set[str] = set()
+
+    def rm(ref: str) -> None:
+        validate_id(ref, "template name or id")
+        if store is None:
+            absent.append(ref)
+            return
+        try:
+            tid = store.template(ref).id
+        except NotFound:
+            if not force:
+                raise
+            absent.append(ref)
+            return
+        if tid in seen:  # a name and an id of one template
+            return
         store.remove_template(tid)
+        seen.add(tid)
         removed.append(tid)
         if not app.json:
             app.info(f"removed template {tid}")
-    if app.json:
-        app.emit({"removed": removed})
+
+    _, errors = app.each(refs, "remove template", rm)
+    app.finish_each({"removed": removed, "absent": absent}, errors)

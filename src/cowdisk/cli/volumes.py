@@ -4,27 +4,64 @@ usage and remove volumes."""
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Any
 
 import click
 
 from .. import drive as drive_mod
-from ..errors import CowdiskError, InvalidArgument
-from ..store import validate_id
-from .app import App, human_bytes, json_option, pass_app, table, when
-from .templates import show_template
+from ..errors import CowdiskError, InvalidArgument, NotFound
+from ..store import Store, Volume, validate_id
+from .app import App, Column, CowdiskSubGroup, complete_templates, complete_volumes, human_bytes, pass_app, when
+from .templates import _columns, show_template
+
+COLUMNS = [Column("id"), Column("state"), Column("backend"), Column("template_id", "template"),
+           Column("size", human=human_bytes), Column("links", human=lambda ls: "\n".join(ls) or "-"),
+           Column("device", human=lambda d: d or "-")]
+USAGE_COLUMNS = [Column("id"), Column("state"), Column("template_id", "template"),
+                 Column("own_bytes", "own", human=human_bytes), Column("disk_bytes", "allocated", human=human_bytes),
+                 Column("apparent_bytes", "apparent", human=human_bytes), Column("cow", "cow used"),
+                 Column("health")]
 
 
-def _show_volume(app: App, v: Any, title: str, extra: dict[str, Any] | None = None) -> None:
-    d = v.as_dict()
+def links_to(store: Store, vols: list[Volume]) -> dict[str, list[str]]:
+    """Every stable link under the store that points at each volume's device: its own, and the
+    links that a ``restore --as`` retargeted to it (read from the links themselves)."""
+    out: dict[str, list[str]] = {v.id: [] for v in vols}
+    by_dev = {os.path.realpath(v.device): v.id for v in vols if v.device}
+    top = os.path.join(store.root, "links")
+    with contextlib.suppress(FileNotFoundError):
+        for name in sorted(os.listdir(top)):
+            link = os.path.join(top, name, "rootfs")
+            with contextlib.suppress(OSError):
+                target = os.readlink(link)
+                owner = by_dev.get(os.path.realpath(os.path.join(os.path.dirname(link), target)))
+                if owner is not None:
+                    out[owner].append(link)
+    for v in vols:  # its own link first
+        own = store.link_path(v.id)
+        if own in out[v.id]:
+            out[v.id].remove(own)
+            out[v.id].insert(0, own)
+    return out
+
+
+def volume_dict(v: Volume, links: list[str]) -> dict[str, Any]:
+    d: dict[str, Any] = v.as_dict()
+    d["links"] = links
+    return d
+
+
+def _show_volume(app: App, store: Store, v: Volume, title: str, extra: dict[str, Any] | None = None) -> None:
+    d = volume_dict(v, links_to(store, [v])[v.id])
     if extra:
         d.update(extra)
     if app.json:
         app.emit(d)
         return
     rows = {"id": d["id"], "state": d["state"], "backend": d["backend"], "template": d["template_id"],
-            "size": human_bytes(d["size"]), "link": d["link"], "device": d["device"], "data": d["data_path"],
-            "parent": d["parent"], "created": when(d["created"])}
+            "size": human_bytes(d["size"]), "link": d["link"], "links": d["links"], "device": d["device"],
+            "data": d["data_path"], "parent": d["parent"], "created": when(d["created"])}
     if d.get("error"):
         rows["error"] = d["error"]
     u = d.get("usage")
@@ -41,7 +78,7 @@ def _usage_dict(u: Any) -> dict[str, Any]:
     return d
 
 
-@click.group(cls=click.Group)
+@click.group(cls=CowdiskSubGroup)
 def volume() -> None:
     """Volumes: one sandbox's writable copy-on-write disk over a template.
 
@@ -55,10 +92,10 @@ def volume() -> None:
 
 @volume.command("create")
 @click.argument("vid", metavar="ID")
-@click.option("--template", "-t", "tref", required=True, help="Template id, digest prefix or name.")
-@json_option
+@click.option("--template", "-t", "tref", required=True, help="Template id, digest prefix or name.",
+              shell_complete=complete_templates)
 @pass_app
-def volume_create(app: App, vid: str, tref: str, as_json: bool) -> None:
+def volume_create(app: App, vid: str, tref: str) -> None:
     """Create a volume over a template, attached, with its stable link.
 
     \b
@@ -70,21 +107,32 @@ def volume_create(app: App, vid: str, tref: str, as_json: bool) -> None:
     store = app.store()
     with app.progress(f"create {vid}") as progress:
         v = store.create_volume(vid, tref, progress=progress)
-    _show_volume(app, v, f"volume {v.id}")
+    _show_volume(app, store, v, f"volume {v.id}")
 
 
 @volume.command("ls")
-@click.option("--template", "-t", "tref", help="Only volumes of this template.")
-@json_option
+@click.option("--template", "-t", "tref", help="Only volumes of this template.", shell_complete=complete_templates)
+@click.option("-q", "--quiet", "ids_only", is_flag=True, help="Only the ids, one per line.")
+@click.option("--no-headings", is_flag=True, help="No heading line.")
+@click.option("-o", "--output", "columns", metavar="COLUMNS",
+              help=f"Comma-separated columns (JSON keys): {','.join(c.key for c in COLUMNS)}, link, "
+                   "data_path, parent, created, error.")
 @pass_app
-def volume_ls(app: App, tref: str | None, as_json: bool) -> None:
-    """List volumes.
+def volume_ls(app: App, tref: str | None, ids_only: bool, no_headings: bool, columns: str | None) -> None:
+    """List volumes; `links` are all the stable links that reach each one (after a
+    `restore --as`, the source's link serves the new volume).
+
+    Off a terminal the table is tab-separated raw values (sizes in bytes), one line each.
 
     \b
     Example:
+      cowdisk volume ls
+      cowdisk volume ls -q | xargs cowdisk volume rm
+      cowdisk volume ls --no-headings -o id,state,device
       cowdisk volume ls --json | jq -r '.volumes[] | select(.state=="attached") | .id'
     """
-    vols: list[Any] = []
+    vols: list[Volume] = []
+    links: dict[str, list[str]] = {}
     if app.has_store():
         store = app.store()
         vols = store.volumes()
@@ -92,21 +140,22 @@ def volume_ls(app: App, tref: str | None, as_json: bool) -> None:
             validate_id(tref, "template name or id")
             tid = store.template(tref).id
             vols = [v for v in vols if v.template_id == tid]
+        links = links_to(store, vols)
+    rows = [volume_dict(v, links.get(v.id, [])) for v in vols]
     if app.json:
-        app.emit({"volumes": [v.as_dict() for v in vols]})
-        return
-    t = table("id", "state", "backend", "template", "size", "link", "device")
-    for v in vols:
-        t.add_row(v.id, v.state, v.backend, v.template_id, human_bytes(v.size), v.link, v.device or "-")
-    app.out.print(t)
+        app.emit({"volumes": rows})
+    elif ids_only:
+        for r in rows:
+            app.line(r["id"])
+    else:
+        app.listing(rows, COLUMNS, headings=not no_headings, only=_columns(columns))
 
 
 @volume.command("inspect")
-@click.argument("vid", metavar="ID")
-@json_option
+@click.argument("vid", metavar="ID", shell_complete=complete_volumes)
 @pass_app
-def volume_inspect(app: App, vid: str, as_json: bool) -> None:
-    """Show one volume, with what it costs on disk.
+def volume_inspect(app: App, vid: str) -> None:
+    """Show one volume: every link that points at it, and what it costs on disk.
 
     \b
     Example:
@@ -118,34 +167,43 @@ def volume_inspect(app: App, vid: str, as_json: bool) -> None:
     usage = None
     with contextlib.suppress(CowdiskError, OSError):
         usage = _usage_dict(store.usage(vid))
-    _show_volume(app, v, f"volume {v.id}", {"usage": usage})
+    _show_volume(app, store, v, f"volume {v.id}", {"usage": usage})
 
 
 @volume.command("checkpoint")
-@click.argument("vid", metavar="ID")
-@json_option
+@click.argument("vids", metavar="ID...", nargs=-1, required=True, shell_complete=complete_volumes)
 @pass_app
-def volume_checkpoint(app: App, vid: str, as_json: bool) -> None:
-    """Detach a volume and keep its data (pause or stop the VM first).
+def volume_checkpoint(app: App, vids: tuple[str, ...]) -> None:
+    """Detach volumes and keep their data (pause or stop the VM first); each volume's stable
+    link is removed until it is restored. Refused (exit 6) while a process holds the device:
+    waits --timeout seconds (default 5) for it to let go.
 
     \b
     Example:
       cowdisk volume checkpoint vm1
+      cowdisk volume checkpoint --timeout 30 vm1 vm2
     """
-    validate_id(vid)
-    v = app.store().checkpoint(vid)
-    _show_volume(app, v, f"volume {v.id} checkpointed")
+    store = app.store()
+
+    def one(vid: str) -> dict[str, Any]:
+        validate_id(vid)
+        v = store.checkpoint(vid, **app.deadline())
+        if not app.json:
+            app.info(f"checkpointed volume {v.id}")
+        return volume_dict(v, [])
+
+    vols, errors = app.each(vids, "checkpoint volume", one)
+    app.finish_each({"volumes": vols}, errors)
 
 
 @volume.command("restore")
-@click.argument("vid", metavar="ID")
+@click.argument("vid", metavar="ID", shell_complete=complete_volumes)
 @click.option("--as", "new_id", metavar="NEW_ID", help="Restore as a new volume (the checkpoint is kept).")
 @click.option("--no-retarget", is_flag=True,
               help="With --as: leave ID's stable link alone (by default it points at the new volume, "
                    "as the path a VM snapshot recorded).")
-@json_option
 @pass_app
-def volume_restore(app: App, vid: str, new_id: str | None, no_retarget: bool, as_json: bool) -> None:
+def volume_restore(app: App, vid: str, new_id: str | None, no_retarget: bool) -> None:
     """Attach a checkpointed volume again, in place or as a new volume.
 
     \b
@@ -159,15 +217,14 @@ def volume_restore(app: App, vid: str, new_id: str | None, no_retarget: bool, as
     store = app.store()
     with app.progress(f"restore {vid}" + (f" as {new_id}" if new_id else "")) as progress:
         v = store.restore(vid, new_id, retarget_source_link=not no_retarget, progress=progress)
-    _show_volume(app, v, f"volume {v.id} restored")
+    _show_volume(app, store, v, f"volume {v.id} restored")
 
 
 @volume.command("fork")
-@click.argument("vid", metavar="ID")
+@click.argument("vid", metavar="ID", shell_complete=complete_volumes)
 @click.argument("new_ids", metavar="NEW_ID...", nargs=-1, required=True)
-@json_option
 @pass_app
-def volume_fork(app: App, vid: str, new_ids: tuple[str, ...], as_json: bool) -> None:
+def volume_fork(app: App, vid: str, new_ids: tuple[str, ...]) -> None:
     """Make new volumes that each start from ID's current contents.
 
     \b
@@ -181,18 +238,17 @@ def volume_fork(app: App, vid: str, new_ids: tuple[str, ...], as_json: bool) -> 
     with app.progress(f"fork {vid}") as progress:
         vols = store.fork(vid, list(new_ids), progress=progress)
     if app.json:
-        app.emit({"volumes": [v.as_dict() for v in vols]})
+        app.emit({"volumes": [volume_dict(v, [v.link]) for v in vols]})
         return
     for v in vols:
-        app.out.print(f"volume {v.id}: {v.state}, link {v.link}")
+        app.line(f"volume {v.id}: {v.state}, link {v.link}")
 
 
 @volume.command("flatten")
-@click.argument("vid", metavar="ID")
+@click.argument("vid", metavar="ID", shell_complete=complete_volumes)
 @click.option("--name", "-n", help="A name for the new template.")
-@json_option
 @pass_app
-def volume_flatten(app: App, vid: str, name: str | None, as_json: bool) -> None:
+def volume_flatten(app: App, vid: str, name: str | None) -> None:
     """Materialise a volume (template + its changes) as a new template.
 
     \b
@@ -209,20 +265,19 @@ def volume_flatten(app: App, vid: str, name: str | None, as_json: bool) -> None:
 
 
 @volume.command("jail")
-@click.argument("vid", metavar="ID")
+@click.argument("vid", metavar="ID", shell_complete=complete_volumes)
 @click.argument("jail_dir", type=click.Path(file_okay=False))
 @click.option("--name", default="rootfs", show_default=True, help="File name inside the jail.")
 @click.option("--uid", type=int, help="Owner of the node (the jailed VMM's uid).")
 @click.option("--gid", type=int, help="Group of the node.")
-@json_option
 @pass_app
-def volume_jail(app: App, vid: str, jail_dir: str, name: str, uid: int | None, gid: int | None,
-                as_json: bool) -> None:
+def volume_jail(app: App, vid: str, jail_dir: str, name: str, uid: int | None, gid: int | None) -> None:
     """Stage an attached volume inside a jail directory (a device node, or a hard link for files).
 
     \b
     Example:
       cowdisk volume jail vm1 /srv/jailer/firecracker/vm1/root --uid 1000 --gid 1000
+      cowdisk volume drive vm1 --format firecracker --jail-path rootfs
     """
     validate_id(vid)
     if not name or "/" in name or name in (".", ".."):
@@ -232,53 +287,85 @@ def volume_jail(app: App, vid: str, jail_dir: str, name: str, uid: int | None, g
     if app.json:
         app.emit({"volume": vid, "path": path})
     else:
-        app.out.print(path)
+        app.line(path)
+
+
+def _limit(text: str | None, what: str) -> int | None:
+    if text is None:
+        return None
+    from .app import parse_size
+
+    try:
+        return parse_size(text) if what == "bandwidth" else int(text)
+    except ValueError:
+        raise InvalidArgument(f"invalid {what} {text!r}", op="volume drive", obj=text) from None
 
 
 @volume.command("drive")
-@click.argument("vid", metavar="ID")
+@click.argument("vid", metavar="ID", shell_complete=complete_volumes)
 @click.option("--format", "-f", "fmt", required=True, type=click.Choice(drive_mod.FORMATS),
-              help="The VMM to configure.")
-@click.option("--readonly", is_flag=True, help="Configure the drive read-only.")
-@json_option
+              help="The VMM and form: firecracker (drive object), cloud-hypervisor (--disk argv), "
+                   "cloud-hypervisor-api (DiskConfig JSON), qemu (-drive), qemu-blockdev (-blockdev + -device).")
+@click.option("--machine", "-M", type=click.Choice(drive_mod.MACHINES),
+              help="QEMU machine: q35 or pc (virtio-blk-pci) or microvm (virtio-blk-device). [default: q35]")
+@click.option("--read-only", "--readonly", "read_only", is_flag=True, help="Configure the drive read-only.")
+@click.option("--id", "drive_id", help="Drive id (Firecracker drive_id, QEMU id/node-name, Cloud Hypervisor id). "
+                                       "[default: rootfs; none for Cloud Hypervisor]")
+@click.option("--cache", help="Cache mode: QEMU none|writeback|writethrough|directsync|unsafe; Firecracker "
+                              "unsafe|writeback; Cloud Hypervisor none (direct=on)|writeback.")
+@click.option("--io-engine", help="QEMU aio threads|native|io_uring; Firecracker sync|async.")
+@click.option("--iops", metavar="N", help="Rate limit: operations per second.")
+@click.option("--bandwidth", metavar="BYTES", help="Rate limit: bytes per second (e.g. 50M).")
+@click.option("--jail-path", metavar="PATH",
+              help="Firecracker under its jailer: the drive's path inside the chroot (what `volume jail` made).")
 @pass_app
-def volume_drive(app: App, vid: str, fmt: str, readonly: bool, as_json: bool) -> None:
+def volume_drive(app: App, vid: str, fmt: str, machine: str | None, read_only: bool, drive_id: str | None,
+                 cache: str | None, io_engine: str | None, iops: str | None, bandwidth: str | None,
+                 jail_path: str | None) -> None:
     """Print a VMM's drive configuration for the volume's stable link.
 
     The path is the stable link (not the device), so the same configuration works
-    after a checkpoint and a restore, even under a new id.
+    after a checkpoint and a restore, even under a new id. Options a VMM cannot express,
+    or combinations it refuses, are refused here (exit 2).
 
     \b
     Example:
-      cowdisk volume drive vm1 --format firecracker
-      qemu-system-x86_64 ... $(cowdisk volume drive vm1 --format qemu)
+      cowdisk volume drive vm1 --format firecracker --cache writeback --io-engine async
+      qemu-system-x86_64 -M microvm ... $(cowdisk volume drive vm1 -f qemu-blockdev -M microvm)
       cloud-hypervisor ... $(cowdisk volume drive vm1 --format cloud-hypervisor)
+      ch-remote add-disk ... or PUT vm.add-disk with $(cowdisk volume drive vm1 -f cloud-hypervisor-api)
     """
     validate_id(vid)
-    v = app.store().volume(vid)
+    store = app.store()
+    v = store.volume(vid)
+    opts = drive_mod.DriveOptions(read_only=read_only, drive_id=drive_id, cache=cache, io_engine=io_engine,
+                                  iops=_limit(iops, "iops"), bandwidth=_limit(bandwidth, "bandwidth"),
+                                  machine=machine, jail_path=jail_path)
+    block = None
+    if fmt == "qemu-blockdev":  # host_device or file: from the link, or the backend while it is detached
+        try:
+            block = drive_mod.is_block_device(v.link)
+        except ValueError:
+            block = bool(getattr(store.backend, "block_device", False))
     try:
-        text = drive_mod.render(fmt, v.link, readonly=readonly)
-        if fmt == "firecracker":
-            config: Any = drive_mod.firecracker(v.link, is_read_only=readonly)
-        elif fmt == "cloud-hypervisor":
-            config = drive_mod.cloud_hypervisor(v.link, readonly=readonly).split(" ", 1)
-        else:
-            config = drive_mod.qemu(v.link, readonly=readonly)
+        config = drive_mod.config(fmt, v.link, opts, block_device=block)
+        text = drive_mod.render(fmt, v.link, opts=opts, block_device=block)
     except ValueError as e:
-        raise InvalidArgument(f"volume drive {vid}: {e}", op="volume drive", obj=v.link) from None
+        raise InvalidArgument(f"volume drive {vid}: {e}", op="volume drive", obj=vid) from None
     if app.json:
         app.emit({"volume": vid, "format": fmt, "path": v.link, "state": v.state, "config": config})
         return
     if v.state != "attached":
         app.info(f"note: volume {vid} is {v.state}; restore it before starting the VM")
-    click.echo(text)
+    app.line(text)
 
 
 @volume.command("usage")
-@click.argument("vids", metavar="[ID...]", nargs=-1)
-@json_option
+@click.argument("vids", metavar="[ID...]", nargs=-1, shell_complete=complete_volumes)
+@click.option("--no-headings", is_flag=True, help="No heading line.")
+@click.option("-o", "--output", "columns", metavar="COLUMNS", help="Comma-separated columns (JSON keys).")
 @pass_app
-def volume_usage(app: App, vids: tuple[str, ...], as_json: bool) -> None:
+def volume_usage(app: App, vids: tuple[str, ...], no_headings: bool, columns: str | None) -> None:
     """What each volume costs on disk (real allocation, not apparent size).
 
     own = bytes only this volume holds (exclusive extents where blocks are shared,
@@ -289,49 +376,64 @@ def volume_usage(app: App, vids: tuple[str, ...], as_json: bool) -> None:
       cowdisk volume usage
       cowdisk volume usage vm1 --json | jq '.volumes[0].own_bytes'
     """
-    for v in vids:
-        validate_id(v)
-    rows = []
-    if app.has_store():
-        store = app.store()
-        ids = list(vids) or [v.id for v in store.volumes()]
-        for vid in ids:
-            v = store.volume(vid)
-            rows.append({"id": vid, "state": v.state, "template_id": v.template_id,
-                         **_usage_dict(store.usage(vid))})
-    elif vids:
-        app.store()  # raises NotFound with the hint
-    if app.json:
-        app.emit({"volumes": rows})
+    if not app.has_store():
+        if vids:
+            app.store()  # raises NotFound with the hint
+        if app.json:
+            app.emit({"volumes": [], "errors": []})
         return
-    t = table("id", "state", "template", "own", "allocated", "apparent", "cow used", "health")
-    for r in rows:
-        cow = "-" if r["cow_used_bytes"] is None else \
+    store = app.store()
+    ids = list(vids) or [v.id for v in store.volumes()]
+
+    def one(vid: str) -> dict[str, Any]:
+        validate_id(vid)
+        v = store.volume(vid)
+        r = {"id": vid, "state": v.state, "template_id": v.template_id, **_usage_dict(store.usage(vid))}
+        r["cow"] = None if r["cow_used_bytes"] is None else \
             f"{human_bytes(r['cow_used_bytes'])} / {human_bytes(r['cow_total_bytes'])}"
-        t.add_row(r["id"], r["state"], r["template_id"], human_bytes(r["own_bytes"]), human_bytes(r["disk_bytes"]),
-                  human_bytes(r["apparent_bytes"]), cow, r["health"])
-    app.out.print(t)
+        return r
+
+    rows, errors = app.each(ids, "volume usage", one)
+    if not app.json:
+        app.listing(rows, USAGE_COLUMNS, headings=not no_headings, only=_columns(columns))
+    app.finish_each({"volumes": rows}, errors)
 
 
 @volume.command("rm")
-@click.argument("vids", metavar="ID...", nargs=-1, required=True)
-@json_option
+@click.argument("vids", metavar="ID...", nargs=-1, required=True, shell_complete=complete_volumes)
+@click.option("-f", "--force", is_flag=True,
+              help="A volume that does not exist is not an error (idempotent). A device a process still "
+                   "holds is never torn down: that stays exit 6.")
 @pass_app
-def volume_rm(app: App, vids: tuple[str, ...], as_json: bool) -> None:
-    """Detach and delete volumes and their data (exit 6 while a VM holds the device).
+def volume_rm(app: App, vids: tuple[str, ...], force: bool) -> None:
+    """Detach and delete volumes and their data, each on its own: one that fails (exit 6
+    while a VM holds the device) does not stop the others; the exit code is the first
+    failure's. Waits --timeout seconds (default 5) for a busy device.
 
     \b
     Example:
       cowdisk volume rm vm1 vm2
+      cowdisk volume rm --force --timeout 30 vm1
     """
-    for v in vids:
-        validate_id(v)
-    store = app.store()
-    removed = []
-    for vid in vids:
-        store.remove_volume(vid)
+    store = app.store() if app.has_store() or not force else None
+    removed: list[str] = []
+    absent: list[str] = []
+
+    def rm(vid: str) -> None:
+        validate_id(vid)
+        if store is None:
+            absent.append(vid)
+            return
+        try:
+            store.remove_volume(vid, **app.deadline())
+        except NotFound:
+            if not force:
+                raise
+            absent.append(vid)
+            return
         removed.append(vid)
         if not app.json:
             app.info(f"removed volume {vid}")
-    if app.json:
-        app.emit({"removed": removed})
+
+    _, errors = app.each(vids, "remove volume", rm)
+    app.finish_each({"removed": removed, "absent": absent}, errors)

@@ -105,7 +105,7 @@ def check(root: str) -> Report:
         add(Check("device-mapper", False, message_of(e), getattr(e, "hint", "") or "modprobe dm-mod"))
 
     try:
-        rs = fs.reflink_support(root)
+        rs = fs.reflink_support(root, probe=False)  # doctor only reads: no probe file
         add(Check("reflink", rs.ok, rs.reason,
                   "" if rs.ok else "put the store on xfs (reflink=1) or btrfs for the reflink backend"))
     except CowdiskError as e:
@@ -124,6 +124,16 @@ def check(root: str) -> Report:
         kfs = set()
     add(Check("xfs in kernel", "xfs" in kfs, "listed in /proc/filesystems" if "xfs" in kfs
               else "not listed in /proc/filesystems (it may load as a module on mount)"))
+
+    thin = rep.dm_targets.get("thin-pool") is not None
+    tools = [t for t in ("thin_check", "thin_repair", "thin_ls") if shutil.which(t) is None]
+    add(Check("dm-thin", thin and not tools,
+              ("thin-pool target and thin-provisioning-tools present: dm-thin volumes (one pool per store)"
+               if thin and not tools else
+               f"thin-pool target {'present' if thin else 'absent'}"
+               + (f"; missing {', '.join(tools)} (metadata check/repair after a crash, usage)" if tools else "")),
+              "" if thin and not tools else
+              ("install thin-provisioning-tools" if thin else "modprobe dm-thin-pool")))
 
     from .store import explain_backend
 

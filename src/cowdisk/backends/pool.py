@@ -13,10 +13,12 @@ import os
 import shutil
 import subprocess
 
-from ..errors import CowdiskError, KernelError, Unsupported
+from ..errors import CowdiskError, InUse, KernelError, Unsupported
 from ..kernel import fs, loop
 from ..kernel import mount as kmount
 from ..kernel.mount import mounted_at
+from ..kernel import procfs
+from ..locks import FileLock
 from . import BackendEnv, check_options
 from .files import FileBackend
 
@@ -29,6 +31,7 @@ class Pool:
         self.image = os.path.join(self.dir, "pool.img")
         self.mnt = os.path.join(self.dir, "mnt")
         self.label = label
+        self.lock_path = os.path.join(root, "locks", "pool.lock")
 
     @property
     def exists(self) -> bool:
@@ -39,11 +42,17 @@ class Pool:
         return mounted_at(self.mnt) is not None
 
     def ensure(self, size: int = DEFAULT_SIZE) -> str:
-        """Create the pool if needed and make sure it is mounted; return its mount point."""
-        if not self.exists:
-            self._create(size)
-        if not self.mounted:
-            self.mount()
+        """Create the pool if needed and make sure it is mounted; return its mount point.
+        Several processes opening the store at once (the first commands after a reboot, two
+        creators of a new store) take turns under the pool's lock: one creates or mounts,
+        the others find it done."""
+        if self.exists and self.mounted:
+            return self.mnt
+        with FileLock(self.lock_path, timeout=120, what=f"pool {self.image}"):
+            if not self.exists:
+                self._create(size)
+            if not self.mounted:
+                self.mount()
         return self.mnt
 
     def _create(self, size: int) -> None:
@@ -69,6 +78,15 @@ class Pool:
 
     def mount(self) -> None:
         os.makedirs(self.mnt, exist_ok=True)
+        stale = loop.find_by_backing(self.image)
+        if stale:  # a lazily unmounted pool still held open: a second mount of it would corrupt it
+            held = sorted({p for li in stale for p in procfs.filesystem_users(os.makedev(li.major, li.minor))})
+            raise InUse(f"mount pool {self.image}: it is still attached as {', '.join(li.path for li in stale)} "
+                        f"but not mounted at {self.mnt} (unmounted lazily while in use?)"
+                        + (f"; held by PID {', '.join(map(str, held))}" if held else ""),
+                        op="mount pool", obj=self.image,
+                        hint="stop what still uses the old pool mount (a VM, a shell in it); the loop goes "
+                             "with its last user")
         lp = loop.attach(self.image, autoclear=True, label=self.label)
         try:
             try:

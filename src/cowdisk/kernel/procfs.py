@@ -49,6 +49,30 @@ def holders(path: str) -> list[int]:
     return sorted({pid for pid, _ in open_fds(path)})
 
 
+def filesystem_users(dev: int) -> list[int]:
+    """PIDs with an open file, a working directory or a root on the filesystem whose
+    device number is ``dev`` (what keeps a lazily unmounted filesystem alive)."""
+    out: set[int] = set()
+    try:
+        pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return []
+    for pid in pids:
+        base = f"/proc/{pid}"
+        try:
+            names = [f"fd/{fd}" for fd in os.listdir(f"{base}/fd")] + ["cwd", "root"]
+        except OSError:
+            continue
+        for name in names:
+            try:
+                if os.stat(f"{base}/{name}").st_dev == dev:
+                    out.add(pid)
+                    break
+            except OSError:
+                continue
+    return sorted(out)
+
+
 def lock_holders(path: str) -> list[tuple[int, str]]:
     """``(pid, "READ"|"WRITE")`` of processes whose open files hold a lock on ``path``.
 

@@ -33,7 +33,7 @@ from typing import Iterator, Mapping
 
 from ..backends import Usage, VolumeCtx, explain
 from ..digest import sha256_file
-from ..errors import CowdiskError, InUse, KernelError, NotFound, StateError
+from ..errors import CowdiskError, InUse, InvalidArgument, KernelError, NotFound, StateError
 from ..kernel import procfs
 from ..progress import Progress
 from ..registry import ATTACHED, CREATING, TemplateRow, VolumeRow
@@ -134,6 +134,7 @@ class Store(StoreParts):
 
     def remove_volume(self, vid: str, *, deadline_s: float = 5.0) -> None:
         """Detach and delete a volume and its data. Retries while the device is briefly busy."""
+        validate_id(vid)
         with self.lock("volume", vid):
             v = self.registry.get_volume(vid)
             ctx = self.ctx(v, op=REMOVE.name)
@@ -147,6 +148,7 @@ class Store(StoreParts):
 
     def checkpoint(self, vid: str, *, deadline_s: float = 5.0) -> Volume:
         """Detach a volume and keep its data (the VM is paused or gone); its stable link goes."""
+        validate_id(vid)
         with self.lock("volume", vid):
             v = self.registry.get_volume(vid)
             CHECKPOINT.require(v)
@@ -167,6 +169,7 @@ class Store(StoreParts):
         restored again. By default the source's stable link is retargeted to the new
         device too: that is the path a VM snapshot recorded.
         """
+        validate_id(vid)
         if new_id is None or new_id == vid:
             return self._restore_in_place(vid, progress)
         validate_id(new_id)
@@ -209,6 +212,7 @@ class Store(StoreParts):
 
     def fork(self, vid: str, new_ids: list[str], *, progress: Progress | None = None) -> list[Volume]:
         """New volumes that each start from ``vid``'s current contents."""
+        validate_id(vid)
         for n in new_ids:
             validate_id(n)
         out = []
@@ -232,6 +236,7 @@ class Store(StoreParts):
 
     def flatten(self, vid: str, name: str | None = None, *, progress: Progress | None = None) -> Template:
         """Materialise a volume (template + its changes) as a new template."""
+        validate_id(vid)
         if name is not None:
             validate_id(name, "template name")
         with self.lock("volume", vid):
@@ -319,6 +324,9 @@ class Store(StoreParts):
              gid: int | None = None) -> str:
         """Stage the volume inside a jail directory the way its backend allows (a device
         node for a block device, a hard link for a file)."""
+        if not name or "/" in name or name in (".", "..") or "\0" in name:
+            raise InvalidArgument(f"jail volume {vid}: name {name!r} must be one path component inside the jail",
+                                  op="jail", obj=repr(name))
         v = self.registry.get_volume(vid)
         if v.state != ATTACHED or not v.device:
             raise StateError(f"jail volume {vid}: it is {v.state}, not attached", op="jail", obj=vid)

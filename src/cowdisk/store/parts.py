@@ -16,7 +16,7 @@ from typing import Mapping, Self
 
 from .. import failpoints
 from ..backends import Backend, BackendEnv, TemplateRef, VolumeCtx, backend_class, explain
-from ..errors import InvalidArgument, KernelError
+from ..errors import InvalidArgument, KernelError, Unsupported
 from ..kernel import procfs
 from ..locks import FileLock
 from ..progress import Progress
@@ -49,6 +49,11 @@ class StoreParts:
             raise InvalidArgument(f"store {self.root} uses backend {recorded}, not {backend}",
                                   op="open store", obj=self.root, hint="use another --root for another backend")
         chosen = recorded or (explain(self.root)[0] if backend == "auto" else backend)
+        if recorded is None and backend != "auto":  # a new store: refuse what cannot work here
+            ok, why = backend_class(chosen).available(self.root)
+            if not ok:
+                raise Unsupported(f"open store {self.root} with backend {chosen}: {why}", op="open store",
+                                  obj=self.root, hint="`cowdisk doctor` says which backends this host has")
         saved = self.registry.meta("backend_options")
         options = dict(json.loads(saved)) if saved else dict(backend_options or {})
         if saved and backend_options and dict(backend_options) != options:

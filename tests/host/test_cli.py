@@ -510,3 +510,35 @@ def test_build_from_tarballs_and_images(run: Cli, tree: str, tmp_path) -> None:
     assert "no manifest tagged 'nope'" in r.stderr
     r = run("template", "build", tree, "--from-image", layout, code=2)
     assert "one of them" in r.stderr
+
+
+DOCS = os.path.join(os.path.dirname(SRC), "docs")
+
+
+def _console_examples(md: str, section: str) -> list[tuple[list[str], str]]:
+    """(argv after `cowdisk`, expected stdout) of each `$ cowdisk ...` in the first console block of ``section``."""
+    text = open(os.path.join(DOCS, md)).read()
+    block = text[text.index(section):].split("```console\n", 1)[1].split("```", 1)[0]
+    out: list[tuple[list[str], str]] = []
+    for line in block.splitlines():
+        if line.startswith("$ cowdisk "):
+            out.append((line[len("$ cowdisk "):].split(), ""))
+        else:
+            out[-1] = (out[-1][0], out[-1][1] + line + "\n")
+    return out
+
+
+def test_docs_drive_examples(tree: str, tmp_path) -> None:
+    """Every drive example in docs/vmm.md, run, prints exactly what the page shows."""
+    root = str(tmp_path / "store")
+    c = Cli(root, "copy")
+    try:
+        c("template", "build", tree, "--name", "base")
+        c("volume", "create", "vm1", "-t", "base")
+        examples = _console_examples("vmm.md", "## Drive configuration")
+        assert len(examples) >= 10
+        for args, want in examples:
+            got = c(*args).stdout.replace(os.path.join(root, "links"), "/var/lib/cowdisk/links")
+            assert got == want, (args, got)
+    finally:
+        _destroy(root)

@@ -25,6 +25,7 @@ and checks the invariants:
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from dataclasses import dataclass
@@ -96,9 +97,9 @@ def expected(op: Operation) -> dict[str, VolumeState]:
     return vols
 
 
-def setup(root: str, backend: str, tree: str, case: Case) -> None:
+def setup(root: str, backend: str, tree: str, case: Case, options: dict[str, str] | None = None) -> None:
     """A store with a template, an attached bystander and the subject volume ``x`` as the op needs it."""
-    s = Store(root, backend=backend)
+    s = Store(root, backend=backend, backend_options=options)
     s.build_template(make_tree(tree), "base")
     with open(import_image(root), "wb") as f:
         f.write(os.urandom(1 << 20))
@@ -167,6 +168,14 @@ def check(root: str, case: Case, backend: str, dm_names: Callable[[str], list[st
         assert len(tpl_loops) == (1 if attached else 0), loops
     else:
         assert store_loops(root) == []
+    if backend == "rbd":  # images in the cluster: the template's and one per volume; a mapping per attached one
+        from testutil import rbd_images
+        opts = dict(json.loads(s.registry.meta("backend_options") or "{}"))
+        tids = {s.template(v.template_id).id for v in vols.values()}
+        assert rbd_images(opts) == sorted([f"cowdisk-v-{v}" for v in vols] + [f"cowdisk-t-{t}" for t in tids])
+        with open("/proc/self/mounts") as f:
+            fuse = [ln.split()[1] for ln in f if ln.startswith("/dev/fuse") and ln.split()[1].startswith(root)]
+        assert sorted(fuse) == sorted(v.device for v in attached), fuse
     vdir = os.path.join(s.data_root, "volumes")
     assert sorted(os.listdir(vdir)) == sorted(vols), os.listdir(vdir)
     ldir = os.path.join(s.root, "links")
@@ -180,8 +189,9 @@ def check(root: str, case: Case, backend: str, dm_names: Callable[[str], list[st
     return rep.as_dict()
 
 
-def run_case(root: str, backend: str, tree: str, case: Case, dm_names: Callable[[str], list[str]]) -> dict[str, object]:
-    setup(root, backend, tree, case)
+def run_case(root: str, backend: str, tree: str, case: Case, dm_names: Callable[[str], list[str]],
+             options: dict[str, str] | None = None) -> dict[str, object]:
+    setup(root, backend, tree, case, options)
     status = crash(root, case)
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, (
         f"{case}: the child was not killed at the crash point (status {status}): the step was never reached")

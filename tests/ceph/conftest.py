@@ -33,5 +33,32 @@ def ceph_cluster():
         yield c
     finally:
         os.environ.pop(CEPH_ENV, None)
+        leaked = _end_mappings(c.conf)
         problems = c.down()
         assert not problems, problems
+        assert not leaked, f"FUSE mappings left running at the end of the session: {leaked}"
+
+
+def _end_mappings(conf: str) -> list[str]:
+    """End the qemu-storage-daemons still serving images of this session's cluster (a
+    failed test left them): SIGTERM by PID, found by the cluster's conf path in their
+    command line; their FUSE mounts go with them (or are detached). Returns them."""
+    import signal
+
+    from cowdisk.kernel import mount as kmount
+
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if argv and os.path.basename(argv[0]) == "qemu-storage-daemon" and any(f"conf={conf}," in a for a in argv):
+            mnt = next((a.split("mountpoint=", 1)[1].split(",")[0] for a in argv if "mountpoint=" in a), "")
+            found.append(f"PID {pid} {mnt}")
+            os.kill(int(pid), signal.SIGTERM)
+            time.sleep(0.2)
+            if mnt and kmount.mounted_at(mnt):
+                kmount.umount(mnt, kmount.MNT_DETACH)
+    return found

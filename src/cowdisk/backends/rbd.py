@@ -413,13 +413,14 @@ class RbdBackend:
 
     def _release_hold(self, img: str) -> None:
         _, rbd = librbd()
-        try:
-            with named("release hold", img), rbd.Image(self.ioctx(), img) as im:
-                with contextlib.suppress(KeyError):
-                    if str(im.metadata_get(HOLDER)) == self.holder:
-                        im.metadata_remove(HOLDER)
-        except rbd.ImageNotFound:
-            pass
+        with named("release hold", img):
+            try:
+                with rbd.Image(self.ioctx(), img) as im:
+                    with contextlib.suppress(KeyError):
+                        if str(im.metadata_get(HOLDER)) == self.holder:
+                            im.metadata_remove(HOLDER)
+            except rbd.ImageNotFound:
+                pass
 
     def _my_addr(self) -> str:
         try:

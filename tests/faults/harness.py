@@ -200,7 +200,7 @@ def choose(rng: random.Random, w: World, images: list[Image], base: str) -> Op:
         options.append((1.0, fork))
     if len(w.templates) < MAX_TEMPLATES:
         options.append((0.5, lambda: Op("import", str(rng.randrange(len(images))))))
-    if removable and pending("template-rm-killed"):
+    if removable:
         options.append((0.5 if len(w.templates) < MAX_TEMPLATES else 3.0,
                         lambda: Op("template-rm", rng.choice(removable))))
     weights = [o[0] for o in options]
@@ -536,7 +536,6 @@ class Harness:
                 if rep.actions or rep.errors:
                     raise Violation(f"a second recovery still acted: {rep.as_dict()}")
                 self.check(s)
-                self.trim_templates(s)
                 self.scribble(s)
             except Violation as e:
                 self.fail(where, str(e))
@@ -678,8 +677,6 @@ class Harness:
                 raise Violation(f"{ldir}/{name}: no volume {name}")
             for entry in os.listdir(os.path.join(ldir, name)):
                 p = os.path.join(ldir, name, entry)
-                if not pending("link-made-before-recorded"):
-                    continue
                 if entry != "rootfs":
                     raise Violation(f"{p}: a stray file in a link directory")
                 if os.path.realpath(p) not in devices:
@@ -694,19 +691,6 @@ class Harness:
         bad = [e for e in q if any(x in os.path.basename(e) for x in live)]
         if bad:
             raise Violation(f"live objects quarantined: {bad}")
-
-    def trim_templates(self, s: Store) -> None:
-        """Template remove is not killed while its finding is open (template-rm-killed): the
-        parent removes an unused template itself when there are many, so imports and
-        flattens keep running."""
-        if pending("template-rm-killed") or len(self.world.templates) < MAX_TEMPLATES:
-            return
-        used = {v.template for v in self.world.volumes.values()}
-        for tid in sorted(self.world.templates):
-            if tid != self.base and tid not in used:
-                s.remove_template(tid)
-                del self.world.templates[tid]
-                return
 
     def scribble(self, s: Store) -> None:
         """A fresh random block into a random attached volume, as its VM would write."""

@@ -1,24 +1,19 @@
 """The randomized fault harness (tests/faults/harness.py) on every host backend: random
 operations SIGKILLed at random moments, recovered, and the invariants checked after each
-recovery. At least 200 kills per backend per run; ``bench/faults.py`` runs thousands.
-
-Open finding (/tmp/harness-findings.md F1, F2): the random run does not pass on the
-committed store yet, so it runs only with ``COWDISK_FAULTS_PENDING=random`` (or ``all``)
-until the store's fix is committed; then it joins the default run.
-"""
+recovery. At least 200 kills per backend per run; ``bench/faults.py`` runs thousands."""
 
 from __future__ import annotations
 
 import pytest
 
-from faults.harness import Harness, pending
+from faults.harness import Harness
 
 pytestmark = pytest.mark.root
 
 KILLS = 200
 
 
-def random_kills(backend, store, tmp_path) -> None:
+def test_random_kills(backend, store, tmp_path) -> None:
     store.close()  # the children open their own; none may inherit an open SQLite connection
     h = Harness(store.root, backend, str(tmp_path / "work"))
     try:
@@ -32,7 +27,3 @@ def random_kills(backend, store, tmp_path) -> None:
     # the kills landed inside the operations, not only between them
     assert c.mid_op >= KILLS // 2, c.line()
     assert c.intents_left >= KILLS // 10, c.line()
-
-
-if pending("random"):
-    test_random_kills = random_kills

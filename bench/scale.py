@@ -34,7 +34,18 @@ from benchutil import GiB, MiB  # noqa: E402
 
 from cowdisk.store import Store  # noqa: E402
 
-SITES = ["pool", "reflink-xfs", "reflink-btrfs", "copy", "dm-snapshot"]
+SITES = ["pool", "reflink-xfs", "reflink-btrfs", "copy", "dm-snapshot", "dm-thin"]
+
+
+def store_wide_files(store: Store) -> set[str]:
+    """Backing files of loops that belong to the store, not to a volume (they stay while
+    the store exists): the pool's image, dm-thin's data and metadata files."""
+    b = store.backend
+    if hasattr(b, "pool"):
+        return {b.pool.image}
+    if hasattr(b, "data_file") and getattr(b, "on_files", False):
+        return {b.data_file, b.meta_file}
+    return set()
 
 
 def maxrss_mib() -> float:
@@ -94,7 +105,7 @@ def run_site(name: str, args: argparse.Namespace, tag: str) -> dict[str, object]
             store.remove_volume(vid)
             remove.append(time.perf_counter() - a)
         t_remove = time.perf_counter() - t0
-        after_loops = [li for li in mine() if li.backing_file != store.backend.pool.image]  # the pool's own loop stays
+        after_loops = [li for li in mine() if li.backing_file not in store_wide_files(store)]  # the pool's stay
         after_dm = bu.dm_names(store.dm_prefix)
         after_vols = os.listdir(os.path.join(store.data_root, "volumes"))
         after_links = os.listdir(os.path.join(store.root, "links"))
@@ -131,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--backends", default=None,
-                    help=f"comma list of {','.join(SITES)} (default: dm-snapshot in the lab, else pool,reflink-xfs)")
+                    help=f"comma list of {','.join(SITES)} (default: dm-thin,dm-snapshot in the lab, else pool,reflink-xfs)")
     ap.add_argument("--count", type=int, default=1000)
     ap.add_argument("--template-size", type=bu.parse_size, default=1 * GiB,
                     help="sparse template size (16 MiB of data in it)")
@@ -143,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         ap.error("needs root")
     lab = bu.in_lab()
-    sites = args.backends.split(",") if args.backends else (["dm-snapshot"] if lab else ["pool", "reflink-xfs"])
+    sites = args.backends.split(",") if args.backends else (["dm-thin", "dm-snapshot"] if lab else
+                                                            ["pool", "reflink-xfs"])
     for s in sites:
         if s not in SITES:
             ap.error(f"unknown backend {s!r}")
@@ -154,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{'kernel lab (QEMU TCG)' if lab else 'host'}, load {os.getloadavg()[0]:.1f}", flush=True)
     results = []
     for s in sites:
-        if s == "dm-snapshot" and not bu.dm_available():
+        if s.startswith("dm-") and not bu.dm_available():
             print(f"skip {s}: no device-mapper snapshot target here (run it in the kernel lab)")
             continue
         t0 = time.monotonic()

@@ -31,8 +31,8 @@ MiB = 1 << 20
 # The backends the suites run on, by tier (tests/conftest.py parametrizes ``backend``
 # with them). A reflink store lives on a scratch filesystem of the named type.
 HOST_BACKENDS = ("copy", "reflink-xfs", "reflink-btrfs", "pool")
-LAB_BACKENDS = ("dm-snapshot",)
-BLOCK_BACKENDS = frozenset({"dm-snapshot"})
+LAB_BACKENDS = ("dm-snapshot", "dm-thin")
+BLOCK_BACKENDS = frozenset({"dm-snapshot", "dm-thin"})
 FILE_BACKENDS = frozenset({"copy", "reflink-xfs", "reflink-btrfs", "pool"})
 # tests/ceph: rbd on the Ceph cluster its session fixture starts (tests/ceph/conftest.py)
 CEPH_BACKENDS = ("rbd",)

@@ -16,11 +16,11 @@ import subprocess
 import pytest
 
 from cowdisk.errors import InUse
-from testutil import MiB, losetup_template_loops, make_tree, read_at, write_at
+from testutil import MiB, losetup_template_loops, make_tree, managed_store, read_at, write_at
 
-pytestmark = pytest.mark.lab
+pytestmark = [pytest.mark.lab, pytest.mark.backends("dm-snapshot")]
 
-CHUNK = 4096
+CHUNK = 64 * 1024  # the default chunk (P 128)
 
 
 def dmsetup(*args: str) -> str:
@@ -28,20 +28,23 @@ def dmsetup(*args: str) -> str:
 
 
 def test_one_template_loop_shared_and_witnessed(store, tmp_path) -> None:
-    """Three volumes: one read-only template loop; dmsetup and losetup see exactly what cowdisk made."""
+    """Three volumes: one read-only template loop; dmsetup and losetup see exactly what cowdisk
+    made: 64 KiB chunks, both loops with direct I/O (the scratch disk is ext4)."""
     t = store.build_template(make_tree(str(tmp_path / "tree")), "base")
     vols = [store.create_volume(f"v{i}", "base") for i in range(3)]
-    out = subprocess.run(["losetup", "--list", "--noheadings", "-O", "NAME,RO,BACK-FILE"],
+    out = subprocess.run(["losetup", "--list", "--noheadings", "-O", "NAME,RO,DIO,BACK-FILE"],
                          capture_output=True, text=True, check=True).stdout.splitlines()
-    tl = [line for line in out if line.split()[2] == t.path]
-    assert len(tl) == 1 and tl[0].split()[1] == "1", out
+    tl = [line for line in out if line.split()[3] == t.path]
+    assert len(tl) == 1 and tl[0].split()[1:3] == ["1", "1"], out
+    cows = [line for line in out if line.split()[3].startswith(os.path.join(store.data_root, "volumes"))]
+    assert len(cows) == 3 and all(line.split()[1:3] == ["0", "1"] for line in cows), out
     mine = sorted(line.split()[0] for line in dmsetup("ls").splitlines() if line.startswith(store.dm_prefix))
     assert mine == [store.dm_prefix + f"v{i}" for i in range(3)]
     for v in vols:
         table = dmsetup("table", store.dm_prefix + v.id).split()
-        assert table[2] == "snapshot" and table[5:] == ["P", "8"], table
+        assert table[2] == "snapshot" and table[5:] == ["P", "128"], table
         status = dmsetup("status", store.dm_prefix + v.id).split()
-        assert status[3].startswith("16/"), status
+        assert status[3].startswith("256/"), status  # header + first metadata area: 2 chunks
         assert os.path.realpath(v.link) == os.path.realpath(v.device)
     for v in vols:
         store.remove_volume(v.id)
@@ -121,3 +124,30 @@ def test_remove_while_device_held_open_by_this_process(store, base) -> None:
     finally:
         os.close(fd)
     store.remove_volume("busy")
+
+
+def test_chunk_and_direct_io_options(tmp_path) -> None:
+    """The store options give the old path back (4 KiB chunks, buffered loops), and unknown
+    or bad values are refused before anything is made."""
+    from cowdisk.errors import InvalidArgument
+    from cowdisk.store import Store
+
+    root = str(tmp_path / "old")
+    for bad in ({"chunk_kib": "3"}, {"chunk_kib": "1024"}, {"direct_io": "maybe"}, {"chunk": "8"}):
+        with pytest.raises(InvalidArgument):
+            Store(str(tmp_path / "bad"), backend="dm-snapshot", backend_options=bad)
+    s0 = Store(root, backend="dm-snapshot", backend_options={"chunk_kib": "4", "direct_io": "no"})
+    s0.close()
+    with managed_store(root, "dm-snapshot") as s:
+        s.build_template(make_tree(str(tmp_path / "tree")), "base")
+        v = s.create_volume("old", "base")
+        assert dmsetup("table", s.dm_prefix + "old").split()[5:] == ["P", "8"]
+        out = subprocess.run(["losetup", "--list", "--noheadings", "-O", "DIO,BACK-FILE"],
+                             capture_output=True, text=True, check=True).stdout.splitlines()
+        mine = [line.split()[0] for line in out if line.split()[1].startswith(root)]
+        assert mine == ["0", "0"], out
+        write_at(v.device, MiB, b"x" * 4096)
+        s.checkpoint("old")
+        s.restore("old")
+        assert read_at(s.volume("old").link, MiB, 4096) == b"x" * 4096
+        s.remove_volume("old")

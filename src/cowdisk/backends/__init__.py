@@ -33,6 +33,12 @@ The contract (what the store relies on, and the conformance suite checks):
   first, so they may assume a clean slate for the volume).
 * **Data.** ``create`` and ``copy_data`` never change the template or the source
   volume; ``copy_data`` of an attached source gives a crash-consistent copy.
+* **Open count** (optional). ``open_count(ctx) -> int | None``: how many times the
+  attached volume's device is open as the kernel counts it (a dm device's open count
+  from DM_DEV_STATUS, 0.1 ms), None when it is not attached. The store's busy check
+  (remove, checkpoint) reads it instead of searching every process's fds; the holder
+  search then runs only to name the holder in an error. A backend without it (files)
+  gets the holder search.
 * **Scan.** ``scan()`` lists this store's kernel objects on the host (by the store's
   tag or name prefix), never another store's; ``release`` frees one of them.
 """
@@ -182,14 +188,16 @@ class Backend(Protocol):
 
 def _registry() -> dict[str, type[Backend]]:
     from .dm_snapshot import DmSnapshotBackend
+    from .dm_thin import DmThinBackend
     from .files import CopyBackend, ReflinkBackend
     from .pool import PoolBackend
     from .rbd import RbdBackend
 
-    return {c.name: c for c in (DmSnapshotBackend, ReflinkBackend, PoolBackend, CopyBackend, RbdBackend)}
+    return {c.name: c for c in (DmThinBackend, DmSnapshotBackend, ReflinkBackend, PoolBackend, CopyBackend,
+                                RbdBackend)}
 
 
-BACKENDS: tuple[str, ...] = ("dm-snapshot", "reflink", "pool", "copy", "rbd")
+BACKENDS: tuple[str, ...] = ("dm-thin", "dm-snapshot", "reflink", "pool", "copy", "rbd")
 """Every backend by name, in the order ``auto`` tries them (those in NOT_AUTO excepted)."""
 
 NOT_AUTO: frozenset[str] = frozenset({"rbd"})

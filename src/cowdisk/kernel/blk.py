@@ -19,6 +19,7 @@ _u64 = struct.Struct("=Q")
 BLKGETSIZE64 = IOR(0x12, 114, 8)  # _IOR(0x12, 114, size_t)
 BLKSSZGET = IO(0x12, 104)
 BLKFLSBUF = IO(0x12, 97)
+BLKDISCARD = IO(0x12, 119)  # _IO(0x12, 119), arg: uint64_t[2] (offset, length)
 
 SECTOR = 512
 
@@ -45,6 +46,18 @@ def size_bytes(path: str | os.PathLike[str]) -> int:
         raise KernelError.from_oserror("size (BLKGETSIZE64)", p, e) from None
     finally:
         os.close(fd)
+
+
+def discard(fd: int, offset: int, length: int) -> None:
+    """BLKDISCARD ``length`` bytes at ``offset`` of the block device open on ``fd`` (a thin
+    device unmaps them; a loop punches holes in its file)."""
+    arg = struct.pack("=QQ", offset, length)
+    try:
+        fcntl.ioctl(fd, BLKDISCARD, arg)
+    except OSError as e:
+        raise KernelError("block discard", f"fd {fd}", e.errno or 0,
+                          detail=f"{length} bytes at {offset}") from None
+    log.debug("block discard fd %d: ok (%d bytes at %d)", fd, length, offset)
 
 
 def size_sectors(path: str | os.PathLike[str]) -> int:

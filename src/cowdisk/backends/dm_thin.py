@@ -1,0 +1,698 @@
+"""dm-thin volumes: one thin-pool per store, a thin snapshot per volume, no loop per volume.
+
+The pool (``<dm prefix>.pool``) sits on a data and a metadata device: by default two
+loops over sparse files the store manages (``<root>/thin/data.img``, ``meta.img``;
+two loops whatever the number of volumes), or block devices the user names with the
+store options ``data_dev`` and ``metadata_dev`` (an LVM logical volume, a partition).
+
+* A **template** is a thin device filled once from the template file (only its data
+  segments: unprovisioned blocks read as zeros) and then deactivated. Its thin id is
+  kept in ``<root>/thin/templates/<template id>`` (written only once the fill is
+  complete; ``.partial`` while it runs, so a killed fill is deleted and redone).
+* A **volume** is ``create_snap`` of its template's thin id: no data copied. Its thin
+  id is kept in ``volumes/<id>/thin`` (written and fsynced before the snapshot exists,
+  so a kill at any instant leaves the id named). Checkpoint removes the dm device and
+  keeps the thin; restore in place activates it again; restore as a new id and fork
+  are ``create_snap`` of the source (suspended for that instant when attached).
+* Thin ids come from the pool's own transaction id (``set_transaction_id t t+1``, a
+  compare-and-swap the kernel commits in the pool's metadata), so they are unique
+  across processes and never reused; no file or lock is needed to allocate one.
+* Remove discards the whole thin device before ``delete`` (option ``discard_on_remove``,
+  on by default) so the blocks it alone held go back to the pool *and*, through
+  discard passdown and the loop's hole punching, to the host's filesystem
+  (containerd #5691: without it, the space never comes back to the host).
+* The pool grows before it fills: each create, fork and restore checks the pool's data
+  and metadata use, and at ``grow_at_pct`` (80 by default) extends the file and reloads
+  the pool's table (files only; named block devices are grown by their owner).
+* After an unclean stop (the pool not active while its files exist: a reboot or a crash
+  of the host) the metadata is checked with ``thin_check`` before the pool is made
+  again, and repaired with ``thin_repair`` into a new file when the check fails.
+
+See docs/dm-thin.md for the numbers behind the defaults and what happens when the pool
+fills.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from typing import ClassVar, Iterator, Mapping
+
+from ..errors import CowdiskError, InvalidArgument, KernelError, StateError
+from ..kernel import blk, dm, dm_status, fs, loop
+from ..locks import FileLock
+from . import BackendEnv, KernelObject, Usage, VolumeCtx, check_options
+from .dm_snapshot import _copy_device, dm_exists
+
+log = logging.getLogger(__name__)
+
+GiB = 1 << 30
+MiB = 1 << 20
+THIN_ID_FILE = "thin"
+MAX_THIN_ID = (1 << 24) - 1
+OPTIONS = frozenset({"data_dev", "metadata_dev", "data_size", "metadata_size", "block_kib", "grow_at_pct",
+                     "discard_on_remove", "no_space"})
+DEFAULTS = {"data_size": 8 * GiB, "metadata_size": 256 * MiB, "block_kib": 64, "grow_at_pct": 80}
+
+
+@dataclass(frozen=True)
+class PoolUsage:
+    """The pool's fill: data in pool blocks, metadata in 4 KiB blocks (from its status)."""
+
+    mode: str
+    needs_check: bool
+    data_used: int
+    data_total: int
+    meta_used: int
+    meta_total: int
+    block_bytes: int
+
+    @property
+    def data_pct(self) -> float:
+        return 100.0 * self.data_used / self.data_total if self.data_total else 0.0
+
+    @property
+    def meta_pct(self) -> float:
+        return 100.0 * self.meta_used / self.meta_total if self.meta_total else 0.0
+
+
+def thin_supported() -> tuple[bool, str]:
+    """Whether dm-thin volumes can be made here, and if not, why."""
+    try:
+        dm.control().version()
+    except (KernelError, OSError) as e:
+        return False, f"no device-mapper in this kernel ({e})"
+    try:
+        dm.control().get_target_version("thin-pool")
+    except (KernelError, OSError) as e:
+        return False, f"device-mapper has no thin-pool target ({e})"
+    return True, "device-mapper with the thin-pool target"
+
+
+def _int_option(env: BackendEnv, key: str, lo: int, hi: int) -> int:
+    raw = env.options.get(key)
+    if raw is None:
+        return int(DEFAULTS[key])
+    try:
+        v = int(str(raw))
+    except ValueError:
+        v = lo - 1
+    if not lo <= v <= hi:
+        raise InvalidArgument(f"backend dm-thin: option {key}={raw!r} is not an integer in {lo}..{hi}",
+                              op="open store", obj=env.root)
+    return v
+
+
+def _write_durable(path: str, text: str) -> None:
+    """Write ``path`` through a temporary name, fsync it and its directory."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        os.write(fd, text.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(path))
+
+
+def _fsync_dir(path: str) -> None:
+    dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def _never_formatted(meta: str) -> bool:
+    """No metadata file, or one whose superblock is still all zeros (a store killed between
+    making the files and the pool's first table load): the kernel formats it."""
+    try:
+        with open(meta, "rb") as f:
+            return f.read(4096).count(0) == 4096
+    except FileNotFoundError:
+        return True
+
+
+def _read_id(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            return int(f.read().split()[0])
+    except FileNotFoundError:
+        return None
+    except (ValueError, IndexError):
+        raise KernelError("read thin id", path, errno.EBADMSG, detail="not a thin id") from None
+
+
+class DmThinBackend:
+    name: ClassVar[str] = "dm-thin"
+    block_device: ClassVar[bool] = True
+    steps: ClassVar[Mapping[str, tuple[str, ...]]] = {
+        "create": ("template", "thin", "dm"),
+        "attach": ("dm",),
+        "copy_data": ("thin",),
+    }
+
+    @classmethod
+    def available(cls, root: str) -> tuple[bool, str]:
+        ok, reason = thin_supported()
+        if ok and shutil.which("thin_check") is None:
+            reason += " (thin_check missing: install thin-provisioning-tools to check metadata after a crash)"
+        return ok, (reason if ok else f"dm-thin: {reason}")
+
+    @classmethod
+    def open(cls, env: BackendEnv) -> "DmThinBackend":
+        check_options(cls.name, env, OPTIONS)
+        ok, reason = thin_supported()
+        if not ok:
+            raise StateError(f"open store {env.root}: dm-thin: {reason}", op="open store", obj=env.root,
+                             hint="use backend dm-snapshot or auto")
+        b = cls(env)
+        b.open_pool()
+        return b
+
+    def __init__(self, env: BackendEnv) -> None:
+        self.root = os.path.abspath(env.root)
+        self.data_root = self.root
+        self.dm_prefix = env.dm_prefix
+        self.dir = os.path.join(self.root, "thin")
+        self.tdir = os.path.join(self.dir, "templates")
+        self.pool_name = env.dm_prefix + ".pool"
+        self.data_dev = env.options.get("data_dev") or None
+        self.meta_dev = env.options.get("metadata_dev") or None
+        if (self.data_dev is None) != (self.meta_dev is None):
+            raise InvalidArgument("backend dm-thin: name both data_dev and metadata_dev, or neither",
+                                  op="open store", obj=env.root)
+        self.data_size = _int_option(env, "data_size", 16 * MiB, 1 << 50)
+        self.meta_size = _int_option(env, "metadata_size", 2 * MiB, 16 * GiB)
+        kib = _int_option(env, "block_kib", 64, 1 << 20)
+        if kib % 64:
+            raise InvalidArgument(f"backend dm-thin: block_kib={kib} is not a multiple of 64", op="open store",
+                                  obj=env.root)
+        self.block_sectors = kib * 2
+        self.grow_at = _int_option(env, "grow_at_pct", 1, 99)
+        self.discard_on_remove = env.options.get("discard_on_remove", "yes") not in ("no", "false", "0")
+        self.no_space = env.options.get("no_space", "queue")
+        if self.no_space not in ("queue", "error"):
+            raise InvalidArgument(f"backend dm-thin: no_space={self.no_space!r}: use queue or error",
+                                  op="open store", obj=env.root)
+        self.checked: str | None = None
+        """What the last open found and did about the metadata (thin_check/thin_repair)."""
+
+    # -- the pool --------------------------------------------------------------------
+
+    @property
+    def on_files(self) -> bool:
+        return self.data_dev is None
+
+    @property
+    def data_file(self) -> str:
+        return os.path.join(self.dir, "data.img")
+
+    @property
+    def meta_file(self) -> str:
+        return os.path.join(self.dir, "meta.img")
+
+    def _pool_lock(self) -> FileLock:
+        return FileLock(os.path.join(self.dir, "pool.lock"), timeout=60, what="thin pool")
+
+    def open_pool(self) -> None:
+        """The pool active: reused when it is, else made (after a metadata check when its
+        metadata existed before: an unclean stop). Idempotent; safe from several processes."""
+        os.makedirs(self.tdir, exist_ok=True)
+        if self._pool_live():
+            return
+        with self._pool_lock():
+            if self._pool_live():
+                return
+            dm.control().remove(self.pool_name, deadline_s=2.0, missing_ok=True)  # a tableless leftover
+            if self.on_files:
+                fresh = _never_formatted(self.meta_file)
+                if fresh:
+                    fs.create_sparse(self.data_file, self.data_size, exclusive=False)
+                    fs.create_sparse(self.meta_file, self.meta_size, exclusive=False)
+                else:
+                    self._check_metadata(self.meta_file)
+                data = loop.attach(self.data_file, autoclear=True, direct_io=True, label=f"{self.pool_name}:data")
+                meta = loop.attach(self.meta_file, autoclear=True, label=f"{self.pool_name}:meta")
+                try:
+                    self._make_pool(meta.devno, data.devno, blk.size_sectors(data.path))
+                finally:  # the pool's table holds them now (or autoclear frees them)
+                    data.close()
+                    meta.close()
+            else:
+                assert self.meta_dev is not None and self.data_dev is not None
+                self._make_pool(blk.devno_str(self.meta_dev), blk.devno_str(self.data_dev),
+                                blk.size_sectors(self.data_dev))
+
+    def _pool_live(self) -> bool:
+        try:
+            return dm.control().info(self.pool_name).active_table
+        except KernelError as e:
+            if dm.is_gone(e):
+                return False
+            raise
+
+    def _pool_table(self, meta: str, data: str, sectors: int) -> list[dm.Target]:
+        sectors -= sectors % self.block_sectors
+        low_water = max(1, (sectors // self.block_sectors) * (100 - self.grow_at) // 100)
+        features = ["error_if_no_space"] if self.no_space == "error" else []
+        args = f"{meta} {data} {self.block_sectors} {low_water} {len(features)} {' '.join(features)}".strip()
+        return [dm.Target(0, sectors, "thin-pool", args)]
+
+    def _make_pool(self, meta: str, data: str, sectors: int) -> None:
+        dm.control().create_device(self.pool_name, self._pool_table(meta, data, sectors))
+        log.info("thin pool %s: active over %s (data) and %s (metadata)", self.pool_name, data, meta)
+
+    def _check_metadata(self, meta_path: str) -> None:
+        """thin_check the metadata of a pool that was not active (unclean stop or reboot);
+        on failure thin_repair into a new file and keep the old one as ``meta.img.bad-<time>``."""
+        if shutil.which("thin_check") is None:
+            self.checked = "not checked: thin_check is missing (install thin-provisioning-tools)"
+            log.warning("thin pool %s: %s", self.pool_name, self.checked)
+            return
+        r = subprocess.run(["thin_check", "-q", meta_path], capture_output=True, text=True)
+        if r.returncode == 0:
+            self.checked = "thin_check: clean"
+            return
+        log.warning("thin pool %s: thin_check failed (%s); repairing", self.pool_name,
+                    (r.stderr or r.stdout).strip())
+        new = meta_path + ".repair"
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(new)
+        fs.create_sparse(new, os.path.getsize(meta_path))
+        rr = subprocess.run(["thin_repair", "-i", meta_path, "-o", new], capture_output=True, text=True)
+        if rr.returncode != 0:
+            os.unlink(new)
+            raise KernelError("repair thin metadata", meta_path, errno.EIO,
+                              detail=f"thin_check: {(r.stderr or r.stdout).strip()}; "
+                                     f"thin_repair: {(rr.stderr or rr.stdout).strip()}",
+                              hint="the metadata is kept as it is; see docs/dm-thin.md, 'Repair'")
+        os.rename(meta_path, f"{meta_path}.bad-{int(time.time())}")
+        os.rename(new, meta_path)
+        self.checked = f"thin_check failed ({(r.stderr or r.stdout).strip()}); repaired with thin_repair"
+        log.warning("thin pool %s: %s", self.pool_name, self.checked)
+
+    def pool_devno(self) -> str:
+        i = dm.control().info(self.pool_name)
+        return f"{i.major}:{i.minor}"
+
+    def pool_usage(self) -> PoolUsage:
+        """Data and metadata fill, mode and needs_check (status without a metadata commit)."""
+        lines = dm.control().status(self.pool_name, noflush=True)
+        s = dm_status.parse_thin_pool_status(lines[0].text)
+        if s.state != "ok":
+            return PoolUsage(s.state, True, 0, 0, 0, 0, self.block_sectors * 512)
+        assert s.used_data_blocks is not None and s.total_data_blocks is not None
+        assert s.used_metadata_blocks is not None and s.total_metadata_blocks is not None
+        return PoolUsage(s.mode or "?", s.needs_check, s.used_data_blocks, s.total_data_blocks,
+                         s.used_metadata_blocks, s.total_metadata_blocks, self.block_sectors * 512)
+
+    def ensure_room(self) -> PoolUsage:
+        """Grow the pool's files (and reload its table) when data or metadata passed
+        ``grow_at_pct``; refuse a pool that is read-only, failed or out of space."""
+        u = self.pool_usage()
+        if u.mode not in ("rw", "out_of_data_space"):
+            raise KernelError("use thin pool", self.pool_name, errno.EIO,
+                              detail=f"pool is {u.mode}{' and needs a check' if u.needs_check else ''}",
+                              hint="see docs/dm-thin.md, 'When the pool fills or fails'")
+        if not self.on_files:
+            if u.data_pct >= self.grow_at or u.mode == "out_of_data_space":
+                log.warning("thin pool %s: data %.0f%% full on %s; grow that device and reload",
+                            self.pool_name, u.data_pct, self.data_dev)
+            return u
+        if u.data_pct >= self.grow_at or u.meta_pct >= self.grow_at or u.mode == "out_of_data_space":
+            with self._pool_lock():
+                u = self.pool_usage()
+                if u.data_pct >= self.grow_at or u.mode == "out_of_data_space":
+                    self.grow(data_bytes=2 * u.data_total * u.block_bytes)
+                if u.meta_pct >= self.grow_at:
+                    self.grow(meta_bytes=min(16 * GiB, 2 * u.meta_total * 4096))
+                u = self.pool_usage()
+        return u
+
+    def grow(self, *, data_bytes: int = 0, meta_bytes: int = 0) -> None:
+        """Extend the pool's files to these sizes and reload its table (files only).
+        The pool is suspended for the reload: I/O of the thin devices waits, none fails."""
+        meta_n, data_n = self._pool_loops()
+        if meta_bytes > os.path.getsize(self.meta_file):
+            os.truncate(self.meta_file, meta_bytes)
+            loop.set_capacity(meta_n)
+        if data_bytes > os.path.getsize(self.data_file):
+            os.truncate(self.data_file, data_bytes)
+            loop.set_capacity(data_n)
+        ctl = dm.control()
+        table = self._pool_table(_devno_of_loop(meta_n), _devno_of_loop(data_n),
+                                 blk.size_sectors(f"/dev/loop{data_n}"))
+        ctl.load_table(self.pool_name, table)
+        ctl.suspend(self.pool_name)
+        ctl.resume(self.pool_name)
+        log.info("thin pool %s: grown to %d bytes of data, %d of metadata", self.pool_name,
+                 os.path.getsize(self.data_file), os.path.getsize(self.meta_file))
+
+    def _pool_loops(self) -> tuple[int, int]:
+        """The loop numbers under the pool (metadata, data), from its live table."""
+        words = dm.control().table(self.pool_name)[0].text.split()
+        out = []
+        for devno in words[:2]:
+            name = os.path.basename(os.path.realpath(f"/sys/dev/block/{devno}"))
+            if not name.startswith("loop"):
+                raise KernelError("grow thin pool", self.pool_name, errno.ENOTBLK,
+                                  detail=f"{devno} ({name}) is not a loop of this store")
+            out.append(int(name[4:]))
+        return out[0], out[1]
+
+    def _message(self, text: str) -> str | None:
+        return dm.control().message(self.pool_name, 0, text)
+
+    def _alloc_id(self) -> int:
+        """A thin id no one had: the pool's transaction id, advanced by compare-and-swap."""
+        for _ in range(1000):
+            s = dm_status.parse_thin_pool_status(dm.control().status(self.pool_name, noflush=True)[0].text)
+            if s.transaction_id is None:
+                raise KernelError("allocate thin id", self.pool_name, errno.EIO, detail=f"pool is {s.state}")
+            new = s.transaction_id + 1
+            if new > MAX_THIN_ID:
+                raise KernelError("allocate thin id", self.pool_name, errno.ENOSPC,
+                                  detail=f"all {MAX_THIN_ID} thin ids of this store were used")
+            try:
+                self._message(f"set_transaction_id {s.transaction_id} {new}")
+                return new
+            except KernelError as e:
+                if e.errno != errno.EINVAL:  # EINVAL: another process advanced it first
+                    raise
+        raise KernelError("allocate thin id", self.pool_name, errno.EAGAIN, detail="lost the race 1000 times")
+
+    def _delete_thin(self, tid: int) -> None:
+        """``delete`` a thin id; already gone is fine."""
+        try:
+            self._message(f"delete {tid}")
+        except KernelError as e:
+            if e.errno not in (errno.ENODATA, errno.ENOENT):
+                raise
+
+    def _thin_table(self, tid: int, size: int) -> list[dm.Target]:
+        return [dm.Target(0, size // 512, "thin", f"{self.pool_devno()} {tid}")]
+
+    # -- the template's thin device -----------------------------------------------------
+
+    def _template_thin(self, ctx: VolumeCtx) -> int:
+        """The thin id of ``ctx.template``, filled from the template file the first time."""
+        t = ctx.template
+        final = os.path.join(self.tdir, t.id)
+        partial = final + ".partial"
+        with ctx.template_lock():
+            tid = _read_id(final)
+            if tid is not None:
+                return tid
+            tmp_name = f"{self.dm_prefix}.t-{t.id}"
+            dm.control().remove(tmp_name, deadline_s=5.0, missing_ok=True)  # a killed fill's device
+            old = _read_id(partial)
+            if old is not None:
+                self._delete_thin(old)
+            tid = self._alloc_id()
+            _write_durable(partial, f"{tid} {t.path}\n")
+            self._message(f"create_thin {tid}")
+            info = dm.control().create_device(tmp_name, self._thin_table(tid, t.size))
+            try:
+                _fill(t.path, dm.device_node(info), t.size, ctx)
+            finally:
+                dm.control().remove(tmp_name, deadline_s=10.0, missing_ok=True)
+            os.replace(partial, final)
+            _fsync_dir(self.tdir)
+            log.info("thin pool %s: template %s filled as thin %d", self.pool_name, t.id, tid)
+            return tid
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def _id_path(self, ctx: VolumeCtx) -> str:
+        return os.path.join(ctx.data_dir, THIN_ID_FILE)
+
+    def _new_thin(self, ctx: VolumeCtx) -> int:
+        """Allocate a thin id for ``ctx`` and name it durably before it exists."""
+        os.makedirs(ctx.data_dir, exist_ok=True)
+        path = self._id_path(ctx)
+        tid = self._alloc_id()
+        ctx.record("file", path)
+        _write_durable(path, f"{tid}\n")
+        return tid
+
+    def create(self, ctx: VolumeCtx) -> str:
+        self.ensure_room()
+        origin = self._template_thin(ctx)
+        ctx.step("template")
+        tid = self._new_thin(ctx)
+        self._message(f"create_snap {tid} {origin}")
+        ctx.step("thin")
+        return self._activate(ctx, tid)
+
+    def attach(self, ctx: VolumeCtx) -> str:
+        tid = _read_id(self._id_path(ctx))
+        if tid is None:
+            raise KernelError("attach volume", self._id_path(ctx), errno.ENOENT, detail="the thin id file is missing")
+        self.ensure_room()
+        return self._activate(ctx, tid)
+
+    def _activate(self, ctx: VolumeCtx, tid: int) -> str:
+        ctx.record("dm", ctx.dm_name)
+        info = dm.control().create_device(ctx.dm_name, self._thin_table(tid, ctx.template.size))
+        ctx.step("dm")
+        return dm.device_node(info)
+
+    def detach(self, ctx: VolumeCtx, *, deadline_s: float = 5.0) -> None:
+        dm.control().remove(ctx.dm_name, deadline_s=deadline_s, missing_ok=True)
+        ctx.forget("dm", ctx.dm_name)
+
+    def destroy(self, ctx: VolumeCtx) -> None:
+        """Discard the thin device's blocks (back to the host when the pool sits on files),
+        delete the thin, then its id file. Called only after :meth:`detach`."""
+        path = self._id_path(ctx)
+        tid = _read_id(path)
+        if tid is not None:
+            if self.discard_on_remove:
+                self._discard(ctx, tid)
+            self._delete_thin(tid)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        ctx.forget("file", path)
+
+    def _discard(self, ctx: VolumeCtx, tid: int) -> None:
+        ctx.record("dm", ctx.dm_name)
+        try:
+            info = dm.control().create_device(ctx.dm_name, self._thin_table(tid, ctx.template.size))
+        except KernelError as e:
+            if e.errno in (errno.ENODATA, errno.ENOENT, errno.EINVAL):
+                return  # the thin is gone already (a remove killed after delete)
+            raise
+        try:
+            fd = os.open(dm.device_node(info), os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                blk.discard(fd, 0, ctx.template.size)
+            finally:
+                os.close(fd)
+        finally:
+            dm.control().remove(ctx.dm_name, deadline_s=10.0, missing_ok=True)
+            ctx.forget("dm", ctx.dm_name)
+
+    def copy_data(self, src: VolumeCtx, dst: VolumeCtx, *, src_attached: bool) -> None:
+        """A thin snapshot of the source: no data copied; an attached source is suspended
+        (its I/O waits, flushed) for the instant of the snapshot."""
+        origin = _read_id(self._id_path(src))
+        if origin is None:
+            raise KernelError("snapshot volume", self._id_path(src), errno.ENOENT, detail="the thin id file is missing")
+        self.ensure_room()
+        tid = self._new_thin(dst)
+        if src_attached:
+            dm.control().suspend(src.dm_name)
+            try:
+                self._message(f"create_snap {tid} {origin}")
+            finally:
+                dm.control().resume(src.dm_name)
+        else:
+            self._message(f"create_snap {tid} {origin}")
+        dst.step("thin")
+
+    def flatten(self, ctx: VolumeCtx, out_path: str, *, attached: bool) -> None:
+        if attached:
+            _copy_device(dm.control().device_node(ctx.dm_name), out_path, ctx.template.size, ctx.progress)
+            return
+        tid = _read_id(self._id_path(ctx))
+        if tid is None:
+            raise KernelError("flatten volume", self._id_path(ctx), errno.ENOENT, detail="the thin id file is missing")
+        ctx.record("dm", ctx.dm_name)
+        info = dm.control().create_device(ctx.dm_name, self._thin_table(tid, ctx.template.size), readonly=True)
+        try:
+            _copy_device(dm.device_node(info), out_path, ctx.template.size, ctx.progress)
+        finally:
+            dm.control().remove(ctx.dm_name, deadline_s=10.0, missing_ok=True)
+            ctx.forget("dm", ctx.dm_name)
+
+    def usage(self, ctx: VolumeCtx, *, attached: bool) -> Usage:
+        """The thin device's mapped, exclusive and shared bytes (thin_ls on a metadata
+        snapshot: attached or not), the pool's data fill as ``cow_used/total`` and the pool's
+        mode as health. Without thin_ls: the mapped bytes from the device's status."""
+        tid = _read_id(self._id_path(ctx))
+        mapped, excl, shared = 0, None, None
+        health = "ok"
+        if tid is not None and shutil.which("thin_ls"):
+            mapped, excl, shared = self.thin_usage().get(tid, (0, 0, 0))
+        elif attached:
+            st = dm_status.parse_thin_status(dm.control().status(ctx.dm_name)[0].text)
+            mapped = (st.mapped_sectors or 0) * 512
+        if attached:
+            st = dm_status.parse_thin_status(dm.control().status(ctx.dm_name)[0].text)
+            if st.state != "ok":
+                health = st.state
+        u = self.pool_usage()
+        if u.mode != "rw" or u.needs_check:
+            health = f"pool {u.mode}{', needs check' if u.needs_check else ''}"
+        return Usage(disk_bytes=mapped, apparent_bytes=ctx.template.size, exclusive_bytes=excl,
+                     shared_bytes=shared, cow_used_bytes=u.data_used * u.block_bytes,
+                     cow_total_bytes=u.data_total * u.block_bytes, health=health)
+
+    def thin_usage(self) -> dict[int, tuple[int, int, int]]:
+        """Thin id -> (mapped, exclusive, shared) bytes of every thin device in the pool, read
+        by ``thin_ls`` from a metadata snapshot of the live pool."""
+        if self.on_files:
+            meta = f"/dev/loop{self._pool_loops()[0]}"
+        else:
+            assert self.meta_dev is not None
+            meta = self.meta_dev
+        with self._pool_lock():
+            self._message("reserve_metadata_snap")
+            try:
+                r = subprocess.run(["thin_ls", "--no-headers", "-m", "-o",
+                                    "DEV,MAPPED_BYTES,EXCLUSIVE_BYTES,SHARED_BYTES", meta],
+                                   capture_output=True, text=True)
+            finally:
+                self._message("release_metadata_snap")
+        if r.returncode != 0:
+            raise KernelError("thin_ls", meta, errno.EIO, detail=(r.stderr or r.stdout).strip())
+        out = {}
+        for line in r.stdout.splitlines():
+            w = line.split()
+            if len(w) == 4 and all(x.isdigit() for x in w):
+                out[int(w[0])] = (int(w[1]), int(w[2]), int(w[3]))
+        return out
+
+    def is_attached(self, ctx: VolumeCtx) -> bool:
+        return dm_exists(ctx.dm_name)
+
+    def device_path(self, ctx: VolumeCtx) -> str | None:
+        if not dm_exists(ctx.dm_name):
+            return None
+        return dm.control().device_node(ctx.dm_name)
+
+    def open_count(self, ctx: VolumeCtx) -> int | None:
+        """How many opens the kernel counts on the volume's device (None: not attached)."""
+        try:
+            return dm.control().info(ctx.dm_name).open_count
+        except KernelError as e:
+            if dm.is_gone(e):
+                return None
+            raise
+
+    def stage(self, ctx: VolumeCtx, device: str, dest: str, *, uid: int | None, gid: int | None) -> str:
+        ma, mi = blk.devno(device)
+        blk.make_node(dest, ma, mi, uid=uid, gid=gid)
+        return dest
+
+    # -- recovery ----------------------------------------------------------------------
+
+    def scan(self) -> Iterator[KernelObject]:
+        """Volume devices of this store (the pool and template fills are not volumes), and
+        template thins whose template file is gone (the template was removed)."""
+        for d in dm.control().list_devices():
+            if d.name.startswith(self.dm_prefix) and not d.name.startswith(self.dm_prefix + "."):
+                yield KernelObject("dm", d.name, d.name[len(self.dm_prefix):])
+        for name in sorted(os.listdir(self.tdir)) if os.path.isdir(self.tdir) else []:
+            if name.endswith((".partial",)) or ".tmp-" in name:
+                continue
+            path = os.path.join(self.tdir, name)
+            try:
+                with open(path) as f:
+                    words = f.read().split(maxsplit=1)
+            except FileNotFoundError:
+                continue
+            if len(words) == 2 and not os.path.exists(words[1].strip()):
+                yield KernelObject("thin-template", name, None, detail=f"thin {words[0]} of {words[1].strip()}")
+
+    def release(self, obj: KernelObject, *, deadline_s: float = 5.0) -> None:
+        if obj.kind == "dm":
+            dm.control().remove(obj.name, deadline_s=deadline_s, missing_ok=True)
+        elif obj.kind == "thin-template":
+            path = os.path.join(self.tdir, obj.name)
+            tid = _read_id(path)
+            if tid is not None:
+                self._delete_thin(tid)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+    def destroy_store(self) -> None:
+        """Every template thin deleted, the pool removed, its files deleted (named block
+        devices are left to their owner, with an empty pool on them)."""
+        if self._pool_live():
+            for d in dm.control().list_devices():
+                if d.name.startswith(self.dm_prefix) and d.name != self.pool_name:
+                    dm.control().remove(d.name, deadline_s=5.0, missing_ok=True)
+            for name in os.listdir(self.tdir) if os.path.isdir(self.tdir) else []:
+                with contextlib.suppress(CowdiskError):
+                    tid = _read_id(os.path.join(self.tdir, name))
+                    if tid is not None:
+                        self._delete_thin(tid)
+        dm.control().remove(self.pool_name, deadline_s=10.0, missing_ok=True)
+        if self.on_files:
+            _wait_loops_gone((self.data_file, self.meta_file))
+            shutil.rmtree(self.dir, ignore_errors=True)
+        else:
+            shutil.rmtree(self.tdir, ignore_errors=True)
+
+
+def _devno_of_loop(n: int) -> str:
+    with open(f"/sys/block/loop{n}/dev") as f:
+        return f.read().strip()
+
+
+def _wait_loops_gone(paths: tuple[str, ...], deadline_s: float = 5.0) -> None:
+    """The pool's autoclear loops are released when its device goes; wait for that
+    (only those two files' loops are looked at, by their sysfs backing_file)."""
+    end = time.monotonic() + deadline_s
+    while True:
+        left = [li.number for li in loop.list_loops() if li.backing_file.removesuffix(" (deleted)") in paths]
+        if not left or time.monotonic() > end:
+            return
+        time.sleep(0.01)
+
+
+def _fill(src: str, dev: str, size: int, ctx: VolumeCtx) -> None:
+    """Copy the template file's data segments into the fresh thin device (its holes stay
+    unprovisioned and read as zeros)."""
+    bs = 4 * MiB
+    sfd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        dfd = os.open(dev, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            done = 0
+            for off, length in fs.data_segments(sfd, size):
+                end = off + length
+                while off < end:
+                    n = min(bs, end - off)
+                    data = os.pread(sfd, n, off)
+                    if not data:
+                        break
+                    os.pwrite(dfd, data, off)
+                    off += len(data)
+                    done += len(data)
+                    if ctx.progress:
+                        ctx.progress(min(done, size), size)
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    finally:
+        os.close(sfd)

@@ -111,6 +111,13 @@ class CowFormatError(CowdiskError):
     exit_code = 12
 
 
+class RegistryDamaged(CowdiskError):
+    """The store's registry is damaged or lost; its volumes and templates are still on disk
+    with their manifests, and ``cowdisk recover --rebuild-registry`` rebuilds it."""
+
+    exit_code = 13
+
+
 def message_of(e: BaseException) -> str:
     """An error's message without its hint (cowdisk errors), or ``str(e)`` (any other)."""
     return e.message if isinstance(e, CowdiskError) else str(e)
@@ -130,4 +137,5 @@ __all__ = [
     "LockTimeout",
     "SnapshotInvalid",
     "CowFormatError",
+    "RegistryDamaged",
 ]

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-from .errors import AlreadyExists, CowdiskError, NotFound, StateError
+from .errors import AlreadyExists, CowdiskError, NotFound, RegistryDamaged, StateError
 from .kernel.procfs import process_alive, process_start
 
 log = logging.getLogger(__name__)
@@ -189,7 +189,15 @@ class Registry:
         self._local = threading.local()
         self._all: list[tuple[int, sqlite3.Connection]] = []
         self._all_lock = threading.Lock()
-        self._migrate()
+        try:
+            self._migrate()
+        except sqlite3.DatabaseError as e:
+            if isinstance(e, sqlite3.OperationalError) and "locked" in str(e):
+                raise
+            self.close()
+            raise RegistryDamaged(f"open registry {path}: {e}", op="open registry", obj=path,
+                                  hint="`cowdisk recover --rebuild-registry` rebuilds it from the volumes' and "
+                                       "templates' manifests (the damaged file is kept aside)") from e
 
     # -- connections -------------------------------------------------------------
 
@@ -334,6 +342,16 @@ class Registry:
         with self.tx() as c:
             c.execute("UPDATE templates SET size=?, mtime_ns=?, ino=?, ctime_ns=?, state='ready' WHERE id=?",
                       (size, mtime_ns, ino, ctime_ns, template_id))
+
+    def adopt_volume(self, v: VolumeRow) -> None:
+        """Insert a volume row as it is (any state): only for rebuilding rows from manifests,
+        where the volume's history already happened."""
+        with self.tx() as c:
+            c.execute(
+                "INSERT INTO volumes(id, template_id, backend, state, size, data_path, device, created,"
+                " updated, parent, error) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                (v.id, v.template_id, v.backend, v.state, v.size, v.data_path, v.device, v.created,
+                 v.updated, v.parent, v.error))
 
     def find_template_by_source(self, source: str) -> TemplateRow | None:
         rows = self._q("SELECT * FROM templates WHERE source=? ORDER BY created LIMIT 1", (source,))

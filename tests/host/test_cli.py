@@ -282,7 +282,7 @@ def test_jail(run: Cli, tree: str, tmp_path) -> None:
 
 def test_recover_gc_doctor(run: Cli, tree: str, tmp_path) -> None:
     assert run.json("recover") == {"rolled_back": [], "finished": [], "reactivated": [], "orphans_removed": [],
-                                   "kept": [], "errors": []}
+                                   "adopted": [], "quarantined": [], "kept": [], "in_quarantine": [], "errors": []}
     run("template", "build", tree)  # no name: gc takes it once unused
     run("template", "build", tree + "/etc", "--name", "kept")
     rep = run.json("gc")

@@ -12,14 +12,17 @@ from rich.text import Text
 
 from .app import App, Column, CowdiskCommand, pass_app, table
 
-REPORT_KEYS = ("rolled_back", "finished", "reactivated", "orphans_removed", "kept", "errors")
+REPORT_KEYS = ("rolled_back", "finished", "reactivated", "orphans_removed", "adopted", "quarantined", "kept",
+               "in_quarantine", "errors")
 """The keys of a recovery report, in order: what ``recover``/``gc`` print on a root with no store."""
 
 
-def _maintain(app: App, what: str, run: Callable[[Store], Any]) -> None:
+def _maintain(app: App, what: str, run: Callable[[Store], Any], have: Any = None) -> None:
     """Run ``recover`` or ``gc`` (which recover themselves) and report; exit 1 if a repair failed."""
-    if app.has_store():
-        rep: dict[str, Any] = run(app.store(recover=False)).as_dict()
+    if have is not None:
+        rep: dict[str, Any] = have.as_dict()
+    elif app.has_store():
+        rep = run(app.store(recover=False)).as_dict()
     else:
         rep = {k: [] for k in REPORT_KEYS}
     if app.json:
@@ -35,31 +38,53 @@ def _maintain(app: App, what: str, run: Callable[[Store], Any]) -> None:
 
 
 @click.command(cls=CowdiskCommand)
+@click.option("--rebuild-registry", is_flag=True,
+              help="Rebuild a lost or damaged registry from the manifests beside each volume and template "
+                   "(the damaged files are kept aside).")
 @pass_app
-def recover(app: App) -> None:
+def recover(app: App, rebuild_registry: bool) -> None:
     """Reconcile registry, kernel and files after a crash or reboot (safe to run any time).
 
     Finishes or rolls back interrupted operations, re-attaches volumes whose device
     is gone, removes only true orphans of this store; a running volume is never
-    torn down. Exit 1 if some repair failed (listed under errors).
+    torn down; data the registry does not account for is registered again from its
+    manifest or moved to the quarantine, never deleted. Exit 1 if some repair failed
+    (listed under errors).
 
     \b
     Example:
       cowdisk recover --json
+      cowdisk recover --rebuild-registry     # after exit code 13 (registry damaged or lost)
     """
+    if rebuild_registry:
+        s, rep, moved = Store.rebuild_registry(app.root)
+        s.close()
+        for m in moved:
+            app.info(f"kept the damaged registry file as {m}")
+        _maintain(app, "recover", lambda _s: rep, have=rep)
+        return
     _maintain(app, "recover", Store.recover)
 
 
 @click.command(cls=CowdiskCommand)
+@click.option("--purge", is_flag=True, help="Also delete quarantined data (see `recover`) older than --older-than.")
+@click.option("--older-than", "older_than", default="24h", show_default=True, metavar="AGE",
+              help="With --purge: the age (s, m, h, d) quarantined data must have to be deleted.")
 @pass_app
-def gc(app: App) -> None:
+def gc(app: App, purge: bool, older_than: str) -> None:
     """Recover, then remove templates that no volume uses and that have no name.
 
     \b
     Example:
       cowdisk gc
+      cowdisk gc --purge --older-than 7d
     """
-    _maintain(app, "gc", Store.gc)
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        age = float(older_than[:-1]) * units[older_than[-1]] if older_than[-1:] in units else float(older_than)
+    except ValueError:
+        raise click.BadParameter(f"{older_than!r}: use a number with s, m, h or d", param_hint="--older-than")
+    _maintain(app, "gc", lambda s: s.gc(purge=purge, older_than_s=age))
 
 
 @click.command(cls=CowdiskCommand)

@@ -31,7 +31,7 @@ from rich.text import Text
 
 from ..errors import CowdiskError, InvalidArgument, NotFound, message_of
 from ..progress import Progress
-from ..store import BACKENDS, Store, default_root
+from ..store import BACKENDS, Store, default_root, store_exists
 
 F = TypeVar("F", bound=Callable[..., Any])
 BACKEND_CHOICES = ("auto", *BACKENDS)
@@ -112,7 +112,7 @@ class App:
     # -- the store -------------------------------------------------------------------
 
     def has_store(self) -> bool:
-        return os.path.exists(os.path.join(self.root, "registry.db"))
+        return store_exists(self.root)
 
     def store(self, *, create: bool = False, recover: bool = True) -> Store:
         """The store at ``--root``: the one place the command line opens a store. Only

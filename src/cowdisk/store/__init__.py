@@ -8,8 +8,8 @@ model.py is the plain data handed to callers.
 """
 
 from ..backends import BACKENDS
-from .core import Store, choose_backend, explain_backend, release_pool
+from .core import Store, choose_backend, explain_backend, release_pool, store_exists
 from .model import DEFAULT_ROOT, RecoveryReport, Template, Volume, default_root, validate_id
 
 __all__ = ["BACKENDS", "Store", "Template", "Volume", "RecoveryReport", "DEFAULT_ROOT", "default_root", "validate_id",
-           "choose_backend", "explain_backend", "release_pool"]
+           "choose_backend", "explain_backend", "release_pool", "store_exists"]

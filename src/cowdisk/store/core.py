@@ -29,7 +29,7 @@ import os
 import shutil
 import sqlite3
 import time
-from typing import Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
 from ..backends import Usage, VolumeCtx, explain
 from ..digest import sha256_file
@@ -37,10 +37,10 @@ from ..errors import CowdiskError, InUse, InvalidArgument, KernelError, NotFound
 from ..kernel import procfs
 from ..progress import Progress
 from ..registry import ATTACHED, CREATING, TemplateRow, VolumeRow
-from . import recovery
-from .model import RecoveryReport, Template, Volume, validate_id
-from .parts import StoreParts
-from .transition import CHECKPOINT, CREATE, FLATTEN, FORK, REMOVE, RESTORE, RESTORE_AS, Transition
+from . import manifest, recovery
+from .model import RecoveryReport, Template, Volume, default_root, validate_id
+from .parts import StoreParts, manifest_of_quarantine
+from .transition import CHECKPOINT, CREATE, FLATTEN, FORK, REMOVE, RESTORE, RESTORE_AS, Operation, Transition
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +49,32 @@ class Store(StoreParts):
     """One state root on a host: templates, volumes, links, locks and the registry."""
 
     def __init__(self, root: str | None = None, *, backend: str = "auto", recover: bool = True,
-                 lock_timeout: float = 30.0, backend_options: Mapping[str, str] | None = None) -> None:
-        super().__init__(root, backend=backend, lock_timeout=lock_timeout, backend_options=backend_options)
+                 lock_timeout: float = 30.0, backend_options: Mapping[str, str] | None = None,
+                 rebuild: bool = False) -> None:
+        super().__init__(root, backend=backend, lock_timeout=lock_timeout, backend_options=backend_options,
+                         rebuild=rebuild)
         if recover:
             self.recover()
+
+    @classmethod
+    def rebuild_registry(cls, root: str | None = None) -> tuple["Store", RecoveryReport, list[str]]:
+        """Rebuild a lost or damaged registry from the manifests: the damaged files are moved
+        aside (never deleted), a new registry takes the store's id and backend from
+        ``store.json``, and recovery registers every volume and template again from its
+        manifest. Returns the open store, the recovery report and where the old files went."""
+        root = os.path.abspath(root or default_root())
+        if manifest.read(os.path.join(root, manifest.STORE_FILE)) is None:
+            raise NotFound(f"rebuild registry of {root}: no {manifest.STORE_FILE} there to rebuild from",
+                           op="rebuild registry", obj=root)
+        db = os.path.join(root, "registry.db")
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        moved = []
+        for suffix in ("", "-wal", "-shm"):
+            if os.path.exists(db + suffix):
+                os.rename(db + suffix, f"{db}.damaged-{stamp}{suffix}")
+                moved.append(f"{db}.damaged-{stamp}{suffix}")
+        s = cls(root, recover=False, rebuild=True)
+        return s, s.recover(), moved
 
     def _to_volume(self, v: VolumeRow) -> Volume:
         return Volume(v.id, v.template_id, v.backend, v.state, v.size, v.device, self.link_path(v.id),
@@ -113,6 +135,10 @@ class Store(StoreParts):
 
     # -- volumes: state changes -----------------------------------------------------
 
+    def _transition(self, op: Operation, vid: str, **kw: Any) -> Transition:
+        """A transition of volume ``vid`` that keeps its manifest up to date."""
+        return Transition(self.registry, op, vid, on_change=self.write_manifest, **kw)
+
     def _undo(self, v: VolumeRow, ctx: VolumeCtx) -> recovery.Undo:
         """The in-process undo of an operation: the handler recovery runs after a crash."""
         handler = recovery.HANDLERS
@@ -126,7 +152,7 @@ class Store(StoreParts):
         with self.lock("volume", vid), _named_errors("create volume", vid):
             row = self._new_row(vid, t, t.size // 512 * 512, None)
             ctx = self.ctx(row, t, op=CREATE.name, progress=progress)
-            with Transition(self.registry, CREATE, vid, row=row, undo=self._undo(row, ctx)) as tr:
+            with self._transition(CREATE, vid, row=row, undo=self._undo(row, ctx)) as tr:
                 dev = tr.step("volume", self.backend.create, ctx)
                 tr.step("link", self.set_link, vid, self.link_path(vid), dev)
                 tr.finish(device=dev)
@@ -140,7 +166,7 @@ class Store(StoreParts):
             ctx = self.ctx(v, op=REMOVE.name)
             if v.state == ATTACHED:
                 self._check_not_open(v, ctx, deadline_s, "remove volume")
-            with Transition(self.registry, REMOVE, vid) as tr:
+            with self._transition(REMOVE, vid) as tr:
                 tr.step("detach", self._detach_or_revert, tr, v, ctx, deadline_s)
                 tr.step("links", self.drop_links, vid)
                 tr.step("data", self.destroy_data, v, ctx)
@@ -154,7 +180,7 @@ class Store(StoreParts):
             CHECKPOINT.require(v)
             ctx = self.ctx(v, op=CHECKPOINT.name)
             self._check_not_open(v, ctx, deadline_s, "checkpoint volume")
-            with Transition(self.registry, CHECKPOINT, vid) as tr:
+            with self._transition(CHECKPOINT, vid) as tr:
                 tr.step("detach", self._detach_or_revert, tr, v, ctx, deadline_s)
                 tr.step("links", self.drop_links, vid)
                 tr.finish(device=None)
@@ -181,7 +207,7 @@ class Store(StoreParts):
             self.check_template(t)
             row = self._new_row(new_id, t, src.size, vid)
             ctx = self.ctx(row, t, op=RESTORE_AS.name, progress=progress)
-            with Transition(self.registry, RESTORE_AS, new_id, row=row, data={"source": vid},
+            with self._transition(RESTORE_AS, new_id, row=row, data={"source": vid},
                             undo=self._undo(row, ctx)) as tr:
                 tr.step("copy", self.backend.copy_data, self.ctx(src, t), ctx, src_attached=False)
                 dev = tr.step("device", self.backend.attach, ctx)
@@ -204,7 +230,7 @@ class Store(StoreParts):
             t = self.registry.get_template(v.template_id)
             self.check_template(t)
             ctx = self.ctx(v, t, op=RESTORE.name, progress=progress)
-            with Transition(self.registry, RESTORE, vid, data={"in_place": True}, undo=self._undo(v, ctx)) as tr:
+            with self._transition(RESTORE, vid, data={"in_place": True}, undo=self._undo(v, ctx)) as tr:
                 dev = tr.step("device", self.backend.attach, ctx)
                 tr.step("link", self.set_link, vid, self.link_path(vid), dev)
                 tr.finish(device=dev)
@@ -224,7 +250,7 @@ class Store(StoreParts):
                 self.check_template(t)
                 row = self._new_row(n, t, src.size, vid)
                 ctx = self.ctx(row, t, op=FORK.name, progress=progress)
-                with Transition(self.registry, FORK, n, row=row, data={"source": vid},
+                with self._transition(FORK, n, row=row, data={"source": vid},
                                 undo=self._undo(row, ctx)) as tr:
                     tr.step("copy", self.backend.copy_data, self.ctx(src, t), ctx,
                             src_attached=src.state == ATTACHED)
@@ -246,7 +272,7 @@ class Store(StoreParts):
             self.check_template(t)
             ctx = self.ctx(v, t, op=FLATTEN.name, progress=progress)
             staging = self._templates.staging()
-            with Transition(self.registry, FLATTEN, vid, data={"staging": staging},
+            with self._transition(FLATTEN, vid, data={"staging": staging},
                             undo=self._undo(v, ctx)) as tr:
                 out = os.path.join(staging, "disk.img")
                 tr.step("data", self.backend.flatten, ctx, out, attached=v.state == ATTACHED)
@@ -340,13 +366,23 @@ class Store(StoreParts):
         """Reconcile registry, kernel and files after a crash or a restart."""
         return recovery.recover(self)
 
-    def gc(self) -> RecoveryReport:
-        """Recovery, then remove templates no volume uses and that have no name."""
+    def gc(self, *, purge: bool = False, older_than_s: float = 86400.0) -> RecoveryReport:
+        """Recovery, then remove templates no volume uses and that have no name; with
+        ``purge``, also delete quarantined data older than ``older_than_s`` seconds (the only
+        way cowdisk deletes data it did not account for)."""
         rep = self.recover()
         for t in self.registry.templates():
             if not t.names and not self.registry.template_users(t.id):
                 self.remove_template(t.id)
                 rep.orphans_removed.append(f"template {t.id}")
+        if purge:
+            now = time.time()
+            for path in list(rep.in_quarantine):
+                note = manifest_of_quarantine(path)
+                if now - float(note.get("time", os.stat(path).st_mtime)) >= older_than_s:
+                    shutil.rmtree(path)
+                    rep.in_quarantine.remove(path)
+                    rep.orphans_removed.append(f"purged {path}")
         return rep
 
     def grow_pool(self, size: int) -> int:
@@ -381,6 +417,12 @@ def _named_errors(op: str, obj: str) -> Iterator[None]:
     except sqlite3.Error as e:
         raise CowdiskError(f"{op} {obj}: registry {e}", op=op, obj=obj,
                            hint="free space on the store's filesystem" if "full" in str(e) else "") from e
+
+
+def store_exists(root: str) -> bool:
+    """Whether ``root`` holds a store (its registry, or its ``store.json`` when the registry
+    was lost: opening it then says so)."""
+    return any(os.path.exists(os.path.join(root, n)) for n in ("registry.db", manifest.STORE_FILE))
 
 
 def choose_backend(root: str) -> str:

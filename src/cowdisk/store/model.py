@@ -85,15 +85,19 @@ class RecoveryReport:
     finished: list[str] = field(default_factory=list)
     reactivated: list[str] = field(default_factory=list)
     orphans_removed: list[str] = field(default_factory=list)
+    adopted: list[str] = field(default_factory=list)
+    """Volumes and templates the registry had lost, registered again from their manifests."""
     quarantined: list[str] = field(default_factory=list)
     """Data the registry does not account for, moved aside (never deleted by recovery)."""
     kept: list[str] = field(default_factory=list)
+    in_quarantine: list[str] = field(default_factory=list)
+    """What the quarantine holds after this pass (``cowdisk gc --purge`` deletes it)."""
     errors: list[str] = field(default_factory=list)
 
     @property
     def actions(self) -> int:
         return (len(self.rolled_back) + len(self.finished) + len(self.reactivated) + len(self.orphans_removed)
-                + len(self.quarantined))
+                + len(self.quarantined) + len(self.adopted))
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)

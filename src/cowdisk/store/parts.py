@@ -16,11 +16,12 @@ from typing import Mapping, Self
 
 from .. import failpoints
 from ..backends import Backend, BackendEnv, TemplateRef, VolumeCtx, backend_class, explain
-from ..errors import InvalidArgument, KernelError, Unsupported
+from ..errors import InvalidArgument, KernelError, RegistryDamaged, Unsupported
 from ..kernel import procfs
 from ..locks import FileLock
 from ..progress import Progress
 from ..registry import Registry, TemplateRow, VolumeRow
+from . import manifest
 from .model import default_root
 from .templates import Templates
 
@@ -31,20 +32,40 @@ QUARANTINE = "quarantine"
 QUARANTINE_NOTE = "why.json"
 
 
+def manifest_of_quarantine(path: str) -> dict[str, object]:
+    """The ``why.json`` of a quarantine entry ({} when unreadable)."""
+    try:
+        with open(os.path.join(path, QUARANTINE_NOTE)) as f:
+            note = json.load(f)
+        return note if isinstance(note, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
 class StoreParts:
     """One store root opened: registry, backend (chosen once and recorded), templates."""
 
     def __init__(self, root: str | None = None, *, backend: str = "auto", lock_timeout: float = 30.0,
-                 backend_options: Mapping[str, str] | None = None) -> None:
+                 backend_options: Mapping[str, str] | None = None, rebuild: bool = False) -> None:
         self.root = os.path.abspath(root or default_root())
         self.lock_timeout = lock_timeout
         for d in ("locks", "links"):
             os.makedirs(os.path.join(self.root, d), exist_ok=True)
-        self.registry = Registry(os.path.join(self.root, "registry.db"))
-        self.id = self.registry.set_meta_default("store_id", secrets.token_hex(4))
+        db = os.path.join(self.root, "registry.db")
+        known = manifest.read(os.path.join(self.root, manifest.STORE_FILE))
+        if known is not None and not os.path.exists(db) and not rebuild:
+            raise RegistryDamaged(f"open store {self.root}: its registry {db} is gone", op="open registry",
+                                  obj=db, hint="`cowdisk recover --rebuild-registry` rebuilds it from the volumes' "
+                                               "and templates' manifests")
+        self.registry = Registry(db)
+        self.id = self.registry.set_meta_default("store_id", str((known or {}).get("store_id"))
+                                                 if known else secrets.token_hex(4))
         self.tag = f"cowdisk:{self.id}"
         self.dm_prefix = f"cowdisk-{self.id}-"
         recorded = self.registry.meta("backend")
+        if recorded is None and known is not None and rebuild:  # the lost registry's choice
+            recorded = self.registry.set_meta_default("backend", str(known["backend"]))
+            self.registry.set_meta_default("backend_options", json.dumps(known.get("backend_options") or {}))
         if recorded is not None and backend not in ("auto", recorded):
             raise InvalidArgument(f"store {self.root} uses backend {recorded}, not {backend}",
                                   op="open store", obj=self.root, hint="use another --root for another backend")
@@ -72,10 +93,14 @@ class StoreParts:
                 raise InvalidArgument(f"store {self.root} was just made with backend {in_force}, not {chosen}",
                                       op="open store", obj=self.root)
         self.backend_name = chosen
+        if known is None:
+            manifest.write(os.path.join(self.root, manifest.STORE_FILE),
+                           {"store_id": self.id, "backend": chosen, "backend_options": options})
         self.data_root = self.backend.data_root
         for d in ("templates", "volumes"):
             os.makedirs(os.path.join(self.data_root, d), exist_ok=True)
-        self._templates = Templates(self.registry, self.data_root, lambda tid: self.lock("template", tid))
+        self._templates = Templates(self.registry, self.data_root, lambda tid: self.lock("template", tid),
+                                    store_id=self.id)
 
     def close(self) -> None:
         self.registry.close()
@@ -112,8 +137,24 @@ class StoreParts:
             progress=progress,
         )
 
+    def write_manifest(self, vid: str) -> None:
+        """Write volume ``vid``'s manifest from its row (nothing when the row is gone)."""
+        v = self.registry.find_volume(vid)
+        if v is None:
+            return
+        t = self.registry.find_template(v.template_id)
+        os.makedirs(self.vol_dir(vid), exist_ok=True)
+        manifest.write(os.path.join(self.vol_dir(vid), manifest.MANIFEST), {
+            "store": self.id, "kind": "volume", "id": v.id, "template_id": v.template_id,
+            "template_digest": t.digest if t else None, "backend": v.backend, "state": v.state.value,
+            "size": v.size, "device": v.device, "block_device": self.backend.block_device, "parent": v.parent,
+            "created": v.created, "links": [[p, t_] for p, _, t_ in self.registry.links(vid)]})
+
     def remove_template(self, ref: str) -> None:
         self._templates.remove(ref)
+
+    def adopt_template(self, tid: str) -> TemplateRow | None:
+        return self._templates.adopt(tid)
 
     def undo_import(self, intent: int, tid: str) -> None:
         self._templates.undo_import(intent, tid)

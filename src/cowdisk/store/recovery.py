@@ -20,6 +20,7 @@ import contextlib
 import logging
 import os
 import shutil
+import time
 from typing import Any, Callable, Iterator, Mapping
 
 from ..backends import KernelObject, VolumeCtx
@@ -27,9 +28,20 @@ from ..errors import CowdiskError
 from ..kernel import fs
 from ..kernel.procfs import process_alive
 from ..locks import FileLock
-from ..registry import ATTACHED, CHECKPOINTED, CREATING, ERROR, Intent, VolumeRow
+from ..registry import (
+    ATTACHED,
+    CHECKPOINTED,
+    CHECKPOINTING,
+    CREATING,
+    ERROR,
+    RESTORING,
+    Intent,
+    VolumeRow,
+    VolumeState,
+)
+from . import manifest
 from .model import RecoveryReport
-from .parts import LINK_TMP, StoreParts
+from .parts import LINK_TMP, QUARANTINE, StoreParts
 from .templates import STAGING_PREFIX, staging_owner_alive
 from .transition import (
     CHECKPOINT,
@@ -80,6 +92,8 @@ def _detached(store: StoreParts, intent: int, data: Mapping[str, Any], v: Volume
         if cur is not None and cur.state != CHECKPOINTED:
             store.registry.set_state(cur.id, CHECKPOINTED, device=None)
         store.registry.end_intent(intent)
+    if v is not None:
+        store.write_manifest(v.id)
 
 
 def _drop_flat(store: StoreParts, intent: int, data: Mapping[str, Any], v: VolumeRow | None,
@@ -145,10 +159,13 @@ def recover(store: StoreParts) -> RecoveryReport:
     for it in store.registry.intents():
         if not process_alive(it.pid, it.pid_start):
             _each(rep, f"{it.op} {it.volume_id or it.template_id}", recover_intent, store, it, rep)
-    for step in (_release_orphan_objects, _reactivate, _reconcile_links, _orphan_volume_dirs,
-                 _orphan_template_dirs, _remove_staging_debris, _protect_templates):
+    for step in (_orphan_template_dirs, _orphan_volume_dirs, _release_orphan_objects, _reactivate,
+                 _reconcile_links, _remove_staging_debris, _protect_templates):
         _each(rep, step.__name__.strip("_").replace("_", " "), step, store, rep)
+    _each(rep, "list quarantine", _list_quarantine, store, rep)
     for what, items in rep.as_dict().items():
+        if what == "in_quarantine":
+            continue
         for item in items:
             (log.warning if what == "errors" else log.info)("recover: %s %s", what.replace("_", " "), item)
     return rep
@@ -246,6 +263,7 @@ def _reactivate_one(store: StoreParts, vid: str, rep: RecoveryReport) -> None:
         except (CowdiskError, OSError) as e:
             store.registry.set_state(vid, ERROR, error=str(e))
             rep.errors.append(f"reactivate {vid}: {e}")
+        store.write_manifest(vid)
 
 
 def _link_ok(path: str, target: str) -> bool:
@@ -280,9 +298,10 @@ def _reconcile_links(store: StoreParts, rep: RecoveryReport) -> None:
 
 
 def _orphan_volume_dirs(store: StoreParts, rep: RecoveryReport) -> None:
-    """Volume directories no volume accounts for go to the quarantine (their data may be
-    the only copy of a disk whose row was lost); link directories of no volume are removed
-    (a link holds no data)."""
+    """Volume directories no volume accounts for: registered again from their manifest when
+    it is this store's and its template is known (the registry lost the row), else moved to
+    the quarantine (their data may be the only copy of a disk); link directories of no
+    volume are removed (a link holds no data)."""
     live = store.registry.live_intent_volumes()
     known = {v.id for v in store.registry.volumes()}
     vbase = os.path.join(store.data_root, "volumes")
@@ -315,6 +334,8 @@ def _orphan_dir(store: StoreParts, base: str, name: str, rep: RecoveryReport, ke
         if not idle or not _orphan_now(store, name, files=True):
             return
         path = os.path.join(base, name)
+        if keep and _adopt_volume(store, name, rep):
+            return
         if keep:
             rep.quarantined.append(f"{path} -> {store.quarantine(path, 'no volume in the registry')}")
         else:
@@ -335,7 +356,40 @@ def _orphan_template_dirs(store: StoreParts, rep: RecoveryReport) -> None:
         _each(rep, f"quarantine template dir {name}", _quarantine_template_dir, store, path, rep)
 
 
+def _adopt_volume(store: StoreParts, vid: str, rep: RecoveryReport) -> bool:
+    """Register volume ``vid`` again from its manifest. A volume caught in a trying state
+    comes back where its undo or finish would leave its data (checkpointing and restoring:
+    checkpointed, its device released by the orphan pass); a half-made or half-removed one
+    comes back in ``error`` with the reason, for a person to remove."""
+    m = manifest.read(os.path.join(store.vol_dir(vid), manifest.MANIFEST))
+    if m is None or m.get("store") != store.id or m.get("id") != vid or m.get("backend") != store.backend_name:
+        return False
+    t = store.registry.find_template(str(m.get("template_id")))
+    if t is None or (m.get("template_digest") and m["template_digest"] != t.digest):
+        return False
+    state = VolumeState(m["state"])
+    error = None
+    if state in (CHECKPOINTING, RESTORING):
+        state = CHECKPOINTED
+    elif state not in (ATTACHED, CHECKPOINTED, ERROR):
+        error = f"the registry was rebuilt while the volume was {state.value}; remove it"
+        state = ERROR
+    now = time.time()
+    store.registry.adopt_volume(VolumeRow(vid, t.id, store.backend_name, state, int(m["size"]), store.vol_dir(vid),
+                                          m.get("device") if state == ATTACHED else None,
+                                          float(m.get("created") or now), now, m.get("parent"), error))
+    if state == ATTACHED:
+        for path, target in m.get("links") or []:
+            store.registry.set_link(str(path), vid, str(target))
+    store.write_manifest(vid)
+    rep.adopted.append(f"volume {vid} ({state.value})")
+    return True
+
+
 def _quarantine_template_dir(store: StoreParts, path: str, rep: RecoveryReport) -> None:
+    if store.adopt_template(os.path.basename(path)) is not None:
+        rep.adopted.append(f"template {os.path.basename(path)}")
+        return
     img = os.path.join(path, "disk.img")
     if os.path.exists(img):
         fs.set_immutable(img, False)  # the quarantine may be purged; the flag would forbid it
@@ -349,6 +403,12 @@ def _remove_staging_debris(store: StoreParts, rep: RecoveryReport) -> None:
         if name.startswith(STAGING_PREFIX) and not staging_owner_alive(name):
             shutil.rmtree(os.path.join(base, name), ignore_errors=True)
             rep.orphans_removed.append(os.path.join(base, name))
+
+
+def _list_quarantine(store: StoreParts, rep: RecoveryReport) -> None:
+    qdir = os.path.join(store.data_root, QUARANTINE)
+    if os.path.isdir(qdir):
+        rep.in_quarantine.extend(os.path.join(qdir, n) for n in sorted(os.listdir(qdir)))
 
 
 def _protect_templates(store: StoreParts, rep: RecoveryReport) -> None:

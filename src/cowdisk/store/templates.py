@@ -24,6 +24,7 @@ from ..errors import InUse, InvalidArgument, KernelError, NotFound, TemplateChan
 from ..kernel import fs, procfs
 from ..progress import Progress, stage
 from ..registry import Registry, TemplateRow
+from . import manifest
 from .model import Template, validate_id
 
 if TYPE_CHECKING:
@@ -53,8 +54,10 @@ def staging_owner_alive(name: str) -> bool:
 class Templates:
     """The templates of one store."""
 
-    def __init__(self, registry: Registry, data_root: str, lock: Callable[[str], ContextManager[object]]) -> None:
+    def __init__(self, registry: Registry, data_root: str, lock: Callable[[str], ContextManager[object]], *,
+                 store_id: str = "") -> None:
         self.registry = registry
+        self.store_id = store_id
         self.dir = os.path.join(data_root, "templates")
         self.cache_dir = os.path.join(data_root, "cache")
         self._lock = lock
@@ -204,15 +207,42 @@ class Templates:
                                     undo=lambda tr, _e: self.undo_import(tr.intent, tid)) as tr:
                         final = tr.step("publish", self._publish, path, tid)
                         row = self._row(tid, final, digest, owned, source, name)
+                        self._write_manifest(row)
                         tr.finish(commit=lambda: self.registry.add_template(row))
                     log.debug("template %s registered: %s", tid, final)
                     return self.get(tid)
         if existing is not None and existing.digest == digest:
-            if name:
+            if name and name not in existing.names:
                 self.registry.add_template_name(tid, name)
+                self._write_manifest(self.registry.get_template(tid))
             return self.get(tid)
-        self.registry.add_template(self._row(tid, path, digest, owned, source, name))  # adopted in place
+        row = self._row(tid, path, digest, owned, source, name)  # adopted in place
+        self._write_manifest(row)
+        self.registry.add_template(row)
         return self.get(tid)
+
+    def _write_manifest(self, t: TemplateRow) -> None:
+        tdir = os.path.join(self.dir, t.id)
+        os.makedirs(tdir, exist_ok=True)
+        manifest.write(os.path.join(tdir, manifest.MANIFEST), {
+            "store": self.store_id, "kind": "template", "id": t.id, "path": t.path, "digest": t.digest,
+            "size": t.size, "owned": t.owned, "source": t.source, "names": list(t.names), "created": t.created})
+
+    def adopt(self, tid: str) -> TemplateRow | None:
+        """Register the template of ``templates/<tid>`` again from its manifest (the registry
+        lost it): the file must be there with the recorded size; None when it cannot be."""
+        m = manifest.read(os.path.join(self.dir, tid, manifest.MANIFEST))
+        if m is None or m.get("store") != self.store_id or m.get("id") != tid:
+            return None
+        path = str(m["path"])
+        if not os.path.exists(path) or os.path.getsize(path) != m["size"]:
+            return None
+        st = os.stat(path)
+        row = TemplateRow(tid, path, st.st_size, str(m["digest"]), st.st_mtime_ns, st.st_ino, bool(m["owned"]),
+                          str(m["source"]), float(m["created"]), "ready", tuple(m.get("names") or ()),
+                          st.st_ctime_ns)
+        self.registry.add_template(row)
+        return row
 
     def _publish(self, path: str, tid: str) -> str:
         tdir = os.path.join(self.dir, tid)
@@ -300,8 +330,7 @@ class Templates:
             from .transition import TEMPLATE_REMOVE, Transition
 
             with Transition(self.registry, TEMPLATE_REMOVE, t.id, data={"template_id": t.id}) as tr:
-                if t.owned:
-                    tr.step("file", self._remove_file, t.path)
+                tr.step("file", self._remove_files, t)
                 tr.finish(commit=lambda: self.registry.delete_template(t.id))
 
     def finish_remove(self, intent: int, tid: str) -> None:
@@ -309,22 +338,25 @@ class Templates:
         a volume uses the template (then only the intent ends). Call with its lock held."""
         t = self.registry.find_template(tid)
         if t is not None and not self.registry.template_users(tid):
-            if t.owned:
-                self._remove_file(t.path)
+            self._remove_files(t)
             with self.registry.tx():
                 self.registry.delete_template(tid)
                 self.registry.end_intent(intent)
             return
         self.registry.end_intent(intent)
 
-    @staticmethod
-    def _remove_file(path: str) -> None:
-        with contextlib.suppress(OSError):
-            fs.set_immutable(path, False)
+    def _remove_files(self, t: TemplateRow) -> None:
+        """The template's file (when the store owns it) and its manifest and directory."""
+        if t.owned:
+            with contextlib.suppress(OSError):
+                fs.set_immutable(t.path, False)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(t.path)
+        tdir = os.path.join(self.dir, t.id)
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
+            os.unlink(os.path.join(tdir, manifest.MANIFEST))
         with contextlib.suppress(OSError):
-            os.rmdir(os.path.dirname(path))
+            os.rmdir(tdir)
 
     def clean_cache(self) -> None:
         """Empty the template cache (store teardown)."""

@@ -145,7 +145,8 @@ class Transition:
     recovery handler an ``undo`` operation runs on an exception inside the block."""
 
     def __init__(self, registry: Registry, op: Operation, vid: str, *, row: VolumeRow | None = None,
-                 data: dict[str, Any] | None = None, undo: Undo | None = None) -> None:
+                 data: dict[str, Any] | None = None, undo: Undo | None = None,
+                 on_change: Callable[[str], None] | None = None) -> None:
         if op.makes_volume != (row is not None):
             raise TypeError(f"{op.name}: a new row is {'required' if op.makes_volume else 'not expected'}")
         self.registry = registry
@@ -154,6 +155,8 @@ class Transition:
         self.row = row
         self.data = dict(data or {})
         self.undo = undo
+        self.on_change = on_change
+        """Called with the subject's id after each committed change (the volume's manifest)."""
         self.intent = 0
         self.before: VolumeState | None = None
         self._next = 0
@@ -170,6 +173,7 @@ class Transition:
             elif self.op.trying is not None:
                 self.before = self.registry.set_state(self.vid, self.op.trying)
         log.debug("%s %s: intent %d", self.op.name, self.vid, self.intent)
+        self._changed()
         failpoints.hit(self.op.name, INTENT)
         return self
 
@@ -205,6 +209,12 @@ class Transition:
                 self.registry.delete_volume(self.vid)
             self.registry.end_intent(self.intent)
         self._ended = True
+        self._changed()
+
+    def _changed(self) -> None:
+        if self.on_change is not None and (self.row is not None or self.op.trying is not None
+                                           or self.op.done is not None):
+            self.on_change(self.vid)
 
     def revert(self, **fields: Any) -> None:
         """Put the subject back in the state it started from and end the intent (a step found
@@ -214,6 +224,7 @@ class Transition:
                 self.registry.set_state(self.vid, self.before, **fields)
             self.registry.end_intent(self.intent)
         self._ended = True
+        self._changed()
 
     def __exit__(self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
         if self._ended:

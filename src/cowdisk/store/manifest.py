@@ -1,0 +1,41 @@
+"""Manifests: small JSON files beside each volume's and template's data that say what it is,
+so that the registry can be rebuilt from the disk after it was lost or damaged.
+
+* ``<root>/store.json``: the store's id (its kernel objects carry it), backend and options.
+* ``volumes/<id>/manifest.json``: id, template and its digest, backend, state, size,
+  device (and whether it is a block device), parent, links; written at every state change.
+* ``templates/<id>/manifest.json``: id, digest, size, names, owned, source.
+
+Each is written to a temporary name and renamed over the old one, so a reader sees a whole
+old or a whole new manifest, never a torn one. They are a backup of the registry, which
+stays the truth while it is readable: recovery reads a manifest only for data the registry
+does not account for (it then adopts that data instead of quarantining it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+STORE_FILE = "store.json"
+MANIFEST = "manifest.json"
+FORMAT = 1
+
+
+def write(path: str, data: dict[str, Any]) -> None:
+    """Write ``data`` as JSON at ``path`` atomically (temporary name, then rename)."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump({"format": FORMAT, **data}, f, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def read(path: str) -> dict[str, Any] | None:
+    """The manifest at ``path``, or None when it is missing, unreadable or not ours."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and data.get("format") == FORMAT else None

@@ -133,8 +133,17 @@ def named(op: str, obj: str) -> Iterator[None]:
 _forked: list[Any] = []  # clusters inherited over fork(): never shut down in the child (librados threads are gone)
 
 
+def _before_fork() -> None:
+    """librados is not fork-safe: a child forked while its threads hold a lock (its own, or
+    libc's) can hang in a fresh connection. Connections are closed before os.fork() (not
+    before subprocess, which execs at once) and reopened on next use, in the parent (~10 ms)
+    and in the child. Forking while another thread uses the same backend is not supported."""
+    for b in list(RbdBackend._instances):
+        b.close()
+
+
 def _after_fork() -> None:
-    """A forked child keeps its parent's connections unused and never shut down: their
+    """Anything still connected in a forked child is kept unused and never shut down: its
     librados threads did not survive the fork."""
     for b in list(RbdBackend._instances):
         if b._cluster is not None:
@@ -142,7 +151,7 @@ def _after_fork() -> None:
             b._cluster = b._ioctx = None
 
 
-os.register_at_fork(after_in_child=_after_fork)
+os.register_at_fork(before=_before_fork, after_in_child=_after_fork)
 
 
 # -- the backend ------------------------------------------------------------------------
@@ -222,10 +231,7 @@ class RbdBackend:
             return self._ioctx
         rados, rbd = librbd()
         with named("connect to ceph", f"{self.conf} (client.{self.client})"):
-            c = rados.Rados(conffile=self.conf, rados_id=self.client,
-                            conf={"rados_mon_op_timeout": "30", "rados_osd_op_timeout": "30",
-                                  "client_mount_timeout": "20", "rbd_default_clone_format": "1"})
-            c.connect(timeout=20)
+            c = _in_fresh_thread(lambda: _connect(rados, self.conf, self.client))
         try:
             with named("open pool", self.pool):
                 io = c.open_ioctx(self.pool)
@@ -288,12 +294,17 @@ class RbdBackend:
             except rbd.ImageNotFound:
                 self._write_template(ctx)
                 continue
-            # the image exists without its protected snapshot: finish it (idempotent)
-            with named("snapshot template", name), rbd.Image(io, name) as im:
-                with contextlib.suppress(rbd.ImageExists):
-                    im.create_snap(snap)
-                with contextlib.suppress(rbd.ImageBusy, rbd.InvalidArgument):
-                    im.protect_snap(snap)
+            # the image exists without its protected snapshot: finish it (idempotent); it
+            # may be going away (its last clone removed on another host): then write it again
+            with named("snapshot template", name):
+                try:
+                    with rbd.Image(io, name) as im:
+                        with contextlib.suppress(rbd.ImageExists):
+                            im.create_snap(snap)
+                        with contextlib.suppress(rbd.ImageBusy, rbd.InvalidArgument):
+                            im.protect_snap(snap)
+                except rbd.ImageNotFound:
+                    continue
         raise KernelError("import template into ceph", name, errno.EAGAIN, detail="template image kept vanishing")
 
     def _write_template(self, ctx: VolumeCtx) -> None:
@@ -549,7 +560,9 @@ class RbdBackend:
             pass
         ctx.forget("rbd", img)
         if parent is not None:
-            self._drop_parent_snap(*parent)
+            # under the template's lock: a create in this store never sees it half-removed
+            with ctx.template_lock() if parent[0].startswith("cowdisk-t-") else contextlib.nullcontext():
+                self._drop_parent_snap(*parent)
 
     def _drop_snaps(self, im: Any, img: str) -> None:
         """Flatten the clones of ``img``'s snapshots, then remove the snapshots."""
@@ -710,6 +723,38 @@ RbdBackend._instances = weakref.WeakSet()
 
 
 # -- helpers ------------------------------------------------------------------------------
+
+
+def _connect(rados: Any, conf: str, client: str) -> Any:
+    c = rados.Rados(conffile=conf, rados_id=client,
+                    conf={"rados_mon_op_timeout": "30", "rados_osd_op_timeout": "30",
+                          "client_mount_timeout": "20", "rbd_default_clone_format": "1"})
+    c.connect(timeout=20)
+    return c
+
+
+def _in_fresh_thread(fn: Any) -> Any:
+    """Run ``fn`` in a new thread. librados draws a client's address nonce from a
+    thread-local random engine; the main thread of forked processes inherits one state,
+    so every forked child would connect as the same client address and the cluster
+    would cut their sessions (ops time out). A new thread seeds its own."""
+    import threading
+
+    out: list[Any] = []
+    err: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            out.append(fn())
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller
+            err.append(e)
+
+    t = threading.Thread(target=run, name="cowdisk-rados-connect")
+    t.start()
+    t.join()
+    if err:
+        raise err[0]
+    return out[0]
 
 
 def _which(name: str) -> bool:

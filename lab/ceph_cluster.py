@@ -175,6 +175,7 @@ osd op num shards = 1
 osd op num threads per shard = 2
 osd max object name len = 460
 osd max object namespace len = 64
+osd client watch timeout = 10
 """)
         kr = os.path.join(d, "keyring")
         self._run("ceph-authtool", "--create-keyring", kr, "--gen-key", "-n", "mon.", "--cap", "mon", "allow *")

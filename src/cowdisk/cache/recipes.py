@@ -265,14 +265,14 @@ def recipe_digest(recipe: Recipe) -> tuple[str, str]:
     if isinstance(recipe, ImageRecipe):
         from . import oci
 
-        src = oci.parse_ref(recipe.ref)
-        sig = oci.signature(src)
-        return oci.identity(src), sig
+        image = oci.parse_ref(recipe.ref)
+        image_sig = oci.signature(image)
+        return oci.identity(image), image_sig
     if isinstance(recipe, FilesRecipe):
         if not recipe.files:
             raise InvalidArgument("file list recipe has no entries", op="cache recipe", obj="files")
         h = hashlib.sha256(_FILES_DOMAIN)
-        sig = hashlib.sha256()
+        fsig = hashlib.sha256()
         _field(h, f"implicit-dirs:0755:{os.geteuid()}:{os.getegid()}")
         for src, dest in recipe.files:
             d = clean_dest(dest)
@@ -281,14 +281,14 @@ def recipe_digest(recipe: Recipe) -> tuple[str, str]:
             if os.path.islink(src):
                 _field(h, d)
                 _field(h, "symlink:" + os.readlink(src))
-                _field(sig, src)
-                _field(sig, os.readlink(src))
+                _field(fsig, src)
+                _field(fsig, os.readlink(src))
                 continue
             c, s = _tree_digests(src)
             _field(h, d)
             _field(h, c)
-            _field(sig, s)
-        return h.hexdigest(), sig.hexdigest()
+            _field(fsig, s)
+        return h.hexdigest(), fsig.hexdigest()
     raise InvalidArgument(f"not a cache recipe: {recipe!r}", op="cache recipe", obj=type(recipe).__name__)
 
 

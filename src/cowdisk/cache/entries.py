@@ -3,6 +3,7 @@ removing entries."""
 
 from __future__ import annotations
 
+import builtins
 import json
 import logging
 import os
@@ -159,7 +160,7 @@ class TemplateCache:
         out = [e for n in self._names() if KEY_RE.match(n) and (e := self.lookup(n)) is not None]
         return sorted(out, key=lambda e: (e.created, e.key))
 
-    def _names(self) -> list[str]:
+    def _names(self) -> builtins.list[str]:
         try:
             return sorted(os.listdir(self.root))
         except FileNotFoundError:
@@ -319,12 +320,12 @@ class TemplateCache:
             log.debug("cache entry %s removed", key)
             return True
 
-    def sweep(self) -> list[str]:
+    def sweep(self) -> builtins.list[str]:
         """Remove staging debris whose builder is dead; keep a live peer's. Returns removed paths."""
         return self._sweep()
 
-    def _sweep(self, only_key: str | None = None, locked_key: str | None = None) -> list[str]:
-        removed: list[str] = []
+    def _sweep(self, only_key: str | None = None, locked_key: str | None = None) -> builtins.list[str]:
+        removed: builtins.list[str] = []
         for name in self._names():
             path = os.path.join(self.root, name)
             pm = _PROBE_RE.match(name)
@@ -362,8 +363,8 @@ class TemplateCache:
     def clean_all(self) -> CleanResult:
         """Sweep debris, then remove every entry whose key lock is free; skip the others."""
         debris = self.sweep()
-        removed: list[str] = []
-        skipped: list[str] = []
+        removed: builtins.list[str] = []
+        skipped: builtins.list[str] = []
         for name in self._names():
             if not KEY_RE.match(name):
                 continue

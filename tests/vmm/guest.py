@@ -2,7 +2,7 @@
 """Build and cache a tiny Linux guest for VMM end-to-end tests (stdlib only).
 
 The guest is Debian's ``linux-image-*-amd64`` kernel, an initramfs made of
-busybox-static that loads virtio_pci, virtio_blk and ext4 (with dependencies)
+busybox-static that loads virtio_pci, virtio_mmio, virtio_blk and ext4 (with dependencies)
 and ``switch_root``s into ``/dev/vda``, and a rootfs *directory* (busybox, an
 ``/sbin/init`` script, a few directories) from which an ext4 template is made
 with ``mkfs.ext4 -d DIR`` (see :func:`make_ext4_image`; cowdisk's
@@ -55,7 +55,8 @@ META_PACKAGE = "linux-image-amd64"
 BUSYBOX = "/bin/busybox"  # busybox-static's statically linked binary
 
 # Modules the initramfs loads, in this order, each with its dependencies first.
-ROOT_MODULES = ("virtio_pci", "virtio_blk", "crc32c_generic", "ext4")
+# virtio_mmio: the transport of QEMU's microvm machine (no PCI bus)
+ROOT_MODULES = ("virtio_pci", "virtio_mmio", "virtio_blk", "crc32c_generic", "ext4")
 
 READY = "COWDISK-READY"
 OK = "COWDISK-OK"

@@ -144,7 +144,7 @@ class Vm:
     def __init__(self, guest, drive: str | os.PathLike, workdir: str | os.PathLike, *,
                  name: str = "vm", memory_mib: int = 256, incoming: str | os.PathLike | None = None,
                  transport: str = "fd", cache: str = "auto", extra_args: list[str] = (),
-                 cmdline: str | None = None):
+                 cmdline: str | None = None, machine: str = "q35", drive_form: str = "qemu"):
         if transport not in ("fd", "exec"):
             raise ValueError("transport is 'fd' or 'exec'")
         self.guest = guest
@@ -157,6 +157,8 @@ class Vm:
         self.cache = cache
         self.extra_args = list(extra_args)
         self.cmdline = cmdline or guest.cmdline
+        self.machine = machine          # q35 or microvm (virtio-mmio, no PCI)
+        self.drive_form = drive_form    # cowdisk.drive's "qemu" (-drive) or "qemu-blockdev"
         self.proc: subprocess.Popen | None = None
         self.qmp: QMP | None = None
         self.lines: list[str] = []
@@ -177,13 +179,14 @@ class Vm:
             cache = "none" if _odirect_ok(self.drive) else "writeback"
         qmp_path = os.path.join(self._sockdir, "qmp.sock")
         argv = [QEMU, "-name", self.name, "-nodefaults", "-no-user-config",
-                "-machine", "q35,accel=tcg", "-cpu", "max", "-m", str(self.memory_mib),
+                "-machine", f"{self.machine},accel=tcg", "-cpu", "max", "-m", str(self.memory_mib),
                 "-display", "none", "-no-reboot",
                 "-chardev", "stdio,id=ser0,signal=off", "-serial", "chardev:ser0",
                 "-qmp", f"unix:{qmp_path},server=on,wait=off",
                 "-kernel", self.guest.kernel, "-initrd", self.guest.initrd,
                 "-append", self.cmdline]
-        argv += drive_cfg.qemu(self.drive, cache=cache)
+        argv += drive_cfg.config(self.drive_form, self.drive,
+                                 drive_cfg.DriveOptions(cache=cache, machine=self.machine))
         if self.incoming:
             if self.transport == "fd":
                 argv += ["-incoming", f"fd:{incoming_fd}"]

@@ -9,6 +9,7 @@ migrations applied on open.
 from __future__ import annotations
 
 import enum
+import errno
 import json
 import logging
 import os
@@ -19,7 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-from .errors import AlreadyExists, CowdiskError, NotFound, RegistryDamaged, StateError
+from .errors import AlreadyExists, CowdiskError, KernelError, NotFound, RegistryDamaged, StateError
 from .kernel.procfs import process_alive, process_start
 
 log = logging.getLogger(__name__)
@@ -181,16 +182,31 @@ class Intent:
     data: dict[str, Any] = field(default_factory=dict)
 
 
+def _corrupt(e: sqlite3.Error) -> bool:
+    """SQLite says the file is damaged or not a database (not busy, full or read-only)."""
+    return getattr(e, "sqlite_errorcode", None) in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB) \
+        or "malformed" in str(e) or str(e).startswith("quick_check")
+
+
 class Registry:
     """The SQLite registry at ``path``."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, *, read_only: bool = False) -> None:
         self.path = path
+        self.read_only = read_only
+        """On a read-only filesystem: opened immutable (no WAL or shm files can be made);
+        every write raises KernelError(EROFS)."""
         self._local = threading.local()
         self._all: list[tuple[int, sqlite3.Connection]] = []
         self._all_lock = threading.Lock()
         try:
-            self._migrate()
+            if read_only:
+                self._check_version()
+            else:
+                self._migrate()
+        except KernelError:
+            self.close()
+            raise
         except sqlite3.DatabaseError as e:
             if isinstance(e, sqlite3.OperationalError) and "locked" in str(e):
                 raise
@@ -204,9 +220,17 @@ class Registry:
     def _conn(self) -> sqlite3.Connection:
         c = getattr(self._local, "conn", None)
         if c is None or getattr(self._local, "pid", None) != os.getpid():
-            c = sqlite3.connect(self.path, timeout=60, isolation_level=None, check_same_thread=False)
-            c.row_factory = sqlite3.Row
-            c.execute("PRAGMA journal_mode=WAL")
+            if self.read_only:
+                c = sqlite3.connect(f"file:{self.path}?mode=ro&immutable=1", uri=True, timeout=60,
+                                    isolation_level=None, check_same_thread=False)
+                c.row_factory = sqlite3.Row
+            else:
+                try:
+                    c = sqlite3.connect(self.path, timeout=60, isolation_level=None, check_same_thread=False)
+                    c.row_factory = sqlite3.Row
+                    c.execute("PRAGMA journal_mode=WAL")
+                except sqlite3.OperationalError as e:
+                    raise self._os_error("open registry", e) from e
             c.execute("PRAGMA synchronous=FULL")
             c.execute("PRAGMA foreign_keys=ON")
             c.execute("PRAGMA busy_timeout=60000")
@@ -229,24 +253,76 @@ class Registry:
                 pass  # made in another thread that is still using it; it closes with that thread
         self._local.conn = None
 
+    def _os_error(self, op: str, e: sqlite3.Error) -> KernelError:
+        """The errno behind an SQLite failure to write (a full or read-only filesystem), as a
+        KernelError naming the registry: SQLite itself reports only "disk I/O error"."""
+        try:
+            st = os.statvfs(os.path.dirname(self.path) or ".")
+            if st.f_flag & os.ST_RDONLY:
+                err = errno.EROFS
+            elif st.f_bavail * st.f_frsize < (1 << 20) or "full" in str(e):
+                err = errno.ENOSPC
+            else:
+                err = errno.EIO
+        except OSError:
+            err = errno.EIO
+        return KernelError(op, self.path, err, detail=f"SQLite: {e}")
+
     @contextmanager
     def tx(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction (BEGIN IMMEDIATE ... COMMIT, ROLLBACK on error)."""
+        """One write transaction (BEGIN IMMEDIATE ... COMMIT, ROLLBACK on error). A full or
+        read-only filesystem raises KernelError(ENOSPC or EROFS) naming the registry."""
+        if self.read_only:
+            raise KernelError("write registry", self.path, errno.EROFS,
+                              hint="the store's filesystem is read-only: only reading commands work")
         c = self._conn()
         if c.in_transaction:  # nested: join the outer transaction
             yield c
             return
-        c.execute("BEGIN IMMEDIATE")
+        try:
+            c.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as e:
+            if "locked" in str(e):
+                raise
+            raise self._os_error("write registry", e) from e
         try:
             yield c
+        except sqlite3.DatabaseError as e:
+            if c.in_transaction:
+                c.execute("ROLLBACK")
+            if _corrupt(e):
+                raise self._damaged(e) from e
+            raise
         except BaseException:
             if c.in_transaction:  # SQLite already rolled back on SQLITE_FULL and the like
                 c.execute("ROLLBACK")
             raise
-        c.execute("COMMIT")
+        try:
+            c.execute("COMMIT")
+        except sqlite3.OperationalError as e:
+            if c.in_transaction:
+                c.execute("ROLLBACK")
+            raise self._os_error("write registry", e) from e
 
     def _q(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
-        return self._conn().execute(sql, args).fetchall()
+        try:
+            return self._conn().execute(sql, args).fetchall()
+        except sqlite3.DatabaseError as e:
+            if _corrupt(e):
+                raise self._damaged(e) from e
+            raise
+
+    def _damaged(self, e: sqlite3.Error) -> RegistryDamaged:
+        return RegistryDamaged(f"read registry {self.path}: {e}", op="read registry", obj=self.path,
+                               hint="`cowdisk recover --rebuild-registry` rebuilds it from the volumes' and "
+                                    "templates' manifests (the damaged file is kept aside)")
+
+    def _check_version(self) -> None:
+        version = self._q("PRAGMA user_version")[0][0]
+        if version != SCHEMA_VERSION:
+            raise CowdiskError(f"open registry {self.path}: schema version {version}, this cowdisk reads "
+                               f"{SCHEMA_VERSION}, and the read-only filesystem forbids a migration",
+                               op="open registry", obj=self.path)
 
     def _migrate(self) -> None:
         with self.tx() as c:
@@ -260,6 +336,11 @@ class Registry:
                 for stmt in MIGRATIONS[v]:
                     c.execute(stmt)
                 c.execute(f"PRAGMA user_version={v + 1}")
+            # a damaged page anywhere (the header and schema may still read fine) is found
+            # now, at open, not in the middle of some later command: a few ms on any store
+            problems = [r[0] for r in c.execute("PRAGMA quick_check").fetchall()]
+            if problems != ["ok"]:
+                raise sqlite3.DatabaseError("quick_check: " + "; ".join(problems[:3]))
 
     @property
     def schema_version(self) -> int:

@@ -24,12 +24,14 @@ Layout of a store root::
 from __future__ import annotations
 
 import contextlib
+import errno
+import functools
 import logging
 import os
 import shutil
 import sqlite3
 import time
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, TypeVar
 
 from ..backends import Usage, VolumeCtx, explain
 from ..digest import sha256_file
@@ -44,6 +46,42 @@ from .transition import CHECKPOINT, CREATE, FLATTEN, FORK, REMOVE, RESTORE, REST
 
 log = logging.getLogger(__name__)
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _frees_space(fn: F) -> F:
+    """remove and checkpoint free space and must work on a full filesystem: when the store's
+    filesystem is (nearly) full they first give back the reserve, so that their registry
+    writes have room (a create, which would only use that room up, gets ENOSPC instead)."""
+    @functools.wraps(fn)
+    def run(self: "Store", *args: Any, **kw: Any) -> Any:
+        if not self.read_only and _nearly_full(self.root):
+            self.release_reserve()
+        return fn(self, *args, **kw)
+    return run  # type: ignore[return-value]
+
+
+def _retried_when_full(fn: F) -> F:
+    """recover and gc write only when they have work to do, and may run again: on ENOSPC
+    they give back the reserve and run once more."""
+    @functools.wraps(fn)
+    def run(self: "Store", *args: Any, **kw: Any) -> Any:
+        try:
+            return fn(self, *args, **kw)
+        except KernelError as e:
+            if e.errno != errno.ENOSPC or not self.release_reserve():
+                raise
+            return fn(self, *args, **kw)
+    return run  # type: ignore[return-value]
+
+
+def _nearly_full(path: str) -> bool:
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < (2 << 20)
+
 
 class Store(StoreParts):
     """One state root on a host: templates, volumes, links, locks and the registry."""
@@ -53,7 +91,7 @@ class Store(StoreParts):
                  rebuild: bool = False) -> None:
         super().__init__(root, backend=backend, lock_timeout=lock_timeout, backend_options=backend_options,
                          rebuild=rebuild)
-        if recover:
+        if recover and not self.read_only:
             self.recover()
 
     @classmethod
@@ -149,6 +187,7 @@ class Store(StoreParts):
         validate_id(vid)
         t = self.registry.get_template(template)
         self.check_template(t)
+        self.check_room("create volume", vid)
         with self.lock("volume", vid), _named_errors("create volume", vid):
             row = self._new_row(vid, t, t.size // 512 * 512, None)
             ctx = self.ctx(row, t, op=CREATE.name, progress=progress)
@@ -158,6 +197,7 @@ class Store(StoreParts):
                 tr.finish(device=dev)
         return self.volume(vid)
 
+    @_frees_space
     def remove_volume(self, vid: str, *, deadline_s: float = 5.0) -> None:
         """Detach and delete a volume and its data. Retries while the device is briefly busy."""
         validate_id(vid)
@@ -172,6 +212,7 @@ class Store(StoreParts):
                 tr.step("data", self.destroy_data, v, ctx)
                 tr.finish()
 
+    @_frees_space
     def checkpoint(self, vid: str, *, deadline_s: float = 5.0) -> Volume:
         """Detach a volume and keep its data (the VM is paused or gone); its stable link goes."""
         validate_id(vid)
@@ -199,6 +240,7 @@ class Store(StoreParts):
         if new_id is None or new_id == vid:
             return self._restore_in_place(vid, progress)
         validate_id(new_id)
+        self.check_room("restore volume", new_id)
         with self.lock("volume", vid), self.lock("volume", new_id):
             src = self.registry.get_volume(vid)
             RESTORE_AS.require(src, hint="checkpoint it first, or use fork")
@@ -241,6 +283,7 @@ class Store(StoreParts):
         validate_id(vid)
         for n in new_ids:
             validate_id(n)
+        self.check_room("fork volume", vid)
         out = []
         for n in new_ids:
             with self.lock("volume", vid), self.lock("volume", n):
@@ -265,6 +308,7 @@ class Store(StoreParts):
         validate_id(vid)
         if name is not None:
             validate_id(name, "template name")
+        self.check_room("flatten volume", vid)
         with self.lock("volume", vid):
             v = self.registry.get_volume(vid)
             FLATTEN.require(v)
@@ -362,10 +406,12 @@ class Store(StoreParts):
 
     # -- recovery and maintenance --------------------------------------------------------
 
+    @_retried_when_full
     def recover(self) -> RecoveryReport:
         """Reconcile registry, kernel and files after a crash or a restart."""
         return recovery.recover(self)
 
+    @_retried_when_full
     def gc(self, *, purge: bool = False, older_than_s: float = 86400.0) -> RecoveryReport:
         """Recovery, then remove templates no volume uses and that have no name; with
         ``purge``, also delete quarantined data older than ``older_than_s`` seconds (the only

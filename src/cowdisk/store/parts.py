@@ -10,6 +10,7 @@ import errno
 import os
 import secrets
 import json
+import logging
 import shutil
 import time
 from typing import Mapping, Self
@@ -26,6 +27,11 @@ from .model import default_root
 from .templates import Templates
 
 
+log = logging.getLogger(__name__)
+
+RESERVE = "reserve"
+RESERVE_BYTES = 8 << 20
+"""Allocated space the store gives back when its filesystem is full (see release_reserve)."""
 LINK_TMP = ".tmp-"
 """A link is made as ``rootfs.tmp-<pid>-<start>`` and renamed over ``rootfs``."""
 QUARANTINE = "quarantine"
@@ -42,6 +48,13 @@ def manifest_of_quarantine(path: str) -> dict[str, object]:
         return {}
 
 
+def _read_only(path: str) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
 class StoreParts:
     """One store root opened: registry, backend (chosen once and recorded), templates."""
 
@@ -49,17 +62,21 @@ class StoreParts:
                  backend_options: Mapping[str, str] | None = None, rebuild: bool = False) -> None:
         self.root = os.path.abspath(root or default_root())
         self.lock_timeout = lock_timeout
-        for d in ("locks", "links"):
-            os.makedirs(os.path.join(self.root, d), exist_ok=True)
+        self.read_only = _read_only(self.root)
+        """The store's filesystem is mounted read-only: reading commands work, changes fail
+        with EROFS, recovery does not run."""
+        if not self.read_only:
+            for d in ("locks", "links"):
+                os.makedirs(os.path.join(self.root, d), exist_ok=True)
         db = os.path.join(self.root, "registry.db")
         known = manifest.read(os.path.join(self.root, manifest.STORE_FILE))
         if known is not None and not os.path.exists(db) and not rebuild:
             raise RegistryDamaged(f"open store {self.root}: its registry {db} is gone", op="open registry",
                                   obj=db, hint="`cowdisk recover --rebuild-registry` rebuilds it from the volumes' "
                                                "and templates' manifests")
-        self.registry = Registry(db)
-        self.id = self.registry.set_meta_default("store_id", str((known or {}).get("store_id"))
-                                                 if known else secrets.token_hex(4))
+        self.registry = self._open_registry(db)
+        self.id = self.registry.meta("store_id") or self.registry.set_meta_default(
+            "store_id", str((known or {}).get("store_id")) if known else secrets.token_hex(4))
         self.tag = f"cowdisk:{self.id}"
         self.dm_prefix = f"cowdisk-{self.id}-"
         recorded = self.registry.meta("backend")
@@ -93,17 +110,76 @@ class StoreParts:
                 raise InvalidArgument(f"store {self.root} was just made with backend {in_force}, not {chosen}",
                                       op="open store", obj=self.root)
         self.backend_name = chosen
-        if known is None:
+        if known is None and not self.read_only:
             manifest.write(os.path.join(self.root, manifest.STORE_FILE),
                            {"store_id": self.id, "backend": chosen, "backend_options": options})
         self.data_root = self.backend.data_root
-        for d in ("templates", "volumes"):
-            os.makedirs(os.path.join(self.data_root, d), exist_ok=True)
+        if not self.read_only:
+            for d in ("templates", "volumes"):
+                os.makedirs(os.path.join(self.data_root, d), exist_ok=True)
+            self._keep_reserve()
         self._templates = Templates(self.registry, self.data_root, lambda tid: self.lock("template", tid),
                                     store_id=self.id)
 
     def close(self) -> None:
         self.registry.close()
+
+    # -- a full filesystem ----------------------------------------------------------------
+
+    def _open_registry(self, db: str) -> Registry:
+        """Open the registry; on a full filesystem give back the reserve and try once more,
+        so that the commands that free space (rm, checkpoint, recover, gc) still work."""
+        try:
+            return Registry(db, read_only=self.read_only)
+        except KernelError as e:
+            if e.errno != errno.ENOSPC or not self.release_reserve():
+                raise
+            return Registry(db, read_only=self.read_only)
+
+    def _keep_reserve(self) -> None:
+        """Keep ``<root>/reserve`` (RESERVE_BYTES, allocated) while there is room for it: it
+        is given back when the filesystem is full, for the registry's own writes."""
+        path = os.path.join(self.root, RESERVE)
+        if os.path.exists(path):
+            return
+        try:
+            st = os.statvfs(self.root)
+            if st.f_bavail * st.f_frsize < 2 * RESERVE_BYTES:
+                return
+            tmp = f"{path}.tmp-{os.getpid()}"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, RESERVE_BYTES)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(f"{path}.tmp-{os.getpid()}")
+
+    def check_room(self, op: str, obj: str) -> None:
+        """Refuse (ENOSPC) an operation that takes space when the reserve is gone and less
+        than its size is free: what is left is kept for remove and checkpoint."""
+        if self.read_only or os.path.exists(os.path.join(self.root, RESERVE)):
+            return
+        try:
+            st = os.statvfs(self.root)
+        except OSError:
+            return
+        if st.f_bavail * st.f_frsize < RESERVE_BYTES:
+            raise KernelError(op, obj, errno.ENOSPC, detail=f"less than {RESERVE_BYTES >> 20} MiB free on "
+                              f"{self.root}, kept for remove and checkpoint",
+                              hint="free space: `cowdisk volume rm` or `checkpoint` volumes, `cowdisk gc`")
+
+    def release_reserve(self) -> bool:
+        """Give the reserve back to the filesystem; False when there was none."""
+        try:
+            os.unlink(os.path.join(self.root, RESERVE))
+        except FileNotFoundError:
+            return False
+        log.warning("store %s: its filesystem is full; released the %d MiB reserve", self.root,
+                    RESERVE_BYTES >> 20)
+        return True
 
     def __enter__(self) -> Self:
         return self

@@ -160,7 +160,7 @@ class VolumeRow:
     id: str
     template_id: str
     backend: str
-    state: str
+    state: VolumeState
     size: int
     data_path: str
     device: str | None

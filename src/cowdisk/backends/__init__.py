@@ -79,7 +79,7 @@ class VolumeCtx:
     record: Callable[[str, str], None] = lambda kind, name: None
     forget: Callable[[str, str], None] = lambda kind, name: None
     step: Callable[[str], None] = lambda name: None
-    template_lock: Callable[[], ContextManager[None]] = field(default=_no_lock)
+    template_lock: Callable[[], ContextManager[object]] = field(default=_no_lock)
     progress: Progress | None = None
 
 

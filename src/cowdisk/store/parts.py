@@ -13,7 +13,7 @@ import json
 import logging
 import shutil
 import time
-from typing import Mapping, Self
+from typing import Any, Mapping, Self
 
 from .. import failpoints
 from ..backends import Backend, BackendEnv, TemplateRef, VolumeCtx, backend_class, explain
@@ -38,7 +38,7 @@ QUARANTINE = "quarantine"
 QUARANTINE_NOTE = "why.json"
 
 
-def manifest_of_quarantine(path: str) -> dict[str, object]:
+def manifest_of_quarantine(path: str) -> dict[str, Any]:
     """The ``why.json`` of a quarantine entry ({} when unreadable)."""
     try:
         with open(os.path.join(path, QUARANTINE_NOTE)) as f:

@@ -11,7 +11,6 @@ where the cache is on another filesystem), registered with the cache's digest.
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import secrets
@@ -29,6 +28,7 @@ from .model import Template, validate_id
 
 if TYPE_CHECKING:
     from ..cache import TemplateCache
+    from ..cache.recipes import Recipe
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ class Templates:
         into ``templates/`` (stored once, never copied) with the digest the cache computed
         (hashed once); building the same recipe again finds the template by its key.
         """
-        from ..cache import TarRecipe, TemplateCache, TreeRecipe
+        from ..cache import TarRecipe, TreeRecipe
 
         if name is not None:
             validate_id(name, "template name")
@@ -131,11 +131,20 @@ class Templates:
         else:
             raise NotFound(f"build template: {source} is neither a directory nor a tarball",
                            op="build template", obj=source)
+        return self._build(recipe, name, progress)
+
+    def _build(self, recipe: "Recipe", name: str | None, progress: Progress | None) -> Template:
+        """Build ``recipe`` once in the cache (or find the template it already made, by its
+        key) and move the image into templates/."""
+        from ..cache import TemplateCache  # noqa: F811 - the runtime import of the type-only name
+
         cache = TemplateCache(self.cache_dir)
         plan = cache.plan(recipe, progress)
         built_from = f"cache:{plan.key}"
         t = self.registry.find_template_by_source(built_from)
-        if t is None:
+        if t is not None:
+            stage(progress, f"cache hit {plan.key}: template {t.id}")
+        else:
             cache.get_or_build(recipe, progress=progress, plan=plan)
             with self._lock(f"recipe-{plan.key[:16]}"):  # one mover per recipe
                 t = self.registry.find_template_by_source(built_from)
@@ -166,30 +175,11 @@ class Templates:
         whiteouts, owners, modes, xattrs and hard links. Cached under the image's manifest
         digest (a docker archive: its image id), so the same image is built once; ``size``
         None chooses one from the unpacked content with headroom."""
-        from ..cache import TemplateCache
         from ..cache.recipes import ImageRecipe
 
         if name is not None:
             validate_id(name, "template name")
-        cache = TemplateCache(self.cache_dir)
-        res = cache.get_or_build(ImageRecipe(ref, size or 0, fs=fs_type), progress=progress)
-        with cache.hold(res.entry.key) as entry:
-            stage(progress, "importing")
-            t = self.registry.find_template(entry.sha256[:16])
-            if t is not None and t.digest == entry.sha256:
-                return self.register(t.path, t.digest, owned=t.owned, source=t.source, name=name)
-            staging = self.staging()
-            try:
-                tmp = os.path.join(staging, "disk.img")
-                try:
-                    os.link(entry.image, tmp)  # the cache's image itself: stored once
-                except OSError as e:
-                    if e.errno != errno.EXDEV:
-                        raise KernelError.from_oserror("import built template: link", entry.image, e) from None
-                    fs.sparse_copy(entry.image, tmp, progress=progress)
-                return self.register(tmp, entry.sha256, owned=True, source=f"image:{ref}", name=name)
-            finally:
-                shutil.rmtree(staging, ignore_errors=True)
+        return self._build(ImageRecipe(ref, size or 0, fs=fs_type), name, progress)
 
     def register(self, path: str, digest: str, *, owned: bool, source: str, name: str | None) -> Template:
         """Register the image at ``path`` with content ``digest`` (publishing it into the

@@ -33,6 +33,8 @@ MiB = 1 << 20
 HOST_BACKENDS = ("copy", "reflink-xfs", "reflink-btrfs", "pool")
 LAB_BACKENDS = ("dm-snapshot", "dm-thin")
 BLOCK_BACKENDS = frozenset({"dm-snapshot", "dm-thin"})
+TEMPLATE_LOOP_BACKENDS = frozenset({"dm-snapshot"})
+"""Backends that attach the template file on one shared loop (dm-thin copies it into its pool)."""
 FILE_BACKENDS = frozenset({"copy", "reflink-xfs", "reflink-btrfs", "pool"})
 # tests/ceph: rbd on the Ceph cluster its session fixture starts (tests/ceph/conftest.py)
 CEPH_BACKENDS = ("rbd",)
@@ -57,8 +59,6 @@ def rbd_images(opts: dict[str, str]) -> list[str]:
         return []
     assert r.returncode == 0, r.stderr
     return sorted(r.stdout.split())
-
-
 
 
 def in_lab() -> bool:

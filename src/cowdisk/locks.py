@@ -72,20 +72,35 @@ class FileLock:
         self.fd = -1
 
     def try_acquire(self) -> bool:
-        """Take the lock if it is free now; False if another open file holds it."""
-        if self.fd < 0:
+        """Take the lock if it is free now; False if another open file holds it.
+
+        The lock file may be removed by its holder when the object it guards goes
+        (:meth:`unlink`): a lock taken on a file that is no longer at ``path`` is let go
+        and taken again on the file that is, so two processes never hold "the" lock on
+        two different inodes."""
+        for _ in range(100):
+            if self.fd < 0:
+                try:
+                    self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, self.mode)
+                except OSError as e:
+                    raise KernelError.from_oserror("open lock", self.path, e) from None
+            op = (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB
             try:
-                self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, self.mode)
+                fcntl.flock(self.fd, op)
             except OSError as e:
-                raise KernelError.from_oserror("open lock", self.path, e) from None
-        op = (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB
-        try:
-            fcntl.flock(self.fd, op)
-        except OSError as e:
-            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                return False
-            self.release()
-            raise KernelError.from_oserror("lock", self.path, e) from None
+                if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    return False
+                self.release()
+                raise KernelError.from_oserror("lock", self.path, e) from None
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(self.fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            self.release()  # unlinked (and maybe made again) while we waited: take the one at path
+        else:
+            raise KernelError("lock", self.path, errno.EAGAIN, detail="the lock file keeps being replaced")
         if self.pid_hint and not self.shared:
             try:  # a hint for humans: the holder search in /proc is the proof
                 os.ftruncate(self.fd, 0)
@@ -121,6 +136,16 @@ class FileLock:
         if waited >= WAIT_NOTICE:
             log.debug("lock %s: acquired after %.1f s", self.what, waited)
         return self
+
+    def unlink(self) -> None:
+        """Remove the lock file while holding it (its object is gone): a waiter then finds the
+        file gone or replaced and takes the new one (see :meth:`try_acquire`)."""
+        if self.fd >= 0 and not self.shared:
+            try:
+                if os.stat(self.path).st_ino == os.fstat(self.fd).st_ino:
+                    os.unlink(self.path)
+            except FileNotFoundError:
+                pass
 
     def release(self) -> None:
         if self.fd >= 0:

@@ -192,3 +192,33 @@ def test_this_process_named_as_such(tmp_path: Path):
     with FileLock(path):
         with pytest.raises(LockTimeout, match=r"PID \d+ \(this process\) WRITE"):
             FileLock(path, timeout=0).acquire()
+
+
+def test_a_lock_file_removed_by_its_holder_is_never_held_twice(tmp_path: Path):
+    """The holder removes the lock file with its object; a waiter that had opened the old
+    file must not end up holding the old inode while a newcomer holds a new one."""
+    path = str(tmp_path / "volume-x.lock")
+    holder = FileLock(path, timeout=1).acquire()
+    waiter = FileLock(path, timeout=5)
+    waiter.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)  # opened the old file before the unlink
+    holder.unlink()
+    holder.release()
+    newcomer = FileLock(path, timeout=1).acquire()  # makes and locks a new file at path
+    assert not waiter.try_acquire()  # the old inode is free, but it is not the lock any more
+    newcomer.release()
+    assert waiter.try_acquire()
+    assert os.fstat(waiter.fd).st_ino == os.stat(path).st_ino
+    waiter.release()
+
+
+def test_removing_a_volume_removes_its_lock_file(tmp_path: Path):
+    from cowdisk.store import Store
+    from testutil import make_tree
+
+    with Store(str(tmp_path / "s"), backend="copy") as s:
+        s.build_template(make_tree(str(tmp_path / "tree")), "base")
+        s.create_volume("v", "base")
+        assert os.path.exists(os.path.join(s.root, "locks", "volume-v.lock"))
+        s.remove_volume("v")
+        assert not os.path.exists(os.path.join(s.root, "locks", "volume-v.lock"))
+        s.destroy()

@@ -201,7 +201,7 @@ class Store(StoreParts):
     def remove_volume(self, vid: str, *, deadline_s: float = 5.0) -> None:
         """Detach and delete a volume and its data. Retries while the device is briefly busy."""
         validate_id(vid)
-        with self.lock("volume", vid):
+        with self.lock("volume", vid) as held:
             v = self.registry.get_volume(vid)
             ctx = self.ctx(v, op=REMOVE.name)
             if v.state == ATTACHED:
@@ -211,6 +211,7 @@ class Store(StoreParts):
                 tr.step("links", self.drop_links, vid)
                 tr.step("data", self.destroy_data, v, ctx)
                 tr.finish()
+            held.unlink()  # one lock file per volume that exists, not per id ever used
 
     @_frees_space
     def checkpoint(self, vid: str, *, deadline_s: float = 5.0) -> Volume:

@@ -125,6 +125,11 @@ class App:
                 raise NotFound(f"no cowdisk store at {self.root}", op="open store", obj=self.root,
                                hint="build or import a template first (`cowdisk template build DIR`), "
                                     "or point --root / COWDISK_ROOT at an existing store")
+            if recover and not create:  # a daemon serving this store answers: go through it (issue 12)
+                from ..client import for_root
+                self._store = for_root(self.root, self.info if self.verbose else None)  # type: ignore[assignment]
+                if self._store is not None:
+                    return self._store
             kw: dict[str, Any] = {} if self.timeout is None else {"lock_timeout": self.timeout}
             self._store = Store(self.root, backend=self.backend, recover=recover, **kw)
         return self._store

@@ -1,0 +1,279 @@
+#!/usr/bin/env python3
+"""cowdiskd against the other ways of making a volume, in the same run.
+
+    python3 bench/service.py                        # host: pool and reflink-xfs
+    python3 lab/kernel_lab.py run --timeout 1500 -- python3 bench/service.py   # lab: dm-snapshot
+
+For each backend a store, a template built from a small tree, and a daemon process
+(``python -m cowdisk serve``, default settings: JSON log lines at info) on a socket in
+the bench's work dir. Then, alternating iteration by iteration, create + remove of one
+volume:
+
+(a) ``lib``   in-process ``Store.create_volume`` + ``remove_volume`` (the same store);
+(b) ``client`` ``cowdisk.client.Client`` over the socket (one keep-alive connection);
+(c) ``curl``  ``curl --unix-socket`` as processes (one POST, one DELETE);
+(d) ``cp``    the seed way as processes: ``cp --reflink=always`` + ``rm`` (file backends,
+              in the same filesystem), or losetup/dmsetup (dm-snapshot, bench/benchutil.SeedDm);
+(e) ``cli``   ``python3 -m cowdisk volume create`` + ``volume rm`` as processes
+              (every ``--cli-every``-th iteration: each is about a second).
+
+Then: the create alone of (a) and (b) (what the API adds), create+remove operations per
+second of 1 client process against 8 client processes on 8 different volumes (each a
+fixed number of cycles), and the daemon's RSS with ``--volumes`` volumes attached
+(listing them and scraping /metrics timed too). Goals (issue 12): the API adds at most
+0.5 ms median to a library create; (b) at least 3x faster than (d); 8 clients at least
+1.5x the operations per second of one, no errors; RSS under 100 MiB at 1000 volumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import multiprocessing
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from typing import Any, Callable, Iterator
+
+from benchutil import (GiB, MiB, SeedDm, fmt_ms, in_lab, new_tag, scratch_fs, sigterm_as_interrupt, summary,
+                       table, workdir)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SRC = os.path.join(ROOT, "src")
+
+from cowdisk.client import Client  # noqa: E402
+from cowdisk.store import Store  # noqa: E402
+
+
+def env() -> dict[str, str]:
+    e = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), "NO_COLOR": "1"}
+    for k in ("COWDISK_ROOT", "COWDISK_SOCKET", "COWDISK_CONFIG", "NOTIFY_SOCKET"):
+        e.pop(k, None)
+    return e
+
+
+def make_tree(d: str) -> str:
+    os.makedirs(os.path.join(d, "etc"), exist_ok=True)
+    with open(os.path.join(d, "etc", "hostname"), "w") as f:
+        f.write("bench\n")
+    with open(os.path.join(d, "payload.bin"), "wb") as f:
+        f.write(os.urandom(4 * MiB))
+    return d
+
+
+@contextlib.contextmanager
+def daemon(root: str, sock: str, backend: str, log: str) -> Iterator[subprocess.Popen[bytes]]:
+    with open(log, "ab") as lf:
+        p = subprocess.Popen([sys.executable, "-m", "cowdisk", "--root", root, "--backend", backend, "serve",
+                              "--socket", sock, "--config", os.devnull], stdout=lf, stderr=lf,
+                             stdin=subprocess.DEVNULL, env=env())
+    try:
+        c = Client(sock)
+        end = time.monotonic() + 60
+        while not (os.path.exists(sock) and c.answers()):
+            if p.poll() is not None or time.monotonic() > end:
+                raise RuntimeError(f"daemon did not start: {open(log).read()[-2000:]}")
+            time.sleep(0.05)
+        yield p
+    finally:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+def curl(sock: str, method: str, path: str, body: str | None = None) -> None:
+    argv = ["curl", "-sS", "--fail", "-o", "/dev/null", "--unix-socket", sock, "-X", method, f"http://cowdisk{path}"]
+    if body is not None:
+        argv += ["-H", "Content-Type: application/json", "-d", body]
+    subprocess.run(argv, check=True)
+
+
+def rss_kib(pid: int) -> tuple[int, int]:
+    vals = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            k, _, v = line.partition(":")
+            if k in ("VmRSS", "VmHWM"):
+                vals[k] = int(v.split()[0])
+    return vals["VmRSS"], vals["VmHWM"]
+
+
+def _cycles(sock: str, prefix: str, n: int, q: Any) -> None:
+    c = Client(sock)
+    errors = 0
+    t0 = time.perf_counter()
+    for i in range(n):
+        try:
+            c.create_volume(f"{prefix}", "base")
+            c.remove_volume(f"{prefix}")
+        except Exception:  # noqa: BLE001 - counted, reported
+            errors += 1
+    q.put((time.perf_counter() - t0, errors))
+
+
+def throughput(sock: str, clients: int, cycles: int) -> tuple[float, int]:
+    """Create+remove operations per second of ``clients`` processes, each ``cycles`` times on its own id."""
+    ctx = multiprocessing.get_context("fork")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_cycles, args=(sock, f"tp{clients}-{n}", cycles, q)) for n in range(clients)]
+    t0 = time.perf_counter()
+    for p in procs:
+        p.start()
+    results = [q.get(timeout=600) for _ in procs]
+    wall = time.perf_counter() - t0
+    for p in procs:
+        p.join()
+    return clients * cycles / wall, sum(e for _, e in results)
+
+
+def bench_backend(name: str, args: argparse.Namespace, tag: str) -> dict[str, Any]:
+    with contextlib.ExitStack() as stack:
+        base = stack.enter_context(workdir(tag))
+        if name == "reflink-xfs":
+            root = os.path.join(stack.enter_context(scratch_fs("xfs", 8 * GiB, tag, base=base)), "store")
+            backend = "reflink"
+        else:
+            root = os.path.join(base, "store")
+            backend = name
+        sock = os.path.join(base, "d.sock")
+        store = Store(root, backend=backend)
+        stack.callback(store.close)
+        stack.callback(lambda: Store(root).destroy())
+        tree = make_tree(os.path.join(root, "incoming", "tree"))
+        t = store.build_template(tree, "base")
+        p = stack.enter_context(daemon(root, sock, backend, os.path.join(base, "daemon.log")))
+        c = Client(sock)
+        seed: Callable[[int], None]
+        if name == "dm-snapshot":
+            sd = SeedDm(t.path, base, tag)
+            sd.open()
+            stack.callback(sd.close)
+
+            def seed(i: int) -> None:
+                sd.create(f"{tag}-d{i}")
+                sd.remove(f"{tag}-d{i}")
+        else:
+            dst_dir = os.path.join(store.data_root, "volumes")
+
+            def seed(i: int) -> None:
+                dst = os.path.join(dst_dir, f"seed-{i}.img")
+                subprocess.run(["cp", "--reflink=always", t.path, dst], check=True)
+                subprocess.run(["rm", "-f", dst], check=True)
+
+        ways: dict[str, Callable[[int], None]] = {
+            "lib": lambda i: (store.create_volume(f"a{i}", "base"), store.remove_volume(f"a{i}")),
+            "client": lambda i: (c.create_volume(f"b{i}", "base"), c.remove_volume(f"b{i}")),
+            "curl": lambda i: (curl(sock, "POST", "/v1/volumes", json.dumps({"id": f"c{i}", "template": "base"})),
+                               curl(sock, "DELETE", f"/v1/volumes/c{i}")),
+            "cp" if name != "dm-snapshot" else "losetup+dmsetup": seed,
+            "cli": lambda i: (subprocess.run([sys.executable, "-m", "cowdisk", "--root", root, "volume", "create",
+                                              f"e{i}", "--template", "base"], check=True, env=env(),
+                                             capture_output=True),
+                              subprocess.run([sys.executable, "-m", "cowdisk", "--root", root, "volume", "rm",
+                                              f"e{i}"], check=True, env=env(), capture_output=True)),
+        }
+        samples: dict[str, list[float]] = {k: [] for k in ways}
+        creates: dict[str, list[float]] = {"lib": [], "client": []}
+        for i in range(args.iterations):
+            for k, fn in ways.items():
+                if k == "cli" and i % args.cli_every:
+                    continue
+                t0 = time.perf_counter()
+                fn(i)
+                samples[k].append(time.perf_counter() - t0)
+            # the create alone, alternating
+            for k, mk, rm in (("lib", store.create_volume, store.remove_volume),
+                              ("client", c.create_volume, c.remove_volume)):
+                t0 = time.perf_counter()
+                mk(f"x{k}{i}", "base")
+                creates[k].append(time.perf_counter() - t0)
+                rm(f"x{k}{i}")
+        out: dict[str, Any] = {"backend": name, "ways": {k: summary(v) for k, v in samples.items()},
+                               "create": {k: summary(v) for k, v in creates.items()}}
+        one, e1 = throughput(sock, 1, args.cycles)
+        eight, e8 = throughput(sock, args.clients, args.cycles)
+        out["throughput"] = {"one_ops_s": one, "many_ops_s": eight, "clients": args.clients, "errors": e1 + e8}
+        rss0 = rss_kib(p.pid)
+        for i in range(args.volumes):
+            c.create_volume(f"r{i}", "base")
+        t0 = time.perf_counter()
+        n = len(c.volumes())
+        list_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        c.metrics()
+        metrics_s = time.perf_counter() - t0
+        rss1 = rss_kib(p.pid)
+        for i in range(args.volumes):
+            c.remove_volume(f"r{i}")
+        out["rss"] = {"volumes": n, "idle_kib": rss0[0], "at_volumes_kib": rss1[0], "peak_kib": rss1[1],
+                      "list_ms": list_s * 1e3, "metrics_ms": metrics_s * 1e3}
+        return out
+
+
+def report(r: dict[str, Any]) -> None:
+    print(f"\n### {r['backend']}: create + remove of one volume")
+    lib = r["ways"]["lib"]["median_ms"]
+    rows = []
+    for k, s in r["ways"].items():
+        rows.append([k, str(s["n"]), fmt_ms(s["median_ms"]), fmt_ms(s["p99_ms"]), f"{s['median_ms'] / lib:.1f}x"])
+    table(["way", "n", "median", "p99", "vs lib"], rows)
+    cl, cc = r["create"]["lib"], r["create"]["client"]
+    added = cc["median_ms"] - cl["median_ms"]
+    seed = next(v for k, v in r["ways"].items() if k in ("cp", "losetup+dmsetup"))
+    tp = r["throughput"]
+    rss = r["rss"]
+    print(f"create alone: lib {fmt_ms(cl['median_ms'])}, client {fmt_ms(cc['median_ms'])}: "
+          f"the API adds {fmt_ms(added)} median (goal <= 0.5 ms: {'ok' if added <= 0.5 else 'MISSED'})")
+    speed = seed["median_ms"] / r["ways"]["client"]["median_ms"]
+    print(f"client vs the seed processes: {speed:.1f}x faster (goal >= 3x: {'ok' if speed >= 3 else 'MISSED'})")
+    ratio = tp["many_ops_s"] / tp["one_ops_s"]
+    print(f"throughput: 1 client {tp['one_ops_s']:.0f} create+remove/s, {tp['clients']} clients "
+          f"{tp['many_ops_s']:.0f}/s = {ratio:.2f}x, {tp['errors']} errors "
+          f"(goal >= 1.5x, none: {'ok' if ratio >= 1.5 and not tp['errors'] else 'MISSED'})")
+    print(f"daemon RSS: idle {rss['idle_kib'] / 1024:.1f} MiB, with {rss['volumes']} volumes "
+          f"{rss['at_volumes_kib'] / 1024:.1f} MiB (peak {rss['peak_kib'] / 1024:.1f} MiB; goal < 100 MiB: "
+          f"{'ok' if rss['peak_kib'] < 100 * 1024 else 'MISSED'}); listing them {fmt_ms(rss['list_ms'])}, "
+          f"/metrics {fmt_ms(rss['metrics_ms'])}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backends", default="dm-snapshot" if in_lab() else "pool,reflink-xfs")
+    ap.add_argument("--iterations", type=int, default=100)
+    ap.add_argument("--cli-every", type=int, default=5, help="run the CLI way every N-th iteration")
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--cycles", type=int, default=100, help="create+remove cycles per client in the throughput run")
+    ap.add_argument("--volumes", type=int, default=1000, help="volumes attached for the RSS figure")
+    ap.add_argument("--json", help="also write the results to this file")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        print("bench/service.py needs root (loop devices, mounts)", file=sys.stderr)
+        return 2
+    if not shutil.which("curl"):
+        print("curl missing: run install.sh", file=sys.stderr)
+        return 2
+    sigterm_as_interrupt()
+    tag = new_tag()
+    print(f"bench/service.py: {os.cpu_count()} cores, iterations {args.iterations}, CLI every {args.cli_every}, "
+          f"{args.clients} clients x {args.cycles} cycles, {args.volumes} volumes for RSS")
+    results = []
+    for b in args.backends.split(","):
+        r = bench_backend(b, args, tag)
+        results.append(r)
+        report(r)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

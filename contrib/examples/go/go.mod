@@ -1,0 +1,3 @@
+module example.com/cowdisk-client
+
+go 1.19

@@ -1,0 +1,492 @@
+"""The HTTP API: one endpoint per Store operation, one error model, jobs, metrics.
+
+Endpoints are plain ``def`` functions: FastAPI runs them in its thread pool (``workers``
+threads), so requests on different volumes run in parallel and the event loop never
+blocks on the kernel. Each store call goes through :meth:`Service.call`, which times
+it, counts it in the metrics and writes one log line (op, object, duration, result,
+peer). Every error, from the store or from request validation, is answered with the
+``{"error": {...}}`` document and the status from :mod:`.protocol`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Any, Callable, TypeVar
+
+from fastapi import Body, FastAPI, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from .. import doctor as doctor_mod
+from .. import drive as drive_mod
+from ..errors import CowdiskError, InvalidArgument, NotFound
+from ..store import Store, validate_id
+from . import models as m
+from .config import Config
+from .jobs import Job, JobContext, Jobs
+from .metrics import VERSION, Metrics
+from .protocol import API, Cancelled, error_document, status_of
+from .security import UNKNOWN, Peer, check_path, check_peer
+
+T = TypeVar("T")
+
+oplog = logging.getLogger("cowdisk.daemon.ops")
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    "4XX": {"model": m.ErrorDoc, "description": "The request was refused: 400 invalid, 403 not allowed, 404 not "
+                                                "found, 409 exists / in use / wrong state, 423 lock timeout"},
+    "5XX": {"model": m.ErrorDoc, "description": "500 kernel or internal error, 501 unsupported here, "
+                                                "503 shutting down, 507 no space"},
+}
+
+
+class Service:
+    """What the endpoints share: the store, the settings, jobs, metrics."""
+
+    def __init__(self, store: Store, cfg: Config, metrics: Metrics, jobs: Jobs | None = None) -> None:
+        self.store = store
+        self.cfg = cfg
+        self.metrics = metrics
+        self.jobs = jobs or Jobs(cfg.job_retention, on_done=self._job_done)
+        self.started = time.time()
+        self.recovery: dict[str, list[str]] = {}
+        self.stopping = False
+
+    def call(self, op: str, obj: str, peer: Peer, fn: Callable[[], T], *, mutating: bool = True) -> T:
+        """Run one store operation: timed, counted, logged once."""
+        t0 = time.monotonic()
+        err: BaseException | None = None
+        try:
+            return fn()
+        except BaseException as e:
+            err = e
+            raise
+        finally:
+            dt = time.monotonic() - t0
+            self.metrics.observe(op, err, dt)
+            self.log(op, obj, peer, dt, err, level=logging.INFO if mutating or err else logging.DEBUG)
+
+    def log(self, op: str, obj: str, peer: Peer, seconds: float, err: BaseException | None, *,
+            level: int = logging.INFO, job: str | None = None) -> None:
+        if not oplog.isEnabledFor(level):
+            return
+        rec: dict[str, Any] = {"op": op, "object": obj, "duration_ms": round(seconds * 1000, 3),
+                               "result": "ok" if err is None else type(err).__name__, "peer": peer.as_dict()}
+        if job:
+            rec["job"] = job
+        if err is not None:
+            rec["error"] = str(err)
+        oplog.log(level, "%s %s: %s", op, obj, rec["result"], extra={"fields": rec})
+
+    def _job_done(self, job: Job, err: BaseException | None, seconds: float) -> None:
+        self.metrics.observe(job.op, err, seconds)
+        self.log(job.op, job.object, job.peer, seconds, err, job=job.id)
+
+    def start_job(self, op: str, obj: str, peer: Peer, run: Callable[[JobContext], Any]) -> JSONResponse:
+        job = self.jobs.start(op, obj, peer, run)
+        oplog.info("%s %s: job %s started", op, obj, job.id,
+                   extra={"fields": {"op": op, "object": obj, "job": job.id, "result": "started",
+                                     "peer": peer.as_dict()}})
+        return JSONResponse(job.as_dict(), status_code=202, headers={"Location": f"{API}/jobs/{job.id}"})
+
+
+def J(doc: Any, status: int = 200) -> JSONResponse:
+    """The answer as JSON, as is: endpoints declare their ``response_model`` for the OpenAPI
+    document, but a Response skips FastAPI's re-validation of it (~0.1 ms per request)."""
+    return JSONResponse(doc, status_code=status)
+
+
+def peer_of(request: Request) -> Peer:
+    return request.scope.get("state", {}).get("peer", UNKNOWN)
+
+
+class PeerGate:
+    """ASGI middleware: the allowlist, before anything else runs (403, nothing changes)."""
+
+    def __init__(self, app: ASGIApp, cfg: Config) -> None:
+        self.app = app
+        self.cfg = cfg
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and (self.cfg.allow_uids or self.cfg.allow_gids):
+            peer = scope.get("state", {}).get("peer", UNKNOWN)
+            try:
+                check_peer(peer, self.cfg)
+            except CowdiskError as e:
+                oplog.warning("refused %s %s", scope.get("method"), scope.get("path"), extra={"fields": {
+                    "op": f"{scope.get('method')} {scope.get('path')}", "result": "Forbidden",
+                    "peer": peer.as_dict()}})
+                await JSONResponse(error_document(e), status_code=403)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def template_doc(store: Store, t: Any) -> dict[str, Any]:
+    d = t.as_dict()
+    try:
+        d["disk_bytes"] = store.template_usage(t.id)
+    except (CowdiskError, OSError):
+        d["disk_bytes"] = None
+    return d
+
+
+def usage_doc(u: Any) -> dict[str, Any]:
+    d = dict(u.__dict__)
+    d["own_bytes"] = u.own_bytes
+    return d
+
+
+def _ids(*pairs: tuple[str | None, str]) -> None:
+    for value, what in pairs:
+        if value is not None:
+            validate_id(value, what)
+
+
+def create_app(svc: Service) -> FastAPI:
+    cfg = svc.cfg
+    store = svc.store
+    app = FastAPI(
+        title="cowdiskd", version=VERSION,
+        description="Copy-on-write root disks for microVM sandboxes, as a local service on a unix socket. "
+                    "Every store operation is an endpoint under /v1; long ones (template import, build, "
+                    "verify, volume fork, flatten) return a job. Errors are one document: "
+                    "{\"error\": {type, exit_code, message, hint, op, object, errno, notes}}. "
+                    "See docs/daemon.md.",
+        docs_url=None, redoc_url=None, openapi_url="/openapi.json",
+    )
+    app.add_middleware(PeerGate, cfg=cfg)
+
+    @app.exception_handler(CowdiskError)
+    async def _cowdisk_error(request: Request, e: CowdiskError) -> JSONResponse:
+        return JSONResponse(error_document(e), status_code=status_of(e))
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, e: RequestValidationError) -> JSONResponse:
+        parts = []
+        for err in e.errors():
+            loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
+            parts.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))
+        obj = ".".join(str(x) for x in (e.errors()[0].get("loc", ()) if e.errors() else ()))
+        err2 = InvalidArgument(f"invalid request: {'; '.join(parts)}", op=f"{request.method} {request.url.path}",
+                               obj=obj)
+        return JSONResponse(error_document(err2), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        cls = NotFound if e.status_code == 404 else InvalidArgument
+        err2 = cls(f"{request.method} {request.url.path}: {e.detail}", op=f"{request.method}",
+                   obj=request.url.path, hint="see /openapi.json for the API" if e.status_code in (404, 405) else "")
+        doc = error_document(err2)
+        return JSONResponse(doc, status_code=e.status_code)
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, e: Exception) -> JSONResponse:
+        logging.getLogger("cowdisk.daemon").error("internal error on %s %s", request.method, request.url.path,
+                                                  exc_info=e)
+        doc = error_document(e)
+        doc["error"]["exit_code"] = 1
+        doc["error"]["hint"] = "a bug in cowdiskd: the daemon's log has the traceback"
+        return JSONResponse(doc, status_code=500)
+
+    # -- the service -------------------------------------------------------------------
+
+    @app.get(f"{API}/health", response_model=m.HealthOut, tags=["service"], responses=ERRORS)
+    def health() -> JSONResponse:
+        """Whether the daemon runs, on which store, and what its start-up recovery did."""
+        return J({"status": "stopping" if svc.stopping else "ok", "pid": os.getpid(), "version": VERSION,
+                "root": store.root, "store_id": store.id, "backend": store.backend_name,
+                  "block_device": bool(getattr(store.backend, "block_device", False)),
+                  "uptime_s": round(time.time() - svc.started, 3),
+                "recovery": svc.recovery})
+
+    @app.get(f"{API}/doctor", tags=["service"], responses=ERRORS)
+    def doctor(request: Request) -> JSONResponse:
+        """What this host can do: kernel features, tools, the backend `auto` picks (`cowdisk doctor --json`)."""
+        return J(svc.call("doctor", store.root, peer_of(request), lambda: doctor_mod.check(store.root).as_dict(),
+                          mutating=False))
+
+    @app.get("/metrics", tags=["service"], response_class=Response,
+             responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}})
+    def metrics() -> Response:
+        """Prometheus metrics: volumes, templates, operation latencies, errors, recovery, space."""
+        body, ctype = svc.metrics.render()
+        return Response(body, media_type=ctype)
+
+    @app.post(f"{API}/recover", response_model=m.RecoveryReportOut, tags=["service"], responses=ERRORS)
+    def recover(request: Request) -> JSONResponse:
+        """Reconcile registry, kernel and files (operations of this daemon still running are left alone)."""
+        return J(svc.call("recover", store.root, peer_of(request), lambda: store.recover().as_dict()))
+
+    @app.post(f"{API}/gc", response_model=m.RecoveryReportOut, tags=["service"], responses=ERRORS)
+    def gc(request: Request) -> JSONResponse:
+        """Recover, then remove templates that no volume uses and that have no name."""
+        return J(svc.call("gc", store.root, peer_of(request), lambda: store.gc().as_dict()))
+
+    # -- jobs --------------------------------------------------------------------------
+
+    @app.get(f"{API}/jobs", response_model=m.JobList, tags=["jobs"], responses=ERRORS)
+    def jobs_list() -> JSONResponse:
+        """Running jobs and those that ended in the last `job_retention` seconds."""
+        return J({"jobs": [j.as_dict() for j in svc.jobs.all()]})
+
+    def _job(job_id: str) -> Job:
+        job = svc.jobs.get(job_id)
+        if job is None:
+            raise NotFound(f"job {job_id} not found", op="get job", obj=job_id,
+                           hint="finished jobs are kept for job_retention seconds")
+        return job
+
+    @app.get(f"{API}/jobs/{{job_id}}", response_model=m.JobOut, tags=["jobs"], responses=ERRORS)
+    def job_get(job_id: str, wait: float = Query(0, ge=0, le=60, description=(
+            "Hold the answer up to this many seconds until the job changes or ends")),
+                since: int | None = Query(None, description="With wait: return once the job's seq passes this "
+                                                            "(default: its seq now)")) -> JSONResponse:
+        """A job's state and progress (bytes done of total in the current stage)."""
+        job = _job(job_id)
+        if wait:
+            svc.jobs.wait(job, wait, since)
+        return J(job.as_dict())
+
+    @app.post(f"{API}/jobs/{{job_id}}/cancel", response_model=m.JobOut, tags=["jobs"], responses=ERRORS)
+    def job_cancel(request: Request, job_id: str) -> JSONResponse:
+        """Cancel a job: it stops at its next progress report and undoes what it made."""
+        job = _job(job_id)
+        svc.log("cancel job", f"{job.op} {job.object} ({job.id})", peer_of(request), 0, None)
+        return J(svc.jobs.cancel(job).as_dict())
+
+    # -- templates ---------------------------------------------------------------------
+
+    @app.get(f"{API}/templates", response_model=m.TemplateList, tags=["templates"], responses=ERRORS)
+    def templates_list() -> JSONResponse:
+        """Every template, with what its file takes on disk."""
+        return J({"templates": [template_doc(store, t) for t in store.templates()]})
+
+    @app.get(f"{API}/templates/{{ref}}", response_model=m.TemplateOut, tags=["templates"], responses=ERRORS)
+    def template_get(ref: str) -> JSONResponse:
+        """One template by id, digest prefix or name."""
+        validate_id(ref, "template name or id")
+        return J(template_doc(store, store.template(ref)))
+
+    @app.post(f"{API}/templates/import", status_code=202, response_model=m.JobOut, tags=["templates"],
+              responses=ERRORS)
+    def template_import(request: Request, body: m.ImportIn) -> JSONResponse:
+        """Import a raw disk image (copied sparsely, digested, made read-only): a job."""
+        peer = peer_of(request)
+        _ids((body.name, "template name"))
+        src = check_path(body.source, cfg.import_roots, "import template", "import_roots", peer, owned=True)
+
+        def run(ctx: JobContext) -> dict[str, Any]:
+            t = store.import_template(src, body.name, adopt=body.adopt, progress=ctx.progress)
+            return template_doc(store, t)
+
+        return svc.start_job("import template", body.source, peer, run)
+
+    @app.post(f"{API}/templates/build", status_code=202, response_model=m.JobOut, tags=["templates"],
+              responses=ERRORS)
+    def template_build(request: Request, body: m.BuildIn) -> JSONResponse:
+        """Build an ext4 template from a directory tree or tarball through the template cache: a job."""
+        peer = peer_of(request)
+        _ids((body.name, "template name"))
+        src = check_path(body.source, cfg.import_roots, "build template", "import_roots", peer, owned=True)
+
+        def run(ctx: JobContext) -> dict[str, Any]:
+            t = store.build_template(src, body.name, size=body.size, fs_type=body.fs_type, progress=ctx.progress)
+            return template_doc(store, t)
+
+        return svc.start_job("build template", body.source, peer, run)
+
+    @app.post(f"{API}/templates/{{ref}}/verify", status_code=202, response_model=m.JobOut, tags=["templates"],
+              responses=ERRORS)
+    def template_verify(request: Request, ref: str) -> JSONResponse:
+        """Re-read a template: size, mtime and the full content digest (fails TemplateChanged): a job."""
+        validate_id(ref, "template name or id")
+        store.template(ref)  # a 404 now rather than a failed job
+
+        def run(ctx: JobContext) -> dict[str, Any]:
+            return template_doc(store, store.verify_template(ref, progress=ctx.progress))
+
+        return svc.start_job("verify template", ref, peer_of(request), run)
+
+    @app.delete(f"{API}/templates/{{ref}}", response_model=m.Removed, tags=["templates"], responses=ERRORS)
+    def template_remove(request: Request, ref: str) -> JSONResponse:
+        """Remove a template (refused with 409 while volumes use it)."""
+        validate_id(ref, "template name or id")
+
+        def run() -> dict[str, Any]:
+            tid = store.template(ref).id
+            store.remove_template(tid)
+            return {"removed": [tid]}
+
+        return J(svc.call("remove template", ref, peer_of(request), run))
+
+    # -- volumes -----------------------------------------------------------------------
+
+    @app.get(f"{API}/volumes", response_model=m.VolumeList, tags=["volumes"], responses=ERRORS)
+    def volumes_list(template: str | None = Query(None, description="Only volumes of this template")
+                     ) -> JSONResponse:
+        """Every volume."""
+        vols = store.volumes()
+        if template is not None:
+            validate_id(template, "template name or id")
+            tid = store.template(template).id
+            vols = [v for v in vols if v.template_id == tid]
+        return J({"volumes": [v.as_dict() for v in vols]})
+
+    @app.post(f"{API}/volumes", status_code=201, response_model=m.VolumeOut, tags=["volumes"], responses=ERRORS)
+    def volume_create(request: Request, body: m.CreateIn) -> JSONResponse:
+        """Create a volume over a template, attached, with its stable link."""
+        _ids((body.id, "volume id"), (body.template, "template name or id"))
+        return J(svc.call("create", body.id, peer_of(request),
+                          lambda: store.create_volume(body.id, body.template).as_dict()), 201)
+
+    @app.get(f"{API}/volumes/{{vid}}", response_model=m.VolumeOut, tags=["volumes"], responses=ERRORS)
+    def volume_get(vid: str) -> JSONResponse:
+        """One volume."""
+        validate_id(vid)
+        return J(store.volume(vid).as_dict())
+
+    @app.delete(f"{API}/volumes/{{vid}}", response_model=m.Removed, tags=["volumes"], responses=ERRORS)
+    def volume_remove(request: Request, vid: str, deadline: float = Query(5.0, ge=0, le=300, description=(
+            "Seconds to wait for a briefly busy device"))) -> JSONResponse:
+        """Detach and delete a volume and its data (409 InUse while a VM holds it)."""
+        validate_id(vid)
+
+        def run() -> dict[str, Any]:
+            store.remove_volume(vid, deadline_s=deadline)
+            return {"removed": [vid]}
+
+        return J(svc.call("remove", vid, peer_of(request), run))
+
+    @app.get(f"{API}/volumes/{{vid}}/usage", response_model=m.UsageOut, tags=["volumes"], responses=ERRORS)
+    def volume_usage(vid: str) -> JSONResponse:
+        """What the volume costs on disk (real allocation; COW fill on dm-snapshot)."""
+        validate_id(vid)
+        return J(usage_doc(store.usage(vid)))
+
+    @app.post(f"{API}/volumes/{{vid}}/checkpoint", response_model=m.VolumeOut, tags=["volumes"],
+              responses=ERRORS)
+    def volume_checkpoint(request: Request, vid: str, deadline: float = Query(5.0, ge=0, le=300)
+                          ) -> JSONResponse:
+        """Detach a volume and keep its data (pause or stop the VM first)."""
+        validate_id(vid)
+        return J(svc.call("checkpoint", vid, peer_of(request),
+                          lambda: store.checkpoint(vid, deadline_s=deadline).as_dict()))
+
+    @app.post(f"{API}/volumes/{{vid}}/restore", response_model=m.VolumeOut, tags=["volumes"], responses=ERRORS)
+    def volume_restore(request: Request, vid: str, body: m.RestoreIn | None = Body(None)) -> JSONResponse:
+        """Attach a checkpointed volume again, in place or as a new volume ``new_id``."""
+        body = body or m.RestoreIn(new_id=None, retarget_source_link=True)
+        _ids((vid, "volume id"), (body.new_id, "new volume id"))
+        op = "restore" if body.new_id in (None, vid) else "restore-as"
+        return J(svc.call(op, vid if op == "restore" else f"{vid} as {body.new_id}", peer_of(request),
+                          lambda: store.restore(vid, body.new_id,
+                                                retarget_source_link=body.retarget_source_link).as_dict()))
+
+    @app.post(f"{API}/volumes/{{vid}}/fork", status_code=202, response_model=m.JobOut, tags=["volumes"],
+              responses=ERRORS)
+    def volume_fork(request: Request, vid: str, body: m.ForkIn) -> JSONResponse:
+        """New volumes that each start from this volume's current contents: a job. Cancelling it
+        removes the volumes it made."""
+        _ids((vid, "volume id"), *((n, "new volume id") for n in body.new_ids))
+        if len(set(body.new_ids)) != len(body.new_ids):
+            raise InvalidArgument(f"fork {vid}: new ids repeat", op="fork", obj=vid)
+        store.volume(vid)  # a 404 now rather than a failed job
+
+        def run(ctx: JobContext) -> dict[str, Any]:
+            made: list[str] = []
+            try:
+                for i, n in enumerate(body.new_ids):
+                    ctx.check()
+                    ctx.progress(0, 0, f"fork {vid} -> {n} ({i + 1}/{len(body.new_ids)})")
+                    made += [v.id for v in store.fork(vid, [n], progress=ctx.progress)]
+            except Cancelled:
+                for n in reversed(made):  # leave nothing behind
+                    store.remove_volume(n)
+                raise
+            return {"volumes": [store.volume(n).as_dict() for n in made]}
+
+        return svc.start_job("fork", vid, peer_of(request), run)
+
+    @app.post(f"{API}/volumes/{{vid}}/flatten", status_code=202, response_model=m.JobOut, tags=["volumes"],
+              responses=ERRORS)
+    def volume_flatten(request: Request, vid: str, body: m.FlattenIn | None = Body(None)) -> JSONResponse:
+        """Materialise a volume (template + its changes) as a new template: a job."""
+        body = body or m.FlattenIn()
+        _ids((vid, "volume id"), (body.name, "template name"))
+        store.volume(vid)
+
+        def run(ctx: JobContext) -> dict[str, Any]:
+            return template_doc(store, store.flatten(vid, body.name, progress=ctx.progress))
+
+        return svc.start_job("flatten", vid, peer_of(request), run)
+
+    @app.post(f"{API}/volumes/{{vid}}/jail", response_model=m.JailOut, tags=["volumes"], responses=ERRORS)
+    def volume_jail(request: Request, vid: str, body: m.JailIn) -> JSONResponse:
+        """Stage an attached volume inside a jail directory under the daemon's jail_roots."""
+        validate_id(vid)
+        peer = peer_of(request)
+        if not body.name or "/" in body.name or body.name in (".", "..") or "\0" in body.name:
+            raise InvalidArgument(f"invalid jail file name {body.name!r}", op="jail", obj=repr(body.name),
+                                  hint="a plain file name, no '/'")
+        jdir = check_path(body.dir, cfg.jail_roots, "jail volume", "jail_roots", peer)
+        return J(svc.call("jail", vid, peer, lambda: {
+            "volume": vid, "path": store.jail(vid, jdir, body.name, uid=body.uid, gid=body.gid)}))
+
+    @app.get(f"{API}/volumes/{{vid}}/drive", response_model=m.DriveOut, tags=["volumes"], responses=ERRORS)
+    def volume_drive(vid: str, format: str = Query(description=", ".join(drive_mod.FORMATS)),
+                     readonly: bool = False, drive_id: str | None = None, cache: str | None = None,
+                     io_engine: str | None = None, iops: int | None = Query(None, gt=0),
+                     bandwidth: int | None = Query(None, gt=0, description="bytes/s"),
+                     machine: str | None = Query(None, description="QEMU only: q35, pc or microvm"),
+                     jail_path: str | None = Query(None, description="Firecracker only: the path in the jail")
+                     ) -> JSONResponse:
+        """A VMM's drive configuration for the volume's stable link (`cowdisk volume drive --json`)."""
+        validate_id(vid)
+        v = store.volume(vid)
+        opts = drive_mod.DriveOptions(read_only=readonly, drive_id=drive_id, cache=cache, io_engine=io_engine,
+                                      iops=iops, bandwidth=bandwidth, machine=machine, jail_path=jail_path)
+        try:
+            config = drive_mod.config(format, v.link, opts)
+            text = drive_mod.render(format, v.link, opts=opts)
+        except ValueError as e:
+            raise InvalidArgument(f"volume drive {vid}: {e}", op="volume drive", obj=format,
+                                  hint=f"formats: {', '.join(drive_mod.FORMATS)}") from None
+        return J({"volume": vid, "format": format, "path": v.link, "state": str(v.state), "config": config,
+                "text": text})
+
+    return app
+
+
+# -- logging: one JSON line per record ------------------------------------------------------
+
+
+class JsonFormatter(logging.Formatter):
+    """``{"ts", "level", "logger", "msg", ...fields}``: one line per record (journald keeps it)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        d: dict[str, Any] = {"ts": round(record.created, 6), "level": record.levelname.lower(),
+                             "logger": record.name, "msg": record.getMessage()}
+        fields = getattr(record, "fields", None)
+        if fields:
+            d.update(fields)
+        if record.exc_info:
+            d["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(d, default=str)
+
+
+class TextFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        s = super().format(record)
+        fields = getattr(record, "fields", None)
+        if fields and "peer" in fields:
+            p = fields["peer"]
+            s += f" ({fields.get('duration_ms', 0)} ms, peer pid={p.get('pid')} uid={p.get('uid')} gid={p.get('gid')})"
+        return s

@@ -1,0 +1,152 @@
+"""Prometheus text at ``GET /metrics`` (prometheus-client, in its own registry).
+
+Counted as requests run: ``cowdisk_operation_duration_seconds{operation,result}``
+(a histogram: result is ``ok`` or the error type), ``cowdisk_errors_total{type,operation}``.
+Set once at start: ``cowdisk_recovery_actions{action}`` (what the start-up recovery did).
+Read from the store at each scrape (a collector; nothing is cached, nothing locked):
+
+* ``cowdisk_volumes{state,backend}``, ``cowdisk_templates{state}``, ``cowdisk_jobs{state}``;
+* ``cowdisk_data_bytes{kind=size|used|free}``: the filesystem holding the volumes
+  (the pool's own xfs for the pool backend, also exported as ``cowdisk_pool_bytes``);
+* dm-snapshot: ``cowdisk_volume_cow_used_bytes{volume}`` and
+  ``cowdisk_volume_cow_total_bytes{volume}`` for each attached volume (one status ioctl
+  each), and ``cowdisk_snapshots_invalid`` (attached snapshots whose status is not ok);
+* the process (``process_resident_memory_bytes`` and the rest of prometheus-client's
+  process collector), and ``cowdisk_info{version,backend,root}``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from importlib import metadata
+from typing import Any, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+from ..errors import CowdiskError
+from ..store import RecoveryReport, Store
+from .jobs import FINISHED, Jobs
+
+log = logging.getLogger(__name__)
+
+BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+RECOVERY_ACTIONS = ("rolled_back", "finished", "reactivated", "orphans_removed", "kept", "errors")
+
+try:
+    VERSION = metadata.version("cowdisk")
+except metadata.PackageNotFoundError:  # run from a source tree
+    VERSION = "0"
+
+
+class StoreCollector:
+    """What the store holds, read at scrape time."""
+
+    def __init__(self, store: Store, jobs: Jobs) -> None:
+        self.store = store
+        self.jobs = jobs
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        s = self.store
+        info = GaugeMetricFamily("cowdisk_info", "The daemon's store", labels=["version", "backend", "root"])
+        info.add_metric([VERSION, s.backend_name, s.root], 1)
+        yield info
+        vols = GaugeMetricFamily("cowdisk_volumes", "Volumes by state and backend", labels=["state", "backend"])
+        counts: dict[tuple[str, str], int] = {}
+        volumes = s.volumes()
+        for v in volumes:
+            counts[(str(v.state), v.backend)] = counts.get((str(v.state), v.backend), 0) + 1
+        for (state, backend), n in sorted(counts.items()):
+            vols.add_metric([state, backend], n)
+        yield vols
+        tpl = GaugeMetricFamily("cowdisk_templates", "Templates by state", labels=["state"])
+        tcounts: dict[str, int] = {}
+        for t in s.templates():
+            tcounts[t.state] = tcounts.get(t.state, 0) + 1
+        for state, n in sorted(tcounts.items()):
+            tpl.add_metric([state], n)
+        yield tpl
+        jobs = GaugeMetricFamily("cowdisk_jobs", "Jobs the daemon knows, by state", labels=["state"])
+        jcounts: dict[str, int] = {}
+        for j in self.jobs.all():
+            jcounts[j.state] = jcounts.get(j.state, 0) + 1
+        for state in ("queued", "running", *sorted(FINISHED)):
+            jobs.add_metric([state], jcounts.get(state, 0))
+        yield jobs
+        yield from self._space()
+        if s.backend_name == "dm-snapshot":
+            yield from self._cow(volumes)
+
+    def _space(self) -> Iterator[GaugeMetricFamily]:
+        try:
+            st = os.statvfs(self.store.data_root)
+        except OSError:
+            return
+        size, free = st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
+        used = (st.f_blocks - st.f_bfree) * st.f_frsize
+        names = [("cowdisk_data_bytes", "The filesystem holding templates and volumes")]
+        if self.store.backend_name == "pool":
+            names.append(("cowdisk_pool_bytes", "The embedded xfs pool"))
+        for name, doc in names:
+            g = GaugeMetricFamily(name, doc, labels=["kind"])
+            g.add_metric(["size"], size)
+            g.add_metric(["used"], used)
+            g.add_metric(["free"], free)
+            yield g
+
+    def _cow(self, volumes: list[Any]) -> Iterator[GaugeMetricFamily]:
+        used = GaugeMetricFamily("cowdisk_volume_cow_used_bytes", "COW bytes a dm-snapshot volume has used",
+                                 labels=["volume"])
+        total = GaugeMetricFamily("cowdisk_volume_cow_total_bytes", "COW bytes a dm-snapshot volume can use",
+                                  labels=["volume"])
+        invalid = 0
+        for v in volumes:
+            if v.state != "attached":
+                continue
+            try:
+                u = self.store.usage(v.id)
+            except (CowdiskError, OSError):
+                continue  # it went away while we looked
+            if u.cow_used_bytes is not None:
+                used.add_metric([v.id], u.cow_used_bytes)
+            if u.cow_total_bytes is not None:
+                total.add_metric([v.id], u.cow_total_bytes)
+            if u.health != "ok":
+                invalid += 1
+        yield used
+        yield total
+        g = GaugeMetricFamily("cowdisk_snapshots_invalid", "Attached dm-snapshot volumes whose status is not ok")
+        g.add_metric([], invalid)
+        yield g
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.duration = Histogram("cowdisk_operation_duration_seconds", "Duration of store operations",
+                                  ["operation", "result"], buckets=BUCKETS, registry=self.registry)
+        self.errors = Counter("cowdisk_errors", "Failed operations by error type", ["type", "operation"],
+                              registry=self.registry)
+        self.recovery = Gauge("cowdisk_recovery_actions", "What the recovery at start did, by action",
+                              ["action"], registry=self.registry)
+        ProcessCollector(registry=self.registry)
+
+    def attach(self, store: Store, jobs: Jobs) -> None:
+        self.registry.register(StoreCollector(store, jobs))  # type: ignore[arg-type]
+
+    def observe(self, op: str, error: BaseException | None, seconds: float) -> None:
+        result = "ok" if error is None else type(error).__name__
+        self.duration.labels(op, result).observe(seconds)
+        if error is not None:
+            self.errors.labels(type(error).__name__, op).inc()
+
+    def recovered(self, rep: RecoveryReport) -> None:
+        d = rep.as_dict()
+        for k in dict.fromkeys((*RECOVERY_ACTIONS, *d)):
+            if isinstance(d.get(k, []), list):
+                self.recovery.labels(k).set(len(d.get(k, ())))
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

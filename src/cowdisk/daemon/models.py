@@ -1,0 +1,199 @@
+"""The API's documents as pydantic models: what ``/openapi.json`` describes.
+
+Responses are the same documents the command line prints with ``--json`` (a volume is
+``Volume.as_dict()``, a template ``Template.as_dict()`` plus ``disk_bytes``). Requests
+refuse unknown keys: a typo is a 400, not a silently ignored option.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..registry import VolumeState
+
+
+class In(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ErrorBody(BaseModel):
+    type: str = Field(description="The error class: InvalidArgument, NotFound, AlreadyExists, InUse, StateError, "
+                                  "TemplateChanged, Unsupported, LockTimeout, SnapshotInvalid, CowFormatError, "
+                                  "KernelError, Forbidden, Cancelled, Unavailable, CowdiskError")
+    exit_code: int = Field(description="What the command line exits with for this error")
+    message: str
+    hint: str = ""
+    op: str = ""
+    object: str = ""
+    errno: int | None = None
+    notes: list[str] = []
+
+
+class ErrorDoc(BaseModel):
+    error: ErrorBody
+
+
+class TemplateOut(BaseModel):
+    id: str
+    names: list[str]
+    path: str
+    size: int
+    digest: str
+    source: str
+    created: float
+    state: str
+    users: list[str]
+    disk_bytes: int | None = Field(None, description="Bytes the template's file really takes (st_blocks)")
+
+
+class TemplateList(BaseModel):
+    templates: list[TemplateOut]
+
+
+class VolumeOut(BaseModel):
+    id: str
+    template_id: str
+    backend: str
+    state: VolumeState
+    size: int
+    device: str | None
+    link: str
+    data_path: str
+    created: float
+    parent: str | None
+    error: str | None
+
+
+class VolumeList(BaseModel):
+    volumes: list[VolumeOut]
+
+
+class UsageOut(BaseModel):
+    disk_bytes: int
+    apparent_bytes: int
+    exclusive_bytes: int | None = None
+    shared_bytes: int | None = None
+    cow_used_bytes: int | None = None
+    cow_total_bytes: int | None = None
+    health: str = "ok"
+    own_bytes: int
+
+
+class RecoveryReportOut(BaseModel):
+    """What recovery did, by action (``cowdisk recover --json``); newer stores may add actions."""
+
+    model_config = ConfigDict(extra="allow")
+
+    rolled_back: list[str] = []
+    finished: list[str] = []
+    reactivated: list[str] = []
+    orphans_removed: list[str] = []
+    kept: list[str] = []
+    errors: list[str] = []
+
+
+class Removed(BaseModel):
+    removed: list[str]
+
+
+class JobProgress(BaseModel):
+    stage: str = Field(description="The phase the operation is in (\"copy\", \"mkfs\"...)")
+    done: int = Field(description="Bytes done in this phase")
+    total: int = Field(description="Bytes in this phase, 0 while unknown")
+
+
+class PeerOut(BaseModel):
+    pid: int
+    uid: int
+    gid: int
+
+
+class JobOut(BaseModel):
+    id: str
+    seq: int = Field(description="Grows with every change of state or progress: pass it as since= to wait for "
+                                 "the next one")
+    op: str
+    object: str
+    state: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    progress: JobProgress
+    result: Any = Field(None, description="When succeeded: a template (import, build, verify, flatten) or "
+                                          "{\"volumes\": [...]} (fork)")
+    error: ErrorBody | None = None
+    created: float
+    started: float | None = None
+    finished: float | None = None
+    cancel_requested: bool = False
+    peer: PeerOut
+
+
+class JobList(BaseModel):
+    jobs: list[JobOut]
+
+
+class HealthOut(BaseModel):
+    status: Literal["ok", "stopping"]
+    pid: int
+    version: str
+    root: str
+    store_id: str = Field(description="The store's id: its dm devices are named cowdisk-<store_id>-<volume>")
+    backend: str
+    block_device: bool = Field(description="Whether a volume's device is a block device (dm) or a file")
+    uptime_s: float
+    recovery: RecoveryReportOut = Field(description="What the recovery at start did")
+
+
+class ImportIn(In):
+    source: str = Field(description="Absolute path of a raw disk image under one of the daemon's import_roots")
+    name: str | None = None
+    adopt: bool = Field(False, description="Use the image in place (no copy); it must never change")
+
+
+class BuildIn(In):
+    source: str = Field(description="Absolute path of a directory tree or tarball under one of the daemon's "
+                                    "import_roots")
+    name: str | None = None
+    size: int | None = Field(None, gt=0, description="Image size in bytes; default: twice the tree plus 32 MiB")
+    fs_type: Literal["ext4"] = "ext4"
+
+
+class CreateIn(In):
+    id: str
+    template: str = Field(description="Template id, digest prefix or name")
+
+
+class RestoreIn(In):
+    new_id: str | None = Field(None, description="Restore as this new volume (the checkpoint is kept)")
+    retarget_source_link: bool = Field(True, description="With new_id: point the source's stable link at "
+                                                         "the new volume too (the path a VM snapshot recorded)")
+
+
+class ForkIn(In):
+    new_ids: list[str] = Field(min_length=1)
+
+
+class FlattenIn(In):
+    name: str | None = None
+
+
+class JailIn(In):
+    dir: str = Field(description="The jail directory, under one of the daemon's jail_roots")
+    name: str = "rootfs"
+    uid: int | None = None
+    gid: int | None = None
+
+
+class JailOut(BaseModel):
+    volume: str
+    path: str
+
+
+class DriveOut(BaseModel):
+    volume: str
+    format: str
+    path: str
+    state: VolumeState
+    config: Any = Field(description="firecracker, cloud-hypervisor-api: the drive object; cloud-hypervisor, "
+                                    "qemu, qemu-blockdev: the argument list")
+    text: str = Field(description="What `cowdisk volume drive` prints")

@@ -1,0 +1,130 @@
+"""A real cowdiskd for the daemon tests: a ``python -m cowdisk serve`` process from this
+checkout on a real unix socket under the test's tmp dir, talked to over that socket
+(cowdisk.client.Client, curl, Go); never an in-process test client."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+from cowdisk.client import Client
+from cowdisk.errors import CowdiskError
+
+SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+
+
+def env(**extra: str) -> dict[str, str]:
+    e = {**os.environ, "NO_COLOR": "1", "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    for k in ("COWDISK_ROOT", "COWDISK_BACKEND", "COWDISK_SOCKET", "COWDISK_CONFIG", "COWDISK_CRASH_AT",
+              "NOTIFY_SOCKET"):
+        e.pop(k, None)
+    e.update(extra)
+    return e
+
+
+class Daemon:
+    """One daemon process on ``root`` serving ``sock``."""
+
+    def __init__(self, root: str, sock: str, *args: str, backend: str = "copy", log: str | None = None,
+                 extra_env: dict[str, str] | None = None) -> None:
+        self.root = root
+        self.sock = sock
+        self.args = args
+        self.backend = backend
+        self.log_path = log or os.path.join(os.path.dirname(sock), f"daemon-{os.path.basename(sock)}.log")
+        self.extra_env = extra_env or {}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.client = Client(sock, timeout=120)
+
+    def argv(self) -> list[str]:
+        return [sys.executable, "-m", "cowdisk", "--root", self.root, "--backend", self.backend, "serve",
+                "--socket", self.sock, "--log-format", "json", "--config", os.devnull, *self.args]
+
+    def start(self, wait: bool = True, timeout: float = 60) -> "Daemon":
+        self.logf = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(self.argv(), stdout=self.logf, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, env=env(**self.extra_env))
+        if wait:
+            self.wait_ready(timeout)
+        return self
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        assert self.proc is not None
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited {self.proc.returncode} before answering:\n{self.log()}")
+            if os.path.exists(self.sock) and self.client.answers(timeout=2):
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"daemon did not answer within {timeout} s:\n{self.log()}")
+
+    def log(self) -> str:
+        try:
+            with open(self.log_path, errors="replace") as f:
+                return f.read()
+        except OSError:
+            return ""
+
+    def log_records(self) -> list[dict[str, Any]]:
+        out = []
+        for line in self.log().splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                pass
+        return out
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 60) -> int:
+        assert self.proc is not None
+        code = self.proc.wait(timeout)
+        self.client.close()
+        self.logf.close()
+        return code
+
+    def stop(self, timeout: float = 60) -> int:
+        """SIGTERM and wait; the exit status."""
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc is not None else 0
+        self.signal(signal.SIGTERM)
+        return self.wait(timeout)
+
+    def kill(self) -> int:
+        self.signal(signal.SIGKILL)
+        return self.wait()
+
+    def __enter__(self) -> "Daemon":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.client.close()
+
+
+def wait_for(pred: Any, timeout: float = 30, what: str = "condition") -> Any:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        v = pred()
+        if v:
+            return v
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def raises(fn: Any, *args: Any, **kw: Any) -> CowdiskError:
+    try:
+        fn(*args, **kw)
+    except CowdiskError as e:
+        return e
+    raise AssertionError(f"{fn} did not raise")

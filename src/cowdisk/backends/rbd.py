@@ -207,6 +207,8 @@ class RbdBackend:
         self.holder = f"{env.tag}@{socket.gethostname()}"
         self._cluster: Any = None
         self._ioctx: Any = None
+        self._ready: set[str] = set()
+        """Template ids whose image and protected snapshot this process has seen."""
         RbdBackend._instances.add(self)
 
     # -- store-wide ---------------------------------------------------------------------
@@ -285,11 +287,14 @@ class RbdBackend:
         _, rbd = librbd()
         io = self.ioctx()
         t = ctx.template
+        if t.id in self._ready:
+            return  # seen ready by this process; a clone of a template gone since retries here
         name, snap = template_image(t.id), template_snap(t.id)
         for _ in range(3):
             try:
                 with rbd.Image(io, name, read_only=True) as im:
                     if any(s["name"] == snap for s in im.list_snaps()) and im.is_protected_snap(snap):
+                        self._ready.add(t.id)
                         return
             except rbd.ImageNotFound:
                 self._write_template(ctx)
@@ -360,6 +365,7 @@ class RbdBackend:
                 except (rbd.ImageNotFound, rbd.InvalidArgument):
                     if attempt == 2:  # the template went away under us (its last clone removed elsewhere)
                         raise
+                    self._ready.discard(t.id)
                     with ctx.template_lock():
                         self._ensure_template(ctx)
         ctx.step("clone")
@@ -422,14 +428,28 @@ class RbdBackend:
                                  "(RbdBackend.take_over: fences the old holder)")
             im.metadata_set(HOLDER, self.holder)
 
-    def _release_hold(self, img: str) -> None:
+    def _release_hold(self, img: str, *, deadline_s: float | None = None, vid: str = "") -> None:
+        """Clear our holder record. With ``deadline_s`` (map=none, where a VMM opens the
+        image itself) first wait that long for other clients to close it, else InUse."""
         _, rbd = librbd()
         with named("release hold", img):
             try:
                 with rbd.Image(self.ioctx(), img) as im:
-                    with contextlib.suppress(KeyError):
-                        if str(im.metadata_get(HOLDER)) == self.holder:
-                            im.metadata_remove(HOLDER)
+                    try:
+                        mine = str(im.metadata_get(HOLDER)) == self.holder
+                    except KeyError:
+                        mine = False
+                    if not mine:
+                        return
+                    if deadline_s is not None:
+                        me = self._my_addr()
+                        end = time.monotonic() + deadline_s
+                        while live := [w["addr"] for w in im.watchers_list() if w["addr"] != me]:
+                            if time.monotonic() > end:
+                                raise InUse(f"detach volume {vid}: its image is still open by {', '.join(live)}",
+                                            op="detach volume", obj=vid, hint="stop the VM that uses it first")
+                            time.sleep(0.05)
+                    im.metadata_remove(HOLDER)
             except rbd.ImageNotFound:
                 pass
 
@@ -511,16 +531,9 @@ class RbdBackend:
         if self.map == "fuse":
             self._unmap(os.path.join(ctx.data_dir, DISK), os.path.join(ctx.data_dir, PIDFILE), deadline_s, ctx.id)
             ctx.forget("fuse", os.path.join(ctx.data_dir, DISK))
+            self._release_hold(volume_image(ctx.id))
         else:
-            live = [a for a in self._watchers_or_none(ctx.id) if a != self._my_addr()]
-            end = time.monotonic() + deadline_s
-            while live and time.monotonic() < end:
-                time.sleep(0.05)
-                live = [a for a in self._watchers_or_none(ctx.id) if a != self._my_addr()]
-            if live and self.holder_of(ctx.id) == self.holder:
-                raise InUse(f"detach volume {ctx.id}: its image is still open by {', '.join(live)}",
-                            op="detach volume", obj=ctx.id, hint="stop the VM that uses it first")
-        self._release_hold(volume_image(ctx.id))
+            self._release_hold(volume_image(ctx.id), deadline_s=deadline_s, vid=ctx.id)
 
     def _watchers_or_none(self, vid: str) -> list[str]:
         _, rbd = librbd()
@@ -677,9 +690,12 @@ class RbdBackend:
             raise
 
     def device_path(self, ctx: VolumeCtx) -> str | None:
-        if not self.is_attached(ctx):
+        """The mapped file (map=fuse). None for map=none: no process of this host opens a
+        file for it (the VMM opens the image through librbd); detach checks the image's
+        watchers instead, so the store's holder search has nothing to look for."""
+        if self.map == "none" or not self.is_attached(ctx):
             return None
-        return os.path.join(ctx.data_dir, DISK) if self.map == "fuse" else self.spec(volume_image(ctx.id))
+        return os.path.join(ctx.data_dir, DISK)
 
     def stage(self, ctx: VolumeCtx, device: str, dest: str, *, uid: int | None, gid: int | None) -> str:
         raise Unsupported(f"jail volume {ctx.id}: the rbd backend cannot stage a volume into a jail yet",

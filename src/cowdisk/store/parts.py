@@ -15,9 +15,10 @@ import shutil
 import time
 from typing import Any, Mapping, Self
 
+
 from .. import failpoints
 from ..backends import Backend, BackendEnv, TemplateRef, VolumeCtx, backend_class, explain
-from ..errors import InvalidArgument, KernelError, RegistryDamaged, Unsupported
+from ..errors import CowdiskError, InvalidArgument, KernelError, RegistryDamaged, Unsupported
 from ..kernel import procfs
 from ..locks import FileLock
 from ..progress import Progress
@@ -285,8 +286,33 @@ class StoreParts:
             raise KernelError.from_oserror("set stable link", path, e, hint=hint) from None
 
     def drop_links(self, vid: str) -> None:
-        for path, _, _ in self.registry.links(vid):
-            self.drop_link(path)
+        """Drop volume ``vid``'s links (call with its lock held). A link in another volume's
+        directory (a restore-as retargeted the source's link to ``vid``) is that volume's
+        path: it is dropped only under that volume's lock and only while it is still
+        ``vid``'s, so a concurrent restore of the source keeps the link it just made. When
+        that lock is busy the link stays, and recovery drops it once its owner is detached."""
+        own = os.path.dirname(self.link_path(vid))
+        listed = self.registry.links(vid)
+        failpoints.hit("drop-links", "listed")  # a race test widens the window here
+        for path, _, target in listed:
+            other = os.path.basename(os.path.dirname(path))
+            if os.path.dirname(path) == own or other == vid:
+                self.drop_link(path)
+                continue
+            lk = FileLock(os.path.join(self.root, "locks", f"volume-{other}.lock"), timeout=0,
+                          what=f"volume {other}")
+            try:
+                lk.acquire()
+            except CowdiskError:
+                continue  # its volume is busy (being restored): leave its link to it
+            try:
+                still = [r for r in self.registry.links(vid) if r[0] == path]
+                if still and os.path.islink(path) and os.readlink(path) == target:
+                    self.drop_link(path)
+                elif still:
+                    self.registry.drop_link(path)  # the file is someone else's now: only our row goes
+            finally:
+                lk.release()
 
     def drop_link(self, path: str) -> None:
         """Remove a stable link and its row; a link or directory already gone (removed by

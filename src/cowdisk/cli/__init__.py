@@ -14,7 +14,7 @@ import traceback
 
 import click
 
-from . import admin, demo, serve, templates, volumes
+from . import admin, demo, lifecycle, serve, templates, volumes
 from .app import App, CowdiskGroup, global_params, setup_logging
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -53,8 +53,8 @@ def cli(ctx: click.Context, root: str, backend: str, verbose: int, quiet: bool, 
 
 cli.params[:0] = global_params(at_root=True)
 
-for _command in (templates.template, volumes.volume, admin.recover, admin.gc, admin.doctor, demo.demo_command,
-                 serve.serve):
+for _command in (templates.template, volumes.volume, lifecycle.store, admin.recover, admin.gc, admin.doctor,
+                 demo.demo_command, serve.serve):
     cli.add_command(_command)
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import functools
 import logging
 import os
@@ -36,7 +37,7 @@ from typing import Any, Callable, Iterator, Mapping, TypeVar
 from ..backends import Usage, VolumeCtx, explain
 from ..digest import sha256_file
 from ..errors import CowdiskError, InUse, InvalidArgument, KernelError, NotFound, StateError
-from ..kernel import procfs
+from ..kernel import fs, procfs
 from ..progress import Progress
 from ..registry import ATTACHED, CREATING, TemplateRow, VolumeRow
 from . import manifest, recovery
@@ -449,6 +450,50 @@ class Store(StoreParts):
             self.remove_template(t.id)
         self._templates.clean_cache()
         self.backend.destroy_store()
+
+    def info(self) -> dict[str, Any]:
+        """What the store is and holds: identity, backend, places, counts, space."""
+        def free(path: str) -> int:
+            st = os.statvfs(path)
+            return st.f_bavail * st.f_frsize
+
+        states: dict[str, int] = {}
+        for v in self.registry.volumes():
+            states[v.state.value] = states.get(v.state.value, 0) + 1
+        qdir = os.path.join(self.data_root, "quarantine")
+        return {
+            "root": self.root, "id": self.id, "backend": self.backend_name,
+            "backend_options": json.loads(self.registry.meta("backend_options") or "{}"),
+            "data_root": self.data_root, "read_only": self.read_only,
+            "registry_schema": self.registry.schema_version, "templates": len(self.registry.templates()),
+            "volumes": states, "intents": len(self.registry.intents()),
+            "quarantine": sorted(os.listdir(qdir)) if os.path.isdir(qdir) else [],
+            "reserve": os.path.exists(os.path.join(self.root, "reserve")),
+            "free_bytes": free(self.root), "data_free_bytes": free(self.data_root),
+        }
+
+    def destroy_store(self, *, force: bool = False) -> list[str]:
+        """Delete the whole store: volumes (refused while any is attached, unless ``force``:
+        then removed like ``volume rm``, still refused for a device a VM holds open),
+        templates, cache, pool, quarantine, registry and every file under the root, chattr +i
+        ones included. Returns what was removed."""
+        attached = [v.id for v in self.registry.volumes() if v.state == ATTACHED]
+        if attached and not force:
+            raise StateError(f"destroy store {self.root}: volumes {', '.join(attached)} are attached",
+                             op="destroy store", obj=self.root,
+                             hint="checkpoint or remove them first, or --force to remove them too")
+        gone = [f"volume {v.id}" for v in self.registry.volumes()] + [f"template {t.id}"
+                                                                      for t in self.registry.templates()]
+        self.destroy()
+        self.close()
+        for d, _, files in os.walk(self.root):
+            for name in files:
+                p = os.path.join(d, name)
+                if os.path.isfile(p) and not os.path.islink(p):  # never through a link
+                    with contextlib.suppress(OSError):
+                        fs.set_immutable(p, False)
+        shutil.rmtree(self.root)
+        return gone + [self.root]
 
 
 @contextlib.contextmanager

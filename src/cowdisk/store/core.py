@@ -168,6 +168,11 @@ class Store(StoreParts):
     def volume(self, vid: str) -> Volume:
         return self._to_volume(self.registry.get_volume(vid))
 
+    def links(self, vid: str | None = None) -> list[tuple[str, str]]:
+        """``(link path, volume id)`` of every stable link (of ``vid``'s only, when given): a
+        volume's own link, and a restore-as source's link retargeted to its copy."""
+        return [(p, o) for p, o, _ in self.registry.links(vid)]
+
     def usage(self, vid: str) -> Usage:
         v = self.registry.get_volume(vid)
         return self.backend.usage(self.ctx(v), attached=v.state == ATTACHED)

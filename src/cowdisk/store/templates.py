@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 STAGING_PREFIX = ".staging-"
+TARBALL_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.zst", ".tzst", ".tar.xz", ".txz", ".tar.bz2", ".tbz2")
+"""Names ``build`` takes as a tarball (GNU tar detects the compression itself)."""
 
 
 def staging_name() -> str:
@@ -124,7 +126,7 @@ class Templates:
                 used = sum(os.lstat(os.path.join(d, f)).st_size for d, _, fl in os.walk(source) for f in fl)
                 size = max(64 << 20, (used * 2 + (32 << 20) + (1 << 20) - 1) // (1 << 20) * (1 << 20))
             recipe: TreeRecipe | TarRecipe = TreeRecipe(os.path.abspath(source), size, fs=fs_type)
-        elif os.path.isfile(source) and ".tar" in os.path.basename(source):
+        elif os.path.isfile(source) and os.path.basename(source).lower().endswith(TARBALL_SUFFIXES):
             if size is None:
                 size = max(64 << 20, (os.path.getsize(source) * 3 + (32 << 20)) // (1 << 20) * (1 << 20))
             recipe = TarRecipe(os.path.abspath(source), size, fs=fs_type)

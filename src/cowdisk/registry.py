@@ -269,9 +269,16 @@ class Registry:
         return KernelError(op, self.path, err, detail=f"SQLite: {e}")
 
     @contextmanager
-    def tx(self) -> Iterator[sqlite3.Connection]:
+    def tx(self, *, durable: bool = True) -> Iterator[sqlite3.Connection]:
         """One write transaction (BEGIN IMMEDIATE ... COMMIT, ROLLBACK on error). A full or
-        read-only filesystem raises KernelError(ENOSPC or EROFS) naming the registry."""
+        read-only filesystem raises KernelError(ENOSPC or EROFS) naming the registry.
+
+        ``durable=False`` commits without an fsync (WAL, synchronous=NORMAL): the commit
+        survives the process being killed but not a power loss, and the next durable
+        commit makes it durable too (the WAL is written in order). Used for the kernel
+        object records: a power loss takes the loops and dm devices with it, and files it
+        leaves behind are found by recovery's directory scan, so those records need only
+        outlive the process."""
         if self.read_only:
             raise KernelError("write registry", self.path, errno.EROFS,
                               hint="the store's filesystem is read-only: only reading commands work")
@@ -279,12 +286,23 @@ class Registry:
         if c.in_transaction:  # nested: join the outer transaction
             yield c
             return
+        if not durable:
+            c.execute("PRAGMA synchronous=NORMAL")
         try:
             c.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as e:
+            if not durable:
+                c.execute("PRAGMA synchronous=FULL")
             if "locked" in str(e):
                 raise
             raise self._os_error("write registry", e) from e
+        try:
+            yield from self._run_tx(c)
+        finally:
+            if not durable:
+                c.execute("PRAGMA synchronous=FULL")
+
+    def _run_tx(self, c: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
         try:
             yield c
         except sqlite3.DatabaseError as e:
@@ -540,12 +558,12 @@ class Registry:
     # -- kernel objects and links ---------------------------------------------------
 
     def record_object(self, volume_id: str, kind: str, name: str) -> None:
-        with self.tx() as c:
+        with self.tx(durable=False) as c:
             c.execute("INSERT OR REPLACE INTO objects(kind, name, volume_id, created) VALUES (?,?,?,?)",
                       (kind, name, volume_id, time.time()))
 
     def forget_object(self, kind: str, name: str) -> None:
-        with self.tx() as c:
+        with self.tx(durable=False) as c:
             c.execute("DELETE FROM objects WHERE kind=? AND name=?", (kind, name))
 
     def objects(self, volume_id: str | None = None) -> list[tuple[str, str, str]]:

@@ -3,7 +3,9 @@ so that the registry can be rebuilt from the disk after it was lost or damaged.
 
 * ``<root>/store.json``: the store's id (its kernel objects carry it), backend and options.
 * ``volumes/<id>/manifest.json``: id, template and its digest, backend, state, size,
-  device (and whether it is a block device), parent, links; written at every state change.
+  device (and whether it is a block device), parent, links; written each time a volume
+  reaches a done state (attached, checkpointed, error), so a volume caught half-made has
+  none and goes to the quarantine, and any other comes back at its last done state.
 * ``templates/<id>/manifest.json``: id, digest, size, names, owned, source.
 
 Each is written to a temporary name and renamed over the old one, so a reader sees a whole

@@ -156,7 +156,9 @@ class Transition:
         self.data = dict(data or {})
         self.undo = undo
         self.on_change = on_change
-        """Called with the subject's id after each committed change (the volume's manifest)."""
+        """Called with the subject's id once its done (or reverted) state is committed (the
+        volume's manifest: it records done states only, so a registry lost in the middle of
+        an operation is rebuilt at the operation's last done state)."""
         self.intent = 0
         self.before: VolumeState | None = None
         self._next = 0
@@ -173,7 +175,6 @@ class Transition:
             elif self.op.trying is not None:
                 self.before = self.registry.set_state(self.vid, self.op.trying)
         log.debug("%s %s: intent %d", self.op.name, self.vid, self.intent)
-        self._changed()
         failpoints.hit(self.op.name, INTENT)
         return self
 

@@ -337,15 +337,7 @@ def dm_exists(name: str) -> bool:
 
 def snapshot_supported() -> tuple[bool, str]:
     """Whether dm-snapshot volumes can be made here, and if not, why."""
-    try:
-        dm.control().version()
-    except (KernelError, OSError) as e:
-        return False, f"no device-mapper in this kernel ({e})"
-    try:
-        dm.control().get_target_version("snapshot")
-    except (KernelError, OSError) as e:
-        return False, f"device-mapper has no snapshot target ({e})"
-    return True, "device-mapper with the snapshot target"
+    return dm.target_available("snapshot")
 
 
 def _copy_device(dev: str, out_path: str, size: int, progress: Progress | None) -> None:

@@ -84,15 +84,7 @@ class PoolUsage:
 
 def thin_supported() -> tuple[bool, str]:
     """Whether dm-thin volumes can be made here, and if not, why."""
-    try:
-        dm.control().version()
-    except (KernelError, OSError) as e:
-        return False, f"no device-mapper in this kernel ({e})"
-    try:
-        dm.control().get_target_version("thin-pool")
-    except (KernelError, OSError) as e:
-        return False, f"device-mapper has no thin-pool target ({e})"
-    return True, "device-mapper with the thin-pool target"
+    return dm.target_available("thin-pool")
 
 
 def _int_option(env: BackendEnv, key: str, lo: int, hi: int) -> int:

@@ -680,6 +680,20 @@ def control() -> Control:
         return _shared
 
 
+def target_available(target: str) -> tuple[bool, str]:
+    """Whether this kernel has device-mapper and its ``target`` (e.g. "snapshot",
+    "thin-pool"), and if not, why."""
+    try:
+        control().version()
+    except (KernelError, OSError) as e:
+        return False, f"no device-mapper in this kernel ({e})"
+    try:
+        control().get_target_version(target)
+    except (KernelError, OSError) as e:
+        return False, f"device-mapper has no {target} target ({e})"
+    return True, f"device-mapper with the {target} target"
+
+
 def close_shared() -> None:
     """Close the shared control fd (it is reopened on next use)."""
     global _shared

@@ -248,19 +248,26 @@ class Store(StoreParts):
             return self._restore_in_place(vid, progress)
         validate_id(new_id)
         self.check_room("restore volume", new_id)
+        return self._copy(RESTORE_AS, vid, new_id, retarget=retarget_source_link, progress=progress,
+                          hint="checkpoint it first, or use fork")
+
+    def _copy(self, op: Operation, vid: str, new_id: str, *, retarget: bool, progress: Progress | None,
+              hint: str = "") -> Volume:
+        """A new volume ``new_id`` from ``vid``'s data (restore-as, fork): copy, attach, link
+        (and, with ``retarget``, the source's link pointed at the copy)."""
         with self.lock("volume", vid), self.lock("volume", new_id):
             src = self.registry.get_volume(vid)
-            RESTORE_AS.require(src, hint="checkpoint it first, or use fork")
-            self._require_data(src)
+            op.require(src, hint=hint)
+            if op is RESTORE_AS:
+                self._require_data(src)
             t = self.registry.get_template(src.template_id)
             self.check_template(t)
             row = self._new_row(new_id, t, src.size, vid)
-            ctx = self.ctx(row, t, op=RESTORE_AS.name, progress=progress)
-            with self._transition(RESTORE_AS, new_id, row=row, data={"source": vid},
-                            undo=self._undo(row, ctx)) as tr:
-                tr.step("copy", self.backend.copy_data, self.ctx(src, t), ctx, src_attached=False)
+            ctx = self.ctx(row, t, op=op.name, progress=progress)
+            with self._transition(op, new_id, row=row, data={"source": vid}, undo=self._undo(row, ctx)) as tr:
+                tr.step("copy", self.backend.copy_data, self.ctx(src, t), ctx, src_attached=src.state == ATTACHED)
                 dev = tr.step("device", self.backend.attach, ctx)
-                tr.step("link", self._link_copy, new_id, dev, vid if retarget_source_link else None)
+                tr.step("link", self._link_copy, new_id, dev, vid if retarget else None)
                 tr.finish(device=dev)
         return self.volume(new_id)
 
@@ -291,24 +298,7 @@ class Store(StoreParts):
         for n in new_ids:
             validate_id(n)
         self.check_room("fork volume", vid)
-        out = []
-        for n in new_ids:
-            with self.lock("volume", vid), self.lock("volume", n):
-                src = self.registry.get_volume(vid)
-                FORK.require(src)
-                t = self.registry.get_template(src.template_id)
-                self.check_template(t)
-                row = self._new_row(n, t, src.size, vid)
-                ctx = self.ctx(row, t, op=FORK.name, progress=progress)
-                with self._transition(FORK, n, row=row, data={"source": vid},
-                                undo=self._undo(row, ctx)) as tr:
-                    tr.step("copy", self.backend.copy_data, self.ctx(src, t), ctx,
-                            src_attached=src.state == ATTACHED)
-                    dev = tr.step("device", self.backend.attach, ctx)
-                    tr.step("link", self.set_link, n, self.link_path(n), dev)
-                    tr.finish(device=dev)
-            out.append(self.volume(n))
-        return out
+        return [self._copy(FORK, vid, n, retarget=False, progress=progress) for n in new_ids]
 
     def flatten(self, vid: str, name: str | None = None, *, progress: Progress | None = None) -> Template:
         """Materialise a volume (template + its changes) as a new template."""

@@ -494,9 +494,14 @@ class Store(StoreParts):
 @contextlib.contextmanager
 def _named_errors(op: str, obj: str) -> Iterator[None]:
     """Turn a bare OSError or SQLite error (ENOSPC, "database or disk is full") into a
-    cowdisk error that names the operation and the object."""
+    cowdisk error that names the operation and the object; a full or read-only registry
+    (KernelError naming the registry file) is said of the object too."""
     try:
         yield
+    except KernelError as e:
+        if e.errno in (errno.ENOSPC, errno.EROFS) and obj not in str(e):
+            raise KernelError(op, obj, e.errno, detail=e.message, hint=e.hint) from e
+        raise
     except CowdiskError:
         raise
     except OSError as e:

@@ -255,7 +255,7 @@ class Store(StoreParts):
               hint: str = "") -> Volume:
         """A new volume ``new_id`` from ``vid``'s data (restore-as, fork): copy, attach, link
         (and, with ``retarget``, the source's link pointed at the copy)."""
-        with self.lock("volume", vid), self.lock("volume", new_id):
+        with self.lock("volume", vid), self.lock("volume", new_id), _named_errors(f"{op.verb} volume", new_id):
             src = self.registry.get_volume(vid)
             op.require(src, hint=hint)
             if op is RESTORE_AS:

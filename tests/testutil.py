@@ -234,6 +234,8 @@ def managed_store(root: str, backend: str, options: dict[str, str] | None = None
     """A store destroyed afterwards, pass or fail; the host must then be exactly as before."""
     from cowdisk.store import Store
 
+    from cowdisk.store import release_pool
+
     before = host_state()
     s = Store(root, backend=backend, backend_options=options)
     try:
@@ -243,6 +245,9 @@ def managed_store(root: str, backend: str, options: dict[str, str] | None = None
             s.destroy()
         finally:
             s.close()
+            # a test that broke the store (a damaged registry) must not leave its pool mounted
+            left = release_pool(root) if os.path.isdir(os.path.join(root, "pool")) else []
+    assert left == [], left
     assert_same_host(before)
 
 

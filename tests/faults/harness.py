@@ -75,18 +75,6 @@ MAX_VOLUMES = 5
 MAX_TEMPLATES = 5
 
 
-PENDING_ENV = "COWDISK_FAULTS_PENDING"
-"""Open findings (/tmp/harness-findings.md, issue 11) whose operations or checks stay out of
-the default run until the store's fix lands: a comma-separated list of their names, or
-``all``. Each name is where the finding is written up."""
-
-
-def pending(name: str) -> bool:
-    """Whether the parts of an open finding ``name`` run (COWDISK_FAULTS_PENDING names it)."""
-    want = {w.strip() for w in os.environ.get(PENDING_ENV, "").split(",")}
-    return "all" in want or name in want
-
-
 class Violation(AssertionError):
     """An invariant did not hold after recovery."""
 

@@ -6,9 +6,6 @@ outside cowdisk (``rm``, truncate, a full or read-only filesystem, the pool pull
 and checks what the issue promises: the store opens, recovery never aborts and never
 deletes data it does not understand, every command a user needs still works (with a
 typed error where it cannot), and the data reads back.
-
-Tests whose fix has not landed yet are defined only when ``COWDISK_FAULTS_PENDING`` names
-them (see faults.harness.pending and /tmp/harness-findings.md).
 """
 
 from __future__ import annotations

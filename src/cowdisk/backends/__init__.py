@@ -39,6 +39,9 @@ The contract (what the store relies on, and the conformance suite checks):
   (remove, checkpoint) reads it instead of searching every process's fds; the holder
   search then runs only to name the holder in an error. A backend without it (files)
   gets the holder search.
+* **Thaw** (optional). ``thaw(ctx) -> bool``: resume the attached volume's device if a
+  process killed in the middle of a copy left it suspended (every I/O to it would wait
+  forever); recovery calls it for attached volumes no process works on.
 * **Scan.** ``scan()`` lists this store's kernel objects on the host (by the store's
   tag or name prefix), never another store's; ``release`` frees one of them.
 """

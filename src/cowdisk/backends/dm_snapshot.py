@@ -73,6 +73,7 @@ class DmSnapshotBackend:
     steps: ClassVar[Mapping[str, tuple[str, ...]]] = {
         "create": ("cow_file", "template_loop", "cow_loop", "dm"),
         "attach": ("template_loop", "cow_loop", "dm"),
+        "copy_data": ("copied",),  # with an attached source: still suspended there
     }
 
     @classmethod
@@ -246,10 +247,12 @@ class DmSnapshotBackend:
             dm.control().suspend(src.dm_name)
             try:
                 fs.sparse_copy(cow_path(src), cow_path(dst), progress=dst.progress)
+                dst.step("copied")  # a kill here leaves the source suspended: recovery thaws it
             finally:
                 dm.control().resume(src.dm_name)
         else:
             fs.sparse_copy(cow_path(src), cow_path(dst), progress=dst.progress)
+            dst.step("copied")
 
     def flatten(self, ctx: VolumeCtx, out_path: str, *, attached: bool) -> None:
         if attached:
@@ -275,6 +278,11 @@ class DmSnapshotBackend:
                     used, total = s.allocated_sectors * 512, s.total_sectors * 512
         return Usage(disk_bytes=st.st_blocks * 512, apparent_bytes=st.st_size,
                      cow_used_bytes=used, cow_total_bytes=total, health=health)
+
+    def thaw(self, ctx: VolumeCtx) -> bool:
+        """Resume the volume's device if a killed copy left it suspended (recovery calls it
+        for attached volumes nobody works on); True when it was."""
+        return dm.resume_if_suspended(ctx.dm_name)
 
     def is_attached(self, ctx: VolumeCtx) -> bool:
         return dm_exists(ctx.dm_name)

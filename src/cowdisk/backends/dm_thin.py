@@ -148,7 +148,7 @@ class DmThinBackend:
     steps: ClassVar[Mapping[str, tuple[str, ...]]] = {
         "create": ("template", "thin", "dm"),
         "attach": ("dm",),
-        "copy_data": ("thin",),
+        "copy_data": ("snapped", "thin"),  # snapped: an attached source still suspended
     }
 
     @classmethod
@@ -219,6 +219,7 @@ class DmThinBackend:
         metadata existed before: an unclean stop). Idempotent; safe from several processes."""
         os.makedirs(self.tdir, exist_ok=True)
         if self._pool_live():
+            dm.resume_if_suspended(self.pool_name)  # a kill inside grow's suspend/resume
             return
         with self._pool_lock():
             if self._pool_live():
@@ -504,10 +505,12 @@ class DmThinBackend:
             dm.control().suspend(src.dm_name)
             try:
                 self._message(f"create_snap {tid} {origin}")
+                dst.step("snapped")  # a kill here leaves the source suspended: recovery thaws it
             finally:
                 dm.control().resume(src.dm_name)
         else:
             self._message(f"create_snap {tid} {origin}")
+            dst.step("snapped")
         dst.step("thin")
 
     def flatten(self, ctx: VolumeCtx, out_path: str, *, attached: bool) -> None:
@@ -572,6 +575,11 @@ class DmThinBackend:
             if len(w) == 4 and all(x.isdigit() for x in w):
                 out[int(w[0])] = (int(w[1]), int(w[2]), int(w[3]))
         return out
+
+    def thaw(self, ctx: VolumeCtx) -> bool:
+        """Resume the volume's device if a killed copy left it suspended (recovery calls it
+        for attached volumes nobody works on); True when it was."""
+        return dm.resume_if_suspended(ctx.dm_name)
 
     def is_attached(self, ctx: VolumeCtx) -> bool:
         return dm_exists(ctx.dm_name)

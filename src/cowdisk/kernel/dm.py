@@ -680,6 +680,23 @@ def control() -> Control:
         return _shared
 
 
+def resume_if_suspended(name: str) -> bool:
+    """Resume device ``name`` if it is suspended (a process killed between its suspend and
+    its resume leaves every I/O to it waiting); True when it was. A device that is gone is
+    not an error."""
+    try:
+        info = control().info(name)
+    except KernelError as e:
+        if is_gone(e):
+            return False
+        raise
+    if not info.suspended:
+        return False
+    control().resume(name)
+    log.info("resume %s: it was left suspended", name)
+    return True
+
+
 def target_available(target: str) -> tuple[bool, str]:
     """Whether this kernel has device-mapper and its ``target`` (e.g. "snapshot",
     "thin-pool"), and if not, why."""

@@ -250,6 +250,9 @@ def _reactivate_one(store: StoreParts, vid: str, rep: RecoveryReport) -> None:
             return
         ctx = store.ctx(cur, op="recover")
         if store.backend.is_attached(ctx):
+            thaw = getattr(store.backend, "thaw", None)  # a kill while it was suspended for a copy
+            if thaw is not None and thaw(ctx):
+                rep.finished.append(f"device {vid}: resumed")
             if cur.device and not _link_ok(store.link_path(vid), cur.device):
                 store.set_link(vid, store.link_path(vid), cur.device)  # removed by hand
                 rep.finished.append(f"link {vid}: made again")

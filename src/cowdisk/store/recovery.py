@@ -6,12 +6,15 @@ Two parts:
   name to the handler that undoes or finishes it (the operation's ``after_crash``).
   The same handler is what an operation runs in-process when a step fails, so the
   code path a crash takes is the one every failure test already exercises.
-* **Reconciliation** of what no intent explains: kernel objects of this store that no
-  volume accounts for are released, attached volumes whose device is gone (a reboot)
-  are attached again, files and links of volumes that do not exist are removed, and
-  staging debris of dead processes goes. Anything a live process may be working on
-  (its volume lock is held, or its intent's process runs) is left alone, and a
-  failure on one item is reported and never stops the others.
+* **Reconciliation** of what no intent explains: volume and template data the registry
+  lost is registered again from its manifest, or else moved to the quarantine (never
+  deleted); kernel objects of this store that no volume accounts for are released (a
+  detach loses no data); attached volumes whose device is gone (a reboot) are attached
+  again, and a device a killed copy left suspended is resumed; link rows and files are
+  made to agree; staging debris of dead processes goes; owned templates stay immutable.
+  Anything a live process may be working on (its volume lock is held, or its intent's
+  process runs) is left alone, and a failure on one item is reported and never stops the
+  others.
 """
 
 from __future__ import annotations

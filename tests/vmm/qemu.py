@@ -7,6 +7,9 @@
         vm.wait_incoming(); vm.cont()
         vm.command("write2")
 
+``machine="microvm"`` boots QEMU's microvm machine (virtio-mmio, no PCI); its kernel
+command line gets ``tsc_early_khz=`` (see :func:`microvm_cmdline` for why).
+
 Every Vm kills only the QEMU process it started, by PID, when its ``with`` block
 ends (normally or by exception); QEMU also gets SIGKILL if the test process dies
 (``setpriv --pdeathsig KILL``).
@@ -184,7 +187,7 @@ class Vm:
                 "-chardev", "stdio,id=ser0,signal=off", "-serial", "chardev:ser0",
                 "-qmp", f"unix:{qmp_path},server=on,wait=off",
                 "-kernel", self.guest.kernel, "-initrd", self.guest.initrd,
-                "-append", self.cmdline]
+                "-append", self.kernel_cmdline()]
         argv += drive_cfg.config(self.drive_form, self.drive,
                                  drive_cfg.DriveOptions(cache=cache, machine=self.machine))
         if self.incoming:
@@ -193,6 +196,12 @@ class Vm:
             else:
                 argv += ["-incoming", f"exec:cat {shlex.quote(self.incoming)}"]
         return argv + self.extra_args
+
+    def kernel_cmdline(self) -> str:
+        """The guest's command line; on microvm with the TSC's rate given (see microvm_cmdline)."""
+        if self.machine.split(",")[0] == "microvm":
+            return microvm_cmdline(self.cmdline)
+        return self.cmdline
 
     def start(self) -> "Vm":
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -425,6 +434,33 @@ class Vm:
     def poweroff(self, timeout: float = 60.0) -> int:
         self.command("poweroff", timeout=timeout)
         return self.wait_exit(timeout)
+
+
+def host_tsc_khz(default: int = 2_000_000) -> int:
+    """The host CPU's clock in kHz, from /proc/cpuinfo's first ``cpu MHz`` (``default`` if none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            m = re.search(r"^cpu MHz\s*:\s*([0-9.]+)", f.read(), re.M)
+    except OSError:
+        m = None
+    return round(float(m.group(1)) * 1000) if m and float(m.group(1)) > 0 else default
+
+
+def microvm_cmdline(cmdline: str) -> str:
+    """``cmdline`` plus ``tsc_early_khz=`` (the host's clock) unless it already sets one.
+
+    Under TCG the guest's TSC ticks at the host's TSC rate, and the kernel calibrates it
+    against the i8254 PIT: a few busy loops of 10 to 50 ms that fail when the host
+    deschedules QEMU in the middle (a loaded host). q35 then falls back to its HPET or ACPI
+    PM timer; microvm has neither, so the kernel marks the TSC unusable and hangs in boot
+    (``tsc: Unable to calibrate against PIT`` / ``No reference (HPET/PMTIMER) available``,
+    then nothing). ``tsc_early_khz`` skips the calibration. The rate need not be exact: a
+    wrong one only makes the guest's clock run fast or slow (1000000 on this 2.6 GHz host
+    still boots).
+    """
+    if re.search(r"(^|\s)tsc_early_khz=", cmdline):
+        return cmdline
+    return f"{cmdline} tsc_early_khz={host_tsc_khz()}"
 
 
 def _sock_parent() -> str:

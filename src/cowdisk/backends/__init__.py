@@ -136,6 +136,9 @@ class KernelObject:
     name: str  # dm name or loop number
     volume_id: str | None  # the volume it belongs to, if the name tells
     detail: str = ""
+    template_id: str | None = None
+    """A template's own object (dm-thin's fill device): recovery releases it only while
+    that template's lock is free, i.e. while nobody is filling it."""
 
 
 class Backend(Protocol):

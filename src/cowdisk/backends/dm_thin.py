@@ -608,9 +608,12 @@ class DmThinBackend:
     def scan(self) -> Iterator[KernelObject]:
         """Volume devices of this store (the pool and template fills are not volumes), and
         template thins whose template file is gone (the template was removed)."""
+        fill = self.dm_prefix + ".t-"
         for d in dm.control().list_devices():
             if d.name.startswith(self.dm_prefix) and not d.name.startswith(self.dm_prefix + "."):
                 yield KernelObject("dm", d.name, d.name[len(self.dm_prefix):])
+            elif d.name.startswith(fill):  # a template fill's device: left by a killed fill
+                yield KernelObject("dm", d.name, None, detail="template fill", template_id=d.name[len(fill):])
         for name in sorted(os.listdir(self.tdir)) if os.path.isdir(self.tdir) else []:
             if name.endswith((".partial",)) or ".tmp-" in name:
                 continue

@@ -24,7 +24,7 @@ import logging
 import os
 import shutil
 import time
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, ContextManager, Iterator, Mapping
 
 from ..backends import KernelObject, VolumeCtx
 from ..errors import CowdiskError
@@ -182,11 +182,15 @@ def _each(rep: RecoveryReport, what: str, fn: Callable[..., object], *args: obje
         rep.errors.append(f"{what}: {type(e).__name__}: {e}")
 
 
-@contextlib.contextmanager
-def _idle_volume(store: StoreParts, vid: str) -> Iterator[bool]:
+def _idle_volume(store: StoreParts, vid: str) -> ContextManager[bool]:
     """Hold volume ``vid``'s lock if nobody else does; yield False (and hold nothing) when
     another process or thread is working on that volume: recovery then leaves it alone."""
-    lk = FileLock(os.path.join(store.root, "locks", f"volume-{vid}.lock"), timeout=0, what=f"volume {vid}")
+    return _idle_lock(store, "volume", vid)
+
+
+@contextlib.contextmanager
+def _idle_lock(store: StoreParts, kind: str, name: str) -> Iterator[bool]:
+    lk = FileLock(os.path.join(store.root, "locks", f"{kind}-{name}.lock"), timeout=0, what=f"{kind} {name}")
     try:
         lk.acquire()
     except CowdiskError:
@@ -230,7 +234,11 @@ def _release_orphan_objects(store: StoreParts, rep: RecoveryReport) -> None:
 
 def _release_one(store: StoreParts, obj: KernelObject, rep: RecoveryReport) -> None:
     vid = obj.volume_id
-    with _idle_volume(store, vid) if vid else contextlib.nullcontext(True) as idle:
+    if obj.template_id is not None:
+        guard = _idle_lock(store, "template", obj.template_id)
+    else:
+        guard = _idle_volume(store, vid) if vid else contextlib.nullcontext(True)
+    with guard as idle:
         if not idle or (vid and not _orphan_now(store, vid)):
             return
         store.backend.release(obj)  # a detach loses no data

@@ -11,7 +11,13 @@ from .app import App, CowdiskCommand, CowdiskGroup, pass_app
 
 @click.group(cls=CowdiskGroup)
 def store() -> None:
-    """Make, describe and delete a store (the state root at --root)."""
+    """Make, describe and delete a store (the state root at --root).
+
+    \b
+    Example:
+      cowdisk --root /srv/cowdisk --backend pool store init
+      cowdisk --root /srv/cowdisk store info --json
+    """
 
 
 @store.command("init", cls=CowdiskCommand)

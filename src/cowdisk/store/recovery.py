@@ -234,6 +234,7 @@ def _release_orphan_objects(store: StoreParts, rep: RecoveryReport) -> None:
 
 def _release_one(store: StoreParts, obj: KernelObject, rep: RecoveryReport) -> None:
     vid = obj.volume_id
+    guard: ContextManager[bool]
     if obj.template_id is not None:
         guard = _idle_lock(store, "template", obj.template_id)
     else:

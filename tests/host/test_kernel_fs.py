@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import time
 
 import pytest
 
@@ -95,3 +96,50 @@ def test_ficlone_refused_on_ext4_names_paths() -> None:
         assert "ext4" in rs.reason and "FICLONE" in rs.reason
         assert not fs.reflink_support(mnt, probe=False).probe_ran
         assert sorted(os.listdir(mnt)) == ["lost+found", "s.img"]  # the probes left nothing
+
+
+def test_open_elsewhere_sees_fds_maps_and_loops(tmp_path) -> None:
+    """The write-lease probe answers like the /proc search: another process's fd (read or
+    write), a mapping whose fd is closed, a hard link's opener, a loop device's backing
+    file; our own probe leaves nothing behind (a second probe answers the same)."""
+    import subprocess
+    import sys
+
+    from cowdisk.kernel import loop
+
+    p = str(tmp_path / "disk.img")
+    fs.create_sparse(p, 8 * MiB)
+    os.link(p, str(tmp_path / "hard"))
+    assert fs.open_elsewhere(p) is False
+    assert fs.open_elsewhere(p) is False
+    for mode, target in (("rb", p), ("r+b", p), ("rb", str(tmp_path / "hard"))):
+        child = subprocess.Popen([sys.executable, "-c", f"f = open({target!r}, {mode!r}); input()"],
+                                 stdin=subprocess.PIPE)
+        try:
+            while not any(os.path.realpath(f"/proc/{child.pid}/fd/{fd}") in (p, str(tmp_path / "hard"))
+                          for fd in os.listdir(f"/proc/{child.pid}/fd")):
+                assert child.poll() is None
+                time.sleep(0.01)
+            assert fs.open_elsewhere(p) is True, (mode, target)
+        finally:
+            child.communicate(b"\n", timeout=30)
+        assert fs.open_elsewhere(p) is False
+    code = f"import mmap, os; fd = os.open({p!r}, os.O_RDWR); m = mmap.mmap(fd, 4096); os.close(fd); print(1, flush=True); input()"
+    child = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == b"1"
+        assert fs.open_elsewhere(p) is True  # the mapping holds the file, no fd does
+    finally:
+        child.communicate(b"\n", timeout=30)
+    assert fs.open_elsewhere(p) is False
+    lp = loop.attach(p, label="cowdisk-test-lease")
+    try:
+        assert fs.open_elsewhere(p) is True
+    finally:
+        lp.close()
+        loop.detach(lp.number, missing_ok=True)
+    end = time.monotonic() + 10  # the loop lets go of its backing file as it clears
+    while fs.open_elsewhere(p) is not False:
+        assert time.monotonic() < end, "the detached loop still holds the file"
+        time.sleep(0.05)
+    assert fs.open_elsewhere(str(tmp_path / "missing")) is None

@@ -359,6 +359,8 @@ class Store(StoreParts):
             return
         what = "device" if self.backend.block_device else "file"
         end = time.monotonic() + deadline_s
+        if not self.backend.block_device and fs.open_elsewhere(dev) is False:
+            return  # the kernel says nobody else has it open; the search below only names holders
         while True:
             # our own process counts for a block device: dm remove would fail on its open too
             pids = [p for p in procfs.holders(dev) if p != os.getpid() or self.backend.block_device]

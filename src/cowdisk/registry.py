@@ -575,12 +575,16 @@ class Registry:
         return [(r[0], r[1], r[2]) for r in rows]
 
     def set_link(self, path: str, volume_id: str, target: str) -> None:
-        with self.tx() as c:
+        """Record a stable link. Not durable on its own (see ``tx``): a link is made or dropped
+        inside an operation, between its intent's durable commit and its done state's, which
+        makes it durable; after a power loss in between, recovery acts on the intent, drops
+        link rows whose owner is not attached and removes link directories of no volume."""
+        with self.tx(durable=False) as c:
             c.execute("INSERT OR REPLACE INTO links(path, volume_id, target) VALUES (?,?,?)",
                       (path, volume_id, target))
 
     def drop_link(self, path: str) -> None:
-        with self.tx() as c:
+        with self.tx(durable=False) as c:
             c.execute("DELETE FROM links WHERE path=?", (path,))
 
     def links(self, volume_id: str | None = None) -> list[tuple[str, str, str]]:

@@ -111,6 +111,52 @@ def test_remove_deletes_the_row_with_the_end_of_its_intent(reg: Registry) -> Non
     assert reg.find_volume("v") is None and reg.intents() == []
 
 
+def _commits(reg: Registry, run) -> list[str]:
+    """``durable``/``relaxed`` for each transaction ``run`` commits, as SQLite is told."""
+    sql: list[str] = []
+    reg._conn().set_trace_callback(sql.append)
+    try:
+        run()
+    finally:
+        reg._conn().set_trace_callback(None)
+    out, relaxed = [], False
+    for q in sql:
+        relaxed = relaxed or q == "PRAGMA synchronous=NORMAL"
+        if q == "COMMIT":
+            out.append("relaxed" if relaxed else "durable")
+        if q == "PRAGMA synchronous=FULL":
+            relaxed = False
+    return out
+
+
+def test_only_the_commits_recovery_depends_on_wait_for_the_disk(reg: Registry) -> None:
+    """The power-loss rule (docs/architecture.md): the intent is durable before the first
+    kernel object; the done state is durable for an operation recovery would undo (create),
+    not for one it finishes (checkpoint, remove); link rows ride on those commits."""
+    def create() -> None:
+        with Transition(reg, CREATE, "v", row=row("v")) as t:
+            t.step("volume", lambda: "/dev/x")
+            t.step("link", reg.set_link, "/links/v/rootfs", "v", "/dev/x")
+            t.finish(device="/dev/x")
+
+    def checkpoint() -> None:
+        with Transition(reg, CHECKPOINT, "v") as t:
+            t.step("detach", lambda: None)
+            t.step("links", reg.drop_link, "/links/v/rootfs")
+            t.finish(device=None)
+
+    def remove() -> None:
+        with Transition(reg, REMOVE, "v") as t:
+            t.step("detach", lambda: None)
+            t.step("data", lambda: None)
+            t.finish()
+
+    assert _commits(reg, create) == ["durable", "relaxed", "durable"]
+    assert _commits(reg, checkpoint) == ["durable", "relaxed", "relaxed"]
+    assert _commits(reg, remove) == ["durable", "relaxed"]
+    assert reg.find_volume("v") is None and reg.intents() == [] and reg.links() == []
+
+
 def test_steps_run_only_in_their_declared_order(reg: Registry) -> None:
     reg.add_volume(row("v"))
     reg.set_state("v", ATTACHED)

@@ -200,8 +200,15 @@ class Transition:
 
     def finish(self, commit: Callable[[], None] | None = None, **fields: Any) -> None:
         """Commit the done state (with ``fields``: device, error) and end the intent at once;
-        ``commit`` adds its own writes to that one transaction (a template's row)."""
-        with self.registry.tx():
+        ``commit`` adds its own writes to that one transaction (a template's row).
+
+        The commit is durable (fsync) only for an operation recovery would undo: if a power
+        loss took that commit, recovery would roll back an operation the caller was told is
+        done (and a volume a guest already wrote to). An operation recovery finishes
+        (remove, checkpoint, template remove) commits without an fsync: after a power loss
+        the intent, durable since the start, is still there and recovery finishes it to the
+        same done state; the next durable commit of any operation makes this one durable."""
+        with self.registry.tx(durable=self.op.after_crash == "undo"):
             if commit is not None:
                 commit()
             if self.op.done is not None:

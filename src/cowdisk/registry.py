@@ -199,6 +199,7 @@ class Registry:
         self._local = threading.local()
         self._all: list[tuple[int, sqlite3.Connection]] = []
         self._all_lock = threading.Lock()
+        self._writer: tuple[int, threading.Lock] = (os.getpid(), threading.Lock())
         try:
             if read_only:
                 self._check_version()
@@ -286,21 +287,39 @@ class Registry:
         if c.in_transaction:  # nested: join the outer transaction
             yield c
             return
-        if not durable:
-            c.execute("PRAGMA synchronous=NORMAL")
+        # One writer at a time per process, waiting on a lock that wakes the next writer at
+        # once: SQLite's own busy handler sleeps 1, 2, 5, 10 ... ms between tries, which
+        # turns a few threads (the daemon's) writing at once into mostly sleeping. Other
+        # processes (the CLI beside the daemon) still meet SQLite's busy timeout.
+        writer = self._writer_lock()
+        if not writer.acquire(timeout=60):
+            raise sqlite3.OperationalError(f"database is locked: {self.path}: another thread of this process "
+                                           "kept the registry's write lock for 60 s")
         try:
-            c.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError as e:
             if not durable:
-                c.execute("PRAGMA synchronous=FULL")
-            if "locked" in str(e):
-                raise
-            raise self._os_error("write registry", e) from e
-        try:
-            yield from self._run_tx(c)
+                c.execute("PRAGMA synchronous=NORMAL")
+            try:
+                c.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as e:
+                if not durable:
+                    c.execute("PRAGMA synchronous=FULL")
+                if "locked" in str(e):
+                    raise
+                raise self._os_error("write registry", e) from e
+            try:
+                yield from self._run_tx(c)
+            finally:
+                if not durable:
+                    c.execute("PRAGMA synchronous=FULL")
         finally:
-            if not durable:
-                c.execute("PRAGMA synchronous=FULL")
+            writer.release()
+
+    def _writer_lock(self) -> threading.Lock:
+        pid, lock = self._writer
+        if pid != os.getpid():  # a forked child: the parent's lock may have been held at fork
+            self._writer = (os.getpid(), threading.Lock())
+            lock = self._writer[1]
+        return lock
 
     def _run_tx(self, c: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
         try:

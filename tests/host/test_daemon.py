@@ -274,6 +274,47 @@ def test_job_progress_and_cancel_leave_nothing(daemon: Daemon) -> None:
     c.remove_template("big")
 
 
+def test_build_cancelled_during_mkfs_kills_it_and_leaves_nothing(daemon: Daemon) -> None:
+    """mkfs reports no bytes; the cancel still lands: the tool's wait is a heartbeat that
+    carries the cancel, mkfs (the daemon's child) is killed, the staging goes."""
+    c = daemon.client
+    tree = tree_in(daemon, "bigtree")
+    big_image(os.path.join(tree, "payload.bin"), 768 * MiB)  # mkfs -d copies every byte of it
+    job = c.start_job("POST", "/v1/templates/build", {"source": tree, "name": "slow"})
+    wait_for(lambda: "formatting" in c.job(job["id"], wait=5, since=0)["progress"]["stage"] or
+             c.job(job["id"])["state"] != "running", timeout=120, what="mkfs to start")
+
+    def mkfs_children() -> list[int]:
+        out = []
+        for pid in os.listdir("/proc"):
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    cmd = f.read()
+            except (OSError, ValueError):
+                continue
+            if ppid == daemon.proc.pid and (b"mkfs" in cmd or b"mke2fs" in cmd):
+                out.append(int(pid))
+        return out
+
+    wait_for(lambda: mkfs_children() or c.job(job["id"])["state"] != "running", timeout=60, what="mkfs running")
+    assert c.job(job["id"])["state"] == "running" and (pids := mkfs_children()), "mkfs ended before the cancel"
+    for pid in pids:  # mkfs can no longer finish by itself: only a kill ends it
+        os.kill(pid, signal.SIGSTOP)
+    c.cancel(job["id"])
+    end = wait_for(lambda: (j := c.job(job["id"], wait=5)) and j["state"] != "running" and j, timeout=60,
+                   what="job end")
+    assert end["state"] == "cancelled", end
+    assert mkfs_children() == []
+    assert c.templates() == []
+    cache = os.path.join(daemon.root, "cache")
+    leftovers = [os.path.join(d, n) for d, dirs, files in os.walk(cache) for n in dirs + files
+                 if "staging" in n or n.endswith(".img")] if os.path.isdir(cache) else []
+    assert leftovers == []
+    assert not [n for n in os.listdir(os.path.join(daemon.root, "templates")) if not n.startswith(".")]
+
+
 def test_fork_of_many_cancelled_removes_what_it_made(daemon: Daemon) -> None:
     c = daemon.client
     c.build_template(tree_in(daemon), "base", size=256 * MiB)

@@ -32,7 +32,7 @@ def build_image(recipe: Recipe, mk: MkfsInfo, key: str, staging: str, digest: st
     if isinstance(recipe, ImageRecipe) and capacity == 0 and tree is not None:
         capacity = extra["auto_capacity"] = auto_capacity(tree)
     stage(progress, f"formatting {recipe.fs} image of {capacity} bytes")
-    make_image(mk, key, img, capacity, tree, recipe.mkfs_options)
+    make_image(mk, key, img, capacity, tree, recipe.mkfs_options, progress)
     if tree is not None and tree.startswith(staging + os.sep):
         stage(progress, "removing the unpacked tree")
         # an image's rootfs sits in umoci's bundle (config.json, mtree): all of it goes
@@ -61,7 +61,7 @@ def populate(recipe: Recipe, staging: str, progress: Progress | None) -> str | N
                "--same-permissions", "--xattrs", "--xattrs-include=*"]
         if os.geteuid() == 0:
             cmd.append("--same-owner")
-        run(cmd, "unpack tarball", recipe.tarball)
+        run(cmd, "unpack tarball", recipe.tarball, progress=progress)
         return tree
     assert isinstance(recipe, FilesRecipe)
     stage(progress, f"assembling {len(recipe.files)} file list entries")

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from ..errors import CowdiskError, KernelError, Unsupported
 from ..kernel import fs as kfs
+from ..progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -47,15 +48,40 @@ def c_env() -> dict[str, str]:
     return env
 
 
+HEARTBEAT_S = 0.2
+
+
 def run(cmd: list[str], op: str, obj: str, env: dict[str, str] | None = None,
-        hint: str = "") -> subprocess.CompletedProcess[bytes]:
+        hint: str = "", progress: Progress | None = None) -> subprocess.CompletedProcess[bytes]:
     """Run a tool (in :func:`c_env` unless ``env`` is given); a non-zero exit raises with
-    the last lines of its output."""
+    the last lines of its output.
+
+    With ``progress``, the wait is a heartbeat: ``progress(0, 0)`` every
+    :data:`HEARTBEAT_S` seconds (a terminal's spinner moves; a daemon job sees it is alive).
+    A progress callback that raises (a cancelled job) ends the tool: SIGKILL to the child
+    this call started, reaped, then the exception goes on and the caller's failure path
+    removes what the tool half made."""
     log.debug("%s %s: %s", op, obj, " ".join(cmd))
     try:
-        r = subprocess.run(cmd, capture_output=True, env=env or c_env(), stdin=subprocess.DEVNULL)
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env or c_env(),
+                             stdin=subprocess.DEVNULL)
     except OSError as e:
         raise KernelError.from_oserror(op, cmd[0], e) from None
+    with p:
+        try:
+            while True:
+                try:
+                    out, err = p.communicate(timeout=HEARTBEAT_S if progress is not None else None)
+                    break
+                except subprocess.TimeoutExpired:
+                    assert progress is not None
+                    progress(0, 0)
+        except BaseException:
+            p.kill()
+            p.communicate()
+            log.info("%s %s: %s ended early (PID %d killed)", op, obj, os.path.basename(cmd[0]), p.pid)
+            raise
+    r = subprocess.CompletedProcess(cmd, p.returncode, out, err)
     if r.returncode != 0:
         tail = (r.stderr or r.stdout).decode(errors="replace").strip().splitlines()[-6:]
         raise CowdiskError(f"{op} {obj}: {os.path.basename(cmd[0])} exited {r.returncode}: " + " | ".join(tail),
@@ -100,7 +126,7 @@ def mkfs_fingerprint(fs: str) -> MkfsInfo:
 
 
 def make_image(mk: MkfsInfo, key: str, img: str, capacity: int, tree: str | None,
-               options: tuple[str, ...] = ()) -> None:
+               options: tuple[str, ...] = (), progress: Progress | None = None) -> None:
     """Create the sparse file ``img`` of ``capacity`` bytes and format it with ``mk``,
     populated from ``tree`` when given; UUID (and ext4 hash seed) derived from ``key``."""
     kfs.create_sparse(img, capacity)
@@ -117,4 +143,4 @@ def make_image(mk: MkfsInfo, key: str, img: str, capacity: int, tree: str | None
             cmd += ["--rootdir", tree]
     cmd.append(img)
     run(cmd, f"build cache entry {key}: mkfs.{mk.fs}", img, env=env,
-        hint=f"is the capacity ({capacity} bytes) large enough for the content?")
+        hint=f"is the capacity ({capacity} bytes) large enough for the content?", progress=progress)

@@ -230,7 +230,7 @@ def unpack(src: ImageSource, dest: str, progress: Progress | None = None) -> str
     bundle = os.path.join(dest, "bundle")
     stage(progress, f"copying {src} into an OCI layout (skopeo)")
     run([skopeo, "--insecure-policy", "copy", "--quiet", src.skopeo_ref(), f"oci:{layout}:{STAGING_TAG}"],
-        "copy image", str(src), hint="is it a complete image? `skopeo inspect` it")
+        "copy image", str(src), hint="is it a complete image? `skopeo inspect` it", progress=progress)
     # an OCI source keeps its manifest byte for byte; docker's is converted (a new manifest and
     # config), so there the archive itself is read again
     got = identity(ImageSource("oci", layout, STAGING_TAG) if src.transport != "docker-archive" else src)
@@ -241,7 +241,7 @@ def unpack(src: ImageSource, dest: str, progress: Progress | None = None) -> str
     cmd = [umoci, "unpack", "--image", f"{layout}:{STAGING_TAG}", bundle]
     if os.geteuid() != 0:
         cmd.insert(2, "--rootless")
-    run(cmd, "unpack image", str(src))
+    run(cmd, "unpack image", str(src), progress=progress)
     shutil.rmtree(layout, ignore_errors=True)
     return os.path.join(bundle, "rootfs")
 

@@ -13,9 +13,10 @@ build remove their staging, flatten and fork roll back through their transition'
 undo). A fork of several volumes also removes the ones this job made before the
 cancel. Where an operation has passed its point of no return (a build publishing its
 cache entry) the cancel is not honoured and the job ends ``succeeded``;
-``cancel_requested`` says a cancel came too late. The store should offer a cancellation
-token of its own (checked between steps, not only where bytes move): then a cancel
-would also land during mkfs, which reports no bytes.
+``cancel_requested`` says a cancel came too late. A tool the store runs (mkfs, tar,
+skopeo, umoci) reports no bytes, so its wait is a heartbeat (``progress(0, 0)`` every
+0.2 s, :func:`cowdisk.cache.mkfs.run`): a cancel lands there too, the tool is killed and
+reaped, and the build's failure path removes its staging.
 
 States: ``queued`` -> ``running`` -> ``succeeded`` | ``failed`` | ``cancelled``.
 Finished jobs are kept ``job_retention`` seconds (at most :data:`MAX_FINISHED`).

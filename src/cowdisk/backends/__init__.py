@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar, ContextManager, Iterator, Mapping, Protocol
+from typing import Callable, ClassVar, ContextManager, Iterator, Mapping, Protocol, Self
 
 from ..errors import InvalidArgument
 from ..progress import Progress
@@ -156,7 +156,7 @@ class Backend(Protocol):
         ...
 
     @classmethod
-    def open(cls, env: BackendEnv) -> "Backend":
+    def open(cls, env: BackendEnv) -> Self:
         """The backend for one store, its store-wide resources ready (the pool mounted)."""
         ...
 

@@ -68,8 +68,8 @@ def cow_path(ctx: VolumeCtx) -> str:
 
 
 class DmSnapshotBackend:
-    name = "dm-snapshot"
-    block_device = True
+    name: ClassVar[str] = "dm-snapshot"
+    block_device: ClassVar[bool] = True
     steps: ClassVar[Mapping[str, tuple[str, ...]]] = {
         "create": ("cow_file", "template_loop", "cow_loop", "dm"),
         "attach": ("template_loop", "cow_loop", "dm"),

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import ClassVar, Iterator, Mapping
+from typing import ClassVar, Iterator, Mapping, Self
 
 from ..errors import KernelError, Unsupported
 from ..kernel import fs
@@ -39,7 +39,7 @@ class FileBackend:
         self.data_root = data_root
 
     @classmethod
-    def open(cls, env: BackendEnv) -> "FileBackend":
+    def open(cls, env: BackendEnv) -> Self:
         check_options(cls.name, env)
         return cls(env.root)
 
@@ -158,7 +158,7 @@ class ReflinkBackend(FileBackend):
         return False, f"reflink: {st.path} is on {st.name}, which cannot reflink"
 
     @classmethod
-    def open(cls, env: BackendEnv) -> "FileBackend":
+    def open(cls, env: BackendEnv) -> Self:
         check_options(cls.name, env)
         r = fs.reflink_support(env.root)  # the store root exists: a FICLONE probe decides
         if not r.ok:

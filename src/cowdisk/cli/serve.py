@@ -99,7 +99,7 @@ HELP = """Serve the store on a unix socket (HTTP/1.1 + JSON): the daemon, also i
 @click.command("serve", help=HELP)
 @_with_options
 @click.pass_context
-def serve(ctx: click.Context, **kw: Any) -> None:
+def serve(ctx: click.Context, /, **kw: Any) -> None:
     parent = ctx.parent
     root = backend = None
     if parent is not None:

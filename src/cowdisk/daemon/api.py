@@ -102,7 +102,8 @@ def J(doc: Any, status: int = 200) -> JSONResponse:
 
 
 def peer_of(request: Request) -> Peer:
-    return request.scope.get("state", {}).get("peer", UNKNOWN)
+    peer: Peer = request.scope.get("state", {}).get("peer", UNKNOWN)
+    return peer
 
 
 class PeerGate:
@@ -127,7 +128,7 @@ class PeerGate:
 
 
 def template_doc(store: Store, t: Any) -> dict[str, Any]:
-    d = t.as_dict()
+    d: dict[str, Any] = t.as_dict()
     try:
         d["disk_bytes"] = store.template_usage(t.id)
     except (CowdiskError, OSError):

@@ -134,7 +134,7 @@ class Metrics:
         ProcessCollector(registry=self.registry)
 
     def attach(self, store: Store, jobs: Jobs) -> None:
-        self.registry.register(StoreCollector(store, jobs))  # type: ignore[arg-type]
+        self.registry.register(StoreCollector(store, jobs))
 
     def observe(self, op: str, error: BaseException | None, seconds: float) -> None:
         result = "ok" if error is None else type(error).__name__

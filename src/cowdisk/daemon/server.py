@@ -55,7 +55,7 @@ except ImportError:  # httptools missing: the pure-Python parser (slower, same b
     from uvicorn.protocols.http.h11_impl import H11Protocol as _Http  # type: ignore[assignment]
 
 
-class PeerCredProtocol(_Http):  # type: ignore[misc, valid-type]
+class PeerCredProtocol(_Http):
     """uvicorn's HTTP protocol, with the connection's SO_PEERCRED in every request's
     ``scope["state"]["peer"]`` (read once per connection, from the kernel)."""
 

@@ -624,13 +624,13 @@ def _ensure_node(info: DeviceInfo, mapper_link: bool) -> str:
         if cur != target:
             try:
                 os.makedirs(os.path.dirname(link), mode=0o755, exist_ok=True)
-                st = None
+                lst: os.stat_result | None = None
                 try:
-                    st = os.lstat(link)
+                    lst = os.lstat(link)
                 except FileNotFoundError:
                     pass
                 # Keep a block node of the right device (libdevmapper makes those).
-                if not (st and stat.S_ISBLK(st.st_mode) and st.st_rdev == rdev):
+                if not (lst and stat.S_ISBLK(lst.st_mode) and lst.st_rdev == rdev):
                     _replace_node(link, lambda p: os.symlink(target, p))
                     log.debug("dm mapper link %s: ok (-> %s)", link, target)
             except OSError as e:

@@ -15,7 +15,10 @@ volume:
 (d) ``cp``    the seed way as processes: ``cp --reflink=always`` + ``rm`` (file backends,
               in the same filesystem), or losetup/dmsetup (dm-snapshot, bench/benchutil.SeedDm);
 (e) ``cli``   ``python3 -m cowdisk volume create`` + ``volume rm`` as processes
-              (every ``--cli-every``-th iteration: each is about a second).
+              (every ``--cli-every``-th iteration: each is about a second);
+and, for the file backends, the floor: ``kernel`` (FICLONE + unlink in this process, the
+kernel's own work with no bookkeeping) and ``kernel+3 fdatasync`` (plus the three
+fdatasyncs a durable create+remove needs at least: docs/architecture.md).
 
 Then: the create alone of (a) and (b) (what the API adds), create+remove operations per
 second of 1 client process against 8 client processes on 8 different volumes (each a
@@ -168,7 +171,29 @@ def bench_backend(name: str, args: argparse.Namespace, tag: str) -> dict[str, An
                 subprocess.run(["cp", "--reflink=always", t.path, dst], check=True)
                 subprocess.run(["rm", "-f", dst], check=True)
 
+        floor: dict[str, Callable[[int], None]] = {}
+        if name != "dm-snapshot":
+            from cowdisk.kernel import fs as kfs
+            sync_path = os.path.join(store.data_root, "bench-sync")
+            sync_fd = os.open(sync_path, os.O_WRONLY | os.O_CREAT, 0o600)
+            stack.callback(os.unlink, sync_path)
+            stack.callback(os.close, sync_fd)
+
+            def kernel(i: int) -> None:
+                dst = os.path.join(dst_dir, f"floor-{i}.img")
+                kfs.ficlone(t.path, dst)
+                os.unlink(dst)
+
+            def kernel_sync(i: int) -> None:
+                kernel(i)
+                for _ in range(3):  # what a durable create+remove needs at least (see docs/architecture.md)
+                    os.pwrite(sync_fd, b"x", 0)
+                    os.fdatasync(sync_fd)
+
+            floor = {"kernel": kernel, "kernel+3 fdatasync": kernel_sync}
+
         ways: dict[str, Callable[[int], None]] = {
+            **floor,
             "lib": lambda i: (store.create_volume(f"a{i}", "base"), store.remove_volume(f"a{i}")),
             "client": lambda i: (c.create_volume(f"b{i}", "base"), c.remove_volume(f"b{i}")),
             "curl": lambda i: (curl(sock, "POST", "/v1/volumes", json.dumps({"id": f"c{i}", "template": "base"})),
@@ -181,7 +206,7 @@ def bench_backend(name: str, args: argparse.Namespace, tag: str) -> dict[str, An
                                               f"e{i}"], check=True, env=env(), capture_output=True)),
         }
         samples: dict[str, list[float]] = {k: [] for k in ways}
-        creates: dict[str, list[float]] = {"lib": [], "client": []}
+        creates: dict[str, list[float]] = {"lib": [], "client": [], "health": []}
         for i in range(args.iterations):
             for k, fn in ways.items():
                 if k == "cli" and i % args.cli_every:
@@ -196,6 +221,9 @@ def bench_backend(name: str, args: argparse.Namespace, tag: str) -> dict[str, An
                 mk(f"x{k}{i}", "base")
                 creates[k].append(time.perf_counter() - t0)
                 rm(f"x{k}{i}")
+            t0 = time.perf_counter()
+            c.health()  # the stack's own round trip: socket, HTTP, routing, the thread hop, JSON
+            creates["health"].append(time.perf_counter() - t0)
         out: dict[str, Any] = {"backend": name, "ways": {k: summary(v) for k, v in samples.items()},
                                "create": {k: summary(v) for k, v in creates.items()}}
         one, e1 = throughput(sock, 1, args.cycles)
@@ -231,7 +259,8 @@ def report(r: dict[str, Any]) -> None:
     tp = r["throughput"]
     rss = r["rss"]
     print(f"create alone: lib {fmt_ms(cl['median_ms'])}, client {fmt_ms(cc['median_ms'])}: "
-          f"the API adds {fmt_ms(added)} median (goal <= 0.5 ms: {'ok' if added <= 0.5 else 'MISSED'})")
+          f"the API adds {fmt_ms(added)} median (goal <= 0.5 ms: {'ok' if added <= 0.5 else 'MISSED'}); "
+          f"a health request (the stack alone) {fmt_ms(r['create']['health']['median_ms'])}")
     speed = seed["median_ms"] / r["ways"]["client"]["median_ms"]
     print(f"client vs the seed processes: {speed:.1f}x faster (goal >= 3x: {'ok' if speed >= 3 else 'MISSED'})")
     ratio = tp["many_ops_s"] / tp["one_ops_s"]

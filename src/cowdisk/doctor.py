@@ -15,10 +15,11 @@ import stat
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .backends import Space
 from .errors import CowdiskError, message_of
 from .kernel import dm, fs
 
-__all__ = ["Check", "Report", "check", "message_of", "DM_TARGETS", "TOOLS"]
+__all__ = ["Check", "Report", "check", "space_checks", "message_of", "DM_TARGETS", "TOOLS"]
 
 DM_TARGETS = ("snapshot", "snapshot-origin", "thin-pool", "thin", "linear")
 """The device-mapper targets cowdisk uses or may use, in the order doctor lists them."""
@@ -55,6 +56,25 @@ class Report:
         d = asdict(self)
         d["checks"] = [asdict(c) for c in self.checks]
         return d
+
+
+SPACE_WARN_PCT = 90.0
+
+
+def space_checks(spaces: "list[Space]", warn_pct: float = SPACE_WARN_PCT) -> list[Check]:
+    """A store's areas (``Store.space()``) as checks: not ok past ``warn_pct`` full or when
+    the kernel says the area is not healthy (a thin pool out of space, read-only, flagged
+    needs_check)."""
+    out = []
+    for s in spaces:
+        full = s.total_bytes > 0 and s.pct >= warn_pct
+        ok = s.state == "ok" and not full
+        detail = (f"{s.pct:.1f}% full ({s.used_bytes} of {s.total_bytes} bytes)"
+                  + (f", {s.state}" if s.state != "ok" else "") + (f"; {s.detail}" if s.detail else ""))
+        hint = "" if ok else ("see docs/dm-thin.md, 'When the pool fills or fails'" if "thin" in s.area
+                              else "free space or grow the filesystem")
+        out.append(Check(f"space: {s.area}", ok, detail, hint))
+    return out
 
 
 def _v(t: tuple[int, int, int]) -> str:

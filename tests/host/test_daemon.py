@@ -220,6 +220,13 @@ def test_metrics(daemon: Daemon) -> None:
     assert 'cowdisk_errors_total{operation="create",type="AlreadyExists"} 1.0' in text
     assert 'cowdisk_recovery_actions{action="rolled_back"} 0.0' in text
     assert 'cowdisk_data_bytes{kind="free"}' in text and "process_resident_memory_bytes" in text
+    st = os.statvfs(daemon.root)  # the store's filesystem, as the kernel counts it
+    line = next(x for x in text.splitlines()
+                if x.startswith('cowdisk_space_bytes{area="store filesystem",kind="total"}'))
+    assert float(line.split()[-1]) == st.f_blocks * st.f_frsize, line
+    assert 'cowdisk_space_ok{area="store filesystem",state="ok"} 1.0' in text
+    doc = c.call("GET", "/v1/doctor")
+    assert any(ch["name"] == "space: store filesystem" and ch["ok"] for ch in doc["checks"]), doc["checks"]
     for v in ("m1", "m2"):
         c.remove_volume(v)
 

@@ -42,3 +42,39 @@ def test_pool_survives_a_reboot_and_grows(tmp_path) -> None:
         s.close()
     assert not os.path.exists(os.path.join(root, "pool", "pool.img"))
     assert_same_host(before)
+
+
+def test_space_names_the_pool_and_the_host_filesystem(tmp_path) -> None:
+    """Store.space(): the store's filesystem and the pool's own xfs, as statvfs counts them;
+    writing into a volume moves the pool's used bytes; doctor's checks say it, and one past
+    the warning mark is not ok."""
+    from cowdisk import doctor
+
+    before = host_state()
+    s = Store(str(tmp_path / "s"), backend="pool")
+    try:
+        s.build_template(make_tree(str(tmp_path / "tree")), "base")
+        areas = {a.area: a for a in s.space()}
+        assert set(areas) == {"store filesystem", "data filesystem"}, areas
+        st = os.statvfs(s.data_root)
+        assert areas["data filesystem"].total_bytes == st.f_blocks * st.f_frsize
+        assert areas["data filesystem"].detail == s.data_root and areas["data filesystem"].state == "ok"
+        v = s.create_volume("v", "base")
+        fd = os.open(v.link, os.O_WRONLY)
+        try:
+            os.pwrite(fd, os.urandom(16 << 20), 0)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        after = {a.area: a for a in s.space()}
+        assert after["data filesystem"].used_bytes >= areas["data filesystem"].used_bytes + (15 << 20)
+        checks = {c.name: c for c in doctor.space_checks(s.space())}
+        assert checks["space: data filesystem"].ok is True
+        tight = doctor.space_checks(s.space(), warn_pct=after["data filesystem"].pct / 2)
+        assert [c.ok for c in tight if c.name == "space: data filesystem"] == [False]
+        assert s.info()["space"][1]["area"] == "data filesystem"
+        s.remove_volume("v")
+    finally:
+        s.destroy()
+        s.close()
+    assert_same_host(before)

@@ -42,6 +42,10 @@ The contract (what the store relies on, and the conformance suite checks):
 * **Thaw** (optional). ``thaw(ctx) -> bool``: resume the attached volume's device if a
   process killed in the middle of a copy left it suspended (every I/O to it would wait
   forever); recovery calls it for attached volumes no process works on.
+* **Space** (optional). ``space() -> list[Space]``: the backend's own areas that fill
+  as volumes write (dm-thin: the pool's data and metadata, with the pool's mode; pool:
+  the embedded xfs), read without changing anything. ``Store.space()`` adds the
+  filesystem holding the data; ``store info``, ``doctor`` and ``/metrics`` show it.
 * **Scan.** ``scan()`` lists this store's kernel objects on the host (by the store's
   tag or name prefix), never another store's; ``release`` frees one of them.
 """
@@ -126,6 +130,28 @@ class Usage:
         """What this volume alone costs on disk: its exclusive bytes where blocks can be
         shared (reflink), else its allocated bytes (a COW file, a copy)."""
         return self.exclusive_bytes if self.exclusive_bytes is not None else self.disk_bytes
+
+
+@dataclass(frozen=True)
+class Space:
+    """One area a store's writes fill, and how full it is: the filesystem holding the
+    data, and a backend's own (dm-thin's pool data and metadata, the embedded xfs pool).
+    ``state`` is ``ok`` or what the kernel says instead (a thin pool ``out_of_data_space``,
+    ``read_only``, ``needs_check``)."""
+
+    area: str
+    used_bytes: int
+    total_bytes: int
+    state: str = "ok"
+    detail: str = ""
+
+    @property
+    def pct(self) -> float:
+        return 100.0 * self.used_bytes / self.total_bytes if self.total_bytes else 0.0
+
+    def as_dict(self) -> dict[str, object]:
+        return {"area": self.area, "used_bytes": self.used_bytes, "total_bytes": self.total_bytes,
+                "pct": round(self.pct, 1), "state": self.state, "detail": self.detail}
 
 
 @dataclass(frozen=True)

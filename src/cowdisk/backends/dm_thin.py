@@ -47,7 +47,7 @@ from typing import ClassVar, Iterator, Mapping
 from ..errors import CowdiskError, InvalidArgument, KernelError, StateError
 from ..kernel import blk, dm, dm_status, fs, loop
 from ..locks import FileLock
-from . import BackendEnv, KernelObject, Usage, VolumeCtx, check_options
+from . import BackendEnv, KernelObject, Space, Usage, VolumeCtx, check_options
 from .dm_snapshot import _copy_device, dm_exists
 
 log = logging.getLogger(__name__)
@@ -306,6 +306,18 @@ class DmThinBackend:
         assert s.used_metadata_blocks is not None and s.total_metadata_blocks is not None
         return PoolUsage(s.mode or "?", s.needs_check, s.used_data_blocks, s.total_data_blocks,
                          s.used_metadata_blocks, s.total_metadata_blocks, self.block_sectors * 512)
+
+    def space(self) -> list[Space]:
+        """The pool's data and metadata fill, with its mode (``rw``, ``out_of_data_space``,
+        ``read_only``, ``fail``; ``needs_check`` when the kernel flagged the metadata)."""
+        u = self.pool_usage()
+        state = "ok" if u.mode == "rw" and not u.needs_check else \
+            (u.mode + (", needs_check" if u.needs_check else ""))
+        grow = f"grown at {self.grow_at}%" if self.on_files else f"on {self.data_dev}: grow it by hand"
+        return [Space("thin pool data", u.data_used * u.block_bytes, u.data_total * u.block_bytes, state,
+                      f"{self.pool_name}, {u.block_bytes // 1024} KiB blocks, {grow}"),
+                Space("thin pool metadata", u.meta_used * 4096, u.meta_total * 4096, state,
+                      f"{self.pool_name}, {grow}")]
 
     def ensure_room(self) -> PoolUsage:
         """Grow the pool's files (and reload its table) when data or metadata passed

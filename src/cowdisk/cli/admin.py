@@ -7,6 +7,7 @@ from typing import Any, Callable
 import click
 
 from .. import doctor as doctor_mod
+from ..errors import CowdiskError
 from ..store import Store
 from rich.text import Text
 
@@ -100,6 +101,12 @@ def doctor(app: App) -> None:
       cowdisk --root /srv/cowdisk doctor --json | jq -r .backend
     """
     rep = doctor_mod.check(app.root)
+    if app.has_store():  # a store here: how full its areas are (dm-thin's pool too)
+        try:
+            rep.checks += doctor_mod.space_checks(app.store().space())
+        except CowdiskError as e:
+            rep.checks.append(doctor_mod.Check("space", False, f"cannot open the store: {doctor_mod.message_of(e)}",
+                                               e.hint))
     if app.json:
         app.emit(rep.as_dict())
         return

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from ..errors import InvalidArgument
 from ..store import Store
-from .app import App, CowdiskCommand, CowdiskGroup, pass_app
+from .app import App, CowdiskCommand, CowdiskGroup, human_bytes, pass_app
 
 
 @click.group(cls=CowdiskGroup)
@@ -75,8 +77,12 @@ def store_destroy(app: App, force: bool, yes: bool) -> None:
         app.info(f"destroyed store {s.root} ({len(removed) - 1} volumes and templates)")
 
 
-def _show(app: App, info: dict[str, object]) -> None:
+def _show(app: App, info: dict[str, Any]) -> None:
     if app.json:
         app.emit(info)
-    else:
-        app.kv(f"store {info['root']}", info)
+        return
+    text = dict(info)
+    for s in text.pop("space", None) or []:  # one line per area: "12.0% of 252 GiB, ok"
+        text[f"space: {s['area']}"] = (f"{s['pct']}% of {human_bytes(s['total_bytes'])} "
+                                       f"({human_bytes(s['used_bytes'])} used), {s['state']}")
+    app.kv(f"store {info['root']}", text)

@@ -127,6 +127,12 @@ class PeerGate:
         await self.app(scope, receive, send)
 
 
+def _doctor(store: Store) -> dict[str, Any]:
+    rep = doctor_mod.check(store.root)
+    rep.checks += doctor_mod.space_checks(store.space())
+    return rep.as_dict()
+
+
 def template_doc(store: Store, t: Any) -> dict[str, Any]:
     d: dict[str, Any] = t.as_dict()
     try:
@@ -208,7 +214,7 @@ def create_app(svc: Service) -> FastAPI:
     @app.get(f"{API}/doctor", tags=["service"], responses=ERRORS)
     def doctor(request: Request) -> JSONResponse:
         """What this host can do: kernel features, tools, the backend `auto` picks (`cowdisk doctor --json`)."""
-        return J(svc.call("doctor", store.root, peer_of(request), lambda: doctor_mod.check(store.root).as_dict(),
+        return J(svc.call("doctor", store.root, peer_of(request), lambda: _doctor(store),
                           mutating=False))
 
     @app.get("/metrics", tags=["service"], response_class=Response,

@@ -8,6 +8,8 @@ Read from the store at each scrape (a collector; nothing is cached, nothing lock
 * ``cowdisk_volumes{state,backend}``, ``cowdisk_templates{state}``, ``cowdisk_jobs{state}``;
 * ``cowdisk_data_bytes{kind=size|used|free}``: the filesystem holding the volumes
   (the pool's own xfs for the pool backend, also exported as ``cowdisk_pool_bytes``);
+* ``cowdisk_space_bytes{area,kind=used|total}`` and ``cowdisk_space_ok{area,state}``: every
+  area ``Store.space()`` reports (dm-thin: the pool's data and metadata and its mode);
 * dm-snapshot: ``cowdisk_volume_cow_used_bytes{volume}`` and
   ``cowdisk_volume_cow_total_bytes{volume}`` for each attached volume (one status ioctl
   each), and ``cowdisk_snapshots_invalid`` (attached snapshots whose status is not ok);
@@ -95,6 +97,17 @@ class StoreCollector:
             g.add_metric(["used"], used)
             g.add_metric(["free"], free)
             yield g
+        space = GaugeMetricFamily("cowdisk_space_bytes", "Each area the store's writes fill (Store.space): "
+                                  "the store's and the data's filesystem, dm-thin's pool data and metadata",
+                                  labels=["area", "kind"])
+        healthy = GaugeMetricFamily("cowdisk_space_ok", "1 while the area's state is ok (a thin pool in rw "
+                                    "mode, not flagged needs_check), else 0", labels=["area", "state"])
+        for a in self.store.space():
+            space.add_metric([a.area, "used"], a.used_bytes)
+            space.add_metric([a.area, "total"], a.total_bytes)
+            healthy.add_metric([a.area, a.state], 1 if a.state == "ok" else 0)
+        yield space
+        yield healthy
 
     def _cow(self, volumes: list[Any]) -> Iterator[GaugeMetricFamily]:
         used = GaugeMetricFamily("cowdisk_volume_cow_used_bytes", "COW bytes a dm-snapshot volume has used",

@@ -34,7 +34,7 @@ import sqlite3
 import time
 from typing import Any, Callable, Iterator, Mapping, TypeVar
 
-from ..backends import Usage, VolumeCtx, explain
+from ..backends import Space, Usage, VolumeCtx, explain
 from ..digest import sha256_file
 from ..errors import CowdiskError, InUse, InvalidArgument, KernelError, NotFound, StateError
 from ..kernel import fs, procfs
@@ -448,6 +448,33 @@ class Store(StoreParts):
         self._templates.clean_cache()
         self.backend.destroy_store()
 
+    def space(self) -> list[Space]:
+        """How full each area the store's writes fill is: the filesystem holding the store
+        (registry, files, a pool's image or a thin pool's files), the one holding the data
+        when that is another (the embedded xfs pool), and the backend's own (dm-thin's pool
+        data and metadata). Reads only; an area that cannot be read says why in its state."""
+        out: list[Space] = []
+        seen: set[int] = set()
+        for area, path in (("store filesystem", self.root), ("data filesystem", self.data_root)):
+            try:
+                st = os.statvfs(path)
+                dev = os.stat(path).st_dev
+            except OSError as e:
+                out.append(Space(area, 0, 0, "unreadable", f"{path}: {e.strerror}"))
+                continue
+            if dev in seen:
+                continue
+            seen.add(dev)
+            out.append(Space(area, (st.f_blocks - st.f_bfree) * st.f_frsize, st.f_blocks * st.f_frsize,
+                             "ok", path))
+        own = getattr(self.backend, "space", None)
+        if own is not None:
+            try:
+                out.extend(own())
+            except (CowdiskError, OSError) as e:
+                out.append(Space(f"{self.backend_name} backend", 0, 0, "unreadable", str(e)))
+        return out
+
     def info(self) -> dict[str, Any]:
         """What the store is and holds: identity, backend, places, counts, space."""
         def free(path: str) -> int:
@@ -467,6 +494,7 @@ class Store(StoreParts):
             "quarantine": sorted(os.listdir(qdir)) if os.path.isdir(qdir) else [],
             "reserve": os.path.exists(os.path.join(self.root, "reserve")),
             "free_bytes": free(self.root), "data_free_bytes": free(self.data_root),
+            "space": [s.as_dict() for s in self.space()],
         }
 
     def destroy_store(self, *, force: bool = False) -> list[str]:

@@ -50,6 +50,8 @@ RUNNERS: dict[str, Callable[[Store], Any]] = {
     "restore-as": lambda s: s.restore("x", "y"),
     "fork": lambda s: s.fork("x", ["y"]),
     "flatten": lambda s: s.flatten("x", "flat"),
+    "adopt": lambda s: s.adopt_volume("x"),  # x made by the peer store (see setup)
+    "take-over": lambda s: s.restore("x", steal=True),
     "import": lambda s: s.import_template(import_image(s.root), "imported"),
     "template-remove": lambda s: s.remove_template("victim"),
 }
@@ -72,8 +74,17 @@ class Case:
 
 
 def cases(backend: str) -> list[Case]:
-    steps = backend_class(backend).steps
-    return [Case(op.name, p) for op in OPERATIONS.values() for p in crash_points(op, steps)]
+    """Every crash point of every operation the backend can run (an operation whose step
+    calls a backend method the backend does not have, such as adopt, is not one)."""
+    cls = backend_class(backend)
+    return [Case(op.name, p) for op in OPERATIONS.values()
+            if all(hasattr(cls, s.backend) for s in op.steps if s.backend)
+            for p in crash_points(op, cls.steps)]
+
+
+def peer_root(root: str) -> str:
+    """The other store (another host) that made the volume an adopt takes over."""
+    return os.path.abspath(root) + "-peer"
 
 
 def subject_state(op: Operation) -> VolumeState | None:
@@ -94,6 +105,8 @@ def expected(op: Operation) -> dict[str, VolumeState]:
             vols["x"] = before
     elif op.done is not None:
         vols["x"] = op.done
+    elif op.trying is None and before is not None:  # no state change (take-over)
+        vols["x"] = before
     return vols
 
 
@@ -107,6 +120,13 @@ def setup(root: str, backend: str, tree: str, case: Case, options: dict[str, str
         s.import_template(import_image(root), "victim")
     by = s.create_volume("bystander", "base")
     write_at(by.link, 3 * MiB, BYSTANDER)
+    if case.op == "adopt":  # x is a checkpointed volume another store made in the same pool
+        peer = Store(peer_root(root), backend=backend, backend_options=options)
+        peer.import_template(s.template("base").path, "base", adopt=True)
+        x = peer.create_volume("x", "base")
+        write_at(x.link, 4 * MiB, SUBJECT)
+        peer.checkpoint("x")
+        peer.close()
     state = subject_state(case.operation)
     if state is not None:
         x = s.create_volume("x", "base")
@@ -139,6 +159,7 @@ def store_loops(root: str) -> list[loop.LoopInfo]:
 def check(root: str, case: Case, backend: str, dm_names: Callable[[str], list[str]]) -> dict[str, object]:
     """Recover and assert the invariants. Returns the recovery report."""
     s = Store(root)
+    peer: Store | None = None
     rep = s.recover()  # a second pass must find nothing left to do
     assert rep.actions == 0, f"second recovery still acted: {rep}"
     assert s.registry.intents() == [], "intents left after recovery"
@@ -172,7 +193,10 @@ def check(root: str, case: Case, backend: str, dm_names: Callable[[str], list[st
         from testutil import rbd_images
         opts = dict(json.loads(s.registry.meta("backend_options") or "{}"))
         tids = {s.template(v.template_id).id for v in vols.values()}
-        assert rbd_images(opts) == sorted([f"cowdisk-v-{v}" for v in vols] + [f"cowdisk-t-{t}" for t in tids])
+        peer = Store(peer_root(root)) if os.path.exists(peer_root(root)) else None
+        others = {v.id for v in peer.volumes()} if peer else set()
+        assert rbd_images(opts) == sorted([f"cowdisk-v-{v}" for v in set(vols) | others]
+                                          + [f"cowdisk-t-{t}" for t in tids])
         with open("/proc/self/mounts") as f:
             fuse = [ln.split()[1] for ln in f if ln.startswith("/dev/fuse") and ln.split()[1].startswith(root)]
         assert sorted(fuse) == sorted(v.device for v in attached), fuse
@@ -186,6 +210,9 @@ def check(root: str, case: Case, backend: str, dm_names: Callable[[str], list[st
     assert not [n for n in os.listdir(tdir) if n.startswith(".staging")], os.listdir(tdir)
     s.destroy()
     s.close()
+    if peer is not None:  # after s: an adopted x is s's to delete, else the peer's
+        peer.destroy()
+        peer.close()
     return rep.as_dict()
 
 

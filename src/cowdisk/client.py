@@ -36,7 +36,7 @@ import types
 import urllib.parse
 from typing import Any, Callable, Mapping, Self
 
-from .backends import Usage
+from .backends import SharedVolume, Usage
 from .daemon.protocol import API, DEFAULT_SOCKET, Unavailable, error_from_document
 from .errors import CowdiskError
 from .progress import Progress
@@ -404,9 +404,17 @@ class Client:
         return to_volume(self.call("POST", f"{API}/volumes/{_q(vid)}/checkpoint", query={"deadline": deadline_s}))
 
     def restore(self, vid: str, new_id: str | None = None, *, retarget_source_link: bool = True,
-                progress: Progress | None = None) -> Volume:
+                steal: bool = False, adopt: bool = False, progress: Progress | None = None) -> Volume:
         return to_volume(self.call("POST", f"{API}/volumes/{_q(vid)}/restore",
-                                   {"new_id": new_id, "retarget_source_link": retarget_source_link}))
+                                   {"new_id": new_id, "retarget_source_link": retarget_source_link,
+                                    "adopt": adopt, "steal": steal}))
+
+    def adopt_volume(self, vid: str, *, steal: bool = False) -> Volume:
+        return to_volume(self.call("POST", f"{API}/volumes/{_q(vid)}/adopt", {"steal": steal}))
+
+    def shared_volumes(self) -> list[SharedVolume]:
+        return [SharedVolume(v["id"], v["size"], v["template_id"], v["template_digest"], v["template_size"],
+                             v["owner"], v["holder"], tuple(v["clients"])) for v in self.call("GET", f"{API}/shared/volumes")["volumes"]]
 
     def fork(self, vid: str, new_ids: list[str], *, progress: Progress | None = None) -> list[Volume]:
         doc = self.call("POST", f"{API}/volumes/{_q(vid)}/fork", {"new_ids": list(new_ids)})

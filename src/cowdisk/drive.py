@@ -20,6 +20,12 @@ form                   what it is
                        on microvm)
 =====================  ===========================================================
 
+A volume of an rbd store made with ``map=none`` has no file on the host: its stable link
+is a symlink whose *target text* is QEMU's rbd filename (``rbd:<pool>/[<ns>/]<image>:
+id=<client>:conf=<path>``). :func:`config` reads that text (:func:`network_target`) and
+gives QEMU its own rbd driver (``-drive file=rbd:...``, or ``-blockdev ...,file.driver=rbd``);
+Firecracker and Cloud Hypervisor open only files and block devices, so they are refused.
+
 Options every form takes (:class:`DriveOptions`): read-only, the drive id, a cache mode,
 an I/O engine and rate limits (IOPS, bytes/s). Each VMM has its own words for cache and
 engine; a value a VMM does not have, or a combination it refuses (QEMU's ``aio=native``
@@ -97,6 +103,37 @@ class DriveOptions:
     bandwidth: int | None = None
     machine: str | None = None
     jail_path: str | None = None
+
+
+RBD_PREFIX = "rbd:"
+
+
+def network_target(path: str | os.PathLike[str]) -> str | None:
+    """QEMU's rbd filename when ``path`` is, or is a symlink whose target text is, one (an
+    rbd volume with ``map=none``); None for a file or device path."""
+    p = os.fspath(path)
+    if isinstance(p, str) and p.startswith(RBD_PREFIX):
+        return p
+    try:
+        target = os.readlink(p)
+    except (OSError, ValueError, TypeError):
+        return None
+    return target if target.startswith(RBD_PREFIX) else None
+
+
+def _rbd_blockdev(spec: str) -> list[str]:
+    """``rbd:<pool>/[<ns>/]<image>:id=<client>:conf=<path>`` as -blockdev rbd options."""
+    where, *kvs = spec[len(RBD_PREFIX):].split(":")
+    parts = where.split("/")
+    if len(parts) not in (2, 3) or not all(parts):
+        raise ValueError(f"not an rbd filename QEMU takes: {spec!r}")
+    out = [f"pool={parts[0]}", f"image={parts[-1]}"] + ([f"namespace={parts[1]}"] if len(parts) == 3 else [])
+    for kv in kvs:
+        k, sep, v = kv.partition("=")
+        if not sep or k not in ("id", "conf"):
+            raise ValueError(f"rbd filename {spec!r}: unknown option {kv!r}")
+        out.append(f"{'user' if k == 'id' else 'conf'}={v.replace(',', ',,')}")
+    return out
 
 
 def _path(path: str | os.PathLike[str]) -> str:
@@ -320,9 +357,14 @@ def qemu_blockdev(path: str | os.PathLike[str], *, readonly: bool = False, cache
     """
     p = _path(path)
     _qemu_common(cache, aio, node_name, machine)
-    if block_device is None:
-        block_device = is_block_device(p)
-    proto = [f"driver={'host_device' if block_device else 'file'}", f"filename={p.replace(',', ',,')}"]
+    if p.startswith(RBD_PREFIX):  # QEMU's own rbd driver (an rbd volume with map=none)
+        if aio is not None:
+            raise ValueError("QEMU's rbd driver has no aio= to choose")
+        proto = ["driver=rbd", *_rbd_blockdev(p)]
+    else:
+        if block_device is None:
+            block_device = is_block_device(p)
+        proto = [f"driver={'host_device' if block_device else 'file'}", f"filename={p.replace(',', ',,')}"]
     if aio is not None:
         proto.append(f"aio={aio}")
     objects: list[str] = []
@@ -364,6 +406,12 @@ def config(fmt: str, path: str | os.PathLike[str], opts: DriveOptions | None = N
     are refused (ValueError), never dropped."""
     o = opts or DriveOptions()
     name = _name(fmt)
+    net = network_target(path)
+    if net is not None:
+        if not name.startswith("qemu"):
+            raise ValueError(f"{os.fspath(path)} is an rbd image QEMU opens itself ({net}): {name} opens only "
+                             "files and block devices; make the store with map=fuse for it (docs/rbd.md)")
+        path = net
     if o.machine is not None and not name.startswith("qemu"):
         raise ValueError(f"--machine is a QEMU option; {name} has no machine types")
     if o.jail_path is not None and name != "firecracker":

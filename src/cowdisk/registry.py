@@ -123,6 +123,7 @@ ERROR = VolumeState.ERROR
 
 TRANSITIONS: frozenset[tuple[VolumeState, VolumeState]] = frozenset({
     (CREATING, ATTACHED),
+    (CREATING, CHECKPOINTED),  # adopt: a checkpointed volume another store made, registered here
     (ATTACHED, CHECKPOINTING), (CHECKPOINTING, CHECKPOINTED),
     (CHECKPOINTING, ATTACHED),  # the device was still open: checkpoint reverted
     (CHECKPOINTED, RESTORING), (RESTORING, ATTACHED),

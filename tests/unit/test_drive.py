@@ -252,3 +252,35 @@ def test_render_every_form_with_options():
         text = drive.render(f, LINK, opts=o, block_device=True)
         cfg = drive.config(f, LINK, o, block_device=True)
         assert (json.loads(text) if isinstance(cfg, dict) else shlex.split(text)) == cfg
+
+
+RBD = "rbd:pool1/fleet/cowdisk-v-vm1:id=cowdisk:conf=/etc/ceph/ceph.conf"
+
+
+@pytest.fixture
+def rbd_link(tmp_path):
+    """A stable link of an rbd store with map=none: its target text is QEMU's rbd filename."""
+    link = tmp_path / "links" / "vm1" / "rootfs"
+    link.parent.mkdir(parents=True)
+    link.symlink_to(RBD)
+    return str(link)
+
+
+def test_rbd_link_gives_qemu_its_rbd_driver(rbd_link):
+    assert drive.network_target(rbd_link) == RBD
+    assert drive.config("qemu", rbd_link) == ["-drive", f"file={RBD},format=raw,if=virtio,cache=none,id=rootfs"]
+    assert drive.config("qemu-blockdev", rbd_link)[:2] == [
+        "-blockdev", "driver=raw,node-name=rootfs,cache.direct=on,file.driver=rbd,file.pool=pool1,"
+                     "file.image=cowdisk-v-vm1,file.namespace=fleet,file.user=cowdisk,file.conf=/etc/ceph/ceph.conf"]
+    assert drive.network_target(LINK) is None  # a path that is not a link to an rbd filename
+
+
+@pytest.mark.parametrize("fmt", ["firecracker", "cloud-hypervisor", "cloud-hypervisor-api"])
+def test_rbd_link_is_refused_for_vmms_that_need_a_file(rbd_link, fmt):
+    with pytest.raises(ValueError, match=f"{fmt} opens only files and block devices; make the store with map=fuse"):
+        drive.config(fmt, rbd_link)
+
+
+def test_rbd_blockdev_refuses_an_aio_it_cannot_have(rbd_link):
+    with pytest.raises(ValueError, match="rbd driver has no aio"):
+        drive.config("qemu-blockdev", rbd_link, drive.DriveOptions(io_engine="native"))

@@ -257,6 +257,7 @@ def test_state_transitions_follow_the_table(reg, db) -> None:
     [CREATING, ATTACHED, CHECKPOINTING, CHECKPOINTED, RESTORING, CHECKPOINTED],  # restore rolled back
     [CREATING, ATTACHED, REMOVING, ATTACHED],  # remove reverted
     [CREATING, ATTACHED, ERROR, REMOVING],  # recovery gave up; a person removes it
+    [CREATING, CHECKPOINTED, RESTORING, ATTACHED],  # adopted from another store, then restored
 ])
 def test_lifecycles_the_store_relies_on(reg, path) -> None:
     reg.add_template(tpl())
@@ -266,7 +267,7 @@ def test_lifecycles_the_store_relies_on(reg, path) -> None:
     assert reg.get_volume("v").state == path[-1]
 
 
-@pytest.mark.parametrize("a,b", [(CREATING, CHECKPOINTED), (CHECKPOINTED, ATTACHED), (ATTACHED, RESTORING),
+@pytest.mark.parametrize("a,b", [(CREATING, CHECKPOINTING), (CHECKPOINTED, ATTACHED), (ATTACHED, RESTORING),
                                  (ERROR, ATTACHED), (REMOVING, CHECKPOINTED), (CHECKPOINTED, CHECKPOINTING)])
 def test_shortcuts_are_refused(reg, db, a, b) -> None:
     reg.add_template(tpl())
@@ -378,7 +379,7 @@ def test_a_refused_transition_inside_a_transaction_rolls_it_back(reg) -> None:
     with pytest.raises(StateError):
         with reg.tx():
             reg.begin_intent("checkpoint", volume_id="v")
-            reg.set_state("v", CHECKPOINTED)  # creating -> checkpointed: not allowed
+            reg.set_state("v", RESTORING)  # creating -> restoring: not allowed
     assert reg.intents() == [] and reg.get_volume("v").state == CREATING
 
 

@@ -12,6 +12,7 @@ import pytest
 from cowdisk.errors import StateError
 from cowdisk.registry import ATTACHED, CHECKPOINTED, CHECKPOINTING, CREATING, Registry, TemplateRow, VolumeRow
 from cowdisk.store.transition import (
+    ADOPT,
     CHECKPOINT,
     CREATE,
     FLATTEN,
@@ -208,7 +209,7 @@ def test_every_operation_is_declared_consistently() -> None:
         assert len({s.name for s in op.steps}) == len(op.steps), op.name
         if op.makes_volume:
             assert op.trying == CREATING, op.name
-            assert (op.source_from is None) == (op is CREATE), op.name
+            assert (op.source_from is None) == (op in (CREATE, ADOPT)), op.name  # adopt: from another store
         assert op.after_crash in ("undo", "finish")
     assert CHECKPOINT.done == CHECKPOINTED and REMOVE.done is None
 

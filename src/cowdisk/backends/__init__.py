@@ -46,6 +46,15 @@ The contract (what the store relies on, and the conformance suite checks):
   as volumes write (dm-thin: the pool's data and metadata, with the pool's mode; pool:
   the embedded xfs), read without changing anything. ``Store.space()`` adds the
   filesystem holding the data; ``store info``, ``doctor`` and ``/metrics`` show it.
+* **Shared** (optional; backends whose volumes live where several stores reach them,
+  rbd). ``shared_volume(vid) -> SharedVolume`` (NotFound when there is none) and
+  ``shared_volumes()`` read what the shared place holds; ``has_template(tid)`` says
+  whether a template known only by digest is still there; ``claim(ctx, steal=)`` makes
+  this store the volume's owner (refused with InUse naming the holder's store and host
+  while another store holds it, unless ``steal``), ``unclaim(ctx, previous)`` gives it
+  back; ``take_over(ctx)`` fences the store that holds the volume (its clients can no
+  longer write) and clears its hold. The store's ``adopt_volume`` and ``restore(steal=)``
+  call them, each through its own operation.
 * **Scan.** ``scan()`` lists this store's kernel objects on the host (by the store's
   tag or name prefix), never another store's; ``release`` frees one of them.
 """
@@ -66,11 +75,14 @@ def _no_lock() -> ContextManager[None]:
 
 @dataclass(frozen=True)
 class TemplateRef:
-    """What a backend knows of a template: its id, its (read-only) image and size."""
+    """What a backend knows of a template: its id, its (read-only) image and size.
+    ``path`` is "" for a template this store knows only by digest, from a backend that
+    keeps templates where several stores reach them (rbd: the cluster)."""
 
     id: str
     path: str
     size: int
+    digest: str = ""
 
 
 @dataclass
@@ -152,6 +164,29 @@ class Space:
     def as_dict(self) -> dict[str, object]:
         return {"area": self.area, "used_bytes": self.used_bytes, "total_bytes": self.total_bytes,
                 "pct": round(self.pct, 1), "state": self.state, "detail": self.detail}
+
+
+@dataclass(frozen=True)
+class SharedVolume:
+    """A volume as the shared place (a Ceph pool) records it, whichever store made it."""
+
+    id: str
+    size: int
+    template_id: str
+    template_digest: str
+    """The template's full sha256 ("" when its image does not record it)."""
+    template_size: int
+    owner: str
+    """``<store tag>@<host>`` of the store whose registry governs the volume ("" unknown)."""
+    holder: str
+    """``<store tag>@<host>`` of the store that has it attached ("" when none does)."""
+    clients: tuple[str, ...] = ()
+    """Addresses of the clients that have it open right now (a VMM, a mapping daemon)."""
+
+    def as_dict(self) -> dict[str, object]:
+        return {"id": self.id, "size": self.size, "template_id": self.template_id,
+                "template_digest": self.template_digest, "template_size": self.template_size,
+                "owner": self.owner, "holder": self.holder, "clients": list(self.clients)}
 
 
 @dataclass(frozen=True)

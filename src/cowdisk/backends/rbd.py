@@ -12,13 +12,18 @@ parents) into a new local template file.
 Every image lives in the store's pool and RADOS namespace (options below). Images are
 named by template digest and volume id, not by store, so that stores on several hosts
 sharing a namespace share the templates (imported once into the cluster) and can hand a
-checkpointed volume to one another. Who may write a volume is the *holder* record, the
-image metadata ``cowdisk.holder`` (the store's tag and host name), set on attach and
-cleared on detach. Attaching an image another store holds is refused (InUse naming that
-store and whether it still has a live client watching the image);
-:meth:`RbdBackend.take_over` is the explicit fencing step for a host that died: it
-blocklists the old holder's clients (``osd blocklist add``), breaks their exclusive lock
-and records the new holder.
+checkpointed volume to one another. Two records in each volume image's metadata say which store may do what
+(both ``<store tag>@<host>``): the *owner* (``cowdisk.owner``: the store whose registry
+governs the volume; set when it is made, moved by :meth:`RbdBackend.claim` when another
+store adopts it) and the *holder* (``cowdisk.holder``: the store that has it attached;
+set on attach, cleared on detach). Attaching an image another store owns or holds is
+refused (InUse naming that store, its host and whether a client of it is still alive);
+removing one only forgets it here. :meth:`RbdBackend.take_over` is the explicit fencing
+step for a host that died: it blocklists every client watching the image (``osd
+blocklist add``: they can no longer write, even if that host comes back), breaks their
+exclusive lock and clears the hold. A volume image also records its template's id
+(``cowdisk.template``) and a template image its full digest (``cowdisk.digest``), so a
+store that never saw the template's file can adopt the volume.
 
 What the device path (and the store's stable link) is, by the ``map`` option:
 
@@ -60,7 +65,7 @@ from ..errors import CowdiskError, InUse, InvalidArgument, KernelError, NotFound
 from ..kernel import mount as kmount
 from ..kernel.procfs import process_alive, process_start
 from ..progress import Progress
-from . import BackendEnv, KernelObject, Usage, VolumeCtx, check_options
+from . import BackendEnv, KernelObject, SharedVolume, Usage, VolumeCtx, check_options
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +74,9 @@ MAPS = ("fuse", "none")
 DISK = "disk.img"
 PIDFILE = "qsd.pid"
 HOLDER = "cowdisk.holder"
+OWNER = "cowdisk.owner"
+TEMPLATE_KEY = "cowdisk.template"
+DIGEST = "cowdisk.digest"
 DEBIAN_DIST = "/usr/lib/python3/dist-packages"
 QSD = "qemu-storage-daemon"
 
@@ -297,6 +305,10 @@ class RbdBackend:
                         self._ready.add(t.id)
                         return
             except rbd.ImageNotFound:
+                if not t.path:
+                    raise NotFound(f"template {t.id}: its image {self.pool}/{name} is gone from the cluster and "
+                                   "this store has no file to write it from", op="import template into ceph",
+                                   obj=t.id, hint="import the template's image file on this store") from None
                 self._write_template(ctx)
                 continue
             # the image exists without its protected snapshot: finish it (idempotent); it
@@ -323,6 +335,8 @@ class RbdBackend:
             try:
                 with rbd.Image(io, staging) as im:
                     _write_sparse(t.path, im, t.size, ctx.progress)
+                    if t.digest:
+                        im.metadata_set(DIGEST, t.digest)
                     im.create_snap(template_snap(t.id))
                     im.protect_snap(template_snap(t.id))
                 try:
@@ -384,7 +398,7 @@ class RbdBackend:
 
     def _activate(self, ctx: VolumeCtx) -> str:
         img = volume_image(ctx.id)
-        self._hold(ctx.id, img)
+        self._hold(ctx.id, img, ctx.template.id)
         ctx.step("hold")
         if self.map == "none":
             ctx.step("map")
@@ -410,23 +424,41 @@ class RbdBackend:
         with named("list watchers", volume_image(vid)), rbd.Image(self.ioctx(), volume_image(vid), read_only=True) as im:
             return [w["addr"] for w in im.watchers_list()]
 
-    def _hold(self, vid: str, img: str) -> None:
+    def _mine(self, record: str) -> bool:
+        """Whether an owner or holder record (``<tag>@<host>``) names this store."""
+        return record.rpartition("@")[0] == self.tag
+
+    def _held_elsewhere(self, op: str, vid: str, img: str, im: Any, holder: str, hint: str) -> InUse:
+        """The InUse for an image another store holds: that store, its host, its live clients."""
+        me = self._my_addr()
+        live = [w["addr"] for w in im.watchers_list() if w["addr"] != me]
+        state = (f"it has {len(live)} live client(s): {', '.join(live)}" if live else
+                 "no client of it is alive (a dead host?)")
+        return InUse(f"{op} {vid}: {self.pool}/{img} is held by {_who(holder)}; {state}", op=op, obj=vid,
+                     hint=hint)
+
+    def _hold(self, vid: str, img: str, template_id: str) -> None:
+        """Record this store as the holder (and, on a volume's first attach, as its owner
+        and the template it came from: one open of the image, one write per record)."""
         _, rbd = librbd()
         with named("hold volume", img), rbd.Image(self.ioctx(), img) as im:
-            try:
-                cur = str(im.metadata_get(HOLDER))
-            except KeyError:
-                cur = ""
-            if cur and cur != self.holder:
-                live = [w["addr"] for w in im.watchers_list()]
-                live = [a for a in live if a != self._my_addr()]
-                state = (f"it has {len(live)} live client(s): {', '.join(live)}" if live else
-                         "no client of it is alive (a dead host?)")
-                raise InUse(f"attach volume {vid}: {self.pool}/{img} is held by {cur}; {state}",
+            meta = dict(im.metadata_list())
+            owner, cur = str(meta.get(OWNER, "")), str(meta.get(HOLDER, ""))
+            if owner and not self._mine(owner):
+                raise InUse(f"attach volume {vid}: {self.pool}/{img} belongs to {_who(owner)} (adopted there)",
                             op="attach volume", obj=vid,
-                            hint="checkpoint it there first; if that host is dead, take it over explicitly "
-                                 "(RbdBackend.take_over: fences the old holder)")
-            im.metadata_set(HOLDER, self.holder)
+                            hint=f"`cowdisk volume rm {vid}` forgets it here and leaves it to that store; "
+                                 f"`cowdisk volume adopt {vid}` after that takes it back")
+            if cur and not self._mine(cur):
+                raise self._held_elsewhere("attach volume", vid, img, im, cur,
+                                           "checkpoint it there first; if that host is dead, `cowdisk volume "
+                                           "restore --steal` takes it over (fencing that host's clients)")
+            if cur != self.holder:
+                im.metadata_set(HOLDER, self.holder)
+            if not owner:
+                im.metadata_set(OWNER, self.holder)
+            if TEMPLATE_KEY not in meta:
+                im.metadata_set(TEMPLATE_KEY, template_id)
 
     def _release_hold(self, img: str, *, deadline_s: float | None = None, vid: str = "") -> None:
         """Clear our holder record. With ``deadline_s`` (map=none, where a VMM opens the
@@ -436,7 +468,7 @@ class RbdBackend:
             try:
                 with rbd.Image(self.ioctx(), img) as im:
                     try:
-                        mine = str(im.metadata_get(HOLDER)) == self.holder
+                        mine = self._mine(str(im.metadata_get(HOLDER)))
                     except KeyError:
                         mine = False
                     if not mine:
@@ -459,26 +491,147 @@ class RbdBackend:
         except Exception:  # noqa: BLE001 - older bindings
             return ""
 
-    def take_over(self, vid: str) -> str | None:
-        """Fence the store holding ``vid`` and record this store as its holder: every
-        client watching the image is blocklisted (it can no longer write, even if that
-        host comes back), its exclusive lock broken. Returns the old holder. For a host
-        known dead only: a live VM on the old holder loses its disk."""
+    def take_over(self, ctx: VolumeCtx) -> str | None:
+        """Fence whoever holds volume ``ctx.id`` and clear the hold: every other client
+        watching the image is blocklisted (it can no longer write, even if that host comes
+        back), its exclusive lock broken. Returns the old holder. Idempotent. For a host
+        known dead (or to be cut off): a live VM there loses its disk."""
+        _, rbd = librbd()
+        img = volume_image(ctx.id)
+        io = self.ioctx()
+        with named("take over volume", img):
+            try:
+                im = rbd.Image(io, img)
+            except rbd.ImageNotFound:
+                raise NotFound(f"take over volume {ctx.id}: its image {self.pool}/{img} is gone",
+                               op="take over volume", obj=ctx.id) from None
+            with im:
+                old = str(dict(im.metadata_list()).get(HOLDER, "")) or None
+                mine = self._my_addr()
+                for w in im.watchers_list():
+                    if w["addr"] != mine:
+                        self._blocklist(w["addr"])
+                for o in im.lock_get_owners():
+                    with contextlib.suppress(rbd.ImageNotFound):
+                        im.lock_break(o["mode"], o["owner"])
+                if old is not None:
+                    im.metadata_remove(HOLDER)
+        log.warning("volume %s: took over from %s (its clients are fenced)", ctx.id, old or "no holder")
+        return old
+
+    # -- volumes other stores made --------------------------------------------------------
+
+    def shared_volume(self, vid: str) -> SharedVolume:
+        """Volume ``vid`` as the cluster records it (NotFound when it has no image)."""
         _, rbd = librbd()
         img = volume_image(vid)
-        old = self.holder_of(vid)
         io = self.ioctx()
-        with named("take over volume", img), rbd.Image(io, img) as im:
-            mine = self._my_addr()
-            for w in im.watchers_list():
-                if w["addr"] != mine:
-                    self._blocklist(w["addr"])
-            for o in im.lock_get_owners():
-                with contextlib.suppress(rbd.ImageNotFound):
-                    im.lock_break(o["mode"], o["owner"])
-            im.metadata_set(HOLDER, self.holder)
-        log.warning("took over volume %s from %s", vid, old)
-        return old
+        with named("read volume", img):
+            try:
+                with rbd.Image(io, img, read_only=True) as im:
+                    meta = dict(im.metadata_list())
+                    size = im.size()
+                    clients = tuple(w["addr"] for w in im.watchers_list())
+                    tid = str(meta.get(TEMPLATE_KEY, "")) or self._template_of(im)
+            except rbd.ImageNotFound:
+                raise NotFound(f"volume {vid}: no image {self.pool}/{img} in the cluster", op="read volume",
+                               obj=vid, hint="`cowdisk volume list --shared` lists the volumes there") from None
+            digest, tsize = "", 0
+            if tid:
+                with contextlib.suppress(rbd.ImageNotFound), \
+                        rbd.Image(io, template_image(tid), read_only=True) as t:
+                    digest = str(dict(t.metadata_list()).get(DIGEST, ""))
+                    tsize = t.size()
+        return SharedVolume(vid, size, tid, digest, tsize, str(meta.get(OWNER, "")), str(meta.get(HOLDER, "")),
+                            clients)
+
+    def _template_of(self, im: Any) -> str:
+        """The template id at the root of an image's parent chain ("" when there is none):
+        for images made before the template was recorded in their metadata."""
+        _, rbd = librbd()
+        opened: list[Any] = []
+        try:
+            for _ in range(64):
+                try:
+                    parent = im.parent_info()[1]
+                except rbd.ImageNotFound:
+                    return ""
+                if parent.startswith("cowdisk-t-"):
+                    return str(parent[len("cowdisk-t-"):])
+                if not parent.startswith("cowdisk-v-"):
+                    return ""
+                im = rbd.Image(self.ioctx(), parent, read_only=True)
+                opened.append(im)
+            return ""
+        finally:
+            for o in opened:
+                o.close()
+
+    def shared_volumes(self) -> list[SharedVolume]:
+        """Every volume image in the store's pool and namespace, whichever store made it."""
+        _, rbd = librbd()
+        with named("list images", f"{self.pool}/{self.namespace}"):
+            names = rbd.RBD().list(self.ioctx())
+        out = []
+        for n in sorted(names):
+            if n.startswith("cowdisk-v-"):
+                with contextlib.suppress(NotFound):  # removed meanwhile
+                    out.append(self.shared_volume(n[len("cowdisk-v-"):]))
+        return out
+
+    def has_template(self, tid: str) -> bool:
+        """Whether template ``tid``'s image and protected snapshot are in the cluster."""
+        _, rbd = librbd()
+        if tid in self._ready:
+            return True
+        with named("read template", template_image(tid)):
+            try:
+                with rbd.Image(self.ioctx(), template_image(tid), read_only=True) as im:
+                    return any(s["name"] == template_snap(tid) for s in im.list_snaps())
+            except rbd.ImageNotFound:
+                return False
+
+    def claim(self, ctx: VolumeCtx, *, steal: bool = False) -> None:
+        """Make this store the owner of volume ``ctx.id`` (adopt). Refused while another
+        store holds it attached, naming that store and host, unless ``steal`` (the store
+        then fences it with :meth:`take_over` before attaching)."""
+        _, rbd = librbd()
+        img = volume_image(ctx.id)
+        with named("adopt volume", img):
+            try:
+                im = rbd.Image(self.ioctx(), img)
+            except rbd.ImageNotFound:
+                raise NotFound(f"adopt volume {ctx.id}: no image {self.pool}/{img} in the cluster",
+                               op="adopt volume", obj=ctx.id) from None
+            with im:
+                meta = dict(im.metadata_list())
+                holder = str(meta.get(HOLDER, ""))
+                if holder and not self._mine(holder) and not steal:
+                    raise self._held_elsewhere("adopt volume", ctx.id, img, im, holder,
+                                               "checkpoint it there first; if that host is dead, adopt it with "
+                                               "--steal (fences that host's clients)")
+                if str(meta.get(OWNER, "")) != self.holder:
+                    im.metadata_set(OWNER, self.holder)
+                if TEMPLATE_KEY not in meta:
+                    im.metadata_set(TEMPLATE_KEY, ctx.template.id)
+
+    def unclaim(self, ctx: VolumeCtx, previous: str) -> None:
+        """Give volume ``ctx.id`` back to its ``previous`` owner (an adopt rolled back);
+        nothing when another store claimed it meanwhile or the image is gone."""
+        _, rbd = librbd()
+        img = volume_image(ctx.id)
+        with named("give volume back", img):
+            try:
+                with rbd.Image(self.ioctx(), img) as im:
+                    cur = str(dict(im.metadata_list()).get(OWNER, ""))
+                    if cur and not self._mine(cur):
+                        return
+                    if previous:
+                        im.metadata_set(OWNER, previous)
+                    elif cur:
+                        im.metadata_remove(OWNER)
+            except rbd.ImageNotFound:
+                pass
 
     def _blocklist(self, addr: str) -> None:
         cmd = json.dumps({"prefix": "osd blocklist", "blocklistop": "add", "addr": addr})
@@ -555,12 +708,11 @@ class RbdBackend:
         parent = None
         try:
             with rbd.Image(io, img) as im:
-                try:
-                    cur = str(im.metadata_get(HOLDER))
-                except KeyError:
-                    cur = ""
-                if cur and cur != self.holder:
-                    log.warning("volume %s: image held by %s, left in the cluster", ctx.id, cur)
+                meta = dict(im.metadata_list())
+                other = next((str(meta[k]) for k in (OWNER, HOLDER) if meta.get(k) and not self._mine(str(meta[k]))),
+                             "")
+                if other:
+                    log.warning("volume %s: image belongs to or is held by %s, left in the cluster", ctx.id, other)
                     ctx.forget("rbd", img)
                     return
                 with named("read parent", img):
@@ -771,6 +923,12 @@ def _in_fresh_thread(fn: Any) -> Any:
     if err:
         raise err[0]
     return out[0]
+
+
+def _who(record: str) -> str:
+    """``<tag>@<host>`` as words: "store cowdisk:1a2b3c4d on host h1"."""
+    tag, _, host = record.rpartition("@")
+    return f"store {tag} on host {host}" if tag else f"store {record}"
 
 
 def _which(name: str) -> bool:

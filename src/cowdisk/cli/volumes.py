@@ -202,22 +202,82 @@ def volume_checkpoint(app: App, vids: tuple[str, ...]) -> None:
 @click.option("--no-retarget", is_flag=True,
               help="With --as: leave ID's stable link alone (by default it points at the new volume, "
                    "as the path a VM snapshot recorded).")
+@click.option("--adopt", is_flag=True,
+              help="rbd: when this store does not know ID, adopt it first from the shared pool (a volume "
+                   "another store checkpointed; see `volume adopt`).")
+@click.option("--steal", is_flag=True,
+              help="rbd: the fencing step for a volume another store still holds (its host died): that "
+                   "store's clients are cut off from the cluster for good, then ID is attached here.")
 @pass_app
-def volume_restore(app: App, vid: str, new_id: str | None, no_retarget: bool) -> None:
+def volume_restore(app: App, vid: str, new_id: str | None, no_retarget: bool, adopt: bool, steal: bool) -> None:
     """Attach a checkpointed volume again, in place or as a new volume.
+
+    On rbd a volume another store holds attached is refused (exit 6, naming that store
+    and its host); --steal fences that store first. Use it only when that host is dead
+    or cut off: a VM still running there loses its disk.
 
     \b
     Example:
       cowdisk volume restore vm1              # in place
       cowdisk volume restore vm1 --as vm1b    # a copy; vm1's link now points at vm1b
+      cowdisk volume restore vm1 --adopt      # rbd: checkpointed by a store on another host
+      cowdisk volume restore vm1 --adopt --steal   # rbd: that host died holding it
     """
     validate_id(vid)
     if new_id is not None:
         validate_id(new_id, "new volume id")
     store = app.store()
     with app.progress(f"restore {vid}" + (f" as {new_id}" if new_id else "")) as progress:
-        v = store.restore(vid, new_id, retarget_source_link=not no_retarget, progress=progress)
+        v = store.restore(vid, new_id, retarget_source_link=not no_retarget, adopt=adopt, steal=steal,
+                          progress=progress)
     _show_volume(app, store, v, f"volume {v.id} restored")
+
+
+@volume.command("adopt")
+@click.argument("vid", metavar="ID")
+@click.option("--steal", is_flag=True,
+              help="Fence the store that still holds ID (its host died) instead of refusing.")
+@pass_app
+def volume_adopt(app: App, vid: str, steal: bool) -> None:
+    """rbd: register here a checkpointed volume another store (another host) made in the
+    shared pool, without copying it; this store becomes its owner (the other store can
+    then only forget it) and its template is known by digest if this store has no file
+    of it. The volume is checkpointed here: `volume restore` attaches it. Refused (exit
+    6, naming the store and host) while another store holds it attached, unless --steal.
+
+    \b
+    Example:
+      cowdisk volume shared                   # what the pool holds, and who owns and holds it
+      cowdisk volume adopt vm1 && cowdisk volume restore vm1
+    """
+    validate_id(vid)
+    store = app.store()
+    v = store.adopt_volume(vid, steal=steal)
+    _show_volume(app, store, v, f"volume {v.id} adopted")
+
+
+SHARED_COLUMNS = [Column("id"), Column("owner"), Column("holder", human=lambda h: h or "-"),
+                  Column("template_id", "template"), Column("size", human=human_bytes),
+                  Column("clients", human=lambda c: ", ".join(c) or "-")]
+
+
+@volume.command("shared")
+@click.option("--no-headings", is_flag=True, help="No heading line.")
+@pass_app
+def volume_shared(app: App, no_headings: bool) -> None:
+    """rbd: every volume in the store's shared pool and namespace, whichever store made it:
+    its owner and holder (``<store tag>@<host>``) and the clients that have it open.
+
+    \b
+    Example:
+      cowdisk volume shared
+      cowdisk volume shared --json | jq -r '.volumes[] | select(.holder=="") | .id'
+    """
+    rows = [sv.as_dict() for sv in app.store().shared_volumes()]
+    if app.json:
+        app.emit({"volumes": rows})
+    else:
+        app.listing(rows, SHARED_COLUMNS, headings=not no_headings)
 
 
 @volume.command("fork")

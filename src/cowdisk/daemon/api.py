@@ -391,8 +391,25 @@ def create_app(svc: Service) -> FastAPI:
         _ids((vid, "volume id"), (body.new_id, "new volume id"))
         op = "restore" if body.new_id in (None, vid) else "restore-as"
         return J(svc.call(op, vid if op == "restore" else f"{vid} as {body.new_id}", peer_of(request),
-                          lambda: store.restore(vid, body.new_id,
-                                                retarget_source_link=body.retarget_source_link).as_dict()))
+                          lambda: store.restore(vid, body.new_id, retarget_source_link=body.retarget_source_link,
+                                                adopt=body.adopt, steal=body.steal).as_dict()))
+
+    @app.post(f"{API}/volumes/{{vid}}/adopt", status_code=201, response_model=m.VolumeOut, tags=["volumes"],
+              responses=ERRORS)
+    def volume_adopt(request: Request, vid: str, body: m.AdoptIn | None = Body(None)) -> JSONResponse:
+        """rbd: register a checkpointed volume another store made in the shared pool (this store
+        becomes its owner; nothing is copied). 409 naming the holder's store and host while
+        another store holds it attached, unless ``steal`` (fencing)."""
+        body = body or m.AdoptIn()
+        validate_id(vid)
+        return J(svc.call("adopt", vid, peer_of(request),
+                          lambda: store.adopt_volume(vid, steal=body.steal).as_dict()), 201)
+
+    @app.get(f"{API}/shared/volumes", response_model=m.SharedVolumeList, tags=["volumes"], responses=ERRORS)
+    def shared_volumes() -> JSONResponse:
+        """rbd: every volume in the shared pool and namespace, whichever store made it, with its
+        owner, holder and open clients."""
+        return J({"volumes": [sv.as_dict() for sv in store.shared_volumes()]})
 
     @app.post(f"{API}/volumes/{{vid}}/fork", status_code=202, response_model=m.JobOut, tags=["volumes"],
               responses=ERRORS)

@@ -70,6 +70,21 @@ class VolumeList(BaseModel):
     volumes: list[VolumeOut]
 
 
+class SharedVolumeOut(BaseModel):
+    id: str
+    size: int
+    template_id: str
+    template_digest: str = Field(description="The template's full sha256 (\"\" when its image does not record it)")
+    template_size: int
+    owner: str = Field(description="<store tag>@<host> of the store whose registry governs the volume")
+    holder: str = Field(description="<store tag>@<host> of the store that has it attached (\"\": none)")
+    clients: list[str] = Field(description="Addresses of the clients that have it open right now")
+
+
+class SharedVolumeList(BaseModel):
+    volumes: list[SharedVolumeOut]
+
+
 class UsageOut(BaseModel):
     disk_bytes: int
     apparent_bytes: int
@@ -167,6 +182,14 @@ class RestoreIn(In):
     new_id: str | None = Field(None, description="Restore as this new volume (the checkpoint is kept)")
     retarget_source_link: bool = Field(True, description="With new_id: point the source's stable link at "
                                                          "the new volume too (the path a VM snapshot recorded)")
+    adopt: bool = Field(False, description="rbd: when this store does not know the volume, adopt it first from "
+                                           "the shared pool (see POST .../adopt)")
+    steal: bool = Field(False, description="rbd: fence the store that still holds the volume (its host died: its "
+                                           "clients are cut off for good), instead of a 409 naming it")
+
+
+class AdoptIn(In):
+    steal: bool = Field(False, description="Fence the store that still holds the volume instead of a 409 naming it")
 
 
 class ForkIn(In):

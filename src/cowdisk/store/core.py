@@ -34,16 +34,38 @@ import sqlite3
 import time
 from typing import Any, Callable, Iterator, Mapping, TypeVar
 
-from ..backends import Space, Usage, VolumeCtx, explain
+from ..backends import SharedVolume, Space, Usage, VolumeCtx, explain
 from ..digest import sha256_file
-from ..errors import CowdiskError, InUse, InvalidArgument, KernelError, NotFound, StateError
+from ..errors import (
+    AlreadyExists,
+    CowdiskError,
+    InUse,
+    InvalidArgument,
+    KernelError,
+    NotFound,
+    StateError,
+    TemplateChanged,
+    Unsupported,
+)
 from ..kernel import fs, procfs
 from ..progress import Progress
 from ..registry import ATTACHED, CREATING, TemplateRow, VolumeRow
 from . import manifest, recovery
 from .model import RecoveryReport, Template, Volume, default_root, validate_id
 from .parts import StoreParts, manifest_of_quarantine
-from .transition import CHECKPOINT, CREATE, FLATTEN, FORK, REMOVE, RESTORE, RESTORE_AS, Operation, Transition
+from .transition import (
+    ADOPT,
+    CHECKPOINT,
+    CREATE,
+    FLATTEN,
+    FORK,
+    REMOVE,
+    RESTORE,
+    RESTORE_AS,
+    TAKE_OVER,
+    Operation,
+    Transition,
+)
 
 log = logging.getLogger(__name__)
 
@@ -149,8 +171,16 @@ class Store(StoreParts):
         return self._templates.get(ref)
 
     def check_template(self, t: TemplateRow) -> None:
-        """Refuse a template whose file changed since import (size, mtime, inode)."""
-        self._templates.check(t)
+        """Refuse a template whose file changed since import (size, mtime, inode); a
+        template known by digest only (no local file) must still be in the backend."""
+        if t.path:
+            self._templates.check(t)
+            return
+        has = getattr(self.backend, "has_template", None)
+        if has is None or not has(t.id):
+            raise TemplateChanged(f"template {t.id}: this store knows it by digest only and the "
+                                  f"{self.backend_name} backend no longer has it", op="check template", obj=t.id,
+                                  hint="import the template's image file on this store")
 
     def verify_template(self, ref: str, progress: Progress | None = None) -> Template:
         """Check size, mtime and the full content digest; mark the template changed if they differ."""
@@ -235,24 +265,104 @@ class Store(StoreParts):
         return self.volume(vid)
 
     def restore(self, vid: str, new_id: str | None = None, *, retarget_source_link: bool = True,
-                progress: Progress | None = None) -> Volume:
+                steal: bool = False, adopt: bool = False, progress: Progress | None = None) -> Volume:
         """Attach a checkpointed volume again, in place or as a new volume ``new_id``.
 
         Restoring under a new id copies the checkpoint's data (sparse, or reflinked
         where the filesystem can), so the checkpoint stays as it was and can be
         restored again. By default the source's stable link is retargeted to the new
         device too: that is the path a VM snapshot recorded.
+
+        On a backend whose volumes several stores reach (rbd), ``adopt`` first registers
+        a volume this store does not know (:meth:`adopt_volume`), and ``steal`` is the
+        fencing step for a volume another store still holds (its host died): that store's
+        clients are cut off for good and its hold cleared (:meth:`take_over`), then the
+        volume is attached here. Without ``steal`` such a volume is refused (InUse naming
+        the holder's store and host).
         """
         validate_id(vid)
+        if adopt and self.registry.find_volume(vid) is None:
+            self.adopt_volume(vid, steal=steal)
+            steal = False  # adopt fenced the holder already
         if new_id is None or new_id == vid:
-            return self._restore_in_place(vid, progress)
+            return self._restore_in_place(vid, progress, steal=steal)
         validate_id(new_id)
         self.check_room("restore volume", new_id)
         return self._copy(RESTORE_AS, vid, new_id, retarget=retarget_source_link, progress=progress,
-                          hint="checkpoint it first, or use fork")
+                          hint="checkpoint it first, or use fork", steal=steal)
+
+    def shared_volumes(self) -> list[SharedVolume]:
+        """Every volume in the backend's shared place (rbd: the pool and namespace), whichever
+        store made it, with its owner and holder: what :meth:`adopt_volume` can take."""
+        lister = getattr(self.backend, "shared_volumes", None)
+        if lister is None:
+            raise Unsupported(f"list shared volumes: the {self.backend_name} backend keeps volumes on this host "
+                              "only", op="list shared volumes", obj=self.root)
+        return list(lister())
+
+    def adopt_volume(self, vid: str, *, steal: bool = False) -> Volume:
+        """Register here a checkpointed volume another store made in the backend's shared
+        place (rbd: a store on another host using the same pool), without copying its
+        data: its template is registered by digest if this store has no file of it, the
+        backend records this store as the volume's owner (the other store may then only
+        forget it), and the volume is checkpointed here, ready for :meth:`restore`.
+
+        Refused (InUse naming the store and host) while another store holds the volume
+        attached; with ``steal`` that store is fenced instead (:meth:`take_over`)."""
+        validate_id(vid)
+        shared = getattr(self.backend, "shared_volume", None)
+        if shared is None:
+            raise Unsupported(f"adopt volume {vid}: the {self.backend_name} backend keeps volumes on this host "
+                              "only", op="adopt volume", obj=vid, hint="restore it on the store that made it")
+        with self.lock("volume", vid), _named_errors("adopt volume", vid):
+            if self.registry.find_volume(vid) is not None:
+                raise AlreadyExists(f"adopt volume {vid}: this store has a volume {vid} already", op="adopt volume",
+                                    obj=vid, hint="restore it, or remove it here first (a volume another store "
+                                                  "adopted is only forgotten, never deleted)")
+            sv: SharedVolume = shared(vid)
+            if not sv.template_id or not sv.template_digest:
+                t = self.registry.find_template(sv.template_id) if sv.template_id else None
+                if t is None:
+                    raise NotFound(f"adopt volume {vid}: the cluster does not record its template's digest",
+                                   op="adopt volume", obj=vid,
+                                   hint="import the template's image file on this store first")
+            else:
+                t = self._templates.register_shared(sv.template_digest, sv.template_size,
+                                                    f"{self.backend_name}:{sv.owner or 'shared'}")
+            self.check_template(t)
+            row = self._new_row(vid, t, sv.size, None)
+            ctx = self.ctx(row, t, op=ADOPT.name)
+            with self._transition(ADOPT, vid, row=row, data={"owner": sv.owner},
+                                  undo=self._undo(row, ctx)) as tr:
+                tr.step("claim", self.backend.claim, ctx, steal=steal)  # type: ignore[attr-defined]
+                tr.finish()
+            if steal and sv.holder:
+                self._take_over(self.registry.get_volume(vid))
+        return self.volume(vid)
+
+    def take_over(self, vid: str) -> str | None:
+        """Fence whoever holds checkpointed volume ``vid`` in the shared place (a store whose
+        host died): its clients can no longer write, even if that host comes back, and its
+        hold is cleared so this store can attach the volume. Returns the old holder.
+        ``restore(steal=True)`` runs it first."""
+        validate_id(vid)
+        with self.lock("volume", vid):
+            return self._take_over(self.registry.get_volume(vid))
+
+    def _take_over(self, v: VolumeRow) -> str | None:
+        fence = getattr(self.backend, "take_over", None)
+        if fence is None:
+            raise Unsupported(f"take over volume {v.id}: the {self.backend_name} backend has no holder to fence",
+                              op="take over volume", obj=v.id)
+        TAKE_OVER.require(v, hint="only a checkpointed volume is taken over")
+        ctx = self.ctx(v, op=TAKE_OVER.name)
+        with self._transition(TAKE_OVER, v.id) as tr:
+            old: str | None = tr.step("fence", fence, ctx)
+            tr.finish()
+        return old
 
     def _copy(self, op: Operation, vid: str, new_id: str, *, retarget: bool, progress: Progress | None,
-              hint: str = "") -> Volume:
+              hint: str = "", steal: bool = False) -> Volume:
         """A new volume ``new_id`` from ``vid``'s data (restore-as, fork): copy, attach, link
         (and, with ``retarget``, the source's link pointed at the copy)."""
         with self.lock("volume", vid), self.lock("volume", new_id), _named_errors(f"{op.verb} volume", new_id):
@@ -260,6 +370,8 @@ class Store(StoreParts):
             op.require(src, hint=hint)
             if op is RESTORE_AS:
                 self._require_data(src)
+            if steal:
+                self._take_over(src)
             t = self.registry.get_template(src.template_id)
             self.check_template(t)
             row = self._new_row(new_id, t, src.size, vid)
@@ -278,11 +390,13 @@ class Store(StoreParts):
         if source is not None:
             self.set_link(vid, self.link_path(source), dev)
 
-    def _restore_in_place(self, vid: str, progress: Progress | None) -> Volume:
+    def _restore_in_place(self, vid: str, progress: Progress | None, *, steal: bool = False) -> Volume:
         with self.lock("volume", vid):
             v = self.registry.get_volume(vid)
             RESTORE.require(v)
             self._require_data(v)
+            if steal:
+                self._take_over(v)
             t = self.registry.get_template(v.template_id)
             self.check_template(t)
             ctx = self.ctx(v, t, op=RESTORE.name, progress=progress)

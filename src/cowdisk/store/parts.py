@@ -205,7 +205,7 @@ class StoreParts:
         t = t or self.registry.get_template(v.template_id)
         vid = v.id
         return VolumeCtx(
-            id=vid, template=TemplateRef(t.id, t.path, t.size), data_dir=self.vol_dir(vid), tag=self.tag,
+            id=vid, template=TemplateRef(t.id, t.path, t.size, t.digest), data_dir=self.vol_dir(vid), tag=self.tag,
             dm_name=self.dm_prefix + vid,
             record=lambda kind, name: self.registry.record_object(vid, kind, name),
             forget=lambda kind, name: self.registry.forget_object(kind, name),

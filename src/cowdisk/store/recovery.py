@@ -47,6 +47,7 @@ from .model import RecoveryReport
 from .parts import LINK_TMP, QUARANTINE, StoreParts
 from .templates import STAGING_PREFIX, staging_owner_alive
 from .transition import (
+    ADOPT,
     CHECKPOINT,
     CREATE,
     FLATTEN,
@@ -56,6 +57,7 @@ from .transition import (
     REMOVE,
     RESTORE,
     RESTORE_AS,
+    TAKE_OVER,
     TEMPLATE_REMOVE,
     Transition,
     legacy_op,
@@ -121,6 +123,31 @@ def _template_gone(store: StoreParts, intent: int, data: Mapping[str, Any], v: V
     store.finish_template_remove(intent, str(data["template_id"]))
 
 
+def _unadopt(store: StoreParts, intent: int, data: Mapping[str, Any], v: VolumeRow | None,
+              ctx: VolumeCtx | None) -> None:
+    """Undo adopt: the volume goes back to the owner it had (the intent's ``owner``) and
+    this store forgets it. Its data is another store's: never detached, never deleted."""
+    if v is not None and ctx is not None:
+        unclaim = getattr(store.backend, "unclaim", None)
+        if unclaim is not None:
+            unclaim(ctx, str(data.get("owner") or ""))
+        shutil.rmtree(ctx.data_dir, ignore_errors=True)  # only its manifest: nothing was attached
+    with store.registry.tx():
+        if v is not None:
+            store.registry.delete_volume(v.id)
+        store.registry.end_intent(intent)
+
+
+def _fenced(store: StoreParts, intent: int, data: Mapping[str, Any], v: VolumeRow | None,
+            ctx: VolumeCtx | None) -> None:
+    """Finish take-over: fence again (idempotent) and end the intent; the volume stays
+    checkpointed, free for the restore that asked for the fence."""
+    take_over = getattr(store.backend, "take_over", None)
+    if v is not None and ctx is not None and take_over is not None:
+        take_over(ctx)
+    store.registry.end_intent(intent)
+
+
 HANDLERS: Mapping[str, Handler] = {
     CREATE.name: _forget,
     RESTORE_AS.name: _forget,
@@ -129,6 +156,8 @@ HANDLERS: Mapping[str, Handler] = {
     CHECKPOINT.name: _detached,
     RESTORE.name: _detached,
     FLATTEN.name: _drop_flat,
+    ADOPT.name: _unadopt,
+    TAKE_OVER.name: _fenced,
     IMPORT.name: _unpublish,
     TEMPLATE_REMOVE.name: _template_gone,
 }

@@ -19,7 +19,7 @@ import time
 from typing import TYPE_CHECKING, Callable, ContextManager
 
 from ..digest import sha256_file
-from ..errors import InUse, InvalidArgument, KernelError, NotFound, TemplateChanged
+from ..errors import InUse, InvalidArgument, KernelError, NotFound, TemplateChanged, Unsupported
 from ..kernel import fs, procfs
 from ..progress import Progress, stage
 from ..registry import Registry, TemplateRow
@@ -80,8 +80,10 @@ class Templates:
         return Template.of(t, self.registry.template_users(t.id))
 
     def usage(self, ref: str) -> int:
-        """Bytes the template's file really takes on disk (st_blocks)."""
-        return fs.disk_usage(self.registry.get_template(ref).path)
+        """Bytes the template's file really takes on disk (st_blocks); 0 for a template
+        known by digest only (no local file)."""
+        t = self.registry.get_template(ref)
+        return fs.disk_usage(t.path) if t.path else 0
 
     # -- import and build ----------------------------------------------------------------
 
@@ -213,6 +215,23 @@ class Templates:
         self.registry.add_template(row)
         return self.get(tid)
 
+    def register_shared(self, digest: str, size: int, source: str) -> TemplateRow:
+        """The template with content ``digest`` for a volume adopted from a shared place
+        (rbd's cluster): the row this store has, or a new one with no local file (``path``
+        ""; the backend holds the bytes, and its checks ask the backend)."""
+        tid = digest[:16]
+        with self._lock(tid):
+            t = self.registry.find_template(tid)
+            if t is not None:
+                if t.digest != digest:
+                    raise TemplateChanged(f"template {tid}: this store's digest {t.digest} is not the shared "
+                                          f"template's {digest}", op="adopt template", obj=tid)
+                return t
+            row = TemplateRow(tid, "", size, digest, 0, 0, False, source, time.time(), "ready", (), 0)
+            self._write_manifest(row)
+            self.registry.add_template(row)
+            return row
+
     def _write_manifest(self, t: TemplateRow) -> None:
         tdir = os.path.join(self.dir, t.id)
         os.makedirs(tdir, exist_ok=True)
@@ -227,6 +246,11 @@ class Templates:
         if m is None or m.get("store") != self.store_id or m.get("id") != tid:
             return None
         path = str(m["path"])
+        if not path:  # known by digest only: its bytes are in the backend
+            row = TemplateRow(tid, "", int(m["size"]), str(m["digest"]), 0, 0, False, str(m["source"]),
+                              float(m["created"]), "ready", tuple(m.get("names") or ()), 0)
+            self.registry.add_template(row)
+            return row
         if not os.path.exists(path) or os.path.getsize(path) != m["size"]:
             return None
         st = os.stat(path)
@@ -297,6 +321,10 @@ class Templates:
         record is refreshed, an owned file made immutable again); changed content marks it
         changed and raises."""
         t = self.registry.get_template(ref)
+        if not t.path:
+            raise Unsupported(f"verify template {t.id}: this store knows it by digest only (adopted with a "
+                              "volume); its bytes are in the backend", op="verify template", obj=t.id,
+                              hint="verify it on a store that has its image file")
         with self._lock(t.id):
             if not os.path.exists(t.path):
                 self.check(t)  # raises: the file is gone

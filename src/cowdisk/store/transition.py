@@ -110,6 +110,16 @@ FORK = Operation("fork", None, CREATING, ATTACHED, "undo",
                  source_from=frozenset({ATTACHED, CHECKPOINTED}))
 FLATTEN = Operation("flatten", frozenset({ATTACHED, CHECKPOINTED}), None, None, "undo",
                     (Step("data", "flatten"), Step("register")))
+ADOPT = Operation("adopt", None, CREATING, CHECKPOINTED, "undo", (Step("claim", "claim"),))
+"""Register a checkpointed volume another store made in a shared place (rbd's pool): its
+row is born ``creating``, the backend records this store as the volume's owner, and the
+row is committed ``checkpointed``. Undo gives the volume back to its previous owner (the
+intent's ``owner``) and forgets the row; the volume's data is never touched."""
+TAKE_OVER = Operation("take-over", frozenset({CHECKPOINTED}), None, None, "finish",
+                      (Step("fence", "take_over"),))
+"""Fence the store that holds a shared volume (``restore --steal``): its clients are cut
+off and its hold cleared. Cannot be rolled back (a fence is for good): a killed one is
+finished by recovery, which fences again."""
 IMPORT = Operation("import", None, None, None, "undo", (Step("publish"),), subject="template")
 TEMPLATE_REMOVE = Operation("template-remove", None, None, None, "finish", (Step("file"),), subject="template")
 """Remove a template no volume uses: its file, then its row with the end of the intent; a
@@ -119,8 +129,8 @@ committed with the end of the intent, so a kill leaves either both or an intent 
 removes the file."""
 
 OPERATIONS: Mapping[str, Operation] = {o.name: o for o in
-                                       (CREATE, REMOVE, CHECKPOINT, RESTORE, RESTORE_AS, FORK, FLATTEN, IMPORT,
-                                        TEMPLATE_REMOVE)}
+                                       (CREATE, REMOVE, CHECKPOINT, RESTORE, RESTORE_AS, FORK, FLATTEN, ADOPT,
+                                        TAKE_OVER, IMPORT, TEMPLATE_REMOVE)}
 """Every operation by name: the intents' ``op`` column and recovery's handler table key."""
 
 

@@ -387,7 +387,7 @@ def create_app(svc: Service) -> FastAPI:
     @app.post(f"{API}/volumes/{{vid}}/restore", response_model=m.VolumeOut, tags=["volumes"], responses=ERRORS)
     def volume_restore(request: Request, vid: str, body: m.RestoreIn | None = Body(None)) -> JSONResponse:
         """Attach a checkpointed volume again, in place or as a new volume ``new_id``."""
-        body = body or m.RestoreIn(new_id=None, retarget_source_link=True)
+        body = body or m.RestoreIn(new_id=None, retarget_source_link=True, adopt=False, steal=False)
         _ids((vid, "volume id"), (body.new_id, "new volume id"))
         op = "restore" if body.new_id in (None, vid) else "restore-as"
         return J(svc.call(op, vid if op == "restore" else f"{vid} as {body.new_id}", peer_of(request),
@@ -400,7 +400,7 @@ def create_app(svc: Service) -> FastAPI:
         """rbd: register a checkpointed volume another store made in the shared pool (this store
         becomes its owner; nothing is copied). 409 naming the holder's store and host while
         another store holds it attached, unless ``steal`` (fencing)."""
-        body = body or m.AdoptIn()
+        body = body or m.AdoptIn(steal=False)
         validate_id(vid)
         return J(svc.call("adopt", vid, peer_of(request),
                           lambda: store.adopt_volume(vid, steal=body.steal).as_dict()), 201)

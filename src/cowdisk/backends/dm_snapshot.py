@@ -28,9 +28,9 @@ import time
 from typing import Callable, ClassVar, Iterator, Mapping
 
 from ..errors import InUse, InvalidArgument, KernelError
-from ..kernel import blk, dm, dm_status, fs, loop
-from ..progress import Progress
+from ..kernel import dm, dm_status, fs, loop
 from . import BackendEnv, KernelObject, Usage, VolumeCtx, check_options
+from .dm_common import DmVolumeBase, dm_available
 
 COW = "cow.img"
 CHUNK_SECTORS = 128
@@ -67,9 +67,8 @@ def cow_path(ctx: VolumeCtx) -> str:
     return os.path.join(ctx.data_dir, COW)
 
 
-class DmSnapshotBackend:
+class DmSnapshotBackend(DmVolumeBase):
     name: ClassVar[str] = "dm-snapshot"
-    block_device: ClassVar[bool] = True
     steps: ClassVar[Mapping[str, tuple[str, ...]]] = {
         "create": ("cow_file", "template_loop", "cow_loop", "dm"),
         "attach": ("template_loop", "cow_loop", "dm"),
@@ -93,12 +92,6 @@ class DmSnapshotBackend:
 
     def destroy_store(self) -> None:
         return None
-
-    def stage(self, ctx: VolumeCtx, device: str, dest: str, *, uid: int | None, gid: int | None) -> str:
-        """A block device node with the dm device's major:minor."""
-        ma, mi = blk.devno(device)
-        blk.make_node(dest, ma, mi, uid=uid, gid=gid)
-        return dest
 
     def __init__(self, *, dm_prefix: str, data_root: str,
                  shared_loop_get: Callable[[str], tuple[int, str] | None] = lambda tid: None,
@@ -256,8 +249,7 @@ class DmSnapshotBackend:
 
     def flatten(self, ctx: VolumeCtx, out_path: str, *, attached: bool) -> None:
         if attached:
-            dev = dm.device_node(dm.control().info(ctx.dm_name))
-            _copy_device(dev, out_path, ctx.template.size, ctx.progress)
+            self.copy_attached(ctx, out_path)
         else:
             from ..cowformat import flatten as offline_flatten
 
@@ -279,28 +271,6 @@ class DmSnapshotBackend:
         return Usage(disk_bytes=st.st_blocks * 512, apparent_bytes=st.st_size,
                      cow_used_bytes=used, cow_total_bytes=total, health=health)
 
-    def thaw(self, ctx: VolumeCtx) -> bool:
-        """Resume the volume's device if a killed copy left it suspended (recovery calls it
-        for attached volumes nobody works on); True when it was."""
-        return dm.resume_if_suspended(ctx.dm_name)
-
-    def is_attached(self, ctx: VolumeCtx) -> bool:
-        return dm_exists(ctx.dm_name)
-
-    def open_count(self, ctx: VolumeCtx) -> int | None:
-        """How many opens the kernel counts on the volume's dm device (None: not attached)."""
-        try:
-            return dm.control().info(ctx.dm_name).open_count
-        except KernelError as e:
-            if dm.is_gone(e):
-                return None
-            raise
-
-    def device_path(self, ctx: VolumeCtx) -> str | None:
-        if not dm_exists(ctx.dm_name):
-            return None
-        return dm.device_node(dm.control().info(ctx.dm_name))
-
     # -- recovery ------------------------------------------------------------------
 
     def scan(self) -> Iterator[KernelObject]:
@@ -318,57 +288,12 @@ class DmSnapshotBackend:
                 yield KernelObject("loop", str(li.number), vid, detail=bf)
 
     def release(self, obj: KernelObject, *, deadline_s: float = 5.0) -> None:
-        if obj.kind == "dm":
-            dm.control().remove(obj.name, deadline_s=deadline_s, missing_ok=True)
-        elif obj.kind == "loop":
+        if self.release_dm(obj, deadline_s=deadline_s):
+            return
+        if obj.kind == "loop":
             loop.detach(int(obj.name), missing_ok=True)
-
-
-def dm_available() -> bool:
-    """True when this kernel has device-mapper (its control node can be opened)."""
-    try:
-        dm.control().version()
-        return True
-    except (KernelError, OSError):
-        return False
-
-
-def dm_exists(name: str) -> bool:
-    try:
-        dm.control().info(name)
-        return True
-    except KernelError as e:
-        if dm.is_gone(e):
-            return False
-        raise
 
 
 def snapshot_supported() -> tuple[bool, str]:
     """Whether dm-snapshot volumes can be made here, and if not, why."""
     return dm.target_available("snapshot")
-
-
-def _copy_device(dev: str, out_path: str, size: int, progress: Progress | None) -> None:
-    """Copy a block device into a new sparse file, skipping all-zero blocks."""
-    bs = 1 << 20
-    zero = bytes(bs)
-    fd = os.open(dev, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        out = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-        try:
-            os.ftruncate(out, size)
-            off = 0
-            while off < size:
-                data = os.pread(fd, min(bs, size - off), off)
-                if not data:
-                    break
-                if data != zero[: len(data)]:
-                    os.pwrite(out, data, off)
-                off += len(data)
-                if progress:
-                    progress(off, size)
-            os.fsync(out)
-        finally:
-            os.close(out)
-    finally:
-        os.close(fd)

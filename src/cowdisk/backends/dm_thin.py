@@ -48,7 +48,7 @@ from ..errors import CowdiskError, InvalidArgument, KernelError, StateError
 from ..kernel import blk, dm, dm_status, fs, loop
 from ..locks import FileLock
 from . import BackendEnv, KernelObject, Space, Usage, VolumeCtx, check_options
-from .dm_snapshot import _copy_device, dm_exists
+from .dm_common import DmVolumeBase, copy_device
 
 log = logging.getLogger(__name__)
 
@@ -142,9 +142,8 @@ def _read_id(path: str) -> int | None:
         raise KernelError("read thin id", path, errno.EBADMSG, detail="not a thin id") from None
 
 
-class DmThinBackend:
+class DmThinBackend(DmVolumeBase):
     name: ClassVar[str] = "dm-thin"
-    block_device: ClassVar[bool] = True
     steps: ClassVar[Mapping[str, tuple[str, ...]]] = {
         "create": ("template", "thin", "dm"),
         "attach": ("dm",),
@@ -527,7 +526,7 @@ class DmThinBackend:
 
     def flatten(self, ctx: VolumeCtx, out_path: str, *, attached: bool) -> None:
         if attached:
-            _copy_device(dm.control().device_node(ctx.dm_name), out_path, ctx.template.size, ctx.progress)
+            self.copy_attached(ctx, out_path)
             return
         tid = _read_id(self._id_path(ctx))
         if tid is None:
@@ -535,7 +534,7 @@ class DmThinBackend:
         ctx.record("dm", ctx.dm_name)
         info = dm.control().create_device(ctx.dm_name, self._thin_table(tid, ctx.template.size), readonly=True)
         try:
-            _copy_device(dm.device_node(info), out_path, ctx.template.size, ctx.progress)
+            copy_device(dm.device_node(info), out_path, ctx.template.size, ctx.progress)
         finally:
             dm.control().remove(ctx.dm_name, deadline_s=10.0, missing_ok=True)
             ctx.forget("dm", ctx.dm_name)
@@ -588,33 +587,6 @@ class DmThinBackend:
                 out[int(w[0])] = (int(w[1]), int(w[2]), int(w[3]))
         return out
 
-    def thaw(self, ctx: VolumeCtx) -> bool:
-        """Resume the volume's device if a killed copy left it suspended (recovery calls it
-        for attached volumes nobody works on); True when it was."""
-        return dm.resume_if_suspended(ctx.dm_name)
-
-    def is_attached(self, ctx: VolumeCtx) -> bool:
-        return dm_exists(ctx.dm_name)
-
-    def device_path(self, ctx: VolumeCtx) -> str | None:
-        if not dm_exists(ctx.dm_name):
-            return None
-        return dm.control().device_node(ctx.dm_name)
-
-    def open_count(self, ctx: VolumeCtx) -> int | None:
-        """How many opens the kernel counts on the volume's device (None: not attached)."""
-        try:
-            return dm.control().info(ctx.dm_name).open_count
-        except KernelError as e:
-            if dm.is_gone(e):
-                return None
-            raise
-
-    def stage(self, ctx: VolumeCtx, device: str, dest: str, *, uid: int | None, gid: int | None) -> str:
-        ma, mi = blk.devno(device)
-        blk.make_node(dest, ma, mi, uid=uid, gid=gid)
-        return dest
-
     # -- recovery ----------------------------------------------------------------------
 
     def scan(self) -> Iterator[KernelObject]:
@@ -639,9 +611,9 @@ class DmThinBackend:
                 yield KernelObject("thin-template", name, None, detail=f"thin {words[0]} of {words[1].strip()}")
 
     def release(self, obj: KernelObject, *, deadline_s: float = 5.0) -> None:
-        if obj.kind == "dm":
-            dm.control().remove(obj.name, deadline_s=deadline_s, missing_ok=True)
-        elif obj.kind == "thin-template":
+        if self.release_dm(obj, deadline_s=deadline_s):
+            return
+        if obj.kind == "thin-template":
             path = os.path.join(self.tdir, obj.name)
             tid = _read_id(path)
             if tid is not None:

@@ -81,8 +81,17 @@ def pytest_generate_tests(metafunc) -> None:
     metafunc.parametrize("backend", wanted)
 
 
+NESTED_VMM_ENV = "COWDISK_NESTED_VMM"
+
+
 def pytest_collection_modifyitems(config, items) -> None:
-    """Enforce the tiers' markers (see the module docstring)."""
+    """Enforce the tiers' markers (see the module docstring); leave out the tests marked
+    ``nested_vmm`` (QEMU inside the kernel lab: minutes each) unless $COWDISK_NESTED_VMM=1."""
+    if os.environ.get(NESTED_VMM_ENV) != "1":
+        dropped = [it for it in items if it.get_closest_marker("nested_vmm")]
+        if dropped:
+            items[:] = [it for it in items if not it.get_closest_marker("nested_vmm")]
+            config.hook.pytest_deselected(items=dropped)
     bad = []
     for it in items:
         tier = tier_of(it.path)

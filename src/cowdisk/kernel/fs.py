@@ -275,7 +275,12 @@ def open_elsewhere(path: str | os.PathLike[str]) -> bool | None:
         fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
         return False
     finally:
-        os.close(fd)
+        # a read-only probe has nothing to lose at close; a FUSE file whose server lost
+        # its backend (an rbd export whose client was fenced) fails close with ESHUTDOWN
+        try:
+            os.close(fd)
+        except OSError as e:
+            log.debug("open_elsewhere %s: close: %s", os.fspath(path), e)
 
 
 def _unlink_quiet(path: str) -> None:

@@ -205,17 +205,24 @@ def _ctx(store: Store, vid: str) -> VolumeCtx:
 
 
 def commits(s: Store, fn: Callable[[], object]) -> list[str]:
-    """The durable registry commits ``fn`` makes (synchronous=FULL: each one an fsync of the
-    WAL), each named by the first statement of its transaction."""
+    """The registry commits ``fn`` makes, each named by the first statement of its
+    transaction and marked ``(durable)`` when it waits for the disk (synchronous=FULL: an
+    fsync of the WAL) or ``(relaxed)`` when it does not (synchronous=NORMAL; see the
+    power-loss argument in docs/architecture.md)."""
     seen: list[str] = []
     first: list[str] = []
+    relaxed = [False]
 
     def trace(sql: str) -> None:
         q = " ".join(sql.split()).upper()
-        if q.startswith("BEGIN"):
+        if q == "PRAGMA SYNCHRONOUS=NORMAL":
+            relaxed[0] = True
+        elif q == "PRAGMA SYNCHRONOUS=FULL":
+            relaxed[0] = False
+        elif q.startswith("BEGIN"):
             first.clear()
         elif q.startswith("COMMIT"):
-            seen.append(first[0] if first else "?")
+            seen.append(f"{first[0] if first else '?'} ({'relaxed' if relaxed[0] else 'durable'})")
         elif not first and q.startswith(("INSERT", "UPDATE", "DELETE", "REPLACE")):
             first.append(" ".join(q.split()[:4]).lower())
 
@@ -336,10 +343,12 @@ def main(argv: list[str] | None = None) -> int:
                   f"(+{args.warmup} warm-up), alternating: Store vs backend alone vs the kernel floor ==")
             bu.table(["backend", "volumes", "Store", "backend only", "kernel floor", "Store/floor",
                       "backend/floor"], rows)
-            print("\nregistry commits (each an fsync of the WAL; named by the first statement of the transaction):")
+            print("\nregistry commits (durable: an fsync of the WAL; named by the first statement of the "
+                  "transaction):")
             for label, ops in COMMITS.items():
                 for op, seen in ops.items():
-                    print(f"  {label} {op}: {len(seen)}: {'; '.join(seen)}")
+                    durable = sum(x.endswith("(durable)") for x in seen)
+                    print(f"  {label} {op}: {len(seen)}, {durable} durable: {'; '.join(seen)}")
             out["commits"] = COMMITS
     left = [n for n in bu.dm_names("cowdisk-") if tag in n] + [li.path for li in loop.list_loops() if tag in li.backing_file]
     print(f"\n[total {time.monotonic() - t_all:.0f} s; leak check: {'LEFT ' + ', '.join(left) if left else 'nothing of this run left'}]")

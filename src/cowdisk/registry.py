@@ -607,6 +607,20 @@ class Registry:
         with self.tx(durable=False) as c:
             c.execute("DELETE FROM links WHERE path=?", (path,))
 
+    def link(self, path: str) -> tuple[str, str, str] | None:
+        """The row of the link at ``path`` (a primary-key lookup), or None."""
+        rows = self._q("SELECT path, volume_id, target FROM links WHERE path=?", (path,))
+        return (rows[0][0], rows[0][1], rows[0][2]) if rows else None
+
+    def links_in(self, directory: str) -> list[tuple[str, str, str]]:
+        """The rows of the links directly inside ``directory`` (a range of the primary key:
+        paths after ``directory/`` and before ``directory0``, '0' following '/'), without
+        reading every link of the store."""
+        d = directory.rstrip("/")
+        rows = self._q("SELECT path, volume_id, target FROM links WHERE path > ? AND path < ? ORDER BY path",
+                       (d + "/", d + "0"))
+        return [(r[0], r[1], r[2]) for r in rows if "/" not in r[0][len(d) + 1:]]
+
     def links(self, volume_id: str | None = None) -> list[tuple[str, str, str]]:
         if volume_id is None:
             rows = self._q("SELECT path, volume_id, target FROM links ORDER BY path")

@@ -403,3 +403,23 @@ def test_rows_are_frozen(reg) -> None:
     reg.add_volume(vol("v"))
     with pytest.raises(dataclasses.FrozenInstanceError):
         reg.get_volume("v").state = ATTACHED  # type: ignore[misc]
+
+
+def test_link_lookups_by_path_and_directory(tmp_path) -> None:
+    """link(path) and links_in(dir) answer from the primary key: exactly the rows asked for,
+    not a neighbour whose name shares a prefix, nor a deeper path."""
+    r = Registry(str(tmp_path / "registry.db"))
+    try:
+        rows = [("/s/links/a/rootfs", "a", "/dev/x"), ("/s/links/a/other", "b", "/dev/y"),
+                ("/s/links/ab/rootfs", "ab", "/dev/z"), ("/s/links/a-1/rootfs", "a-1", "/dev/w"),
+                ("/s/links/a/deeper/rootfs", "a", "/dev/v")]
+        for p, v, t in rows:
+            r.set_link(p, v, t)
+        assert r.link("/s/links/a/rootfs") == ("/s/links/a/rootfs", "a", "/dev/x")
+        assert r.link("/s/links/a/missing") is None
+        assert r.links_in("/s/links/a") == [("/s/links/a/other", "b", "/dev/y"), ("/s/links/a/rootfs", "a", "/dev/x")]
+        assert r.links_in("/s/links/a/") == r.links_in("/s/links/a")
+        assert r.links_in("/s/links/ab") == [("/s/links/ab/rootfs", "ab", "/dev/z")]
+        assert r.links_in("/s/links/none") == []
+    finally:
+        r.close()

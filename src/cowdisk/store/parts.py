@@ -253,9 +253,8 @@ class StoreParts:
         self.backend.destroy(ctx)
         shutil.rmtree(ctx.data_dir, ignore_errors=True)
         ldir = os.path.dirname(self.link_path(v.id))
-        for path, _, _ in self.registry.links():
-            if os.path.dirname(path) == ldir:
-                self.registry.drop_link(path)
+        for path, _, _ in self.registry.links_in(ldir):
+            self.registry.drop_link(path)
         shutil.rmtree(ldir, ignore_errors=True)
 
     # -- links -------------------------------------------------------------------------
@@ -266,7 +265,7 @@ class StoreParts:
         (it drops the links of volumes that are not attached and makes missing ones again)."""
         d = os.path.dirname(path)
         tmp = f"{path}{LINK_TMP}{os.getpid()}-{procfs.process_start(os.getpid())}"
-        prev = next(((p, o, t) for p, o, t in self.registry.links() if p == path), None)
+        prev = self.registry.link(path)
         self.registry.set_link(path, owner, target)
         try:
             os.makedirs(d, exist_ok=True)

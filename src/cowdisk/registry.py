@@ -482,8 +482,13 @@ class Registry:
             c.execute("DELETE FROM template_loops WHERE template_id=?", (template_id,))
             c.execute("DELETE FROM templates WHERE id=?", (template_id,))
 
-    def template_users(self, template_id: str) -> list[str]:
-        return [r[0] for r in self._q("SELECT id FROM volumes WHERE template_id=? ORDER BY id", (template_id,))]
+    def template_users(self, template_id: str, *, besides: str | None = None) -> list[str]:
+        """The volumes over a template; with ``besides``: other than that one, and not being
+        removed themselves."""
+        if besides is None:
+            return [r[0] for r in self._q("SELECT id FROM volumes WHERE template_id=? ORDER BY id", (template_id,))]
+        return [r[0] for r in self._q("SELECT id FROM volumes WHERE template_id=? AND id!=? AND state!=? ORDER BY id",
+                                      (template_id, besides, REMOVING.value))]
 
     # -- template loops ----------------------------------------------------------
 

@@ -69,10 +69,10 @@ def test_checkpointed_on_a_adopted_and_restored_on_b(tmp_path) -> None:
         write_at(v.link, 7 * MiB, A_DATA)
         a.checkpoint("vm1")
 
-        # what B sees in the pool: A's checkpointed volume, owned by A, held by no one
+        # what B sees in the pool: A's checkpointed volume, held by no one, never adopted (its
+        # owner is the store that made it, recorded only once a store adopts it)
         (sv,) = b.shared_volumes()
-        assert (sv.id, sv.template_id, sv.template_digest, sv.owner, sv.holder) == (
-            "vm1", t.id, t.digest, a.backend.holder, "")  # type: ignore[attr-defined]
+        assert (sv.id, sv.template_id, sv.template_digest, sv.owner, sv.holder) == ("vm1", t.id, t.digest, "", "")
 
         # B adopts it through the command line: B has no file of the template, it knows it by digest
         r = cli(b.root, "--json", "volume", "adopt", "vm1")
@@ -129,8 +129,7 @@ def test_steal_fences_a_live_holder(tmp_path) -> None:
             b.adopt_volume("vm1")
         host = a.backend.holder.rpartition("@")[2]  # type: ignore[attr-defined]
         assert f"store {a.tag} on host {host}" in str(ei.value) and "1 live client" in str(ei.value), ei.value
-        assert b.volumes() == [] and image_meta(opts, "cowdisk-v-vm1")["cowdisk.owner"] == \
-            a.backend.holder  # type: ignore[attr-defined]
+        assert b.volumes() == [] and "cowdisk.owner" not in image_meta(opts, "cowdisk-v-vm1")
 
         rv = b.restore("vm1", adopt=True, steal=True)
         assert rv.state == "attached" and read_at(rv.link, 7 * MiB, 4096) == A_DATA

@@ -100,6 +100,13 @@ class VolumeCtx:
     step: Callable[[str], None] = lambda name: None
     template_lock: Callable[[], ContextManager[object]] = field(default=_no_lock)
     progress: Progress | None = None
+    op: str = ""
+    """The store operation this context serves (``remove``, ``checkpoint``, ...; "" for
+    recovery): a backend may skip work the operation's next step makes moot."""
+    template_in_use: Callable[[], bool] = lambda: False
+    """Whether other volumes of this store (not being removed themselves) use the template,
+    asked by ``destroy`` at the moment it would free what the template shares (under the
+    template's lock): while they do, a backend need not look for the template's last user."""
 
 
 @dataclass(frozen=True)
@@ -177,7 +184,8 @@ class SharedVolume:
     """The template's full sha256 ("" when its image does not record it)."""
     template_size: int
     owner: str
-    """``<store tag>@<host>`` of the store whose registry governs the volume ("" unknown)."""
+    """``<store tag>@<host>`` of the store whose registry governs the volume, once a store
+    adopted it ("": the store that made it, the only one whose registry has it)."""
     holder: str
     """``<store tag>@<host>`` of the store that has it attached ("" when none does)."""
     clients: tuple[str, ...] = ()

@@ -256,8 +256,9 @@ def volume_adopt(app: App, vid: str, steal: bool) -> None:
     _show_volume(app, store, v, f"volume {v.id} adopted")
 
 
-SHARED_COLUMNS = [Column("id"), Column("owner"), Column("holder", human=lambda h: h or "-"),
-                  Column("template_id", "template"), Column("size", human=human_bytes),
+SHARED_COLUMNS = [Column("id"), Column("owner", human=lambda o: o or "(its maker)"),
+                  Column("holder", human=lambda h: h or "-"), Column("template_id", "template"),
+                  Column("size", human=human_bytes),
                   Column("clients", human=lambda c: ", ".join(c) or "-")]
 
 
@@ -266,7 +267,8 @@ SHARED_COLUMNS = [Column("id"), Column("owner"), Column("holder", human=lambda h
 @pass_app
 def volume_shared(app: App, no_headings: bool) -> None:
     """rbd: every volume in the store's shared pool and namespace, whichever store made it:
-    its owner and holder (``<store tag>@<host>``) and the clients that have it open.
+    its owner (once a store adopted it; before that the store that made it) and holder
+    (``<store tag>@<host>``), and the clients that have it open.
 
     \b
     Example:

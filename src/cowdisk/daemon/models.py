@@ -76,7 +76,8 @@ class SharedVolumeOut(BaseModel):
     template_id: str
     template_digest: str = Field(description="The template's full sha256 (\"\" when its image does not record it)")
     template_size: int
-    owner: str = Field(description="<store tag>@<host> of the store whose registry governs the volume")
+    owner: str = Field(description="<store tag>@<host> of the store whose registry governs the volume, once a "
+                                   "store adopted it (\"\": the store that made it)")
     holder: str = Field(description="<store tag>@<host> of the store that has it attached (\"\": none)")
     clients: list[str] = Field(description="Addresses of the clients that have it open right now")
 

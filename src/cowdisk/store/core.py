@@ -240,6 +240,7 @@ class Store(StoreParts):
         with self.lock("volume", vid) as held:
             v = self.registry.get_volume(vid)
             ctx = self.ctx(v, op=REMOVE.name)
+            ctx.template_in_use = lambda: bool(self.registry.template_users(v.template_id, besides=vid))
             if v.state == ATTACHED:
                 self._check_not_open(v, ctx, deadline_s, "remove volume")
             with self._transition(REMOVE, vid) as tr:

@@ -210,6 +210,7 @@ class StoreParts:
             record=lambda kind, name: self.registry.record_object(vid, kind, name),
             forget=lambda kind, name: self.registry.forget_object(kind, name),
             step=lambda s: failpoints.hit(op, s),
+            op=op,
             template_lock=lambda: self.lock("template", t.id),
             progress=progress,
         )

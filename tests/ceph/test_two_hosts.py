@@ -75,11 +75,17 @@ def test_checkpointed_on_a_adopted_and_restored_on_b(tmp_path) -> None:
         assert (sv.id, sv.template_id, sv.template_digest, sv.owner, sv.holder) == ("vm1", t.id, t.digest, "", "")
 
         # B adopts it through the command line: B has no file of the template, it knows it by digest
+        r = cli(b.root, "--json", "volume", "shared")
+        assert r.returncode == 0, r.stderr
+        assert [(v["id"], v["holder"]) for v in json.loads(r.stdout)["volumes"]] == [("vm1", "")]
         r = cli(b.root, "--json", "volume", "adopt", "vm1")
         assert r.returncode == 0, r.stderr
         assert json.loads(r.stdout)["state"] == "checkpointed"
+        # B's registry is lost: the manifests bring back the volume and the template it knows by digest only
         b.close()
-        b = Store(b.root)
+        os.unlink(os.path.join(b.root, "registry.db"))
+        b, rebuilt, _ = Store.rebuild_registry(b.root)
+        assert sorted(rebuilt.adopted) == ["template " + t.id, "volume vm1 (checkpointed)"], rebuilt
         bt = b.template(t.id)
         assert (bt.path, bt.digest) == ("", t.digest)
         assert image_meta(opts, "cowdisk-v-vm1")["cowdisk.owner"] == b.backend.holder  # type: ignore[attr-defined]

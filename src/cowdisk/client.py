@@ -394,8 +394,12 @@ class Client:
     def usage(self, vid: str) -> Usage:
         return to_usage(self.call("GET", f"{API}/volumes/{_q(vid)}/usage"))
 
-    def create_volume(self, vid: str, template: str, *, progress: Progress | None = None) -> Volume:
-        return to_volume(self.call("POST", f"{API}/volumes", {"id": vid, "template": template}))
+    def create_volume(self, vid: str, template: str, *, size: int | None = None, grow_fs: bool = True,
+                      progress: Progress | None = None) -> Volume:
+        body: dict[str, Any] = {"id": vid, "template": template}
+        if size is not None:
+            body.update(size=size, grow_fs=grow_fs)
+        return to_volume(self.call("POST", f"{API}/volumes", body))
 
     def remove_volume(self, vid: str, *, deadline_s: float = 5.0) -> None:
         self.call("DELETE", f"{API}/volumes/{_q(vid)}", query={"deadline": deadline_s})

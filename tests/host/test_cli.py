@@ -140,6 +140,13 @@ def test_lifecycle(run: Cli, tree: str, tmp_path) -> None:
     _write(v["link"], 32 * MiB, data)
     assert _read(v["link"], 32 * MiB, 4096) == data
 
+    big = run.json("volume", "create", "big", "--template", "base", "--size", f"{t['size'] // MiB + 16}M")
+    assert big["size"] == t["size"] + 16 * MiB and run.json("volume", "inspect", "big")["usage"]["apparent_bytes"] \
+        == t["size"] + 16 * MiB
+    run("volume", "rm", "big")
+    r = run("volume", "create", "small", "--template", "base", "--size", "1M", code=2)
+    assert "smaller than template" in r.stderr, r.stderr
+
     info = run.json("volume", "inspect", "vm1")
     assert info["usage"]["disk_bytes"] > 0 and info["usage"]["apparent_bytes"] == t["size"]
     assert {"own_bytes", "exclusive_bytes", "shared_bytes", "health"} <= set(info["usage"])

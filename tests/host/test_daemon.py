@@ -105,6 +105,11 @@ def test_lifecycle_over_the_socket(daemon: Daemon, tmp_path) -> None:
     assert v2.parent == "vm1" and os.path.realpath(v.link) == os.path.realpath(v2.device)
     assert read_at(v2.link, 8 * MiB, 300) == b"one" * 100
 
+    big = c.create_volume("big", "base", size=t.size + 16 * MiB)  # size and grow_fs over the socket
+    assert big.size == t.size + 16 * MiB and os.path.getsize(big.link) == big.size
+    c.remove_volume("big")
+    assert isinstance(raises(c.create_volume, "small", "base", size=t.size - 4096), InvalidArgument)
+
     forks = c.fork("vm2", ["f1", "f2"])
     assert [f.id for f in forks] == ["f1", "f2"] and all(f.state == "attached" for f in forks)
     flat = c.flatten("f1", "flat")

@@ -102,6 +102,79 @@ def test_fork_flatten_usage(store, backend, tmp_path) -> None:
     store.remove_template("base")
 
 
+def _size(path: str) -> int:
+    """Bytes of a file or block device (lseek to its end)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)
+
+
+def _ext_bytes(path: str) -> int:
+    """Bytes the ext filesystem on ``path`` spans (dumpe2fs: block count x block size)."""
+    out = subprocess.run(["dumpe2fs", "-h", path], capture_output=True, text=True, check=True).stdout
+    f = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+    return int(f["Block count"]) * int(f["Block size"])
+
+
+def _fsck_clean(path: str) -> None:
+    r = subprocess.run(["e2fsck", "-fn", path], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_larger_volume(store, tmp_path) -> None:
+    """create_volume(size=): a device larger than its template with the ext4 grown to fill
+    it (or left as it is with grow_fs=False); copies keep the size; a backend that cannot
+    refuses with nothing made; bad sizes are refused."""
+    t = store.build_template(make_tree(str(tmp_path / "tree")), "base")
+    base, big = t.size, t.size + 64 * MiB
+    if not store.backend.larger_volumes:
+        with pytest.raises(InvalidArgument, match=f"backend {store.backend_name} makes volumes of their template"):
+            store.create_volume("big", "base", size=big)
+        assert store.volumes() == [] and not os.path.lexists(store.link_path("big"))
+        assert store.create_volume("same", "base", size=base).size == base  # the template's size is fine
+        store.remove_volume("same")
+        store.remove_template("base")
+        return
+    for bad in (base - 512, base + 100, 0, -4096):
+        with pytest.raises(InvalidArgument, match="size"):
+            store.create_volume("bad", "base", size=bad)
+    assert store.volumes() == []
+    v = store.create_volume("big", "base", size=big)
+    assert v.size == big and _size(v.link) == big
+    assert _ext_bytes(v.link) == big  # resize2fs grew it to the whole device
+    _fsck_clean(v.link)
+    assert debugfs_cat(v.link, "/etc/hostname") == b"template\n"
+    payload = tmp_path / "big.bin"  # larger than the whole template: fits only in the grown filesystem
+    payload.write_bytes(os.urandom(base + 8 * MiB))
+    subprocess.run(["debugfs", "-w", "-R", f"write {payload} /big.bin", v.link], check=True, capture_output=True)
+    assert debugfs_cat(v.link, "/big.bin") == payload.read_bytes()
+    _fsck_clean(v.link)
+    n = store.create_volume("nogrow", "base", size=big, grow_fs=False)
+    assert _size(n.link) == big and _ext_bytes(n.link) == _ext_bytes(t.path)
+    write_at(n.link, base + 32 * MiB, b"Z" * 4096)  # past the template's end: outside its filesystem
+    assert read_at(n.link, base + 32 * MiB, 4096) == b"Z" * 4096
+    assert read_at(n.link, base + 16 * MiB, 4096) == b"\0" * 4096
+    _fsck_clean(n.link)
+    store.remove_volume("nogrow")
+    # copies (restore as, fork) and flatten keep the size and the data
+    store.checkpoint("big")
+    b2 = store.restore("big", "big2")
+    assert b2.size == big and _size(b2.link) == big
+    f = store.fork("big2", ["big3"])[0]
+    assert f.size == big and _size(f.link) == big and debugfs_cat(f.link, "/big.bin") == payload.read_bytes()
+    flat = store.flatten("big3", "flatbig")
+    assert flat.size == big and _ext_bytes(flat.path) == big
+    _fsck_clean(flat.path)
+    assert debugfs_cat(flat.path, "/big.bin") == payload.read_bytes()
+    for vid in ("big3", "big2", "big"):
+        store.remove_volume(vid)
+    store.remove_template("flatbig")
+    assert sha(t.path) == t.digest and _ext_bytes(t.path) == base
+    store.remove_template("base")
+
+
 def test_bad_input(store, tmp_path) -> None:
     for bad in ["", "a/b", "..", ".hidden", "a b", "a\0b", "x" * 65, "a\nb", "é"]:
         with pytest.raises(InvalidArgument):

@@ -55,6 +55,9 @@ The contract (what the store relies on, and the conformance suite checks):
   back; ``take_over(ctx)`` fences the store that holds the volume (its clients can no
   longer write) and clears its hold. The store's ``adopt_volume`` and ``restore(steal=)``
   call them, each through its own operation.
+* **Size.** A volume's device is ``ctx.volume_size`` bytes: the template's size, or more
+  on a backend with ``larger_volumes`` (the bytes past the template read as zeros; the
+  store grows the filesystem). Copies (restore as, fork) keep their source's size.
 * **Scan.** ``scan()`` lists this store's kernel objects on the host (by the store's
   tag or name prefix), never another store's; ``release`` frees one of them.
 """
@@ -107,6 +110,14 @@ class VolumeCtx:
     """Whether other volumes of this store (not being removed themselves) use the template,
     asked by ``destroy`` at the moment it would free what the template shares (under the
     template's lock): while they do, a backend need not look for the template's last user."""
+    size: int = 0
+    """Bytes of the volume's device: the template's size, or more (``create_volume(size=)``,
+    on a backend with ``larger_volumes``); 0 means the template's size."""
+
+    @property
+    def volume_size(self) -> int:
+        """Bytes of the volume's device (``size``, or the template's size when 0)."""
+        return self.size or self.template.size
 
 
 @dataclass(frozen=True)
@@ -216,6 +227,9 @@ class Backend(Protocol):
     """True when the device path is a block device (dm), False when it is a file."""
     steps: ClassVar[Mapping[str, tuple[str, ...]]]
     """Method name -> the ``ctx.step`` names it passes, in order (see the module docstring)."""
+    larger_volumes: ClassVar[bool]
+    """True when a volume may be larger than its template (``ctx.volume_size`` > the
+    template's size): the extra space reads as zeros. False: the store refuses a size."""
     data_root: str
     """Where ``templates/`` and ``volumes/`` live (the store root, or the pool's mount)."""
 

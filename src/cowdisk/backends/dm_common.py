@@ -103,7 +103,7 @@ class DmVolumeBase:
 
     def copy_attached(self, ctx: VolumeCtx, out_path: str) -> None:
         """Copy the attached volume's device into a new sparse file (flatten)."""
-        copy_device(dm.control().device_node(ctx.dm_name), out_path, ctx.template.size, ctx.progress)
+        copy_device(dm.control().device_node(ctx.dm_name), out_path, ctx.volume_size, ctx.progress)
 
     def release_dm(self, obj: KernelObject, *, deadline_s: float = 5.0) -> bool:
         """Remove a leftover dm device of this store (recovery); True when ``obj`` is one."""

@@ -69,6 +69,8 @@ def cow_path(ctx: VolumeCtx) -> str:
 
 class DmSnapshotBackend(DmVolumeBase):
     name: ClassVar[str] = "dm-snapshot"
+    larger_volumes: ClassVar[bool] = False
+    """The snapshot target maps exactly its origin (the template loop): no larger volumes."""
     steps: ClassVar[Mapping[str, tuple[str, ...]]] = {
         "create": ("cow_file", "template_loop", "cow_loop", "dm"),
         "attach": ("template_loop", "cow_loop", "dm"),

@@ -144,6 +144,8 @@ def _read_id(path: str) -> int | None:
 
 class DmThinBackend(DmVolumeBase):
     name: ClassVar[str] = "dm-thin"
+    larger_volumes: ClassVar[bool] = True
+    """A thin device may be longer than its origin: the blocks past it are unprovisioned."""
     steps: ClassVar[Mapping[str, tuple[str, ...]]] = {
         "create": ("template", "thin", "dm"),
         "attach": ("dm",),
@@ -465,7 +467,7 @@ class DmThinBackend(DmVolumeBase):
 
     def _activate(self, ctx: VolumeCtx, tid: int) -> str:
         ctx.record("dm", ctx.dm_name)
-        info = dm.control().create_device(ctx.dm_name, self._thin_table(tid, ctx.template.size))
+        info = dm.control().create_device(ctx.dm_name, self._thin_table(tid, ctx.volume_size))
         ctx.step("dm")
         return dm.device_node(info)
 
@@ -489,7 +491,7 @@ class DmThinBackend(DmVolumeBase):
     def _discard(self, ctx: VolumeCtx, tid: int) -> None:
         ctx.record("dm", ctx.dm_name)
         try:
-            info = dm.control().create_device(ctx.dm_name, self._thin_table(tid, ctx.template.size))
+            info = dm.control().create_device(ctx.dm_name, self._thin_table(tid, ctx.volume_size))
         except KernelError as e:
             if e.errno in (errno.ENODATA, errno.ENOENT, errno.EINVAL):
                 return  # the thin is gone already (a remove killed after delete)
@@ -497,7 +499,7 @@ class DmThinBackend(DmVolumeBase):
         try:
             fd = os.open(dm.device_node(info), os.O_WRONLY | os.O_CLOEXEC)
             try:
-                blk.discard(fd, 0, ctx.template.size)
+                blk.discard(fd, 0, ctx.volume_size)
             finally:
                 os.close(fd)
         finally:
@@ -532,9 +534,9 @@ class DmThinBackend(DmVolumeBase):
         if tid is None:
             raise KernelError("flatten volume", self._id_path(ctx), errno.ENOENT, detail="the thin id file is missing")
         ctx.record("dm", ctx.dm_name)
-        info = dm.control().create_device(ctx.dm_name, self._thin_table(tid, ctx.template.size), readonly=True)
+        info = dm.control().create_device(ctx.dm_name, self._thin_table(tid, ctx.volume_size), readonly=True)
         try:
-            copy_device(dm.device_node(info), out_path, ctx.template.size, ctx.progress)
+            copy_device(dm.device_node(info), out_path, ctx.volume_size, ctx.progress)
         finally:
             dm.control().remove(ctx.dm_name, deadline_s=10.0, missing_ok=True)
             ctx.forget("dm", ctx.dm_name)
@@ -558,7 +560,7 @@ class DmThinBackend(DmVolumeBase):
         u = self.pool_usage()
         if u.mode != "rw" or u.needs_check:
             health = f"pool {u.mode}{', needs check' if u.needs_check else ''}"
-        return Usage(disk_bytes=mapped, apparent_bytes=ctx.template.size, exclusive_bytes=excl,
+        return Usage(disk_bytes=mapped, apparent_bytes=ctx.volume_size, exclusive_bytes=excl,
                      shared_bytes=shared, cow_used_bytes=u.data_used * u.block_bytes,
                      cow_total_bytes=u.data_total * u.block_bytes, health=health)
 

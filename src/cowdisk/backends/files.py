@@ -32,6 +32,8 @@ class FileBackend:
 
     name: ClassVar[str] = "copy"
     block_device: ClassVar[bool] = False
+    larger_volumes: ClassVar[bool] = True
+    """A larger volume is its copy of the template extended (sparse) to its size."""
     reflink: ClassVar[bool] = False
     steps: ClassVar[Mapping[str, tuple[str, ...]]] = {"create": ("data",)}
 
@@ -57,6 +59,8 @@ class FileBackend:
         ctx.record("file", disk_path(ctx))
         self._clone(ctx.template.path, disk_path(ctx), ctx)
         os.chmod(disk_path(ctx), 0o600)
+        if ctx.volume_size > ctx.template.size:
+            os.truncate(disk_path(ctx), ctx.volume_size)
         ctx.step("data")
         return disk_path(ctx)
 

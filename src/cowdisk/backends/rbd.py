@@ -190,6 +190,8 @@ def copy_snap(dst: str) -> str:
 class RbdBackend:
     name: ClassVar[str] = "rbd"
     block_device: ClassVar[bool] = False
+    larger_volumes: ClassVar[bool] = False
+    """Not yet: a clone would need ``resize`` before its first map (issue 15 left it open)."""
     steps: ClassVar[Mapping[str, tuple[str, ...]]] = {
         "create": ("template", "clone", "hold", "map"),
         "attach": ("hold", "map"),

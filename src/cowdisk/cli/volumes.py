@@ -12,7 +12,8 @@ import click
 from .. import drive as drive_mod
 from ..errors import CowdiskError, InvalidArgument, NotFound
 from ..store import Store, Volume, validate_id
-from .app import App, Column, CowdiskSubGroup, complete_templates, complete_volumes, human_bytes, pass_app, when
+from .app import (App, Column, CowdiskSubGroup, complete_templates, complete_volumes, human_bytes, parse_size,
+                  pass_app, when)
 from .templates import _columns, show_template
 
 COLUMNS = [Column("id"), Column("state"), Column("backend"), Column("template_id", "template"),
@@ -94,19 +95,25 @@ def volume() -> None:
 @click.argument("vid", metavar="ID")
 @click.option("--template", "-t", "tref", required=True, help="Template id, digest prefix or name.",
               shell_complete=complete_templates)
+@click.option("--size", "size", help="Make the volume this large (e.g. 4G; at least the template's size; "
+                                     "backends dm-thin, reflink, pool, copy). Its ext4 is grown to fill it.")
+@click.option("--no-grow-fs", "no_grow_fs", is_flag=True,
+              help="With --size: leave the filesystem as it is (the guest grows it).")
 @pass_app
-def volume_create(app: App, vid: str, tref: str) -> None:
+def volume_create(app: App, vid: str, tref: str, size: str | None, no_grow_fs: bool) -> None:
     """Create a volume over a template, attached, with its stable link.
 
     \b
     Example:
       cowdisk volume create vm1 --template base
+      cowdisk volume create vm2 --template base --size 4G
     """
     validate_id(vid)
     validate_id(tref, "template name or id")
+    nbytes = parse_size(size) if size is not None else None
     store = app.store()
     with app.progress(f"create {vid}") as progress:
-        v = store.create_volume(vid, tref, progress=progress)
+        v = store.create_volume(vid, tref, size=nbytes, grow_fs=not no_grow_fs, progress=progress)
     _show_volume(app, store, v, f"volume {v.id}")
 
 

@@ -349,7 +349,8 @@ def create_app(svc: Service) -> FastAPI:
         """Create a volume over a template, attached, with its stable link."""
         _ids((body.id, "volume id"), (body.template, "template name or id"))
         return J(svc.call("create", body.id, peer_of(request),
-                          lambda: store.create_volume(body.id, body.template).as_dict()), 201)
+                          lambda: store.create_volume(body.id, body.template, size=body.size,
+                                                     grow_fs=body.grow_fs).as_dict()), 201)
 
     @app.get(f"{API}/volumes/{{vid}}", response_model=m.VolumeOut, tags=["volumes"], responses=ERRORS)
     def volume_get(vid: str) -> JSONResponse:

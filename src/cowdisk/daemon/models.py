@@ -177,6 +177,10 @@ class BuildIn(In):
 class CreateIn(In):
     id: str
     template: str = Field(description="Template id, digest prefix or name")
+    size: int | None = Field(None, gt=0, description="Bytes (a multiple of 512, at least the template's size): "
+                                                     "a volume larger than its template (dm-thin and the file "
+                                                     "backends)")
+    grow_fs: bool = Field(True, description="With size: grow the volume's ext2/3/4 filesystem to fill it")
 
 
 class RestoreIn(In):

@@ -50,7 +50,7 @@ from ..errors import (
 from ..kernel import fs, procfs
 from ..progress import Progress
 from ..registry import ATTACHED, CREATING, TemplateRow, VolumeRow
-from . import manifest, recovery
+from . import growfs, manifest, recovery
 from .model import RecoveryReport, Template, Volume, default_root, validate_id
 from .parts import StoreParts, manifest_of_quarantine
 from .transition import (
@@ -218,20 +218,53 @@ class Store(StoreParts):
         handler = recovery.HANDLERS
         return lambda t, _e: handler[t.op.name](self, t.intent, t.data, v, ctx)
 
-    def create_volume(self, vid: str, template: str, *, progress: Progress | None = None) -> Volume:
-        """A new writable copy-on-write volume over ``template``, attached, with its stable link."""
+    def create_volume(self, vid: str, template: str, *, size: int | None = None, grow_fs: bool = True,
+                      progress: Progress | None = None) -> Volume:
+        """A new writable copy-on-write volume over ``template``, attached, with its stable link.
+
+        ``size`` (bytes, a multiple of 512, at least the template's size) makes the volume's
+        device larger than its template on a backend that can (``larger_volumes``: dm-thin and
+        the file backends); with ``grow_fs`` its ext2/3/4 filesystem is grown to fill it
+        (resize2fs, before anything can open it; other filesystems are left as they are)."""
         validate_id(vid)
         t = self.registry.get_template(template)
+        nbytes = self._volume_size(vid, t, size)
         self.check_template(t)
         self.check_room("create volume", vid)
         with self.lock("volume", vid), _named_errors("create volume", vid):
-            row = self._new_row(vid, t, t.size // 512 * 512, None)
+            row = self._new_row(vid, t, nbytes, None)
             ctx = self.ctx(row, t, op=CREATE.name, progress=progress)
             with self._transition(CREATE, vid, row=row, undo=self._undo(row, ctx)) as tr:
-                dev = tr.step("volume", self.backend.create, ctx)
+                dev = tr.step("volume", self._make_volume, ctx, grow_fs and nbytes > t.size // 512 * 512)
                 tr.step("link", self.set_link, vid, self.link_path(vid), dev)
                 tr.finish(device=dev)
         return self.volume(vid)
+
+    def _volume_size(self, vid: str, t: TemplateRow, size: int | None) -> int:
+        """The new volume's size in bytes: the template's, or ``size`` once checked."""
+        base = t.size // 512 * 512
+        if size is None or size == base:
+            return base
+        if isinstance(size, bool) or not isinstance(size, int) or size <= 0 or size % 512:
+            raise InvalidArgument(f"create volume {vid}: size {size!r} is not a positive multiple of 512 bytes",
+                                  op="create volume", obj=vid)
+        if size < base:
+            raise InvalidArgument(f"create volume {vid}: size {size} is smaller than template {t.id} ({base} bytes)",
+                                  op="create volume", obj=vid, hint="a volume is at least its template's size")
+        if not self.backend.larger_volumes:
+            raise InvalidArgument(f"create volume {vid}: backend {self.backend_name} makes volumes of their "
+                                  f"template's size ({base} bytes), not {size}", op="create volume", obj=vid,
+                                  hint="build the template with a larger --size, or use a store with backend "
+                                       "dm-thin, reflink, pool or copy")
+        return size
+
+    def _make_volume(self, ctx: VolumeCtx, grow_fs: bool) -> str:
+        """The backend's create, then (a larger volume) its filesystem grown to fill it: one
+        step, so a kill in resize2fs is undone with the rest of the create."""
+        dev = self.backend.create(ctx)
+        if grow_fs:
+            growfs.grow(dev, ctx.id)
+        return dev
 
     @_frees_space
     def remove_volume(self, vid: str, *, deadline_s: float = 5.0) -> None:

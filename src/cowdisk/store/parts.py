@@ -213,6 +213,7 @@ class StoreParts:
             op=op,
             template_lock=lambda: self.lock("template", t.id),
             progress=progress,
+            size=v.size,
         )
 
     def write_manifest(self, vid: str) -> None:

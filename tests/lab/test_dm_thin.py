@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import subprocess
 from typing import Iterator
@@ -99,6 +100,59 @@ def test_two_loops_and_thin_snapshots(store, base, tmp_path) -> None:
     for vid in ["r0", "f1", "f2"] + [v.id for v in vols]:
         store.remove_volume(vid)
     assert [n for n in dmsetup("ls").split() if n.startswith(store.dm_prefix)] == [store.dm_prefix + ".pool"]
+
+
+def thin_count(store) -> int:
+    """Thin devices in the pool's metadata (thin_ls on a metadata snapshot: an outside witness)."""
+    pool = store.dm_prefix + ".pool"
+    meta = next(p for p in store_loops(store) if p.endswith("/meta.img"))
+    dev = subprocess.run(["losetup", "-j", meta, "-O", "NAME", "--noheadings"], capture_output=True, text=True,
+                         check=True).stdout.split()[0]
+    dmsetup("message", pool, "0", "reserve_metadata_snap")
+    try:
+        out = subprocess.run(["thin_ls", "--no-headers", "-m", "-o", "DEV", dev], capture_output=True, text=True,
+                             check=True).stdout
+    finally:
+        dmsetup("message", pool, "0", "release_metadata_snap")
+    return len(out.split())
+
+
+def device_sha(dev: str) -> str:
+    h = hashlib.sha256()
+    with open(dev, "rb") as f:
+        for block in iter(lambda: f.read(MiB), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def test_flatten_without_copying(store, base) -> None:
+    """Flatten makes a template of a thin snapshot: no pool block is written, the template is
+    a descriptor file of a few bytes whose digest is the content's; it outlives its source,
+    the same content flattened again is the same template (no second thin), and removing it
+    gives its thin back at the next recovery."""
+    v = store.create_volume("src", "base")
+    write_at(v.link, 40 * MiB, b"F" * MiB)
+    thins0, (used0, _) = thin_count(store), pool_data(store)
+    flat = store.flatten("src", "flat")  # attached: suspended for the snapshot's instant
+    assert pool_data(store)[0] == used0, "flatten wrote pool blocks"
+    assert thin_count(store) == thins0 + 1
+    assert flat.path.endswith("/disk.thin") and os.path.getsize(flat.path) < 4096 and flat.size == base.size
+    assert flat.digest == device_sha(v.link)  # the content's sha256, not the descriptor's
+    store.checkpoint("src")
+    again = store.flatten("src")  # the same content: the same template, its thin dropped
+    assert again.id == flat.id and thin_count(store) == thins0 + 1
+    store.remove_volume("src")
+    w = store.create_volume("w", "flat")  # a snapshot of the flat template's thin
+    assert read_at(w.link, 40 * MiB, MiB) == b"F" * MiB
+    assert store.verify_template("flat").digest == flat.digest
+    assert pool_data(store)[0] <= used0 + 1
+    write_at(w.link, 0, b"W" * 4096)
+    assert store.verify_template("flat").digest == flat.digest  # the template did not change
+    store.remove_volume("w")
+    store.remove_template("flat")
+    thins1 = thin_count(store)
+    store.recover()  # the removed template's thin goes with the next recovery
+    assert thin_count(store) == thins1 - 1 == thins0 - 1  # src's thin went with src
 
 
 def test_space_comes_back_to_pool_and_host(store, base) -> None:

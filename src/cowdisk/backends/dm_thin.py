@@ -36,8 +36,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
+import json
 import logging
 import os
+import secrets
 import shutil
 import subprocess
 import time
@@ -45,7 +48,8 @@ from dataclasses import dataclass
 from typing import ClassVar, Iterator, Mapping
 
 from ..errors import CowdiskError, InvalidArgument, KernelError, StateError
-from ..kernel import blk, dm, dm_status, fs, loop
+from ..kernel import blk, dm, dm_status, fs, loop, procfs
+from ..progress import Progress
 from ..locks import FileLock
 from . import BackendEnv, KernelObject, Space, Usage, VolumeCtx, check_options
 from .dm_common import DmVolumeBase, copy_device
@@ -58,6 +62,9 @@ THIN_ID_FILE = "thin"
 MAX_THIN_ID = (1 << 24) - 1
 OPTIONS = frozenset({"data_dev", "metadata_dev", "data_size", "metadata_size", "block_kib", "grow_at_pct",
                      "discard_on_remove", "no_space"})
+FLAT_PREFIX = "flat-"
+"""``thin/templates/flat-<pid>-<start>-<hex>``: the thin of a flatten in progress (its
+process named, so recovery releases it only once that process is gone)."""
 DEFAULTS = {"data_size": 8 * GiB, "metadata_size": 256 * MiB, "block_kib": 64, "grow_at_pct": 80}
 
 
@@ -146,10 +153,14 @@ class DmThinBackend(DmVolumeBase):
     name: ClassVar[str] = "dm-thin"
     larger_volumes: ClassVar[bool] = True
     """A thin device may be longer than its origin: the blocks past it are unprovisioned."""
+    holds_templates: ClassVar[bool] = True
+    """Flatten makes the template a thin snapshot of the volume in the pool (no data copied):
+    the store keeps a small descriptor file for it (``flatten_held`` and the methods after it)."""
     steps: ClassVar[Mapping[str, tuple[str, ...]]] = {
         "create": ("template", "thin", "dm"),
         "attach": ("dm",),
         "copy_data": ("snapped", "thin"),  # snapped: an attached source still suspended
+        "flatten": ("flat_thin",),  # the store calls flatten_held: this backend holds templates
     }
 
     @classmethod
@@ -541,6 +552,101 @@ class DmThinBackend(DmVolumeBase):
             dm.control().remove(ctx.dm_name, deadline_s=10.0, missing_ok=True)
             ctx.forget("dm", ctx.dm_name)
 
+    # -- templates held in the pool (flatten without copying) ---------------------------------
+
+    def flatten_held(self, ctx: VolumeCtx, out: str, *, attached: bool) -> str:
+        """Make the volume's current contents a template without copying: a thin snapshot of
+        it (an attached volume suspended for that instant), named by the descriptor ``out``
+        (JSON: thin id, size, the flat entry) and, until it is published, by a flat entry
+        in ``thin/templates`` that names this process. Returns the content's sha256, read
+        from the snapshot (unprovisioned blocks read as zeros, without I/O)."""
+        origin = _read_id(self._id_path(ctx))
+        if origin is None:
+            raise KernelError("flatten volume", self._id_path(ctx), errno.ENOENT, detail="the thin id file is missing")
+        self.ensure_room()
+        pid = os.getpid()
+        name = f"{FLAT_PREFIX}{pid}-{procfs.process_start(pid)}-{secrets.token_hex(4)}"
+        tid = self._alloc_id()
+        _write_durable(out, json.dumps({"backend": self.name, "thin": tid, "size": ctx.volume_size,
+                                        "flat": name, "volume": ctx.id}) + "\n")
+        _write_durable(os.path.join(self.tdir, name), f"{tid} {out}\n")
+        if attached:
+            dm.control().suspend(ctx.dm_name)
+            try:
+                self._message(f"create_snap {tid} {origin}")
+            finally:
+                dm.control().resume(ctx.dm_name)
+        else:
+            self._message(f"create_snap {tid} {origin}")
+        ctx.step("flat_thin")
+        return self._digest_thin(tid, ctx.volume_size, self.dm_prefix + ".t-" + name, ctx.progress)
+
+    def _digest_thin(self, tid: int, size: int, dm_name: str, progress: Progress | None) -> str:
+        """sha256 of thin ``tid``'s first ``size`` bytes, through a read-only device ``dm_name``."""
+        info = dm.control().create_device(dm_name, self._thin_table(tid, size), readonly=True)
+        try:
+            h = hashlib.sha256()
+            fd = os.open(dm.device_node(info), os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                pos = 0
+                while pos < size:
+                    data = os.pread(fd, min(8 * MiB, size - pos), pos)
+                    if not data:
+                        raise KernelError("digest thin", dm_name, errno.EIO, detail=f"short read at {pos} of {size}")
+                    h.update(data)
+                    pos += len(data)
+                    if progress:
+                        progress(pos, size)
+            finally:
+                os.close(fd)
+            return h.hexdigest()
+        finally:
+            dm.control().remove(dm_name, deadline_s=10.0, missing_ok=True)
+
+    @staticmethod
+    def _held(descriptor: str) -> tuple[int, int, str]:
+        """(thin id, size, flat entry name) from a held template's descriptor."""
+        try:
+            with open(descriptor) as f:
+                d = json.load(f)
+            return int(d["thin"]), int(d["size"]), str(d["flat"])
+        except (ValueError, KeyError, TypeError):
+            raise KernelError("read held template", descriptor, errno.EBADMSG,
+                              detail="not a dm-thin template descriptor") from None
+
+    def publish_held(self, descriptor: str, template_id: str) -> None:
+        """The descriptor was published as template ``template_id``: name its thin under that
+        id (as a filled template's) and drop the flat entry. Call with the template's lock."""
+        tid, _, flat = self._held(descriptor)
+        _write_durable(os.path.join(self.tdir, template_id), f"{tid} {descriptor}\n")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(self.tdir, flat))
+        _fsync_dir(self.tdir)
+
+    def drop_held(self, descriptor: str) -> None:
+        """Delete the thin of an unpublished descriptor (a template with that content exists
+        already, or the flatten is undone) and its flat entry."""
+        try:
+            tid, _, flat = self._held(descriptor)
+        except FileNotFoundError:
+            return
+        self._delete_thin(tid)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(self.tdir, flat))
+
+    def held_size(self, descriptor: str) -> int:
+        return self._held(descriptor)[1]
+
+    def held_digest(self, template_id: str, descriptor: str, progress: Progress | None = None) -> str:
+        """sha256 of a held template's content (verify); call with the template's lock (the
+        read-only device is named like a fill: recovery leaves it alone while the lock is held)."""
+        tid, size, _ = self._held(descriptor)
+        named = _read_id(os.path.join(self.tdir, template_id))
+        if named != tid:
+            raise KernelError("verify template", template_id, errno.ENOENT,
+                              detail=f"its thin {tid} is not named in {self.tdir}")
+        return self._digest_thin(tid, size, f"{self.dm_prefix}.t-{template_id}", progress)
+
     def usage(self, ctx: VolumeCtx, *, attached: bool) -> Usage:
         """The thin device's mapped, exclusive and shared bytes (thin_ls on a metadata
         snapshot: attached or not), the pool's data fill as ``cow_used/total`` and the pool's
@@ -598,10 +704,17 @@ class DmThinBackend(DmVolumeBase):
         for d in dm.control().list_devices():
             if d.name.startswith(self.dm_prefix) and not d.name.startswith(self.dm_prefix + "."):
                 yield KernelObject("dm", d.name, d.name[len(self.dm_prefix):])
+            elif d.name.startswith(fill + FLAT_PREFIX):  # a flatten's digest device
+                if not _flat_owner_alive(d.name[len(fill):]):
+                    yield KernelObject("dm", d.name, None, detail="flatten digest")
             elif d.name.startswith(fill):  # a template fill's device: left by a killed fill
                 yield KernelObject("dm", d.name, None, detail="template fill", template_id=d.name[len(fill):])
         for name in sorted(os.listdir(self.tdir)) if os.path.isdir(self.tdir) else []:
             if name.endswith((".partial",)) or ".tmp-" in name:
+                continue
+            if name.startswith(FLAT_PREFIX):  # a flatten's thin: released once its process is gone
+                if not _flat_owner_alive(name):
+                    yield KernelObject("thin-template", name, None, detail="thin of a killed flatten")
                 continue
             path = os.path.join(self.tdir, name)
             try:
@@ -641,6 +754,12 @@ class DmThinBackend(DmVolumeBase):
             shutil.rmtree(self.dir, ignore_errors=True)
         else:
             shutil.rmtree(self.tdir, ignore_errors=True)
+
+
+def _flat_owner_alive(name: str) -> bool:
+    """Whether the process named in a flat entry (``flat-<pid>-<start>-<hex>``) still runs."""
+    parts = name[len(FLAT_PREFIX):].split("-")
+    return len(parts) == 3 and parts[0].isdigit() and procfs.process_alive(int(parts[0]), parts[1])
 
 
 def _devno_of_loop(n: int) -> str:

@@ -53,6 +53,7 @@ from ..registry import ATTACHED, CREATING, TemplateRow, VolumeRow
 from . import growfs, manifest, recovery
 from .model import RecoveryReport, Template, Volume, default_root, validate_id
 from .parts import StoreParts, manifest_of_quarantine
+from .templates import HELD
 from .transition import (
     ADOPT,
     CHECKPOINT,
@@ -463,15 +464,21 @@ class Store(StoreParts):
             staging = self._templates.staging()
             with self._transition(FLATTEN, vid, data={"staging": staging},
                             undo=self._undo(v, ctx)) as tr:
-                out = os.path.join(staging, "disk.img")
-                tr.step("data", self.backend.flatten, ctx, out, attached=v.state == ATTACHED)
-                tpl = tr.step("register", self._register_flat, tr, out, vid, name)
+                if self._templates.holder is not None:  # dm-thin: a thin snapshot, no data copied
+                    out = os.path.join(staging, HELD)
+                    digest = tr.step("data", self._templates.holder.flatten_held, ctx, out,
+                                     attached=v.state == ATTACHED)
+                else:
+                    out = os.path.join(staging, "disk.img")
+                    tr.step("data", self.backend.flatten, ctx, out, attached=v.state == ATTACHED)
+                    digest = None
+                tpl = tr.step("register", self._register_flat, tr, out, vid, name, digest)
                 tr.finish()
             shutil.rmtree(staging, ignore_errors=True)
             return tpl
 
-    def _register_flat(self, tr: Transition, out: str, vid: str, name: str | None) -> Template:
-        digest = sha256_file(out)
+    def _register_flat(self, tr: Transition, out: str, vid: str, name: str | None, digest: str | None) -> Template:
+        digest = digest or sha256_file(out)
         tr.note(template_id=digest[:16], existed=self.registry.find_template(digest[:16]) is not None)
         return self._templates.register(out, digest, owned=True, source=f"flatten:{vid}", name=name)
 

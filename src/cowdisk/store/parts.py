@@ -13,7 +13,7 @@ import json
 import logging
 import shutil
 import time
-from typing import Any, Mapping, Self
+from typing import Any, Mapping, Self, cast
 
 
 from .. import failpoints
@@ -25,7 +25,7 @@ from ..progress import Progress
 from ..registry import Registry, TemplateRow, VolumeRow
 from . import manifest
 from .model import default_root
-from .templates import Templates
+from .templates import Holder, Templates
 
 
 log = logging.getLogger(__name__)
@@ -121,6 +121,8 @@ class StoreParts:
             self._keep_reserve()
         self._templates = Templates(self.registry, self.data_root, lambda tid: self.lock("template", tid),
                                     store_id=self.id)
+        if getattr(self.backend, "holds_templates", False):
+            self._templates.holder = cast(Holder, self.backend)
 
     def close(self) -> None:
         self.registry.close()
@@ -228,6 +230,11 @@ class StoreParts:
             "template_digest": t.digest if t else None, "backend": v.backend, "state": v.state.value,
             "size": v.size, "device": v.device, "block_device": self.backend.block_device, "parent": v.parent,
             "created": v.created, "links": [[p, t_] for p, _, t_ in self.registry.links(vid)]})
+
+    @property
+    def holder(self) -> Holder | None:
+        """The backend, when it holds templates' data itself (dm-thin), else None."""
+        return self._templates.holder
 
     def remove_template(self, ref: str) -> None:
         self._templates.remove(ref)

@@ -45,7 +45,7 @@ from ..registry import (
 from . import manifest
 from .model import RecoveryReport
 from .parts import LINK_TMP, QUARANTINE, StoreParts
-from .templates import STAGING_PREFIX, staging_owner_alive
+from .templates import HELD, STAGING_PREFIX, staging_owner_alive
 from .transition import (
     ADOPT,
     CHECKPOINT,
@@ -103,8 +103,12 @@ def _detached(store: StoreParts, intent: int, data: Mapping[str, Any], v: Volume
 
 def _drop_flat(store: StoreParts, intent: int, data: Mapping[str, Any], v: VolumeRow | None,
                ctx: VolumeCtx | None) -> None:
-    """Undo flatten: drop the staging directory, and the template if this flatten registered it."""
-    shutil.rmtree(data.get("staging", ""), ignore_errors=True)
+    """Undo flatten: drop the staging directory (and the thin a held template's descriptor
+    there names), and the template if this flatten registered it."""
+    staging = str(data.get("staging", ""))
+    if staging and store.holder is not None:
+        store.holder.drop_held(os.path.join(staging, HELD))
+    shutil.rmtree(staging, ignore_errors=True)
     tid = data.get("template_id")
     if tid and not data.get("existed") and store.registry.find_template(tid) is not None:
         store.remove_template(tid)

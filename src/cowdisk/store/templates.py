@@ -16,7 +16,7 @@ import os
 import secrets
 import shutil
 import time
-from typing import TYPE_CHECKING, Callable, ContextManager
+from typing import TYPE_CHECKING, Callable, ContextManager, Protocol
 
 from ..digest import sha256_file
 from ..errors import InUse, InvalidArgument, KernelError, NotFound, TemplateChanged, Unsupported
@@ -27,12 +27,34 @@ from . import manifest
 from .model import Template, validate_id
 
 if TYPE_CHECKING:
+    from ..backends import VolumeCtx
     from ..cache import TemplateCache
     from ..cache.recipes import Recipe
 
 log = logging.getLogger(__name__)
 
 STAGING_PREFIX = ".staging-"
+HELD = "disk.thin"
+"""A template whose data a backend holds (dm-thin's flatten: a thin in the pool) has this
+small descriptor file in place of ``disk.img``; its size and digest come from the backend."""
+
+
+class Holder(Protocol):
+    """A backend that holds templates' data itself (``holds_templates``: dm-thin)."""
+
+    def flatten_held(self, ctx: "VolumeCtx", out: str, *, attached: bool) -> str: ...
+
+    def held_size(self, descriptor: str) -> int: ...
+
+    def held_digest(self, template_id: str, descriptor: str, progress: Progress | None = None) -> str: ...
+
+    def publish_held(self, descriptor: str, template_id: str) -> None: ...
+
+    def drop_held(self, descriptor: str) -> None: ...
+
+
+def is_held(path: str) -> bool:
+    return os.path.basename(path) == HELD
 TARBALL_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.zst", ".tzst", ".tar.xz", ".txz", ".tar.bz2", ".tbz2")
 """Names ``build`` takes as a tarball (GNU tar detects the compression itself)."""
 
@@ -63,6 +85,8 @@ class Templates:
         self.dir = os.path.join(data_root, "templates")
         self.cache_dir = os.path.join(data_root, "cache")
         self._lock = lock
+        self.holder: Holder | None = None
+        """The backend, when it holds templates' data (set by the store)."""
 
     def staging(self) -> str:
         """A new staging directory beside the templates (same filesystem: publishing is a rename)."""
@@ -200,12 +224,17 @@ class Templates:
                     with Transition(self.registry, IMPORT, tid, data={"template_id": tid},
                                     undo=lambda tr, _e: self.undo_import(tr.intent, tid)) as tr:
                         final = tr.step("publish", self._publish, path, tid)
+                        if is_held(final):
+                            assert self.holder is not None
+                            self.holder.publish_held(final, tid)
                         row = self._row(tid, final, digest, owned, source, name)
                         self._write_manifest(row)
                         tr.finish(commit=lambda: self.registry.add_template(row))
                     log.debug("template %s registered: %s", tid, final)
                     return self.get(tid)
         if existing is not None and existing.digest == digest:
+            if is_held(path) and self.holder is not None:  # the same content is a template already
+                self.holder.drop_held(path)
             if name and name not in existing.names:
                 self.registry.add_template_name(tid, name)
                 self._write_manifest(self.registry.get_template(tid))
@@ -251,10 +280,10 @@ class Templates:
                               float(m["created"]), "ready", tuple(m.get("names") or ()), 0)
             self.registry.add_template(row)
             return row
-        if not os.path.exists(path) or os.path.getsize(path) != m["size"]:
+        if not os.path.exists(path) or self._size(path) != m["size"]:
             return None
         st = os.stat(path)
-        row = TemplateRow(tid, path, st.st_size, str(m["digest"]), st.st_mtime_ns, st.st_ino, bool(m["owned"]),
+        row = TemplateRow(tid, path, self._size(path), str(m["digest"]), st.st_mtime_ns, st.st_ino, bool(m["owned"]),
                           str(m["source"]), float(m["created"]), "ready", tuple(m.get("names") or ()),
                           st.st_ctime_ns)
         self.registry.add_template(row)
@@ -263,16 +292,24 @@ class Templates:
     def _publish(self, path: str, tid: str) -> str:
         tdir = os.path.join(self.dir, tid)
         os.makedirs(tdir, exist_ok=True)
-        final = os.path.join(tdir, "disk.img")
+        final = os.path.join(tdir, HELD if is_held(path) else "disk.img")
         os.chmod(path, 0o444)
         os.rename(path, final)
         fs.set_immutable(final, True)
         return final
 
-    @staticmethod
-    def _row(tid: str, path: str, digest: str, owned: bool, source: str, name: str | None) -> TemplateRow:
+    def _size(self, path: str) -> int:
+        """The template's size: its file's, or for a held template the backend's."""
+        if is_held(path):
+            if self.holder is None:
+                raise TemplateChanged(f"template file {path}: held by a backend this store does not have",
+                                      op="check template", obj=path)
+            return self.holder.held_size(path)
+        return os.path.getsize(path)
+
+    def _row(self, tid: str, path: str, digest: str, owned: bool, source: str, name: str | None) -> TemplateRow:
         st = os.stat(path)  # after chmod and chattr: both change ctime
-        return TemplateRow(tid, path, st.st_size, digest, st.st_mtime_ns, st.st_ino, owned, source, time.time(),
+        return TemplateRow(tid, path, self._size(path), digest, st.st_mtime_ns, st.st_ino, owned, source, time.time(),
                            "ready", (name,) if name else (), st.st_ctime_ns)
 
     def undo_import(self, intent: int, tid: str) -> None:
@@ -280,8 +317,9 @@ class Templates:
         the import's intent. Call with the template's lock held."""
         if self.registry.find_template(tid) is None:
             tdir = os.path.join(self.dir, tid)
-            with contextlib.suppress(FileNotFoundError, OSError):
-                fs.set_immutable(os.path.join(tdir, "disk.img"), False)
+            for f in ("disk.img", HELD):
+                with contextlib.suppress(FileNotFoundError, OSError):
+                    fs.set_immutable(os.path.join(tdir, f), False)
             shutil.rmtree(tdir, ignore_errors=True)
         self.registry.end_intent(intent)
 
@@ -303,8 +341,9 @@ class Templates:
             raise TemplateChanged(f"template {t.id}: its file {t.path} is gone", op="check template",
                                   obj=t.id) from None
         why = []
-        if (st.st_size, st.st_mtime_ns, st.st_ino) != (t.size, t.mtime_ns, t.ino):
-            why.append(f"size {t.size} -> {st.st_size}, mtime or inode differ")
+        size = self._size(t.path) if is_held(t.path) else st.st_size
+        if (size, st.st_mtime_ns, st.st_ino) != (t.size, t.mtime_ns, t.ino):
+            why.append(f"size {t.size} -> {size}, mtime or inode differ")
         if t.ctime_ns and st.st_ctime_ns != t.ctime_ns:
             why.append("its change time moved")
         if t.owned and not fs.is_immutable(t.path):
@@ -328,14 +367,19 @@ class Templates:
         with self._lock(t.id):
             if not os.path.exists(t.path):
                 self.check(t)  # raises: the file is gone
-            if sha256_file(t.path, progress) != t.digest:
+            if is_held(t.path) and self.holder is not None:
+                digest = self.holder.held_digest(t.id, t.path, progress)
+            else:
+                digest = sha256_file(t.path, progress)
+            if digest != t.digest:
                 self.registry.set_template_state(t.id, "changed")
                 raise TemplateChanged(f"template {t.id}: content digest differs from import",
                                       op="verify template", obj=t.id)
             if t.owned and not fs.is_immutable(t.path):
                 fs.set_immutable(t.path, True)
             st = os.stat(t.path)
-            self.registry.set_template_identity(t.id, st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
+            self.registry.set_template_identity(t.id, self._size(t.path), st.st_mtime_ns, st.st_ino,
+                                                st.st_ctime_ns)
         return self.get(t.id)
 
     # -- removal -----------------------------------------------------------------------

@@ -428,6 +428,10 @@ class DmThinBackend(DmVolumeBase):
             tid = _read_id(final)
             if tid is not None:
                 return tid
+            if os.path.basename(t.path) == "disk.thin":  # a flattened template: its thin is its data
+                raise KernelError("use template", t.id, errno.ENOENT,
+                                  detail=f"its thin is not named in {self.tdir} (deleted behind cowdisk's back?)",
+                                  hint="remove the template; flatten a volume again")
             tmp_name = f"{self.dm_prefix}.t-{t.id}"
             dm.control().remove(tmp_name, deadline_s=5.0, missing_ok=True)  # a killed fill's device
             old = _read_id(partial)

@@ -438,9 +438,9 @@ def _quarantine_template_dir(store: StoreParts, path: str, rep: RecoveryReport) 
     if store.adopt_template(os.path.basename(path)) is not None:
         rep.adopted.append(f"template {os.path.basename(path)}")
         return
-    img = os.path.join(path, "disk.img")
-    if os.path.exists(img):
-        fs.set_immutable(img, False)  # the quarantine may be purged; the flag would forbid it
+    for img in (os.path.join(path, "disk.img"), os.path.join(path, HELD)):
+        if os.path.exists(img):
+            fs.set_immutable(img, False)  # the quarantine may be purged; the flag would forbid it
     rep.quarantined.append(f"{path} -> {store.quarantine(path, 'no template in the registry')}")
 
 

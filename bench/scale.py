@@ -9,8 +9,9 @@ Per backend: total and per-operation median/p99 time of ``create_volume`` (all N
 alive at once), one ``volumes()`` listing with N volumes, and ``remove_volume`` of all N;
 the peak RSS of this process (``ru_maxrss``), the loop devices in use at the peak
 (dm-snapshot: one per volume plus the template's; reflink/copy: none; pool: its one
-mount loop) counted from sysfs, and a leak check at the end: no loop backed by the run's files, no dm device with
-the store's prefix, no file left of the run.  Every store is destroyed and every scratch
+mount loop; dm-thin: the pool's two) counted from sysfs, and a leak check at the end: no loop backed by the
+run's files, no dm device with the store's prefix, no thin device in a dm-thin pool but the template's, no file
+left of the run.  Every store is destroyed and every scratch
 filesystem unmounted at the end, also on failure or Ctrl-C.
 """
 
@@ -109,6 +110,8 @@ def run_site(name: str, args: argparse.Namespace, tag: str) -> dict[str, object]
         after_dm = bu.dm_names(store.dm_prefix)
         after_vols = os.listdir(os.path.join(store.data_root, "volumes"))
         after_links = os.listdir(os.path.join(store.root, "links"))
+        # dm-thin: thin devices left in the pool besides the template's (thin_ls on a metadata snapshot)
+        after_thins = sorted(store.backend.thin_usage())[1:] if hasattr(store.backend, "thin_usage") else []
         prefix = store.dm_prefix
         closed = True
         store.destroy()
@@ -128,7 +131,7 @@ def run_site(name: str, args: argparse.Namespace, tag: str) -> dict[str, object]
         "dm_devices_at_peak": len(dm_peak),
         "leaks": {
             "after_remove_all": {"loops": [li.path for li in after_loops], "dm": after_dm,
-                                 "volume_dirs": after_vols, "link_dirs": after_links},
+                                 "volume_dirs": after_vols, "link_dirs": after_links, "thins": after_thins},
             "after_destroy": {"loops": [li.path for li in after_tpl_loops] + leftovers,
                               "dm": bu.dm_names(prefix), "dirs": left_dirs},
         },

@@ -58,6 +58,13 @@ The contract (what the store relies on, and the conformance suite checks):
 * **Size.** A volume's device is ``ctx.volume_size`` bytes: the template's size, or more
   on a backend with ``larger_volumes`` (the bytes past the template read as zeros; the
   store grows the filesystem). Copies (restore as, fork) keep their source's size.
+* **Held templates** (optional; dm-thin). A backend with ``holds_templates`` flattens
+  without copying: ``flatten_held(ctx, descriptor, attached=)`` writes a small descriptor
+  file and returns the content's sha256; the store publishes the descriptor as the
+  template's file (``disk.thin``) and calls ``publish_held``, or ``drop_held`` when that
+  content is a template already or the flatten is undone; ``held_size`` and
+  ``held_digest`` answer for the template's size and ``template verify``
+  (store/templates.py, ``Holder``).
 * **Scan.** ``scan()`` lists this store's kernel objects on the host (by the store's
   tag or name prefix), never another store's; ``release`` frees one of them.
 """

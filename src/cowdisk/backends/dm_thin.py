@@ -45,7 +45,7 @@ import shutil
 import subprocess
 import time
 from dataclasses import dataclass
-from typing import ClassVar, Iterator, Mapping
+from typing import Callable, ClassVar, Iterator, Mapping
 
 from ..errors import CowdiskError, InvalidArgument, KernelError, StateError
 from ..kernel import blk, dm, dm_status, fs, loop, procfs
@@ -160,7 +160,7 @@ class DmThinBackend(DmVolumeBase):
         "create": ("template", "thin", "dm"),
         "attach": ("dm",),
         "copy_data": ("snapped", "thin"),  # snapped: an attached source still suspended
-        "flatten": ("flat_thin",),  # the store calls flatten_held: this backend holds templates
+        "flatten": ("flat_thin", "flat_digest"),  # the store calls flatten_held: this backend holds templates
     }
 
     @classmethod
@@ -583,12 +583,16 @@ class DmThinBackend(DmVolumeBase):
         else:
             self._message(f"create_snap {tid} {origin}")
         ctx.step("flat_thin")
-        return self._digest_thin(tid, ctx.volume_size, self.dm_prefix + ".t-" + name, ctx.progress)
+        return self._digest_thin(tid, ctx.volume_size, self.dm_prefix + ".t-" + name, ctx.progress,
+                                 active=lambda: ctx.step("flat_digest"))
 
-    def _digest_thin(self, tid: int, size: int, dm_name: str, progress: Progress | None) -> str:
-        """sha256 of thin ``tid``'s first ``size`` bytes, through a read-only device ``dm_name``."""
+    def _digest_thin(self, tid: int, size: int, dm_name: str, progress: Progress | None,
+                     active: Callable[[], None] = lambda: None) -> str:
+        """sha256 of thin ``tid``'s first ``size`` bytes, through a read-only device ``dm_name``
+        (``active`` is called once it exists: a crash point)."""
         info = dm.control().create_device(dm_name, self._thin_table(tid, size), readonly=True)
         try:
+            active()
             h = hashlib.sha256()
             fd = os.open(dm.device_node(info), os.O_RDONLY | os.O_CLOEXEC)
             try:
@@ -634,6 +638,8 @@ class DmThinBackend(DmVolumeBase):
             tid, _, flat = self._held(descriptor)
         except FileNotFoundError:
             return
+        # the flatten's digest device (a flatten killed while it read the thin) holds the thin open
+        dm.control().remove(f"{self.dm_prefix}.t-{flat}", deadline_s=5.0, missing_ok=True)
         self._delete_thin(tid)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(self.tdir, flat))

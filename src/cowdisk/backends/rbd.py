@@ -60,7 +60,7 @@ import sys
 import sysconfig
 import time
 import weakref
-from typing import Any, ClassVar, Iterator, Mapping
+from typing import Any, Callable, ClassVar, Iterator, Mapping
 
 from ..errors import CowdiskError, InUse, InvalidArgument, KernelError, NotFound, Unsupported
 from ..kernel import mount as kmount
@@ -416,7 +416,7 @@ class RbdBackend:
             hdr = self._header(vid, img, "read holder")
         except NotFound:
             raise KernelError("read holder", img, errno.ENOENT) from None
-        return self._records(hdr, img).get(HOLDER) or None
+        return self._records(hdr, img)[0].get(HOLDER) or None
 
     def watchers(self, vid: str) -> list[str]:
         """Addresses of the clients that have the image open (a VMM, a mapping daemon)."""
@@ -457,24 +457,45 @@ class RbdBackend:
         n = struct.unpack_from("<I", raw)[0]
         return "rbd_header." + bytes(raw[4:4 + n]).decode()
 
-    def _records(self, header: str, img: str) -> dict[str, str]:
-        """This image's cowdisk records (owner, holder, template) in one read."""
+    def _records(self, header: str, img: str) -> tuple[dict[str, str], int]:
+        """This image's cowdisk records (owner, holder, template, parent) in one read, and
+        the header object's version they were read at."""
         rados, _ = librbd()
         keys = tuple(META_PREFIX + k for k in (OWNER, HOLDER, TEMPLATE_KEY, PARENT_KEY))
         with named("read records", img), rados.ReadOpCtx() as op:
             it, _ = self.ioctx().get_omap_vals_by_keys(op, keys)
             self.ioctx().operate_read_op(op, header)
-            return {k[len(META_PREFIX):]: bytes(v).decode() for k, v in it}
+            version = int(self.ioctx().get_last_version())
+            return {k[len(META_PREFIX):]: bytes(v).decode() for k, v in it}, version
 
-    def _write_records(self, header: str, img: str, put: Mapping[str, str], drop: tuple[str, ...] = ()) -> None:
-        """Set and remove records in one atomic write to the header object."""
+    def _update(self, vid: str, img: str, op: str,
+                change: Callable[[dict[str, str]], tuple[dict[str, str], tuple[str, ...]]]) -> dict[str, str]:
+        """Read the records, let ``change`` decide what to set and remove (or raise), and
+        write that in one operation that asserts the header's version it read (a compare
+        and swap: two stores attaching at once cannot both win, and a header removed in
+        between is never recreated). Retried when the header changed meanwhile (ERANGE,
+        EOVERFLOW); NotFound when the image is gone. Returns the records read."""
         rados, _ = librbd()
-        with named("write records", img), rados.WriteOpCtx() as op:
-            if put:
-                self.ioctx().set_omap(op, tuple(META_PREFIX + k for k in put), tuple(v.encode() for v in put.values()))
-            if drop:
-                self.ioctx().remove_omap_keys(op, tuple(META_PREFIX + k for k in drop))
-            self.ioctx().operate_write_op(op, header)
+        for attempt in range(8):
+            hdr = self._header(vid, img, op)
+            rec, version = self._records(hdr, img)
+            put, drop = change(rec)
+            if not put and not drop:
+                return rec
+            try:
+                with named(op, img), rados.WriteOpCtx() as w:
+                    w.assert_version(version)
+                    if put:
+                        self.ioctx().set_omap(w, tuple(META_PREFIX + k for k in put),
+                                              tuple(v.encode() for v in put.values()))
+                    if drop:
+                        self.ioctx().remove_omap_keys(w, tuple(META_PREFIX + k for k in drop))
+                    self.ioctx().operate_write_op(w, hdr)
+                return rec
+            except KernelError as e:
+                if e.errno not in (errno.ERANGE, errno.EOVERFLOW) or attempt == 7:
+                    raise
+        raise AssertionError("unreachable")
 
     def _held_elsewhere_now(self, op: str, vid: str, img: str, holder: str, hint: str) -> InUse:
         """The InUse for an image another store holds (opened read-only to list its clients)."""
@@ -487,23 +508,23 @@ class RbdBackend:
         was cloned from): one read and one write of the image's records.
         No owner is recorded here: until a store adopts the volume, its owner is the store
         that made it, the only one whose registry has it."""
-        hdr = self._header(vid, img, "attach volume")
-        rec = self._records(hdr, img)
-        owner, cur = rec.get(OWNER, ""), rec.get(HOLDER, "")
-        if owner and not self._mine(owner):
-            raise InUse(f"attach volume {vid}: {self.pool}/{img} belongs to {_who(owner)} (adopted there)",
-                        op="attach volume", obj=vid,
-                        hint=f"`cowdisk volume rm {vid}` forgets it here and leaves it to that store; "
-                             f"`cowdisk volume adopt {vid}` after that takes it back")
-        if cur and not self._mine(cur):
-            raise self._held_elsewhere_now("attach volume", vid, img, cur,
-                                           "checkpoint it there first; if that host is dead, `cowdisk volume "
-                                           "restore --steal` takes it over (fencing that host's clients)")
-        put = {} if cur == self.holder else {HOLDER: self.holder}
-        if parent is not None and PARENT_KEY not in rec:
-            put[PARENT_KEY] = parent
-        if put:
-            self._write_records(hdr, img, put)
+        def change(rec: dict[str, str]) -> tuple[dict[str, str], tuple[str, ...]]:
+            owner, cur = rec.get(OWNER, ""), rec.get(HOLDER, "")
+            if owner and not self._mine(owner):
+                raise InUse(f"attach volume {vid}: {self.pool}/{img} belongs to {_who(owner)} (adopted there)",
+                            op="attach volume", obj=vid,
+                            hint=f"`cowdisk volume rm {vid}` forgets it here and leaves it to that store; "
+                                 f"`cowdisk volume adopt {vid}` after that takes it back")
+            if cur and not self._mine(cur):
+                raise self._held_elsewhere_now("attach volume", vid, img, cur,
+                                               "checkpoint it there first; if that host is dead, `cowdisk volume "
+                                               "restore --steal` takes it over (fencing that host's clients)")
+            put = {} if cur == self.holder else {HOLDER: self.holder}
+            if parent is not None and PARENT_KEY not in rec:
+                put[PARENT_KEY] = parent
+            return put, ()
+
+        self._update(vid, img, "attach volume", change)
 
     def _release_hold(self, img: str, *, deadline_s: float | None = None, vid: str = "", keep: bool = False) -> None:
         """Clear our holder record (``keep``: only wait). With ``deadline_s`` (map=none, where
@@ -514,7 +535,7 @@ class RbdBackend:
             hdr = self._header(vid, img, "release hold")
         except NotFound:
             return
-        if not self._mine(self._records(hdr, img).get(HOLDER, "")):
+        if not self._mine(self._records(hdr, img)[0].get(HOLDER, "")):
             return
         if deadline_s is not None:
             with named("release hold", img):
@@ -530,7 +551,9 @@ class RbdBackend:
                 except rbd.ImageNotFound:
                     return
         if not keep:
-            self._write_records(hdr, img, {}, (HOLDER,))
+            with contextlib.suppress(NotFound):
+                self._update(vid, img, "release hold",
+                             lambda rec: ({}, (HOLDER,) if self._mine(rec.get(HOLDER, "")) else ()))
 
     def _my_addr(self) -> str:
         try:
@@ -643,34 +666,35 @@ class RbdBackend:
         store holds it attached, naming that store and host, unless ``steal`` (the store
         then fences it with :meth:`take_over` before attaching)."""
         img = volume_image(ctx.id)
-        hdr = self._header(ctx.id, img, "adopt volume")
-        rec = self._records(hdr, img)
-        holder = rec.get(HOLDER, "")
-        if holder and not self._mine(holder) and not steal:
-            raise self._held_elsewhere_now("adopt volume", ctx.id, img, holder,
-                                           "checkpoint it there first; if that host is dead, adopt it with "
-                                           "--steal (fences that host's clients)")
-        put = {} if rec.get(OWNER) == self.holder else {OWNER: self.holder}
-        if TEMPLATE_KEY not in rec:
-            put[TEMPLATE_KEY] = ctx.template.id
-        if put:
-            self._write_records(hdr, img, put)
+
+        def change(rec: dict[str, str]) -> tuple[dict[str, str], tuple[str, ...]]:
+            holder = rec.get(HOLDER, "")
+            if holder and not self._mine(holder) and not steal:
+                raise self._held_elsewhere_now("adopt volume", ctx.id, img, holder,
+                                               "checkpoint it there first; if that host is dead, adopt it with "
+                                               "--steal (fences that host's clients)")
+            put = {} if rec.get(OWNER) == self.holder else {OWNER: self.holder}
+            if TEMPLATE_KEY not in rec:
+                put[TEMPLATE_KEY] = ctx.template.id
+            return put, ()
+
+        self._update(ctx.id, img, "adopt volume", change)
 
     def unclaim(self, ctx: VolumeCtx, previous: str) -> None:
         """Give volume ``ctx.id`` back to its ``previous`` owner (an adopt rolled back);
         nothing when another store claimed it meanwhile or the image is gone."""
         img = volume_image(ctx.id)
-        try:
-            hdr = self._header(ctx.id, img, "give volume back")
-        except NotFound:
-            return
-        cur = self._records(hdr, img).get(OWNER, "")
-        if cur and not self._mine(cur):
-            return
-        if previous:
-            self._write_records(hdr, img, {OWNER: previous})
-        elif cur:
-            self._write_records(hdr, img, {}, (OWNER,))
+
+        def change(rec: dict[str, str]) -> tuple[dict[str, str], tuple[str, ...]]:
+            cur = rec.get(OWNER, "")
+            if cur and not self._mine(cur):
+                return {}, ()
+            if previous:
+                return {OWNER: previous}, ()
+            return {}, ((OWNER,) if cur else ())
+
+        with contextlib.suppress(NotFound):
+            self._update(ctx.id, img, "give volume back", change)
 
     def _blocklist(self, addr: str) -> None:
         cmd = json.dumps({"prefix": "osd blocklist", "blocklistop": "add", "addr": addr})
@@ -758,7 +782,7 @@ class RbdBackend:
         parent: tuple[str, str] | None = None
         try:
             hdr = self._header(ctx.id, img, "remove volume")
-            rec = self._records(hdr, img)
+            rec, _ = self._records(hdr, img)
             other = next((rec[k] for k in (OWNER, HOLDER) if rec.get(k) and not self._mine(rec[k])), "")
             if other:
                 log.warning("volume %s: image belongs to or is held by %s, left in the cluster", ctx.id, other)
@@ -851,8 +875,8 @@ class RbdBackend:
             except rbd.ImageExists:
                 pass  # a killed attempt made it; recovery would have removed a bad one
         # its parent is a volume, not the template: say which template, for a store adopting it
-        self._write_records(self._header(dst.id, dimg, "clone volume"), dimg,
-                            {TEMPLATE_KEY: dst.template.id, PARENT_KEY: f"{simg}@{snap}"})
+        self._update(dst.id, dimg, "clone volume",
+                     lambda rec: ({TEMPLATE_KEY: dst.template.id, PARENT_KEY: f"{simg}@{snap}"}, ()))
         dst.step("clone")
 
     def flatten(self, ctx: VolumeCtx, out_path: str, *, attached: bool) -> None:

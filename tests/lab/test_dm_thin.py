@@ -172,7 +172,8 @@ def test_space_comes_back_to_pool_and_host(store, base) -> None:
     finally:
         os.close(fd)
     used2, _ = pool_data(store)
-    assert used1 - used2 >= 8 * MiB // (64 * 1024), (used1, used2)
+    block = int(dmsetup("table", store.dm_prefix + ".pool").split()[5]) * 512
+    assert used1 - used2 >= 8 * MiB // block, (used1, used2, block)
     store.remove_volume("big")
     used3, _ = pool_data(store)
     assert allocated(data) <= host0 + MiB, (host0, allocated(data))
@@ -237,6 +238,49 @@ def test_pool_removed_behind_our_back(store, base) -> None:
         s2.remove_volume("up")
     finally:
         s2.close()
+
+
+def test_pool_keeps_its_block_size(tmp_path) -> None:
+    """The default block (256 KiB) is for new pools: a store whose recorded options do not
+    name block_kib (made when the default was 64 KiB) keeps its pool's own size, read from
+    the live table, and after the pool is gone (a reboot) from its metadata's superblock;
+    a store opened naming another size is refused and nothing changes."""
+    import json
+
+    from cowdisk.errors import InvalidArgument as Invalid
+
+    root = str(tmp_path / "s")
+    with own_store(root, {"block_kib": "128", "data_size": str(64 * MiB)}) as s:
+        s.build_template(make_tree(str(tmp_path / "tree")), "base")
+        v = s.create_volume("a", "base")
+        write_at(v.link, 3 * MiB, b"K" * 4096)
+        s.checkpoint("a")
+        # the store as an older cowdisk recorded it: options without block_kib
+        s.registry.set_meta("backend_options", json.dumps({"data_size": str(64 * MiB)}))
+        s2 = Store(root)
+        try:
+            assert s2.backend.block_sectors == 256, s2.backend.block_sectors  # from the live table
+        finally:
+            s2.close()
+        dmsetup("remove", s.dm_prefix + ".pool")  # a reboot: only the files are left
+        s3 = Store(root)
+        try:
+            assert s3.backend.block_sectors == 256, s3.backend.block_sectors  # from the superblock
+            assert dmsetup("table", s.dm_prefix + ".pool").split()[5] == "256"
+            assert read_at(s3.restore("a").link, 3 * MiB, 4096) == b"K" * 4096
+            s3.checkpoint("a")
+        finally:
+            s3.close()
+        s.registry.set_meta("backend_options", json.dumps({"data_size": str(64 * MiB), "block_kib": "512"}))
+        with pytest.raises(Invalid) as ei:
+            Store(root)
+        assert "128 KiB blocks" in str(ei.value) and "block_kib=512" in str(ei.value), ei.value
+        assert dmsetup("table", s.dm_prefix + ".pool").split()[5] == "256"
+        s.restore("a")
+        s.remove_volume("a")
+    fresh = str(tmp_path / "new")
+    with own_store(fresh, {"data_size": str(64 * MiB)}) as n:
+        assert dmsetup("table", n.dm_prefix + ".pool").split()[5] == "512"  # 256 KiB: the default
 
 
 def test_busy_device_named_by_open_count(store, base) -> None:

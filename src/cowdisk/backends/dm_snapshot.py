@@ -34,7 +34,13 @@ from .dm_common import DmVolumeBase, dm_available
 
 COW = "cow.img"
 CHUNK_SECTORS = 128
-"""The default chunk: 64 KiB (``P 128``); was 4 KiB (``P 8``) before issue 15."""
+"""The default chunk: 64 KiB (``P 128``); was 4 KiB (``P 8``) before issue 15. 256 KiB
+chunks were faster still in the lab's fio runs (1M read 0.34x vs 0.17x, 1M write 0.66x
+vs 0.22x of a raw direct-I/O loop; a tie on 4k randread) but a fresh volume's COW holds two
+whole chunks (the header and the first metadata area): 128 KiB at 64 KiB, 512 KiB at
+256 KiB. Volumes are meant to cost kilobytes, so 256 KiB is the ``chunk_kib=256`` option
+for stores whose guests stream, not the default. dm-thin, whose fresh volume costs no
+data block, defaults to 256 KiB blocks."""
 CHUNK = CHUNK_SECTORS * 512
 EXCEPTIONS_PER_AREA = CHUNK // 16
 OPTIONS = frozenset({"chunk_kib", "direct_io"})

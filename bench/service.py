@@ -122,19 +122,29 @@ def _cycles(sock: str, prefix: str, n: int, q: Any) -> None:
     q.put((time.perf_counter() - t0, errors))
 
 
-def throughput(sock: str, clients: int, cycles: int) -> tuple[float, int]:
-    """Create+remove operations per second of ``clients`` processes, each ``cycles`` times on its own id."""
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` (every thread), from /proc."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def throughput(sock: str, clients: int, cycles: int, daemon_pid: int) -> tuple[float, int, float]:
+    """Create+remove operations per second of ``clients`` processes, each ``cycles`` times on
+    its own id, and the daemon's CPU use meanwhile (1.0 = one core busy all the time)."""
     ctx = multiprocessing.get_context("fork")
     q = ctx.Queue()
     procs = [ctx.Process(target=_cycles, args=(sock, f"tp{clients}-{n}", cycles, q)) for n in range(clients)]
     t0 = time.perf_counter()
+    c0 = cpu_s(daemon_pid)
     for p in procs:
         p.start()
     results = [q.get(timeout=600) for _ in procs]
     wall = time.perf_counter() - t0
+    busy = (cpu_s(daemon_pid) - c0) / wall
     for p in procs:
         p.join()
-    return clients * cycles / wall, sum(e for _, e in results)
+    return clients * cycles / wall, sum(e for _, e in results), busy
 
 
 def bench_backend(name: str, args: argparse.Namespace, tag: str) -> dict[str, Any]:
@@ -226,9 +236,10 @@ def bench_backend(name: str, args: argparse.Namespace, tag: str) -> dict[str, An
             creates["health"].append(time.perf_counter() - t0)
         out: dict[str, Any] = {"backend": name, "ways": {k: summary(v) for k, v in samples.items()},
                                "create": {k: summary(v) for k, v in creates.items()}}
-        one, e1 = throughput(sock, 1, args.cycles)
-        eight, e8 = throughput(sock, args.clients, args.cycles)
-        out["throughput"] = {"one_ops_s": one, "many_ops_s": eight, "clients": args.clients, "errors": e1 + e8}
+        one, e1, busy1 = throughput(sock, 1, args.cycles, p.pid)
+        eight, e8, busy8 = throughput(sock, args.clients, args.cycles, p.pid)
+        out["throughput"] = {"one_ops_s": one, "many_ops_s": eight, "clients": args.clients, "errors": e1 + e8,
+                             "daemon_cpu_one": busy1, "daemon_cpu_many": busy8}
         rss0 = rss_kib(p.pid)
         for i in range(args.volumes):
             c.create_volume(f"r{i}", "base")
@@ -266,7 +277,10 @@ def report(r: dict[str, Any]) -> None:
     ratio = tp["many_ops_s"] / tp["one_ops_s"]
     print(f"throughput: 1 client {tp['one_ops_s']:.0f} create+remove/s, {tp['clients']} clients "
           f"{tp['many_ops_s']:.0f}/s = {ratio:.2f}x, {tp['errors']} errors "
-          f"(goal >= 1.5x, none: {'ok' if ratio >= 1.5 and not tp['errors'] else 'MISSED'})")
+          f"(goal >= 1.5x, none: {'ok' if ratio >= 1.5 and not tp['errors'] else 'MISSED'}); the daemon "
+          f"process used {tp['daemon_cpu_one']:.2f} / {tp['daemon_cpu_many']:.2f} cores "
+          f"({1000 * tp['daemon_cpu_one'] / tp['one_ops_s']:.2f} / {1000 * tp['daemon_cpu_many'] / tp['many_ops_s']:.2f}"
+          f" ms of CPU per create+remove)")
     print(f"daemon RSS: idle {rss['idle_kib'] / 1024:.1f} MiB, with {rss['volumes']} volumes "
           f"{rss['at_volumes_kib'] / 1024:.1f} MiB (peak {rss['peak_kib'] / 1024:.1f} MiB; goal < 100 MiB: "
           f"{'ok' if rss['peak_kib'] < 100 * 1024 else 'MISSED'}); listing them {fmt_ms(rss['list_ms'])}, "

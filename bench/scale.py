@@ -49,6 +49,12 @@ def store_wide_files(store: Store) -> set[str]:
     return set()
 
 
+def store_wide_dm(store: Store) -> set[str]:
+    """dm devices that belong to the store, not to a volume (dm-thin's pool)."""
+    name = getattr(store.backend, "pool_name", None)
+    return {name} if isinstance(name, str) else set()
+
+
 def maxrss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -107,7 +113,7 @@ def run_site(name: str, args: argparse.Namespace, tag: str) -> dict[str, object]
             remove.append(time.perf_counter() - a)
         t_remove = time.perf_counter() - t0
         after_loops = [li for li in mine() if li.backing_file not in store_wide_files(store)]  # the pool's stay
-        after_dm = bu.dm_names(store.dm_prefix)
+        after_dm = [n for n in bu.dm_names(store.dm_prefix) if n not in store_wide_dm(store)]  # dm-thin's pool stays
         after_vols = os.listdir(os.path.join(store.data_root, "volumes"))
         after_links = os.listdir(os.path.join(store.root, "links"))
         # dm-thin: thin devices left in the pool besides the template's (thin_ls on a metadata snapshot)

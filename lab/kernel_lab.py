@@ -533,8 +533,10 @@ class _Stream:
 
 def _qemu_cmd(prep: Prepared, jobdir: str, nonce: str, scratch_img: str | None,
               scratch_dir: str | None, interactive: bool = False) -> list[str]:
-    append = ["console=ttyS0", "quiet", "loglevel=3", "panic=-1", "oops=panic", f"cowdisk_lab.nonce={nonce}",
-              f"cowdisk_lab.job={jobdir}"]
+    # transparent_hugepage=never: under TCG, khugepaged's scans and compaction cost emulated
+    # CPU the tests wait for (a lab run logged "soft lockup ... [khugepaged]" for 52 s)
+    append = ["console=ttyS0", "quiet", "loglevel=3", "panic=-1", "oops=panic", "transparent_hugepage=never",
+              f"cowdisk_lab.nonce={nonce}", f"cowdisk_lab.job={jobdir}"]
     if scratch_dir:
         append.append(f"cowdisk_lab.scratch={scratch_dir}")
     if interactive:

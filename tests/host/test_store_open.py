@@ -115,3 +115,17 @@ def test_ids_are_validated_by_every_operation(tmp_path) -> None:
         os.makedirs(str(tmp_path / "jail"))
         with pytest.raises(InvalidArgument):
             s.jail("nope", str(tmp_path / "jail"), name="../escape")
+
+
+def test_a_store_that_cannot_open_keeps_no_file_open(tmp_path) -> None:
+    """Opening refused after the registry opened (another backend named than the recorded
+    one): the registry's files are closed again, nothing of the store stays open."""
+    from cowdisk.errors import InvalidArgument
+
+    root = str(tmp_path / "s")
+    Store(root, backend="copy").close()
+    with pytest.raises(InvalidArgument):
+        Store(root, backend="reflink")
+    mine = [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
+            if os.path.exists(f"/proc/self/fd/{fd}")]
+    assert not [p for p in mine if p.startswith(root)], mine

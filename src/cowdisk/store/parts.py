@@ -76,6 +76,16 @@ class StoreParts:
                                   obj=db, hint="`cowdisk recover --rebuild-registry` rebuilds it from the volumes' "
                                                "and templates' manifests")
         self.registry = self._open_registry(db)
+        try:
+            self._open(known, backend=backend, backend_options=backend_options, rebuild=rebuild)
+        except BaseException:
+            self.registry.close()  # a store that cannot open keeps no file of it open
+            raise
+
+    def _open(self, known: dict[str, Any] | None, *, backend: str, backend_options: Mapping[str, str] | None,
+              rebuild: bool) -> None:
+        """The rest of opening, once the registry is open: the store's id, its backend
+        (chosen once and recorded), the data directories, the templates."""
         self.id = self.registry.meta("store_id") or self.registry.set_meta_default(
             "store_id", str((known or {}).get("store_id")) if known else secrets.token_hex(4))
         self.tag = f"cowdisk:{self.id}"

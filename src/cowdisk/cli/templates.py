@@ -4,11 +4,10 @@ image), list, inspect, verify and remove templates."""
 from __future__ import annotations
 
 import os
-from typing import Any
 
 import click
 
-from ..errors import CowdiskError, InvalidArgument, NotFound
+from ..errors import InvalidArgument, NotFound
 from ..store import Store, Template, validate_id
 from .app import App, Column, CowdiskSubGroup, complete_templates, human_bytes, parse_size, pass_app, when
 
@@ -17,17 +16,8 @@ COLUMNS = [Column("id"), Column("names"), Column("size", human=human_bytes),
            Column("state"), Column("created", human=when)]
 
 
-def template_dict(store: Store, t: Template) -> dict[str, Any]:
-    d: dict[str, Any] = t.as_dict()
-    try:
-        d["disk_bytes"] = store.template_usage(t.id)
-    except (CowdiskError, OSError):
-        d["disk_bytes"] = None
-    return d
-
-
 def show_template(app: App, store: Store, t: Template, title: str) -> None:
-    d = template_dict(store, t)
+    d = store.template_doc(t)
     if app.json:
         app.emit(d)
         return
@@ -132,7 +122,7 @@ def template_ls(app: App, ids_only: bool, no_headings: bool, columns: str | None
     rows = []
     if app.has_store():
         store = app.store()
-        rows = [template_dict(store, t) for t in store.templates()]
+        rows = [store.template_doc(t) for t in store.templates()]
     if app.json:
         app.emit({"templates": rows})
     elif ids_only:
@@ -183,7 +173,7 @@ def template_verify(app: App, ref: str) -> None:
     with app.progress(f"verify {t0.id}") as progress:
         t = store.verify_template(ref, progress=progress)
     if app.json:
-        app.emit({"ok": True, "template": template_dict(store, t)})
+        app.emit({"ok": True, "template": store.template_doc(t)})
     else:
         app.line(f"template {t.id}: intact (sha256:{t.digest})")
 

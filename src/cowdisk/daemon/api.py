@@ -133,15 +133,6 @@ def _doctor(store: Store) -> dict[str, Any]:
     return rep.as_dict()
 
 
-def template_doc(store: Store, t: Any) -> dict[str, Any]:
-    d: dict[str, Any] = t.as_dict()
-    try:
-        d["disk_bytes"] = store.template_usage(t.id)
-    except (CowdiskError, OSError):
-        d["disk_bytes"] = None
-    return d
-
-
 def usage_doc(u: Any) -> dict[str, Any]:
     d = dict(u.__dict__)
     d["own_bytes"] = u.own_bytes
@@ -271,13 +262,13 @@ def create_app(svc: Service) -> FastAPI:
     @app.get(f"{API}/templates", response_model=m.TemplateList, tags=["templates"], responses=ERRORS)
     def templates_list() -> JSONResponse:
         """Every template, with what its file takes on disk."""
-        return J({"templates": [template_doc(store, t) for t in store.templates()]})
+        return J({"templates": [store.template_doc(t) for t in store.templates()]})
 
     @app.get(f"{API}/templates/{{ref}}", response_model=m.TemplateOut, tags=["templates"], responses=ERRORS)
     def template_get(ref: str) -> JSONResponse:
         """One template by id, digest prefix or name."""
         validate_id(ref, "template name or id")
-        return J(template_doc(store, store.template(ref)))
+        return J(store.template_doc(store.template(ref)))
 
     @app.post(f"{API}/templates/import", status_code=202, response_model=m.JobOut, tags=["templates"],
               responses=ERRORS)
@@ -289,7 +280,7 @@ def create_app(svc: Service) -> FastAPI:
 
         def run(ctx: JobContext) -> dict[str, Any]:
             t = store.import_template(src, body.name, adopt=body.adopt, progress=ctx.progress)
-            return template_doc(store, t)
+            return store.template_doc(t)
 
         return svc.start_job("import template", body.source, peer, run)
 
@@ -303,7 +294,7 @@ def create_app(svc: Service) -> FastAPI:
 
         def run(ctx: JobContext) -> dict[str, Any]:
             t = store.build_template(src, body.name, size=body.size, fs_type=body.fs_type, progress=ctx.progress)
-            return template_doc(store, t)
+            return store.template_doc(t)
 
         return svc.start_job("build template", body.source, peer, run)
 
@@ -315,7 +306,7 @@ def create_app(svc: Service) -> FastAPI:
         store.template(ref)  # a 404 now rather than a failed job
 
         def run(ctx: JobContext) -> dict[str, Any]:
-            return template_doc(store, store.verify_template(ref, progress=ctx.progress))
+            return store.template_doc(store.verify_template(ref, progress=ctx.progress))
 
         return svc.start_job("verify template", ref, peer_of(request), run)
 
@@ -446,7 +437,7 @@ def create_app(svc: Service) -> FastAPI:
         store.volume(vid)
 
         def run(ctx: JobContext) -> dict[str, Any]:
-            return template_doc(store, store.flatten(vid, body.name, progress=ctx.progress))
+            return store.template_doc(store.flatten(vid, body.name, progress=ctx.progress))
 
         return svc.start_job("flatten", vid, peer_of(request), run)
 

@@ -191,6 +191,16 @@ class Store(StoreParts):
         """Bytes the template's file really takes on disk (st_blocks)."""
         return self._templates.usage(ref)
 
+    def template_doc(self, t: Template) -> dict[str, Any]:
+        """The template as the CLI's ``--json`` and the daemon give it: its fields and
+        ``disk_bytes`` (:meth:`template_usage`; None when it cannot be read)."""
+        d: dict[str, Any] = t.as_dict()
+        try:
+            d["disk_bytes"] = self.template_usage(t.id)
+        except (CowdiskError, OSError):
+            d["disk_bytes"] = None
+        return d
+
     # -- volumes: reading ------------------------------------------------------------
 
     def volumes(self) -> list[Volume]:

@@ -61,6 +61,25 @@ def rbd_images(opts: dict[str, str]) -> list[str]:
     return sorted(r.stdout.split())
 
 
+@contextlib.contextmanager
+def two_rbd_hosts(base: str, opts: dict[str, str]) -> Iterator[tuple["Store", "Store"]]:
+    """Stores A and B (roots ``<base>/host-a`` and ``host-b``, standing for two hosts) on the
+    one rbd pool and namespace of ``opts``; both destroyed afterwards, and nothing of theirs
+    left in the pool."""
+    from cowdisk.store import Store
+
+    a = Store(os.path.join(base, "host-a"), backend="rbd", backend_options=opts)
+    b = Store(os.path.join(base, "host-b"), backend="rbd", backend_options=opts)
+    try:
+        yield a, b
+    finally:
+        b.destroy()
+        a.destroy()
+        a.close()
+        b.close()
+    assert rbd_images(opts) == []
+
+
 def in_lab() -> bool:
     return os.environ.get("COWDISK_IN_LAB") == "1"
 
@@ -94,6 +113,27 @@ def write_at(dev: str, offset: int, data: bytes) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fill(dev: str, offset: int, size: int) -> None:
+    """Write ``size`` bytes of random data (the same random MiB over and over) at ``offset``
+    of ``dev``, then fsync: every block written, none left as a hole."""
+    fd = os.open(dev, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        block = os.urandom(MiB)
+        for off in range(offset, offset + size, MiB):
+            os.pwrite(fd, block, off)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def thin_pool_status(store: "Store") -> list[str]:
+    """The store's thin pool's status line, as `dmsetup status` (the outside witness) prints it,
+    split: ``start len thin-pool <transaction> <meta used>/<total> <data used>/<total> ...``."""
+    out = subprocess.run(["dmsetup", "status", store.dm_prefix + ".pool"], capture_output=True, text=True,
+                         check=True).stdout
+    return out.split()
 
 
 def read_at(dev: str, offset: int, n: int) -> bytes:

@@ -25,7 +25,7 @@ import pytest
 from cowdisk.errors import InUse
 from cowdisk.store import Store
 from daemonutil import Daemon, env
-from testutil import MiB, ceph_options, make_tree, rbd_images, read_at, write_at
+from testutil import MiB, ceph_options, make_tree, rbd_images, read_at, two_rbd_hosts, write_at
 
 pytestmark = pytest.mark.root
 
@@ -60,9 +60,7 @@ def cli(root: str, *args: str) -> subprocess.CompletedProcess[str]:
 
 def test_checkpointed_on_a_adopted_and_restored_on_b(tmp_path) -> None:
     opts = ceph_options()
-    a = Store(str(tmp_path / "host-a"), backend="rbd", backend_options=opts)
-    b = Store(str(tmp_path / "host-b"), backend="rbd", backend_options=opts)
-    try:
+    with two_rbd_hosts(str(tmp_path), opts) as (a, b):
         t = a.build_template(make_tree(str(tmp_path / "tree")), "base")
         v = a.create_volume("vm1", "base")
         tpl_image = image_id(opts, f"cowdisk-t-{t.id}")
@@ -111,12 +109,6 @@ def test_checkpointed_on_a_adopted_and_restored_on_b(tmp_path) -> None:
         b.checkpoint("vm1")
         b.remove_volume("vm1")
         assert "cowdisk-v-vm1" not in rbd_images(opts)
-    finally:
-        b.destroy()
-        a.destroy()
-        a.close()
-        b.close()
-    assert rbd_images(opts) == []
 
 
 def test_steal_fences_a_live_holder(tmp_path) -> None:
@@ -124,9 +116,7 @@ def test_steal_fences_a_live_holder(tmp_path) -> None:
     refused naming A; with steal A's client is blocklisted, and A's writes never reach
     the volume B now has."""
     opts = ceph_options()
-    a = Store(str(tmp_path / "host-a"), backend="rbd", backend_options=opts)
-    b = Store(str(tmp_path / "host-b"), backend="rbd", backend_options=opts)
-    try:
+    with two_rbd_hosts(str(tmp_path), opts) as (a, b):
         a.build_template(make_tree(str(tmp_path / "tree")), "base")
         v = a.create_volume("vm1", "base")
         write_at(v.link, 7 * MiB, A_DATA)
@@ -152,12 +142,6 @@ def test_steal_fences_a_live_holder(tmp_path) -> None:
         a.remove_volume("vm1")
         assert image_meta(opts, "cowdisk-v-vm1")["cowdisk.holder"] == b.backend.holder  # type: ignore[attr-defined]
         assert read_at(rv.link, 7 * MiB, 4096) == A_DATA
-    finally:
-        b.destroy()
-        a.destroy()
-        a.close()
-        b.close()
-    assert rbd_images(opts) == []
 
 
 def test_dead_host_taken_over_through_cli_and_daemon(tmp_path) -> None:

@@ -16,7 +16,6 @@ image) and ``fuse`` (a qemu-storage-daemon exports the image as a file the link 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -26,8 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from cowdisk.store import Store
-from testutil import ceph_options, rbd_images
+from testutil import ceph_options, rbd_images, sha, two_rbd_hosts
 from vmm import guest as guestlib
 from vmm.qemu import Vm, VmError
 
@@ -48,22 +46,12 @@ def export(opts: dict[str, str], image: str, out: Path) -> Path:
     return out
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 @pytest.mark.parametrize("map_", ["none", "fuse"])
 def test_vm_checkpointed_on_a_resumes_on_b(guest, tmp_path, map_, record_property) -> None:
     t0 = time.monotonic()
     opts = ceph_options(map=map_)
-    a = Store(str(tmp_path / "host-a"), backend="rbd", backend_options=opts)
-    b = Store(str(tmp_path / "host-b"), backend="rbd", backend_options=opts)
     result: dict[str, object] = {"map": map_}
-    try:
+    with two_rbd_hosts(str(tmp_path), opts) as (a, b):
         tpl = a.build_template(guest.rootfs_dir, "vmm-guest")
         va = a.create_volume("vm1", tpl.id)
         # the VMM is given the stable link; with map=none its target text is QEMU's rbd: string
@@ -105,7 +93,7 @@ def test_vm_checkpointed_on_a_resumes_on_b(guest, tmp_path, map_, record_propert
         assert guestlib.read_file(img_1, "/data/a") == f"{bootid}\n".encode()
         assert guestlib.read_file(img_1, "/data/b1") is None and guestlib.read_file(img_1, "/data/b") is None
         tsnap = export(opts, f"cowdisk-t-{tpl.id}@cowdisk-{tpl.id}", tmp_path / "template.img")
-        assert sha256(tsnap) == tpl.digest, "the template's snapshot in the cluster changed"
+        assert sha(str(tsnap)) == tpl.digest, "the template's snapshot in the cluster changed"
         assert a.verify_template(tpl.id).digest == tpl.digest
 
         # A forgets the volume it gave away; B removes what it has
@@ -113,12 +101,6 @@ def test_vm_checkpointed_on_a_resumes_on_b(guest, tmp_path, map_, record_propert
         assert "cowdisk-v-vm1" in rbd_images(opts)
         for v in ("vm1-b", "vm1"):
             b.remove_volume(v)
-    finally:
-        b.destroy()
-        a.destroy()
-        a.close()
-        b.close()
-    assert rbd_images(opts) == []
     result["test_s"] = round(time.monotonic() - t0, 1)
     for k, v in result.items():
         record_property(k, v)

@@ -785,3 +785,23 @@ class Harness:
                         s.remove_template(t.id)
         self.world = World({self.base: dict(self.images[0].data)}, {})
         return True
+
+
+def kill_at_random(store: Store, backend: str, work: str, kills: int) -> Counts:
+    """The harness as a test runs it, on any backend: ``kills`` random kills with no
+    violation, and the kills landed inside the operations, not only between them (at least
+    half mid-operation, a tenth leaving an intent behind). A failed run clears the store so
+    its fixture can destroy it."""
+    store.close()  # the children open their own; none may inherit an open SQLite connection
+    h = Harness(store.root, backend, work)
+    try:
+        c = h.run(kills)
+    except BaseException:
+        h.clear()
+        raise
+    print(c.line())
+    assert c.violations == []
+    assert c.kills >= kills, c.line()
+    assert c.mid_op >= kills // 2, c.line()
+    assert c.intents_left >= kills // 10, c.line()
+    return c

@@ -20,7 +20,8 @@ import pytest
 
 from cowdisk.errors import InUse, InvalidArgument
 from cowdisk.store import Store
-from testutil import MiB, assert_settled, host_state, make_tree, read_at, write_at
+from testutil import MiB, assert_settled, fill, host_state, make_tree, read_at, write_at
+from testutil import thin_pool_status as pool_status
 
 pytestmark = [pytest.mark.lab, pytest.mark.backends("dm-thin")]
 
@@ -44,10 +45,6 @@ def dmsetup(*args: str) -> str:
     return subprocess.run(["dmsetup", *args], capture_output=True, text=True, check=True).stdout
 
 
-def pool_status(store) -> list[str]:
-    return dmsetup("status", store.dm_prefix + ".pool").split()
-
-
 def pool_data(store) -> tuple[int, int]:
     """(used, total) data blocks of the pool, from `dmsetup status` (a fresh commit)."""
     used, total = pool_status(store)[5].split("/")
@@ -62,17 +59,6 @@ def store_loops(store) -> list[str]:
 
 def allocated(path: str) -> int:
     return os.stat(path).st_blocks * 512
-
-
-def fill(dev: str, offset: int, size: int) -> None:
-    fd = os.open(dev, os.O_WRONLY | os.O_CLOEXEC)
-    try:
-        block = os.urandom(MiB)
-        for off in range(offset, offset + size, MiB):
-            os.pwrite(fd, block, off)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def test_two_loops_and_thin_snapshots(store, base, tmp_path) -> None:

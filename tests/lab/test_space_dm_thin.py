@@ -5,33 +5,14 @@ fill in bytes, and a full pool named as such (not ok) until the next create grow
 from __future__ import annotations
 
 import errno
-import os
-import subprocess
 
 import pytest
 
 from cowdisk import doctor
 from cowdisk.store import Store
-from testutil import MiB, assert_settled, host_state, make_tree
+from testutil import MiB, assert_settled, fill, host_state, make_tree, thin_pool_status
 
 pytestmark = [pytest.mark.lab, pytest.mark.backends("dm-thin")]
-
-
-def pool_status(store: Store) -> list[str]:
-    out = subprocess.run(["dmsetup", "status", store.dm_prefix + ".pool"], capture_output=True, text=True,
-                         check=True).stdout
-    return out.split()
-
-
-def fill(dev: str, offset: int, size: int) -> None:
-    fd = os.open(dev, os.O_WRONLY | os.O_CLOEXEC)
-    try:
-        block = os.urandom(MiB)
-        for off in range(offset, offset + size, MiB):
-            os.pwrite(fd, block, off)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def test_space_follows_the_pool_and_names_a_full_one(tmp_path) -> None:
@@ -45,7 +26,7 @@ def test_space_follows_the_pool_and_names_a_full_one(tmp_path) -> None:
         fill(a.device, 8 * MiB, 8 * MiB)
         areas = {x.area: x for x in s.space()}
         assert {"store filesystem", "thin pool data", "thin pool metadata"} <= set(areas), areas
-        st = pool_status(s)  # start len thin-pool <transaction> <meta used>/<total> <data used>/<total> ...
+        st = thin_pool_status(s)  # start len thin-pool <transaction> <meta used>/<total> <data used>/<total> ...
         meta_used, meta_total = (int(n) for n in st[4].split("/"))
         data_used, data_total = (int(n) for n in st[5].split("/"))
         data = areas["thin pool data"]
@@ -65,7 +46,7 @@ def test_space_follows_the_pool_and_names_a_full_one(tmp_path) -> None:
         except OSError as e:
             failed = e
         assert failed is not None and failed.errno in (errno.EIO, errno.ENOSPC), failed
-        assert "out_of_data_space" in pool_status(s)
+        assert "out_of_data_space" in thin_pool_status(s)
         full = {x.area: x for x in s.space()}["thin pool data"]
         assert full.state.startswith("out_of_data_space"), full
         checks = {c.name: c for c in doctor.space_checks(s.space())}

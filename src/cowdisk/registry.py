@@ -10,18 +10,21 @@ from __future__ import annotations
 
 import enum
 import errno
+import fcntl
 import json
 import logging
 import os
 import sqlite3
 import threading
 import time
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-from .errors import AlreadyExists, CowdiskError, KernelError, NotFound, RegistryDamaged, StateError
+from .errors import AlreadyExists, CowdiskError, KernelError, LockTimeout, NotFound, RegistryDamaged, StateError
 from .kernel.procfs import process_alive, process_start
+from .locks import describe_holders
 
 log = logging.getLogger(__name__)
 
@@ -189,18 +192,47 @@ def _corrupt(e: sqlite3.Error) -> bool:
         or "malformed" in str(e) or str(e).startswith("quick_check")
 
 
-class Registry:
-    """The SQLite registry at ``path``."""
+_OPEN: "weakref.WeakSet[Registry]" = weakref.WeakSet()
 
-    def __init__(self, path: str, *, read_only: bool = False) -> None:
+
+def _after_fork_in_child() -> None:
+    """A forked child shares its parent's writer-lock file description: were the parent to die
+    inside a transaction, the child's copy would keep the lock held. The child lets go of
+    its copy (closing it does not unlock the parent: only the last close of a description
+    drops a flock) and opens its own at its first write."""
+    for r in list(_OPEN):
+        r._drop_inherited_flock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class Registry:
+    """The SQLite registry at ``path``.
+
+    Writers are serialised by a lock that wakes the next one at once: a thread lock inside
+    one process, then a blocking ``flock`` on ``<path>.lock`` across processes (the
+    kernel wakes the next waiter at the holder's release), around each ``BEGIN IMMEDIATE``
+    ... ``COMMIT``. SQLite's own busy handler sleeps 1, 2, 5, 10 ... 100 ms between tries,
+    which turns several processes writing at once (the daemon's workers, the CLI beside
+    them) into mostly sleeping. A writer that waits more than ``timeout`` seconds gets a
+    :class:`LockTimeout` naming the holders."""
+
+    def __init__(self, path: str, *, read_only: bool = False, timeout: float = 60.0) -> None:
         self.path = path
         self.read_only = read_only
         """On a read-only filesystem: opened immutable (no WAL or shm files can be made);
         every write raises KernelError(EROFS)."""
+        self.timeout = timeout
+        self.lock_path = f"{path}.lock"
+        """The cross-process writer lock: never deleted (deleting a lock file lets two
+        processes lock two different inodes)."""
         self._local = threading.local()
         self._all: list[tuple[int, sqlite3.Connection]] = []
         self._all_lock = threading.Lock()
         self._writer: tuple[int, threading.Lock] = (os.getpid(), threading.Lock())
+        self._flock: tuple[int, int] = (os.getpid(), -1)  # (pid, fd) of the writer lock file
+        _OPEN.add(self)
         try:
             if read_only:
                 self._check_version()
@@ -228,14 +260,15 @@ class Registry:
                 c.row_factory = sqlite3.Row
             else:
                 try:
-                    c = sqlite3.connect(self.path, timeout=60, isolation_level=None, check_same_thread=False)
+                    c = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None,
+                                        check_same_thread=False)
                     c.row_factory = sqlite3.Row
                     c.execute("PRAGMA journal_mode=WAL")
                 except sqlite3.OperationalError as e:
                     raise self._os_error("open registry", e) from e
             c.execute("PRAGMA synchronous=FULL")
             c.execute("PRAGMA foreign_keys=ON")
-            c.execute("PRAGMA busy_timeout=60000")
+            c.execute(f"PRAGMA busy_timeout={int(self.timeout * 1000)}")
             self._local.conn = c
             self._local.pid = os.getpid()
             with self._all_lock:
@@ -254,6 +287,13 @@ class Registry:
             except sqlite3.ProgrammingError:
                 pass  # made in another thread that is still using it; it closes with that thread
         self._local.conn = None
+        pid, fd = self._flock
+        if pid == me and fd >= 0 and self._writer_lock().acquire(blocking=False):
+            try:  # not while one of this process's threads is inside a transaction
+                self._flock = (me, -1)
+                os.close(fd)
+            finally:
+                self._writer_lock().release()
 
     def _os_error(self, op: str, e: sqlite3.Error) -> KernelError:
         """The errno behind an SQLite failure to write (a full or read-only filesystem), as a
@@ -288,30 +328,33 @@ class Registry:
         if c.in_transaction:  # nested: join the outer transaction
             yield c
             return
-        # One writer at a time per process, waiting on a lock that wakes the next writer at
-        # once: SQLite's own busy handler sleeps 1, 2, 5, 10 ... ms between tries, which
-        # turns a few threads (the daemon's) writing at once into mostly sleeping. Other
-        # processes (the CLI beside the daemon) still meet SQLite's busy timeout.
+        # One writer at a time per process (a thread lock), then per store (the flock):
+        # both wake the next writer at once (see the class docstring).
         writer = self._writer_lock()
-        if not writer.acquire(timeout=60):
-            raise sqlite3.OperationalError(f"database is locked: {self.path}: another thread of this process "
-                                           "kept the registry's write lock for 60 s")
+        if not writer.acquire(timeout=self.timeout):
+            raise LockTimeout(f"write registry {self.path}: database is locked: another thread of this process "
+                              f"kept the registry's write lock for {self.timeout:g} s",
+                              op="write registry", obj=self.path)
         try:
-            if not durable:
-                c.execute("PRAGMA synchronous=NORMAL")
+            fd = self._lock_across_processes()
             try:
-                c.execute("BEGIN IMMEDIATE")
-            except sqlite3.OperationalError as e:
                 if not durable:
-                    c.execute("PRAGMA synchronous=FULL")
-                if "locked" in str(e):
-                    raise
-                raise self._os_error("write registry", e) from e
-            try:
-                yield from self._run_tx(c)
+                    c.execute("PRAGMA synchronous=NORMAL")
+                try:
+                    c.execute("BEGIN IMMEDIATE")
+                except sqlite3.OperationalError as e:
+                    if not durable:
+                        c.execute("PRAGMA synchronous=FULL")
+                    if "locked" in str(e):
+                        raise
+                    raise self._os_error("write registry", e) from e
+                try:
+                    yield from self._run_tx(c)
+                finally:
+                    if not durable:
+                        c.execute("PRAGMA synchronous=FULL")
             finally:
-                if not durable:
-                    c.execute("PRAGMA synchronous=FULL")
+                fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
             writer.release()
 
@@ -321,6 +364,72 @@ class Registry:
             self._writer = (os.getpid(), threading.Lock())
             lock = self._writer[1]
         return lock
+
+    def _drop_inherited_flock(self) -> None:
+        pid, fd = self._flock
+        if pid != os.getpid():
+            self._flock = (os.getpid(), -1)
+            if fd >= 0:
+                try:
+                    os.close(fd)  # our copy only: the parent's lock stays (see _after_fork_in_child)
+                except OSError:
+                    pass
+
+    def _lock_across_processes(self) -> int:
+        """Take the writer flock (the caller holds the thread lock); return its fd."""
+        self._drop_inherited_flock()
+        fd = self._flock[1]
+        if fd < 0:
+            try:
+                fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            except OSError as e:
+                raise KernelError.from_oserror("open registry lock", self.lock_path, e) from None
+            self._flock = (os.getpid(), fd)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            pass
+        except OSError as e:
+            raise KernelError.from_oserror("lock", self.lock_path, e) from None
+        if self._wait_flock(fd):
+            return fd
+        self._flock = (os.getpid(), -1)  # the abandoned waiter closes that fd when it wakes
+        raise LockTimeout(f"write registry {self.path}: database is locked: its writer lock {self.lock_path} "
+                          f"still held after {self.timeout:g} s by {describe_holders(self.lock_path)}",
+                          op="write registry", obj=self.path,
+                          hint="wait for that process to finish, or end it if it hangs")
+
+    def _wait_flock(self, fd: int) -> bool:
+        """A blocking flock, woken by the kernel at the holder's release, bounded by
+        ``timeout``: the blocking call runs in a helper thread (no flock call takes a
+        deadline, and a signal cannot be aimed at one thread from a library) that this
+        thread waits for. On time-out the helper is abandoned and closes ``fd`` (dropping
+        the lock) once it gets it."""
+        done = threading.Event()
+        mu = threading.Lock()
+        state: dict[str, Any] = {"abandoned": False, "error": None}
+
+        def wait() -> None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError as e:
+                state["error"] = e
+            with mu:
+                if state["abandoned"]:
+                    os.close(fd)
+                    return
+                done.set()
+
+        threading.Thread(target=wait, name="cowdisk-registry-lock", daemon=True).start()
+        if not done.wait(self.timeout):
+            with mu:
+                if not done.is_set():
+                    state["abandoned"] = True
+                    return False
+        if state["error"] is not None:
+            raise KernelError.from_oserror("lock", self.lock_path, state["error"]) from None
+        return True
 
     def _run_tx(self, c: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
         try:

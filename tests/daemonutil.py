@@ -21,7 +21,7 @@ SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 
 def env(**extra: str) -> dict[str, str]:
     e = {**os.environ, "NO_COLOR": "1", "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
     for k in ("COWDISK_ROOT", "COWDISK_BACKEND", "COWDISK_SOCKET", "COWDISK_CONFIG", "COWDISK_CRASH_AT",
-              "NOTIFY_SOCKET"):
+              "COWDISK_PAUSE_AT", "COWDISK_PAUSE_S", "COWDISK_PAUSE_MARK", "COWDISK_PROCESSES", "NOTIFY_SOCKET"):
         e.pop(k, None)
     e.update(extra)
     return e
@@ -79,6 +79,22 @@ class Daemon:
             except ValueError:
                 pass
         return out
+
+    def worker_pids(self) -> list[int]:
+        """The daemon's store worker processes (its children named cowdisk-worker)."""
+        assert self.proc is not None
+        out = []
+        for d in os.listdir("/proc"):
+            if not d.isdigit():
+                continue
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    comm, rest = f.read().rsplit(")", 1)
+            except OSError:
+                continue
+            if int(rest.split()[1]) == self.proc.pid and comm.endswith("(cowdisk-worker"):
+                out.append(int(d))
+        return sorted(out)
 
     def signal(self, sig: int) -> None:
         assert self.proc is not None

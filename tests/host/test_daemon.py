@@ -25,7 +25,7 @@ import pytest
 
 import crashmatrix
 from cowdisk.client import Client
-from cowdisk.daemon.protocol import Forbidden, Unavailable
+from cowdisk.daemon.protocol import Forbidden, Unavailable, WorkerDied
 from cowdisk.errors import AlreadyExists, InUse, InvalidArgument, LockTimeout, NotFound, StateError
 from cowdisk.locks import FileLock
 from cowdisk.registry import ATTACHED
@@ -246,8 +246,10 @@ def test_operation_log_lines(daemon: Daemon) -> None:
     recs = [r for r in daemon.log_records() if r.get("object") == "logged"]
     assert [(r["op"], r["result"]) for r in recs] == [("create", "ok"), ("create", "AlreadyExists"),
                                                      ("remove", "ok")], recs
+    workers = daemon.worker_pids()
     for r in recs:
         assert r["peer"] == {"pid": os.getpid(), "uid": 0, "gid": 0} and r["duration_ms"] >= 0
+        assert r["worker"] in workers and 0 <= r["store_ms"] <= r["duration_ms"], r
 
 
 # --------------------------------------------------------------------------- jobs
@@ -393,6 +395,7 @@ def test_sigterm_finishes_in_flight_and_exits_0(tmp_path, sockdir) -> None:
     with Daemon(root, os.path.join(sockdir, "d.sock")) as d:
         d.start()
         d.client.build_template(tree_in(d), "base")
+        workers = d.worker_pids()
         lock = FileLock(os.path.join(root, "locks", "volume-late.lock"))
         lock.acquire()
         result: dict[str, object] = {}
@@ -414,6 +417,7 @@ def test_sigterm_finishes_in_flight_and_exits_0(tmp_path, sockdir) -> None:
         t.join(30)
         assert "v" in result, result
         assert d.wait(60) == 0, d.log()
+        assert workers and not [p for p in workers if os.path.exists(f"/proc/{p}")], "store workers outlived it"
     with Daemon(root, os.path.join(sockdir, "d.sock")) as d:
         d.start()
         assert d.client.health()["recovery"]["rolled_back"] == []
@@ -427,31 +431,81 @@ def test_sigterm_finishes_in_flight_and_exits_0(tmp_path, sockdir) -> None:
 CRASH_OPS = ("create", "remove", "checkpoint", "restore", "restore-as")
 
 
-@pytest.mark.parametrize("case", [c for c in crashmatrix.cases("copy") if c.op in CRASH_OPS],
-                         ids=lambda c: f"{c.op}:{c.step}")
-def test_kill9_mid_operation_then_restart(case: crashmatrix.Case, tmp_path, sockdir) -> None:
-    """The daemon SIGKILLed at each crash point of create, remove, checkpoint and restore; the
-    client sees the connection drop; the restarted daemon's recovery (before it answers)
-    leaves what the crash matrix expects, and no client ever sees a half-made volume."""
+CASES = [c for c in crashmatrix.cases("copy") if c.op in CRASH_OPS]
+RUN = {"create": lambda c: c.create_volume("x", "base"), "remove": lambda c: c.remove_volume("x"),
+       "checkpoint": lambda c: c.checkpoint("x"), "restore": lambda c: c.restore("x"),
+       "restore-as": lambda c: c.restore("x", "y")}
+
+
+def assert_expected(d: Daemon, case: crashmatrix.Case) -> None:
+    """The volumes are in the states the crash matrix expects after recovery, and attached
+    means whole: its link points at its device."""
+    vols = {v.id: v for v in d.client.volumes()}
+    assert {k: v.state for k, v in vols.items()} == crashmatrix.expected(case.operation)
+    for v in vols.values():
+        if v.state == "attached":
+            assert os.path.realpath(v.link) == os.path.realpath(v.device)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c.op}:{c.step}")
+def test_worker_killed_mid_operation(case: crashmatrix.Case, tmp_path, sockdir) -> None:
+    """The store worker running create, remove, checkpoint or restore SIGKILLed at each of
+    its crash points: the caller gets WorkerDied naming the operation and what recovery did;
+    the daemon, still serving, recovered before answering (the states are what the crash
+    matrix expects, no half-made volume is visible), a new worker takes the dead one's
+    place, and a restart finds nothing left to do."""
     before = host_state()
     root = str(tmp_path / "store")
     crashmatrix.setup(root, "copy", str(tmp_path / "tree"), case)
     sock = os.path.join(sockdir, "d.sock")
     with Daemon(root, sock, extra_env={"COWDISK_CRASH_AT": f"{case.op}:{case.step}"}) as d:
         d.start()
-        c = d.client
-        run = {"create": lambda: c.create_volume("x", "base"), "remove": lambda: c.remove_volume("x"),
-               "checkpoint": lambda: c.checkpoint("x"), "restore": lambda: c.restore("x"),
-               "restore-as": lambda: c.restore("x", "y")}[case.op]
-        assert isinstance(raises(run), Unavailable)
-        assert d.wait() == -signal.SIGKILL
+        workers = d.worker_pids()
+        assert len(workers) >= 2
+        e = raises(RUN[case.op], d.client)
+        assert isinstance(e, WorkerDied), e
+        assert "died: killed by SIGKILL" in str(e) and "recovery ran" in str(e), e
+        assert_expected(d, case)
+        wait_for(lambda: len(d.worker_pids()) == len(workers), what="a new store worker")
+        assert set(d.worker_pids()) - set(workers), "the dead worker was not replaced"
+        assert d.client.recover().actions == 0
+        assert d.stop() == 0
     with Daemon(root, sock) as d:
         d.start()
-        vols = {v.id: v for v in d.client.volumes()}
-        assert {k: v.state for k, v in vols.items()} == crashmatrix.expected(case.operation)
-        for v in vols.values():  # attached means whole: its link points at its device
-            if v.state == "attached":
-                assert os.path.realpath(v.link) == os.path.realpath(v.device)
+        assert_expected(d, case)
+        assert d.client.recover().actions == 0
+        assert d.stop() == 0
+    crashmatrix.check(root, case, "copy", lambda p: [])
+    assert_same_host(before)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c.op}:{c.step}")
+def test_daemon_killed_mid_operation_then_restart(case: crashmatrix.Case, tmp_path, sockdir) -> None:
+    """The daemon SIGKILLed while its store worker stands at each crash point of create,
+    remove, checkpoint and restore: the worker dies with it (PR_SET_PDEATHSIG), the client
+    sees the connection drop, and the restarted daemon's recovery (before it answers)
+    leaves what the crash matrix expects; no client ever sees a half-made volume."""
+    before = host_state()
+    root = str(tmp_path / "store")
+    crashmatrix.setup(root, "copy", str(tmp_path / "tree"), case)
+    sock = os.path.join(sockdir, "d.sock")
+    mark = tmp_path / "paused"
+    with Daemon(root, sock, extra_env={"COWDISK_PAUSE_AT": f"{case.op}:{case.step}", "COWDISK_PAUSE_S": "120",
+                                       "COWDISK_PAUSE_MARK": str(mark)}) as d:
+        d.start()
+        out: list[BaseException] = []
+        t = threading.Thread(target=lambda: out.append(raises(RUN[case.op], d.client)))
+        t.start()
+        wait_for(mark.exists, what="the worker at the crash point")
+        paused = int(mark.read_text())
+        assert paused in d.worker_pids()
+        assert d.kill() == -signal.SIGKILL
+        t.join(30)
+        assert isinstance(out[0], Unavailable), out
+        wait_for(lambda: not os.path.exists(f"/proc/{paused}"), what="the worker to die with the daemon")
+    with Daemon(root, sock) as d:
+        d.start()
+        assert_expected(d, case)
         assert d.stop() == 0
     crashmatrix.check(root, case, "copy", lambda p: [])
     assert_same_host(before)
@@ -500,6 +554,57 @@ def test_kill9_under_load_leaves_no_half_made_volume(tmp_path, sockdir) -> None:
 
 
 # --------------------------------------------------------------------------- concurrency
+
+
+def test_store_calls_run_in_several_processes(tmp_path, sockdir) -> None:
+    """While one store worker stands inside a create (a pause point), the other workers keep
+    answering: a remove and a read complete, in another process, before that create does."""
+    root = str(tmp_path / "store")
+    store = Store(root, backend="copy")
+    store.build_template(make_tree(str(tmp_path / "tree")), "base")
+    store.create_volume("other", "base")
+    store.close()
+    mark = tmp_path / "paused"
+    with Daemon(root, os.path.join(sockdir, "d.sock"), "--processes", "3",
+                extra_env={"COWDISK_PAUSE_AT": "create:volume", "COWDISK_PAUSE_S": "3",
+                           "COWDISK_PAUSE_MARK": str(mark)}) as d:
+        d.start()
+        assert len(d.worker_pids()) == 3
+        done: list[str] = []
+        t = threading.Thread(target=lambda: (d.client.create_volume("slow", "base"), done.append("slow")))
+        t.start()
+        wait_for(mark.exists, what="the create to reach its pause")
+        paused = int(mark.read_text())
+        d.client.remove_volume("other")
+        assert d.client.volume("slow").state == "creating"  # visible, not attached, while made
+        done.append("other")
+        t.join(30)
+        assert done == ["other", "slow"]
+        recs = {r["object"]: r for r in d.log_records() if r.get("op") in ("create", "remove")}
+        assert recs["slow"]["worker"] == paused and recs["other"]["worker"] != paused, recs
+        assert d.stop() == 0
+    destroy(root)
+
+
+def test_processes_0_runs_the_store_in_the_daemon(tmp_path, sockdir) -> None:
+    """``processes = 0``: no worker process; store calls and jobs run in the daemon's threads."""
+    root = str(tmp_path / "store")
+    with Daemon(root, os.path.join(sockdir, "d.sock"), "--processes", "0") as d:
+        d.start()
+        assert d.worker_pids() == []
+        c = d.client
+        c.build_template(tree_in(d), "base")
+        c.create_volume("v", "base")
+        assert isinstance(raises(c.create_volume, "v", "base"), AlreadyExists)
+        c.checkpoint("v")
+        assert c.restore("v").state == "attached"
+        c.remove_volume("v")
+        assert c.volumes() == []
+        recs = [r for r in d.log_records() if r.get("object") == "v" and r.get("op") == "create"]
+        assert recs and all("worker" not in r and r["store_ms"] <= r["duration_ms"] for r in recs), recs
+        assert d.stop() == 0
+    destroy(root)
+
 
 
 def test_daemon_and_cli_race_on_one_store(daemon: Daemon) -> None:

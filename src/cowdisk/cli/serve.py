@@ -32,6 +32,9 @@ OPTIONS: list[Callable[[Any], Any]] = [
     click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), help="[default: info]"),
     click.option("--shutdown-timeout", type=float, help="Seconds SIGTERM waits for in-flight work. [default: 30]"),
     click.option("--workers", type=int, help="Threads running requests at once. [default: 32]"),
+    click.option("--processes", type=int,
+                 help="Store worker processes (0: store calls in the daemon's own threads). "
+                      "[default: one per core, 2 to 8]"),
     click.option("--check-config", is_flag=True, help="Print the settings in force and what would stop a start; "
                                                        "exit 2 if they are invalid."),
 ]
@@ -39,7 +42,7 @@ OPTIONS: list[Callable[[Any], Any]] = [
 
 def _settings(root: str | None, backend: str | None, kw: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"root": root, "backend": backend}
-    for k in ("socket", "socket_mode", "socket_group", "log_format", "log_level", "shutdown_timeout", "workers"):
+    for k in ("socket", "socket_mode", "socket_group", "log_format", "log_level", "shutdown_timeout", "workers", "processes"):
         out[k] = kw.get(k)
     for k in ("allow_uids", "allow_gids", "jail_roots", "import_roots"):
         out[k] = list(kw[k]) if kw.get(k) else None

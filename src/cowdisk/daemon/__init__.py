@@ -13,9 +13,13 @@ security.py      SO_PEERCRED, the uid/gid allowlist, paths a request may name
 jobs.py          long operations as jobs: progress, wait, cancel
 metrics.py       Prometheus text at ``/metrics``
 api.py           the FastAPI application: one endpoint per Store operation
+calls.py         what the endpoints ask of the store, as functions a store worker runs
+workers.py       the store worker processes: fork, call, a dead worker's recovery
+logs.py          the JSON (or text) log lines, for the daemon and its workers
 server.py        the life cycle: single instance, recover, listen, READY=1, SIGTERM
 ===============  ===================================================================
 
-Only :mod:`.protocol` and :mod:`.config` are light to import; the rest needs the
-``daemon`` dependencies (FastAPI, uvicorn, prometheus-client).
+Only :mod:`.protocol`, :mod:`.config`, :mod:`.calls`, :mod:`.logs` and :mod:`.workers`
+are light to import (a store worker started afresh needs no web framework); the rest
+needs the ``daemon`` dependencies (FastAPI, uvicorn, prometheus-client).
 """

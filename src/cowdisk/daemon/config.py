@@ -21,6 +21,7 @@ Example file::
     log_format = "json"               # or "text"
     log_level = "info"
     shutdown_timeout = 30             # seconds SIGTERM waits for in-flight operations
+    processes = 4                     # store worker processes (default: one per core, 2 to 8)
 """
 
 from __future__ import annotations
@@ -37,6 +38,11 @@ from ..store.model import default_root
 from .protocol import DEFAULT_CONFIG, DEFAULT_SOCKET
 
 LOG_FORMATS = ("json", "text")
+
+
+def default_processes() -> int:
+    """Store worker processes by default: one per core, at least 2, at most 8."""
+    return min(8, max(2, os.cpu_count() or 1))
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -56,6 +62,9 @@ class Config:
     shutdown_timeout: float = 30.0
     lock_timeout: float = 30.0
     workers: int = 32
+    processes: int = field(default_factory=lambda: default_processes())
+    """Store worker processes (:mod:`.workers`); 0: store calls run in ``workers`` threads of
+    the daemon's own process."""
     job_retention: float = 3600.0
     source: str = field(default="defaults", compare=False)
     """Where the settings came from (for --check-config and the start log)."""
@@ -112,13 +121,14 @@ def _coerce(key: str, value: Any, where: str) -> Any:
         if isinstance(value, bool) or f < 0:
             raise _bad(key, value, "a number of seconds, not negative", where)
         return f
-    if key == "workers":
+    if key in ("workers", "processes"):
         try:
             n = int(value)
         except (TypeError, ValueError):
             raise _bad(key, value, "a whole number", where) from None
-        if isinstance(value, bool) or not 1 <= n <= 1024:
-            raise _bad(key, value, "between 1 and 1024", where)
+        lo, hi = (1, 1024) if key == "workers" else (0, 64)
+        if isinstance(value, bool) or not lo <= n <= hi:
+            raise _bad(key, value, f"between {lo} and {hi}", where)
         return n
     if not isinstance(value, str):
         raise _bad(key, value, "a string", where)

@@ -14,7 +14,7 @@ from .metrics import Metrics
 
 
 def document() -> dict[str, Any]:
-    svc = Service(None, Config(), Metrics())  # type: ignore[arg-type]  # the schema needs no store
+    svc = Service(None, Config(), Metrics(), None)  # type: ignore[arg-type]  # the schema needs no store
     return create_app(svc).openapi()
 
 

@@ -45,11 +45,18 @@ class Unavailable(CowdiskError):
     exit_code = 22
 
 
+class WorkerDied(CowdiskError):
+    """The daemon's store worker running the request died during it (killed, out of
+    memory); the daemon ran recovery before answering, and the message says what it did."""
+
+    exit_code = 23
+
+
 ERROR_TYPES: dict[str, type[CowdiskError]] = {
     name: getattr(errors, name) for name in errors.__all__
     if isinstance(getattr(errors, name), type) and issubclass(getattr(errors, name), CowdiskError)
 }
-ERROR_TYPES.update(Forbidden=Forbidden, Cancelled=Cancelled, Unavailable=Unavailable)
+ERROR_TYPES.update(Forbidden=Forbidden, Cancelled=Cancelled, Unavailable=Unavailable, WorkerDied=WorkerDied)
 
 STATUS: dict[str, int] = {
     "InvalidArgument": 400,
@@ -64,6 +71,7 @@ STATUS: dict[str, int] = {
     "LockTimeout": 423,
     "Unsupported": 501,
     "Unavailable": 503,
+    "WorkerDied": 500,
     "CowFormatError": 500,
     "KernelError": 500,
     "CowdiskError": 500,

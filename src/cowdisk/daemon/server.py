@@ -5,11 +5,13 @@ Start, in order:
 1. take ``<root>/locks/daemon.lock`` (flock, no wait): a second daemon on the same store
    is refused with the PID of the one that runs; a socket path another live daemon
    answers on is refused the same way (its PID from SO_PEERCRED);
-2. open the store and run recovery, before anything can call (so no client ever sees a
-   half-made volume of a killed daemon: recovery rolls it back or finishes it first);
-3. bind the unix socket (created 0600 under a umask, then given ``socket_group`` and
+2. fork the store worker processes (:mod:`.workers`; before this process opens the
+   store or starts a thread), then open the store and run recovery, before anything can
+   call (so no client ever sees a half-made volume of a killed daemon: recovery rolls it
+   back or finishes it first); then each worker opens its own Store;
+4. bind the unix socket (created 0600 under a umask, then given ``socket_group`` and
    ``socket_mode``; root-only when the group does not exist); no TCP listener exists;
-4. serve (uvicorn, its HTTP protocol subclassed to put the caller's SO_PEERCRED into
+5. serve (uvicorn, its HTTP protocol subclassed to put the caller's SO_PEERCRED into
    each request), then ``READY=1`` to systemd (``Type=notify``; nothing when
    ``NOTIFY_SOCKET`` is unset).
 
@@ -17,7 +19,8 @@ SIGTERM or SIGINT: ``STOPPING=1``, the socket stops accepting (and its file goes
 long-polls of jobs return at once, in-flight requests finish (``shutdown_timeout``
 bound, after which uvicorn cancels them: their store call still ends in its thread or
 leaves an intent that the next start's recovery completes), running jobs get the same
-bound and are then cancelled (they undo themselves), the store is closed, exit 0.
+bound and are then cancelled (they undo themselves), the store workers end their last
+call and exit (SIGKILL after the same bound), the store is closed, exit 0.
 """
 
 from __future__ import annotations
@@ -29,7 +32,6 @@ import logging
 import os
 import signal
 import socket
-import sys
 import time
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator
@@ -42,9 +44,11 @@ from ..errors import CowdiskError, KernelError
 from ..kernel import procfs
 from ..locks import FileLock
 from ..store import Store
-from .api import JsonFormatter, Service, TextFormatter, create_app
+from .api import Service, create_app
 from .config import Config
+from .logs import setup_logging
 from .metrics import Metrics
+from .workers import Pool
 from .security import peercred
 
 log = logging.getLogger("cowdisk.daemon")
@@ -83,18 +87,6 @@ def sd_notify(message: str) -> bool:
         return False
 
 
-def setup_logging(cfg: Config) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if cfg.log_format == "json" else TextFormatter())
-    root = logging.getLogger()
-    for h in list(root.handlers):
-        root.removeHandler(h)
-    root.addHandler(handler)
-    root.setLevel(getattr(logging, cfg.log_level.upper()))
-    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-
-
 def socket_owner(path: str) -> int | None:
     """The PID of the live process answering on unix socket ``path`` (SO_PEERCRED), else None."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as s:
@@ -106,11 +98,21 @@ def socket_owner(path: str) -> int | None:
         return peercred(s).pid or None
 
 
+INSTANCE_WAIT = 2.0
+"""Seconds a start waits for the instance lock: the workers of a daemon killed -9 hold it
+until the kernel has delivered their PR_SET_PDEATHSIG."""
+
+
 def take_instance_lock(cfg: Config) -> FileLock:
     os.makedirs(os.path.join(cfg.root, "locks"), exist_ok=True)
     path = os.path.join(cfg.root, "locks", "daemon.lock")
     lock = FileLock(path, timeout=0, what=f"daemon of store {cfg.root}", pid_hint=True)
-    if not lock.try_acquire():
+    end = time.monotonic() + INSTANCE_WAIT
+    held = lock.try_acquire()
+    while not held and time.monotonic() < end:
+        time.sleep(0.02)  # the store workers of a daemon just killed are dying with it
+        held = lock.try_acquire()
+    if not held:
         holders = [p for p, _ in procfs.lock_holders(path)]
         who = ", ".join(f"PID {p} ({procfs.cmdline(p) or '?'})" for p in holders) or "another process"
         lock.release()
@@ -197,8 +199,8 @@ class Server(uvicorn.Server):
         await super().shutdown(sockets=sockets)
 
 
-def build(cfg: Config, store: Store, metrics: Metrics) -> tuple[FastAPI, Service]:
-    svc = Service(store, cfg, metrics)
+def build(cfg: Config, store: Store, metrics: Metrics, pool: Pool) -> tuple[FastAPI, Service]:
+    svc = Service(store, cfg, metrics, pool)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -207,6 +209,10 @@ def build(cfg: Config, store: Store, metrics: Metrics) -> tuple[FastAPI, Service
         left = await asyncio.get_running_loop().run_in_executor(None, svc.jobs.shutdown, cfg.shutdown_timeout)
         if left:
             log.warning("jobs still running at exit: %s; the next start's recovery completes them", left)
+        killed = await asyncio.get_running_loop().run_in_executor(None, pool.close, cfg.shutdown_timeout)
+        if killed:
+            log.warning("store workers killed at exit: %s; the next start's recovery completes their calls",
+                        killed)
 
     app = create_app(svc)
     app.router.lifespan_context = lifespan
@@ -224,13 +230,16 @@ def run(cfg: Config) -> int:
         signal.signal(sig, lambda n, _f: early.append(n))
     t0 = time.monotonic()
     lock = take_instance_lock(cfg)
+    pool = Pool(cfg, keep_fds=(lock.fd,))
     try:
+        pool.fork()
         store = Store(cfg.root, backend=cfg.backend, recover=False, lock_timeout=cfg.lock_timeout)
         try:
             metrics = Metrics()
             rep = store.recover()
             metrics.recovered(rep)
-            app, svc = build(cfg, store, metrics)
+            pool.open(store)
+            app, svc = build(cfg, store, metrics, pool)
             svc.recovery = rep.as_dict()
             log.info("recovered store %s", store.root, extra={"fields": {
                 "root": store.root, "backend": store.backend_name, "recovery": rep.as_dict(),
@@ -245,7 +254,7 @@ def run(cfg: Config) -> int:
                     app, http=PeerCredProtocol, lifespan="on", log_config=None, access_log=False,
                     timeout_graceful_shutdown=int(cfg.shutdown_timeout) or 1, timeout_keep_alive=30,
                     server_header=False, date_header=False), svc)
-                log.info("listening", extra={"fields": {"socket": cfg.socket,
+                log.info("listening", extra={"fields": {"socket": cfg.socket, "store_workers": pool.pids(),
                                                          "start_ms": round((time.monotonic() - t0) * 1000, 1)}})
                 server.run(sockets=[sock])
             finally:
@@ -256,6 +265,7 @@ def run(cfg: Config) -> int:
         finally:
             store.close()
     finally:
+        pool.close(cfg.shutdown_timeout)  # (a no-op after a normal stop: the lifespan closed it)
         lock.release()
     log.info("stopped", extra={"fields": {"pid": os.getpid()}})
     return 0

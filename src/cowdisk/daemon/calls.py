@@ -1,0 +1,91 @@
+"""What the daemon's endpoints ask of the store, as functions a store worker runs.
+
+Each takes the worker's :class:`~cowdisk.store.Store` first and returns plain data (the
+documents the API answers with), so that it travels between processes: the function by
+reference, its arguments and its answer pickled (:mod:`.workers`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .. import doctor as doctor_mod
+from ..store import Store
+
+
+def doctor(store: Store) -> dict[str, Any]:
+    rep = doctor_mod.check(store.root)
+    rep.checks += doctor_mod.space_checks(store.space())
+    return rep.as_dict()
+
+
+def recover(store: Store) -> dict[str, Any]:
+    return store.recover().as_dict()
+
+
+def gc(store: Store) -> dict[str, Any]:
+    return store.gc().as_dict()
+
+
+def templates(store: Store) -> dict[str, Any]:
+    return {"templates": [store.template_doc(t) for t in store.templates()]}
+
+
+def template(store: Store, ref: str) -> dict[str, Any]:
+    return store.template_doc(store.template(ref))
+
+
+def remove_template(store: Store, ref: str) -> dict[str, Any]:
+    tid = store.template(ref).id
+    store.remove_template(tid)
+    return {"removed": [tid]}
+
+
+def volumes(store: Store, template: str | None) -> dict[str, Any]:
+    vols = store.volumes()
+    if template is not None:
+        tid = store.template(template).id
+        vols = [v for v in vols if v.template_id == tid]
+    return {"volumes": [v.as_dict() for v in vols]}
+
+
+def volume(store: Store, vid: str) -> dict[str, Any]:
+    return store.volume(vid).as_dict()
+
+
+def create(store: Store, vid: str, template: str, size: int | None, grow_fs: bool) -> dict[str, Any]:
+    return store.create_volume(vid, template, size=size, grow_fs=grow_fs).as_dict()
+
+
+def remove(store: Store, vid: str, deadline: float) -> dict[str, Any]:
+    store.remove_volume(vid, deadline_s=deadline)
+    return {"removed": [vid]}
+
+
+def usage(store: Store, vid: str) -> dict[str, Any]:
+    u = store.usage(vid)
+    d = dict(u.__dict__)
+    d["own_bytes"] = u.own_bytes
+    return d
+
+
+def checkpoint(store: Store, vid: str, deadline: float) -> dict[str, Any]:
+    return store.checkpoint(vid, deadline_s=deadline).as_dict()
+
+
+def restore(store: Store, vid: str, new_id: str | None, retarget_source_link: bool, adopt: bool,
+            steal: bool) -> dict[str, Any]:
+    return store.restore(vid, new_id, retarget_source_link=retarget_source_link, adopt=adopt,
+                         steal=steal).as_dict()
+
+
+def adopt(store: Store, vid: str, steal: bool) -> dict[str, Any]:
+    return store.adopt_volume(vid, steal=steal).as_dict()
+
+
+def shared_volumes(store: Store) -> dict[str, Any]:
+    return {"volumes": [sv.as_dict() for sv in store.shared_volumes()]}
+
+
+def jail(store: Store, vid: str, jdir: str, name: str, uid: int | None, gid: int | None) -> dict[str, Any]:
+    return {"volume": vid, "path": store.jail(vid, jdir, name, uid=uid, gid=gid)}

@@ -1,0 +1,517 @@
+"""Store work in several processes: the daemon's event loop speaks HTTP, workers run the store.
+
+One Python process cannot use more than one core for the store's own work (the GIL), so
+eight clients on a 2-core host got 0.8-0.9x the operations per second of one. The
+daemon therefore forks ``processes`` worker processes after its start-up recovery;
+each opens its own :class:`~cowdisk.store.Store` on the same root, exactly as the CLI
+does beside a running daemon (the per-volume and per-template file locks and the
+registry's writer lock keep them apart). The event loop sends a call to an idle worker
+over a socketpair and awaits the answer without a thread: no thread hop, no GIL shared
+with the HTTP parsing.
+
+A call is a module-level function (:mod:`.calls`) and its arguments, pickled (by
+reference: the function's module and name), run as ``fn(store, *args, **kwargs)``. The
+answer is ``("ok", value, seconds)`` or ``("err", error document, internal, seconds)``
+(``seconds``: the call's own time in the worker, for the operation's log line); the error comes
+back as the same exception type through :func:`.protocol.error_from_document`, the
+daemon's one error model.
+
+A worker that dies during a call (killed by the OOM killer, a crash point of the tests)
+ends that call with a :class:`WorkerDied` error; before the caller gets it, another
+worker runs the store's recovery, which rolls back or finishes the dead worker's
+operation (its intent names the dead PID), and the error says what recovery did. A new
+worker takes the dead one's place.
+
+The first workers are forked at start, before the daemon opens the store (SQLite's state
+must not cross a fork: a child that inherits an open database gets "locking protocol"
+errors) and before any thread exists; they open their own store when the daemon, after
+its recovery, sends them the word. A worker that replaces a dead one is started afresh
+(``python -m cowdisk.daemon.workers``), as the daemon then has threads and an open store.
+
+Workers are the daemon's children and die with it (``PR_SET_PDEATHSIG``); they keep the
+daemon's instance lock open, so a new daemon cannot start on the store before the last
+worker of the old one is gone (its recovery must not meet a live intent of a dying
+worker). SIGTERM and SIGINT are ignored by workers: the daemon stops them by closing
+their sockets once in-flight calls ended; a worker then exits.
+
+``processes = 0`` runs calls in threads of the daemon's own process (one Store), as
+before: for hosts where one process is enough.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import ctypes
+import gc
+import logging
+import os
+import pickle
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from typing import Any, Callable, NoReturn, TypeVar
+
+from ..errors import CowdiskError
+from ..store import Store
+from .config import Config
+from .protocol import WorkerDied, error_document, error_from_document
+
+log = logging.getLogger("cowdisk.daemon.workers")
+
+T = TypeVar("T")
+Call = Callable[..., Any]
+
+_LEN = struct.Struct("!I")
+RECOVERY = ("recover", "store after a worker died")
+ACTIONS = ("rolled_back", "finished", "reactivated", "orphans_removed", "quarantined", "adopted", "errors")
+"""What a WorkerDied error says recovery did (RecoveryReport's fields that count)."""
+PR_SET_PDEATHSIG = 1
+PR_SET_NAME = 15
+
+
+class RemoteInternal(Exception):
+    """An unexpected (non-cowdisk) exception inside a worker: a bug; its document says which."""
+
+    def __init__(self, doc: dict[str, Any]) -> None:
+        super().__init__(doc["error"].get("message", ""))
+        self.doc = doc
+
+
+# -- the worker's side (blocking, one call at a time) -------------------------------------
+
+
+def _send(sock: socket.socket, obj: Any) -> None:
+    sock.sendall(_frame(obj))
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            return None
+        buf += chunk
+    return bytes(buf)
+
+
+def _recv(sock: socket.socket) -> Any:
+    head = _recv_exact(sock, _LEN.size)
+    if head is None:
+        return None
+    body = _recv_exact(sock, _LEN.unpack(head)[0])
+    return None if body is None else pickle.loads(body)
+
+
+def _die_with_parent(parent: int) -> None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        libc.prctl(PR_SET_NAME, b"cowdisk-worker", 0, 0, 0)  # what top and ps -o comm show
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # the daemon died before the prctl
+        os._exit(1)
+
+
+def _worker(sock: socket.socket, *, configure: bool) -> NoReturn:
+    """A worker's life: wait for ``("open", cfg)``, open the store, answer calls until the
+    daemon closes the socket. Never returns."""
+    code = 0
+    try:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
+        msg = _recv(sock)
+        if msg is not None:
+            cfg: Config = msg[1]
+            if configure:
+                from .logs import setup_logging
+
+                setup_logging(cfg)
+            try:
+                store = Store(cfg.root, backend=cfg.backend, recover=False, lock_timeout=cfg.lock_timeout)
+            except CowdiskError as e:
+                _send(sock, ("err", error_document(e), False))
+                raise
+            _send(sock, ("ok", os.getpid()))
+            try:
+                _serve(sock, store)
+            finally:
+                store.close()
+    except BaseException:  # noqa: BLE001 - logged; the daemon sees the socket close
+        log.exception("store worker PID %d failed", os.getpid())
+        code = 1
+    finally:
+        with contextlib.suppress(BaseException):
+            logging.shutdown()
+        os._exit(code)
+
+
+def _forked(sock: socket.socket, keep_fds: tuple[int, ...]) -> NoReturn:
+    gc.freeze()  # the daemon's objects this child inherited are never finalized here
+    keep = sorted({0, 1, 2, sock.fileno(), *keep_fds})
+    lo = 3
+    for fd in keep:  # nothing of the daemon's is this process's to hold, but its instance lock
+        if fd >= lo:
+            os.closerange(lo, fd)
+            lo = fd + 1
+    os.closerange(lo, 65536)
+    _worker(sock, configure=False)
+
+
+def _serve(sock: socket.socket, store: Store) -> None:
+    while True:
+        msg = _recv(sock)
+        if msg is None:
+            return  # the daemon closed our socket: stop
+        fn, args, kwargs = msg
+        out: tuple[Any, ...]
+        t0 = time.perf_counter()
+        try:
+            value = fn(store, *args, **kwargs)
+            out = ("ok", value, time.perf_counter() - t0)
+        except CowdiskError as e:
+            out = ("err", error_document(e), False, time.perf_counter() - t0)
+        except BaseException as e:  # noqa: BLE001 - a bug: logged here with its traceback
+            log.error("internal error in %s", getattr(fn, "__name__", fn), exc_info=e)
+            out = ("err", error_document(e), True, time.perf_counter() - t0)
+        try:
+            _send(sock, out)
+        except (BrokenPipeError, ConnectionResetError):
+            return
+        except (pickle.PicklingError, TypeError, AttributeError) as e:  # an answer that cannot travel: a bug
+            log.error("answer of %s cannot be sent", getattr(fn, "__name__", fn), exc_info=e)
+            _send(sock, ("err", error_document(e), True, 0.0))
+
+
+def main(argv: list[str]) -> NoReturn:
+    """``python -m cowdisk.daemon.workers FD DAEMON_PID``: a worker started afresh."""
+    fd, parent = int(argv[1]), int(argv[2])
+    _die_with_parent(parent)
+    _worker(socket.socket(fileno=fd), configure=True)
+
+
+# -- the daemon's side ----------------------------------------------------------------------
+
+
+class Link(asyncio.Protocol):
+    """The daemon's end of one worker's socket, in the event loop: frames in, one pending
+    answer at a time (the socket stays registered with the loop: no syscalls per call but
+    the write and the read)."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.buf = bytearray()
+        self.pending: asyncio.Future[Any] | None = None
+        self.lost: BaseException | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # (uvloop's is no asyncio.Transport subclass)
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        while len(self.buf) >= _LEN.size:
+            n = _LEN.unpack_from(self.buf)[0]
+            if len(self.buf) < _LEN.size + n:
+                return
+            frame = bytes(self.buf[_LEN.size:_LEN.size + n])
+            del self.buf[:_LEN.size + n]
+            fut, self.pending = self.pending, None
+            if fut is not None and not fut.done():
+                fut.set_result(pickle.loads(frame))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = exc or EOFError("the worker closed its socket")
+        fut, self.pending = self.pending, None
+        if fut is not None and not fut.done():
+            fut.set_exception(self.lost)
+
+    async def call(self, obj: Any) -> Any:
+        if self.lost is not None or self.transport is None:
+            raise EOFError("the worker is gone")
+        fut = asyncio.get_running_loop().create_future()
+        self.pending = fut
+        self.transport.write(_frame(obj))
+        return await fut
+
+
+class Worker:
+    def __init__(self, pid: int, sock: socket.socket, proc: subprocess.Popen[bytes] | None = None) -> None:
+        self.pid = pid
+        self.sock = sock
+        self.proc = proc
+        self.calls = 0
+        self.link: Link | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    async def connect(self) -> Link:
+        if self.link is None:
+            self.loop = asyncio.get_running_loop()
+            _, self.link = await self.loop.connect_accepted_socket(Link, self.sock)
+        return self.link
+
+    def close(self) -> None:
+        """Close the daemon's end (from the event loop or, at stop, from another thread)."""
+        t = self.link.transport if self.link is not None else None
+        if t is None:
+            self.sock.close()
+            return
+        loop = self.loop
+        try:
+            if loop is not None and loop.is_running() and not _in_loop(loop):
+                loop.call_soon_threadsafe(t.close)
+            else:
+                t.close()
+        except RuntimeError:  # the loop is closed: the socket goes with the process
+            pass
+
+    def reap(self) -> str:
+        """Wait for the process to end; how it ended."""
+        try:
+            if self.proc is not None:
+                st = self.proc.wait()
+                return f"killed by {signal.Signals(-st).name}" if st < 0 else f"exit code {st}"
+            _, st = os.waitpid(self.pid, 0)
+        except ChildProcessError:
+            return "exit status unknown"
+        if os.WIFSIGNALED(st):
+            return f"killed by {signal.Signals(os.WTERMSIG(st)).name}"
+        return f"exit code {os.WEXITSTATUS(st)}"
+
+    def ended(self) -> bool:
+        if self.proc is not None:
+            return self.proc.poll() is not None
+        try:
+            return os.waitpid(self.pid, os.WNOHANG)[0] != 0
+        except ChildProcessError:
+            return True
+
+
+class Pool:
+    """Where the daemon's store calls run: ``processes`` workers, or (0) threads.
+
+    :meth:`fork` before the daemon opens its store, :meth:`open` once it has recovered,
+    :meth:`run` from the event loop, :meth:`close` at the end."""
+
+    def __init__(self, cfg: Config, keep_fds: tuple[int, ...] = ()) -> None:
+        self.cfg = cfg
+        self.keep_fds = keep_fds
+        self.size = cfg.processes
+        self.store: Store | None = None
+        self.workers: dict[int, Worker] = {}
+        self._idle: asyncio.Queue[Worker] | None = None
+        self._threads: concurrent.futures.ThreadPoolExecutor | None = None
+        self._lock: asyncio.Lock | None = None
+        self.died = 0
+        self.closing = False
+
+    # life
+
+    def fork(self) -> None:
+        """Fork the workers: before this process opens the store and before any thread exists."""
+        for _ in range(self.size):
+            parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            parent = os.getpid()
+            pid = os.fork()
+            if pid == 0:
+                parent_sock.close()
+                _die_with_parent(parent)
+                _forked(child_sock, self.keep_fds)
+            child_sock.close()
+            self.workers[pid] = Worker(pid, parent_sock)
+
+    def open(self, store: Store) -> None:
+        """Have every worker open its store (blocking; before serving). ``store`` is the
+        daemon's own: with ``processes = 0`` calls run on it in threads."""
+        self.store = store
+        if self.size == 0:
+            self._threads = concurrent.futures.ThreadPoolExecutor(self.cfg.workers, thread_name_prefix="store")
+            return
+        for w in self.workers.values():
+            _send(w.sock, ("open", self.cfg))
+        for w in list(self.workers.values()):
+            w.sock.settimeout(max(60.0, self.cfg.lock_timeout * 2))
+            try:
+                answer = _recv(w.sock)
+            except OSError as e:
+                answer = None
+                log.error("store worker PID %d: %s", w.pid, e)
+            if answer is None or answer[0] != "ok":
+                self.close(1.0)
+                if answer is not None:
+                    raise error_from_document(answer[1])
+                raise CowdiskError(f"store worker PID {w.pid} did not open store {self.cfg.root}",
+                                   op="start daemon", obj=self.cfg.root, hint="the daemon's log says why")
+            w.sock.setblocking(False)
+
+    def _spawn(self) -> None:
+        """Start a worker afresh in place of one that died (the daemon has threads and an
+        open store now: no fork); it joins the idle queue once its store is open."""
+        parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            proc = subprocess.Popen([sys.executable, "-m", "cowdisk.daemon.workers", str(child_sock.fileno()),
+                                     str(os.getpid())], pass_fds=(child_sock.fileno(), *self.keep_fds),
+                                    stdin=subprocess.DEVNULL)
+        except OSError as e:
+            parent_sock.close()
+            log.error("cannot start a store worker: %s", e)
+            return
+        finally:
+            child_sock.close()
+        w = Worker(proc.pid, parent_sock, proc)
+        self.workers[w.pid] = w
+        asyncio.get_running_loop().create_task(self._join(w))
+
+    async def _join(self, w: Worker) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            w.sock.setblocking(False)
+            answer = await (await w.connect()).call(("open", self.cfg))
+        except (OSError, EOFError) as e:
+            answer = ("err", str(e))
+        if answer[0] != "ok":
+            self.workers.pop(w.pid, None)
+            w.close()
+            status = await loop.run_in_executor(None, w.reap)
+            log.error("a new store worker (PID %d) could not open the store: %s", w.pid, status)
+            return
+        log.info("store worker PID %d started in place of a dead one", w.pid)
+        self._queue().put_nowait(w)
+
+    def _queue(self) -> asyncio.Queue[Worker]:
+        if self._idle is None:
+            self._idle = asyncio.Queue()
+            self._lock = asyncio.Lock()
+            for w in self.workers.values():
+                self._idle.put_nowait(w)
+        return self._idle
+
+    def pids(self) -> list[int]:
+        return sorted(self.workers)
+
+    def close(self, timeout: float) -> list[int]:
+        """Stop every worker (each ends its current call first); SIGKILL those still there
+        after ``timeout`` seconds (their intents stay for the next start's recovery).
+        Returns the PIDs that had to be killed."""
+        self.closing = True
+        if self._threads is not None:
+            self._threads.shutdown(wait=True)
+            return []
+        for w in self.workers.values():
+            with contextlib.suppress(OSError):
+                w.sock.shutdown(socket.SHUT_WR)  # the worker reads EOF after its current call
+        end = time.monotonic() + timeout
+        killed = []
+        for w in list(self.workers.values()):
+            while not w.ended():
+                if time.monotonic() >= end:
+                    log.warning("store worker PID %d still busy at exit: killing it", w.pid)
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(w.pid, signal.SIGKILL)
+                    killed.append(w.pid)
+                    w.reap()
+                    break
+                time.sleep(0.01)
+            w.close()
+        self.workers.clear()
+        return killed
+
+    # calls
+
+    async def run(self, fn: Call, *args: Any, what: tuple[str, str] = ("", ""), info: dict[str, Any] | None = None,
+                  **kwargs: Any) -> Any:
+        """``fn(store, *args, **kwargs)`` in a worker; its exception, re-raised here.
+        ``what`` (op, object) names the call in a WorkerDied error; ``info`` gets the
+        call's own seconds in the store (``store_s``) and the worker's PID (``worker``)."""
+        loop = asyncio.get_running_loop()
+        if self._threads is not None:
+            store = self.store
+
+            def timed() -> Any:
+                t0 = time.perf_counter()
+                try:
+                    return fn(store, *args, **kwargs)
+                finally:
+                    if info is not None:
+                        info["store_s"] = time.perf_counter() - t0
+
+            return await loop.run_in_executor(self._threads, timed)
+        idle = self._queue()
+        w = await idle.get()
+        try:
+            answer = await (await w.connect()).call((fn, args, kwargs))
+        except (ConnectionError, EOFError, OSError) as e:
+            await self._lost(w, e, what)
+            raise AssertionError("unreachable") from None
+        except BaseException:
+            # cancelled while the worker runs the call: its answer would come later and be
+            # read by the next caller. Retire this worker (it ends its call, sees EOF, exits).
+            self._retire(w)
+            raise
+        idle.put_nowait(w)
+        w.calls += 1
+        if info is not None:
+            info["store_s"] = answer[-1]
+            info["worker"] = w.pid
+        if answer[0] == "ok":
+            return answer[1]
+        if answer[2]:
+            raise RemoteInternal(answer[1])
+        raise error_from_document(answer[1])
+
+    def _retire(self, w: Worker) -> None:
+        self.workers.pop(w.pid, None)
+        w.close()
+        asyncio.get_running_loop().run_in_executor(None, w.reap)
+        if not self.closing:
+            self._spawn()
+
+    async def _lost(self, w: Worker, e: BaseException, what: tuple[str, str]) -> None:
+        """Worker ``w`` died during a call: reap it, start another, run recovery, raise WorkerDied."""
+        self.workers.pop(w.pid, None)
+        w.close()
+        status = await asyncio.get_running_loop().run_in_executor(None, w.reap)
+        self.died += 1
+        op, obj = what
+        log.error("store worker PID %d died during %s %s: %s", w.pid, op, obj, status,
+                  extra={"fields": {"worker": w.pid, "op": op, "object": obj, "exit": status}})
+        if not self.closing:
+            self._spawn()
+        done = "recovery did not run: the daemon is stopping; the next start's recovery completes it"
+        if what == RECOVERY:
+            done = "the next start's recovery, or `cowdisk recover`, completes it"
+        elif not self.closing:
+            from . import calls
+
+            assert self._lock is not None
+            try:
+                async with self._lock:  # one recovery at a time
+                    rep = await self.run(calls.recover, what=RECOVERY)
+                acts = [f"{k.replace('_', ' ')}: {', '.join(rep[k])}" for k in ACTIONS if rep.get(k)]
+                done = "recovery ran: " + ("; ".join(acts) if acts else "nothing to do")
+            except CowdiskError as e2:
+                done = f"recovery failed too: {e2}; `cowdisk recover` retries it"
+        raise WorkerDied(f"{op} {obj}: the store worker running it (PID {w.pid}) died: {status}; {done}",
+                         op=op, obj=obj, hint="the daemon's log has the worker's last lines") from e
+
+
+def _in_loop(loop: asyncio.AbstractEventLoop) -> bool:
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False
+
+
+def _frame(obj: Any) -> bytes:
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    return _LEN.pack(len(data)) + data
+
+
+__all__ = ["Pool", "RemoteInternal"]
+
+if __name__ == "__main__":
+    main(sys.argv)

@@ -12,14 +12,15 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 from typing import Iterator
 
 import pytest
 
 import crashmatrix
-from cowdisk.daemon.protocol import Unavailable
+from cowdisk.daemon.protocol import Unavailable, WorkerDied
 from cowdisk.store import Store
-from daemonutil import Daemon, raises
+from daemonutil import Daemon, raises, wait_for
 from testutil import assert_same_host, host_state, make_tree, read_at, write_at
 
 pytestmark = pytest.mark.lab
@@ -85,7 +86,10 @@ def test_daemon_on_dm_snapshot(tmp_path, sockdir) -> None:
     assert_same_host(before)
 
 
-def test_daemon_killed_in_a_dm_create(tmp_path, sockdir) -> None:
+def test_worker_killed_in_a_dm_create(tmp_path, sockdir) -> None:
+    """The store worker SIGKILLed right after it made the dm device: the caller gets
+    WorkerDied, and the daemon, still serving, has rolled the create back (device and loop
+    gone) before answering."""
     before = host_state()
     root = str(tmp_path / "store")
     case = next(c for c in crashmatrix.cases("dm-snapshot") if c.op == "create" and c.step == "dm")
@@ -93,8 +97,35 @@ def test_daemon_killed_in_a_dm_create(tmp_path, sockdir) -> None:
     sock = os.path.join(sockdir, "d.sock")
     with Daemon(root, sock, backend="dm-snapshot", extra_env={"COWDISK_CRASH_AT": "create:dm"}) as d:
         d.start(timeout=120)
-        assert isinstance(raises(d.client.create_volume, "x", "base"), Unavailable)
-        assert d.wait() == -signal.SIGKILL
+        e = raises(d.client.create_volume, "x", "base")
+        assert isinstance(e, WorkerDied) and "rolled back: create x" in str(e), e
+        assert {v.id: v.state for v in d.client.volumes()} == crashmatrix.expected(case.operation)
+        assert d.stop() == 0
+    crashmatrix.check(root, case, "dm-snapshot", dm_names)
+    assert_same_host(before)
+
+
+def test_daemon_killed_in_a_dm_create(tmp_path, sockdir) -> None:
+    """The daemon SIGKILLed while its store worker stands right after making the dm device:
+    the worker dies with it, and the restarted daemon's recovery rolls the create back."""
+    before = host_state()
+    root = str(tmp_path / "store")
+    case = next(c for c in crashmatrix.cases("dm-snapshot") if c.op == "create" and c.step == "dm")
+    crashmatrix.setup(root, "dm-snapshot", str(tmp_path / "tree"), case)
+    sock = os.path.join(sockdir, "d.sock")
+    mark = tmp_path / "paused"
+    with Daemon(root, sock, backend="dm-snapshot", extra_env={
+            "COWDISK_PAUSE_AT": "create:dm", "COWDISK_PAUSE_S": "300", "COWDISK_PAUSE_MARK": str(mark)}) as d:
+        d.start(timeout=120)
+        out: list[BaseException] = []
+        t = threading.Thread(target=lambda: out.append(raises(d.client.create_volume, "x", "base")))
+        t.start()
+        wait_for(mark.exists, timeout=120, what="the worker at create:dm")
+        worker = int(mark.read_text())
+        assert d.kill() == -signal.SIGKILL
+        t.join(60)
+        assert isinstance(out[0], Unavailable), out
+        wait_for(lambda: not os.path.exists(f"/proc/{worker}"), what="the worker to die with the daemon")
     with Daemon(root, sock, backend="dm-snapshot") as d:
         d.start(timeout=120)
         assert {v.id: v.state for v in d.client.volumes()} == crashmatrix.expected(case.operation)

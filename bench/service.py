@@ -69,10 +69,11 @@ def make_tree(d: str) -> str:
 
 
 @contextlib.contextmanager
-def daemon(root: str, sock: str, backend: str, log: str) -> Iterator[subprocess.Popen[bytes]]:
+def daemon(root: str, sock: str, backend: str, log: str, processes: int | None) -> Iterator[subprocess.Popen[bytes]]:
+    extra = [] if processes is None else ["--processes", str(processes)]
     with open(log, "ab") as lf:
         p = subprocess.Popen([sys.executable, "-m", "cowdisk", "--root", root, "--backend", backend, "serve",
-                              "--socket", sock, "--config", os.devnull], stdout=lf, stderr=lf,
+                              "--socket", sock, "--config", os.devnull, *extra], stdout=lf, stderr=lf,
                              stdin=subprocess.DEVNULL, env=env())
     try:
         c = Client(sock)
@@ -109,6 +110,32 @@ def rss_kib(pid: int) -> tuple[int, int]:
     return vals["VmRSS"], vals["VmHWM"]
 
 
+def pss_kib(pid: int) -> int:
+    """Proportional set size: shared pages (a forked worker's, inherited from the daemon)
+    counted once across the processes sharing them."""
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    return 0
+
+
+def workers_of(pid: int) -> list[int]:
+    """The daemon's store worker processes (its children)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(x) for x in f.read().split()]
+    except OSError:
+        return []
+
+
+def memory(pid: int) -> dict[str, int]:
+    kids = workers_of(pid)
+    return {"front_rss_kib": rss_kib(pid)[0], "workers": len(kids),
+            "workers_rss_kib": sum(rss_kib(k)[0] for k in kids),
+            "pss_kib": pss_kib(pid) + sum(pss_kib(k) for k in kids)}
+
+
 def _cycles(sock: str, prefix: str, n: int, q: Any) -> None:
     c = Client(sock)
     errors = 0
@@ -129,22 +156,41 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def throughput(sock: str, clients: int, cycles: int, daemon_pid: int) -> tuple[float, int, float]:
+def throughput(sock: str, clients: int, cycles: int, daemon_pid: int) -> tuple[float, int, float, float]:
     """Create+remove operations per second of ``clients`` processes, each ``cycles`` times on
-    its own id, and the daemon's CPU use meanwhile (1.0 = one core busy all the time)."""
+    its own id, and the CPU use meanwhile (1.0 = one core busy all the time) of the daemon's
+    own process and of its store workers together."""
     ctx = multiprocessing.get_context("fork")
     q = ctx.Queue()
     procs = [ctx.Process(target=_cycles, args=(sock, f"tp{clients}-{n}", cycles, q)) for n in range(clients)]
+    kids = workers_of(daemon_pid)
     t0 = time.perf_counter()
-    c0 = cpu_s(daemon_pid)
+    c0, w0 = cpu_s(daemon_pid), sum(cpu_s(k) for k in kids)
     for p in procs:
         p.start()
     results = [q.get(timeout=600) for _ in procs]
     wall = time.perf_counter() - t0
-    busy = (cpu_s(daemon_pid) - c0) / wall
+    front = (cpu_s(daemon_pid) - c0) / wall
+    workers = (sum(cpu_s(k) for k in kids) - w0) / wall
     for p in procs:
         p.join()
-    return clients * cycles / wall, sum(e for _, e in results), busy
+    return clients * cycles / wall, sum(e for _, e in results), front, workers
+
+
+def log_ms(log: str, op: str, prefix: str) -> tuple[list[float], list[float]]:
+    """From the daemon's JSON log: ``duration_ms`` and ``store_ms`` of the ``op`` lines whose
+    object starts with ``prefix``."""
+    whole, inside = [], []
+    with open(log) as f:
+        for line in f:
+            try:
+                r = json.loads(line)
+            except ValueError:
+                continue
+            if r.get("op") == op and str(r.get("object", "")).startswith(prefix) and r.get("result") == "ok":
+                whole.append(r["duration_ms"] / 1e3)
+                inside.append(r.get("store_ms", r["duration_ms"]) / 1e3)
+    return whole, inside
 
 
 def bench_backend(name: str, args: argparse.Namespace, tag: str) -> dict[str, Any]:
@@ -162,7 +208,8 @@ def bench_backend(name: str, args: argparse.Namespace, tag: str) -> dict[str, An
         stack.callback(lambda: Store(root).destroy())
         tree = make_tree(os.path.join(root, "incoming", "tree"))
         t = store.build_template(tree, "base")
-        p = stack.enter_context(daemon(root, sock, backend, os.path.join(base, "daemon.log")))
+        log = os.path.join(base, "daemon.log")
+        p = stack.enter_context(daemon(root, sock, backend, log, args.processes))
         c = Client(sock)
         seed: Callable[[int], None]
         if name == "dm-snapshot":
@@ -234,13 +281,17 @@ def bench_backend(name: str, args: argparse.Namespace, tag: str) -> dict[str, An
             t0 = time.perf_counter()
             c.health()  # the stack's own round trip: socket, HTTP, routing, the thread hop, JSON
             creates["health"].append(time.perf_counter() - t0)
+        whole, inside = log_ms(log, "create", "xclient")
+        creates["daemon"], creates["store"] = whole, inside
         out: dict[str, Any] = {"backend": name, "ways": {k: summary(v) for k, v in samples.items()},
-                               "create": {k: summary(v) for k, v in creates.items()}}
-        one, e1, busy1 = throughput(sock, 1, args.cycles, p.pid)
-        eight, e8, busy8 = throughput(sock, args.clients, args.cycles, p.pid)
+                               "create": {k: summary(v) for k, v in creates.items() if v}}
+        one, e1, front1, workers1 = throughput(sock, 1, args.cycles, p.pid)
+        eight, e8, front8, workers8 = throughput(sock, args.clients, args.cycles, p.pid)
         out["throughput"] = {"one_ops_s": one, "many_ops_s": eight, "clients": args.clients, "errors": e1 + e8,
-                             "daemon_cpu_one": busy1, "daemon_cpu_many": busy8}
+                             "daemon_cpu_one": front1, "daemon_cpu_many": front8,
+                             "workers_cpu_one": workers1, "workers_cpu_many": workers8}
         rss0 = rss_kib(p.pid)
+        mem0 = memory(p.pid)
         for i in range(args.volumes):
             c.create_volume(f"r{i}", "base")
         t0 = time.perf_counter()
@@ -250,10 +301,11 @@ def bench_backend(name: str, args: argparse.Namespace, tag: str) -> dict[str, An
         c.metrics()
         metrics_s = time.perf_counter() - t0
         rss1 = rss_kib(p.pid)
+        mem1 = memory(p.pid)
         for i in range(args.volumes):
             c.remove_volume(f"r{i}")
         out["rss"] = {"volumes": n, "idle_kib": rss0[0], "at_volumes_kib": rss1[0], "peak_kib": rss1[1],
-                      "list_ms": list_s * 1e3, "metrics_ms": metrics_s * 1e3}
+                      "list_ms": list_s * 1e3, "metrics_ms": metrics_s * 1e3, "idle": mem0, "at_volumes": mem1}
         return out
 
 
@@ -272,19 +324,29 @@ def report(r: dict[str, Any]) -> None:
     print(f"create alone: lib {fmt_ms(cl['median_ms'])}, client {fmt_ms(cc['median_ms'])}: "
           f"the API adds {fmt_ms(added)} median (goal <= 0.5 ms: {'ok' if added <= 0.5 else 'MISSED'}); "
           f"a health request (the stack alone) {fmt_ms(r['create']['health']['median_ms'])}")
+    if "store" in r["create"]:
+        st, dm = r["create"]["store"]["median_ms"], r["create"]["daemon"]["median_ms"]
+        print(f"  of the client's create: in the store {fmt_ms(st)} ({fmt_ms(st - cl['median_ms'])} vs the library "
+              f"in this process), passing it to a store worker {fmt_ms(dm - st)}, HTTP and the client "
+              f"{fmt_ms(cc['median_ms'] - dm)}")
     speed = seed["median_ms"] / r["ways"]["client"]["median_ms"]
     print(f"client vs the seed processes: {speed:.1f}x faster (goal >= 3x: {'ok' if speed >= 3 else 'MISSED'})")
     ratio = tp["many_ops_s"] / tp["one_ops_s"]
     print(f"throughput: 1 client {tp['one_ops_s']:.0f} create+remove/s, {tp['clients']} clients "
           f"{tp['many_ops_s']:.0f}/s = {ratio:.2f}x, {tp['errors']} errors "
-          f"(goal >= 1.5x, none: {'ok' if ratio >= 1.5 and not tp['errors'] else 'MISSED'}); the daemon "
-          f"process used {tp['daemon_cpu_one']:.2f} / {tp['daemon_cpu_many']:.2f} cores "
-          f"({1000 * tp['daemon_cpu_one'] / tp['one_ops_s']:.2f} / {1000 * tp['daemon_cpu_many'] / tp['many_ops_s']:.2f}"
-          f" ms of CPU per create+remove)")
-    print(f"daemon RSS: idle {rss['idle_kib'] / 1024:.1f} MiB, with {rss['volumes']} volumes "
-          f"{rss['at_volumes_kib'] / 1024:.1f} MiB (peak {rss['peak_kib'] / 1024:.1f} MiB; goal < 100 MiB: "
-          f"{'ok' if rss['peak_kib'] < 100 * 1024 else 'MISSED'}); listing them {fmt_ms(rss['list_ms'])}, "
-          f"/metrics {fmt_ms(rss['metrics_ms'])}")
+          f"(goal >= 1.5x, none: {'ok' if ratio >= 1.5 and not tp['errors'] else 'MISSED'})")
+    for n, k in ((1, "one"), (tp["clients"], "many")):
+        front, workers = tp[f"daemon_cpu_{k}"], tp[f"workers_cpu_{k}"]
+        ops = tp[f"{k}_ops_s"]
+        print(f"  {n} client(s): the daemon's own process used {front:.2f} cores, its store workers {workers:.2f} "
+              f"({1000 * front / ops:.2f} + {1000 * workers / ops:.2f} ms of CPU per create+remove)")
+    m0, m1 = rss["idle"], rss["at_volumes"]
+    total = m1["pss_kib"] / 1024
+    print(f"daemon memory with {rss['volumes']} volumes: its own process {m1['front_rss_kib'] / 1024:.1f} MiB RSS "
+          f"(idle {m0['front_rss_kib'] / 1024:.1f}), {m1['workers']} store workers {m1['workers_rss_kib'] / 1024:.1f} "
+          f"MiB RSS together; all of it {total:.1f} MiB PSS (shared pages counted once; idle "
+          f"{m0['pss_kib'] / 1024:.1f}) (goal < 100 MiB: {'ok' if total < 100 else 'MISSED'}); listing them "
+          f"{fmt_ms(rss['list_ms'])}, /metrics {fmt_ms(rss['metrics_ms'])}")
 
 
 def main() -> int:
@@ -295,6 +357,7 @@ def main() -> int:
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--cycles", type=int, default=100, help="create+remove cycles per client in the throughput run")
     ap.add_argument("--volumes", type=int, default=1000, help="volumes attached for the RSS figure")
+    ap.add_argument("--processes", type=int, help="the daemon's store workers (default: the daemon's default)")
     ap.add_argument("--json", help="also write the results to this file")
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -306,7 +369,8 @@ def main() -> int:
     sigterm_as_interrupt()
     tag = new_tag()
     print(f"bench/service.py: {os.cpu_count()} cores, iterations {args.iterations}, CLI every {args.cli_every}, "
-          f"{args.clients} clients x {args.cycles} cycles, {args.volumes} volumes for RSS")
+          f"{args.clients} clients x {args.cycles} cycles, {args.volumes} volumes for RSS, store workers "
+          f"{'default' if args.processes is None else args.processes}")
     results = []
     for b in args.backends.split(","):
         r = bench_backend(b, args, tag)

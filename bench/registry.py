@@ -17,7 +17,9 @@ Modes, alternated round by round in one run (A/B/A/B):
               docs/architecture.md "What waits for the disk").
 
 Each process opens its store, waits for the start, then runs create+remove pairs for
-``--seconds``; the figure is the pairs of all processes per second of wall time.
+``--seconds``; the figures are the pairs of all processes per second of wall time, the
+latency of each pair, and the CPU time (user + system, of the workers) per pair: the
+least noisy figure on a shared machine.
 ``--profile`` instead runs 300 create+remove in this process under cProfile and prints
 the SQL statements and write transactions per create+remove (a trace callback) and the
 top of the profile.
@@ -63,6 +65,7 @@ def worker(root: str, tid: str, mode: str, seconds: float, who: str) -> None:
     sys.stdin.readline()
     n = 0
     lat: list[float] = []
+    cpu0 = time.process_time()
     start = time.monotonic()
     end = start + seconds
     while (t0 := time.monotonic()) < end:
@@ -84,12 +87,13 @@ def worker(root: str, tid: str, mode: str, seconds: float, who: str) -> None:
             os.unlink(f"{scratch}-sync")
         n += 1
         lat.append(time.monotonic() - t0)
-    print(n, time.monotonic() - start, " ".join(f"{x:.6f}" for x in lat), flush=True)
+    print(n, time.monotonic() - start, time.process_time() - cpu0, " ".join(f"{x:.6f}" for x in lat), flush=True)
     if st is not None:
         st.close()
 
 
-def run_mode(root: str, tid: str, mode: str, procs: int, seconds: float) -> tuple[float, list[float]]:
+def run_mode(root: str, tid: str, mode: str, procs: int, seconds: float) -> tuple[float, float, list[float]]:
+    """(pairs per second of wall time, CPU seconds per pair, each pair's latency)."""
     env = dict(os.environ, PYTHONPATH=str(bu.ROOT / "src"))
     ps = [subprocess.Popen([sys.executable, __file__, "--worker", root, tid, mode, str(seconds), f"w{mode}{procs}x{k}"],
                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
@@ -101,16 +105,17 @@ def run_mode(root: str, tid: str, mode: str, procs: int, seconds: float) -> tupl
             assert p.stdin is not None
             p.stdin.write("go\n")
             p.stdin.flush()
-        total, wall, lat = 0, 0.0, []
+        total, wall, cpu, lat = 0, 0.0, 0.0, []
         for p in ps:
             out, _ = p.communicate(timeout=seconds + 300)
             if p.returncode:
                 raise SystemExit(f"worker {mode} failed with {p.returncode}")
-            n, el, *ls = out.split()
+            n, el, c, *ls = out.split()
             total += int(n)
             wall = max(wall, float(el))
+            cpu += float(c)
             lat += [float(x) for x in ls]
-        return total / wall, lat
+        return total / wall, cpu / max(1, total), lat
     finally:
         for p in ps:
             if p.poll() is None:
@@ -183,11 +188,13 @@ def main() -> None:
         print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}; cpus: {os.cpu_count()}")
         res: dict[tuple[str, int], list[float]] = {}
         lats: dict[tuple[str, int], list[float]] = {}
+        cpus: dict[tuple[str, int], list[float]] = {}
         for r in range(args.rounds):
             order = [(m, p) for p in procs for m in modes]
             for m, p in (order if r % 2 == 0 else list(reversed(order))):
-                rate, lat = run_mode(root, tid, m, p, args.seconds)
+                rate, cpu, lat = run_mode(root, tid, m, p, args.seconds)
                 res.setdefault((m, p), []).append(rate)
+                cpus.setdefault((m, p), []).append(cpu)
                 lats.setdefault((m, p), []).extend(lat)
         print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
         print(f"\n== create+remove per second, pool backend, 16 MiB template, {args.seconds:g} s each, "
@@ -198,8 +205,9 @@ def main() -> None:
                 v = res[(m, p)]
                 sm = bu.summary(lats[(m, p)])
                 rows.append([f"{p}", m, " / ".join(f"{x:.0f}" for x in v), f"{max(v):.0f}",
-                             bu.fmt_ms(sm["median_ms"]), bu.fmt_ms(sm["p99_ms"]), bu.fmt_ms(max(lats[(m, p)]) * 1000)])
-        bu.table(["procs", "mode", "rounds (pairs/s)", "best", "pair med", "p99", "max"], rows)
+                             bu.fmt_ms(sm["median_ms"]), bu.fmt_ms(sm["p99_ms"]), bu.fmt_ms(max(lats[(m, p)]) * 1000),
+                             bu.fmt_ms(min(cpus[(m, p)]) * 1000)])
+        bu.table(["procs", "mode", "rounds (pairs/s)", "best", "pair med", "p99", "max", "cpu/pair"], rows)
 
 
 if __name__ == "__main__":

@@ -267,6 +267,7 @@ class Registry:
                 except sqlite3.OperationalError as e:
                     raise self._os_error("open registry", e) from e
             c.execute("PRAGMA synchronous=FULL")
+            self._local.sync_full = True
             c.execute("PRAGMA foreign_keys=ON")
             c.execute(f"PRAGMA busy_timeout={int(self.timeout * 1000)}")
             self._local.conn = c
@@ -338,25 +339,81 @@ class Registry:
         try:
             fd = self._lock_across_processes()
             try:
-                if not durable:
-                    c.execute("PRAGMA synchronous=NORMAL")
+                # the connection keeps the last setting: changed only when this commit
+                # waits differently from the one before (every write is a tx, see above)
+                if self._local.sync_full != durable:
+                    c.execute("PRAGMA synchronous=FULL" if durable else "PRAGMA synchronous=NORMAL")
+                    self._local.sync_full = durable
                 try:
                     c.execute("BEGIN IMMEDIATE")
                 except sqlite3.OperationalError as e:
-                    if not durable:
-                        c.execute("PRAGMA synchronous=FULL")
                     if "locked" in str(e):
                         raise
                     raise self._os_error("write registry", e) from e
-                try:
-                    yield from self._run_tx(c)
-                finally:
-                    if not durable:
-                        c.execute("PRAGMA synchronous=FULL")
+                pending = getattr(self._local, "deferred", None)
+                flushed = 0
+                if pending:
+                    try:
+                        for sql, args in pending:
+                            c.execute(sql, args)
+                            flushed += 1
+                    except BaseException:
+                        if c.in_transaction:
+                            c.execute("ROLLBACK")
+                        raise
+                yield from self._run_tx(c)
+                if flushed and pending is not None:
+                    del pending[:flushed]  # committed
             finally:
                 fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
             writer.release()
+
+    @contextmanager
+    def deferring(self) -> Iterator[None]:
+        """Inside this block (this thread), the records of things already gone
+        (:meth:`forget_object`, :meth:`drop_link` naming their volume) are not committed on their own: they are
+        written at the start of this thread's next write transaction (an operation's done
+        state), or at the end of the block. A kill before that leaves the record of an
+        object or link that is gone, which is what a kill just before the record's own
+        commit leaves too: the operation's intent is still there, and its handler releases
+        a gone object or link without complaint. Ordering is kept: a record made after a
+        forget (its own transaction) writes the forget first."""
+        if getattr(self._local, "deferred", None) is not None:
+            yield  # nested: the outer block writes them
+            return
+        self._local.deferred = []
+        try:
+            yield
+        except BaseException:
+            try:
+                self._flush_deferred()
+            except Exception as e:  # keep the first error; the records stay, as after a kill
+                log.warning("registry %s: deferred records not written: %s", self.path, e)
+            raise
+        self._flush_deferred()
+
+    def _flush_deferred(self) -> None:
+        try:
+            if self._local.deferred:
+                with self.tx(durable=False):
+                    pass  # the transaction writes the pending statements first
+        finally:
+            self._local.deferred = None
+
+    def _delete_soon(self, sql: str, args: tuple[Any, ...], volume_id: str | None) -> None:
+        """A non-durable delete of a gone thing's record. Deferred inside :meth:`deferring` when
+        the record's volume is named: the deferred delete takes only that volume's record, so
+        a record another process made meanwhile under the same name (a loop number the
+        kernel gave out again, a link path a restore took over) is kept."""
+        pending = getattr(self._local, "deferred", None)
+        if volume_id is not None and pending is not None and not self._conn().in_transaction:
+            item = (sql + " AND volume_id=?", (*args, volume_id))
+            if item not in pending:
+                pending.append(item)
+            return
+        with self.tx(durable=False) as c:
+            c.execute(sql, args)
 
     def _writer_lock(self) -> threading.Lock:
         pid, lock = self._writer
@@ -626,17 +683,20 @@ class Registry:
             raise StateError(f"add volume {v.id}: a volume is born {CREATING.value}, not {v.state}",
                              op="add volume", obj=v.id)
         with self.tx() as c:
-            if c.execute("SELECT 1 FROM volumes WHERE id=?", (v.id,)).fetchone():
-                raise AlreadyExists(f"volume {v.id!r} already exists", op="create volume", obj=v.id,
-                                    hint="pick another id or remove the old volume")
-            if not c.execute("SELECT 1 FROM templates WHERE id=?", (v.template_id,)).fetchone():
-                raise NotFound(f"add volume {v.id}: template {v.template_id!r} not found", op="add volume",
-                               obj=v.template_id)
-            c.execute(
-                "INSERT INTO volumes(id, template_id, backend, state, size, data_path, device, created,"
-                " updated, parent, error) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                (v.id, v.template_id, v.backend, v.state, v.size, v.data_path, v.device, v.created,
-                 v.updated, v.parent, v.error))
+            try:  # the primary key and the template's foreign key check it (no reads first)
+                c.execute(
+                    "INSERT INTO volumes(id, template_id, backend, state, size, data_path, device, created,"
+                    " updated, parent, error) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                    (v.id, v.template_id, v.backend, v.state, v.size, v.data_path, v.device, v.created,
+                     v.updated, v.parent, v.error))
+            except sqlite3.IntegrityError as e:
+                if c.execute("SELECT 1 FROM volumes WHERE id=?", (v.id,)).fetchone():
+                    raise AlreadyExists(f"volume {v.id!r} already exists", op="create volume", obj=v.id,
+                                        hint="pick another id or remove the old volume") from None
+                if not c.execute("SELECT 1 FROM templates WHERE id=?", (v.template_id,)).fetchone():
+                    raise NotFound(f"add volume {v.id}: template {v.template_id!r} not found", op="add volume",
+                                   obj=v.template_id) from None
+                raise CowdiskError(f"add volume {v.id}: {e}", op="add volume", obj=v.id) from e
 
     def find_volume(self, vid: str) -> VolumeRow | None:
         rows = self._q("SELECT * FROM volumes WHERE id=?", (vid,))
@@ -678,8 +738,12 @@ class Registry:
             if (cur, to) not in TRANSITIONS:
                 raise StateError(f"volume {vid}: {cur.value} -> {to.value} is not an allowed transition",
                                  op="set volume state", obj=vid)
-            self.update_volume(vid, **fields)
-            c.execute("UPDATE volumes SET state=?, updated=? WHERE id=?", (to.value, time.time(), vid))
+            bad = set(fields) - self._MUTABLE
+            if bad:
+                raise TypeError(f"set_state({vid!r}): {', '.join(sorted(bad))} cannot be updated here")
+            cols = "".join(f", {k}=?" for k in fields)
+            c.execute(f"UPDATE volumes SET state=?, updated=?{cols} WHERE id=?",
+                      (to.value, time.time(), *fields.values(), vid))
         log.debug("volume %s: %s -> %s", vid, cur.value, to.value)
         return cur
 
@@ -696,9 +760,9 @@ class Registry:
             c.execute("INSERT OR REPLACE INTO objects(kind, name, volume_id, created) VALUES (?,?,?,?)",
                       (kind, name, volume_id, time.time()))
 
-    def forget_object(self, kind: str, name: str) -> None:
-        with self.tx(durable=False) as c:
-            c.execute("DELETE FROM objects WHERE kind=? AND name=?", (kind, name))
+    def forget_object(self, kind: str, name: str, *, volume_id: str | None = None) -> None:
+        """Forget a kernel object that is gone (of ``volume_id``: deferred inside :meth:`deferring`)."""
+        self._delete_soon("DELETE FROM objects WHERE kind=? AND name=?", (kind, name), volume_id)
 
     def objects(self, volume_id: str | None = None) -> list[tuple[str, str, str]]:
         if volume_id is None:
@@ -717,9 +781,9 @@ class Registry:
             c.execute("INSERT OR REPLACE INTO links(path, volume_id, target) VALUES (?,?,?)",
                       (path, volume_id, target))
 
-    def drop_link(self, path: str) -> None:
-        with self.tx(durable=False) as c:
-            c.execute("DELETE FROM links WHERE path=?", (path,))
+    def drop_link(self, path: str, *, volume_id: str | None = None) -> None:
+        """Drop the row of a link that is gone (of ``volume_id``: deferred inside :meth:`deferring`)."""
+        self._delete_soon("DELETE FROM links WHERE path=?", (path,), volume_id)
 
     def link(self, path: str) -> tuple[str, str, str] | None:
         """The row of the link at ``path`` (a primary-key lookup), or None."""

@@ -115,12 +115,14 @@ def test_remove_deletes_the_row_with_the_end_of_its_intent(reg: Registry) -> Non
 def _commits(reg: Registry, run) -> list[str]:
     """``durable``/``relaxed`` for each transaction ``run`` commits, as SQLite is told."""
     sql: list[str] = []
+    # the connection keeps its last setting between commits: start from it
+    relaxed = reg._conn().execute("PRAGMA synchronous").fetchone()[0] != 2  # 2: FULL
     reg._conn().set_trace_callback(sql.append)
     try:
         run()
     finally:
         reg._conn().set_trace_callback(None)
-    out, relaxed = [], False
+    out = []
     for q in sql:
         relaxed = relaxed or q == "PRAGMA synchronous=NORMAL"
         if q == "COMMIT":
@@ -133,7 +135,8 @@ def _commits(reg: Registry, run) -> list[str]:
 def test_only_the_commits_recovery_depends_on_wait_for_the_disk(reg: Registry) -> None:
     """The power-loss rule (docs/architecture.md): the intent is durable before the first
     kernel object; the done state is durable for an operation recovery would undo (create),
-    not for one it finishes (checkpoint, remove); link rows ride on those commits."""
+    not for one it finishes (checkpoint, remove); link rows ride on those commits, a dropped
+    one with the done state's."""
     def create() -> None:
         with Transition(reg, CREATE, "v", row=row("v")) as t:
             t.step("volume", lambda: "/dev/x")
@@ -143,7 +146,7 @@ def test_only_the_commits_recovery_depends_on_wait_for_the_disk(reg: Registry) -
     def checkpoint() -> None:
         with Transition(reg, CHECKPOINT, "v") as t:
             t.step("detach", lambda: None)
-            t.step("links", reg.drop_link, "/links/v/rootfs")
+            t.step("links", reg.drop_link, "/links/v/rootfs", volume_id="v")
             t.finish(device=None)
 
     def remove() -> None:
@@ -153,9 +156,48 @@ def test_only_the_commits_recovery_depends_on_wait_for_the_disk(reg: Registry) -
             t.finish()
 
     assert _commits(reg, create) == ["durable", "relaxed", "durable"]
-    assert _commits(reg, checkpoint) == ["durable", "relaxed", "relaxed"]
+    # the link's row, dropped once the link is gone, is written with the done state
+    assert _commits(reg, checkpoint) == ["durable", "relaxed"]
     assert _commits(reg, remove) == ["durable", "relaxed"]
     assert reg.find_volume("v") is None and reg.intents() == [] and reg.links() == []
+
+
+def test_records_of_gone_things_are_written_with_the_done_state_and_only_their_own(reg: Registry) -> None:
+    """Inside a transition, forgetting an object and dropping a link row (of a named volume)
+    wait for the done commit; a record another volume made meanwhile under the same name
+    (the kernel gave the loop number out again) survives that deferred delete."""
+    reg.add_volume(row("v"))
+    reg.set_state("v", ATTACHED)
+    reg.add_volume(row("w"))
+    reg.record_object("v", "loop", "7")
+    reg.set_link("/links/v/rootfs", "v", "/dev/x")
+    other = Registry(reg.path)  # another process's view: its own connection
+    try:
+        with Transition(reg, REMOVE, "v") as t:
+            t.step("detach", reg.forget_object, "loop", "7", volume_id="v")
+            assert other.objects() == [("loop", "7", "v")]  # not written yet
+            other.record_object("w", "loop", "7")  # loop 7 given out again, to w
+            t.step("links", reg.drop_link, "/links/v/rootfs", volume_id="v")
+            assert [p for p, _, _ in other.links()] == ["/links/v/rootfs"]
+            t.step("data", lambda: None)
+            t.finish()
+        assert other.objects() == [("loop", "7", "w")] and other.links() == []
+        assert other.find_volume("v") is None
+    finally:
+        other.close()
+
+
+def test_deferred_records_are_written_when_the_block_fails(reg: Registry) -> None:
+    """A roll-forward operation that fails keeps its intent; what its steps released is
+    still forgotten, at the end of the block."""
+    reg.add_volume(row("v"))
+    reg.set_state("v", ATTACHED)
+    reg.record_object("v", "dm", "cd-v")
+    with pytest.raises(LookupError):
+        with Transition(reg, REMOVE, "v") as t:
+            t.step("detach", reg.forget_object, "dm", "cd-v", volume_id="v")
+            raise LookupError("data step failed")
+    assert reg.objects() == [] and [i.op for i in reg.intents()] == ["remove"]
 
 
 def test_steps_run_only_in_their_declared_order(reg: Registry) -> None:

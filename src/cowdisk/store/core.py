@@ -24,6 +24,7 @@ Layout of a store root::
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import json
 import functools
@@ -245,11 +246,20 @@ class Store(StoreParts):
         with self.lock("volume", vid), _named_errors("create volume", vid):
             row = self._new_row(vid, t, nbytes, None)
             ctx = self.ctx(row, t, op=CREATE.name, progress=progress)
-            with self._transition(CREATE, vid, row=row, undo=self._undo(row, ctx)) as tr:
+            link = self.link_path(vid)
+            done: list[VolumeRow] = []
+            # the manifest from what this create just committed (no reading back)
+            def write_done(_vid: str) -> None:
+                self.write_manifest(vid, known=(done[0], t, [(link, done[0].device or "")]))
+
+            with Transition(self.registry, CREATE, vid, row=row, undo=self._undo(row, ctx), on_change=write_done) as tr:
                 dev = tr.step("volume", self._make_volume, ctx, grow_fs and nbytes > t.size // 512 * 512)
-                tr.step("link", self.set_link, vid, self.link_path(vid), dev)
-                tr.finish(device=dev)
-        return self.volume(vid)
+                # the link's row is committed with the done state: until then the undo removes
+                # the whole link directory (see set_link)
+                tr.step("link", self.set_link, vid, link, dev, record=False)
+                done.append(dataclasses.replace(row, state=ATTACHED, device=dev))
+                tr.finish(lambda: self.registry.set_link(link, vid, dev), device=dev)
+        return self._to_volume(done[0])
 
     def _volume_size(self, vid: str, t: TemplateRow, size: int | None) -> int:
         """The new volume's size in bytes: the template's, or ``size`` once checked."""

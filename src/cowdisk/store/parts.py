@@ -220,7 +220,7 @@ class StoreParts:
             id=vid, template=TemplateRef(t.id, t.path, t.size, t.digest), data_dir=self.vol_dir(vid), tag=self.tag,
             dm_name=self.dm_prefix + vid,
             record=lambda kind, name: self.registry.record_object(vid, kind, name),
-            forget=lambda kind, name: self.registry.forget_object(kind, name),
+            forget=lambda kind, name: self.registry.forget_object(kind, name, volume_id=vid),
             step=lambda s: failpoints.hit(op, s),
             op=op,
             template_lock=lambda: self.lock("template", t.id),
@@ -228,18 +228,29 @@ class StoreParts:
             size=v.size,
         )
 
-    def write_manifest(self, vid: str) -> None:
-        """Write volume ``vid``'s manifest from its row (nothing when the row is gone)."""
-        v = self.registry.find_volume(vid)
-        if v is None:
-            return
-        t = self.registry.find_template(v.template_id)
+    def write_manifest(self, vid: str, *, known: tuple[VolumeRow, TemplateRow, list[tuple[str, str]]] | None = None
+                       ) -> None:
+        """Write volume ``vid``'s manifest from its row (nothing when the row is gone).
+
+        ``known``: the committed row, its template and its links ``(path, target)``, as the
+        caller that just committed them has them in hand (a create), instead of reading
+        them back."""
+        t: TemplateRow | None
+        if known is not None:
+            v, t, links = known
+        else:
+            found = self.registry.find_volume(vid)
+            if found is None:
+                return
+            v = found
+            t = self.registry.find_template(v.template_id)
+            links = [(p, t_) for p, _, t_ in self.registry.links(vid)]
         os.makedirs(self.vol_dir(vid), exist_ok=True)
         manifest.write(os.path.join(self.vol_dir(vid), manifest.MANIFEST), {
             "store": self.id, "kind": "volume", "id": v.id, "template_id": v.template_id,
             "template_digest": t.digest if t else None, "backend": v.backend, "state": v.state.value,
             "size": v.size, "device": v.device, "block_device": self.backend.block_device, "parent": v.parent,
-            "created": v.created, "links": [[p, t_] for p, _, t_ in self.registry.links(vid)]})
+            "created": v.created, "links": [[p, t_] for p, t_ in links]})
 
     @property
     def holder(self) -> Holder | None:
@@ -272,20 +283,25 @@ class StoreParts:
         self.backend.destroy(ctx)
         shutil.rmtree(ctx.data_dir, ignore_errors=True)
         ldir = os.path.dirname(self.link_path(v.id))
-        for path, _, _ in self.registry.links_in(ldir):
-            self.registry.drop_link(path)
+        for path, owner, _ in self.registry.links_in(ldir):
+            self.registry.drop_link(path, volume_id=owner)
         shutil.rmtree(ldir, ignore_errors=True)
 
     # -- links -------------------------------------------------------------------------
 
-    def set_link(self, owner: str, path: str, target: str) -> None:
+    def set_link(self, owner: str, path: str, target: str, *, record: bool = True) -> None:
         """Point ``path`` at ``target`` atomically (symlink under a temporary name, then rename).
         The row is recorded first, so a kill at any point leaves a row recovery acts on
-        (it drops the links of volumes that are not attached and makes missing ones again)."""
+        (it drops the links of volumes that are not attached and makes missing ones again).
+
+        ``record=False``: the caller commits the row later, with its done state. Only for the
+        volume's own link in its own directory while the volume is being made (create): its
+        undo, in-process or by recovery, removes that whole directory, row or no row."""
         d = os.path.dirname(path)
         tmp = f"{path}{LINK_TMP}{os.getpid()}-{procfs.process_start(os.getpid())}"
-        prev = self.registry.link(path)
-        self.registry.set_link(path, owner, target)
+        prev = self.registry.link(path) if record else None
+        if record:
+            self.registry.set_link(path, owner, target)
         try:
             os.makedirs(d, exist_ok=True)
             with contextlib.suppress(FileNotFoundError):
@@ -297,7 +313,7 @@ class StoreParts:
                 os.unlink(tmp)
             if prev is not None:
                 self.registry.set_link(*prev)
-            else:
+            elif record:
                 self.registry.drop_link(path)
             hint = ("its directory must be writable: not read-only, not immutable (see lsattr -d)"
                     if e.errno in (errno.EPERM, errno.EACCES, errno.EROFS) else "")
@@ -315,7 +331,7 @@ class StoreParts:
         for path, _, target in listed:
             other = os.path.basename(os.path.dirname(path))
             if os.path.dirname(path) == own or other == vid:
-                self.drop_link(path)
+                self.drop_link(path, owner=vid)
                 continue
             lk = FileLock(os.path.join(self.root, "locks", f"volume-{other}.lock"), timeout=0,
                           what=f"volume {other}")
@@ -326,16 +342,17 @@ class StoreParts:
             try:
                 still = [r for r in self.registry.links(vid) if r[0] == path]
                 if still and os.path.islink(path) and os.readlink(path) == target:
-                    self.drop_link(path)
-                elif still:
-                    self.registry.drop_link(path)  # the file is someone else's now: only our row goes
+                    self.drop_link(path, owner=vid)
+                elif still:  # the file is someone else's now: only our row goes
+                    self.registry.drop_link(path, volume_id=vid)
             finally:
                 lk.release()
 
-    def drop_link(self, path: str) -> None:
-        """Remove a stable link and its row; a link or directory already gone (removed by
-        hand, or by a killed earlier attempt) is fine. The directory goes when it is empty
-        or its volume no longer exists."""
+    def drop_link(self, path: str, *, owner: str | None = None) -> None:
+        """Remove a stable link and its row (``owner``'s row only, when named: see
+        :meth:`Registry.deferring`); a link or directory already gone (removed by hand, or
+        by a killed earlier attempt) is fine. The directory goes when it is empty or its
+        volume no longer exists."""
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
         d = os.path.dirname(path)
@@ -346,7 +363,7 @@ class StoreParts:
         if empty or self.registry.find_volume(os.path.basename(d)) is None:
             with contextlib.suppress(OSError):
                 os.rmdir(d)
-        self.registry.drop_link(path)
+        self.registry.drop_link(path, volume_id=owner)
 
     # -- quarantine --------------------------------------------------------------------
 

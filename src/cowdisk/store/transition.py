@@ -24,6 +24,7 @@ operation is crash-tested by declaring it here.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -173,6 +174,7 @@ class Transition:
         self.before: VolumeState | None = None
         self._next = 0
         self._ended = False
+        self._deferring = contextlib.ExitStack()
 
     def __enter__(self) -> "Transition":
         with self.registry.tx():
@@ -185,7 +187,14 @@ class Transition:
             elif self.op.trying is not None:
                 self.before = self.registry.set_state(self.vid, self.op.trying)
         log.debug("%s %s: intent %d", self.op.name, self.vid, self.intent)
-        failpoints.hit(self.op.name, INTENT)
+        # records of objects and links the steps remove are written with the done state (or
+        # the undo's commit), not each in its own transaction: the intent explains them
+        self._deferring.enter_context(self.registry.deferring())
+        try:
+            failpoints.hit(self.op.name, INTENT)
+        except BaseException:
+            self._deferring.close()
+            raise
         return self
 
     def step(self, name: str, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
@@ -227,6 +236,8 @@ class Transition:
                 self.registry.delete_volume(self.vid)
             self.registry.end_intent(self.intent)
         self._ended = True
+        if self.op.done is None and self.op.trying is not None:
+            return  # the subject's row is gone (its manifest went with its directory)
         self._changed()
 
     def _changed(self) -> None:
@@ -245,6 +256,12 @@ class Transition:
         self._changed()
 
     def __exit__(self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        try:
+            self._exit(e)
+        finally:
+            self._deferring.__exit__(t, e, tb)  # writes what is still deferred; an error stays the error
+
+    def _exit(self, e: BaseException | None) -> None:
         if self._ended:
             return
         if e is None:

@@ -507,6 +507,11 @@ class Registry:
             if c.in_transaction:
                 c.execute("ROLLBACK")
             raise self._os_error("write registry", e) from e
+        # One read right after the commit moves this connection's WAL read mark to it while
+        # the -shm page is still dirty. Else the next read writes the mark into that page,
+        # maybe after it was written back: on a full btrfs (copy on write) that write fault
+        # finds no space and the kernel kills the process with SIGBUS.
+        c.execute("SELECT 1 FROM meta LIMIT 1").fetchall()
 
     def _q(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
         try:

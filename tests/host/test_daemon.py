@@ -467,6 +467,38 @@ def test_sigterm_finishes_in_flight_and_exits_0(tmp_path, sockdir) -> None:
     assert_same_host(before)
 
 
+def test_sigterm_cuts_off_a_call_past_the_bound(tmp_path, sockdir) -> None:
+    """SIGTERM with a create standing still in its store worker past ``shutdown_timeout``:
+    the daemon still exits 0 within the bound (twice: the request, then the worker), the
+    worker is killed, and the next start's recovery rolls the create back."""
+    root = str(tmp_path / "store")
+    store = Store(root, backend="copy")
+    store.build_template(make_tree(str(tmp_path / "tree")), "base")
+    store.close()
+    mark = tmp_path / "paused"
+    sock = os.path.join(sockdir, "d.sock")
+    with Daemon(root, sock, "--shutdown-timeout", "1", extra_env={
+            "COWDISK_PAUSE_AT": "create:link", "COWDISK_PAUSE_S": "60", "COWDISK_PAUSE_MARK": str(mark)}) as d:
+        d.start()
+        out: list[BaseException] = []
+        t = threading.Thread(target=lambda: out.append(raises(d.client.create_volume, "x", "base")))
+        t.start()
+        wait_for(mark.exists, what="the create to stand still")
+        worker = int(mark.read_text())
+        t0 = time.monotonic()
+        d.signal(signal.SIGTERM)
+        assert d.wait(30) == 0, d.log()
+        assert time.monotonic() - t0 < 10
+        t.join(30)
+        assert out and not os.path.exists(f"/proc/{worker}")
+    with Daemon(root, sock) as d:
+        d.start()
+        assert d.client.health()["recovery"]["rolled_back"] == ["create x"]
+        assert d.client.volumes() == []
+        assert d.stop() == 0
+    destroy(root)
+
+
 CRASH_OPS = ("create", "remove", "checkpoint", "restore", "restore-as")
 
 

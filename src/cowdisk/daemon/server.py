@@ -193,6 +193,7 @@ class Server(uvicorn.Server):
                                                "jobs_running": len(self.svc.jobs.running())}})
         sd_notify("STOPPING=1")
         self.svc.stopping = True
+        self.svc.pool.closing = True  # no new store worker from here on
         self.svc.jobs.stop_accepting()
         with contextlib.suppress(OSError):
             os.unlink(self.svc.cfg.socket)  # new clients fail at once (ENOENT), not after a wait

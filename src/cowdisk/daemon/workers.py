@@ -303,6 +303,8 @@ class Pool:
         self.size = cfg.processes
         self.store: Store | None = None
         self.workers: dict[int, Worker] = {}
+        self.retiring: dict[int, Worker] = {}
+        """Workers whose caller went away mid-call: they end that call, then exit."""
         self._idle: asyncio.Queue[Worker] | None = None
         self._threads: concurrent.futures.ThreadPoolExecutor | None = None
         self._lock: asyncio.Lock | None = None
@@ -406,7 +408,7 @@ class Pool:
                 w.sock.shutdown(socket.SHUT_WR)  # the worker reads EOF after its current call
         end = time.monotonic() + timeout
         killed = []
-        for w in list(self.workers.values()):
+        for w in [*self.workers.values(), *self.retiring.values()]:
             while not w.ended():
                 if time.monotonic() >= end:
                     log.warning("store worker PID %d still busy at exit: killing it", w.pid)
@@ -418,6 +420,7 @@ class Pool:
                 time.sleep(0.01)
             w.close()
         self.workers.clear()
+        self.retiring.clear()
         return killed
 
     # calls
@@ -465,10 +468,17 @@ class Pool:
 
     def _retire(self, w: Worker) -> None:
         self.workers.pop(w.pid, None)
-        w.close()
-        asyncio.get_running_loop().run_in_executor(None, w.reap)
+        self.retiring[w.pid] = w
+        with contextlib.suppress(OSError):
+            w.sock.shutdown(socket.SHUT_WR)  # it ends the call it runs, reads EOF, exits
+        loop = asyncio.get_running_loop()
+        loop.run_in_executor(None, w.reap).add_done_callback(lambda _f: self._retired(w))
         if not self.closing:
             self._spawn()
+
+    def _retired(self, w: Worker) -> None:
+        if self.retiring.pop(w.pid, None) is not None:
+            w.close()
 
     async def _lost(self, w: Worker, e: BaseException, what: tuple[str, str]) -> None:
         """Worker ``w`` died during a call: reap it, start another, run recovery, raise WorkerDied."""

@@ -6,12 +6,14 @@ requests on different volumes run in parallel, on several cores, and the event l
 never waits for the kernel (FastAPI's own thread hop for plain ``def`` endpoints cost
 0.17 ms per request). A mutating call goes through :meth:`Service.call`, which times
 it, counts it in the metrics and writes one log line (op, object, duration, result,
-peer); a read goes through :meth:`Service.read`. Every error, from the store or from request validation, is answered with the
-``{"error": {...}}`` document and the status from :mod:`.protocol`.
+peer); a read goes through :meth:`Service.read`. Every error, from the store or from
+request validation, is answered with the ``{"error": {...}}`` document and the status
+from :mod:`.protocol`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -22,8 +24,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
-import asyncio
 
 from .. import drive as drive_mod
 from ..errors import CowdiskError, InvalidArgument, NotFound

@@ -106,12 +106,24 @@ def _stat_fields(pid: int) -> list[str] | None:
     return data[data.rindex(b")") + 2:].decode(errors="replace").split()
 
 
+_OWN_START: tuple[int, str] = (0, "")
+"""This process's (PID, start time): read once (every intent records it); a forked child,
+whose PID differs, reads its own."""
+
+
 def process_start(pid: int) -> str:
     """The start time of a process (field 22 of /proc/PID/stat, clock ticks since boot),
     '' if it is gone. With :func:`boot_id` it names one process for good: a PID is reused,
     a (PID, start, boot) triple never is."""
+    global _OWN_START
+    own = pid == os.getpid()
+    if own and _OWN_START[0] == pid:
+        return _OWN_START[1]
     f = _stat_fields(pid)
-    return f[19] if f else ""
+    start = f[19] if f else ""
+    if own and start:
+        _OWN_START = (pid, start)
+    return start
 
 
 def boot_id() -> str:

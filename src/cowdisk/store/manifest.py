@@ -28,8 +28,9 @@ FORMAT = 1
 def write(path: str, data: dict[str, Any]) -> None:
     """Write ``data`` as JSON at ``path`` atomically (temporary name, then rename)."""
     tmp = f"{path}.tmp-{os.getpid()}"
+    text = json.dumps({"format": FORMAT, **data}, sort_keys=True)  # dumps: the C encoder; dump is Python
     with open(tmp, "w") as f:
-        json.dump({"format": FORMAT, **data}, f, sort_keys=True)
+        f.write(text)
     os.replace(tmp, path)
 
 

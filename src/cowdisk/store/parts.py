@@ -245,7 +245,8 @@ class StoreParts:
             v = found
             t = self.registry.find_template(v.template_id)
             links = [(p, t_) for p, _, t_ in self.registry.links(vid)]
-        os.makedirs(self.vol_dir(vid), exist_ok=True)
+        if known is None or not os.path.isdir(self.vol_dir(vid)):
+            os.makedirs(self.vol_dir(vid), exist_ok=True)
         manifest.write(os.path.join(self.vol_dir(vid), manifest.MANIFEST), {
             "store": self.id, "kind": "volume", "id": v.id, "template_id": v.template_id,
             "template_digest": t.digest if t else None, "backend": v.backend, "state": v.state.value,
@@ -304,9 +305,11 @@ class StoreParts:
             self.registry.set_link(path, owner, target)
         try:
             os.makedirs(d, exist_ok=True)
-            with contextlib.suppress(FileNotFoundError):
+            try:
+                os.symlink(target, tmp)
+            except FileExistsError:  # left by a killed attempt of this process (same PID and start)
                 os.unlink(tmp)
-            os.symlink(target, tmp)
+                os.symlink(target, tmp)
             os.replace(tmp, path)
         except OSError as e:
             with contextlib.suppress(OSError):

@@ -39,6 +39,10 @@ The contract (what the store relies on, and the conformance suite checks):
   (remove, checkpoint) reads it instead of searching every process's fds; the holder
   search then runs only to name the holder in an error. A backend without it (files)
   gets the holder search.
+* **Records ahead** (optional). ``records_ahead(ctx) -> tuple[(kind, name), ...]``: the
+  objects ``create`` will record, when they are known before it runs (a file backend's
+  volume file). The store commits their records with the create's intent (one
+  transaction fewer per create); ``ctx.record`` of them then does nothing.
 * **Thaw** (optional). ``thaw(ctx) -> bool``: resume the attached volume's device if a
   process killed in the middle of a copy left it suspended (every I/O to it would wait
   forever); recovery calls it for attached volumes no process works on.

@@ -54,6 +54,9 @@ class FileBackend:
         else:
             fs.sparse_copy(src, dst, progress=ctx.progress)
 
+    def records_ahead(self, ctx: VolumeCtx) -> tuple[tuple[str, str], ...]:
+        return (("file", disk_path(ctx)),)
+
     def create(self, ctx: VolumeCtx) -> str:
         os.makedirs(ctx.data_dir, exist_ok=True)
         ctx.record("file", disk_path(ctx))

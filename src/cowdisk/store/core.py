@@ -246,13 +246,23 @@ class Store(StoreParts):
         with self.lock("volume", vid), _named_errors("create volume", vid):
             row = self._new_row(vid, t, nbytes, None)
             ctx = self.ctx(row, t, op=CREATE.name, progress=progress)
+            ahead = tuple(getattr(self.backend, "records_ahead", lambda _c: ())(ctx))
+            if ahead:  # recorded with the intent (see Backend "Records ahead")
+                record = ctx.record
+                ctx = dataclasses.replace(ctx, record=lambda k, n: None if (k, n) in ahead else record(k, n))
+
+            def record_ahead() -> None:
+                for k, n in ahead:
+                    self.registry.record_object(vid, k, n)
+
             link = self.link_path(vid)
             done: list[VolumeRow] = []
-            # the manifest from what this create just committed (no reading back)
-            def write_done(_vid: str) -> None:
+
+            def write_done(_vid: str) -> None:  # the manifest from what was just committed, not read back
                 self.write_manifest(vid, known=(done[0], t, [(link, done[0].device or "")]))
 
-            with Transition(self.registry, CREATE, vid, row=row, undo=self._undo(row, ctx), on_change=write_done) as tr:
+            with Transition(self.registry, CREATE, vid, row=row, undo=self._undo(row, ctx), on_change=write_done,
+                            begin=record_ahead) as tr:
                 dev = tr.step("volume", self._make_volume, ctx, grow_fs and nbytes > t.size // 512 * 512)
                 # the link's row is committed with the done state: until then the undo removes
                 # the whole link directory (see set_link)

@@ -157,7 +157,7 @@ class Transition:
 
     def __init__(self, registry: Registry, op: Operation, vid: str, *, row: VolumeRow | None = None,
                  data: dict[str, Any] | None = None, undo: Undo | None = None,
-                 on_change: Callable[[str], None] | None = None) -> None:
+                 on_change: Callable[[str], None] | None = None, begin: Callable[[], None] | None = None) -> None:
         if op.makes_volume != (row is not None):
             raise TypeError(f"{op.name}: a new row is {'required' if op.makes_volume else 'not expected'}")
         self.registry = registry
@@ -170,6 +170,8 @@ class Transition:
         """Called with the subject's id once its done (or reverted) state is committed (the
         volume's manifest: it records done states only, so a registry lost in the middle of
         an operation is rebuilt at the operation's last done state)."""
+        self.begin = begin
+        """Adds its own writes to the intent's transaction (records known ahead)."""
         self.intent = 0
         self.before: VolumeState | None = None
         self._next = 0
@@ -186,6 +188,8 @@ class Transition:
                 self.registry.add_volume(self.row)
             elif self.op.trying is not None:
                 self.before = self.registry.set_state(self.vid, self.op.trying)
+            if self.begin is not None:
+                self.begin()
         log.debug("%s %s: intent %d", self.op.name, self.vid, self.intent)
         # records of objects and links the steps remove are written with the done state (or
         # the undo's commit), not each in its own transaction: the intent explains them

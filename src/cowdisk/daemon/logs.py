@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import logging
+import logging.handlers
+import queue
 import sys
-from typing import Any
+from typing import Any, Callable
 
 from .config import Config
 
@@ -24,6 +26,40 @@ def setup_logging(cfg: Config) -> None:
     root.setLevel(getattr(logging, cfg.log_level.upper()))
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+class _Queued(logging.handlers.QueueHandler):
+    """Hands records to the writer thread as they are (an in-process queue: the record's
+    fields and traceback go along untouched); only the message is resolved here."""
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        record.msg = record.getMessage()
+        record.args = None
+        return record
+
+
+def in_background() -> Callable[[], None]:
+    """From now on a thread writes the log lines: a request's line costs a queue put, and a
+    slow reader of stderr (journald backed up) cannot stall the event loop. Call it after
+    the store workers are forked (they keep writing their own lines directly); returns the
+    function that writes what is queued and stops the thread."""
+    root = logging.getLogger()
+    handlers = list(root.handlers)
+    q: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    listener = logging.handlers.QueueListener(q, *handlers, respect_handler_level=True)
+    for h in handlers:
+        root.removeHandler(h)
+    root.addHandler(_Queued(q))
+    listener.start()
+
+    def stop() -> None:
+        listener.stop()
+        for h in root.handlers[:]:
+            root.removeHandler(h)
+        for h in handlers:
+            root.addHandler(h)
+
+    return stop
 
 
 class JsonFormatter(logging.Formatter):

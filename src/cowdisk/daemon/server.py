@@ -34,7 +34,7 @@ import signal
 import socket
 import time
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 import anyio.to_thread
 import uvicorn
@@ -46,7 +46,7 @@ from ..locks import FileLock
 from ..store import Store
 from .api import Service, create_app
 from .config import Config
-from .logs import setup_logging
+from .logs import in_background, setup_logging
 from .metrics import Metrics
 from .workers import Pool
 from .security import peercred
@@ -232,8 +232,10 @@ def run(cfg: Config) -> int:
     t0 = time.monotonic()
     lock = take_instance_lock(cfg)
     pool = Pool(cfg, keep_fds=(lock.fd,))
+    stop_logging: Callable[[], None] = lambda: None  # noqa: E731
     try:
         pool.fork()
+        stop_logging = in_background()  # after the fork: no thread exists before it
         store = Store(cfg.root, backend=cfg.backend, recover=False, lock_timeout=cfg.lock_timeout)
         try:
             metrics = Metrics()
@@ -268,7 +270,8 @@ def run(cfg: Config) -> int:
     finally:
         pool.close(cfg.shutdown_timeout)  # (a no-op after a normal stop: the lifespan closed it)
         lock.release()
-    log.info("stopped", extra={"fields": {"pid": os.getpid()}})
+        log.info("stopped", extra={"fields": {"pid": os.getpid()}})
+        stop_logging()
     return 0
 
 

@@ -71,14 +71,20 @@ class Daemon:
         except OSError:
             return ""
 
-    def log_records(self) -> list[dict[str, Any]]:
-        out = []
-        for line in self.log().splitlines():
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                pass
-        return out
+    def log_records(self, until: Any = None, timeout: float = 10) -> list[dict[str, Any]]:
+        """The daemon's JSON log lines so far; with ``until`` (a predicate on them), once it
+        holds (a thread writes the daemon's lines, a moment after the answer)."""
+        end = time.monotonic() + timeout
+        while True:
+            out = []
+            for line in self.log().splitlines():
+                try:
+                    out.append(json.loads(line))
+                except ValueError:
+                    pass
+            if until is None or until(out) or time.monotonic() > end:
+                return out
+            time.sleep(0.02)
 
     def worker_pids(self) -> list[int]:
         """The daemon's store worker processes (its children named cowdisk-worker)."""

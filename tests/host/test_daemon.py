@@ -203,7 +203,8 @@ def test_direct_path_answers_as_fastapi_does(daemon: Daemon) -> None:
     assert curl(daemon.sock, "DELETE", "/v1/volumes/d1")[0] == 200
     assert curl(daemon.sock, "DELETE", "/v1/volumes/f1?deadline=5")[0] == 200
     assert c.volumes() == []
-    ops = [(r["op"], r["object"], r["result"]) for r in daemon.log_records() if r.get("object") in ("d1", "f1")]
+    recs = daemon.log_records(until=lambda rs: sum(r.get("object") in ("d1", "f1") for r in rs) >= 4)
+    ops = [(r["op"], r["object"], r["result"]) for r in recs if r.get("object") in ("d1", "f1")]
     assert ops.count(("create", "d1", "ok")) == ops.count(("remove", "f1", "ok")) == 1, ops
 
 
@@ -282,7 +283,8 @@ def test_operation_log_lines(daemon: Daemon) -> None:
     c.create_volume("logged", "base")
     raises(c.create_volume, "logged", "base")
     c.remove_volume("logged")
-    recs = [r for r in daemon.log_records() if r.get("object") == "logged"]
+    recs = [r for r in daemon.log_records(until=lambda rs: sum(r.get("object") == "logged" for r in rs) >= 3)
+            if r.get("object") == "logged"]
     assert [(r["op"], r["result"]) for r in recs] == [("create", "ok"), ("create", "AlreadyExists"),
                                                      ("remove", "ok")], recs
     workers = daemon.worker_pids()
@@ -406,7 +408,7 @@ def test_ready_notification_after_recovery(tmp_path, sockdir) -> None:
             msg = rx.recv(4096).decode()
             assert "READY=1" in msg and f"MAINPID={d.proc.pid}" in msg, msg
             assert d.client.health()["status"] == "ok"  # answering when READY arrives
-            msgs = [r["msg"] for r in d.log_records()]
+            msgs = [r["msg"] for r in d.log_records(until=lambda rs: any(r["msg"] == "ready" for r in rs))]
             assert msgs.index(f"recovered store {root}") < msgs.index("ready"), msgs
             d.signal(signal.SIGTERM)
             assert "STOPPING=1" in rx.recv(4096).decode()
@@ -651,7 +653,9 @@ def test_store_calls_run_in_several_processes(tmp_path, sockdir) -> None:
         done.append("other")
         t.join(30)
         assert done == ["other", "slow"]
-        recs = {r["object"]: r for r in d.log_records() if r.get("op") in ("create", "remove")}
+        recs = {r["object"]: r for r in d.log_records(until=lambda rs: sum(r.get("op") in ("create", "remove")
+                                                                               for r in rs) >= 2)
+                if r.get("op") in ("create", "remove")}
         assert recs["slow"]["worker"] == paused and recs["other"]["worker"] != paused, recs
         assert d.stop() == 0
     destroy(root)
@@ -671,7 +675,8 @@ def test_processes_0_runs_the_store_in_the_daemon(tmp_path, sockdir) -> None:
         assert c.restore("v").state == "attached"
         c.remove_volume("v")
         assert c.volumes() == []
-        recs = [r for r in d.log_records() if r.get("object") == "v" and r.get("op") == "create"]
+        recs = [r for r in d.log_records(until=lambda rs: any(r.get("op") == "remove" for r in rs))
+                if r.get("object") == "v" and r.get("op") == "create"]
         assert recs and all("worker" not in r and r["store_ms"] <= r["duration_ms"] for r in recs), recs
         assert d.stop() == 0
     destroy(root)
@@ -772,14 +777,16 @@ def test_allowlist_refuses_others_with_403(tmp_path, sockdir) -> None:
         code, doc = as_nobody(sock, "POST", "/v1/volumes", {"id": "intruder", "template": "base"})
         assert code == 403 and doc["error"]["type"] == "Forbidden" and "uid 65534" in doc["error"]["message"], doc
         assert d.client.volumes() == []  # nothing changed
-        refused = [x for x in d.log_records() if x.get("result") == "Forbidden"]
+        refused = [x for x in d.log_records(until=lambda rs: any(x.get("result") == "Forbidden" for x in rs))
+                   if x.get("result") == "Forbidden"]
         assert refused and refused[-1]["peer"]["uid"] == 65534 and refused[-1]["peer"]["pid"] > 0
         assert d.stop() == 0
     with Daemon(root, sock, "--socket-mode", "0666", "--allow-uid", "65534") as d:
         d.start()
         code, doc = as_nobody(sock, "POST", "/v1/volumes", {"id": "guest", "template": "base"})
         assert code == 201 and doc["state"] == "attached", doc
-        rec = [x for x in d.log_records() if x.get("object") == "guest"][-1]
+        rec = [x for x in d.log_records(until=lambda rs: any(x.get("object") == "guest" for x in rs))
+               if x.get("object") == "guest"][-1]
         assert rec["peer"]["uid"] == 65534 and rec["peer"]["gid"] == 65534
         d.client.remove_volume("guest")
         assert d.stop() == 0
@@ -904,7 +911,8 @@ def test_cli_goes_through_the_daemon_when_it_answers(daemon: Daemon, tmp_path) -
     r = cli("volume", "create", "via-cli", "--template", "base", "--json", sock=daemon.sock)
     assert r.returncode == 0, r.stderr
     assert f"using cowdiskd (PID {daemon.proc.pid})" in r.stderr and json.loads(r.stdout)["state"] == "attached"
-    rec = [x for x in daemon.log_records() if x.get("object") == "via-cli"][-1]
+    rec = [x for x in daemon.log_records(until=lambda rs: any(x.get("object") == "via-cli" for x in rs))
+           if x.get("object") == "via-cli"][-1]
     assert rec["op"] == "create" and rec["peer"]["pid"] != os.getpid()  # the CLI process called
     r = cli("volume", "inspect", "nope", "--json", sock=daemon.sock)
     assert r.returncode == 3 and json.loads(r.stdout)["error"]["type"] == "NotFound"

@@ -270,6 +270,10 @@ def test_metrics(daemon: Daemon) -> None:
                 if x.startswith('cowdisk_space_bytes{area="store filesystem",kind="total"}'))
     assert float(line.split()[-1]) == st.f_blocks * st.f_frsize, line
     assert 'cowdisk_space_ok{area="store filesystem",state="ok"} 1.0' in text
+    assert f"cowdisk_store_workers {float(len(daemon.worker_pids()))}" in text
+    assert "cowdisk_store_worker_deaths_total 0.0" in text
+    rss = next(x for x in text.splitlines() if x.startswith("cowdisk_store_workers_resident_bytes "))
+    assert float(rss.split()[-1]) > 10 * MiB, rss
     doc = c.call("GET", "/v1/doctor")
     assert any(ch["name"] == "space: store filesystem" and ch["ok"] for ch in doc["checks"]), doc["checks"]
     for v in ("m1", "m2"):
@@ -539,6 +543,7 @@ def test_worker_killed_mid_operation(case: crashmatrix.Case, tmp_path, sockdir) 
         assert isinstance(e, WorkerDied), e
         assert "died: killed by SIGKILL" in str(e) and "recovery ran" in str(e), e
         assert_expected(d, case)
+        assert "cowdisk_store_worker_deaths_total 1.0" in d.client.metrics()
         wait_for(lambda: len(d.worker_pids()) == len(workers), what="a new store worker")
         assert set(d.worker_pids()) - set(workers), "the dead worker was not replaced"
         assert d.client.recover().actions == 0

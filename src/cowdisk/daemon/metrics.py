@@ -14,7 +14,9 @@ Read from the store at each scrape (a collector; nothing is cached, nothing lock
   ``cowdisk_volume_cow_total_bytes{volume}`` for each attached volume (one status ioctl
   each), and ``cowdisk_snapshots_invalid`` (attached snapshots whose status is not ok);
 * the process (``process_resident_memory_bytes`` and the rest of prometheus-client's
-  process collector), and ``cowdisk_info{version,backend,root}``.
+  process collector), and ``cowdisk_info{version,backend,root}``;
+* the store workers: ``cowdisk_store_workers`` (running), ``cowdisk_store_worker_deaths_total``,
+  ``cowdisk_store_workers_resident_bytes`` (together).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from importlib import metadata
 from typing import Any, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from ..errors import CowdiskError
@@ -135,6 +137,35 @@ class StoreCollector:
         yield g
 
 
+class WorkerCollector:
+    """The store worker processes (:mod:`.workers`), read at scrape time."""
+
+    def __init__(self, pool: Any) -> None:
+        self.pool = pool
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        pids = self.pool.pids()
+        g = GaugeMetricFamily("cowdisk_store_workers", "Store worker processes running")
+        g.add_metric([], len(pids))
+        yield g
+        c = CounterMetricFamily("cowdisk_store_worker_deaths", "Store workers that died during a call")
+        c.add_metric([], self.pool.died)
+        yield c
+        page = os.sysconf("SC_PAGE_SIZE")
+        rss = 0
+        for pid in pids:
+            try:
+                with open(f"/proc/{pid}/statm") as f:
+                    rss += int(f.read().split()[1]) * page
+            except (OSError, ValueError, IndexError):
+                pass
+        m = GaugeMetricFamily("cowdisk_store_workers_resident_bytes",
+                              "Resident memory of the store workers together (the daemon's own process: "
+                              "process_resident_memory_bytes)")
+        m.add_metric([], rss)
+        yield m
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
@@ -146,8 +177,10 @@ class Metrics:
                               ["action"], registry=self.registry)
         ProcessCollector(registry=self.registry)
 
-    def attach(self, store: Store, jobs: Jobs) -> None:
+    def attach(self, store: Store, jobs: Jobs, pool: Any = None) -> None:
         self.registry.register(StoreCollector(store, jobs))
+        if pool is not None:
+            self.registry.register(WorkerCollector(pool))
 
     def observe(self, op: str, error: BaseException | None, seconds: float) -> None:
         result = "ok" if error is None else type(error).__name__

@@ -217,7 +217,7 @@ def build(cfg: Config, store: Store, metrics: Metrics, pool: Pool) -> tuple[Fast
 
     app = create_app(svc)
     app.router.lifespan_context = lifespan
-    metrics.attach(store, svc.jobs)
+    metrics.attach(store, svc.jobs, pool)
     return app, svc
 
 

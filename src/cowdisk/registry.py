@@ -207,6 +207,63 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+class _FlockWaiter:
+    """A thread that takes a blocking flock for another thread, which waits for it with a
+    deadline (started once per registry and process: a thread per wait costs twice as much)."""
+
+    def __init__(self) -> None:
+        self._cv = threading.Condition()
+        self._fd = -1
+        self._asked = 0
+        self._answered = 0
+        self._error: OSError | None = None
+        self._stop = False
+        self.abandoned = False
+        threading.Thread(target=self._run, name="cowdisk-registry-lock", daemon=True).start()
+
+    def wait(self, fd: int, timeout: float, path: str) -> bool:
+        """Take the flock on ``fd`` within ``timeout`` seconds; False (and this waiter
+        abandoned, closing ``fd`` once it gets the lock) past it."""
+        with self._cv:
+            self._fd = fd
+            self._asked += 1
+            ask = self._asked
+            self._cv.notify_all()
+            if not self._cv.wait_for(lambda: self._answered == ask, timeout):
+                self.abandoned = True
+                return False
+            err, self._error = self._error, None
+        if err is not None:
+            raise KernelError.from_oserror("lock", path, err) from None
+        return True
+
+    def stop(self) -> None:
+        """End the thread (it is idle: its registry is closing, no thread of it writes)."""
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                self._cv.wait_for(lambda: self._asked > self._answered or self._stop)
+                if self._asked == self._answered:
+                    return  # stopped
+                fd, ask = self._fd, self._asked
+            err = None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError as e:
+                err = e
+            with self._cv:
+                if self.abandoned:  # the asker gave up: let go, and end
+                    os.close(fd)
+                    return
+                self._error = err
+                self._answered = ask
+                self._cv.notify_all()
+
+
 class Registry:
     """The SQLite registry at ``path``.
 
@@ -232,6 +289,7 @@ class Registry:
         self._all_lock = threading.Lock()
         self._writer: tuple[int, threading.Lock] = (os.getpid(), threading.Lock())
         self._flock: tuple[int, int] = (os.getpid(), -1)  # (pid, fd) of the writer lock file
+        self._waiter: tuple[int, _FlockWaiter | None] = (os.getpid(), None)
         _OPEN.add(self)
         try:
             if read_only:
@@ -293,6 +351,10 @@ class Registry:
             try:  # not while one of this process's threads is inside a transaction
                 self._flock = (me, -1)
                 os.close(fd)
+                wpid, waiter = self._waiter
+                if waiter is not None and wpid == me and not waiter.abandoned:
+                    waiter.stop()
+                    self._waiter = (me, None)
             finally:
                 self._writer_lock().release()
 
@@ -459,34 +521,15 @@ class Registry:
 
     def _wait_flock(self, fd: int) -> bool:
         """A blocking flock, woken by the kernel at the holder's release, bounded by
-        ``timeout``: the blocking call runs in a helper thread (no flock call takes a
-        deadline, and a signal cannot be aimed at one thread from a library) that this
-        thread waits for. On time-out the helper is abandoned and closes ``fd`` (dropping
-        the lock) once it gets it."""
-        done = threading.Event()
-        mu = threading.Lock()
-        state: dict[str, Any] = {"abandoned": False, "error": None}
-
-        def wait() -> None:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
-            except OSError as e:
-                state["error"] = e
-            with mu:
-                if state["abandoned"]:
-                    os.close(fd)
-                    return
-                done.set()
-
-        threading.Thread(target=wait, name="cowdisk-registry-lock", daemon=True).start()
-        if not done.wait(self.timeout):
-            with mu:
-                if not done.is_set():
-                    state["abandoned"] = True
-                    return False
-        if state["error"] is not None:
-            raise KernelError.from_oserror("lock", self.lock_path, state["error"]) from None
-        return True
+        ``timeout``: the blocking call runs in this process's waiter thread (no flock call
+        takes a deadline, and a library cannot aim a signal at one thread) while this
+        thread waits for it. On time-out that waiter is abandoned: it closes ``fd``
+        (dropping the lock) once it gets it, and the next wait starts a new one."""
+        pid, waiter = self._waiter
+        if waiter is None or pid != os.getpid() or waiter.abandoned:
+            waiter = _FlockWaiter()
+            self._waiter = (os.getpid(), waiter)
+        return waiter.wait(fd, self.timeout, self.lock_path)
 
     def _run_tx(self, c: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
         try:

@@ -15,6 +15,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -182,3 +183,34 @@ def test_a_read_only_registry_takes_no_lock(tmp_path) -> None:
         assert not os.path.exists(f"{db}.lock")
     finally:
         r.close()
+
+
+def test_the_waiter_thread_serves_every_wait_and_ends_with_close(db) -> None:
+    """A contended write waits through one waiter thread per registry (not a thread per
+    wait), which ends when the registry closes."""
+    def waiters() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name == "cowdisk-registry-lock"]
+
+    before = set(waiters())
+    fd = os.open(f"{db}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    r = Registry(db)
+    try:
+        for i in range(3):
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            t = threading.Thread(target=r.record_object, args=("v", "test", f"o{i}"))
+            t.start()
+            deadline = time.monotonic() + 120
+            while blocked_waiters(f"{db}.lock") == 0:
+                assert time.monotonic() < deadline, "the write never waited on the lock"
+                time.sleep(0.01)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            t.join(120)
+            assert not t.is_alive()
+        assert len(set(waiters()) - before) == 1
+        assert sorted(n for (n,) in raw(db, "SELECT name FROM objects")) == ["o0", "o1", "o2"]
+    finally:
+        r.close()
+        os.close(fd)
+    for t in set(waiters()) - before:
+        t.join(60)
+        assert not t.is_alive()

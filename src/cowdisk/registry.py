@@ -616,9 +616,12 @@ class Registry:
 
     # -- templates ---------------------------------------------------------------
 
+    _T = ("SELECT t.*, (SELECT json_group_array(name) FROM template_names WHERE template_id=t.id) AS names_json"
+          " FROM templates t")
+    """A template's row with its names, in one statement."""
+
     def _template(self, r: sqlite3.Row) -> TemplateRow:
-        names = tuple(x[0] for x in self._q(
-            "SELECT name FROM template_names WHERE template_id=? ORDER BY name", (r["id"],)))
+        names = tuple(sorted(json.loads(r["names_json"])))
         return TemplateRow(r["id"], r["path"], r["size"], r["digest"], r["mtime_ns"], r["ino"],
                            bool(r["owned"]), r["source"], r["created"], r["state"], names, r["ctime_ns"])
 
@@ -645,12 +648,11 @@ class Registry:
                       (name, template_id))
 
     def find_template(self, ref: str) -> TemplateRow | None:
-        rows = self._q("SELECT * FROM templates WHERE id=?", (ref,))
+        rows = self._q(f"{self._T} WHERE t.id=?", (ref,))
         if not rows:
-            rows = self._q("SELECT t.* FROM templates t JOIN template_names n ON n.template_id=t.id"
-                           " WHERE n.name=?", (ref,))
+            rows = self._q(f"{self._T} JOIN template_names n ON n.template_id=t.id WHERE n.name=?", (ref,))
         if not rows and len(ref) >= 6:
-            rows = self._q("SELECT * FROM templates WHERE id LIKE ? OR digest LIKE ?", (ref + "%", ref + "%"))
+            rows = self._q(f"{self._T} WHERE t.id LIKE ? OR t.digest LIKE ?", (ref + "%", ref + "%"))
             if len(rows) > 1:
                 return None
         return self._template(rows[0]) if rows else None
@@ -663,7 +665,7 @@ class Registry:
         return t
 
     def templates(self) -> list[TemplateRow]:
-        return [self._template(r) for r in self._q("SELECT * FROM templates ORDER BY created")]
+        return [self._template(r) for r in self._q(f"{self._T} ORDER BY t.created")]
 
     def set_template_state(self, template_id: str, state: str) -> None:
         with self.tx() as c:
@@ -687,7 +689,7 @@ class Registry:
                  v.updated, v.parent, v.error))
 
     def find_template_by_source(self, source: str) -> TemplateRow | None:
-        rows = self._q("SELECT * FROM templates WHERE source=? ORDER BY created LIMIT 1", (source,))
+        rows = self._q(f"{self._T} WHERE t.source=? ORDER BY t.created LIMIT 1", (source,))
         return self._template(rows[0]) if rows else None
 
     def delete_template(self, template_id: str) -> None:

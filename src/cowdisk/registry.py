@@ -296,7 +296,7 @@ class Registry:
                 self._check_version()
             else:
                 self._migrate()
-        except KernelError:
+        except (KernelError, LockTimeout):
             self.close()
             raise
         except sqlite3.DatabaseError as e:

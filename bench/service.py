@@ -20,7 +20,9 @@ and, for the file backends, the floor: ``kernel`` (FICLONE + unlink in this proc
 kernel's own work with no bookkeeping) and ``kernel+3 fdatasync`` (plus the three
 fdatasyncs a durable create+remove needs at least: docs/architecture.md).
 
-Then: the create alone of (a) and (b) (what the API adds), create+remove operations per
+Then: the create alone of (a) and (b) (what the API adds), and of a Go caller
+(``bench/go``: net/http over the socket, its own timing; the platforms the daemon is
+for are written in Go and Rust), create+remove operations per
 second of 1 client process against 8 client processes on 8 different volumes (each a
 fixed number of cycles), and the daemon's RSS with ``--volumes`` volumes attached
 (listing them and scraping /metrics timed too). Goals (issue 12): the API adds at most
@@ -91,6 +93,53 @@ def daemon(root: str, sock: str, backend: str, log: str, processes: int | None) 
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
+
+
+class GoClient:
+    """bench/go (net/http over the socket, one keep-alive connection) as a process that
+    takes one request per line and answers with its status and the microseconds it took."""
+
+    def __init__(self, binary: str, sock: str) -> None:
+        self.p = subprocess.Popen([binary, sock], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                  bufsize=1)
+        self.call("health", 200)  # the connection, made once
+
+    def call(self, line: str, status: int) -> float:
+        assert self.p.stdin is not None and self.p.stdout is not None
+        self.p.stdin.write(line + "\n")
+        self.p.stdin.flush()
+        got = self.p.stdout.readline().split()
+        if len(got) != 2 or got[0] != str(status):
+            raise RuntimeError(f"bench/go: {line}: {' '.join(got) or 'no answer'}")
+        return int(got[1]) / 1e6
+
+    def close(self) -> None:
+        assert self.p.stdin is not None
+        self.p.stdin.close()
+        self.p.wait(30)
+
+
+@contextlib.contextmanager
+def go_client(base: str, sock: str) -> Iterator[GoClient | None]:
+    """bench/go built in the work dir (standard library only, nothing fetched); None
+    without a Go toolchain (install.sh installs golang-go)."""
+    go = shutil.which("go")
+    if go is None:
+        print("go missing: no Go caller figures (install.sh installs golang-go)", file=sys.stderr)
+        yield None
+        return
+    home = os.path.join(base, "gohome")
+    binary = os.path.join(base, "cowdisk-bench-go")
+    if not os.path.exists(binary):
+        subprocess.run([go, "build", "-o", binary, "."], cwd=os.path.join(ROOT, "bench", "go"), check=True,
+                       env={**env(), "HOME": home, "GOCACHE": os.path.join(home, "cache"),
+                            "GOPATH": os.path.join(home, "gopath"), "GOFLAGS": "-mod=mod", "GO111MODULE": "on",
+                            "GOTOOLCHAIN": "local", "GOPROXY": "off"})
+    g = GoClient(binary, sock)
+    try:
+        yield g
+    finally:
+        g.close()
 
 
 def curl(sock: str, method: str, path: str, body: str | None = None) -> None:
@@ -263,7 +312,8 @@ def bench_backend(name: str, args: argparse.Namespace, tag: str) -> dict[str, An
                                               f"e{i}"], check=True, env=env(), capture_output=True)),
         }
         samples: dict[str, list[float]] = {k: [] for k in ways}
-        creates: dict[str, list[float]] = {"lib": [], "client": [], "health": []}
+        creates: dict[str, list[float]] = {"lib": [], "client": [], "health": [], "go": [], "go health": []}
+        goc = stack.enter_context(go_client(base, sock))
         for i in range(args.iterations):
             for k, fn in ways.items():
                 if k == "cli" and i % args.cli_every:
@@ -279,8 +329,12 @@ def bench_backend(name: str, args: argparse.Namespace, tag: str) -> dict[str, An
                 creates[k].append(time.perf_counter() - t0)
                 rm(f"x{k}{i}")
             t0 = time.perf_counter()
-            c.health()  # the stack's own round trip: socket, HTTP, routing, the thread hop, JSON
+            c.health()  # the stack's own round trip: socket, HTTP, routing, JSON
             creates["health"].append(time.perf_counter() - t0)
+            if goc is not None:  # a Go caller (net/http), its own timing
+                creates["go"].append(goc.call(f"create xgo{i} base", 201))
+                goc.call(f"remove xgo{i}", 200)
+                creates["go health"].append(goc.call("health", 200))
         whole, inside = log_ms(log, "create", "xclient")
         creates["daemon"], creates["store"] = whole, inside
         out: dict[str, Any] = {"backend": name, "ways": {k: summary(v) for k, v in samples.items()},
@@ -324,6 +378,11 @@ def report(r: dict[str, Any]) -> None:
     print(f"create alone: lib {fmt_ms(cl['median_ms'])}, client {fmt_ms(cc['median_ms'])}: "
           f"the API adds {fmt_ms(added)} median (goal <= 0.5 ms: {'ok' if added <= 0.5 else 'MISSED'}); "
           f"a health request (the stack alone) {fmt_ms(r['create']['health']['median_ms'])}")
+    if "go" in r["create"]:
+        go, gh = r["create"]["go"]["median_ms"], r["create"]["go health"]["median_ms"]
+        print(f"  a Go caller (net/http, bench/go): create {fmt_ms(go)}: the API adds {fmt_ms(go - cl['median_ms'])} "
+              f"(goal <= 0.5 ms: {'ok' if go - cl['median_ms'] <= 0.5 else 'MISSED'}); a health request "
+              f"{fmt_ms(gh)}")
     if "store" in r["create"]:
         st, dm = r["create"]["store"]["median_ms"], r["create"]["daemon"]["median_ms"]
         print(f"  of the client's create: in the store {fmt_ms(st)} ({fmt_ms(st - cl['median_ms'])} vs the library "

@@ -1,0 +1,3 @@
+module example.com/cowdisk-bench
+
+go 1.19

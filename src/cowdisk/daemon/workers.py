@@ -2,8 +2,8 @@
 
 One Python process cannot use more than one core for the store's own work (the GIL), so
 eight clients on a 2-core host got 0.8-0.9x the operations per second of one. The
-daemon therefore forks ``processes`` worker processes after its start-up recovery;
-each opens its own :class:`~cowdisk.store.Store` on the same root, exactly as the CLI
+daemon therefore runs ``processes`` store worker processes; each opens its own
+:class:`~cowdisk.store.Store` on the same root (after the start-up recovery), as the CLI
 does beside a running daemon (the per-volume and per-template file locks and the
 registry's writer lock keep them apart). The event loop sends a call to an idle worker
 over a socketpair and awaits the answer without a thread: no thread hop, no GIL shared
@@ -12,12 +12,12 @@ with the HTTP parsing.
 A call is a module-level function (:mod:`.calls`) and its arguments, pickled (by
 reference: the function's module and name), run as ``fn(store, *args, **kwargs)``. The
 answer is ``("ok", value, seconds)`` or ``("err", error document, internal, seconds)``
-(``seconds``: the call's own time in the worker, for the operation's log line); the error comes
-back as the same exception type through :func:`.protocol.error_from_document`, the
-daemon's one error model.
+(``seconds``: the call's own time in the worker, for the operation's log line); the
+error comes back as the same exception type through
+:func:`.protocol.error_from_document`, the daemon's one error model.
 
 A worker that dies during a call (killed by the OOM killer, a crash point of the tests)
-ends that call with a :class:`WorkerDied` error; before the caller gets it, another
+ends that call with a :class:`~.protocol.WorkerDied` error; before the caller gets it, another
 worker runs the store's recovery, which rolls back or finishes the dead worker's
 operation (its intent names the dead PID), and the error says what recovery did. A new
 worker takes the dead one's place.

@@ -3,7 +3,7 @@
 # Debian machine (run as root). Safe to run again.
 set -eu
 cd "$(dirname "$0")"
-PKGS="qemu-system-x86 busybox-static kmod cpio e2fsprogs xfsprogs btrfs-progs util-linux dmsetup thin-provisioning-tools fio curl golang-go"
+PKGS="qemu-system-x86 busybox-static kmod cpio e2fsprogs xfsprogs btrfs-progs util-linux dmsetup thin-provisioning-tools fio curl golang-go strace"
 # a stock Debian has no pip for its python3
 python3 -m pip --version >/dev/null 2>&1 || PKGS="$PKGS python3-pip"
 # container images -> templates: skopeo reads OCI layouts/archives and docker-save archives, umoci unpacks

@@ -324,8 +324,9 @@ class Registry:
                     c.execute("PRAGMA journal_mode=WAL")
                 except sqlite3.OperationalError as e:
                     raise self._os_error("open registry", e) from e
-            c.execute("PRAGMA synchronous=FULL")
-            self._local.sync_full = True
+            # every commit is written without an fsync; a durable one is made durable by
+            # the WAL's fdatasync after the locks are let go (tx: the group commit)
+            c.execute("PRAGMA synchronous=NORMAL")
             c.execute("PRAGMA foreign_keys=ON")
             c.execute(f"PRAGMA busy_timeout={int(self.timeout * 1000)}")
             self._local.conn = c
@@ -378,12 +379,22 @@ class Registry:
         """One write transaction (BEGIN IMMEDIATE ... COMMIT, ROLLBACK on error). A full or
         read-only filesystem raises KernelError(ENOSPC or EROFS) naming the registry.
 
-        ``durable=False`` commits without an fsync (WAL, synchronous=NORMAL): the commit
-        survives the process being killed but not a power loss, and the next durable
-        commit makes it durable too (the WAL is written in order). Used for the kernel
-        object records: a power loss takes the loops and dm devices with it, and files it
-        leaves behind are found by recovery's directory scan, so those records need only
-        outlive the process."""
+        Every commit is written to the WAL without an fsync (synchronous=NORMAL). A durable
+        one (the default) then waits for the WAL's ``fdatasync`` *after* the writer locks
+        are let go, before it returns: the WAL is one file written in order, so that one
+        fdatasync makes this commit and every earlier one durable, and writers of other
+        processes and threads commit meanwhile (a group commit: their fdatasyncs overlap and
+        the filesystem's log serves several at once). Under ``synchronous=FULL`` each
+        commit held the writer lock through its own fsync. What the caller is promised is
+        the same: when ``tx`` returns, the commit survives a power loss. Another writer may
+        *see* it a moment before it is durable; anything that writer does to the kernel or
+        files waits for its own durable intent first, whose fdatasync covers this commit.
+
+        ``durable=False`` skips the fdatasync: the commit survives the process being killed
+        but not a power loss, and the next durable commit makes it durable too. Used for
+        the kernel object records: a power loss takes the loops and dm devices with it, and
+        files it leaves behind are found by recovery's directory scan, so those records
+        need only outlive the process."""
         if self.read_only:
             raise KernelError("write registry", self.path, errno.EROFS,
                               hint="the store's filesystem is read-only: only reading commands work")
@@ -401,11 +412,6 @@ class Registry:
         try:
             fd = self._lock_across_processes()
             try:
-                # the connection keeps the last setting: changed only when this commit
-                # waits differently from the one before (every write is a tx, see above)
-                if self._local.sync_full != durable:
-                    c.execute("PRAGMA synchronous=FULL" if durable else "PRAGMA synchronous=NORMAL")
-                    self._local.sync_full = durable
                 try:
                     c.execute("BEGIN IMMEDIATE")
                 except sqlite3.OperationalError as e:
@@ -430,6 +436,25 @@ class Registry:
                 fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
             writer.release()
+        if durable:  # committed (an error above has left already): now wait for the disk
+            self._sync_wal()
+
+    def _sync_wal(self) -> None:
+        """fdatasync the registry's WAL (opened afresh: SQLite may have made it anew after a
+        checkpoint). No WAL: everything was checkpointed into the database, and synced."""
+        wal = self.path + "-wal"
+        try:
+            fd = os.open(wal, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            raise KernelError.from_oserror("sync registry", wal, e) from None
+        try:
+            os.fdatasync(fd)
+        except OSError as e:
+            raise KernelError.from_oserror("sync registry", wal, e) from None
+        finally:
+            os.close(fd)
 
     @contextmanager
     def deferring(self) -> Iterator[None]:

@@ -5,6 +5,9 @@ crash points derived from the declarations."""
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import sys
 import time
 
 import pytest
@@ -112,54 +115,89 @@ def test_remove_deletes_the_row_with_the_end_of_its_intent(reg: Registry) -> Non
     assert reg.find_volume("v") is None and reg.intents() == []
 
 
-def _commits(reg: Registry, run) -> list[str]:
-    """``durable``/``relaxed`` for each transaction ``run`` commits, as SQLite is told."""
-    sql: list[str] = []
-    # the connection keeps its last setting between commits: start from it
-    relaxed = reg._conn().execute("PRAGMA synchronous").fetchone()[0] != 2  # 2: FULL
-    reg._conn().set_trace_callback(sql.append)
-    try:
-        run()
-    finally:
-        reg._conn().set_trace_callback(None)
-    out = []
-    for q in sql:
-        relaxed = relaxed or q == "PRAGMA synchronous=NORMAL"
-        if q == "COMMIT":
-            out.append("relaxed" if relaxed else "durable")
-        if q == "PRAGMA synchronous=FULL":
-            relaxed = False
-    return out
+CHILD = r"""
+import os, sys, time
+from cowdisk.registry import ATTACHED, CREATING, Registry, TemplateRow, VolumeRow
+from cowdisk.store.transition import CHECKPOINT, CREATE, REMOVE, Transition
+
+reg = Registry(sys.argv[1])
+reg.add_template(TemplateRow("t1", "/nowhere/disk.img", 4096, "d" * 64, 0, 0, False, "test", time.time(), "ready"))
+mark = os.open(os.devnull, os.O_WRONLY)
+reg._conn().set_trace_callback(lambda q: os.write(mark, b"@COMMIT") if q == "COMMIT" else None)
 
 
-def test_only_the_commits_recovery_depends_on_wait_for_the_disk(reg: Registry) -> None:
+def create():
+    now = time.time()
+    with Transition(reg, CREATE, "v", row=VolumeRow("v", "t1", "copy", CREATING, 4096, "/nowhere/v", None, now,
+                                                   now, None, None)) as t:
+        t.step("volume", lambda: "/dev/x")
+        t.step("link", reg.set_link, "/links/v/rootfs", "v", "/dev/x")
+        t.finish(device="/dev/x")
+
+
+def checkpoint():
+    with Transition(reg, CHECKPOINT, "v") as t:
+        t.step("detach", lambda: None)
+        t.step("links", reg.drop_link, "/links/v/rootfs", volume_id="v")
+        t.finish(device=None)
+
+
+def remove():
+    with Transition(reg, REMOVE, "v") as t:
+        t.step("detach", lambda: None)
+        t.step("data", lambda: None)
+        t.finish()
+
+
+for name, fn in (("create", create), ("checkpoint", checkpoint), ("remove", remove)):
+    os.write(mark, f"@OP {name}".encode())
+    fn()
+assert reg.find_volume("v") is None and reg.intents() == [] and reg.links() == []
+os.write(mark, b"@END")  # closing checkpoints the WAL into the database (its own syncs)
+reg.close()
+"""
+
+
+def _commits_seen_by_strace(tmp_path) -> dict[str, list[str]]:
+    """``durable``/``relaxed`` for each commit of create, checkpoint and remove, as the
+    kernel sees it: a child process runs them under strace, which shows each COMMIT (a
+    marker write) and each fdatasync of the registry's WAL. A commit followed by the
+    WAL's fdatasync before the next commit waited for the disk."""
+    strace = shutil.which("strace")
+    if strace is None:
+        pytest.fail("strace missing: install.sh installs it")
+    out = tmp_path / "strace.txt"
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    db = str(tmp_path / "child.db")
+    subprocess.run([strace, "-f", "-qq", "-y", "-s", "64", "-e", "trace=fdatasync,fsync,write", "-o", str(out),
+                    sys.executable, str(script), db], check=True, timeout=120)
+    ops: dict[str, list[str]] = {}
+    cur: list[str] | None = None
+    for line in out.read_text().splitlines():
+        if '"@END"' in line:
+            cur = None
+        elif '"@OP ' in line:
+            cur = ops.setdefault(line.split('"@OP ', 1)[1].split('"', 1)[0], [])
+        elif '"@COMMIT"' in line and cur is not None:
+            cur.append("relaxed")
+        elif ("fdatasync(" in line or "fsync(" in line) and cur:
+            assert f"<{db}-wal>" in line, line  # only the WAL is synced (no checkpoint here)
+            cur[-1] = "durable"
+    return ops
+
+
+def test_only_the_commits_recovery_depends_on_wait_for_the_disk(tmp_path) -> None:
     """The power-loss rule (docs/architecture.md): the intent is durable before the first
     kernel object; the done state is durable for an operation recovery would undo (create),
     not for one it finishes (checkpoint, remove); link rows ride on those commits, a dropped
-    one with the done state's."""
-    def create() -> None:
-        with Transition(reg, CREATE, "v", row=row("v")) as t:
-            t.step("volume", lambda: "/dev/x")
-            t.step("link", reg.set_link, "/links/v/rootfs", "v", "/dev/x")
-            t.finish(device="/dev/x")
-
-    def checkpoint() -> None:
-        with Transition(reg, CHECKPOINT, "v") as t:
-            t.step("detach", lambda: None)
-            t.step("links", reg.drop_link, "/links/v/rootfs", volume_id="v")
-            t.finish(device=None)
-
-    def remove() -> None:
-        with Transition(reg, REMOVE, "v") as t:
-            t.step("detach", lambda: None)
-            t.step("data", lambda: None)
-            t.finish()
-
-    assert _commits(reg, create) == ["durable", "relaxed", "durable"]
-    # the link's row, dropped once the link is gone, is written with the done state
-    assert _commits(reg, checkpoint) == ["durable", "relaxed"]
-    assert _commits(reg, remove) == ["durable", "relaxed"]
-    assert reg.find_volume("v") is None and reg.intents() == [] and reg.links() == []
+    one with the done state's. Seen in the syscalls: one WAL fdatasync after each durable
+    commit, none after a relaxed one."""
+    assert _commits_seen_by_strace(tmp_path) == {
+        "create": ["durable", "relaxed", "durable"],
+        # the link's row, dropped once the link is gone, is written with the done state
+        "checkpoint": ["durable", "relaxed"],
+        "remove": ["durable", "relaxed"]}
 
 
 def test_records_of_gone_things_are_written_with_the_done_state_and_only_their_own(reg: Registry) -> None:

@@ -5,7 +5,8 @@ step of that operation, exactly as a power cut or an OOM kill would stop it.
 ``COWDISK_PAUSE_AT=<op>:<step>`` makes it sleep there (``COWDISK_PAUSE_S`` seconds,
 default 1), so that a test can run another operation inside a window that is otherwise
 microseconds wide; with ``COWDISK_PAUSE_MARK=<path>`` it first writes its PID to that
-file, so the test knows the process is there (a daemon's store worker, say). Unset (always, outside tests) each costs one environment lookup.
+file, so the test knows the process is there (a daemon's store worker, say). Unset
+(always, outside tests) each costs one environment lookup.
 """
 
 from __future__ import annotations

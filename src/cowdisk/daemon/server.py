@@ -40,7 +40,7 @@ import anyio.to_thread
 import uvicorn
 from fastapi import FastAPI
 
-from ..errors import CowdiskError, KernelError
+from ..errors import CowdiskError, KernelError, LockTimeout
 from ..kernel import procfs
 from ..locks import FileLock
 from ..store import Store
@@ -106,18 +106,16 @@ until the kernel has delivered their PR_SET_PDEATHSIG."""
 def take_instance_lock(cfg: Config) -> FileLock:
     os.makedirs(os.path.join(cfg.root, "locks"), exist_ok=True)
     path = os.path.join(cfg.root, "locks", "daemon.lock")
-    lock = FileLock(path, timeout=0, what=f"daemon of store {cfg.root}", pid_hint=True)
-    end = time.monotonic() + INSTANCE_WAIT
-    held = lock.try_acquire()
-    while not held and time.monotonic() < end:
-        time.sleep(0.02)  # the store workers of a daemon just killed are dying with it
-        held = lock.try_acquire()
-    if not held:
+    # the wait: the store workers of a daemon just killed are dying with it
+    lock = FileLock(path, timeout=INSTANCE_WAIT, what=f"daemon of store {cfg.root}", pid_hint=True)
+    try:
+        lock.acquire()
+    except LockTimeout:
         holders = [p for p, _ in procfs.lock_holders(path)]
         who = ", ".join(f"PID {p} ({procfs.cmdline(p) or '?'})" for p in holders) or "another process"
-        lock.release()
         raise CowdiskError(f"a cowdiskd already serves store {cfg.root}: {who}", op="start daemon", obj=cfg.root,
-                           hint=f"stop it first (kill -TERM {holders[0] if holders else 'PID'}), or use its socket")
+                           hint=f"stop it first (kill -TERM {holders[0] if holders else 'PID'}), or use its "
+                                "socket") from None
     return lock
 
 

@@ -244,7 +244,6 @@ class Worker:
         self.pid = pid
         self.sock = sock
         self.proc = proc
-        self.calls = 0
         self.link: Link | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
 
@@ -456,7 +455,6 @@ class Pool:
             self._retire(w)
             raise
         idle.put_nowait(w)
-        w.calls += 1
         if info is not None:
             info["store_s"] = answer[-1]
             info["worker"] = w.pid

@@ -222,8 +222,10 @@ class Store(StoreParts):
     # -- volumes: state changes -----------------------------------------------------
 
     def _transition(self, op: Operation, vid: str, **kw: Any) -> Transition:
-        """A transition of volume ``vid`` that keeps its manifest up to date."""
-        return Transition(self.registry, op, vid, on_change=self.write_manifest, **kw)
+        """A transition of volume ``vid`` that keeps its manifest up to date (``on_change``:
+        a caller that writes it another way)."""
+        kw.setdefault("on_change", self.write_manifest)
+        return Transition(self.registry, op, vid, **kw)
 
     def _undo(self, v: VolumeRow, ctx: VolumeCtx) -> recovery.Undo:
         """The in-process undo of an operation: the handler recovery runs after a crash."""
@@ -261,8 +263,8 @@ class Store(StoreParts):
             def write_done(_vid: str) -> None:  # the manifest from what was just committed, not read back
                 self.write_manifest(vid, known=(done[0], t, [(link, done[0].device or "")]))
 
-            with Transition(self.registry, CREATE, vid, row=row, undo=self._undo(row, ctx), on_change=write_done,
-                            begin=record_ahead) as tr:
+            with self._transition(CREATE, vid, row=row, undo=self._undo(row, ctx), on_change=write_done,
+                                  begin=record_ahead) as tr:
                 dev = tr.step("volume", self._make_volume, ctx, grow_fs and nbytes > t.size // 512 * 512)
                 # the link's row is committed with the done state: until then the undo removes
                 # the whole link directory (see set_link)

@@ -89,17 +89,20 @@ class Daemon:
     def worker_pids(self) -> list[int]:
         """The daemon's store worker processes (its children named cowdisk-worker)."""
         assert self.proc is not None
+        pid = self.proc.pid
+        try:
+            with open(f"/proc/{pid}/task/{pid}/children") as f:  # its main thread forks and spawns them
+                kids = [int(x) for x in f.read().split()]
+        except OSError:
+            return []
         out = []
-        for d in os.listdir("/proc"):
-            if not d.isdigit():
-                continue
+        for k in kids:
             try:
-                with open(f"/proc/{d}/stat") as f:
-                    comm, rest = f.read().rsplit(")", 1)
+                with open(f"/proc/{k}/comm") as f:
+                    if f.read().strip() == "cowdisk-worker":
+                        out.append(k)
             except OSError:
-                continue
-            if int(rest.split()[1]) == self.proc.pid and comm.endswith("(cowdisk-worker"):
-                out.append(int(d))
+                pass
         return sorted(out)
 
     def signal(self, sig: int) -> None:

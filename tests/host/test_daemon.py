@@ -197,9 +197,13 @@ def test_direct_path_answers_as_fastapi_does(daemon: Daemon) -> None:
                         json.dumps({"id": "t", "template": "base"}), "-w", "\n%{http_code}",
                         "http://cowdisk/v1/volumes"], capture_output=True, text=True, check=True)
     assert r.stdout.rpartition("\n")[2] != "201" and "t" not in {v.id for v in c.volumes()}  # as FastAPI reads it
-    for vid in ("nope", "bad..id"):
+    for vid in ("nope", "bad..id", "nope?deadline=5", "nope?deadline=0.25", "nope?deadline=abc",
+                "nope?deadline=-1", "nope?deadline=301", "nope?deadline=1e1", "nope?deadline="):
         d, f = both("DELETE", f"/v1/volumes/{vid}")
         assert d == f and d[0] in (400, 404), (vid, d, f)
+    big = {"id": "big", "template": "base", "pad": "x" * (2 << 20)}  # past the body limit: 413, nothing made
+    d, f = both("POST", "/v1/volumes", big)
+    assert d == f and d[0] == 413, (d, f)
     assert curl(daemon.sock, "DELETE", "/v1/volumes/d1")[0] == 200
     assert curl(daemon.sock, "DELETE", "/v1/volumes/f1?deadline=5")[0] == 200
     assert c.volumes() == []
@@ -666,6 +670,53 @@ def test_store_calls_run_in_several_processes(tmp_path, sockdir) -> None:
     destroy(root)
 
 
+def test_one_worker_runs_calls_at_once(tmp_path, sockdir) -> None:
+    """With one store worker process (``--processes 1 --workers 3``), a create standing
+    still inside it does not hold up the others: a remove and a read run beside it in the
+    same process and answer first; a fourth call past the three slots waits its turn."""
+    root = str(tmp_path / "store")
+    store = Store(root, backend="copy")
+    store.build_template(make_tree(str(tmp_path / "tree")), "base")
+    for vid in ("a", "b"):
+        store.create_volume(vid, "base")
+    store.close()
+    mark = tmp_path / "paused"
+    with Daemon(root, os.path.join(sockdir, "d.sock"), "--processes", "1", "--workers", "3",
+                extra_env={"COWDISK_PAUSE_AT": "create:volume", "COWDISK_PAUSE_S": "4",
+                           "COWDISK_PAUSE_MARK": str(mark)}) as d:
+        d.start()
+        [worker] = d.worker_pids()
+        done: list[str] = []
+        slow = [threading.Thread(target=lambda v=v: (d.client.create_volume(v, "base"), done.append(v)))
+                for v in ("s1", "s2", "s3")]
+        slow[0].start()
+        wait_for(mark.exists, what="the first create to reach its pause")
+        d.client.remove_volume("a")
+        assert d.client.volume("s1").state == "creating"
+        done.append("a")
+        mark.unlink()
+        slow[1].start()
+        wait_for(mark.exists, what="the second create to reach its pause")
+        mark.unlink()
+        slow[2].start()  # the third slot's call: it pauses too
+        wait_for(mark.exists, what="the third create to reach its pause")
+        t0 = time.monotonic()
+        d.client.remove_volume("b")  # a fourth call: waits for a slot
+        waited = time.monotonic() - t0
+        done.append("b")
+        for t in slow:
+            t.join(30)
+        assert done[0] == "a" and done.index("b") > done.index("s1"), done
+        assert waited > 0.5, waited
+        recs = [r for r in d.log_records(until=lambda rs: sum(r.get("op") in ("create", "remove")
+                                                               for r in rs) >= 5)
+                if r.get("op") in ("create", "remove")]
+        assert {r["worker"] for r in recs} == {worker} and all(r["result"] == "ok" for r in recs), recs
+        assert sorted(v.id for v in d.client.volumes()) == ["s1", "s2", "s3"]
+        assert d.stop() == 0
+    destroy(root)
+
+
 def test_processes_0_runs_the_store_in_the_daemon(tmp_path, sockdir) -> None:
     """``processes = 0``: no worker process; store calls and jobs run in the daemon's threads."""
     root = str(tmp_path / "store")
@@ -866,9 +917,10 @@ def test_check_config(tmp_path, sockdir) -> None:
 
 def curl(sock: str, method: str, path: str, body: object = None) -> tuple[int, str]:
     argv = ["curl", "-sS", "--unix-socket", sock, "-X", method, "-w", "\n%{http_code}", f"http://cowdisk{path}"]
-    if body is not None:
-        argv += ["-H", "Content-Type: application/json", "-d", json.dumps(body)]
-    r = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=True)
+    if body is not None:  # on stdin: a body may be longer than one argument can be
+        argv += ["-H", "Content-Type: application/json", "--data-binary", "@-"]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=True,
+                       input=None if body is None else json.dumps(body))
     text, _, code = r.stdout.rpartition("\n")
     return int(code), text
 

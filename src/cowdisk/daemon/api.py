@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import time
 from typing import Any, Callable, TypeVar
 
@@ -62,6 +63,17 @@ class Service:
         self.started = time.time()
         self.recovery: dict[str, list[str]] = {}
         self.stopping = False
+
+    # the two calls a platform makes most, shared by their FastAPI endpoints and :class:`Direct`
+
+    async def create(self, peer: Peer, body: m.CreateIn) -> Response:
+        _ids((body.id, "volume id"), (body.template, "template name or id"))
+        return Encoded(await self.call("create", body.id, peer, calls.create, body.id, body.template, body.size,
+                                       body.grow_fs), 201)
+
+    async def remove(self, peer: Peer, vid: str, deadline: float) -> Response:
+        validate_id(vid)
+        return Encoded(await self.call("remove", vid, peer, calls.remove, vid, deadline))
 
     async def call(self, op: str, obj: str, peer: Peer, fn: Callable[..., T], *args: Any, mutating: bool = True,
                    **kwargs: Any) -> T:
@@ -124,6 +136,11 @@ def J(doc: Any, status: int = 200) -> JSONResponse:
     return JSONResponse(doc, status_code=status)
 
 
+def Encoded(body: bytes, status: int = 200) -> Response:
+    """An answer encoded by the store worker (:func:`.calls.encoded`)."""
+    return Response(body, status_code=status, media_type="application/json")
+
+
 def peer_of(request: Request) -> Peer:
     return _peer(request.scope)
 
@@ -159,42 +176,51 @@ def internal_error(method: str, path: str, e: BaseException) -> JSONResponse:
 
 
 class Direct:
-    """ASGI middleware: the two calls a platform makes most (``POST /v1/volumes`` and
-    ``DELETE /v1/volumes/{id}``), in their plain form, answered without FastAPI's routing
-    and dependency solving (0.15-0.2 ms of a create here), by the same handlers the
-    FastAPI endpoints call (:func:`create_app`'s ``create`` and ``remove``), with the same
-    validation (the same pydantic model, the same id checks) and the same error documents.
-    Anything else, and any request the plain form does not cover (a query string, a body
-    the model refuses), goes on to FastAPI unchanged (its body replayed), which answers it
-    as the reference."""
+    """ASGI middleware in front of FastAPI: the two calls a platform makes most
+    (``POST /v1/volumes`` and ``DELETE /v1/volumes/{id}``, with at most a ``deadline``),
+    answered without FastAPI's middleware stack, routing and dependency solving (about
+    0.2 ms of a create here), by the same handlers its endpoints call
+    (:meth:`Service.create`, :meth:`Service.remove`), with the same validation (the same
+    pydantic model, the same id checks) and the same error documents. Anything else, and
+    any request the plain form does not cover (another query, a body the model refuses or
+    longer than :data:`MAX_BODY`), goes on to FastAPI unchanged (its body replayed), which
+    answers it as the reference. Every request declaring a body longer than
+    :data:`MAX_BODY` is refused here (413, the error document), before it is read."""
 
-    def __init__(self, app: ASGIApp, create: Callable[[Peer, m.CreateIn], Any],
-                 remove: Callable[[Peer, str, float], Any]) -> None:
+    def __init__(self, app: ASGIApp, svc: Service) -> None:
         self.app = app
-        self.create = create
-        self.remove = remove
+        self.svc = svc
         self.prefix = f"{API}/volumes/"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["query_string"]:
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        method, path = scope["method"], scope["path"]
-        if method == "POST" and path == f"{API}/volumes" and _json_body(scope):
+        method, path, query = scope["method"], scope["path"], scope["query_string"]
+        if _declared_length(scope) > MAX_BODY:
+            e = InvalidArgument(f"{method} {path}: the request body is longer than {MAX_BODY} bytes",
+                                op=f"{method} {path}", obj=path, hint="see /openapi.json for the API")
+            await JSONResponse(error_document(e), status_code=413)(scope, receive, send)
+            return
+        if method == "POST" and path == f"{API}/volumes" and not query and _json_body(scope):
             raw = b""
             while True:
                 msg = await receive()
                 raw += msg.get("body", b"")
                 if not msg.get("more_body"):
                     break
+                if len(raw) > MAX_BODY:  # FastAPI's body limit answers it (413)
+                    await self.app(scope, _replay(raw, receive, more=True), send)
+                    return
             try:
                 body = m.CreateIn.model_validate_json(raw)
             except ValueError:  # pydantic's ValidationError: FastAPI words the 400
                 await self.app(scope, _replay(raw, receive), send)
                 return
-            call = self.create(_peer(scope), body)
-        elif method == "DELETE" and path.startswith(self.prefix) and "/" not in path[len(self.prefix):]:
-            call = self.remove(_peer(scope), path[len(self.prefix):], 5.0)
+            call = self.svc.create(_peer(scope), body)
+        elif (method == "DELETE" and path.startswith(self.prefix) and "/" not in path[len(self.prefix):]
+              and (deadline := _deadline(query)) is not None):
+            call = self.svc.remove(_peer(scope), path[len(self.prefix):], deadline)
         else:
             await self.app(scope, receive, send)
             return
@@ -205,6 +231,33 @@ class Direct:
         except Exception as e:  # noqa: BLE001 - a bug: answered and logged as FastAPI would
             answer = internal_error(method, path, e)
         await answer(scope, receive, send)
+
+
+MAX_BODY = 1 << 20
+"""The longest request body the daemon reads: one declared longer is refused (413) before
+it is read; one sent in chunks is cut off there by FastAPI's own limit."""
+
+
+def _declared_length(scope: Scope) -> int:
+    for k, v in scope["headers"]:
+        if k == b"content-length":
+            return int(v) if v.isdigit() else 0
+    return 0
+
+
+def _deadline(query: bytes) -> float | None:
+    """A remove's deadline from its query string when that is empty (the default, 5 s) or
+    exactly ``deadline=<seconds>`` within the endpoint's bounds; None for FastAPI to read."""
+    if not query:
+        return 5.0
+    key, _, value = query.partition(b"=")
+    if key != b"deadline" or not _SECONDS.fullmatch(value):
+        return None
+    d = float(value)
+    return d if d <= 300 else None
+
+
+_SECONDS = re.compile(rb"[0-9]{1,6}(\.[0-9]{1,9})?")
 
 
 def _json_body(scope: Scope) -> bool:
@@ -220,14 +273,15 @@ def _peer(scope: Scope) -> Peer:
     return peer
 
 
-def _replay(raw: bytes, receive: Receive) -> Receive:
+def _replay(raw: bytes, receive: Receive, *, more: bool = False) -> Receive:
+    """``receive`` with the body read so far given again first (``more``: the rest follows)."""
     sent = False
 
     async def again() -> Message:
         nonlocal sent
         if not sent:
             sent = True
-            return {"type": "http.request", "body": raw, "more_body": False}
+            return {"type": "http.request", "body": raw, "more_body": more}
         return await receive()
 
     return again
@@ -249,7 +303,7 @@ def create_app(svc: Service) -> FastAPI:
                     "verify, volume fork, flatten) return a job. Errors are one document: "
                     "{\"error\": {type, exit_code, message, hint, op, object, errno, notes}}. "
                     "See docs/daemon.md.",
-        docs_url=None, redoc_url=None, openapi_url="/openapi.json",
+        docs_url=None, redoc_url=None, openapi_url="/openapi.json", max_body_size=MAX_BODY,
     )
     @app.exception_handler(CowdiskError)
     async def _cowdisk_error(request: Request, e: CowdiskError) -> JSONResponse:
@@ -412,19 +466,10 @@ def create_app(svc: Service) -> FastAPI:
             validate_id(template, "template name or id")
         return J(await svc.read(calls.volumes, template))
 
-    async def create(peer: Peer, body: m.CreateIn) -> JSONResponse:
-        _ids((body.id, "volume id"), (body.template, "template name or id"))
-        return J(await svc.call("create", body.id, peer, calls.create, body.id, body.template, body.size,
-                                body.grow_fs), 201)
-
-    async def remove(peer: Peer, vid: str, deadline: float) -> JSONResponse:
-        validate_id(vid)
-        return J(await svc.call("remove", vid, peer, calls.remove, vid, deadline))
-
     @app.post(f"{API}/volumes", status_code=201, response_model=m.VolumeOut, tags=["volumes"], responses=ERRORS)
-    async def volume_create(request: Request, body: m.CreateIn) -> JSONResponse:
+    async def volume_create(request: Request, body: m.CreateIn) -> Response:
         """Create a volume over a template, attached, with its stable link."""
-        return await create(peer_of(request), body)
+        return await svc.create(peer_of(request), body)
 
     @app.get(f"{API}/volumes/{{vid}}", response_model=m.VolumeOut, tags=["volumes"], responses=ERRORS)
     async def volume_get(vid: str) -> JSONResponse:
@@ -434,9 +479,9 @@ def create_app(svc: Service) -> FastAPI:
 
     @app.delete(f"{API}/volumes/{{vid}}", response_model=m.Removed, tags=["volumes"], responses=ERRORS)
     async def volume_remove(request: Request, vid: str, deadline: float = Query(5.0, ge=0, le=300, description=(
-            "Seconds to wait for a briefly busy device"))) -> JSONResponse:
+            "Seconds to wait for a briefly busy device"))) -> Response:
         """Detach and delete a volume and its data (409 InUse while a VM holds it)."""
-        return await remove(peer_of(request), vid, deadline)
+        return await svc.remove(peer_of(request), vid, deadline)
 
     @app.get(f"{API}/volumes/{{vid}}/usage", response_model=m.UsageOut, tags=["volumes"], responses=ERRORS)
     async def volume_usage(vid: str) -> JSONResponse:
@@ -554,6 +599,13 @@ def create_app(svc: Service) -> FastAPI:
            (f"{API}/volumes/{{vid}}/checkpoint", "POST"), (f"{API}/volumes/{{vid}}/restore", "POST")}
     app.router.routes.sort(key=lambda r: not any((getattr(r, "path", ""), meth) in hot
                                                  for meth in getattr(r, "methods", None) or ()))
-    app.add_middleware(Direct, create=create, remove=remove)
-    app.add_middleware(PeerGate, cfg=cfg)  # outermost: the allowlist before anything
     return app
+
+
+def asgi_app(svc: Service) -> tuple[ASGIApp, FastAPI]:
+    """What uvicorn serves: the allowlist (:class:`PeerGate`) first, then :class:`Direct`,
+    then FastAPI with every endpoint (and its own middleware stack: error handling,
+    telemetry, the body limit), which a plain create or remove never enters. Also the
+    FastAPI app itself (its router runs the lifespan)."""
+    app = create_app(svc)
+    return PeerGate(Direct(app, svc), svc.cfg), app

@@ -39,12 +39,13 @@ from typing import Any, AsyncIterator, Callable
 import anyio.to_thread
 import uvicorn
 from fastapi import FastAPI
+from starlette.types import ASGIApp
 
 from ..errors import CowdiskError, KernelError, LockTimeout
 from ..kernel import procfs
 from ..locks import FileLock
 from ..store import Store
-from .api import Service, create_app
+from .api import Service, asgi_app
 from .config import Config
 from .logs import in_background, setup_logging
 from .metrics import Metrics
@@ -198,7 +199,7 @@ class Server(uvicorn.Server):
         await super().shutdown(sockets=sockets)
 
 
-def build(cfg: Config, store: Store, metrics: Metrics, pool: Pool) -> tuple[FastAPI, Service]:
+def build(cfg: Config, store: Store, metrics: Metrics, pool: Pool) -> tuple[ASGIApp, Service]:
     svc = Service(store, cfg, metrics, pool)
 
     @asynccontextmanager
@@ -213,10 +214,10 @@ def build(cfg: Config, store: Store, metrics: Metrics, pool: Pool) -> tuple[Fast
             log.warning("store workers killed at exit: %s; the next start's recovery completes their calls",
                         killed)
 
-    app = create_app(svc)
+    outer, app = asgi_app(svc)
     app.router.lifespan_context = lifespan
     metrics.attach(store, svc.jobs, pool)
-    return app, svc
+    return outer, svc
 
 
 def run(cfg: Config) -> int:
@@ -253,6 +254,7 @@ def run(cfg: Config) -> int:
             try:
                 server = Server(uvicorn.Config(
                     app, http=PeerCredProtocol, lifespan="on", log_config=None, access_log=False,
+                    proxy_headers=False,  # a unix socket: no proxy in front, no forwarded headers to read
                     timeout_graceful_shutdown=int(cfg.shutdown_timeout) or 1, timeout_keep_alive=30,
                     server_header=False, date_header=False), svc)
                 log.info("listening", extra={"fields": {"socket": cfg.socket, "store_workers": pool.pids(),

@@ -41,10 +41,12 @@ before: for hosts where one process is enough.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import ctypes
 import gc
+import itertools
 import logging
 import os
 import pickle
@@ -53,6 +55,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 from typing import Any, Callable, NoReturn, TypeVar
 
@@ -127,7 +130,7 @@ def _worker(sock: socket.socket, *, configure: bool) -> NoReturn:
             signal.signal(sig, signal.SIG_IGN)
         msg = _recv(sock)
         if msg is not None:
-            cfg: Config = msg[1]
+            cid, _, cfg, slots = msg
             if configure:
                 from .logs import setup_logging
 
@@ -135,11 +138,11 @@ def _worker(sock: socket.socket, *, configure: bool) -> NoReturn:
             try:
                 store = Store(cfg.root, backend=cfg.backend, recover=False, lock_timeout=cfg.lock_timeout)
             except CowdiskError as e:
-                _send(sock, ("err", error_document(e), False))
+                _send(sock, (cid, "err", error_document(e), False))
                 raise
-            _send(sock, ("ok", os.getpid()))
+            _send(sock, (cid, "ok", os.getpid()))
             try:
-                _serve(sock, store)
+                _Served(sock, store, slots).run()
             finally:
                 store.close()
     except BaseException:  # noqa: BLE001 - logged; the daemon sees the socket close
@@ -163,29 +166,88 @@ def _forked(sock: socket.socket, keep_fds: tuple[int, ...]) -> NoReturn:
     _worker(sock, configure=False)
 
 
-def _serve(sock: socket.socket, store: Store) -> None:
-    while True:
-        msg = _recv(sock)
-        if msg is None:
-            return  # the daemon closed our socket: stop
-        fn, args, kwargs = msg
+class _Served:
+    """A worker's calls: up to ``slots`` at once, each in a thread of its own (a call that
+    waits on a lock or the disk does not hold up the others). The threads take turns at the
+    socket: one reads the next call while the others run theirs, and the thread that read a
+    call runs it and sends its answer, so no call is handed from one thread to another. A
+    thread is added when none is left to read and fewer than ``slots`` exist."""
+
+    def __init__(self, sock: socket.socket, store: Store, slots: int) -> None:
+        self.sock = sock
+        self.store = store
+        self.slots = max(1, slots)
+        self.reading = threading.Lock()
+        self.sending = threading.Lock()
+        self.state = threading.Lock()
+        self.threads: list[threading.Thread] = []
+        self.free = 0
+        """Threads not running a call (reading, or waiting to read)."""
+        self.eof = False
+
+    def run(self) -> None:
+        """Serve until the daemon closes the socket and every call has answered."""
+        with self.state:
+            self._add()
+        joined = 0
+        while True:
+            with self.state:
+                if joined == len(self.threads):
+                    return
+                t = self.threads[joined]
+            t.join()
+            joined += 1
+
+    def _add(self) -> None:
+        t = threading.Thread(target=self._loop, name=f"store-call-{len(self.threads)}", daemon=True)
+        self.threads.append(t)
+        self.free += 1
+        t.start()
+
+    def _loop(self) -> None:
+        while True:
+            with self.reading:
+                if self.eof:
+                    return
+                try:
+                    msg = _recv(self.sock)
+                except OSError:
+                    msg = None
+                if msg is None:
+                    self.eof = True  # the daemon closed our socket: the others end too
+                    return
+                with self.state:
+                    self.free -= 1
+                    if self.free == 0 and len(self.threads) < self.slots:
+                        self._add()
+            try:
+                self._answer(msg)
+            finally:
+                with self.state:
+                    self.free += 1
+
+    def _answer(self, msg: tuple[Any, ...]) -> None:
+        cid, fn, args, kwargs = msg
         out: tuple[Any, ...]
         t0 = time.perf_counter()
         try:
-            value = fn(store, *args, **kwargs)
-            out = ("ok", value, time.perf_counter() - t0)
+            value = fn(self.store, *args, **kwargs)
+            out = (cid, "ok", value, time.perf_counter() - t0)
         except CowdiskError as e:
-            out = ("err", error_document(e), False, time.perf_counter() - t0)
+            out = (cid, "err", error_document(e), False, time.perf_counter() - t0)
         except BaseException as e:  # noqa: BLE001 - a bug: logged here with its traceback
             log.error("internal error in %s", getattr(fn, "__name__", fn), exc_info=e)
-            out = ("err", error_document(e), True, time.perf_counter() - t0)
+            out = (cid, "err", error_document(e), True, time.perf_counter() - t0)
         try:
-            _send(sock, out)
-        except (BrokenPipeError, ConnectionResetError):
-            return
+            data = _frame(out)
         except (pickle.PicklingError, TypeError, AttributeError) as e:  # an answer that cannot travel: a bug
             log.error("answer of %s cannot be sent", getattr(fn, "__name__", fn), exc_info=e)
-            _send(sock, ("err", error_document(e), True, 0.0))
+            data = _frame((cid, "err", error_document(e), True, 0.0))
+        with self.sending:
+            try:
+                self.sock.sendall(data)
+            except OSError:  # the daemon is gone: no one reads the answer
+                pass
 
 
 def main(argv: list[str]) -> NoReturn:
@@ -199,15 +261,19 @@ def main(argv: list[str]) -> NoReturn:
 
 
 class Link(asyncio.Protocol):
-    """The daemon's end of one worker's socket, in the event loop: frames in, one pending
-    answer at a time (the socket stays registered with the loop: no syscalls per call but
-    the write and the read)."""
+    """The daemon's end of one worker's socket, in the event loop: calls out, each with an
+    id, answers in by id, in any order (the socket stays registered with the loop: no
+    syscalls per call but the write and the read)."""
 
-    def __init__(self) -> None:
+    def __init__(self, freed: Callable[[], None]) -> None:
         self.transport: asyncio.Transport | None = None
         self.buf = bytearray()
-        self.pending: asyncio.Future[Any] | None = None
+        self.pending: dict[int, asyncio.Future[Any] | None] = {}
+        """Calls sent and not answered yet; None: the caller went away (the answer is dropped)."""
+        self.ids = itertools.count(1)
         self.lost: BaseException | None = None
+        self.freed = freed
+        """Called when a call ends (answered or lost): the worker can take another."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # (uvloop's is no asyncio.Transport subclass)
@@ -218,25 +284,34 @@ class Link(asyncio.Protocol):
             n = _LEN.unpack_from(self.buf)[0]
             if len(self.buf) < _LEN.size + n:
                 return
-            frame = bytes(self.buf[_LEN.size:_LEN.size + n])
+            answer = pickle.loads(memoryview(self.buf)[_LEN.size:_LEN.size + n])
             del self.buf[:_LEN.size + n]
-            fut, self.pending = self.pending, None
+            fut = self.pending.pop(answer[0], None)
             if fut is not None and not fut.done():
-                fut.set_result(pickle.loads(frame))
+                fut.set_result(answer[1:])
+            self.freed()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = exc or EOFError("the worker closed its socket")
-        fut, self.pending = self.pending, None
-        if fut is not None and not fut.done():
-            fut.set_exception(self.lost)
+        pending, self.pending = self.pending, {}
+        for fut in pending.values():
+            if fut is not None and not fut.done():
+                fut.set_exception(self.lost)
+        self.freed()
 
-    async def call(self, obj: Any) -> Any:
+    async def call(self, obj: tuple[Any, ...]) -> Any:
         if self.lost is not None or self.transport is None:
             raise EOFError("the worker is gone")
+        cid = next(self.ids)
         fut = asyncio.get_running_loop().create_future()
-        self.pending = fut
-        self.transport.write(_frame(obj))
-        return await fut
+        self.pending[cid] = fut
+        self.transport.write(_frame((cid, *obj)))
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            if cid in self.pending:  # still running there: its answer, when it comes, is dropped
+                self.pending[cid] = None
+            raise
 
 
 class Worker:
@@ -246,11 +321,20 @@ class Worker:
         self.proc = proc
         self.link: Link | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.ready = False
+        """Its store is open: it takes calls."""
+        self.loss: asyncio.Future[str] | None = None
+        """Once it died: how it ended (reaped once, for every call it was running)."""
 
-    async def connect(self) -> Link:
+    @property
+    def busy(self) -> int:
+        """Calls it runs now (including those whose caller went away)."""
+        return len(self.link.pending) if self.link is not None else 0
+
+    async def connect(self, freed: Callable[[], None]) -> Link:
         if self.link is None:
             self.loop = asyncio.get_running_loop()
-            _, self.link = await self.loop.connect_accepted_socket(Link, self.sock)
+            _, self.link = await self.loop.connect_accepted_socket(lambda: Link(freed), self.sock)
         return self.link
 
     def close(self) -> None:
@@ -302,9 +386,10 @@ class Pool:
         self.size = cfg.processes
         self.store: Store | None = None
         self.workers: dict[int, Worker] = {}
-        self.retiring: dict[int, Worker] = {}
-        """Workers whose caller went away mid-call: they end that call, then exit."""
-        self._idle: asyncio.Queue[Worker] | None = None
+        self.slots = -(-cfg.workers // max(1, self.size))
+        """Calls one worker runs at once (``workers`` spread over the processes)."""
+        self._waiting: collections.deque[asyncio.Future[None]] = collections.deque()
+        """Callers waiting for a free slot, in order."""
         self._threads: concurrent.futures.ThreadPoolExecutor | None = None
         self._lock: asyncio.Lock | None = None
         self.died = 0
@@ -333,7 +418,7 @@ class Pool:
             self._threads = concurrent.futures.ThreadPoolExecutor(self.cfg.workers, thread_name_prefix="store")
             return
         for w in self.workers.values():
-            _send(w.sock, ("open", self.cfg))
+            _send(w.sock, (0, "open", self.cfg, self.slots))
         for w in list(self.workers.values()):
             w.sock.settimeout(max(60.0, self.cfg.lock_timeout * 2))
             try:
@@ -341,13 +426,14 @@ class Pool:
             except OSError as e:
                 answer = None
                 log.error("store worker PID %d: %s", w.pid, e)
-            if answer is None or answer[0] != "ok":
+            if answer is None or answer[1] != "ok":
                 self.close(1.0)
                 if answer is not None:
-                    raise error_from_document(answer[1])
+                    raise error_from_document(answer[2])
                 raise CowdiskError(f"store worker PID {w.pid} did not open store {self.cfg.root}",
                                    op="start daemon", obj=self.cfg.root, hint="the daemon's log says why")
             w.sock.setblocking(False)
+            w.ready = True
 
     def _spawn(self) -> None:
         """Start a worker afresh in place of one that died (the daemon has threads and an
@@ -371,7 +457,7 @@ class Pool:
         loop = asyncio.get_running_loop()
         try:
             w.sock.setblocking(False)
-            answer = await (await w.connect()).call(("open", self.cfg))
+            answer = await (await w.connect(self._freed)).call(("open", self.cfg, self.slots))
         except (OSError, EOFError) as e:
             answer = ("err", str(e))
         if answer[0] != "ok":
@@ -381,15 +467,8 @@ class Pool:
             log.error("a new store worker (PID %d) could not open the store: %s", w.pid, status)
             return
         log.info("store worker PID %d started in place of a dead one", w.pid)
-        self._queue().put_nowait(w)
-
-    def _queue(self) -> asyncio.Queue[Worker]:
-        if self._idle is None:
-            self._idle = asyncio.Queue()
-            self._lock = asyncio.Lock()
-            for w in self.workers.values():
-                self._idle.put_nowait(w)
-        return self._idle
+        w.ready = True
+        self._freed()
 
     def pids(self) -> list[int]:
         return sorted(self.workers)
@@ -404,10 +483,10 @@ class Pool:
             return []
         for w in self.workers.values():
             with contextlib.suppress(OSError):
-                w.sock.shutdown(socket.SHUT_WR)  # the worker reads EOF after its current call
+                w.sock.shutdown(socket.SHUT_WR)  # the worker reads EOF, ends its calls, exits
         end = time.monotonic() + timeout
         killed = []
-        for w in [*self.workers.values(), *self.retiring.values()]:
+        for w in self.workers.values():
             while not w.ended():
                 if time.monotonic() >= end:
                     log.warning("store worker PID %d still busy at exit: killing it", w.pid)
@@ -419,7 +498,6 @@ class Pool:
                 time.sleep(0.01)
             w.close()
         self.workers.clear()
-        self.retiring.clear()
         return killed
 
     # calls
@@ -442,19 +520,12 @@ class Pool:
                         info["store_s"] = time.perf_counter() - t0
 
             return await loop.run_in_executor(self._threads, timed)
-        idle = self._queue()
-        w = await idle.get()
+        w = await self._take()
         try:
-            answer = await (await w.connect()).call((fn, args, kwargs))
+            answer = await (await w.connect(self._freed)).call((fn, args, kwargs))
         except (ConnectionError, EOFError, OSError) as e:
             await self._lost(w, e, what)
             raise AssertionError("unreachable") from None
-        except BaseException:
-            # cancelled while the worker runs the call: its answer would come later and be
-            # read by the next caller. Retire this worker (it ends its call, sees EOF, exits).
-            self._retire(w)
-            raise
-        idle.put_nowait(w)
         if info is not None:
             info["store_s"] = answer[-1]
             info["worker"] = w.pid
@@ -464,40 +535,57 @@ class Pool:
             raise RemoteInternal(answer[1])
         raise error_from_document(answer[1])
 
-    def _retire(self, w: Worker) -> None:
-        self.workers.pop(w.pid, None)
-        self.retiring[w.pid] = w
-        with contextlib.suppress(OSError):
-            w.sock.shutdown(socket.SHUT_WR)  # it ends the call it runs, reads EOF, exits
-        loop = asyncio.get_running_loop()
-        loop.run_in_executor(None, w.reap).add_done_callback(lambda _f: self._retired(w))
-        if not self.closing:
-            self._spawn()
+    async def _take(self) -> Worker:
+        """The ready worker running the fewest calls, once one has a free slot (callers
+        wait their turn in order)."""
+        w = None if self._waiting else self._best()
+        while w is None:
+            fut = asyncio.get_running_loop().create_future()
+            self._waiting.append(fut)
+            try:
+                await fut
+            except asyncio.CancelledError:
+                if fut.done() and not fut.cancelled():
+                    self._freed()  # woken, but gone: the turn passes on
+                else:
+                    with contextlib.suppress(ValueError):
+                        self._waiting.remove(fut)
+                raise
+            w = self._best()
+        return w
 
-    def _retired(self, w: Worker) -> None:
-        if self.retiring.pop(w.pid, None) is not None:
-            w.close()
+    def _best(self) -> Worker | None:
+        best: Worker | None = None
+        for w in self.workers.values():
+            if w.ready and w.busy < self.slots and (best is None or w.busy < best.busy):
+                best = w
+        return best
+
+    def _freed(self) -> None:
+        """A slot may be free (a call ended, a worker joined): wake the first waiting caller."""
+        while self._waiting:
+            fut = self._waiting.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                return
 
     async def _lost(self, w: Worker, e: BaseException, what: tuple[str, str]) -> None:
-        """Worker ``w`` died during a call: reap it, start another, run recovery, raise WorkerDied."""
-        self.workers.pop(w.pid, None)
-        w.close()
-        status = await asyncio.get_running_loop().run_in_executor(None, w.reap)
-        self.died += 1
+        """Worker ``w`` died during a call: reap it and start another (once, for all its
+        calls), run recovery, raise WorkerDied."""
+        if w.loss is None:
+            w.loss = asyncio.ensure_future(self._bury(w))
+        status = await asyncio.shield(w.loss)
         op, obj = what
         log.error("store worker PID %d died during %s %s: %s", w.pid, op, obj, status,
                   extra={"fields": {"worker": w.pid, "op": op, "object": obj, "exit": status}})
-        if not self.closing:
-            self._spawn()
         done = "recovery did not run: the daemon is stopping; the next start's recovery completes it"
         if what == RECOVERY:
             done = "the next start's recovery, or `cowdisk recover`, completes it"
         elif not self.closing:
             from . import calls
 
-            assert self._lock is not None
             try:
-                async with self._lock:  # one recovery at a time
+                async with self._recovering():  # one recovery at a time
                     rep = await self.run(calls.recover, what=RECOVERY)
                 acts = [f"{k.replace('_', ' ')}: {', '.join(rep[k])}" for k in ACTIONS if rep.get(k)]
                 done = "recovery ran: " + ("; ".join(acts) if acts else "nothing to do")
@@ -505,6 +593,20 @@ class Pool:
                 done = f"recovery failed too: {e2}; `cowdisk recover` retries it"
         raise WorkerDied(f"{op} {obj}: the store worker running it (PID {w.pid}) died: {status}; {done}",
                          op=op, obj=obj, hint="the daemon's log has the worker's last lines") from e
+
+    async def _bury(self, w: Worker) -> str:
+        self.workers.pop(w.pid, None)
+        w.close()
+        status = await asyncio.get_running_loop().run_in_executor(None, w.reap)
+        self.died += 1
+        if not self.closing:
+            self._spawn()
+        return status
+
+    def _recovering(self) -> asyncio.Lock:
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        return self._lock
 
 
 def _in_loop(loop: asyncio.AbstractEventLoop) -> bool:

@@ -89,9 +89,14 @@ class Service:
             err = e
             raise
         finally:
-            dt = time.monotonic() - t0
-            self.metrics.observe(op, err, dt)
-            self.log(op, obj, peer, dt, err, level=logging.INFO if mutating or err else logging.DEBUG, **info)
+            # counted and logged at the event loop's next turn: the answer is written in this one
+            asyncio.get_running_loop().call_soon(self._done, op, obj, peer, time.monotonic() - t0, err, mutating,
+                                                 info)
+
+    def _done(self, op: str, obj: str, peer: Peer, seconds: float, err: BaseException | None, mutating: bool,
+              info: dict[str, Any]) -> None:
+        self.metrics.observe(op, err, seconds)
+        self.log(op, obj, peer, seconds, err, level=logging.INFO if mutating or err else logging.DEBUG, **info)
 
     async def read(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """A read of the store (not logged, not counted) in a store worker."""

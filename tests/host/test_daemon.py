@@ -717,6 +717,45 @@ def test_one_worker_runs_calls_at_once(tmp_path, sockdir) -> None:
     destroy(root)
 
 
+def test_worker_killed_with_two_calls_in_it(tmp_path, sockdir) -> None:
+    """The one store worker SIGKILLed while two creates stand still in it: each caller gets
+    WorkerDied; one recovery, run once the new worker is up, rolled both back, and both
+    messages say so; one death is counted."""
+    root = str(tmp_path / "store")
+    store = Store(root, backend="copy")
+    store.build_template(make_tree(str(tmp_path / "tree")), "base")
+    store.close()
+    mark = tmp_path / "paused"
+    with Daemon(root, os.path.join(sockdir, "d.sock"), "--processes", "1", "--workers", "4",
+                extra_env={"COWDISK_PAUSE_AT": "create:volume", "COWDISK_PAUSE_S": "60",
+                           "COWDISK_PAUSE_MARK": str(mark)}) as d:
+        d.start()
+        [worker] = d.worker_pids()
+        errors: dict[str, BaseException] = {}
+        threads = [threading.Thread(target=lambda v=v: errors.update({v: raises(d.client.create_volume, v, "base")}))
+                   for v in ("s1", "s2")]
+        threads[0].start()
+        wait_for(mark.exists, what="the first create to reach its pause")
+        mark.unlink()
+        threads[1].start()
+        wait_for(mark.exists, what="the second create to reach its pause")
+        os.kill(worker, signal.SIGKILL)
+        for t in threads:
+            t.join(60)
+        assert set(errors) == {"s1", "s2"}, errors
+        for vid, e in errors.items():
+            assert isinstance(e, WorkerDied), e
+            assert f"PID {worker}" in str(e) and "rolled back: " in str(e), e
+            assert "create s1" in str(e) and "create s2" in str(e), e  # one recovery, for both
+        assert "cowdisk_store_worker_deaths_total 1.0" in d.client.metrics()
+        assert d.client.volumes() == []
+        [new] = d.worker_pids()
+        assert new != worker
+        assert d.client.create_volume("after", "base").state == "attached"
+        assert d.stop() == 0
+    destroy(root)
+
+
 def test_processes_0_runs_the_store_in_the_daemon(tmp_path, sockdir) -> None:
     """``processes = 0``: no worker process; store calls and jobs run in the daemon's threads."""
     root = str(tmp_path / "store")

@@ -325,6 +325,8 @@ class Worker:
         """Its store is open: it takes calls."""
         self.loss: asyncio.Future[str] | None = None
         """Once it died: how it ended (reaped once, for every call it was running)."""
+        self.recovery: asyncio.Future[str] | None = None
+        """Once it died: what the recovery after it did (run once, for every call it was running)."""
 
     @property
     def busy(self) -> int:
@@ -539,9 +541,10 @@ class Pool:
         """The ready worker running the fewest calls, once one has a free slot (callers
         wait their turn in order)."""
         w = None if self._waiting else self._best()
+        turn = self._waiting.append
         while w is None:
             fut = asyncio.get_running_loop().create_future()
-            self._waiting.append(fut)
+            turn(fut)
             try:
                 await fut
             except asyncio.CancelledError:
@@ -552,6 +555,7 @@ class Pool:
                         self._waiting.remove(fut)
                 raise
             w = self._best()
+            turn = self._waiting.appendleft  # woken first but beaten to it: still first
         return w
 
     def _best(self) -> Worker | None:
@@ -562,16 +566,17 @@ class Pool:
         return best
 
     def _freed(self) -> None:
-        """A slot may be free (a call ended, a worker joined): wake the first waiting caller."""
-        while self._waiting:
+        """Slots may be free (a call ended, a worker joined): wake as many waiting callers."""
+        free = sum(self.slots - w.busy for w in self.workers.values() if w.ready and w.busy < self.slots)
+        while free > 0 and self._waiting:
             fut = self._waiting.popleft()
             if not fut.done():
                 fut.set_result(None)
-                return
+                free -= 1
 
     async def _lost(self, w: Worker, e: BaseException, what: tuple[str, str]) -> None:
-        """Worker ``w`` died during a call: reap it and start another (once, for all its
-        calls), run recovery, raise WorkerDied."""
+        """Worker ``w`` died during a call: reap it, start another and run recovery (once,
+        for every call it was running), raise WorkerDied."""
         if w.loss is None:
             w.loss = asyncio.ensure_future(self._bury(w))
         status = await asyncio.shield(w.loss)
@@ -582,15 +587,9 @@ class Pool:
         if what == RECOVERY:
             done = "the next start's recovery, or `cowdisk recover`, completes it"
         elif not self.closing:
-            from . import calls
-
-            try:
-                async with self._recovering():  # one recovery at a time
-                    rep = await self.run(calls.recover, what=RECOVERY)
-                acts = [f"{k.replace('_', ' ')}: {', '.join(rep[k])}" for k in ACTIONS if rep.get(k)]
-                done = "recovery ran: " + ("; ".join(acts) if acts else "nothing to do")
-            except CowdiskError as e2:
-                done = f"recovery failed too: {e2}; `cowdisk recover` retries it"
+            if w.recovery is None:
+                w.recovery = asyncio.ensure_future(self._recover_after())
+            done = await asyncio.shield(w.recovery)
         raise WorkerDied(f"{op} {obj}: the store worker running it (PID {w.pid}) died: {status}; {done}",
                          op=op, obj=obj, hint="the daemon's log has the worker's last lines") from e
 
@@ -602,6 +601,18 @@ class Pool:
         if not self.closing:
             self._spawn()
         return status
+
+    async def _recover_after(self) -> str:
+        """Recovery after a worker died, in another worker; what it did, in words."""
+        from . import calls
+
+        try:
+            async with self._recovering():  # one recovery at a time
+                rep = await self.run(calls.recover, what=RECOVERY)
+        except CowdiskError as e:
+            return f"recovery failed too: {e}; `cowdisk recover` retries it"
+        acts = [f"{k.replace('_', ' ')}: {', '.join(rep[k])}" for k in ACTIONS if rep.get(k)]
+        return "recovery ran: " + ("; ".join(acts) if acts else "nothing to do")
 
     def _recovering(self) -> asyncio.Lock:
         if self._lock is None:

@@ -717,6 +717,43 @@ def test_one_worker_runs_calls_at_once(tmp_path, sockdir) -> None:
     destroy(root)
 
 
+def test_first_calls_arrive_at_once(tmp_path, sockdir) -> None:
+    """Eight creates as the daemon's very first store calls, all at once, into its one
+    worker: each succeeds, and the worker lives on (its socket is taken into the event
+    loop once, whoever comes first)."""
+    root = str(tmp_path / "store")
+    store = Store(root, backend="copy")
+    store.build_template(make_tree(str(tmp_path / "tree")), "base")
+    store.close()
+    for _ in range(3):
+        with Daemon(root, os.path.join(sockdir, "d.sock"), "--processes", "1", "--workers", "8") as d:
+            d.start()
+            [worker] = d.worker_pids()
+            go = threading.Barrier(8)
+            errors: list[BaseException] = []
+
+            def create(n: int) -> None:
+                cl = Client(d.sock)
+                cl.health()  # connected, so the creates leave together
+                go.wait()
+                try:
+                    cl.create_volume(f"v{n}", "base")
+                except BaseException as e:  # noqa: BLE001
+                    errors.append(e)
+
+            threads = [threading.Thread(target=create, args=(n,)) for n in range(8)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+            assert errors == [] and d.worker_pids() == [worker], errors
+            assert "cowdisk_store_worker_deaths_total 0.0" in d.client.metrics()
+            for n in range(8):
+                d.client.remove_volume(f"v{n}")
+            assert d.stop() == 0
+    destroy(root)
+
+
 def test_worker_killed_with_two_calls_in_it(tmp_path, sockdir) -> None:
     """The one store worker SIGKILLed while two creates stand still in it: each caller gets
     WorkerDied; one recovery, run once the new worker is up, rolled both back, and both

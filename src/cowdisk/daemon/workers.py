@@ -323,6 +323,7 @@ class Worker:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.ready = False
         """Its store is open: it takes calls."""
+        self.connecting = asyncio.Lock()
         self.loss: asyncio.Future[str] | None = None
         """Once it died: how it ended (reaped once, for every call it was running)."""
         self.recovery: asyncio.Future[str] | None = None
@@ -335,8 +336,10 @@ class Worker:
 
     async def connect(self, freed: Callable[[], None]) -> Link:
         if self.link is None:
-            self.loop = asyncio.get_running_loop()
-            _, self.link = await self.loop.connect_accepted_socket(lambda: Link(freed), self.sock)
+            async with self.connecting:  # once: a second transport on the socket would close it
+                if self.link is None:
+                    self.loop = asyncio.get_running_loop()
+                    _, self.link = await self.loop.connect_accepted_socket(lambda: Link(freed), self.sock)
         return self.link
 
     def close(self) -> None:

@@ -276,6 +276,8 @@ def test_metrics(daemon: Daemon) -> None:
     assert 'cowdisk_space_ok{area="store filesystem",state="ok"} 1.0' in text
     assert f"cowdisk_store_workers {float(len(daemon.worker_pids()))}" in text
     assert "cowdisk_store_worker_deaths_total 0.0" in text
+    assert "cowdisk_store_calls_running 0.0" in text and "cowdisk_store_calls_waiting 0.0" in text
+    assert "cowdisk_store_call_slots 16.0" in text  # the fixture's --workers 16
     rss = next(x for x in text.splitlines() if x.startswith("cowdisk_store_workers_resident_bytes "))
     assert float(rss.split()[-1]) > 10 * MiB, rss
     doc = c.call("GET", "/v1/doctor")
@@ -700,14 +702,14 @@ def test_one_worker_runs_calls_at_once(tmp_path, sockdir) -> None:
         mark.unlink()
         slow[2].start()  # the third slot's call: it pauses too
         wait_for(mark.exists, what="the third create to reach its pause")
-        t0 = time.monotonic()
-        d.client.remove_volume("b")  # a fourth call: waits for a slot
-        waited = time.monotonic() - t0
-        done.append("b")
-        for t in slow:
+        fourth = threading.Thread(target=lambda: (d.client.remove_volume("b"), done.append("b")))
+        fourth.start()  # a fourth call: it waits for a slot
+        wait_for(lambda: "cowdisk_store_calls_waiting 1.0" in d.client.metrics(), what="the fourth call to wait")
+        text = d.client.metrics()
+        assert "cowdisk_store_calls_running 3.0" in text and "cowdisk_store_call_slots 3.0" in text, text
+        for t in (*slow, fourth):
             t.join(30)
         assert done[0] == "a" and done.index("b") > done.index("s1"), done
-        assert waited > 0.5, waited
         recs = [r for r in d.log_records(until=lambda rs: sum(r.get("op") in ("create", "remove")
                                                                for r in rs) >= 5)
                 if r.get("op") in ("create", "remove")]

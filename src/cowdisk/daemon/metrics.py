@@ -151,6 +151,14 @@ class WorkerCollector:
         c = CounterMetricFamily("cowdisk_store_worker_deaths", "Store workers that died during a call")
         c.add_metric([], self.pool.died)
         yield c
+        running, waiting, slots = self.pool.calls()
+        for name, value, what in (
+                ("cowdisk_store_calls_running", running, "Store calls running now (in the workers' threads)"),
+                ("cowdisk_store_calls_waiting", waiting, "Requests waiting for a free store call slot"),
+                ("cowdisk_store_call_slots", slots, "Store calls that can run at once (the workers setting)")):
+            g = GaugeMetricFamily(name, what)
+            g.add_metric([], value)
+            yield g
         page = os.sysconf("SC_PAGE_SIZE")
         rss = 0
         for pid in pids:

@@ -396,6 +396,7 @@ class Pool:
         self._waiting: collections.deque[asyncio.Future[None]] = collections.deque()
         """Callers waiting for a free slot, in order."""
         self._threads: concurrent.futures.ThreadPoolExecutor | None = None
+        self._in_threads = 0
         self._lock: asyncio.Lock | None = None
         self.died = 0
         self.closing = False
@@ -478,6 +479,14 @@ class Pool:
     def pids(self) -> list[int]:
         return sorted(self.workers)
 
+    def calls(self) -> tuple[int, int, int]:
+        """(calls running, callers waiting for a slot, slots): for the metrics."""
+        if self._threads is not None:
+            running = min(self._in_threads, self.cfg.workers)
+            return running, self._in_threads - running, self.cfg.workers
+        return (sum(w.busy for w in list(self.workers.values())), len(self._waiting),
+                self.slots * sum(w.ready for w in list(self.workers.values())))
+
     def close(self, timeout: float) -> list[int]:
         """Stop every worker (each ends its current call first); SIGKILL those still there
         after ``timeout`` seconds (their intents stay for the next start's recovery).
@@ -524,7 +533,11 @@ class Pool:
                     if info is not None:
                         info["store_s"] = time.perf_counter() - t0
 
-            return await loop.run_in_executor(self._threads, timed)
+            self._in_threads += 1
+            try:
+                return await loop.run_in_executor(self._threads, timed)
+            finally:
+                self._in_threads -= 1
         w = await self._take()
         try:
             answer = await (await w.connect(self._freed)).call((fn, args, kwargs))

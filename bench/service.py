@@ -71,8 +71,10 @@ def make_tree(d: str) -> str:
 
 
 @contextlib.contextmanager
-def daemon(root: str, sock: str, backend: str, log: str, processes: int | None) -> Iterator[subprocess.Popen[bytes]]:
+def daemon(root: str, sock: str, backend: str, log: str, processes: int | None,
+           workers: int | None = None) -> Iterator[subprocess.Popen[bytes]]:
     extra = [] if processes is None else ["--processes", str(processes)]
+    extra += [] if workers is None else ["--workers", str(workers)]
     with open(log, "ab") as lf:
         p = subprocess.Popen([sys.executable, "-m", "cowdisk", "--root", root, "--backend", backend, "serve",
                               "--socket", sock, "--config", os.devnull, *extra], stdout=lf, stderr=lf,
@@ -258,7 +260,7 @@ def bench_backend(name: str, args: argparse.Namespace, tag: str) -> dict[str, An
         tree = make_tree(os.path.join(root, "incoming", "tree"))
         t = store.build_template(tree, "base")
         log = os.path.join(base, "daemon.log")
-        p = stack.enter_context(daemon(root, sock, backend, log, args.processes))
+        p = stack.enter_context(daemon(root, sock, backend, log, args.processes, args.workers))
         c = Client(sock)
         seed: Callable[[int], None]
         if name == "dm-snapshot":
@@ -417,6 +419,7 @@ def main() -> int:
     ap.add_argument("--cycles", type=int, default=100, help="create+remove cycles per client in the throughput run")
     ap.add_argument("--volumes", type=int, default=1000, help="volumes attached for the RSS figure")
     ap.add_argument("--processes", type=int, help="the daemon's store workers (default: the daemon's default)")
+    ap.add_argument("--workers", type=int, help="store calls at once, over the processes (default: the daemon's)")
     ap.add_argument("--json", help="also write the results to this file")
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -429,7 +432,8 @@ def main() -> int:
     tag = new_tag()
     print(f"bench/service.py: {os.cpu_count()} cores, iterations {args.iterations}, CLI every {args.cli_every}, "
           f"{args.clients} clients x {args.cycles} cycles, {args.volumes} volumes for RSS, store workers "
-          f"{'default' if args.processes is None else args.processes}")
+          f"{'default' if args.processes is None else args.processes}, calls at once "
+          f"{'default' if args.workers is None else args.workers}")
     results = []
     for b in args.backends.split(","):
         r = bench_backend(b, args, tag)

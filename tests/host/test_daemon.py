@@ -637,6 +637,59 @@ def test_kill9_under_load_leaves_no_half_made_volume(tmp_path, sockdir) -> None:
     destroy(root)
 
 
+def test_worker_kill9_under_load(tmp_path, sockdir) -> None:
+    """Eight clients creating and removing volumes while a store worker, running several of
+    their calls at once, is SIGKILLed at a random moment: each call either succeeds or gets
+    WorkerDied after recovery ran; the daemon keeps serving with a new worker; every volume
+    is whole and recovery finds nothing left."""
+    import random
+
+    root = str(tmp_path / "store")
+    sock = os.path.join(sockdir, "d.sock")
+    with Daemon(root, sock, "--processes", "2") as d:
+        d.start()
+        d.client.build_template(tree_in(d), "base")
+        stop = threading.Event()
+        died: list[BaseException] = []
+        other: list[BaseException] = []
+
+        def load(n: int) -> None:
+            c = Client(sock)
+            i = 0
+            while not stop.is_set():
+                try:
+                    c.create_volume(f"w{n}-{i}", "base")
+                    if i % 2:
+                        c.remove_volume(f"w{n}-{i}")
+                except WorkerDied as e:
+                    died.append(e)
+                except Exception as e:  # noqa: BLE001
+                    other.append(e)
+                i += 1
+
+        threads = [threading.Thread(target=load, args=(n,)) for n in range(8)]
+        for t in threads:
+            t.start()
+        time.sleep(random.uniform(0.3, 1.5))
+        victim = random.choice(d.worker_pids())
+        os.kill(victim, signal.SIGKILL)
+        wait_for(lambda: victim not in d.worker_pids() and len(d.worker_pids()) == 2, what="a new worker")
+        time.sleep(0.5)
+        stop.set()
+        for t in threads:
+            t.join(60)
+        assert other == [], other
+        for e in died:
+            assert f"PID {victim}" in str(e) and "recovery ran" in str(e), e
+        assert "cowdisk_store_worker_deaths_total 1.0" in d.client.metrics()
+        for v in d.client.volumes():
+            assert v.state == "attached", v
+            assert os.path.realpath(v.link) == os.path.realpath(v.device) and os.path.exists(v.device)
+        assert d.client.recover().actions == 0
+        assert d.stop() == 0
+    destroy(root)
+
+
 # --------------------------------------------------------------------------- concurrency
 
 

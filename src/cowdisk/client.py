@@ -26,6 +26,7 @@ under its ``import_roots``, a jail directory under its ``jail_roots``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import http.client
 import json
 import os
@@ -153,8 +154,13 @@ class _Conn:
         return chunk
 
 
+@functools.cache
+def _names(cls: type) -> frozenset[str]:
+    return frozenset(f.name for f in dataclasses.fields(cls))
+
+
 def _pick(cls: type, d: Mapping[str, Any]) -> dict[str, Any]:
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = _names(cls)
     return {k: v for k, v in d.items() if k in names}
 
 

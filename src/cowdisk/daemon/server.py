@@ -49,7 +49,7 @@ from .api import Service, asgi_app
 from .config import Config
 from .logs import in_background, setup_logging
 from .metrics import Metrics
-from .workers import Pool
+from .workers import Pool, one_malloc_arena
 from .security import peercred
 
 log = logging.getLogger("cowdisk.daemon")
@@ -234,6 +234,7 @@ def run(cfg: Config) -> int:
     stop_logging: Callable[[], None] = lambda: None  # noqa: E731
     try:
         pool.fork()
+        one_malloc_arena()  # the daemon's threads (log writer, jobs) too
         stop_logging = in_background()  # after the fork: no thread exists before it
         store = Store(cfg.root, backend=cfg.backend, recover=False, lock_timeout=cfg.lock_timeout)
         try:

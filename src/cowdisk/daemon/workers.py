@@ -75,6 +75,7 @@ ACTIONS = ("rolled_back", "finished", "reactivated", "orphans_removed", "quarant
 """What a WorkerDied error says recovery did (RecoveryReport's fields that count)."""
 PR_SET_PDEATHSIG = 1
 PR_SET_NAME = 15
+M_ARENA_MAX = -8
 
 
 class RemoteInternal(Exception):
@@ -108,6 +109,13 @@ def _recv(sock: socket.socket) -> Any:
         return None
     body = _recv_exact(sock, _LEN.unpack(head)[0])
     return None if body is None else pickle.loads(body)
+
+
+def one_malloc_arena() -> None:
+    """Have glibc's malloc keep one arena for all of this process's threads (by default each
+    thread that allocates gets its own, and a worker's call threads kept ~2 MiB each)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).mallopt(M_ARENA_MAX, 1)
 
 
 def _die_with_parent(parent: int) -> None:
@@ -155,6 +163,7 @@ def _worker(sock: socket.socket, *, configure: bool) -> NoReturn:
 
 
 def _forked(sock: socket.socket, keep_fds: tuple[int, ...]) -> NoReturn:
+    one_malloc_arena()
     gc.freeze()  # the daemon's objects this child inherited are never finalized here
     keep = sorted({0, 1, 2, sock.fileno(), *keep_fds})
     lo = 3
@@ -254,6 +263,7 @@ def main(argv: list[str]) -> NoReturn:
     """``python -m cowdisk.daemon.workers FD DAEMON_PID``: a worker started afresh."""
     fd, parent = int(argv[1]), int(argv[2])
     _die_with_parent(parent)
+    one_malloc_arena()
     _worker(socket.socket(fileno=fd), configure=True)
 
 

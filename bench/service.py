@@ -22,10 +22,11 @@ fdatasyncs a durable create+remove needs at least: docs/architecture.md).
 
 Then: the create alone of (a) and (b) (what the API adds), and of a Go caller
 (``bench/go``: net/http over the socket, its own timing; the platforms the daemon is
-for are written in Go and Rust), create+remove operations per
-second of 1 client process against 8 client processes on 8 different volumes (each a
-fixed number of cycles), and the daemon's RSS with ``--volumes`` volumes attached
-(listing them and scraping /metrics timed too). Goals (issue 12): the API adds at most
+for are written in Go and Rust), create+remove operations per second of 1 client process
+against 8 client processes on 8 different volumes (each a fixed number of cycles;
+``--rounds`` alternating rounds, the median of each round's ratio: the host's speed drifts
+between minutes), and the daemon's RSS with ``--volumes`` volumes attached (listing them
+and scraping /metrics timed too). Goals (issue 12): the API adds at most
 0.5 ms median to a library create; (b) at least 3x faster than (d); 8 clients at least
 1.5x the operations per second of one, no errors; RSS under 100 MiB at 1000 volumes.
 """
@@ -39,6 +40,7 @@ import multiprocessing
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -341,11 +343,16 @@ def bench_backend(name: str, args: argparse.Namespace, tag: str) -> dict[str, An
         creates["daemon"], creates["store"] = whole, inside
         out: dict[str, Any] = {"backend": name, "ways": {k: summary(v) for k, v in samples.items()},
                                "create": {k: summary(v) for k, v in creates.items() if v}}
-        one, e1, front1, workers1 = throughput(sock, 1, args.cycles, p.pid)
-        eight, e8, front8, workers8 = throughput(sock, args.clients, args.cycles, p.pid)
-        out["throughput"] = {"one_ops_s": one, "many_ops_s": eight, "clients": args.clients, "errors": e1 + e8,
-                             "daemon_cpu_one": front1, "daemon_cpu_many": front8,
-                             "workers_cpu_one": workers1, "workers_cpu_many": workers8}
+        # 1 client and N clients in alternating rounds: the ratio of each round, side by side
+        rounds = [(throughput(sock, 1, args.cycles, p.pid), throughput(sock, args.clients, args.cycles, p.pid))
+                  for _ in range(args.rounds)]
+        ones, manys = [o for o, _ in rounds], [m for _, m in rounds]
+        med = statistics.median
+        out["throughput"] = {"one_ops_s": med(o[0] for o in ones), "many_ops_s": med(m[0] for m in manys),
+                             "ratios": [m[0] / o[0] for o, m in rounds], "clients": args.clients,
+                             "errors": sum(o[1] + m[1] for o, m in rounds),
+                             "daemon_cpu_one": med(o[2] for o in ones), "daemon_cpu_many": med(m[2] for m in manys),
+                             "workers_cpu_one": med(o[3] for o in ones), "workers_cpu_many": med(m[3] for m in manys)}
         rss0 = rss_kib(p.pid)
         mem0 = memory(p.pid)
         for i in range(args.volumes):
@@ -392,10 +399,11 @@ def report(r: dict[str, Any]) -> None:
               f"{fmt_ms(cc['median_ms'] - dm)}")
     speed = seed["median_ms"] / r["ways"]["client"]["median_ms"]
     print(f"client vs the seed processes: {speed:.1f}x faster (goal >= 3x: {'ok' if speed >= 3 else 'MISSED'})")
-    ratio = tp["many_ops_s"] / tp["one_ops_s"]
-    print(f"throughput: 1 client {tp['one_ops_s']:.0f} create+remove/s, {tp['clients']} clients "
-          f"{tp['many_ops_s']:.0f}/s = {ratio:.2f}x, {tp['errors']} errors "
-          f"(goal >= 1.5x, none: {'ok' if ratio >= 1.5 and not tp['errors'] else 'MISSED'})")
+    ratio = statistics.median(tp["ratios"])
+    print(f"throughput, {len(tp['ratios'])} rounds of 1 client then {tp['clients']}: 1 client "
+          f"{tp['one_ops_s']:.0f} create+remove/s, {tp['clients']} clients {tp['many_ops_s']:.0f}/s (medians); "
+          f"ratio per round {', '.join(f'{x:.2f}' for x in tp['ratios'])}: median {ratio:.2f}x, "
+          f"{tp['errors']} errors (goal >= 1.5x, none: {'ok' if ratio >= 1.5 and not tp['errors'] else 'MISSED'})")
     for n, k in ((1, "one"), (tp["clients"], "many")):
         front, workers = tp[f"daemon_cpu_{k}"], tp[f"workers_cpu_{k}"]
         ops = tp[f"{k}_ops_s"]
@@ -417,6 +425,7 @@ def main() -> int:
     ap.add_argument("--cli-every", type=int, default=5, help="run the CLI way every N-th iteration")
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--cycles", type=int, default=100, help="create+remove cycles per client in the throughput run")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds of 1 client and --clients clients")
     ap.add_argument("--volumes", type=int, default=1000, help="volumes attached for the RSS figure")
     ap.add_argument("--processes", type=int, help="the daemon's store workers (default: the daemon's default)")
     ap.add_argument("--workers", type=int, help="store calls at once, over the processes (default: the daemon's)")

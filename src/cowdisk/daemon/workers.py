@@ -5,22 +5,24 @@ eight clients on a 2-core host got 0.8-0.9x the operations per second of one. Th
 daemon therefore runs ``processes`` store worker processes; each opens its own
 :class:`~cowdisk.store.Store` on the same root (after the start-up recovery), as the CLI
 does beside a running daemon (the per-volume and per-template file locks and the
-registry's writer lock keep them apart). The event loop sends a call to an idle worker
-over a socketpair and awaits the answer without a thread: no thread hop, no GIL shared
-with the HTTP parsing.
+registry's writer lock keep them apart). The event loop sends a call to the worker
+running the fewest, over a socketpair, and awaits the answer without a thread: no thread
+hop, no GIL shared with the HTTP parsing. Each worker runs up to ``slots`` calls at once
+(the ``workers`` setting spread over the processes), each in a thread of its own, so a
+call waiting on a lock or the disk holds up no other; past that, callers wait their turn.
 
 A call is a module-level function (:mod:`.calls`) and its arguments, pickled (by
-reference: the function's module and name), run as ``fn(store, *args, **kwargs)``. The
-answer is ``("ok", value, seconds)`` or ``("err", error document, internal, seconds)``
-(``seconds``: the call's own time in the worker, for the operation's log line); the
-error comes back as the same exception type through
+reference: the function's module and name), run as ``fn(store, *args, **kwargs)``, and
+sent with an id; its answer, ``(id, "ok", value, seconds)`` or ``(id, "err", error
+document, internal, seconds)`` (``seconds``: the call's own time in the worker, for the
+operation's log line), comes back by that id, in any order. The error comes back as the same exception type through
 :func:`.protocol.error_from_document`, the daemon's one error model.
 
-A worker that dies during a call (killed by the OOM killer, a crash point of the tests)
-ends that call with a :class:`~.protocol.WorkerDied` error; before the caller gets it, another
-worker runs the store's recovery, which rolls back or finishes the dead worker's
-operation (its intent names the dead PID), and the error says what recovery did. A new
-worker takes the dead one's place.
+A worker that dies during its calls (killed by the OOM killer, a crash point of the tests)
+ends each of them with a :class:`~.protocol.WorkerDied` error; before the callers get it,
+another worker runs the store's recovery (once for them all), which rolls back or
+finishes the dead worker's operations (their intents name the dead PID), and the error
+says what recovery did. A new worker takes the dead one's place.
 
 The first workers are forked at start, before the daemon opens the store (SQLite's state
 must not cross a fork: a child that inherits an open database gets "locking protocol"
@@ -32,7 +34,7 @@ Workers are the daemon's children and die with it (``PR_SET_PDEATHSIG``); they k
 daemon's instance lock open, so a new daemon cannot start on the store before the last
 worker of the old one is gone (its recovery must not meet a live intent of a dying
 worker). SIGTERM and SIGINT are ignored by workers: the daemon stops them by closing
-their sockets once in-flight calls ended; a worker then exits.
+their sockets once in-flight calls ended; a worker ends its calls, then exits.
 
 ``processes = 0`` runs calls in threads of the daemon's own process (one Store), as
 before: for hosts where one process is enough.
@@ -86,7 +88,7 @@ class RemoteInternal(Exception):
         self.doc = doc
 
 
-# -- the worker's side (blocking, one call at a time) -------------------------------------
+# -- the worker's side (blocking: a thread per call) -------------------------------------
 
 
 def _send(sock: socket.socket, obj: Any) -> None:

@@ -726,7 +726,7 @@ def test_one_worker_runs_calls_at_once(tmp_path, sockdir) -> None:
     store.close()
     mark = tmp_path / "paused"
     with Daemon(root, os.path.join(sockdir, "d.sock"), "--processes", "1", "--workers", "3",
-                extra_env={"COWDISK_PAUSE_AT": "create:volume", "COWDISK_PAUSE_S": "4",
+                extra_env={"COWDISK_PAUSE_AT": "create:volume", "COWDISK_PAUSE_S": "8",
                            "COWDISK_PAUSE_MARK": str(mark)}) as d:
         d.start()
         [worker] = d.worker_pids()

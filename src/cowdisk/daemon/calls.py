@@ -1,8 +1,9 @@
 """What the daemon's endpoints ask of the store, as functions a store worker runs.
 
 Each takes the worker's :class:`~cowdisk.store.Store` first and returns plain data (the
-documents the API answers with; :func:`encoded` already, for the hot ones), so that it travels between processes: the function by
-reference, its arguments and its answer pickled (:mod:`.workers`).
+documents the API answers with; :func:`encoded` already, for the hot ones), so that it
+travels between processes: the function by reference, its arguments and its answer
+pickled (:mod:`.workers`).
 """
 
 from __future__ import annotations

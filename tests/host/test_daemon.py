@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -651,8 +652,6 @@ def test_worker_kill9_under_load(tmp_path, sockdir) -> None:
     their calls at once, is SIGKILLed at a random moment: each call either succeeds or gets
     WorkerDied after recovery ran; the daemon keeps serving with a new worker; every volume
     is whole and recovery finds nothing left."""
-    import random
-
     root = str(tmp_path / "store")
     sock = os.path.join(sockdir, "d.sock")
     with Daemon(root, sock, "--processes", "2") as d:

@@ -9,8 +9,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 from cowdisk.client import Client
 from cowdisk.errors import CowdiskError
@@ -153,3 +154,21 @@ def raises(fn: Any, *args: Any, **kw: Any) -> CowdiskError:
     except CowdiskError as e:
         return e
     raise AssertionError(f"{fn} did not raise")
+
+
+def errors_in_threads(fn: Callable[[int], object], n: int, timeout: float = 120) -> list[BaseException]:
+    """Run ``fn(0)`` ... ``fn(n - 1)`` at once, each in a thread of its own; what they raised."""
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            fn(i)
+        except BaseException as e:  # noqa: BLE001 - the caller judges them
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    return errors

@@ -31,7 +31,7 @@ from cowdisk.errors import AlreadyExists, InUse, InvalidArgument, LockTimeout, N
 from cowdisk.locks import FileLock
 from cowdisk.registry import ATTACHED
 from cowdisk.store import Store
-from daemonutil import SRC, Daemon, env, raises, wait_for
+from daemonutil import SRC, Daemon, env, errors_in_threads, raises, wait_for
 from testutil import assert_same_host, cowdisk_cli, host_state, make_tree, read_at, write_at
 
 pytestmark = pytest.mark.root
@@ -480,14 +480,22 @@ def test_sigterm_finishes_in_flight_and_exits_0(tmp_path, sockdir) -> None:
     assert_same_host(before)
 
 
+def copy_store(tmp_path: Path, *volumes: str) -> str:
+    """A closed copy-backend store under ``tmp_path`` with template ``base`` and ``volumes``
+    attached; its root."""
+    root = str(tmp_path / "store")
+    with Store(root, backend="copy") as store:
+        store.build_template(make_tree(str(tmp_path / "tree")), "base")
+        for vid in volumes:
+            store.create_volume(vid, "base")
+    return root
+
+
 def test_sigterm_cuts_off_a_call_past_the_bound(tmp_path, sockdir) -> None:
     """SIGTERM with a create standing still in its store worker past ``shutdown_timeout``:
     the daemon still exits 0 within the bound (twice: the request, then the worker), the
     worker is killed, and the next start's recovery rolls the create back."""
-    root = str(tmp_path / "store")
-    store = Store(root, backend="copy")
-    store.build_template(make_tree(str(tmp_path / "tree")), "base")
-    store.close()
+    root = copy_store(tmp_path)
     mark = tmp_path / "paused"
     sock = os.path.join(sockdir, "d.sock")
     with Daemon(root, sock, "--shutdown-timeout", "1", extra_env={
@@ -684,11 +692,7 @@ def test_worker_kill9_under_load(tmp_path, sockdir) -> None:
 def test_store_calls_run_in_several_processes(tmp_path, sockdir) -> None:
     """While one store worker stands inside a create (a pause point), the other workers keep
     answering: a remove and a read complete, in another process, before that create does."""
-    root = str(tmp_path / "store")
-    store = Store(root, backend="copy")
-    store.build_template(make_tree(str(tmp_path / "tree")), "base")
-    store.create_volume("other", "base")
-    store.close()
+    root = copy_store(tmp_path, "other")
     mark = tmp_path / "paused"
     with Daemon(root, os.path.join(sockdir, "d.sock"), "--processes", "3",
                 extra_env={"COWDISK_PAUSE_AT": "create:volume", "COWDISK_PAUSE_S": "3",
@@ -717,12 +721,7 @@ def test_one_worker_runs_calls_at_once(tmp_path, sockdir) -> None:
     """With one store worker process (``--processes 1 --workers 3``), a create standing
     still inside it does not hold up the others: a remove and a read run beside it in the
     same process and answer first; a fourth call past the three slots waits its turn."""
-    root = str(tmp_path / "store")
-    store = Store(root, backend="copy")
-    store.build_template(make_tree(str(tmp_path / "tree")), "base")
-    for vid in ("a", "b"):
-        store.create_volume(vid, "base")
-    store.close()
+    root = copy_store(tmp_path, "a", "b")
     mark = tmp_path / "paused"
     with Daemon(root, os.path.join(sockdir, "d.sock"), "--processes", "1", "--workers", "3",
                 extra_env={"COWDISK_PAUSE_AT": "create:volume", "COWDISK_PAUSE_S": "8",
@@ -764,31 +763,20 @@ def test_first_calls_arrive_at_once(tmp_path, sockdir) -> None:
     """Eight creates as the daemon's very first store calls, all at once, into its one
     worker: each succeeds, and the worker lives on (its socket is taken into the event
     loop once, whoever comes first)."""
-    root = str(tmp_path / "store")
-    store = Store(root, backend="copy")
-    store.build_template(make_tree(str(tmp_path / "tree")), "base")
-    store.close()
+    root = copy_store(tmp_path)
     for _ in range(3):
         with Daemon(root, os.path.join(sockdir, "d.sock"), "--processes", "1", "--workers", "8") as d:
             d.start()
             [worker] = d.worker_pids()
             go = threading.Barrier(8)
-            errors: list[BaseException] = []
 
             def create(n: int) -> None:
                 cl = Client(d.sock)
                 cl.health()  # connected, so the creates leave together
                 go.wait()
-                try:
-                    cl.create_volume(f"v{n}", "base")
-                except BaseException as e:  # noqa: BLE001
-                    errors.append(e)
+                cl.create_volume(f"v{n}", "base")
 
-            threads = [threading.Thread(target=create, args=(n,)) for n in range(8)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join(60)
+            errors = errors_in_threads(create, 8, timeout=60)
             assert errors == [] and d.worker_pids() == [worker], errors
             assert "cowdisk_store_worker_deaths_total 0.0" in d.client.metrics()
             for n in range(8):
@@ -801,10 +789,7 @@ def test_worker_killed_with_two_calls_in_it(tmp_path, sockdir) -> None:
     """The one store worker SIGKILLed while two creates stand still in it: each caller gets
     WorkerDied; one recovery, run once the new worker is up, rolled both back, and both
     messages say so; one death is counted."""
-    root = str(tmp_path / "store")
-    store = Store(root, backend="copy")
-    store.build_template(make_tree(str(tmp_path / "tree")), "base")
-    store.close()
+    root = copy_store(tmp_path)
     mark = tmp_path / "paused"
     with Daemon(root, os.path.join(sockdir, "d.sock"), "--processes", "1", "--workers", "4",
                 extra_env={"COWDISK_PAUSE_AT": "create:volume", "COWDISK_PAUSE_S": "60",
@@ -900,24 +885,16 @@ def test_daemon_and_cli_race_on_one_store(daemon: Daemon) -> None:
 def test_parallel_clients_on_different_volumes(daemon: Daemon) -> None:
     c = daemon.client
     c.build_template(tree_in(daemon), "base")
-    errors: list[BaseException] = []
 
     def worker(n: int) -> None:
         cl = Client(daemon.sock)
-        try:
-            for i in range(10):
-                cl.create_volume(f"p{n}", "base")
-                cl.checkpoint(f"p{n}")
-                cl.restore(f"p{n}")
-                cl.remove_volume(f"p{n}")
-        except BaseException as e:  # noqa: BLE001
-            errors.append(e)
+        for i in range(10):
+            cl.create_volume(f"p{n}", "base")
+            cl.checkpoint(f"p{n}")
+            cl.restore(f"p{n}")
+            cl.remove_volume(f"p{n}")
 
-    threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    errors = errors_in_threads(worker, 8, timeout=120)
     assert errors == [] and c.volumes() == []
 
 

@@ -595,6 +595,8 @@ class Pool:
 
     def _freed(self) -> None:
         """Slots may be free (a call ended, a worker joined): wake as many waiting callers."""
+        if not self._waiting:  # (every answer comes here: nobody waits, nothing to count)
+            return
         free = sum(self.slots - w.busy for w in self.workers.values() if w.ready and w.busy < self.slots)
         while free > 0 and self._waiting:
             fut = self._waiting.popleft()

@@ -89,3 +89,29 @@ def test_template_changed_on_disk(store, how: str) -> None:
         store.remove_template("adopted")
     finally:
         shutil.rmtree(inbox, ignore_errors=True)
+
+
+def test_refused_calls_leave_no_lock_file(store, base) -> None:
+    """A call refused for an id no volume has (remove, checkpoint, restore, fork, a create of a
+    missing template or of an impossible size) leaves no lock file of that id behind: one lock
+    file per volume that exists, not one per id anyone named (the API fuzz found a file per
+    refused remove). A size past what a file can hold is refused as invalid (it was a 500:
+    OverflowError from the registry)."""
+    store.create_volume("ok", "base")
+    locks = os.path.join(store.root, "locks")
+    before = sorted(os.listdir(locks))
+    calls = [(NotFound, lambda: store.remove_volume("ghost1")),
+             (NotFound, lambda: store.checkpoint("ghost2")),
+             (NotFound, lambda: store.restore("ghost3")),
+             (NotFound, lambda: store.restore("ghost4", "ghost5")),
+             (NotFound, lambda: store.fork("ghost6", ["ghost7"])),
+             (NotFound, lambda: store.create_volume("ghost8", "no-such-template")),
+             (InvalidArgument, lambda: store.create_volume("ghost9", "base", size=1 << 80))]
+    for err, call in calls:
+        with pytest.raises(err) as ei:
+            call()
+        assert "ghost" in str(ei.value) or ei.value.obj == "no-such-template", ei.value
+    assert sorted(os.listdir(locks)) == before
+    assert [v.id for v in store.volumes()] == ["ok"]
+    store.remove_volume("ok")
+    assert "volume-ok.lock" not in os.listdir(locks)

@@ -72,6 +72,9 @@ from .transition import (
 log = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Any])
+MAX_VOLUME_BYTES = (1 << 63) - 512
+"""The largest size a volume may ask for: a file's or block device's length is a signed 64-bit
+count of bytes (and so is the registry's INTEGER)."""
 
 
 def _frees_space(fn: F) -> F:
@@ -281,6 +284,9 @@ class Store(StoreParts):
         if isinstance(size, bool) or not isinstance(size, int) or size <= 0 or size % 512:
             raise InvalidArgument(f"create volume {vid}: size {size!r} is not a positive multiple of 512 bytes",
                                   op="create volume", obj=vid)
+        if size > MAX_VOLUME_BYTES:
+            raise InvalidArgument(f"create volume {vid}: size {size} is larger than a file or device can be "
+                                  f"({MAX_VOLUME_BYTES} bytes)", op="create volume", obj=vid)
         if size < base:
             raise InvalidArgument(f"create volume {vid}: size {size} is smaller than template {t.id} ({base} bytes)",
                                   op="create volume", obj=vid, hint="a volume is at least its template's size")

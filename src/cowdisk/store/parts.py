@@ -13,12 +13,13 @@ import json
 import logging
 import shutil
 import time
+from types import TracebackType
 from typing import Any, Mapping, Self, cast
 
 
 from .. import failpoints
 from ..backends import Backend, BackendEnv, TemplateRef, VolumeCtx, backend_class, explain
-from ..errors import CowdiskError, InvalidArgument, KernelError, RegistryDamaged, Unsupported
+from ..errors import CowdiskError, InvalidArgument, KernelError, NotFound, RegistryDamaged, Unsupported
 from ..kernel import procfs
 from ..locks import FileLock
 from ..progress import Progress
@@ -54,6 +55,27 @@ def _read_only(path: str) -> bool:
         return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
     except OSError:
         return False
+
+
+class _VolumeLock(FileLock):
+    """A volume's lock: a call that fails with no volume of that id left (an id that never
+    existed, a create undone) takes the lock file with it, while it holds it: one lock file per
+    volume that exists, not one per id anyone ever named."""
+
+    def __init__(self, path: str, registry: Registry, vid: str, **kw: Any) -> None:
+        super().__init__(path, **kw)
+        self._registry = registry
+        self._vid = vid
+
+    def __exit__(self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None) -> None:
+        if t is not None and self.fd >= 0:
+            try:
+                self._registry.get_volume(self._vid)
+            except NotFound:
+                self.unlink()
+            except Exception:  # the registry unreadable: keep the file (harmless), report the first error
+                pass
+        super().__exit__(t, v, tb)
 
 
 class StoreParts:
@@ -209,8 +231,10 @@ class StoreParts:
         return os.path.join(self.root, "links", vid, "rootfs")
 
     def lock(self, kind: str, name: str) -> FileLock:
-        return FileLock(os.path.join(self.root, "locks", f"{kind}-{name}.lock"), timeout=self.lock_timeout,
-                        what=f"{kind} {name}")
+        path = os.path.join(self.root, "locks", f"{kind}-{name}.lock")
+        if kind == "volume":
+            return _VolumeLock(path, self.registry, name, timeout=self.lock_timeout, what=f"{kind} {name}")
+        return FileLock(path, timeout=self.lock_timeout, what=f"{kind} {name}")
 
     def ctx(self, v: VolumeRow, t: TemplateRow | None = None, *, op: str = "",
              progress: Progress | None = None) -> VolumeCtx:

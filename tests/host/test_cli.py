@@ -19,6 +19,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from cowdisk.cli import cli
+from cowdisk.cli.reference import commands
 from cowdisk.store import Store
 from testutil import assert_same_host, host_state
 
@@ -103,10 +104,8 @@ def _write(path: str, off: int, data: bytes) -> None:
 
 
 def _all_commands(group: click.Group, prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
-    for name, cmd in group.commands.items():
-        yield prefix + (name,)
-        if isinstance(cmd, click.Group):
-            yield from _all_commands(cmd, prefix + (name,))
+    for path, _cmd in commands(group, prefix):
+        yield path
 
 
 def test_help_on_every_command_has_an_example() -> None:
@@ -245,7 +244,7 @@ def test_errors(run: Cli, tree: str) -> None:
     r = run("volume", "drive", "vm1", "--format", "vmware", code=2)  # click's usage error
     assert "Invalid value for '--format'" in r.stderr
     err = run.json("volume", "drive", "vm1", "--format", "vmware", code=2)["error"]  # as JSON too
-    assert (err["type"], err["exit_code"], err["command"]) == ("BadParameter", 2, "volume drive")
+    assert (err["type"], err["exit_code"], err["command"]) == ("InvalidArgument", 2, "volume drive")
     assert "Invalid value for '--format'" in err["message"] and "--help" in err["hint"]
     r = run("volume", "frobnicate", code=2)
     assert "No such command" in r.stderr

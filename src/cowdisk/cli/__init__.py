@@ -5,23 +5,36 @@ One module per command group: :mod:`.templates` (``cowdisk template``), :mod:`.v
 :mod:`.app` holds what they share (output, JSON, progress, error reporting). This module
 has the root group and :func:`main`, the entry point of the ``cowdisk`` script and of
 ``python -m cowdisk``.
+
+A command's module is imported when that command runs (or when ``--help`` lists them), and
+each imports the store, rich and the rest only where it uses them: ``cowdisk --version``
+imports click and this package's app module, nothing else (bench/startup.py measures it;
+tests/unit/test_cli_imports.py keeps it so).
 """
 
 from __future__ import annotations
 
+import signal
+import os
 import sys
 import traceback
 
 import click
 
-from . import admin, demo, lifecycle, serve, templates, volumes
-from .app import App, CowdiskGroup, global_params, setup_logging
+from .. import __version__
+from .app import PIPE_CLOSED, App, CowdiskGroup, global_params, setup_logging
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
-@click.group(cls=CowdiskGroup, context_settings=CONTEXT)
-@click.version_option(package_name="cowdisk")
+COMMANDS = {"template": "templates:template", "volume": "volumes:volume", "store": "lifecycle:store",
+            "recover": "admin:recover", "gc": "admin:gc", "doctor": "admin:doctor", "demo": "demo:demo_command",
+            "serve": "serve:serve"}
+"""Each command and where it is defined (``module:attribute`` in this package), imported when used."""
+
+
+@click.group(cls=CowdiskGroup, context_settings=CONTEXT, lazy_commands=COMMANDS)
+@click.version_option(__version__, package_name="cowdisk")
 @click.pass_context
 def cli(ctx: click.Context, root: str, backend: str, verbose: int, quiet: bool, as_json: bool,
         timeout: float | None) -> None:
@@ -38,9 +51,8 @@ def cli(ctx: click.Context, root: str, backend: str, verbose: int, quiet: bool, 
       cowdisk volume drive vm1 --format firecracker
       cowdisk volume rm vm1
 
-    Exit codes: 0 ok, 1 other, 2 invalid argument or usage, 3 not found, 4 kernel error,
-    5 already exists, 6 in use, 7 wrong state, 8 template changed, 9 unsupported,
-    10 lock timeout, 11 snapshot invalid, 12 COW format error (see docs/cli.md).
+    {exit_codes}
+
     Shell completion: eval "$(_COWDISK_COMPLETE=bash_source cowdisk)" (zsh_source, fish_source).
     """
     setup_logging(verbose)
@@ -53,9 +65,16 @@ def cli(ctx: click.Context, root: str, backend: str, verbose: int, quiet: bool, 
 
 cli.params[:0] = global_params(at_root=True)
 
-for _command in (templates.template, volumes.volume, lifecycle.store, admin.recover, admin.gc, admin.doctor,
-                 demo.demo_command, serve.serve):
-    cli.add_command(_command)
+
+def _pipe_closed() -> int:
+    """stdout's reader went away (``cowdisk volume ls | head -1``): end as coreutils do, of
+    SIGPIPE, quietly (the shell sees 141; ``set -o pipefail`` scripts as with ``ls``). What
+    stdout still buffers goes to /dev/null, so the interpreter's last flush cannot fail."""
+    with open(os.devnull, "wb") as null:
+        os.dup2(null.fileno(), sys.stdout.fileno())
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGPIPE)
+    return 128 + signal.SIGPIPE  # not reached
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cli.main(args=args, prog_name="cowdisk", standalone_mode=True)
     except SystemExit as e:
+        if e.code == PIPE_CLOSED:
+            return _pipe_closed()
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except Exception as e:  # a bug: say so; the traceback only with -v
         verbose = any(a == "--verbose" or (a.startswith("-v") and set(a[1:]) == {"v"}) for a in args)

@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import click
 
-from .. import doctor as doctor_mod
 from ..errors import CowdiskError
-from ..store import Store
-from rich.text import Text
-
 from .app import App, Column, CowdiskCommand, pass_app, table
 
 REPORT_KEYS = ("rolled_back", "finished", "reactivated", "orphans_removed", "adopted", "quarantined", "kept",
                "in_quarantine", "errors")
 """The keys of a recovery report, in order: what ``recover``/``gc`` print on a root with no store."""
+
+if TYPE_CHECKING:
+    from ..store import Store
 
 
 def _maintain(app: App, what: str, run: Callable[[Store], Any], have: Any = None) -> None:
@@ -57,6 +56,8 @@ def recover(app: App, rebuild_registry: bool) -> None:
       cowdisk recover --json
       cowdisk recover --rebuild-registry     # after exit code 13 (registry damaged or lost)
     """
+    from ..store import Store
+
     if rebuild_registry:
         s, rep, moved = Store.rebuild_registry(app.root)
         s.close()
@@ -100,6 +101,10 @@ def doctor(app: App) -> None:
       cowdisk doctor
       cowdisk --root /srv/cowdisk doctor --json | jq -r .backend
     """
+    from rich.text import Text
+
+    from .. import doctor as doctor_mod
+
     rep = doctor_mod.check(app.root)
     if app.has_store():  # a store here: how full its areas are (dm-thin's pool too)
         try:

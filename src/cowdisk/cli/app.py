@@ -19,22 +19,20 @@ import os
 import sys
 import time
 import traceback
-from typing import Any, Callable, Iterator, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterator, NoReturn, Sequence, TypeVar
 
 import click
-from rich.console import Console
-from rich.progress import (BarColumn, DownloadColumn, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn,
-                           TimeRemainingColumn, TransferSpeedColumn)
-from rich.progress import Progress as Bar
-from rich.table import Table
-from rich.text import Text
 
 from ..errors import CowdiskError, InvalidArgument, NotFound, message_of
 from ..progress import Progress
-from ..store import BACKENDS, Store, default_root, store_exists
+from ..store.model import default_root
+
+if TYPE_CHECKING:  # imported when a command needs them (start-up: bench/startup.py)
+    from rich.console import Console
+
+    from ..store import Store
 
 F = TypeVar("F", bound=Callable[..., Any])
-BACKEND_CHOICES = ("auto", *BACKENDS)
 
 
 def human_bytes(n: int | None) -> str:
@@ -82,12 +80,96 @@ def _plain(v: Any) -> str:
 
 
 class Column:
-    """One column of a listing: its JSON key, its heading, and how a person reads it."""
+    """One column of a listing: its JSON key, its heading, how a person reads it, and whether
+    it is shown by default (the others only when ``-o`` names them)."""
 
-    def __init__(self, key: str, heading: str = "", human: Callable[[Any], str] | None = None) -> None:
+    def __init__(self, key: str, heading: str = "", human: Callable[[Any], str] | None = None, *,
+                 default: bool = True) -> None:
         self.key = key
         self.heading = heading or key
         self.human = human
+        self.default = default
+
+
+def _column_names(columns: Sequence[Column]) -> dict[str, Column]:
+    """Every name a column answers to, lower case: its key (``template_id``; printed in
+    capitals as the heading off a terminal) and its heading on a terminal (``template``)."""
+    names: dict[str, Column] = {}
+    for c in columns:
+        names[c.key.lower()] = c
+    for c in columns:
+        names.setdefault(c.heading.lower(), c)
+    return names
+
+
+def select_columns(text: str | None, columns: Sequence[Column]) -> list[Column] | None:
+    """The columns ``-o`` asks for: comma-separated keys or headings in any case
+    (``id,state``, ``ID,STATE``); ``+col`` adds to the default columns (as ``lvs -o +field``).
+    An unknown column is refused (exit 2) with the list of valid ones. None: no ``-o``."""
+    if text is None:
+        return None
+    names = _column_names(columns)
+    items = [i.strip() for i in text.split(",")]
+    adding = any(i.startswith("+") for i in items)
+    chosen = [c for c in columns if c.default] if adding else []
+    for item in items:
+        name = item.removeprefix("+").strip()
+        if not name:
+            continue
+        c = names.get(name.lower())
+        if c is None:
+            raise InvalidArgument(f"unknown column {name!r}", op="parse columns", obj=name,
+                                  hint="the columns: " + ", ".join(c.key for c in columns))
+        if not (adding and c in chosen):
+            chosen.append(c)
+    if not chosen:
+        raise InvalidArgument(f"no columns in {text!r}", op="parse columns", obj=text,
+                              hint="the columns: " + ", ".join(c.key for c in columns))
+    return chosen
+
+
+def parse_filters(texts: Sequence[str], columns: Sequence[Column], extra: Sequence[str] = ()) -> dict[str, set[str]]:
+    """``--filter KEY=VALUE`` (repeatable): KEY a column (key or heading, any case) or one of
+    ``extra``; a row is listed when it matches every key, and a key given several times
+    matches any of its values. Unknown keys are refused (exit 2) naming the valid ones."""
+    names = _column_names(columns)
+    out: dict[str, set[str]] = {}
+    for t in texts:
+        key, sep, value = t.partition("=")
+        key = key.strip().lower()
+        c = names.get(key)
+        name = key if key in extra else (c.key if c is not None else None)
+        if not sep or not key or name is None:
+            valid = ", ".join([*extra, *(c.key for c in columns)])
+            raise InvalidArgument(f"invalid filter {t!r}" + ("" if sep and key else ": use KEY=VALUE"),
+                                  op="parse filter", obj=t, hint=f"the keys: {valid}")
+        out.setdefault(name, set()).add(value)
+    return out
+
+
+def matches(row: dict[str, Any], filters: dict[str, set[str]]) -> bool:
+    """Whether ``row`` passes every filter: its value's plain form is one of the wanted
+    values, or, for a list (names, links, volumes), one of its items is."""
+    for key, wanted in filters.items():
+        v = row.get(key)
+        have = {_plain(x) for x in v} if isinstance(v, (list, tuple)) else {_plain(v)}
+        if not have & wanted:
+            return False
+    return True
+
+
+def _human(v: Any) -> str:
+    """A value of a ``key value`` view as a person reads it: lists and mappings joined, never
+    a Python repr."""
+    if isinstance(v, dict):
+        return ", ".join(f"{k}={_human(x)}" for k, x in v.items()) or "-"
+    if isinstance(v, (list, tuple)):
+        return ", ".join(_human(x) for x in v) or "-"
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return str(v)
 
 
 class App:
@@ -102,16 +184,36 @@ class App:
         self.timeout: float | None = None
         self.command = ""
         self.tty = sys.stdout.isatty()
-        width = None if self.tty else 1 << 16  # never wrap or fold off a terminal
-        self.out = Console(highlight=False, markup=False, emoji=False, soft_wrap=not self.tty, width=width)
-        self.err = Console(stderr=True, highlight=False, markup=False, emoji=False, soft_wrap=True,
-                           width=None if sys.stderr.isatty() else 1 << 16)
         self.interactive = sys.stderr.isatty() and os.environ.get("TERM") != "dumb"
         self._store: Store | None = None
+        self._out: Console | None = None
+        self._err: Console | None = None
+
+    @property
+    def out(self) -> Console:
+        """stdout for tables on a terminal (rich, made when first used)."""
+        if self._out is None:
+            from rich.console import Console
+
+            width = None if self.tty else 1 << 16  # never wrap or fold off a terminal
+            self._out = Console(highlight=False, markup=False, emoji=False, soft_wrap=not self.tty, width=width)
+        return self._out
+
+    @property
+    def err(self) -> Console:
+        """stderr for messages and progress (rich, made when first used)."""
+        if self._err is None:
+            from rich.console import Console
+
+            self._err = Console(stderr=True, highlight=False, markup=False, emoji=False, soft_wrap=True,
+                                width=None if sys.stderr.isatty() else 1 << 16)
+        return self._err
 
     # -- the store -------------------------------------------------------------------
 
     def has_store(self) -> bool:
+        from ..store.manifest import store_exists
+
         return store_exists(self.root)
 
     def store(self, *, create: bool = False, recover: bool = True) -> Store:
@@ -123,13 +225,16 @@ class App:
         if self._store is None:
             if not create and not self.has_store():
                 raise NotFound(f"no cowdisk store at {self.root}", op="open store", obj=self.root,
-                               hint="build or import a template first (`cowdisk template build DIR`), "
-                                    "or point --root / COWDISK_ROOT at an existing store")
+                               hint="build or import a template first (`cowdisk template build DIR`), or make "
+                                    "an empty one with `cowdisk --backend NAME store init`, or point --root / "
+                                    "COWDISK_ROOT at an existing store")
             if recover and not create:  # a daemon serving this store answers: go through it (issue 12)
                 from ..client import for_root
                 self._store = for_root(self.root, self.info if self.verbose else None)  # type: ignore[assignment]
                 if self._store is not None:
                     return self._store
+            from ..store import Store
+
             kw: dict[str, Any] = {} if self.timeout is None else {"lock_timeout": self.timeout}
             self._store = Store(self.root, backend=self.backend, recover=recover, **kw)
         return self._store
@@ -146,8 +251,14 @@ class App:
     # -- output ------------------------------------------------------------------------
 
     def info(self, msg: str) -> None:
-        if not self.quiet:
-            self.err.print(Text(msg))
+        if self.quiet:
+            return
+        if self._err is None and not self.interactive:  # no bar to print above: no rich either
+            click.echo(msg, err=True)
+            return
+        from rich.text import Text
+
+        self.err.print(Text(msg))
 
     def emit(self, data: Any) -> None:
         """The one JSON document a ``--json`` command writes to stdout."""
@@ -157,13 +268,16 @@ class App:
         click.echo(text)
 
     def kv(self, title: str, data: dict[str, Any]) -> None:
-        """One object as ``key value`` lines (a titled two-column table on a terminal)."""
-        rows = [(k, ", ".join(map(str, v)) or "-" if isinstance(v, (list, tuple)) else "-" if v is None else str(v))
-                for k, v in data.items()]
+        """One object as ``key value`` lines (a titled two-column table on a terminal); lists
+        and mappings are joined (``attached=3, checkpointed=1``), never printed as reprs."""
+        rows = [(k, _human(v)) for k, v in data.items()]
         if not self.tty:
             for k, v in rows:
-                click.echo(f"{k}\t{_plain(v)}")
+                self.line(f"{k}\t{_plain(v)}")
             return
+        from rich.table import Table
+        from rich.text import Text
+
         t = Table(title=title, show_header=False, title_justify="left", box=None, pad_edge=False)
         t.add_column(style="bold", no_wrap=True)
         t.add_column(overflow="fold")
@@ -172,19 +286,20 @@ class App:
         self.out.print(t)
 
     def listing(self, rows: Sequence[dict[str, Any]], columns: Sequence[Column], *, headings: bool = True,
-                only: Sequence[str] | None = None, title: str | None = None) -> None:
-        """Rows as a table (terminal) or tab-separated raw values (otherwise). ``only`` are the
-        ``-o`` columns (JSON keys, in that order)."""
-        by_key = {c.key: c for c in columns}
-        cols = list(columns)
-        if only:
-            cols = [by_key.get(k) or Column(k) for k in only]
+                only: Sequence[Column] | None = None, title: str | None = None) -> None:
+        """Rows as a table (terminal) or tab-separated raw values (otherwise). ``columns`` are
+        every column the listing has (the default ones shown); ``only`` are the ``-o``
+        columns (:func:`select_columns`), always printed raw."""
+        cols = list(only) if only else [c for c in columns if c.default]
         if not self.tty or only:
             if headings:
-                click.echo("\t".join(c.key.upper() for c in cols))
+                self.line("\t".join(c.key.upper() for c in cols))
             for r in rows:
-                click.echo("\t".join(_plain(r.get(c.key)) for c in cols))
+                self.line("\t".join(_plain(r.get(c.key)) for c in cols))
             return
+        from rich.table import Table
+        from rich.text import Text
+
         t = Table(title=title, title_justify="left", show_header=headings, box=None, pad_edge=False,
                   header_style="bold")
         for c in cols:
@@ -204,10 +319,14 @@ class App:
         start = time.monotonic()
         done_bytes = 0
         next_pct = 0
-        task: TaskID | None = None
+        task: Any = None
         with contextlib.ExitStack() as stack:
-            bar: Bar | None = None
+            bar: Any = None
             if self.interactive and not self.quiet:
+                from rich.progress import (BarColumn, DownloadColumn, SpinnerColumn, TextColumn, TimeElapsedColumn,
+                                           TimeRemainingColumn, TransferSpeedColumn)
+                from rich.progress import Progress as Bar
+
                 bar = stack.enter_context(Bar(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
                                               DownloadColumn(), TransferSpeedColumn(), TimeElapsedColumn(),
                                               TimeRemainingColumn(), console=self.err, transient=True))
@@ -298,6 +417,24 @@ def _timeout(value: float | None) -> float | None:
     return value
 
 
+class BackendChoice(click.Choice):  # type: ignore[type-arg]
+    """``auto`` and every backend's name, read from the backend registry when first needed
+    (not at start-up)."""
+
+    def __init__(self) -> None:
+        super().__init__(())
+
+    @property  # type: ignore[override]
+    def choices(self) -> tuple[str, ...]:
+        from ..backends import BACKENDS
+
+        return ("auto", *BACKENDS)
+
+    @choices.setter
+    def choices(self, _value: Any) -> None:
+        pass
+
+
 def global_params(*, at_root: bool) -> list[click.Parameter]:
     """The options every command takes, before or after the subcommand. At the root they
     carry their defaults and environment and are passed to the root group; after a
@@ -313,7 +450,7 @@ def global_params(*, at_root: bool) -> list[click.Parameter]:
                      callback=cb(_set("root", os.path.abspath)), help="Store root directory. [env: COWDISK_ROOT]"),
         click.Option(["--backend"], envvar="COWDISK_BACKEND" if at_root else None,
                      default="auto" if at_root else None, show_default=at_root,
-                     type=click.Choice(BACKEND_CHOICES), expose_value=at_root, is_eager=True,
+                     type=BackendChoice(), expose_value=at_root, is_eager=True,
                      callback=cb(_set("backend")),
                      help="Volume backend; only matters when the store is created (it is then fixed). "
                           "[env: COWDISK_BACKEND]"),
@@ -331,8 +468,10 @@ def global_params(*, at_root: bool) -> list[click.Parameter]:
     ]
 
 
-def table(*columns: str, **kw: Any) -> Table:
+def table(*columns: str, **kw: Any) -> Any:
     """A rich table whose cells fold rather than being cut (the demo's tables)."""
+    from rich.table import Table
+
     t = Table(**kw)
     for c in columns:
         t.add_column(c, overflow="fold")
@@ -369,20 +508,59 @@ def _json_wanted(args: Sequence[str]) -> bool:
     return False
 
 
+PIPE_CLOSED = 141
+"""The exit status when stdout's reader went away (128 + SIGPIPE, as coreutils under a shell);
+the ``cowdisk`` script ends of SIGPIPE itself."""
+
+
+def usage_error_type(code: int) -> str:
+    """The documented error type of a usage error the parser raised: ``InvalidArgument``
+    for exit 2 (an unknown option, a bad value, a missing argument), else ``CowdiskError``."""
+    return "InvalidArgument" if code == InvalidArgument.exit_code else "CowdiskError"
+
+
 class CowdiskGroup(click.Group):
     """The root group: every error (a cowdisk error, an OS error, a usage error of the parser)
-    becomes a message on stderr, a JSON document with --json, and its exit code."""
+    becomes a message on stderr, a JSON document with --json, and its exit code. Its
+    commands may be named as ``module:attribute`` (``lazy_commands``), imported when used."""
 
     command_class = CowdiskCommand
     group_class = CowdiskSubGroup
 
+    def __init__(self, *args: Any, lazy_commands: dict[str, str] | None = None, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.lazy_commands = dict(lazy_commands or {})
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return [*super().list_commands(ctx), *(n for n in self.lazy_commands if n not in self.commands)]
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands and cmd_name in self.lazy_commands:
+            import importlib
+
+            module, _, attr = self.lazy_commands[cmd_name].partition(":")
+            self.add_command(getattr(importlib.import_module(f".{module}", __package__), attr), cmd_name)
+        return super().get_command(ctx, cmd_name)
+
+    def format_help_text(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        if self.help and "{exit_codes}" in self.help:
+            from .reference import exit_codes_line
+
+            self.help = self.help.replace("{exit_codes}", exit_codes_line())
+        super().format_help_text(ctx, formatter)
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
-            return super().invoke(ctx)
-        except CowdiskError as e:
-            report_error(ctx, e, e.exit_code)
-        except OSError as e:  # not wrapped by cowdisk: permissions on --root, a full disk...
-            report_error(ctx, e, 1, hint="check --root and that you run as root")
+            try:
+                return super().invoke(ctx)
+            except BrokenPipeError:
+                raise
+            except CowdiskError as e:
+                report_error(ctx, e, e.exit_code)
+            except OSError as e:  # not wrapped by cowdisk: permissions on --root, a full disk...
+                report_error(ctx, e, 1, hint="check --root and that you run as root")
+        except BrokenPipeError:  # stdout's reader went away: no error of the store, no message
+            raise click.exceptions.Exit(PIPE_CLOSED) from None
 
     def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
              complete_var: str | None = None, standalone_mode: bool = True, **extra: Any) -> Any:
@@ -398,7 +576,7 @@ class CowdiskGroup(click.Group):
             sys.exit(1)
         except click.ClickException as e:  # usage errors: unknown option, bad value, missing argument
             code = e.exit_code
-            doc = {"type": type(e).__name__, "exit_code": code, "message": e.format_message(),
+            doc = {"type": usage_error_type(code), "exit_code": code, "message": e.format_message(),
                    "hint": "", "op": "parse arguments", "object": "", "errno": None, "notes": []}
             ctx = getattr(e, "ctx", None)
             if ctx is not None:
@@ -445,7 +623,9 @@ pass_app = click.make_pass_decorator(App)
 
 
 def _complete_store(ctx: click.Context) -> Store | None:
-    root = ctx.find_root().params.get("root") or os.environ.get("COWDISK_ROOT") or default_root()
+    from ..store import Store
+
+    root = ctx.find_root().params.get("root") or default_root()
     if not os.path.exists(os.path.join(root, "registry.db")):
         return None
     try:

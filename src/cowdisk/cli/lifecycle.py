@@ -7,7 +7,6 @@ from typing import Any
 import click
 
 from ..errors import InvalidArgument
-from ..store import Store
 from .app import App, CowdiskCommand, CowdiskGroup, human_bytes, pass_app
 
 
@@ -39,6 +38,8 @@ def store_init(app: App, options: tuple[str, ...]) -> None:
         if not sep or not key:
             raise InvalidArgument(f"backend option {o!r}: use KEY=VALUE", op="store init", obj=o)
         opts[key] = value
+    from ..store import Store
+
     with Store(app.root, backend=app.backend, backend_options=opts or None) as s:
         _show(app, s.info())
 

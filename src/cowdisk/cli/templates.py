@@ -4,22 +4,50 @@ image), list, inspect, verify and remove templates."""
 from __future__ import annotations
 
 import os
+import re
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from ..errors import InvalidArgument, NotFound
-from ..store import Store, Template, validate_id
-from .app import App, Column, CowdiskSubGroup, complete_templates, human_bytes, parse_size, pass_app, when
+from ..store.model import validate_id
+from .app import (App, Column, CowdiskSubGroup, complete_templates, human_bytes, matches, parse_filters, parse_size,
+                  pass_app, select_columns, when)
+
+if TYPE_CHECKING:
+    from ..store import Store, Template
 
 COLUMNS = [Column("id"), Column("names"), Column("size", human=human_bytes),
            Column("disk_bytes", "on disk", human=human_bytes), Column("users", "volumes", human=lambda u: str(len(u))),
-           Column("state"), Column("created", human=when)]
+           Column("state"), Column("created", human=when), Column("digest", default=False),
+           Column("path", default=False), Column("source", default=False)]
+
+DIGEST_PREFIX = 6
+"""The shortest digest prefix a template is found by (hex digits)."""
+
+_DIGEST = re.compile(rf"[0-9a-f]{{{DIGEST_PREFIX},64}}")
+
+
+def template_ref(ref: str) -> str:
+    """A template reference as the store finds it: its id, a name, or a prefix of its digest
+    of at least 6 hex digits, bare or as ``sha256:<hex>`` (the form ``inspect`` prints);
+    InvalidArgument (exit 2) for anything else."""
+    if ref.startswith("sha256:"):
+        digest = ref.removeprefix("sha256:")
+        if not _DIGEST.fullmatch(digest):
+            raise InvalidArgument(f"invalid template digest {ref!r}: sha256: and {DIGEST_PREFIX} to 64 lower-case "
+                                  "hex digits", op="validate id", obj=repr(ref))
+        return digest
+    return validate_id(ref, "template name or id")
 
 
 def show_template(app: App, store: Store, t: Template, title: str) -> None:
     d = store.template_doc(t)
     if app.json:
         app.emit(d)
+        return
+    if app.quiet:
+        app.line(d["id"])
         return
     app.kv(title, {"id": d["id"], "names": d["names"], "size": f"{human_bytes(d['size'])} ({d['size']} bytes)",
                    "on disk": human_bytes(d["disk_bytes"]), "digest": f"sha256:{d['digest']}",
@@ -104,10 +132,14 @@ def template_build(app: App, source: str | None, image: str | None, name: str | 
 @click.option("-q", "--quiet", "ids_only", is_flag=True, help="Only the ids, one per line.")
 @click.option("--no-headings", is_flag=True, help="No heading line.")
 @click.option("-o", "--output", "columns", metavar="COLUMNS",
-              help=f"Comma-separated columns (JSON keys), e.g. id,names,size: {','.join(c.key for c in COLUMNS)}, "
-                   "digest, path, source.")
+              help="Comma-separated columns, keys or headings in any case; +COL adds to the defaults: "
+                   f"{', '.join(c.key for c in COLUMNS if c.default)}; also "
+                   f"{', '.join(c.key for c in COLUMNS if not c.default)}.")
+@click.option("--filter", "filters", multiple=True, metavar="KEY=VALUE",
+              help="Only templates whose column KEY is VALUE (names: one of them). Repeatable: every key must "
+                   "match, a key given twice matches either value.")
 @pass_app
-def template_ls(app: App, ids_only: bool, no_headings: bool, columns: str | None) -> None:
+def template_ls(app: App, ids_only: bool, no_headings: bool, columns: str | None, filters: tuple[str, ...]) -> None:
     """List templates.
 
     Off a terminal the table is tab-separated raw values (sizes in bytes), one line each.
@@ -117,44 +149,53 @@ def template_ls(app: App, ids_only: bool, no_headings: bool, columns: str | None
       cowdisk template ls
       cowdisk template ls -q
       cowdisk template ls --no-headings -o id,size
+      cowdisk template ls -o +digest --filter state=ready
       cowdisk template ls --json | jq -r '.templates[].id'
     """
+    only = select_columns(columns, COLUMNS)
+    wanted = parse_filters(filters, COLUMNS)
     rows = []
     if app.has_store():
         store = app.store()
-        rows = [store.template_doc(t) for t in store.templates()]
+        rows = [r for r in (store.template_doc(t) for t in store.templates()) if matches(r, wanted)]
     if app.json:
         app.emit({"templates": rows})
     elif ids_only:
         for r in rows:
             app.line(r["id"])
     else:
-        app.listing(rows, COLUMNS, headings=not no_headings, only=_columns(columns))
-
-
-def _columns(text: str | None) -> list[str] | None:
-    if text is None:
-        return None
-    cols = [c.strip() for c in text.split(",") if c.strip()]
-    if not cols:
-        raise InvalidArgument(f"no columns in {text!r}", op="parse columns", obj=text)
-    return cols
+        app.listing(rows, COLUMNS, headings=not no_headings, only=only)
 
 
 @template.command("inspect")
-@click.argument("ref", shell_complete=complete_templates)
+@click.argument("refs", metavar="REF...", nargs=-1, required=True, shell_complete=complete_templates)
 @pass_app
-def template_inspect(app: App, ref: str) -> None:
-    """Show one template (by id, digest prefix or name).
+def template_inspect(app: App, refs: tuple[str, ...]) -> None:
+    """Show templates by id, name or digest (sha256:HEX as inspect prints it, or its first 6
+    or more hex digits). One REF prints its template (--json: the document); several, each
+    on its own (--json: {"templates": [...], "errors": [...]}; the exit code is the first
+    failure's).
 
     \b
     Example:
       cowdisk template inspect base
+      cowdisk template inspect sha256:d9b04df1b4d5
     """
-    validate_id(ref, "template name or id")
+    if len(refs) == 1:
+        store = app.store()
+        t = store.template(template_ref(refs[0]))
+        show_template(app, store, t, f"template {t.id}")
+        return
     store = app.store()
-    t = store.template(ref)
-    show_template(app, store, t, f"template {t.id}")
+
+    def one(ref: str) -> dict[str, Any]:
+        t = store.template(template_ref(ref))
+        if not app.json:
+            show_template(app, store, t, f"template {t.id}")
+        return store.template_doc(t)
+
+    docs, errors = app.each(refs, "inspect template", one)
+    app.finish_each({"templates": docs}, errors)
 
 
 @template.command("verify")
@@ -167,7 +208,7 @@ def template_verify(app: App, ref: str) -> None:
     Example:
       cowdisk template verify base && echo intact
     """
-    validate_id(ref, "template name or id")
+    ref = template_ref(ref)
     store = app.store()
     t0 = store.template(ref)
     with app.progress(f"verify {t0.id}") as progress:
@@ -197,12 +238,12 @@ def template_rm(app: App, refs: tuple[str, ...], force: bool) -> None:
     seen: set[str] = set()
 
     def rm(ref: str) -> None:
-        validate_id(ref, "template name or id")
+        found = template_ref(ref)
         if store is None:
             absent.append(ref)
             return
         try:
-            tid = store.template(ref).id
+            tid = store.template(found).id
         except NotFound:
             if not force:
                 raise

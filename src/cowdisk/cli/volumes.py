@@ -5,24 +5,30 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from .. import drive as drive_mod
 from ..errors import CowdiskError, InvalidArgument, NotFound
-from ..store import Store, Volume, validate_id
-from .app import (App, Column, CowdiskSubGroup, complete_templates, complete_volumes, human_bytes, parse_size,
-                  pass_app, when)
-from .templates import _columns, show_template
+from ..store.model import validate_id
+from .app import (App, Column, CowdiskSubGroup, complete_templates, complete_volumes, human_bytes, matches,
+                  parse_filters, parse_size, pass_app, select_columns, when)
+from .templates import show_template, template_ref
+
+if TYPE_CHECKING:
+    from ..store import Store, Volume
 
 COLUMNS = [Column("id"), Column("state"), Column("backend"), Column("template_id", "template"),
            Column("size", human=human_bytes), Column("links", human=lambda ls: "\n".join(ls) or "-"),
-           Column("device", human=lambda d: d or "-")]
+           Column("device", human=lambda d: d or "-"), Column("link", default=False),
+           Column("data_path", default=False), Column("parent", default=False),
+           Column("created", human=when, default=False), Column("error", default=False)]
 USAGE_COLUMNS = [Column("id"), Column("state"), Column("template_id", "template"),
                  Column("own_bytes", "own", human=human_bytes), Column("disk_bytes", "allocated", human=human_bytes),
                  Column("apparent_bytes", "apparent", human=human_bytes), Column("cow", "cow used"),
-                 Column("health")]
+                 Column("health"), Column("exclusive_bytes", default=False), Column("shared_bytes", default=False),
+                 Column("cow_used_bytes", default=False), Column("cow_total_bytes", default=False)]
 
 
 def links_to(store: Store, vols: list[Volume]) -> dict[str, list[str]]:
@@ -59,6 +65,9 @@ def _show_volume(app: App, store: Store, v: Volume, title: str, extra: dict[str,
         d.update(extra)
     if app.json:
         app.emit(d)
+        return
+    if app.quiet:
+        app.line(d["id"])
         return
     rows = {"id": d["id"], "state": d["state"], "backend": d["backend"], "template": d["template_id"],
             "size": human_bytes(d["size"]), "link": d["link"], "links": d["links"], "device": d["device"],
@@ -109,7 +118,7 @@ def volume_create(app: App, vid: str, tref: str, size: str | None, no_grow_fs: b
       cowdisk volume create vm2 --template base --size 4G
     """
     validate_id(vid)
-    validate_id(tref, "template name or id")
+    tref = template_ref(tref)
     nbytes = parse_size(size) if size is not None else None
     store = app.store()
     with app.progress(f"create {vid}") as progress:
@@ -122,10 +131,15 @@ def volume_create(app: App, vid: str, tref: str, size: str | None, no_grow_fs: b
 @click.option("-q", "--quiet", "ids_only", is_flag=True, help="Only the ids, one per line.")
 @click.option("--no-headings", is_flag=True, help="No heading line.")
 @click.option("-o", "--output", "columns", metavar="COLUMNS",
-              help=f"Comma-separated columns (JSON keys): {','.join(c.key for c in COLUMNS)}, link, "
-                   "data_path, parent, created, error.")
+              help="Comma-separated columns, keys or headings in any case; +COL adds to the defaults: "
+                   f"{', '.join(c.key for c in COLUMNS if c.default)}; also "
+                   f"{', '.join(c.key for c in COLUMNS if not c.default)}.")
+@click.option("--filter", "filters", multiple=True, metavar="KEY=VALUE",
+              help="Only volumes whose column KEY is VALUE (state=attached, template=REF: an id, name or digest, "
+                   "links: one of them). Repeatable: every key must match, a key given twice matches either value.")
 @pass_app
-def volume_ls(app: App, tref: str | None, ids_only: bool, no_headings: bool, columns: str | None) -> None:
+def volume_ls(app: App, tref: str | None, ids_only: bool, no_headings: bool, columns: str | None,
+              filters: tuple[str, ...]) -> None:
     """List volumes; `links` are all the stable links that reach each one (after a
     `restore --as`, the source's link serves the new volume).
 
@@ -136,45 +150,61 @@ def volume_ls(app: App, tref: str | None, ids_only: bool, no_headings: bool, col
       cowdisk volume ls
       cowdisk volume ls -q | xargs cowdisk volume rm
       cowdisk volume ls --no-headings -o id,state,device
+      cowdisk volume ls -o +parent --filter state=checkpointed
       cowdisk volume ls --json | jq -r '.volumes[] | select(.state=="attached") | .id'
     """
+    only = select_columns(columns, COLUMNS)
+    wanted = parse_filters(filters, COLUMNS, extra=("template",))
+    templates = wanted.pop("template", set()) | ({tref} if tref is not None else set())
     vols: list[Volume] = []
     links: dict[str, list[str]] = {}
     if app.has_store():
         store = app.store()
         vols = store.volumes()
-        if tref is not None:
-            validate_id(tref, "template name or id")
-            tid = store.template(tref).id
-            vols = [v for v in vols if v.template_id == tid]
+        if templates:
+            tids = {store.template(template_ref(t)).id for t in templates}
+            vols = [v for v in vols if v.template_id in tids]
         links = links_to(store, vols)
-    rows = [volume_dict(v, links.get(v.id, [])) for v in vols]
+    rows = [r for r in (volume_dict(v, links.get(v.id, [])) for v in vols) if matches(r, wanted)]
     if app.json:
         app.emit({"volumes": rows})
     elif ids_only:
         for r in rows:
             app.line(r["id"])
     else:
-        app.listing(rows, COLUMNS, headings=not no_headings, only=_columns(columns))
+        app.listing(rows, COLUMNS, headings=not no_headings, only=only)
 
 
 @volume.command("inspect")
-@click.argument("vid", metavar="ID", shell_complete=complete_volumes)
+@click.argument("vids", metavar="ID...", nargs=-1, required=True, shell_complete=complete_volumes)
 @pass_app
-def volume_inspect(app: App, vid: str) -> None:
-    """Show one volume: every link that points at it, and what it costs on disk.
+def volume_inspect(app: App, vids: tuple[str, ...]) -> None:
+    """Show volumes: every link that points at each, and what it costs on disk. One ID
+    prints its volume (--json: the document); several, each on its own (--json:
+    {"volumes": [...], "errors": [...]}; the exit code is the first failure's).
 
     \b
     Example:
       cowdisk volume inspect vm1 --json | jq .usage.own_bytes
+      cowdisk volume inspect vm1 vm2
     """
-    validate_id(vid)
     store = app.store()
-    v = store.volume(vid)
-    usage = None
-    with contextlib.suppress(CowdiskError, OSError):
-        usage = _usage_dict(store.usage(vid))
-    _show_volume(app, store, v, f"volume {v.id}", {"usage": usage})
+
+    def one(vid: str) -> dict[str, Any]:
+        validate_id(vid)
+        v = store.volume(vid)
+        usage = None
+        with contextlib.suppress(CowdiskError, OSError):
+            usage = _usage_dict(store.usage(vid))
+        if len(vids) == 1 or not app.json:
+            _show_volume(app, store, v, f"volume {v.id}", {"usage": usage})
+        return volume_dict(v, links_to(store, [v])[v.id]) | {"usage": usage}
+
+    if len(vids) == 1:  # one volume: its document, its error as any command's
+        one(vids[0])
+        return
+    docs, errors = app.each(vids, "inspect volume", one)
+    app.finish_each({"volumes": docs}, errors)
 
 
 @volume.command("checkpoint")
@@ -310,7 +340,7 @@ def volume_fork(app: App, vid: str, new_ids: tuple[str, ...]) -> None:
         app.emit({"volumes": [volume_dict(v, [v.link]) for v in vols]})
         return
     for v in vols:
-        app.line(f"volume {v.id}: {v.state}, link {v.link}")
+        app.line(v.id if app.quiet else f"volume {v.id}: {v.state}, link {v.link}")
 
 
 @volume.command("flatten")
@@ -432,7 +462,10 @@ def volume_drive(app: App, vid: str, fmt: str, machine: str | None, read_only: b
 @volume.command("usage")
 @click.argument("vids", metavar="[ID...]", nargs=-1, shell_complete=complete_volumes)
 @click.option("--no-headings", is_flag=True, help="No heading line.")
-@click.option("-o", "--output", "columns", metavar="COLUMNS", help="Comma-separated columns (JSON keys).")
+@click.option("-o", "--output", "columns", metavar="COLUMNS",
+              help="Comma-separated columns, keys or headings in any case; +COL adds to the defaults: "
+                   f"{', '.join(c.key for c in USAGE_COLUMNS if c.default)}; also "
+                   f"{', '.join(c.key for c in USAGE_COLUMNS if not c.default)}.")
 @pass_app
 def volume_usage(app: App, vids: tuple[str, ...], no_headings: bool, columns: str | None) -> None:
     """What each volume costs on disk (real allocation, not apparent size).
@@ -445,6 +478,7 @@ def volume_usage(app: App, vids: tuple[str, ...], no_headings: bool, columns: st
       cowdisk volume usage
       cowdisk volume usage vm1 --json | jq '.volumes[0].own_bytes'
     """
+    only = select_columns(columns, USAGE_COLUMNS)
     if not app.has_store():
         if vids:
             app.store()  # raises NotFound with the hint
@@ -464,7 +498,7 @@ def volume_usage(app: App, vids: tuple[str, ...], no_headings: bool, columns: st
 
     rows, errors = app.each(ids, "volume usage", one)
     if not app.json:
-        app.listing(rows, USAGE_COLUMNS, headings=not no_headings, only=_columns(columns))
+        app.listing(rows, USAGE_COLUMNS, headings=not no_headings, only=only)
     app.finish_each({"volumes": rows}, errors)
 
 

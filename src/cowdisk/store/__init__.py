@@ -7,9 +7,33 @@ finishes interrupted operations and reconciles the registry with the kernel and 
 model.py is the plain data handed to callers.
 """
 
-from ..backends import BACKENDS
-from .core import Store, choose_backend, explain_backend, release_pool, store_exists
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 from .model import DEFAULT_ROOT, RecoveryReport, Template, Volume, default_root, validate_id
+
+if TYPE_CHECKING:
+    from ..backends import BACKENDS
+    from .core import Store, choose_backend, explain_backend, release_pool
+    from .manifest import store_exists
+
+_LAZY = {"BACKENDS": "..backends", "Store": ".core", "choose_backend": ".core", "explain_backend": ".core",
+         "release_pool": ".core", "store_exists": ".manifest"}
+
+
+def __getattr__(name: str) -> Any:
+    """The heavy names (the Store and everything under it) are imported when first used, so
+    that ``cowdisk.store.model`` and ``cowdisk.store.manifest`` stay cheap to import (the
+    command line's start-up)."""
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = ["BACKENDS", "Store", "Template", "Volume", "RecoveryReport", "DEFAULT_ROOT", "default_root", "validate_id",
            "choose_backend", "explain_backend", "release_pool", "store_exists"]

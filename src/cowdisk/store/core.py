@@ -52,6 +52,7 @@ from ..kernel import fs, procfs
 from ..progress import Progress
 from ..registry import ATTACHED, CREATING, TemplateRow, VolumeRow
 from . import growfs, manifest, recovery
+from .manifest import store_exists as store_exists  # where it was; the store's callers ask it first
 from .model import RecoveryReport, Template, Volume, default_root, validate_id
 from .parts import StoreParts, manifest_of_quarantine
 from .templates import HELD
@@ -732,12 +733,6 @@ def _named_errors(op: str, obj: str) -> Iterator[None]:
     except sqlite3.Error as e:
         raise CowdiskError(f"{op} {obj}: registry {e}", op=op, obj=obj,
                            hint="free space on the store's filesystem" if "full" in str(e) else "") from e
-
-
-def store_exists(root: str) -> bool:
-    """Whether ``root`` holds a store (its registry, or its ``store.json`` when the registry
-    was lost: opening it then says so)."""
-    return any(os.path.exists(os.path.join(root, n)) for n in ("registry.db", manifest.STORE_FILE))
 
 
 def choose_backend(root: str) -> str:

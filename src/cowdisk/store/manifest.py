@@ -25,6 +25,13 @@ MANIFEST = "manifest.json"
 FORMAT = 1
 
 
+def store_exists(root: str) -> bool:
+    """Whether ``root`` holds a store (its registry, or its ``store.json`` when the registry
+    was lost: opening it then says so). Here, not in core: callers ask it before they pay
+    for importing the store."""
+    return any(os.path.exists(os.path.join(root, n)) for n in ("registry.db", STORE_FILE))
+
+
 def write(path: str, data: dict[str, Any]) -> None:
     """Write ``data`` as JSON at ``path`` atomically (temporary name, then rename)."""
     tmp = f"{path}.tmp-{os.getpid()}"

@@ -6,10 +6,12 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import InvalidArgument
-from ..registry import TemplateRow, VolumeState
+
+if TYPE_CHECKING:  # annotations only: importing the model does not import the registry (SQLite)
+    from ..registry import TemplateRow, VolumeState
 
 DEFAULT_ROOT = "/var/lib/cowdisk"
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+:=@-]*$")

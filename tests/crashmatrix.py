@@ -96,10 +96,27 @@ def subject_state(op: Operation) -> VolumeState | None:
     return ATTACHED if ATTACHED in states else CHECKPOINTED
 
 
+def declares(op: Operation, step: str) -> bool:
+    return any(s.name == step for s in op.steps)
+
+
+def extra_volumes(op: Operation) -> dict[str, VolumeState]:
+    """Volumes the setup adds for the steps the operation declares: an operation that settles
+    a source's retargeted link (``source-links``) runs on ``x`` made as a restore-as copy of
+    ``origin`` (origin's link points at x); one that retargets the source's link
+    (``retarget``) starts with x's link already pointing at an earlier copy ``z``."""
+    out: dict[str, VolumeState] = {}
+    if declares(op, "source-links"):
+        out["origin"] = CHECKPOINTED
+    if declares(op, "retarget"):
+        out["z"] = ATTACHED
+    return out
+
+
 def expected(op: Operation) -> dict[str, VolumeState]:
     """The volumes after the crash and recovery, as the operation declares."""
     before = subject_state(op)
-    vols = {"bystander": ATTACHED}
+    vols = {"bystander": ATTACHED, **extra_volumes(op)}
     if op.after_crash == "undo":
         if before is not None:
             vols["x"] = before
@@ -129,10 +146,17 @@ def setup(root: str, backend: str, tree: str, case: Case, options: dict[str, str
         peer.close()
     state = subject_state(case.operation)
     if state is not None:
-        x = s.create_volume("x", "base")
+        extra = extra_volumes(case.operation)
+        first = "origin" if "origin" in extra else "x"
+        x = s.create_volume(first, "base")
         write_at(x.link, 4 * MiB, SUBJECT)
+        if first == "origin":  # x is origin's restore-as copy: origin's link points at x
+            s.checkpoint("origin")
+            s.restore("origin", "x")
         if state == CHECKPOINTED:
             s.checkpoint("x")
+        if "z" in extra:  # x's link points at an earlier copy z of it
+            s.restore("x", "z")
     s.close()
 
 
@@ -163,6 +187,7 @@ def check(root: str, case: Case, backend: str, dm_names: Callable[[str], list[st
     rep = s.recover()  # a second pass must find nothing left to do
     assert rep.actions == 0, f"second recovery still acted: {rep}"
     assert s.registry.intents() == [], "intents left after recovery"
+    check_links(s)  # before the checks below restore and checkpoint x (which remakes its link)
     vols = {v.id: v for v in s.volumes()}
     # the operation happened fully or not at all
     want = expected(case.operation)
@@ -214,6 +239,21 @@ def check(root: str, case: Case, backend: str, dm_names: Callable[[str], list[st
         peer.destroy()
         peer.close()
     return rep.as_dict()
+
+
+def check_links(s: Store) -> None:
+    """Every link file has its row (same target) and names an attached volume's device, and
+    every row has its file: a retargeted source link included."""
+    devices = {os.path.realpath(v.device or "") for v in s.volumes() if v.state == ATTACHED}
+    rows = {p: (o, t) for p, o, t in s.registry.links()}
+    ldir = os.path.join(s.root, "links")
+    files = {}
+    for name in os.listdir(ldir):
+        for entry in os.listdir(os.path.join(ldir, name)):
+            p = os.path.join(ldir, name, entry)
+            files[p] = os.readlink(p)
+            assert os.path.realpath(p) in devices, f"{p} -> {files[p]}: not the device of an attached volume"
+    assert files == {p: t for p, (_, t) in rows.items()}, f"link files {files}, the registry's rows {rows}"
 
 
 def run_case(root: str, backend: str, tree: str, case: Case, dm_names: Callable[[str], list[str]],

@@ -695,6 +695,7 @@ class Harness:
             raise Violation(f"{tdir} holds {sorted(os.listdir(tdir))}, the registry's templates {sorted(owned)}")
         ldir = os.path.join(root, "links")
         devices = {os.path.realpath(vols[v].device or "") for v in attached}
+        rows = {path: target for path, _, target in s.registry.links()}
         for name in os.listdir(ldir):
             if name not in vols:
                 raise Violation(f"{ldir}/{name}: no volume {name}")
@@ -704,6 +705,8 @@ class Harness:
                     raise Violation(f"{p}: a stray file in a link directory")
                 if os.path.realpath(p) not in devices:
                     raise Violation(f"{p} -> {os.readlink(p)}: not the device of an attached volume")
+                if rows.get(p) != os.readlink(p):
+                    raise Violation(f"{p} -> {os.readlink(p)}: the registry's row says {rows.get(p)}")
         for path, owner, target in s.registry.links():
             if not os.path.lexists(path):
                 raise Violation(f"the registry's link {path} (of {owner}, to {target}) is not on disk")

@@ -278,9 +278,10 @@ def test_crash_points_come_from_the_declared_steps() -> None:
     backend_steps = {"create": ("cow_file", "dm"), "attach": ("dm",)}
     assert crash_points(CREATE, backend_steps) == [INTENT, "cow_file", "dm", "volume", "link"]
     assert crash_points(RESTORE, backend_steps) == [INTENT, "dm", "device", "link"]
-    assert crash_points(REMOVE, {}) == [INTENT, "detach", "links", "data"]
-    op = Operation("demo", frozenset({ATTACHED}), None, None, "undo", (Step("a", "copy_data"), Step("b")))
-    assert crash_points(op, {"copy_data": ("x", "y")}) == [INTENT, "x", "y", "a", "b"]
+    assert crash_points(REMOVE, {}) == [INTENT, "detach", "links", "source-links", "data"]
+    op = Operation("demo", frozenset({ATTACHED}), None, None, "undo",
+                   (Step("a", "copy_data"), Step("b", points=("b-half",))))
+    assert crash_points(op, {"copy_data": ("x", "y")}) == [INTENT, "x", "y", "a", "b-half", "b"]
 
 
 def test_every_operation_is_declared_consistently() -> None:

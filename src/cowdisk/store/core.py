@@ -35,6 +35,7 @@ import sqlite3
 import time
 from typing import Any, Callable, Iterator, Mapping, TypeVar
 
+from .. import failpoints
 from ..backends import SharedVolume, Space, Usage, VolumeCtx, explain
 from ..digest import sha256_file
 from ..errors import (
@@ -318,7 +319,8 @@ class Store(StoreParts):
                 self._check_not_open(v, ctx, deadline_s, "remove volume")
             with self._transition(REMOVE, vid) as tr:
                 tr.step("detach", self._detach_or_revert, tr, v, ctx, deadline_s)
-                tr.step("links", self.drop_links, vid)
+                tr.step("links", self.drop_own_links, vid)
+                tr.step("source-links", self.settle_source_links, vid)
                 tr.step("data", self.destroy_data, v, ctx)
                 tr.finish()
             held.unlink()  # one lock file per volume that exists, not per id ever used
@@ -334,7 +336,8 @@ class Store(StoreParts):
             self._check_not_open(v, ctx, deadline_s, "checkpoint volume")
             with self._transition(CHECKPOINT, vid) as tr:
                 tr.step("detach", self._detach_or_revert, tr, v, ctx, deadline_s)
-                tr.step("links", self.drop_links, vid)
+                tr.step("links", self.drop_own_links, vid)
+                tr.step("source-links", self.settle_source_links, vid)
                 tr.finish(device=None)
         return self.volume(vid)
 
@@ -453,16 +456,12 @@ class Store(StoreParts):
             with self._transition(op, new_id, row=row, data={"source": vid}, undo=self._undo(row, ctx)) as tr:
                 tr.step("copy", self.backend.copy_data, self.ctx(src, t), ctx, src_attached=src.state == ATTACHED)
                 dev = tr.step("device", self.backend.attach, ctx)
-                tr.step("link", self._link_copy, new_id, dev, vid if retarget else None)
+                tr.step("link", self.set_link, new_id, self.link_path(new_id), dev)
+                if retarget:  # the source's link, the path a VM snapshot of the source recorded
+                    tr.step("retarget", self.set_link, new_id, self.link_path(vid), dev,
+                            recorded=lambda: failpoints.hit(op.name, "retarget-row"))
                 tr.finish(device=dev)
         return self.volume(new_id)
-
-    def _link_copy(self, vid: str, dev: str, source: str | None) -> None:
-        """The new volume's own link, and the source's link retargeted to it (the path a VM
-        snapshot of the source recorded)."""
-        self.set_link(vid, self.link_path(vid), dev)
-        if source is not None:
-            self.set_link(vid, self.link_path(source), dev)
 
     def _restore_in_place(self, vid: str, progress: Progress | None, *, steal: bool = False) -> Volume:
         with self.lock("volume", vid):

@@ -14,7 +14,7 @@ import logging
 import shutil
 import time
 from types import TracebackType
-from typing import Any, Mapping, Self, cast
+from typing import Any, Callable, Iterator, Mapping, Self, cast
 
 
 from .. import failpoints
@@ -23,7 +23,7 @@ from ..errors import CowdiskError, InvalidArgument, KernelError, NotFound, Regis
 from ..kernel import procfs
 from ..locks import FileLock
 from ..progress import Progress
-from ..registry import Registry, TemplateRow, VolumeRow
+from ..registry import ATTACHED, Registry, TemplateRow, VolumeRow
 from . import manifest
 from .model import default_root
 from .templates import Holder, Templates
@@ -314,19 +314,24 @@ class StoreParts:
 
     # -- links -------------------------------------------------------------------------
 
-    def set_link(self, owner: str, path: str, target: str, *, record: bool = True) -> None:
+    def set_link(self, owner: str, path: str, target: str, *, record: bool = True,
+                 recorded: Callable[[], None] | None = None) -> None:
         """Point ``path`` at ``target`` atomically (symlink under a temporary name, then rename).
         The row is recorded first, so a kill at any point leaves a row recovery acts on
         (it drops the links of volumes that are not attached and makes missing ones again).
 
         ``record=False``: the caller commits the row later, with its done state. Only for the
         volume's own link in its own directory while the volume is being made (create): its
-        undo, in-process or by recovery, removes that whole directory, row or no row."""
+        undo, in-process or by recovery, removes that whole directory, row or no row.
+        ``recorded`` is called once the row is committed, before the file is made (a
+        declared crash point inside the caller's step)."""
         d = os.path.dirname(path)
         tmp = f"{path}{LINK_TMP}{os.getpid()}-{procfs.process_start(os.getpid())}"
         prev = self.registry.link(path) if record else None
         if record:
             self.registry.set_link(path, owner, target)
+        if recorded is not None:
+            recorded()
         try:
             os.makedirs(d, exist_ok=True)
             try:
@@ -347,33 +352,80 @@ class StoreParts:
             raise KernelError.from_oserror("set stable link", path, e, hint=hint) from None
 
     def drop_links(self, vid: str) -> None:
-        """Drop volume ``vid``'s links (call with its lock held). A link in another volume's
-        directory (a restore-as retargeted the source's link to ``vid``) is that volume's
-        path: it is dropped only under that volume's lock and only while it is still
-        ``vid``'s, so a concurrent restore of the source keeps the link it just made. When
-        that lock is busy the link stays, and recovery drops it once its owner is detached."""
+        """Drop volume ``vid``'s links (call with its lock held): its own
+        (:meth:`drop_own_links`), then a restore-as source's link retargeted to it
+        (:meth:`settle_source_links`)."""
+        self.drop_own_links(vid)
+        self.settle_source_links(vid)
+
+    def drop_own_links(self, vid: str) -> None:
+        """Drop the links of volume ``vid`` in its own link directory (its lock held)."""
+        own = os.path.dirname(self.link_path(vid))
+        for path, _, _ in self.registry.links(vid):
+            if os.path.dirname(path) == own:
+                self.drop_link(path, owner=vid)
+
+    def settle_source_links(self, vid: str) -> None:
+        """Settle the links of volume ``vid`` (its lock held) in other volumes' directories: a
+        restore-as source's link retargeted to ``vid`` (the path a VM snapshot of the source
+        recorded). Each is that source's path, settled only under the source's lock
+        (:meth:`settle_link`), so a concurrent restore of the source keeps the link it just
+        made. When that lock is busy the link stays, and recovery settles it the same way
+        once ``vid`` is detached. The checkpoint's and remove's declared step
+        ``source-links``; recovery's teardown runs the same."""
         own = os.path.dirname(self.link_path(vid))
         listed = self.registry.links(vid)
         failpoints.hit("drop-links", "listed")  # a race test widens the window here
-        for path, _, target in listed:
-            other = os.path.basename(os.path.dirname(path))
-            if os.path.dirname(path) == own or other == vid:
-                self.drop_link(path, owner=vid)
+        for path, _, _ in listed:
+            source = os.path.basename(os.path.dirname(path))
+            if os.path.dirname(path) == own or source == vid:
                 continue
-            lk = FileLock(os.path.join(self.root, "locks", f"volume-{other}.lock"), timeout=0,
-                          what=f"volume {other}")
-            try:
-                lk.acquire()
-            except CowdiskError:
-                continue  # its volume is busy (being restored): leave its link to it
-            try:
-                still = [r for r in self.registry.links(vid) if r[0] == path]
-                if still and os.path.islink(path) and os.readlink(path) == target:
-                    self.drop_link(path, owner=vid)
-                elif still:  # the file is someone else's now: only our row goes
-                    self.registry.drop_link(path, volume_id=vid)
-            finally:
-                lk.release()
+            with self.lock_if_free("volume", source) as free:
+                if free:
+                    self.settle_link(path, vid, source)
+
+    def settle_link(self, path: str, owner: str, source: str) -> bool:
+        """Take ``owner``'s link at ``path`` (in volume ``source``'s directory, whose lock the
+        caller holds) away: the file and the row go, and only while the row is still
+        ``owner``'s. A file that is not the row's (a restore-as killed between committing
+        its retarget's row and renaming the link into place: the file still points at the
+        copy the link had before) goes back to that copy, row and file as they were, when
+        it is attached and its lock is free; else it goes too (a link must name an
+        attached volume's device). True when the link went (or was not ``owner``'s)."""
+        row = self.registry.link(path)
+        if row is None or row[1] != owner:
+            return True  # someone else's now (the source restored, or another copy retargeted it)
+        try:
+            cur: str | None = os.readlink(path)
+        except OSError:
+            cur = None
+        if cur is not None and cur != row[2]:
+            prev = next((v.id for v in self.registry.volumes()
+                         if v.state == ATTACHED and v.device == cur and v.id != owner), None)
+            if prev is not None:
+                with (contextlib.nullcontext(True) if prev == source
+                      else self.lock_if_free("volume", prev)) as free:
+                    again = self.registry.find_volume(prev) if free else None
+                    if again is not None and again.state == ATTACHED and again.device == cur:
+                        self.registry.set_link(path, prev, cur)
+                        return False
+        self.drop_link(path, owner=owner)
+        return True
+
+    @contextlib.contextmanager
+    def lock_if_free(self, kind: str, name: str) -> Iterator[bool]:
+        """Hold the lock of ``kind`` ``name`` if nobody else (no other process or thread, no
+        other lock of this one) does: yield True; else yield False and hold nothing."""
+        lk = FileLock(os.path.join(self.root, "locks", f"{kind}-{name}.lock"), timeout=0, what=f"{kind} {name}")
+        try:
+            lk.acquire()
+        except CowdiskError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            lk.release()
 
     def drop_link(self, path: str, *, owner: str | None = None) -> None:
         """Remove a stable link and its row (``owner``'s row only, when named: see

@@ -24,13 +24,12 @@ import logging
 import os
 import shutil
 import time
-from typing import Any, Callable, ContextManager, Iterator, Mapping
+from typing import Any, Callable, ContextManager, Mapping
 
 from ..backends import KernelObject, VolumeCtx
 from ..errors import CowdiskError
 from ..kernel import fs
 from ..kernel.procfs import process_alive
-from ..locks import FileLock
 from ..registry import (
     ATTACHED,
     CHECKPOINTED,
@@ -218,21 +217,7 @@ def _each(rep: RecoveryReport, what: str, fn: Callable[..., object], *args: obje
 def _idle_volume(store: StoreParts, vid: str) -> ContextManager[bool]:
     """Hold volume ``vid``'s lock if nobody else does; yield False (and hold nothing) when
     another process or thread is working on that volume: recovery then leaves it alone."""
-    return _idle_lock(store, "volume", vid)
-
-
-@contextlib.contextmanager
-def _idle_lock(store: StoreParts, kind: str, name: str) -> Iterator[bool]:
-    lk = FileLock(os.path.join(store.root, "locks", f"{kind}-{name}.lock"), timeout=0, what=f"{kind} {name}")
-    try:
-        lk.acquire()
-    except CowdiskError:
-        yield False
-        return
-    try:
-        yield True
-    finally:
-        lk.release()
+    return store.lock_if_free("volume", vid)
 
 
 def _orphan_now(store: StoreParts, vid: str, *, files: bool = False) -> bool:
@@ -269,7 +254,7 @@ def _release_one(store: StoreParts, obj: KernelObject, rep: RecoveryReport) -> N
     vid = obj.volume_id
     guard: ContextManager[bool]
     if obj.template_id is not None:
-        guard = _idle_lock(store, "template", obj.template_id)
+        guard = store.lock_if_free("template", obj.template_id)
     else:
         guard = _idle_volume(store, vid) if vid else contextlib.nullcontext(True)
     with guard as idle:
@@ -331,10 +316,20 @@ def _reconcile_links(store: StoreParts, rep: RecoveryReport) -> None:
         if owner in live:
             continue
         if v is None or v.state != ATTACHED or v.device != target:
+            source = os.path.basename(os.path.dirname(path))
             with _idle_volume(store, owner) as idle:
-                if idle and owner not in store.registry.live_intent_volumes():
+                if not idle or owner in store.registry.live_intent_volumes():
+                    continue
+                if path == store.link_path(owner) or source == owner:
                     store.drop_link(path)
                     rep.orphans_removed.append(f"link {path}")
+                    continue
+                with _idle_volume(store, source) as free:  # a source's link: as the operations settle it
+                    if free and store.registry.link(path) == (path, owner, target):
+                        if store.settle_link(path, owner, source):
+                            rep.orphans_removed.append(f"link {path}")
+                        else:
+                            rep.finished.append(f"link {path}: given back to the copy it pointed at")
         elif os.path.basename(os.path.dirname(path)) not in vols:
             with _idle_volume(store, owner) as idle:  # its directory's volume was removed
                 if idle:

@@ -57,6 +57,9 @@ class Step:
     name: str
     backend: str | None = None
     """The backend method this step calls: its declared steps are crash points too."""
+    points: tuple[str, ...] = ()
+    """The store's own crash points inside this step, in order (``failpoints.hit(op, point)``
+    where the step's code passes them): a kill there leaves the step half done."""
 
 
 @dataclass(frozen=True)
@@ -98,14 +101,21 @@ class Operation:
 CREATE = Operation("create", None, CREATING, ATTACHED, "undo",
                    (Step("volume", "create"), Step("link")))
 REMOVE = Operation("remove", frozenset(VolumeState), REMOVING, None, "finish",
-                   (Step("detach"), Step("links"), Step("data")))
+                   (Step("detach"), Step("links"), Step("source-links"), Step("data")))
 CHECKPOINT = Operation("checkpoint", frozenset({ATTACHED}), CHECKPOINTING, CHECKPOINTED, "finish",
-                       (Step("detach"), Step("links")))
+                       (Step("detach"), Step("links"), Step("source-links")))
+"""``links``: the volume's own link; ``source-links``: a restore-as source's link retargeted
+to this volume, settled under that source's lock (:meth:`StoreParts.settle_source_links`,
+which recovery runs too)."""
 RESTORE = Operation("restore", frozenset({CHECKPOINTED}), RESTORING, ATTACHED, "undo",
                     (Step("device", "attach"), Step("link")))
 RESTORE_AS = Operation("restore-as", None, CREATING, ATTACHED, "undo",
-                       (Step("copy", "copy_data"), Step("device", "attach"), Step("link")),
+                       (Step("copy", "copy_data"), Step("device", "attach"), Step("link"),
+                        Step("retarget", points=("retarget-row",))),
                        source_from=frozenset({CHECKPOINTED}))
+"""``retarget``: the source's link pointed at the copy (optional); ``retarget-row``: its row
+committed, the file not yet renamed over the link, which may still point at an earlier copy
+(the undo gives that link back to it: :meth:`StoreParts.settle_link`)."""
 FORK = Operation("fork", None, CREATING, ATTACHED, "undo",
                  (Step("copy", "copy_data"), Step("device", "attach"), Step("link")),
                  source_from=frozenset({ATTACHED, CHECKPOINTED}))
@@ -137,11 +147,13 @@ OPERATIONS: Mapping[str, Operation] = {o.name: o for o in
 
 def crash_points(op: Operation, backend_steps: Mapping[str, tuple[str, ...]]) -> list[str]:
     """Every point at which ``op`` can be killed, in order: right after its intent, after
-    each step a backend method it calls declares, and after each of its own steps."""
+    each step a backend method it calls declares, at each point inside a step the store
+    declares, and after each of its own steps."""
     out = [INTENT]
     for s in op.steps:
         if s.backend:
             out += [n for n in backend_steps.get(s.backend, ()) if n not in out]
+        out += [n for n in s.points if n not in out]
         out.append(s.name)
     return out
 

@@ -69,7 +69,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--backends", default=default, help=f"comma-separated (default {default})")
     p.add_argument("--kills", type=int, default=2000, help="kills per backend (default 2000)")
-    p.add_argument("--seed", type=int, default=None, help="random seed (default: a random one, printed)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="random seed (default: $COWDISK_FAULT_SEED, else a random one, printed)")
     p.add_argument("--progress", type=int, default=500, help="print the counts every N rounds (0: never)")
     p.add_argument("--dir", default=None, help="where the stores go (default: the temp dir)")
     p.add_argument("--json", default=None, help="write the counts to this file")

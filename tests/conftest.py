@@ -32,8 +32,18 @@ ROOT_TIERS = ("host", "vmm", "ceph")
 
 
 
+def pytest_addoption(parser) -> None:
+    parser.addoption("--fault-seed", default=None,
+                     help="the seed every random fault harness draws from (sets $COWDISK_FAULT_SEED)")
+
+
 def pytest_configure(config) -> None:
     config.addinivalue_line("markers", "backends(*names): run this suite test only on these backends")
+    seed = config.getoption("--fault-seed", None)
+    if seed is not None:
+        from faults.harness import SEED_ENV
+
+        os.environ[SEED_ENV] = str(seed)
 
 
 def pytest_sessionstart(session) -> None:

@@ -41,6 +41,18 @@ One *round*:
 
 A violation stops the run (``keep_going=False``, the tests) with the seed, the round, the
 operation and the delay; ``bench/faults.py`` counts it, starts a fresh store and goes on.
+
+Replaying a seed: ``COWDISK_FAULT_SEED=<seed>`` (or pytest's ``--fault-seed``, or
+``bench/faults.py --seed``) makes every harness of the run draw from that seed instead
+of a random one. One random stream serves every draw, so a replay repeats the images,
+the operations chosen, the delay draws (as fractions of the measured median duration),
+the recoveries chosen to be killed and the blocks written, for as long as every kill
+ends the same way. It cannot repeat the kill moments themselves: a delay is a fraction
+of this host's measured durations, so where in the operation a kill lands (or whether it
+lands before the operation reported done) depends on timing, and once one kill ends
+differently the model differs and the later choices part ways. A bug a seed found gets
+a crash-matrix case at its declared point (tests/crashmatrix.py) for the deterministic
+regression; the seed's own test replays its rounds up to the one that failed.
 """
 
 from __future__ import annotations
@@ -74,6 +86,21 @@ STORE_WIDE_DM = {"dm-thin": (".pool",)}
 """dm names (after the store's prefix) of each backend's store-wide devices."""
 MAX_VOLUMES = 5
 MAX_TEMPLATES = 5
+
+
+SEED_ENV = "COWDISK_FAULT_SEED"
+"""The seed a harness draws from when none is given (see "Replaying a seed" above)."""
+
+
+def env_seed() -> int | None:
+    """The seed $COWDISK_FAULT_SEED names (decimal or 0x...), None when unset."""
+    v = os.environ.get(SEED_ENV, "").strip()
+    if not v:
+        return None
+    try:
+        return int(v, 0)
+    except ValueError:
+        raise ValueError(f"{SEED_ENV}={v!r}: not an integer seed") from None
 
 
 class Violation(AssertionError):
@@ -427,6 +454,8 @@ class Harness:
         self.backend = backend
         self.kind = "reflink" if backend.startswith("reflink-") else backend
         self.work = work
+        if seed is None:
+            seed = env_seed()
         self.seed = seed if seed is not None else random.SystemRandom().randrange(1 << 32)
         self.rng = random.Random(self.seed)
         self.keep_going = keep_going
@@ -788,6 +817,21 @@ class Harness:
                         s.remove_template(t.id)
         self.world = World({self.base: dict(self.images[0].data)}, {})
         return True
+
+
+def replay(store: Store, backend: str, work: str, seed: int, rounds: int) -> Counts:
+    """The harness's first ``rounds`` rounds from ``seed`` (what a seed replays: see the
+    module docstring), then its final sweep; no violation."""
+    store.close()
+    h = Harness(store.root, backend, work, seed=seed)
+    try:
+        c = h.run(rounds, max_rounds=rounds)
+    except BaseException:
+        h.clear()
+        raise
+    print(c.line())
+    assert c.violations == [] and c.rounds == rounds, c.line()
+    return c
 
 
 def kill_at_random(store: Store, backend: str, work: str, kills: int) -> Counts:

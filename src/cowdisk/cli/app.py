@@ -417,22 +417,34 @@ def _timeout(value: float | None) -> float | None:
     return value
 
 
-class BackendChoice(click.Choice):  # type: ignore[type-arg]
-    """``auto`` and every backend's name, read from the backend registry when first needed
-    (not at start-up)."""
+class LazyChoice(click.Choice):  # type: ignore[type-arg]
+    """A choice whose values come from ``values()`` when first needed (parsing that option,
+    its help), not when the command is defined: the modules that hold them are not imported
+    at start-up."""
 
-    def __init__(self) -> None:
+    def __init__(self, values: Callable[[], Sequence[str]], known: Sequence[str] = ()) -> None:
+        self._values = values
+        self._known = tuple(known)
         super().__init__(())
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if value in self._known:  # a value known without loading the rest (a default)
+            return value
+        return super().convert(value, param, ctx)
 
     @property  # type: ignore[override]
     def choices(self) -> tuple[str, ...]:
-        from ..backends import BACKENDS
-
-        return ("auto", *BACKENDS)
+        return tuple(self._values())
 
     @choices.setter
     def choices(self, _value: Any) -> None:
         pass
+
+
+def _backend_choices() -> tuple[str, ...]:
+    from ..backends import BACKENDS
+
+    return ("auto", *BACKENDS)
 
 
 def global_params(*, at_root: bool) -> list[click.Parameter]:
@@ -450,7 +462,7 @@ def global_params(*, at_root: bool) -> list[click.Parameter]:
                      callback=cb(_set("root", os.path.abspath)), help="Store root directory. [env: COWDISK_ROOT]"),
         click.Option(["--backend"], envvar="COWDISK_BACKEND" if at_root else None,
                      default="auto" if at_root else None, show_default=at_root,
-                     type=BackendChoice(), expose_value=at_root, is_eager=True,
+                     type=LazyChoice(_backend_choices, known=("auto",)), expose_value=at_root, is_eager=True,
                      callback=cb(_set("backend")),
                      help="Volume backend; only matters when the store is created (it is then fixed). "
                           "[env: COWDISK_BACKEND]"),

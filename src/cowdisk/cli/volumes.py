@@ -9,11 +9,10 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from .. import drive as drive_mod
 from ..errors import CowdiskError, InvalidArgument, NotFound
 from ..store.model import validate_id
-from .app import (App, Column, CowdiskSubGroup, complete_templates, complete_volumes, human_bytes, matches,
-                  parse_filters, parse_size, pass_app, select_columns, when)
+from .app import (App, Column, CowdiskSubGroup, LazyChoice, complete_templates, complete_volumes, human_bytes,
+                  matches, parse_filters, parse_size, pass_app, select_columns, when)
 from .templates import show_template, template_ref
 
 if TYPE_CHECKING:
@@ -389,6 +388,18 @@ def volume_jail(app: App, vid: str, jail_dir: str, name: str, uid: int | None, g
         app.line(path)
 
 
+def _formats() -> tuple[str, ...]:
+    from ..drive import FORMATS
+
+    return tuple(FORMATS)
+
+
+def _machines() -> tuple[str, ...]:
+    from ..drive import MACHINES
+
+    return tuple(MACHINES)
+
+
 def _limit(text: str | None, what: str) -> int | None:
     if text is None:
         return None
@@ -402,10 +413,10 @@ def _limit(text: str | None, what: str) -> int | None:
 
 @volume.command("drive")
 @click.argument("vid", metavar="ID", shell_complete=complete_volumes)
-@click.option("--format", "-f", "fmt", required=True, type=click.Choice(drive_mod.FORMATS),
+@click.option("--format", "-f", "fmt", required=True, type=LazyChoice(_formats),
               help="The VMM and form: firecracker (drive object), cloud-hypervisor (--disk argv), "
                    "cloud-hypervisor-api (DiskConfig JSON), qemu (-drive), qemu-blockdev (-blockdev + -device).")
-@click.option("--machine", "-M", type=click.Choice(drive_mod.MACHINES),
+@click.option("--machine", "-M", type=LazyChoice(_machines),
               help="QEMU machine: q35 or pc (virtio-blk-pci) or microvm (virtio-blk-device). [default: q35]")
 @click.option("--read-only", "--readonly", "read_only", is_flag=True, help="Configure the drive read-only.")
 @click.option("--id", "drive_id", help="Drive id (Firecracker drive_id, QEMU id/node-name, Cloud Hypervisor id). "
@@ -434,6 +445,8 @@ def volume_drive(app: App, vid: str, fmt: str, machine: str | None, read_only: b
       cloud-hypervisor ... $(cowdisk volume drive vm1 --format cloud-hypervisor)
       ch-remote add-disk ... or PUT vm.add-disk with $(cowdisk volume drive vm1 -f cloud-hypervisor-api)
     """
+    from .. import drive as drive_mod
+
     validate_id(vid)
     store = app.store()
     v = store.volume(vid)

@@ -1,0 +1,149 @@
+"""What a command line call costs before it does any work (issue 22, item 4): whole-process
+wall time of ``cowdisk --version`` and ``cowdisk volume ls`` (on a store opened directly,
+and through a cowdiskd serving it, as the systemd unit sets it up) side by side with a bare
+``python3 -c pass`` on the same machine, in alternating rounds so load hits every side
+alike; then the ``-X importtime`` top offenders of each command (cumulative time of the
+modules it imports, and which cowdisk modules are among them).
+
+    python3 bench/startup.py [--runs 20] [--top 12] [--json FILE]
+
+The goal: each command within 2x of ``python3 -c pass``. Run as root (it makes a copy-backend
+store with one template and 20 volumes and a daemon on a socket, all under a temp dir named
+``cdbench-<random>``, removed at the end).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator
+
+ROOT = Path(__file__).resolve().parent.parent
+SRC = str(ROOT / "src")
+ENV = {k: v for k, v in os.environ.items() if not k.startswith("COWDISK_")} | {"PYTHONPATH": SRC}
+
+
+def cowdisk(*args: str) -> list[str]:
+    return [sys.executable, "-m", "cowdisk", *args]
+
+
+def wall(argv: list[str], env: dict[str, str]) -> float:
+    t0 = time.perf_counter()
+    p = subprocess.run(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    dt = time.perf_counter() - t0
+    if p.returncode != 0:
+        raise SystemExit(f"{' '.join(argv)}: exit {p.returncode}: {p.stderr.decode()}")
+    return dt
+
+
+def importtime(argv: list[str], env: dict[str, str]) -> list[tuple[str, int, int]]:
+    """(module, self us, cumulative us) for every module ``argv`` imports."""
+    p = subprocess.run([argv[0], "-X", "importtime", *argv[1:]], env=env, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.PIPE, text=True, check=True)
+    out = []
+    for line in p.stderr.splitlines():
+        m = re.match(r"import time:\s+(\d+) \|\s+(\d+) \| (\s*)(\S+)", line)
+        if m:
+            out.append((m[4], int(m[1]), int(m[2])))
+    return out
+
+
+@contextlib.contextmanager
+def scratch() -> Iterator[tuple[str, str]]:
+    """A copy-backend store with template base and 20 volumes, and a daemon serving it:
+    (root, socket). Both removed at the end."""
+    work = tempfile.mkdtemp(prefix="cdbench-")
+    root, sock = os.path.join(work, "store"), os.path.join(work, "cowdisk.sock")
+    daemon = None
+    try:
+        image = os.path.join(work, "base.img")
+        with open(image, "wb") as f:
+            f.truncate(4 << 20)
+        subprocess.run(cowdisk("--root", root, "--backend", "copy", "-q", "template", "import", image, "--name",
+                               "base"), env=ENV, check=True, stdout=subprocess.DEVNULL)
+        for i in range(20):
+            subprocess.run(cowdisk("--root", root, "-q", "volume", "create", f"vm{i}", "-t", "base"), env=ENV,
+                           check=True, stdout=subprocess.DEVNULL)
+        daemon = subprocess.Popen(cowdisk("--root", root, "serve", "--socket", sock, "--config", os.devnull,
+                                          "--processes", "1", "--log-level", "error"), env=ENV,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while not os.path.exists(sock):
+            if daemon.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit("the daemon did not start")
+            time.sleep(0.05)
+        yield root, sock
+    finally:
+        if daemon is not None:
+            daemon.send_signal(signal.SIGTERM)
+            daemon.wait(60)
+        if os.path.exists(os.path.join(root, "registry.db")):
+            subprocess.run(cowdisk("--root", root, "-q", "store", "destroy", "--yes", "--force"), env=ENV,
+                           stdout=subprocess.DEVNULL)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--runs", type=int, default=20)
+    ap.add_argument("--top", type=int, default=12)
+    ap.add_argument("--json", metavar="FILE")
+    a = ap.parse_args()
+    with scratch() as (root, sock):
+        daemon_env = ENV | {"COWDISK_SOCKET": sock}
+        direct_env = ENV | {"COWDISK_SOCKET": os.path.join(os.path.dirname(sock), "none.sock")}
+        cases = {
+            "python3 -c pass": ([sys.executable, "-c", "pass"], ENV),
+            "cowdisk --version": (cowdisk("--version"), ENV),
+            "cowdisk volume ls (daemon)": (cowdisk("--root", root, "volume", "ls"), daemon_env),
+            "cowdisk volume ls (direct)": (cowdisk("--root", root, "volume", "ls"), direct_env),
+        }
+        times: dict[str, list[float]] = {k: [] for k in cases}
+        for argv, env in cases.values():  # warm the page cache and .pyc files
+            wall(argv, env)
+        for _ in range(a.runs):
+            for name, (argv, env) in cases.items():
+                times[name].append(wall(argv, env))
+        base = statistics.median(times["python3 -c pass"])
+        base_min = min(times["python3 -c pass"])
+        print(f"whole process, {a.runs} runs each, alternating (median, min, max; ratios to python3 -c pass of "
+              "the medians and of the minimums, the figure least moved by other load):")
+        result: dict[str, object] = {"runs": a.runs, "cases": {}}
+        for name, ts in times.items():
+            med = statistics.median(ts)
+            print(f"  {name:30s} {med * 1000:7.1f} ms  (min {min(ts) * 1000:6.1f}, max {max(ts) * 1000:6.1f})  "
+                  f"{med / base:4.2f}x, min {min(ts) / base_min:4.2f}x")
+            result["cases"][name] = {"median_ms": med * 1000, "min_ms": min(ts) * 1000,  # type: ignore[index]
+                                     "max_ms": max(ts) * 1000, "ratio": med / base, "ratio_min": min(ts) / base_min}
+        for name, (argv, env) in cases.items():
+            if name.startswith("python3"):
+                continue
+            mods = importtime(argv, env)
+            total = sum(s for _, s, _ in mods)
+            ours = [m for m, _, _ in mods if m.startswith("cowdisk")]
+            print(f"\n{name}: {len(mods)} modules imported, {total / 1000:.1f} ms (-X importtime, self times "
+                  f"summed); cowdisk modules: {', '.join(ours)}")
+            print(f"  top {a.top} by cumulative time:")
+            for m, s, c in sorted(mods, key=lambda x: -x[2])[:a.top]:
+                print(f"    {c / 1000:7.1f} ms  {m}  (self {s / 1000:.1f})")
+            result["cases"][name]["modules"] = len(mods)  # type: ignore[index]
+            result["cases"][name]["cowdisk_modules"] = ours  # type: ignore[index]
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -37,7 +37,7 @@ import types
 import urllib.parse
 from typing import Any, Callable, Mapping, Self
 
-from .backends import SharedVolume, Usage
+from .backends import SharedVolume, Space, Usage
 from .daemon.protocol import API, DEFAULT_SOCKET, Unavailable, error_from_document
 from .errors import CowdiskError
 from .progress import Progress
@@ -174,7 +174,12 @@ def to_template(d: Mapping[str, Any]) -> Template:
 def to_volume(d: Mapping[str, Any]) -> Volume:
     kw = _pick(Volume, d)
     kw["state"] = VolumeState(kw["state"])
+    kw["links"] = tuple(kw.get("links", ()))
     return Volume(**kw)
+
+
+def to_space(d: Mapping[str, Any]) -> Space:
+    return Space(**_pick(Space, d))
 
 
 def to_usage(d: Mapping[str, Any]) -> Usage:
@@ -195,6 +200,9 @@ class Client:
         self.timeout = timeout
         self._local = threading.local()
         self._health: dict[str, Any] | None = None
+        self._docs: dict[str, dict[str, Any]] = {}
+        """The last template document the daemon sent of each template: what
+        :meth:`template_doc` gives for the same template without asking again."""
 
     # -- plumbing ------------------------------------------------------------------
 
@@ -353,6 +361,18 @@ class Client:
         out: dict[str, Any] = self.call("POST", f"{API}/jobs/{job_id}/cancel")
         return out
 
+    def info(self) -> dict[str, Any]:
+        """What the store is and holds (``cowdisk store info --json``)."""
+        out: dict[str, Any] = self.call("GET", f"{API}/store")
+        return out
+
+    def space(self) -> list[Space]:
+        return [to_space(s) for s in self.call("GET", f"{API}/store/space")["space"]]
+
+    def destroy_store(self, *, force: bool = False) -> list[str]:
+        """Delete the whole store through the daemon, which then stops (it has no store left)."""
+        return list(self.call("DELETE", f"{API}/store", query={"force": force})["removed"])
+
     def recover(self) -> RecoveryReport:
         return to_report(self.call("POST", f"{API}/recover"))
 
@@ -361,11 +381,18 @@ class Client:
 
     # -- templates -------------------------------------------------------------------
 
+    def _template(self, doc: dict[str, Any]) -> Template:
+        t = to_template(doc)
+        if len(self._docs) > 1000:
+            self._docs.clear()
+        self._docs[t.id] = doc
+        return t
+
     def templates(self) -> list[Template]:
-        return [to_template(t) for t in self.call("GET", f"{API}/templates")["templates"]]
+        return [self._template(t) for t in self.call("GET", f"{API}/templates")["templates"]]
 
     def template(self, ref: str) -> Template:
-        return to_template(self.call("GET", f"{API}/templates/{_q(ref)}"))
+        return self._template(self.call("GET", f"{API}/templates/{_q(ref)}"))
 
     def template_usage(self, ref: str) -> int:
         return int(self.call("GET", f"{API}/templates/{_q(ref)}")["disk_bytes"] or 0)
@@ -374,17 +401,32 @@ class Client:
                         progress: Progress | None = None) -> Template:
         doc = self.call("POST", f"{API}/templates/import",
                         {"source": os.path.abspath(src), "name": name, "adopt": adopt})
-        return to_template(self._job(doc, progress))
+        return self._template(self._job(doc, progress))
 
     def build_template(self, source: str, name: str | None = None, *, size: int | None = None,
                        fs_type: str = "ext4", progress: Progress | None = None) -> Template:
         doc = self.call("POST", f"{API}/templates/build",
                         {"source": os.path.abspath(source), "name": name, "size": size, "fs_type": fs_type})
-        return to_template(self._job(doc, progress))
+        return self._template(self._job(doc, progress))
+
+    def build_template_from_image(self, ref: str, name: str | None = None, *, size: int | None = None,
+                                  fs_type: str = "ext4", progress: Progress | None = None) -> Template:
+        doc = self.call("POST", f"{API}/templates/build",
+                        {"image": _abs_image(ref), "name": name, "size": size, "fs_type": fs_type})
+        return self._template(self._job(doc, progress))
+
+    def template_doc(self, t: Template) -> dict[str, Any]:
+        """The template as the daemon gives it: its fields and ``disk_bytes`` (the document
+        ``t`` came in, or asked for again when ``t`` did not come from this client)."""
+        doc = self._docs.get(t.id)
+        if doc is None or to_template(doc) != t:
+            doc = self.call("GET", f"{API}/templates/{_q(t.id)}")
+            assert doc is not None
+        return dict(doc)
 
     def verify_template(self, ref: str, progress: Progress | None = None) -> Template:
         doc = self.call("POST", f"{API}/templates/{_q(ref)}/verify")
-        return to_template(self._job(doc, progress))
+        return self._template(self._job(doc, progress))
 
     def remove_template(self, ref: str) -> None:
         self.call("DELETE", f"{API}/templates/{_q(ref)}")
@@ -432,7 +474,7 @@ class Client:
 
     def flatten(self, vid: str, name: str | None = None, *, progress: Progress | None = None) -> Template:
         doc = self.call("POST", f"{API}/volumes/{_q(vid)}/flatten", {"name": name})
-        return to_template(self._job(doc, progress))
+        return self._template(self._job(doc, progress))
 
     def jail(self, vid: str, jail_dir: str, name: str = "rootfs", *, uid: int | None = None,
              gid: int | None = None) -> str:
@@ -450,6 +492,17 @@ class Client:
 def _q(s: str) -> str:
     return urllib.parse.quote(s, safe="")
 
+
+IMAGE_TRANSPORTS = ("oci", "oci-archive", "docker-archive")
+
+
+def _abs_image(ref: str) -> str:
+    """An image reference ``[TRANSPORT:]PATH[:TAG]`` with its path made absolute (the daemon
+    has another working directory)."""
+    head, sep, tail = ref.partition(":")
+    if sep and head in IMAGE_TRANSPORTS:
+        return f"{head}:{_abs_image(tail)}" if not tail.startswith("/") else ref
+    return ref if ref.startswith("/") else os.path.join(os.getcwd(), ref)
 
 
 

@@ -56,16 +56,11 @@ from typing import Any
 __all__ = [
     "FORMATS", "MACHINES", "DriveOptions", "firecracker", "cloud_hypervisor", "cloud_hypervisor_argv",
     "cloud_hypervisor_config", "qemu", "qemu_blockdev", "rate_limiter", "config", "render", "is_block_device",
+    "for_link",
 ]
 
 FORMATS = ("firecracker", "cloud-hypervisor", "cloud-hypervisor-api", "qemu", "qemu-blockdev")
 MACHINES = ("q35", "pc", "microvm")
-_ALIASES = {
-    "firecracker": "firecracker", "fc": "firecracker",
-    "cloud-hypervisor": "cloud-hypervisor", "cloud_hypervisor": "cloud-hypervisor", "ch": "cloud-hypervisor",
-    "cloud-hypervisor-api": "cloud-hypervisor-api", "ch-api": "cloud-hypervisor-api",
-    "qemu": "qemu", "qemu-blockdev": "qemu-blockdev",
-}
 # Firecracker accepts ids of 1..64 characters from [A-Za-z0-9_].
 _FC_ID = re.compile(r"[A-Za-z0-9_]{1,64}")
 # QEMU ids: a letter, then letters, digits, '-', '.', '_'.
@@ -393,10 +388,24 @@ def qemu_blockdev(path: str | os.PathLike[str], *, readonly: bool = False, cache
 
 
 def _name(fmt: str) -> str:
-    name = _ALIASES.get(fmt)
-    if name is None:
+    """``fmt`` when it is one of :data:`FORMATS`: the one set of names every face takes (the
+    command line's ``--format`` choices and the API's ``format``), no aliases."""
+    if fmt not in FORMATS:
         raise ValueError(f"unknown drive format {fmt!r}: one of {', '.join(FORMATS)}")
-    return name
+    return fmt
+
+
+def for_link(fmt: str, link: str, opts: DriveOptions, *, backend_block_device: bool) -> tuple[Any, str]:
+    """(:func:`config`, :func:`render`) of a volume's stable ``link``, as every face gives them:
+    a ``qemu-blockdev`` drive is a ``host_device`` or a ``file`` as the link says, or, while the
+    volume is detached (no link), as its backend makes them (``backend_block_device``)."""
+    block = None
+    if fmt == "qemu-blockdev":
+        try:
+            block = is_block_device(link)
+        except ValueError:
+            block = backend_block_device
+    return config(fmt, link, opts, block_device=block), render(fmt, link, opts=opts, block_device=block)
 
 
 def config(fmt: str, path: str | os.PathLike[str], opts: DriveOptions | None = None, *,

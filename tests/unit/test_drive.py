@@ -88,7 +88,9 @@ def test_render_firecracker_is_json():
 
 def test_render_cloud_hypervisor_and_qemu_are_shell_words():
     assert shlex.split(drive.render("cloud-hypervisor", LINK)) == ["--disk", f"path={LINK}"]
-    assert shlex.split(drive.render("cloud_hypervisor", LINK)) == ["--disk", f"path={LINK}"]
+    assert shlex.split(drive.render("cloud-hypervisor", LINK)) == ["--disk", f"path={LINK}"]
+    with pytest.raises(ValueError, match="unknown drive format"):  # one set of names: no aliases
+        drive.render("cloud_hypervisor", LINK)
     assert shlex.split(drive.render("qemu", LINK)) == drive.qemu(LINK)
     odd = "/tmp/it's here,1/rootfs"
     assert shlex.split(drive.render("qemu", odd, readonly=True)) == drive.qemu(odd, readonly=True)

@@ -26,6 +26,7 @@ import click
 from ..errors import CowdiskError, InvalidArgument, NotFound, message_of
 from ..progress import Progress
 from ..store.model import default_root
+from ..units import parse_size as parse_size
 
 if TYPE_CHECKING:  # imported when a command needs them (start-up: bench/startup.py)
     from rich.console import Console
@@ -44,24 +45,6 @@ def human_bytes(n: int | None) -> str:
             return f"{int(v)} {unit}" if unit == "B" else f"{v:.1f} {unit}"
         v /= 1024
     return f"{v:.1f} TiB"
-
-
-def parse_size(text: str) -> int:
-    """``4096``, ``512K``, ``64M``, ``1G``, ``1GiB`` -> bytes (powers of 1024)."""
-    t = text.strip().upper().removesuffix("IB").removesuffix("B")
-    mult = 1
-    for i, suf in enumerate("KMGT", start=1):
-        if t.endswith(suf):
-            mult, t = 1024 ** i, t[:-1]
-            break
-    try:
-        n = int(t) * mult
-    except ValueError:
-        raise InvalidArgument(f"invalid size {text!r}", op="parse size", obj=text,
-                              hint="a number of bytes, or with a suffix K, M, G or T") from None
-    if n <= 0:
-        raise InvalidArgument(f"invalid size {text!r}: must be positive", op="parse size", obj=text)
-    return n
 
 
 def when(ts: float | None) -> str:

@@ -30,36 +30,8 @@ USAGE_COLUMNS = [Column("id"), Column("state"), Column("template_id", "template"
                  Column("cow_used_bytes", default=False), Column("cow_total_bytes", default=False)]
 
 
-def links_to(store: Store, vols: list[Volume]) -> dict[str, list[str]]:
-    """Every stable link under the store that points at each volume's device: its own, and the
-    links that a ``restore --as`` retargeted to it (read from the links themselves)."""
-    out: dict[str, list[str]] = {v.id: [] for v in vols}
-    by_dev = {os.path.realpath(v.device): v.id for v in vols if v.device}
-    top = os.path.join(store.root, "links")
-    with contextlib.suppress(FileNotFoundError):
-        for name in sorted(os.listdir(top)):
-            link = os.path.join(top, name, "rootfs")
-            with contextlib.suppress(OSError):
-                target = os.readlink(link)
-                owner = by_dev.get(os.path.realpath(os.path.join(os.path.dirname(link), target)))
-                if owner is not None:
-                    out[owner].append(link)
-    for v in vols:  # its own link first
-        own = store.link_path(v.id)
-        if own in out[v.id]:
-            out[v.id].remove(own)
-            out[v.id].insert(0, own)
-    return out
-
-
-def volume_dict(v: Volume, links: list[str]) -> dict[str, Any]:
-    d: dict[str, Any] = v.as_dict()
-    d["links"] = links
-    return d
-
-
 def _show_volume(app: App, store: Store, v: Volume, title: str, extra: dict[str, Any] | None = None) -> None:
-    d = volume_dict(v, links_to(store, [v])[v.id])
+    d = v.as_dict()
     if extra:
         d.update(extra)
     if app.json:
@@ -156,15 +128,13 @@ def volume_ls(app: App, tref: str | None, ids_only: bool, no_headings: bool, col
     wanted = parse_filters(filters, COLUMNS, extra=("template",))
     templates = wanted.pop("template", set()) | ({tref} if tref is not None else set())
     vols: list[Volume] = []
-    links: dict[str, list[str]] = {}
     if app.has_store():
         store = app.store()
         vols = store.volumes()
         if templates:
             tids = {store.template(template_ref(t)).id for t in templates}
             vols = [v for v in vols if v.template_id in tids]
-        links = links_to(store, vols)
-    rows = [r for r in (volume_dict(v, links.get(v.id, [])) for v in vols) if matches(r, wanted)]
+    rows = [r for r in (v.as_dict() for v in vols) if matches(r, wanted)]
     if app.json:
         app.emit({"volumes": rows})
     elif ids_only:
@@ -197,7 +167,7 @@ def volume_inspect(app: App, vids: tuple[str, ...]) -> None:
             usage = _usage_dict(store.usage(vid))
         if len(vids) == 1 or not app.json:
             _show_volume(app, store, v, f"volume {v.id}", {"usage": usage})
-        return volume_dict(v, links_to(store, [v])[v.id]) | {"usage": usage}
+        return v.as_dict() | {"usage": usage}
 
     if len(vids) == 1:  # one volume: its document, its error as any command's
         one(vids[0])
@@ -226,7 +196,7 @@ def volume_checkpoint(app: App, vids: tuple[str, ...]) -> None:
         v = store.checkpoint(vid, **app.deadline())
         if not app.json:
             app.info(f"checkpointed volume {v.id}")
-        return volume_dict(v, [])
+        return v.as_dict()
 
     vols, errors = app.each(vids, "checkpoint volume", one)
     app.finish_each({"volumes": vols}, errors)
@@ -336,7 +306,7 @@ def volume_fork(app: App, vid: str, new_ids: tuple[str, ...]) -> None:
     with app.progress(f"fork {vid}") as progress:
         vols = store.fork(vid, list(new_ids), progress=progress)
     if app.json:
-        app.emit({"volumes": [volume_dict(v, [v.link]) for v in vols]})
+        app.emit({"volumes": [v.as_dict() for v in vols]})
         return
     for v in vols:
         app.line(v.id if app.quiet else f"volume {v.id}: {v.state}, link {v.link}")
@@ -453,15 +423,8 @@ def volume_drive(app: App, vid: str, fmt: str, machine: str | None, read_only: b
     opts = drive_mod.DriveOptions(read_only=read_only, drive_id=drive_id, cache=cache, io_engine=io_engine,
                                   iops=_limit(iops, "iops"), bandwidth=_limit(bandwidth, "bandwidth"),
                                   machine=machine, jail_path=jail_path)
-    block = None
-    if fmt == "qemu-blockdev":  # host_device or file: from the link, or the backend while it is detached
-        try:
-            block = drive_mod.is_block_device(v.link)
-        except ValueError:
-            block = bool(getattr(store.backend, "block_device", False))
     try:
-        config = drive_mod.config(fmt, v.link, opts, block_device=block)
-        text = drive_mod.render(fmt, v.link, opts=opts, block_device=block)
+        config, text = drive_mod.for_link(fmt, v.link, opts, backend_block_device=store.backend.block_device)
     except ValueError as e:
         raise InvalidArgument(f"volume drive {vid}: {e}", op="volume drive", obj=vid) from None
     if app.json:

@@ -18,11 +18,13 @@ import logging
 import os
 import re
 import time
-from typing import Any, Callable, TypeVar
+import signal
+from typing import Any, Callable, Literal, TypeVar
 
 from fastapi import Body, FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -31,10 +33,11 @@ from ..errors import CowdiskError, InvalidArgument, NotFound
 from ..store import Store, validate_id
 from . import calls
 from . import models as m
+from .models import Size
 from .config import Config
 from .jobs import Job, JobContext, Jobs
 from .metrics import VERSION, Metrics
-from .protocol import API, Cancelled, error_document, status_of
+from .protocol import API, Cancelled, Forbidden, error_document, status_of
 from .security import UNKNOWN, Peer, check_path, check_peer
 from .workers import Pool, RemoteInternal
 
@@ -292,6 +295,23 @@ def _replay(raw: bytes, receive: Receive, *, more: bool = False) -> Receive:
     return again
 
 
+def check_image_ref(ref: str, roots: list[str], peer: Peer) -> str:
+    """A container image reference (``[TRANSPORT:]PATH[:TAG]``) whose path lies under the
+    daemon's ``import_roots`` (:func:`.security.check_path`), with that path resolved."""
+    from ..cache.oci import TRANSPORTS, parse_ref
+
+    head, sep, tail = ref.partition(":")
+    path = tail if sep and head in TRANSPORTS else ref
+    if not path.startswith("/"):
+        raise Forbidden(f"build template {ref!r}: the image's path must be absolute", op="build template",
+                        obj=repr(ref))
+    cut = path.rfind("/")
+    check_path(path[:cut] + path[cut:].partition(":")[0], roots, "build template", "import_roots", peer)  # first:
+    src = parse_ref(ref)  # (which reads it)
+    real = check_path(src.path, roots, "build template", "import_roots", peer, owned=True)
+    return f"{src.transport}:{real}" + (f":{src.tag}" if src.tag else "")
+
+
 def _ids(*pairs: tuple[str | None, str]) -> None:
     for value, what in pairs:
         if value is not None:
@@ -370,6 +390,26 @@ def create_app(svc: Service) -> FastAPI:
         """Recover, then remove templates that no volume uses and that have no name."""
         return J(await svc.call("gc", store.root, peer_of(request), calls.gc))
 
+    @app.get(f"{API}/store", response_model=m.StoreInfoOut, tags=["service"], responses=ERRORS)
+    async def store_info() -> JSONResponse:
+        """What the store is and holds: id, backend, places, volumes by state, space (`cowdisk store info`)."""
+        return J(await svc.read(calls.info))
+
+    @app.get(f"{API}/store/space", response_model=m.SpaceList, tags=["service"], responses=ERRORS)
+    async def store_space() -> JSONResponse:
+        """How full each area the store's writes fill is (the store's filesystem, the data's, a thin pool)."""
+        return J(await svc.read(calls.space))
+
+    @app.delete(f"{API}/store", response_model=m.Removed, tags=["service"], responses=ERRORS)
+    async def store_destroy(request: Request, force: bool = Query(False, description=(
+            "Also remove attached volumes (never a device a VM holds open)"))) -> JSONResponse:
+        """Delete the whole store (`cowdisk store destroy`): volumes (409 while any is attached,
+        unless ``force``), templates, cache, pool, registry and the root itself. The daemon
+        then stops: it has no store left to serve."""
+        out = await svc.call("destroy store", store.root, peer_of(request), calls.destroy_store, force)
+        svc.stopping = True
+        return JSONResponse(out, background=BackgroundTask(os.kill, os.getpid(), signal.SIGTERM))
+
     # -- jobs --------------------------------------------------------------------------
 
     @app.get(f"{API}/jobs", response_model=m.JobList, tags=["jobs"], responses=ERRORS)
@@ -432,9 +472,23 @@ def create_app(svc: Service) -> FastAPI:
     @app.post(f"{API}/templates/build", status_code=202, response_model=m.JobOut, tags=["templates"],
               responses=ERRORS)
     async def template_build(request: Request, body: m.BuildIn) -> JSONResponse:
-        """Build an ext4 template from a directory tree or tarball through the template cache: a job."""
+        """Build an ext4 template through the template cache from a directory tree or tarball
+        (``source``) or a container image (``image``, `template build --from-image`): a job."""
         peer = peer_of(request)
         _ids((body.name, "template name"))
+        if (body.source is None) == (body.image is None):
+            raise InvalidArgument("build template: give a source (directory or tarball) or an image, one of them",
+                                  op="build template", obj=body.source or body.image or "")
+        if body.image is not None:
+            ref = check_image_ref(body.image, cfg.import_roots, peer)
+
+            def run_image(ctx: JobContext) -> dict[str, Any]:
+                t = store.build_template_from_image(ref, body.name, size=body.size, fs_type=body.fs_type,
+                                                    progress=ctx.progress)
+                return store.template_doc(t)
+
+            return svc.start_job("build template", body.image, peer, run_image)
+        assert body.source is not None
         src = check_path(body.source, cfg.import_roots, "build template", "import_roots", peer, owned=True)
 
         def run(ctx: JobContext) -> dict[str, Any]:
@@ -577,10 +631,11 @@ def create_app(svc: Service) -> FastAPI:
         return J(await svc.call("jail", vid, peer, calls.jail, vid, jdir, body.name, body.uid, body.gid))
 
     @app.get(f"{API}/volumes/{{vid}}/drive", response_model=m.DriveOut, tags=["volumes"], responses=ERRORS)
-    async def volume_drive(vid: str, format: str = Query(description=", ".join(drive_mod.FORMATS)),
+    async def volume_drive(vid: str, format: Literal[drive_mod.FORMATS] = Query(  # type: ignore[valid-type]
+                               description="The VMM and form, as `cowdisk volume drive --format`"),
                            readonly: bool = False, drive_id: str | None = None, cache: str | None = None,
                            io_engine: str | None = None, iops: int | None = Query(None, gt=0),
-                           bandwidth: int | None = Query(None, gt=0, description="bytes/s"),
+                           bandwidth: Size | None = Query(None, description="bytes/s, or with a unit (50M)"),
                            machine: str | None = Query(None, description="QEMU only: q35, pc or microvm"),
                            jail_path: str | None = Query(None, description="Firecracker only: the path in the jail")
                            ) -> JSONResponse:
@@ -590,10 +645,10 @@ def create_app(svc: Service) -> FastAPI:
         opts = drive_mod.DriveOptions(read_only=readonly, drive_id=drive_id, cache=cache, io_engine=io_engine,
                                       iops=iops, bandwidth=bandwidth, machine=machine, jail_path=jail_path)
         try:
-            config = drive_mod.config(format, v["link"], opts)
-            text = drive_mod.render(format, v["link"], opts=opts)
+            config, text = drive_mod.for_link(format, v["link"], opts,
+                                              backend_block_device=bool(store.backend.block_device))
         except ValueError as e:
-            raise InvalidArgument(f"volume drive {vid}: {e}", op="volume drive", obj=format,
+            raise InvalidArgument(f"volume drive {vid}: {e}", op="volume drive", obj=vid,
                                   hint=f"formats: {', '.join(drive_mod.FORMATS)}") from None
         return J({"volume": vid, "format": format, "path": v["link"], "state": str(v["state"]), "config": config,
                   "text": text})

@@ -98,3 +98,15 @@ def shared_volumes(store: Store) -> dict[str, Any]:
 
 def jail(store: Store, vid: str, jdir: str, name: str, uid: int | None, gid: int | None) -> dict[str, Any]:
     return {"volume": vid, "path": store.jail(vid, jdir, name, uid=uid, gid=gid)}
+
+
+def info(store: Store) -> dict[str, Any]:
+    return store.info()
+
+
+def space(store: Store) -> dict[str, Any]:
+    return {"space": [s.as_dict() for s in store.space()]}
+
+
+def destroy_store(store: Store, force: bool) -> dict[str, Any]:
+    return {"removed": store.destroy_store(force=force)}

@@ -7,11 +7,30 @@ refuse unknown keys: a typo is a 400, not a silently ignored option.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 
+from ..errors import InvalidArgument
 from ..registry import VolumeState
+from ..units import parse_size
+
+
+def _bytes(v: Any) -> Any:
+    """A size as the command line takes it (``128M``, ``4G``, ``4096``) -> bytes."""
+    if isinstance(v, (str, int)) and not isinstance(v, bool):
+        try:
+            return parse_size(v)
+        except InvalidArgument as e:
+            raise ValueError(e.message) from None
+    return v
+
+
+Size = Annotated[int, BeforeValidator(_bytes), WithJsonSchema({
+    "anyOf": [{"type": "integer", "exclusiveMinimum": 0},
+              {"type": "string", "pattern": "^\\s*[0-9]+\\s*([KMGTkmgt]([iI]?[bB])?|[bB])?\\s*$"}],
+    "description": "Bytes, or a number with a unit K, M, G or T (powers of 1024), as the command line takes it"})]
+"""A positive size in bytes; given as an integer or a string with a unit (``128M``)."""
 
 
 class In(BaseModel):
@@ -64,6 +83,8 @@ class VolumeOut(BaseModel):
     created: float
     parent: str | None
     error: str | None
+    links: list[str] = Field(description="Every stable link that leads to the volume: its own first, then "
+                                         "the sources' links a restore as a new id retargeted to it")
 
 
 class VolumeList(BaseModel):
@@ -108,6 +129,42 @@ class RecoveryReportOut(BaseModel):
     orphans_removed: list[str] = []
     kept: list[str] = []
     errors: list[str] = []
+
+
+class SpaceOut(BaseModel):
+    area: str
+    used_bytes: int
+    total_bytes: int
+    pct: float
+    state: str = Field(description="ok, or what the kernel says instead (out_of_data_space, read_only, "
+                                   "needs_check, unreadable)")
+    detail: str
+
+
+class SpaceList(BaseModel):
+    space: list[SpaceOut]
+
+
+class StoreInfoOut(BaseModel):
+    """``cowdisk store info --json``."""
+
+    model_config = ConfigDict(extra="allow")
+
+    root: str
+    id: str
+    backend: str
+    backend_options: dict[str, str]
+    data_root: str
+    read_only: bool
+    registry_schema: int
+    templates: int
+    volumes: dict[str, int] = Field(description="Volumes by state")
+    intents: int
+    quarantine: list[str]
+    reserve: bool
+    free_bytes: int
+    data_free_bytes: int
+    space: list[SpaceOut]
 
 
 class Removed(BaseModel):
@@ -167,19 +224,24 @@ class ImportIn(In):
 
 
 class BuildIn(In):
-    source: str = Field(description="Absolute path of a directory tree or tarball under one of the daemon's "
-                                    "import_roots")
+    source: str | None = Field(None, description="Absolute path of a directory tree or tarball under one of "
+                                                 "the daemon's import_roots (this or image)")
+    image: str | None = Field(None, description="A container image (`template build --from-image`): an OCI "
+                                                "layout directory, OCI archive or docker save archive under one "
+                                                "of the daemon's import_roots, PATH[:TAG] with an optional "
+                                                "oci:, oci-archive: or docker-archive: in front (this or source)")
     name: str | None = None
-    size: int | None = Field(None, gt=0, description="Image size in bytes; default: twice the tree plus 32 MiB")
+    size: Size | None = Field(None, description="Image size; default: twice the tree plus 32 MiB (an image: 1.5 "
+                                                "times its unpacked size plus 64 MiB)")
     fs_type: Literal["ext4"] = "ext4"
 
 
 class CreateIn(In):
     id: str
     template: str = Field(description="Template id, digest prefix or name")
-    size: int | None = Field(None, gt=0, description="Bytes (a multiple of 512, at least the template's size): "
-                                                     "a volume larger than its template (dm-thin and the file "
-                                                     "backends)")
+    size: Size | None = Field(None, description="A multiple of 512 bytes, at least the template's size: a "
+                                                "volume larger than its template (dm-thin and the file "
+                                                "backends)")
     grow_fs: bool = Field(True, description="With size: grow the volume's ext2/3/4 filesystem to fill it")
 
 

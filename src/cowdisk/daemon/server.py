@@ -237,6 +237,7 @@ def run(cfg: Config) -> int:
         one_malloc_arena()  # the daemon's threads (log writer, jobs) too
         stop_logging = in_background()  # after the fork: no thread exists before it
         store = Store(cfg.root, backend=cfg.backend, recover=False, lock_timeout=cfg.lock_timeout)
+        store.daemon = os.getpid()
         try:
             metrics = Metrics()
             rep = store.recover()

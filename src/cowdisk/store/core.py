@@ -55,7 +55,7 @@ from ..registry import ATTACHED, CREATING, TemplateRow, VolumeRow
 from . import growfs, manifest, recovery
 from .manifest import store_exists as store_exists  # where it was; the store's callers ask it first
 from .model import RecoveryReport, Template, Volume, default_root, validate_id
-from .parts import StoreParts, manifest_of_quarantine
+from .parts import StoreParts, manifest_of_quarantine, refuse_under_daemon
 from .templates import HELD
 from .transition import (
     ADOPT,
@@ -131,6 +131,7 @@ class Store(StoreParts):
         ``store.json``, and recovery registers every volume and template again from its
         manifest. Returns the open store, the recovery report and where the old files went."""
         root = os.path.abspath(root or default_root())
+        refuse_under_daemon(root, "rebuild registry")
         if manifest.read(os.path.join(root, manifest.STORE_FILE)) is None:
             raise NotFound(f"rebuild registry of {root}: no {manifest.STORE_FILE} there to rebuild from",
                            op="rebuild registry", obj=root)
@@ -144,9 +145,15 @@ class Store(StoreParts):
         s = cls(root, recover=False, rebuild=True)
         return s, s.recover(), moved
 
-    def _to_volume(self, v: VolumeRow) -> Volume:
-        return Volume(v.id, v.template_id, v.backend, v.state, v.size, v.device, self.link_path(v.id),
-                      v.data_path, v.created, v.parent, v.error)
+    def _to_volume(self, v: VolumeRow, links: list[str] | None = None) -> Volume:
+        """The caller's view of row ``v``; ``links``: its link paths (read from the registry
+        when not given), put in order here: its own first, then the others by path."""
+        own = self.link_path(v.id)
+        if links is None:
+            links = [p for p, _, _ in self.registry.links(v.id)]
+        ordered = ([own] if own in links else []) + sorted(p for p in links if p != own)
+        return Volume(v.id, v.template_id, v.backend, v.state, v.size, v.device, own,
+                      v.data_path, v.created, v.parent, v.error, tuple(ordered))
 
     def _new_row(self, vid: str, t: TemplateRow, size: int, parent: str | None) -> VolumeRow:
         now = time.time()
@@ -210,7 +217,10 @@ class Store(StoreParts):
     # -- volumes: reading ------------------------------------------------------------
 
     def volumes(self) -> list[Volume]:
-        return [self._to_volume(v) for v in self.registry.volumes()]
+        by_volume: dict[str, list[str]] = {}
+        for path, owner, _ in self.registry.links():
+            by_volume.setdefault(owner, []).append(path)
+        return [self._to_volume(v, by_volume.get(v.id, [])) for v in self.registry.volumes()]
 
     def volume(self, vid: str) -> Volume:
         return self._to_volume(self.registry.get_volume(vid))
@@ -276,7 +286,7 @@ class Store(StoreParts):
                 tr.step("link", self.set_link, vid, link, dev, record=False)
                 done.append(dataclasses.replace(row, state=ATTACHED, device=dev))
                 tr.finish(lambda: self.registry.set_link(link, vid, dev), device=dev)
-        return self._to_volume(done[0])
+        return self._to_volume(done[0], [link])
 
     def _volume_size(self, vid: str, t: TemplateRow, size: int | None) -> int:
         """The new volume's size in bytes: the template's, or ``size`` once checked."""
@@ -695,6 +705,7 @@ class Store(StoreParts):
         then removed like ``volume rm``, still refused for a device a VM holds open),
         templates, cache, pool, quarantine, registry and every file under the root, chattr +i
         ones included. Returns what was removed."""
+        refuse_under_daemon(self.root, "destroy store", self.daemon)
         attached = [v.id for v in self.registry.volumes() if v.state == ATTACHED]
         if attached and not force:
             raise StateError(f"destroy store {self.root}: volumes {', '.join(attached)} are attached",

@@ -74,10 +74,14 @@ class Volume:
     created: float
     parent: str | None
     error: str | None
+    links: tuple[str, ...] = ()
+    """Every stable link that leads to the volume: its own first (while it is attached), then
+    the links of the sources a ``restore --as`` retargeted to it."""
 
     def as_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
         d["state"] = self.state.value
+        d["links"] = list(self.links)
         return d
 
 

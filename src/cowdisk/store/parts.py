@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator, Mapping, Self, cast
 
 from .. import failpoints
 from ..backends import Backend, BackendEnv, TemplateRef, VolumeCtx, backend_class, explain
-from ..errors import CowdiskError, InvalidArgument, KernelError, NotFound, RegistryDamaged, Unsupported
+from ..errors import CowdiskError, InUse, InvalidArgument, KernelError, NotFound, RegistryDamaged, Unsupported
 from ..kernel import procfs
 from ..locks import FileLock
 from ..progress import Progress
@@ -48,6 +48,43 @@ def manifest_of_quarantine(path: str) -> dict[str, Any]:
         return note if isinstance(note, dict) else {}
     except (OSError, ValueError):
         return {}
+
+
+DAEMON_LOCK = os.path.join("locks", "daemon.lock")
+"""The lock a cowdiskd holds on its store while it serves it (daemon/server.py)."""
+
+
+def serving_daemon(root: str) -> int | None:
+    """The PID of the cowdiskd serving the store at ``root`` (it holds ``locks/daemon.lock``),
+    or None when none does."""
+    path = os.path.join(root, DAEMON_LOCK)
+    if not os.path.exists(path):
+        return None
+    probe = FileLock(path, timeout=0)
+    try:
+        if probe.try_acquire():
+            return None
+    except CowdiskError:
+        return None
+    finally:
+        probe.release()
+    holders = [p for p, _ in procfs.lock_holders(path)]
+    try:  # the daemon writes its PID into the file (its store workers share the lock)
+        with open(path) as f:
+            hint = int(f.read().strip() or 0)
+    except (OSError, ValueError):
+        hint = 0
+    return hint if hint in holders or not holders else holders[0]
+
+
+def refuse_under_daemon(root: str, op: str, daemon: int | None = None) -> None:
+    """Raise InUse naming the PID of the cowdiskd serving the store at ``root``: ``op`` would
+    pull the store from under it (unless this process is that daemon's, ``daemon``)."""
+    pid = serving_daemon(root)
+    if pid is not None and pid != daemon:
+        raise InUse(f"{op} {root}: cowdiskd (PID {pid}) serves this store", op=op, obj=root,
+                    hint="go through the daemon (COWDISK_SOCKET at its socket: it then stops), or stop it first "
+                         f"(systemctl stop cowdisk, or kill -TERM {pid})")
 
 
 def _read_only(path: str) -> bool:
@@ -85,6 +122,9 @@ class StoreParts:
                  backend_options: Mapping[str, str] | None = None, rebuild: bool = False) -> None:
         self.root = os.path.abspath(root or default_root())
         self.lock_timeout = lock_timeout
+        self.daemon: int | None = None
+        """The PID of the cowdiskd this Store works for (the daemon sets it on its own stores and
+        its workers'): what would pull the store from under a daemon is allowed to that one."""
         self.read_only = _read_only(self.root)
         """The store's filesystem is mounted read-only: reading commands work, changes fail
         with EROFS, recovery does not run."""

@@ -48,7 +48,7 @@ RUNNERS: dict[str, Callable[[Store], Any]] = {
     "checkpoint": lambda s: s.checkpoint("x"),
     "restore": lambda s: s.restore("x"),
     "restore-as": lambda s: s.restore("x", "y"),
-    "fork": lambda s: s.fork("x", ["y"]),
+    "fork": lambda s: s.fork("x", ["y", "y2", "y3"]),  # a batch: every child whole, or none
     "flatten": lambda s: s.flatten("x", "flat"),
     "adopt": lambda s: s.adopt_volume("x"),  # x made by the peer store (see setup)
     "take-over": lambda s: s.restore("x", steal=True),
@@ -189,6 +189,10 @@ def check(root: str, case: Case, backend: str, dm_names: Callable[[str], list[st
     assert s.registry.intents() == [], "intents left after recovery"
     check_links(s)  # before the checks below restore and checkpoint x (which remakes its link)
     vols = {v.id: v for v in s.volumes()}
+    if backend in ("dm-snapshot", "dm-thin"):  # no device left suspended (a kill inside a copy's hold)
+        from cowdisk.kernel import dm
+        held = [v.id for v in vols.values() if v.state == ATTACHED and dm.control().info(s.dm_prefix + v.id).suspended]
+        assert held == [], f"devices left suspended after recovery: {held}"
     # the operation happened fully or not at all
     want = expected(case.operation)
     assert {k: v.state for k, v in vols.items()} == want, (vols, want)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import multiprocessing.synchronize
 import os
 import subprocess
+import time
 
 import pytest
 
@@ -71,6 +74,49 @@ def test_restore_new_id(store, tmp_path) -> None:
     store.remove_volume("a")
     assert store.volumes() == []
     assert sha(t.path) == t.digest
+
+
+def _writer(path: str, stop: "multiprocessing.synchronize.Event", offsets: tuple[int, ...]) -> None:
+    """Write an ever larger counter at ``offsets`` of ``path`` until told to stop."""
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        n = 0
+        while not stop.is_set():
+            n += 1
+            for off in offsets:
+                os.pwrite(fd, n.to_bytes(8, "little") * 512, off)
+    finally:
+        os.close(fd)
+
+
+def test_fork_into_n_at_one_instant(store, backend, tmp_path) -> None:
+    """Fork of an attached volume a process keeps writing to: every child is from the same
+    instant (their counters are equal), whatever instant that was, and the source goes on."""
+    store.build_template(make_tree(str(tmp_path / "tree")), "base")
+    v = store.create_volume("src", "base")
+    offsets = (12 * MiB, 13 * MiB, 30 * MiB)
+    ctx = multiprocessing.get_context("fork")
+    stop = ctx.Event()
+    w = ctx.Process(target=_writer, args=(v.link, stop, offsets))
+    w.start()
+    try:
+        deadline = time.monotonic() + 10
+        while read_at(v.link, offsets[-1], 8) == read_at(store.template("base").path, offsets[-1], 8):
+            assert time.monotonic() < deadline, "the writer never wrote"
+            time.sleep(0.01)
+        kids = store.fork("src", ["k1", "k2", "k3", "k4"])
+    finally:
+        stop.set()
+        w.join(10)
+    assert w.exitcode == 0
+    seen = [[read_at(k.link, off, 4096) for off in offsets] for k in kids]
+    assert all(s == seen[0] for s in seen), [[x[:8].hex() for x in s] for s in seen]
+    assert [k.state for k in kids] == ["attached"] * 4 and all(k.parent == "src" for k in kids)
+    later = read_at(v.link, offsets[0], 8)
+    assert int.from_bytes(later, "little") >= int.from_bytes(seen[0][0][:8], "little")
+    for k in kids:
+        store.remove_volume(k.id)
+    store.remove_volume("src")
 
 
 def test_fork_flatten_usage(store, backend, tmp_path) -> None:

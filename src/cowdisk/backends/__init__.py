@@ -32,7 +32,14 @@ The contract (what the store relies on, and the conformance suite checks):
   ``create`` may find a half-made attempt of a killed process (recovery tears it down
   first, so they may assume a clean slate for the volume).
 * **Data.** ``create`` and ``copy_data`` never change the template or the source
-  volume; ``copy_data`` of an attached source gives a crash-consistent copy.
+  volume; ``copy_data`` of an attached source gives a crash-consistent copy: the source's
+  writes are flushed and it is held (a dm device suspended; a file cloned under its
+  inode's lock, FICLONE writing its dirty pages back first) for that instant only.
+* **Fork.** ``copy_data(src, dst, like=first)`` makes ``dst`` equal to ``first``, a copy
+  of ``src`` the same caller just made and nobody has attached: from ``first``'s data
+  (a thin snapshot of it, a clone or copy of its file) or from the snapshot ``first`` was
+  cloned from (rbd), never by holding ``src`` again. Fork into N holds the source once
+  and makes the other N-1 children this way: every child from one instant.
 * **Open count** (optional). ``open_count(ctx) -> int | None``: how many times the
   attached volume's device is open as the kernel counts it (a dm device's open count
   from DM_DEV_STATUS, 0.1 ms), None when it is not attached. The store's busy check
@@ -262,7 +269,12 @@ class Backend(Protocol):
 
     def destroy(self, ctx: VolumeCtx) -> None: ...
 
-    def copy_data(self, src: VolumeCtx, dst: VolumeCtx, *, src_attached: bool) -> None: ...
+    def copy_data(self, src: VolumeCtx, dst: VolumeCtx, *, src_attached: bool,
+                  like: VolumeCtx | None = None) -> None:
+        """``dst`` made from ``src``'s current data; with ``like`` (a volume this call's
+        caller just made from ``src`` and nobody has attached yet), from the same instant
+        ``like`` was taken at, without holding ``src`` again (see "Fork")."""
+        ...
 
     def flatten(self, ctx: VolumeCtx, out_path: str, *, attached: bool) -> None: ...
 

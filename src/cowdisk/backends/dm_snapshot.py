@@ -241,10 +241,16 @@ class DmSnapshotBackend(DmVolumeBase):
             pass
         ctx.forget("file", cow)
 
-    def copy_data(self, src: VolumeCtx, dst: VolumeCtx, *, src_attached: bool) -> None:
+    def copy_data(self, src: VolumeCtx, dst: VolumeCtx, *, src_attached: bool,
+                  like: VolumeCtx | None = None) -> None:
+        """The source's COW file copied (sparse), an attached source suspended for the copy;
+        with ``like``, ``like``'s COW file (not attached: nothing suspended)."""
         os.makedirs(dst.data_dir, exist_ok=True)
         dst.record("file", cow_path(dst))
-        if src_attached:
+        if like is not None:
+            fs.sparse_copy(cow_path(like), cow_path(dst), progress=dst.progress)
+            dst.step("copied")
+        elif src_attached:
             dm.control().suspend(src.dm_name)
             try:
                 fs.sparse_copy(cow_path(src), cow_path(dst), progress=dst.progress)

@@ -566,15 +566,19 @@ class DmThinBackend(DmVolumeBase):
             dm.control().remove(ctx.dm_name, deadline_s=10.0, missing_ok=True)
             ctx.forget("dm", ctx.dm_name)
 
-    def copy_data(self, src: VolumeCtx, dst: VolumeCtx, *, src_attached: bool) -> None:
+    def copy_data(self, src: VolumeCtx, dst: VolumeCtx, *, src_attached: bool,
+                  like: VolumeCtx | None = None) -> None:
         """A thin snapshot of the source: no data copied; an attached source is suspended
-        (its I/O waits, flushed) for the instant of the snapshot."""
-        origin = _read_id(self._id_path(src))
+        (its I/O waits, flushed) for the instant of the snapshot. With ``like``, a thin
+        snapshot of ``like`` (inactive: nothing suspended), the same instant."""
+        origin_of = like or src
+        origin = _read_id(self._id_path(origin_of))
         if origin is None:
-            raise KernelError("snapshot volume", self._id_path(src), errno.ENOENT, detail="the thin id file is missing")
+            raise KernelError("snapshot volume", self._id_path(origin_of), errno.ENOENT,
+                              detail="the thin id file is missing")
         self.ensure_room()
         tid = self._new_thin(dst)
-        if src_attached:
+        if src_attached and like is None:
             dm.control().suspend(src.dm_name)
             try:
                 self._message(f"create_snap {tid} {origin}")

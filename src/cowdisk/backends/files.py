@@ -84,10 +84,14 @@ class FileBackend:
             pass
         ctx.forget("file", p)
 
-    def copy_data(self, src: VolumeCtx, dst: VolumeCtx, *, src_attached: bool) -> None:
+    def copy_data(self, src: VolumeCtx, dst: VolumeCtx, *, src_attached: bool,
+                  like: VolumeCtx | None = None) -> None:
+        """A clone (reflink: FICLONE, which writes the source's dirty pages back and holds
+        its inode's I/O lock for the instant of the clone) or a sparse copy of the source's
+        file; with ``like``, of ``like``'s file (the same instant, the source not touched)."""
         os.makedirs(dst.data_dir, exist_ok=True)
         dst.record("file", disk_path(dst))
-        self._clone(disk_path(src), disk_path(dst), dst)
+        self._clone(disk_path(like or src), disk_path(dst), dst)
         os.chmod(disk_path(dst), 0o600)
 
     def flatten(self, ctx: VolumeCtx, out_path: str, *, attached: bool) -> None:

@@ -855,16 +855,22 @@ class RbdBackend:
         except rbd.ImageNotFound:
             pass
 
-    def copy_data(self, src: VolumeCtx, dst: VolumeCtx, *, src_attached: bool) -> None:
+    def copy_data(self, src: VolumeCtx, dst: VolumeCtx, *, src_attached: bool,
+                  like: VolumeCtx | None = None) -> None:
         """A protected snapshot of the source (crash-consistent if attached: writes are
-        acknowledged only once the OSDs have them) and a clone of it: no data copied."""
+        acknowledged only once the OSDs have them) and a clone of it: no data copied. With
+        ``like``, a clone of the snapshot ``like`` was cloned from (fork into N: one
+        snapshot, N clones; the snapshot goes with the last of them)."""
         _, rbd = librbd()
         io = self.ioctx()
-        simg, dimg, snap = volume_image(src.id), volume_image(dst.id), copy_snap(dst.id)
+        simg, dimg, snap = volume_image(src.id), volume_image(dst.id), copy_snap((like or dst).id)
         os.makedirs(dst.data_dir, exist_ok=True)
         dst.record("rbd", dimg)
         with named("snapshot volume", f"{simg}@{snap}"), rbd.Image(io, simg) as im:
             if not any(s["name"] == snap for s in im.list_snaps()):
+                if like is not None:  # never a second instant under the first one's name
+                    raise NotFound(f"fork volume {dst.id}: snapshot {simg}@{snap} of {like.id} is gone",
+                                   op="fork volume", obj=f"{simg}@{snap}")
                 im.create_snap(snap)
             if not im.is_protected_snap(snap):
                 im.protect_snap(snap)

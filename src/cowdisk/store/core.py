@@ -67,6 +67,7 @@ from .transition import (
     RESTORE,
     RESTORE_AS,
     TAKE_OVER,
+    Batch,
     Operation,
     Transition,
 )
@@ -450,7 +451,7 @@ class Store(StoreParts):
 
     def _copy(self, op: Operation, vid: str, new_id: str, *, retarget: bool, progress: Progress | None,
               hint: str = "", steal: bool = False) -> Volume:
-        """A new volume ``new_id`` from ``vid``'s data (restore-as, fork): copy, attach, link
+        """A new volume ``new_id`` from ``vid``'s data (restore-as): copy, attach, link
         (and, with ``retarget``, the source's link pointed at the copy)."""
         with self.lock("volume", vid), self.lock("volume", new_id), _named_errors(f"{op.verb} volume", new_id):
             src = self.registry.get_volume(vid)
@@ -490,12 +491,62 @@ class Store(StoreParts):
         return self.volume(vid)
 
     def fork(self, vid: str, new_ids: list[str], *, progress: Progress | None = None) -> list[Volume]:
-        """New volumes that each start from ``vid``'s current contents."""
+        """New volumes that all start from ``vid``'s contents at one instant.
+
+        The source is held once for all of them (an attached dm device suspended for one
+        snapshot or copy, a file cloned once: see ``Backend`` "Fork"); the other children
+        are made from the first. Pause the VMM first for a disk that matches its memory
+        state (docs/vmm.md): the source's writes the VMM made are flushed, the ones still in
+        the guest are its memory's. The children are one :class:`Batch`: registered
+        together and attached together, or none of them (a kill leaves no half child, and
+        recovery resumes a source left suspended)."""
         validate_id(vid)
-        for n in new_ids:
-            validate_id(n)
+        ids = list(new_ids)
+        for n in ids:
+            validate_id(n, "new volume id")
+        if not ids:
+            raise InvalidArgument(f"fork volume {vid}: no new volume ids", op="fork volume", obj=vid)
+        if len(set(ids)) != len(ids) or vid in ids:
+            raise InvalidArgument(f"fork volume {vid}: the new ids repeat or name the source", op="fork volume",
+                                  obj=vid)
         self.check_room("fork volume", vid)
-        return [self._copy(FORK, vid, n, retarget=False, progress=progress) for n in new_ids]
+        with contextlib.ExitStack() as locks, _named_errors("fork volume", vid):
+            for n in sorted({vid, *ids}):  # one order for every caller: no deadlock between two forks
+                locks.enter_context(self.lock("volume", n))
+            src = self.registry.get_volume(vid)
+            FORK.require(src)
+            t = self.registry.get_template(src.template_id)
+            self.check_template(t)
+            rows = [self._new_row(n, t, src.size, vid) for n in ids]
+            ctxs = [self.ctx(r, t, op=FORK.name, progress=progress) for r in rows]
+            by_id = dict(zip(ids, ctxs))
+
+            def undo(row: VolumeRow, intent: int, data: Mapping[str, Any]) -> None:
+                recovery.HANDLERS[FORK.name](self, intent, data, row, by_id[row.id])
+
+            with Batch(self.registry, FORK, rows, data={"source": vid, "batch": ids}, undo=undo,
+                       on_change=self.write_manifest) as tr:
+                tr.step("copy", self.backend.copy_data, self.ctx(src, t), ctxs[0],
+                        src_attached=src.state == ATTACHED)
+                tr.step("copies", self._copies_like, self.ctx(src, t), ctxs[0], ctxs[1:])
+                devs = tr.step("device", lambda: {c.id: self.backend.attach(c) for c in ctxs})
+                # the links' rows are committed with the done states (the undo removes each link directory)
+                tr.step("link", self._links, devs, record=False)
+                tr.finish(lambda: self._links(devs, files=False), fields={n: {"device": devs[n]} for n in ids})
+        return [self.volume(n) for n in ids]
+
+    def _links(self, devs: Mapping[str, str], *, record: bool = True, files: bool = True) -> None:
+        """Each new volume's own stable link to its device (``files=False``: only the rows)."""
+        for n, dev in devs.items():
+            if files:
+                self.set_link(n, self.link_path(n), dev, record=record)
+            else:
+                self.registry.set_link(self.link_path(n), n, dev)
+
+    def _copies_like(self, src: VolumeCtx, first: VolumeCtx, rest: list[VolumeCtx]) -> None:
+        """The children after the first, each from the instant the first was taken at."""
+        for c in rest:
+            self.backend.copy_data(src, c, src_attached=False, like=first)
 
     def flatten(self, vid: str, name: str | None = None, *, progress: Progress | None = None) -> Template:
         """Materialise a volume (template + its changes) as a new template."""

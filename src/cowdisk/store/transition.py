@@ -28,7 +28,7 @@ import contextlib
 import logging
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Callable, Literal, Mapping, TypeVar
+from typing import Any, Callable, Literal, Mapping, Sequence, TypeVar
 
 from .. import failpoints
 from ..errors import StateError
@@ -78,6 +78,9 @@ class Operation:
     """For an operation that makes a volume from another: the states that source may be in."""
     subject: Literal["volume", "template"] = "volume"
     """What the intent names: a volume id, or a template id (no volume state changes)."""
+    batch: bool = False
+    """Runs on several new volumes at once (:class:`Batch`): one intent each, committed
+    together, and their done states committed together."""
 
     @property
     def makes_volume(self) -> bool:
@@ -117,8 +120,14 @@ RESTORE_AS = Operation("restore-as", None, CREATING, ATTACHED, "undo",
 committed, the file not yet renamed over the link, which may still point at an earlier copy
 (the undo gives that link back to it: :meth:`StoreParts.settle_link`)."""
 FORK = Operation("fork", None, CREATING, ATTACHED, "undo",
-                 (Step("copy", "copy_data"), Step("device", "attach"), Step("link")),
-                 source_from=frozenset({ATTACHED, CHECKPOINTED}))
+                 (Step("copy", "copy_data"), Step("copies"), Step("device", "attach"), Step("link")),
+                 source_from=frozenset({ATTACHED, CHECKPOINTED}), batch=True)
+"""Fork into N at one instant, run as one :class:`Batch`: every child's intent and row in
+one transaction; ``copy`` takes the first child from the source (the source held once:
+suspended, or its file cloned under the inode's lock), ``copies`` makes the others as
+copies of that same instant (``copy_data(like=first)``: from the first child, which no
+one can write yet, or rbd's one snapshot), the source not held again;
+``device`` attaches each, ``link`` makes each child's stable link; every done state in one transaction."""
 FLATTEN = Operation("flatten", frozenset({ATTACHED, CHECKPOINTED}), None, None, "undo",
                     (Step("data", "flatten"), Step("register")))
 ADOPT = Operation("adopt", None, CREATING, CHECKPOINTED, "undo", (Step("claim", "claim"),))
@@ -290,6 +299,84 @@ class Transition:
         except Exception as e2:  # keep the intent: recovery retries
             e.add_note(f"undo of {self.op.name} {self.vid} failed too: {e2}; `cowdisk recover` retries it")
             log.warning("%s %s: undo failed: %s", self.op.name, self.vid, e2)
+
+
+class Batch(Transition):
+    """One run of a batch operation (fork into N) making the volumes ``rows`` at once.
+
+    The intents (one per new volume, each naming its volume, all with the same data) and
+    the new rows are committed in one transaction; each step runs for every member and
+    passes its crash point once, after the last; :meth:`finish` commits every done state
+    and ends every intent in one transaction. A kill anywhere leaves every member either
+    whole (after that commit) or undone by recovery, intent by intent. On an exception
+    inside the block ``undo(row, intent, data)`` runs for each member, last first; a
+    member whose undo fails keeps its intent for recovery and the others go on."""
+
+    def __init__(self, registry: Registry, op: Operation, rows: Sequence[VolumeRow], *,
+                 data: dict[str, Any] | None = None,
+                 undo: Callable[[VolumeRow, int, Mapping[str, Any]], None] | None = None,
+                 on_change: Callable[[str], None] | None = None) -> None:
+        if not op.batch or not rows:
+            raise TypeError(f"{op.name}: a batch needs a batch operation and at least one new row")
+        super().__init__(registry, op, rows[0].id, row=rows[0], data=data, on_change=on_change)
+        self.rows = list(rows)
+        self.intents: list[int] = []
+        self.undo_one = undo
+
+    def __enter__(self) -> "Batch":
+        with self.registry.tx():
+            for r in self.rows:
+                self.intents.append(self.registry.begin_intent(self.op.name, volume_id=r.id, data=self.data))
+                self.registry.add_volume(r)
+        self.intent = self.intents[0]
+        log.debug("%s %s: intents %s", self.op.name, ",".join(r.id for r in self.rows), self.intents)
+        self._deferring.enter_context(self.registry.deferring())
+        try:
+            failpoints.hit(self.op.name, INTENT)
+        except BaseException:
+            self._deferring.close()
+            raise
+        return self
+
+    def note(self, **data: Any) -> None:
+        self.data.update(data)
+        for i in self.intents:
+            self.registry.update_intent(i, self.data)
+
+    def finish(self, commit: Callable[[], None] | None = None, *,  # type: ignore[override]
+               fields: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+        """Commit every member's done state (with its ``fields[id]``) and end every intent in
+        one durable transaction (recovery would undo a member otherwise: see
+        :meth:`Transition.finish`)."""
+        assert self.op.done is not None
+        with self.registry.tx(durable=True):
+            if commit is not None:
+                commit()
+            for r, i in zip(self.rows, self.intents):
+                self.registry.set_state(r.id, self.op.done, **dict((fields or {}).get(r.id, {})))
+                self.registry.end_intent(i)
+        self._ended = True
+        if self.on_change is not None:
+            for r in self.rows:
+                self.on_change(r.id)
+
+    def revert(self, **fields: Any) -> None:
+        raise TypeError(f"{self.op.name}: a batch makes new volumes; it is undone, never reverted")
+
+    def _exit(self, e: BaseException | None) -> None:
+        if self._ended:
+            return
+        if e is None:
+            raise TypeError(f"{self.op.name} {self.vid}: the block ended without finish()")
+        if self.undo_one is None:
+            return
+        for r, i in reversed(list(zip(self.rows, self.intents))):
+            try:
+                self.undo_one(r, i, self.data)
+            except Exception as e2:  # keep its intent: recovery retries
+                e.add_note(f"undo of {self.op.name} {r.id} failed too: {e2}; `cowdisk recover` retries it")
+                log.warning("%s %s: undo failed: %s", self.op.name, r.id, e2)
+        self._ended = True
 
 
 def legacy_op(op: str, data: Mapping[str, Any]) -> str:

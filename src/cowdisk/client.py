@@ -468,8 +468,10 @@ class Client:
         return [SharedVolume(v["id"], v["size"], v["template_id"], v["template_digest"], v["template_size"],
                              v["owner"], v["holder"], tuple(v["clients"])) for v in self.call("GET", f"{API}/shared/volumes")["volumes"]]
 
-    def fork(self, vid: str, new_ids: list[str], *, progress: Progress | None = None) -> list[Volume]:
-        doc = self.call("POST", f"{API}/volumes/{_q(vid)}/fork", {"new_ids": list(new_ids)})
+    def fork(self, vid: str, new_ids: list[str] | tuple[str, ...] = (), *, count: int | None = None,
+             prefix: str | None = None, progress: Progress | None = None) -> list[Volume]:
+        doc = self.call("POST", f"{API}/volumes/{_q(vid)}/fork",
+                        {"new_ids": list(new_ids), "count": count, "prefix": prefix})
         return [to_volume(v) for v in self._job(doc, progress)["volumes"]]
 
     def flatten(self, vid: str, name: str | None = None, *, progress: Progress | None = None) -> Template:

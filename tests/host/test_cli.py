@@ -199,6 +199,25 @@ def test_lifecycle(run: Cli, tree: str, tmp_path) -> None:
     assert run.json("template", "ls")["templates"] == []
 
 
+def test_fork_count_prefix_links(run: Cli, tree: str) -> None:
+    """`volume fork SRC --count N --prefix P --links`: N children named P1..PN, one stable link a line."""
+    run("template", "build", tree, "--name", "base")
+    v = run.json("volume", "create", "vm1", "--template", "base")
+    data = os.urandom(4096)
+    _write(v["link"], 40 * MiB, data)
+    out = run("volume", "fork", "vm1", "--count", "3", "--prefix", "job7-", "--links").stdout.split()
+    assert out == [os.path.join(run.root, "links", f"job7-{i}", "rootfs") for i in (1, 2, 3)]
+    assert all(_read(p, 40 * MiB, 4096) == data for p in out)
+    assert [f["id"] for f in run.json("volume", "fork", "vm1", "-n", "2")["volumes"]] == ["vm1-1", "vm1-2"]
+    for args, code, why in ((("--prefix", "x-"), 2, "a prefix names the children of a count"),
+                            (("a", "--count", "2"), 2, "not both"), (("vm1-1",), 5, "vm1-1"),
+                            (("--count", "1", "--prefix", "bad/"), 2, "invalid new volume id")):
+        assert why in run("volume", "fork", "vm1", *args, code=code).stderr
+    assert sorted(x["id"] for x in run.json("volume", "ls")["volumes"]) == \
+        ["job7-1", "job7-2", "job7-3", "vm1", "vm1-1", "vm1-2"]
+    run("volume", "rm", "vm1", "vm1-1", "vm1-2", "job7-1", "job7-2", "job7-3")
+
+
 def test_human_output(run: Cli, tree: str) -> None:
     r = run("template", "build", tree, "--name", "base")
     assert "names" in r.stdout and "base" in r.stdout and "build: formatting ext4 image" in r.stderr

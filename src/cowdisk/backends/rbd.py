@@ -4,7 +4,8 @@ A template is an RBD image ``cowdisk-t-<template id>`` written sparsely from the
 template file, with a protected snapshot ``cowdisk-<template id>`` (the id is the first
 16 hex digits of the template's sha256). A volume is a clone ``cowdisk-v-<volume id>``
 of that snapshot: no data is copied. Fork and restore under a new id snapshot the
-source image (``cowdisk-for-<new id>``, protected) and clone that. Removing a volume
+source image (``cowdisk-for-<new id>``, protected; a fork into N: one snapshot, named for
+the first child, cloned N times) and clone that. Removing a volume
 deletes its clone, then unprotects and removes the snapshot it was cloned from once no
 other clone uses it (the template's image too). Flatten reads the image (with its
 parents) into a new local template file.

@@ -290,26 +290,31 @@ def volume_shared(app: App, no_headings: bool) -> None:
 
 @volume.command("fork")
 @click.argument("vid", metavar="ID", shell_complete=complete_volumes)
-@click.argument("new_ids", metavar="NEW_ID...", nargs=-1, required=True)
+@click.argument("new_ids", metavar="[NEW_ID...]", nargs=-1)
+@click.option("--count", "-n", type=click.IntRange(1), help="Make N children, named PREFIX1..PREFIXN.")
+@click.option("--prefix", "-p", help="The children's names before their number (default: ID-).")
+@click.option("--links", is_flag=True, help="Print only each child's stable link, one a line (for the VMMs).")
 @pass_app
-def volume_fork(app: App, vid: str, new_ids: tuple[str, ...]) -> None:
-    """Make new volumes that each start from ID's current contents.
+def volume_fork(app: App, vid: str, new_ids: tuple[str, ...], count: int | None, prefix: str | None,
+                links: bool) -> None:
+    """Make new volumes that all start from ID's contents at one instant.
+
+    ID is held once for all of them (pause its VM first: docs/vmm.md).
 
     \b
-    Example:
+    Examples:
       cowdisk volume fork vm1 vm1-a vm1-b
+      cowdisk volume fork vm1 --count 3 --prefix job7- --links
     """
     validate_id(vid)
-    for n in new_ids:
-        validate_id(n, "new volume id")
     store = app.store()
     with app.progress(f"fork {vid}") as progress:
-        vols = store.fork(vid, list(new_ids), progress=progress)
+        vols = store.fork(vid, list(new_ids), count=count, prefix=prefix, progress=progress)
     if app.json:
         app.emit({"volumes": [v.as_dict() for v in vols]})
         return
     for v in vols:
-        app.line(v.id if app.quiet else f"volume {v.id}: {v.state}, link {v.link}")
+        app.line(v.link if links else v.id if app.quiet else f"volume {v.id}: {v.state}, link {v.link}")
 
 
 @volume.command("flatten")

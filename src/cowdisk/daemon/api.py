@@ -30,7 +30,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import drive as drive_mod
 from ..errors import CowdiskError, InvalidArgument, NotFound
-from ..store import Store, validate_id
+from ..store import Store, fork_ids, validate_id
 from . import calls
 from . import models as m
 from .models import Size
@@ -584,25 +584,16 @@ def create_app(svc: Service) -> FastAPI:
     @app.post(f"{API}/volumes/{{vid}}/fork", status_code=202, response_model=m.JobOut, tags=["volumes"],
               responses=ERRORS)
     async def volume_fork(request: Request, vid: str, body: m.ForkIn) -> JSONResponse:
-        """New volumes that each start from this volume's current contents: a job. Cancelling it
-        removes the volumes it made."""
-        _ids((vid, "volume id"), *((n, "new volume id") for n in body.new_ids))
-        if len(set(body.new_ids)) != len(body.new_ids):
-            raise InvalidArgument(f"fork {vid}: new ids repeat", op="fork", obj=vid)
+        """New volumes that all start from this volume's contents at one instant (``new_ids``,
+        or ``count`` named ``<prefix><n>``): a job. Cancelling it undoes the whole fork."""
+        validate_id(vid)
+        ids = fork_ids(vid, body.new_ids, body.count, body.prefix)  # a 400 now rather than a failed job
         await svc.read(calls.volume, vid)  # a 404 now rather than a failed job
 
         def run(ctx: JobContext) -> dict[str, Any]:
-            made: list[str] = []
-            try:
-                for i, n in enumerate(body.new_ids):
-                    ctx.check()
-                    ctx.progress(0, 0, f"fork {vid} -> {n} ({i + 1}/{len(body.new_ids)})")
-                    made += [v.id for v in store.fork(vid, [n], progress=ctx.progress)]
-            except Cancelled:
-                for n in reversed(made):  # leave nothing behind
-                    store.remove_volume(n)
-                raise
-            return {"volumes": [store.volume(n).as_dict() for n in made]}
+            ctx.check()
+            ctx.progress(0, 0, f"fork {vid} -> {len(ids)} volumes")
+            return {"volumes": [v.as_dict() for v in store.fork(vid, ids, progress=ctx.progress)]}
 
         return svc.start_job("fork", vid, peer_of(request), run)
 

@@ -10,8 +10,7 @@ smallest hook the store allows without a change to it): once a job is cancelled,
 next progress report raises :class:`~cowdisk.daemon.protocol.Cancelled` inside the
 store operation, which then undoes itself exactly as after any failure (import and
 build remove their staging, flatten and fork roll back through their transition's
-undo). A fork of several volumes also removes the ones this job made before the
-cancel. Where an operation has passed its point of no return (a build publishing its
+undo; a fork into N is one batch, undone whole). Where an operation has passed its point of no return (a build publishing its
 cache entry) the cancel is not honoured and the job ends ``succeeded``;
 ``cancel_requested`` says a cancel came too late. A tool the store runs (mkfs, tar,
 skopeo, umoci) reports no bytes, so its wait is a heartbeat (``progress(0, 0)`` every

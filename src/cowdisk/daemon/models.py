@@ -260,7 +260,9 @@ class AdoptIn(In):
 
 
 class ForkIn(In):
-    new_ids: list[str] = Field(min_length=1)
+    new_ids: list[str] = Field(default_factory=list, max_length=1000)
+    count: int | None = Field(None, ge=1, le=1000)
+    prefix: str | None = None
 
 
 class FlattenIn(In):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .model import DEFAULT_ROOT, RecoveryReport, Template, Volume, default_root, validate_id
+from .model import DEFAULT_ROOT, RecoveryReport, Template, Volume, default_root, fork_ids, validate_id
 
 if TYPE_CHECKING:
     from ..backends import BACKENDS
@@ -35,5 +35,5 @@ def __getattr__(name: str) -> Any:
     return value
 
 
-__all__ = ["BACKENDS", "Store", "Template", "Volume", "RecoveryReport", "DEFAULT_ROOT", "default_root", "validate_id",
-           "choose_backend", "explain_backend", "release_pool", "store_exists"]
+__all__ = ["BACKENDS", "Store", "Template", "Volume", "RecoveryReport", "DEFAULT_ROOT", "default_root", "fork_ids",
+           "validate_id", "choose_backend", "explain_backend", "release_pool", "store_exists"]

@@ -54,7 +54,7 @@ from ..progress import Progress
 from ..registry import ATTACHED, CREATING, TemplateRow, VolumeRow
 from . import growfs, manifest, recovery
 from .manifest import store_exists as store_exists  # where it was; the store's callers ask it first
-from .model import RecoveryReport, Template, Volume, default_root, validate_id
+from .model import RecoveryReport, Template, Volume, default_root, fork_ids, validate_id
 from .parts import StoreParts, manifest_of_quarantine, refuse_under_daemon
 from .templates import HELD
 from .transition import (
@@ -490,7 +490,8 @@ class Store(StoreParts):
                 tr.finish(device=dev)
         return self.volume(vid)
 
-    def fork(self, vid: str, new_ids: list[str], *, progress: Progress | None = None) -> list[Volume]:
+    def fork(self, vid: str, new_ids: list[str] | tuple[str, ...] = (), *, count: int | None = None,
+             prefix: str | None = None, progress: Progress | None = None) -> list[Volume]:
         """New volumes that all start from ``vid``'s contents at one instant.
 
         The source is held once for all of them (an attached dm device suspended for one
@@ -499,16 +500,12 @@ class Store(StoreParts):
         state (docs/vmm.md): the source's writes the VMM made are flushed, the ones still in
         the guest are its memory's. The children are one :class:`Batch`: registered
         together and attached together, or none of them (a kill leaves no half child, and
-        recovery resumes a source left suspended)."""
+        recovery resumes a source left suspended).
+
+        The children are ``new_ids``, or ``count`` of them named ``<prefix><n>`` (n from 1;
+        the prefix defaults to ``<vid>-``)."""
         validate_id(vid)
-        ids = list(new_ids)
-        for n in ids:
-            validate_id(n, "new volume id")
-        if not ids:
-            raise InvalidArgument(f"fork volume {vid}: no new volume ids", op="fork volume", obj=vid)
-        if len(set(ids)) != len(ids) or vid in ids:
-            raise InvalidArgument(f"fork volume {vid}: the new ids repeat or name the source", op="fork volume",
-                                  obj=vid)
+        ids = fork_ids(vid, new_ids, count, prefix)
         self.check_room("fork volume", vid)
         with contextlib.ExitStack() as locks, _named_errors("fork volume", vid):
             for n in sorted({vid, *ids}):  # one order for every caller: no deadlock between two forks

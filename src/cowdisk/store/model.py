@@ -37,6 +37,39 @@ def validate_id(vid: str, what: str = "volume id") -> str:
     return vid
 
 
+MAX_FORK = 1000
+"""The most children one fork makes."""
+
+
+def fork_ids(vid: str, new_ids: list[str] | tuple[str, ...], count: int | None, prefix: str | None) -> list[str]:
+    """The children of a fork of ``vid``: ``new_ids`` as given, or ``count`` ids named
+    ``<prefix><n>`` (n from 1; ``prefix`` defaults to ``<vid>-``). Each checked; none may
+    repeat or name the source."""
+    op = "fork volume"
+    if count is not None:
+        if new_ids:
+            raise InvalidArgument(f"fork volume {vid}: give new ids or a count, not both", op=op, obj=vid)
+        if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_FORK:
+            raise InvalidArgument(f"fork volume {vid}: count {count!r} is not between 1 and {MAX_FORK}", op=op,
+                                  obj=vid)
+        pfx = f"{vid}-" if prefix is None else prefix
+        ids = [f"{pfx}{i}" for i in range(1, count + 1)]
+    elif prefix is not None:
+        raise InvalidArgument(f"fork volume {vid}: a prefix names the children of a count", op=op, obj=vid,
+                              hint="give a count with the prefix")
+    else:
+        ids = list(new_ids)
+    if not ids:
+        raise InvalidArgument(f"fork volume {vid}: no new volume ids", op=op, obj=vid)
+    if len(ids) > MAX_FORK:
+        raise InvalidArgument(f"fork volume {vid}: {len(ids)} children, more than {MAX_FORK}", op=op, obj=vid)
+    for n in ids:
+        validate_id(n, "new volume id")
+    if len(set(ids)) != len(ids) or vid in ids:
+        raise InvalidArgument(f"fork volume {vid}: the new ids repeat or name the source", op=op, obj=vid)
+    return ids
+
+
 @dataclass(frozen=True)
 class Template:
     id: str

@@ -29,7 +29,8 @@ One *round*:
    * every attached volume reads back, through its stable link, every block written to
      it (and the template's bytes under it); every template file holds its bytes;
    * no kernel object, mount or file the registry does not account for, seen from
-     outside: loops from sysfs (backing files under the store), dm devices from sysfs
+     outside (temporary files of killed writers and lock files of gone volumes and
+     templates included): loops from sysfs (backing files under the store), dm devices from sysfs
      (the store's prefix; store-wide ones, such as a thin pool, are those there before
      the first volume), mounts from /proc/self/mounts, the store's ``volumes/``,
      ``templates/`` and ``links/`` directories (every link resolves to an attached
@@ -750,6 +751,22 @@ class Harness:
         for path, owner, target in s.registry.links():
             if not os.path.lexists(path):
                 raise Violation(f"the registry's link {path} (of {owner}, to {target}) is not on disk")
+        # temporary files of killed writers (manifests, the reserve), lock files of gone objects
+        for d in [root, data_root] + [os.path.join(vdir, n) for n in os.listdir(vdir)] \
+                + [os.path.join(tdir, n) for n in os.listdir(tdir)]:
+            tmp = [n for n in os.listdir(d) if ".tmp-" in n] if os.path.isdir(d) else []
+            if tmp:
+                raise Violation(f"{d}: temporary files left: {sorted(tmp)}")
+        lockdir = os.path.join(root, "locks")
+        stale = []
+        for n in os.listdir(lockdir):
+            kind, _, rest = n.partition("-")
+            oid = rest.removesuffix(".lock")
+            if (kind == "volume" and oid not in vols) or (kind == "template" and oid not in tpl_rows
+                                                           and not oid.startswith("recipe-")):
+                stale.append(n)
+        if stale:
+            raise Violation(f"{lockdir}: lock files of volumes or templates that do not exist: {sorted(stale)}")
         # quarantine: never anything live
         live = set(vols) | set(tpl_rows)
         q = quarantine_entries(root, data_root)

@@ -304,3 +304,52 @@ def test_recovery_twice_is_a_no_op(hm) -> None:
     assert rep.actions == 0 and rep.errors == []
     assert (hm.sql("SELECT id, state, device FROM volumes ORDER BY id"), hm.intents(),
             sorted(os.listdir(os.path.join(hm.s.data_root, "volumes")))) == snap
+
+
+def test_killed_writers_temporary_files_go_a_live_writers_stay(hm) -> None:
+    """A manifest (or store.json, or the reserve) written by a process killed before its
+    rename leaves ``<name>.tmp-<pid>[-<start>]``: recovery removes a dead writer's, keeps a
+    live one's (this process: same PID and start time; a PID alone when the name has no start)."""
+    hm.volume("a", ATTACHED)
+    vdir = os.path.join(hm.s.data_root, "volumes", "a")
+    tdir = os.path.join(hm.s.data_root, "templates", "t1")
+    me = f"{os.getpid()}-{process_start(os.getpid())}"
+    dead = [os.path.join(vdir, f"manifest.json.tmp-{dead_pid()}"),  # an older cowdisk's name: PID only
+            os.path.join(vdir, f"manifest.json.tmp-{dead_pid()}-{process_start(os.getpid())}"),
+            os.path.join(vdir, f"manifest.json.tmp-{os.getpid()}-1"),  # this PID, another start: reused
+            os.path.join(tdir, f"manifest.json.tmp-{dead_pid()}-1"),
+            os.path.join(hm.s.root, f"store.json.tmp-{dead_pid()}-1"),
+            os.path.join(hm.s.root, f"reserve.tmp-{dead_pid()}-1")]
+    live = [os.path.join(vdir, f"manifest.json.tmp-{me}"), os.path.join(vdir, f"manifest.json.tmp-{os.getpid()}"),
+            os.path.join(hm.s.root, f"store.json.tmp-{me}")]
+    for p in dead + live:
+        with open(p, "w") as f:
+            f.write("{")
+    rep = hm.s.recover()
+    assert sorted(p for p in rep.orphans_removed if ".tmp-" in p) == sorted(dead)
+    assert [p for p in dead if os.path.exists(p)] == []
+    assert [p for p in live if not os.path.exists(p)] == []
+    assert hm.s.recover().actions == 0
+
+
+def test_lock_files_of_gone_volumes_and_templates_go_a_held_one_stays(hm) -> None:
+    """Lock files of volumes and templates that do not exist are removed by recovery (and
+    gc, which runs it), each only once taken without waiting: one another holder has
+    stays; those of existing volumes and templates stay."""
+    from cowdisk.locks import FileLock
+
+    hm.volume("a", ATTACHED)
+    locks = os.path.join(hm.s.root, "locks")
+    names = ["volume-a.lock", "template-t1.lock", "volume-gone.lock", "volume-held.lock", "template-gone.lock",
+             "pool.lock"]
+    for n in names:
+        open(os.path.join(locks, n), "w").close()
+    holder = FileLock(os.path.join(locks, "volume-held.lock"), timeout=0).acquire()  # another open file holds it
+    try:
+        hm.s.recover()
+        assert sorted(os.listdir(locks)) == ["pool.lock", "template-t1.lock", "volume-a.lock", "volume-held.lock"]
+    finally:
+        holder.release()
+    open(os.path.join(locks, "volume-gone2.lock"), "w").close()
+    hm.s.gc()
+    assert sorted(os.listdir(locks)) == ["pool.lock", "template-t1.lock", "volume-a.lock"]

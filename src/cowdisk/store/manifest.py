@@ -20,6 +20,8 @@ import json
 import os
 from typing import Any
 
+from ..kernel.procfs import process_start
+
 STORE_FILE = "store.json"
 MANIFEST = "manifest.json"
 FORMAT = 1
@@ -33,8 +35,10 @@ def store_exists(root: str) -> bool:
 
 
 def write(path: str, data: dict[str, Any]) -> None:
-    """Write ``data`` as JSON at ``path`` atomically (temporary name, then rename)."""
-    tmp = f"{path}.tmp-{os.getpid()}"
+    """Write ``data`` as JSON at ``path`` atomically (temporary name ``<path>.tmp-<pid>-<start>``,
+    then rename): a killed writer's temporary file names its process, and recovery removes
+    it once that process is gone."""
+    tmp = f"{path}.tmp-{os.getpid()}-{process_start(os.getpid())}"
     text = json.dumps({"format": FORMAT, **data}, sort_keys=True)  # dumps: the C encoder; dump is Python
     with open(tmp, "w") as f:
         f.write(text)

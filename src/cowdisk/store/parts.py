@@ -35,7 +35,9 @@ RESERVE = "reserve"
 RESERVE_BYTES = 8 << 20
 """Allocated space the store gives back when its filesystem is full (see release_reserve)."""
 LINK_TMP = ".tmp-"
-"""A link is made as ``rootfs.tmp-<pid>-<start>`` and renamed over ``rootfs``."""
+"""A file the store replaces atomically is written as ``<name>.tmp-<pid>-<start>`` and renamed
+over ``<name>``: a link (``rootfs``), a manifest, the reserve. Recovery removes those of
+processes that are gone."""
 QUARANTINE = "quarantine"
 QUARANTINE_NOTE = "why.json"
 
@@ -221,7 +223,7 @@ class StoreParts:
             st = os.statvfs(self.root)
             if st.f_bavail * st.f_frsize < 2 * RESERVE_BYTES:
                 return
-            tmp = f"{path}.tmp-{os.getpid()}"
+            tmp = f"{path}{LINK_TMP}{os.getpid()}-{procfs.process_start(os.getpid())}"
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             try:
                 os.posix_fallocate(fd, 0, RESERVE_BYTES)
@@ -230,7 +232,7 @@ class StoreParts:
             os.replace(tmp, path)
         except OSError:
             with contextlib.suppress(OSError):
-                os.unlink(f"{path}.tmp-{os.getpid()}")
+                os.unlink(f"{path}{LINK_TMP}{os.getpid()}-{procfs.process_start(os.getpid())}")
 
     def check_room(self, op: str, obj: str) -> None:
         """Refuse (ENOSPC) an operation that takes space when the reserve is gone and less

@@ -195,7 +195,7 @@ def recover(store: StoreParts) -> RecoveryReport:
         if not process_alive(it.pid, it.pid_start):
             _each(rep, f"{it.op} {it.volume_id or it.template_id}", recover_intent, store, it, rep)
     for step in (_orphan_template_dirs, _orphan_volume_dirs, _release_orphan_objects, _reactivate,
-                 _reconcile_links, _remove_staging_debris, _protect_templates):
+                 _reconcile_links, _remove_staging_debris, _protect_templates, _writer_debris, sweep_lock_files):
         _each(rep, step.__name__.strip("_").replace("_", " "), step, store, rep)
     _each(rep, "list quarantine", _list_quarantine, store, rep)
     for what, items in rep.as_dict().items():
@@ -356,20 +356,71 @@ def _orphan_volume_dirs(store: StoreParts, rep: RecoveryReport) -> None:
         if name not in known and name not in live:
             _each(rep, f"remove link dir {name}", _orphan_dir, store, lbase, name, rep, False)
         elif os.path.isdir(os.path.join(lbase, name)):
-            _each(rep, f"link debris in {name}", _link_debris, os.path.join(lbase, name), rep)
+            _each(rep, f"link debris in {name}", _tmp_debris, os.path.join(lbase, name), rep)
 
 
-def _link_debris(ldir: str, rep: RecoveryReport) -> None:
-    """``rootfs.tmp-<pid>-<start>`` left by a process killed between making a link and
-    renaming it into place."""
-    for entry in os.listdir(ldir):
-        _, sep, who = entry.partition(LINK_TMP)
+def _tmp_debris(d: str, rep: RecoveryReport) -> None:
+    """``<name>.tmp-<pid>[-<start>]`` files in ``d`` left by a process killed between
+    writing a file (a link, a manifest, the reserve) and renaming it into place: removed
+    once that process is gone, never a live writer's."""
+    for entry in os.listdir(d):
+        _, sep, who = entry.rpartition(LINK_TMP)
         if not sep:
             continue
         pid, _, start = who.partition("-")
-        if pid.isdigit() and not process_alive(int(pid), start or None):
-            os.unlink(os.path.join(ldir, entry))
-            rep.orphans_removed.append(os.path.join(ldir, entry))
+        path = os.path.join(d, entry)
+        if (pid.isdigit() and (not start or start.isdigit()) and not os.path.isdir(path)
+                and not process_alive(int(pid), start or None)):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+                rep.orphans_removed.append(path)
+
+
+def _writer_debris(store: StoreParts, rep: RecoveryReport) -> None:
+    """Temporary files of killed writers beside the store's own files: in the root
+    (``store.json``, the reserve) and in each volume's and template's directory (its
+    manifest). Link directories are swept with the links (:func:`_orphan_volume_dirs`)."""
+    dirs = [store.root, store.data_root]
+    for kind in ("volumes", "templates"):
+        base = os.path.join(store.data_root, kind)
+        dirs += [os.path.join(base, n) for n in sorted(os.listdir(base)) if not n.startswith(STAGING_PREFIX)]
+    for d in dict.fromkeys(dirs):
+        if os.path.isdir(d):
+            _each(rep, f"writer debris in {d}", _tmp_debris, d, rep)
+
+
+def sweep_lock_files(store: StoreParts, rep: RecoveryReport) -> None:
+    """Lock files of volumes and templates that no longer exist (left by a process killed
+    between removing its object and its lock file, or made by a look at a gone id). Each
+    is taken without waiting and removed while held, the way :meth:`FileLock.unlink` lets
+    a waiter go on with the file made anew; one somebody holds is left alone. Runs last:
+    recovery's own looks at gone ids (under their lock) make such files too."""
+    ldir = os.path.join(store.root, "locks")
+    vols = {v.id for v in store.registry.volumes()}
+    tpls = {t.id for t in store.registry.templates()}
+    live = store.registry.live_intent_volumes()
+    for name in sorted(os.listdir(ldir)):
+        kind, sep, rest = name.partition("-")
+        oid = rest.removesuffix(".lock")
+        if not sep or oid == rest or oid in live:
+            continue
+        if (kind == "volume" and oid not in vols) or (kind == "template" and oid not in tpls
+                                                         and not oid.startswith("recipe-")):
+            _each(rep, f"remove lock file {name}", _drop_lock_file, store, kind, oid, rep)
+
+
+def _drop_lock_file(store: StoreParts, kind: str, oid: str, rep: RecoveryReport) -> None:
+    lk = store.lock(kind, oid)
+    if not lk.try_acquire():
+        return
+    try:  # looked up again under the lock: nobody made it meanwhile
+        reg = store.registry
+        gone = reg.find_volume(oid) is None if kind == "volume" else reg.find_template(oid) is None
+        if gone and oid not in reg.live_intent_volumes():
+            lk.unlink()  # not reported: recovery's own looks at gone ids make such files too
+            log.debug("recover: removed lock file %s (no %s %s)", lk.path, kind, oid)
+    finally:
+        lk.release()
 
 
 def _orphan_dir(store: StoreParts, base: str, name: str, rep: RecoveryReport, keep: bool) -> None:

@@ -16,11 +16,12 @@ import os
 import secrets
 import shutil
 import time
-from typing import TYPE_CHECKING, Callable, ContextManager, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
 from ..digest import sha256_file
 from ..errors import InUse, InvalidArgument, KernelError, NotFound, TemplateChanged, Unsupported
 from ..kernel import fs, procfs
+from ..locks import FileLock
 from ..progress import Progress, stage
 from ..registry import Registry, TemplateRow
 from . import manifest
@@ -78,7 +79,7 @@ def staging_owner_alive(name: str) -> bool:
 class Templates:
     """The templates of one store."""
 
-    def __init__(self, registry: Registry, data_root: str, lock: Callable[[str], ContextManager[object]], *,
+    def __init__(self, registry: Registry, data_root: str, lock: Callable[[str], FileLock], *,
                  store_id: str = "") -> None:
         self.registry = registry
         self.store_id = store_id
@@ -386,7 +387,7 @@ class Templates:
 
     def remove(self, ref: str) -> None:
         t = self.registry.get_template(ref)
-        with self._lock(t.id):
+        with self._lock(t.id) as held:
             users = self.registry.template_users(t.id)
             if users:
                 raise InUse(f"remove template {t.id}: used by volumes {', '.join(users)}", op="remove template",
@@ -396,6 +397,7 @@ class Templates:
             with Transition(self.registry, TEMPLATE_REMOVE, t.id, data={"template_id": t.id}) as tr:
                 tr.step("file", self._remove_files, t)
                 tr.finish(commit=lambda: self.registry.delete_template(t.id))
+            held.unlink()  # one lock file per template that exists
 
     def finish_remove(self, intent: int, tid: str) -> None:
         """Finish a killed template removal: the file (if still there) and the row go, unless

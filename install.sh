@@ -11,6 +11,10 @@ PKGS="$PKGS skopeo umoci"
 # the rbd backend and its tests: a single-node Ceph cluster (lab/ceph_cluster.py), librbd's
 # Python bindings, QEMU's rbd driver (qemu-block-extra) and its FUSE export (qemu-storage-daemon)
 PKGS="$PKGS ceph-mon ceph-mgr ceph-osd ceph-common python3-rados python3-rbd qemu-block-extra qemu-system-common"
+# templates on demand (docs/remote.md): Ceph's own S3 endpoint (the RADOS Gateway) for the
+# tests and the demo; nbdkit with its Python plugin serves lazy templates (its embedded
+# Python is Debian's, hence Debian's zstandard and boto3 beside the pip ones)
+PKGS="$PKGS radosgw nbdkit nbdkit-plugin-python python3-zstandard python3-boto3"
 missing=""
 for p in $PKGS; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"

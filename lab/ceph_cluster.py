@@ -10,12 +10,20 @@ PIDs it recorded, then deletes the directory.
 
 Stdlib only (the ``ceph`` command is the cluster's own admin tool). Usage::
 
-    python3 lab/ceph_cluster.py up DIR [--pool rbd] [--osd-size 4G]   # prints the backend options
+    python3 lab/ceph_cluster.py up DIR [--pool rbd] [--osd-size 4G] [--rgw]  # prints the backend options
+    python3 lab/ceph_cluster.py rgw DIR     # start Ceph's RADOS Gateway (S3) on it; prints the remote config
     python3 lab/ceph_cluster.py status DIR
     python3 lab/ceph_cluster.py down DIR
 
+``--rgw`` / ``rgw``: one ``radosgw`` (Debian's ``radosgw``: Ceph's own S3 endpoint, beast
+frontend on 127.0.0.1 and a free port) and one S3 user with a fresh key pair; what
+``cowdisk template push/pull`` are given (docs/remote.md) is printed as TOML.
+
 Importable: ``Cluster(dir).up()`` returns the options a store is made with
-(``{"conf": ..., "pool": ..., "client": "admin"}``) and ``Cluster(dir).down()`` ends it.
+(``{"conf": ..., "pool": ..., "client": "admin"}``) and ``Cluster(dir).down()`` ends it;
+``Cluster(dir).start_rgw()`` adds the gateway (returns endpoint, keys, bucket), ``stop_rgw()``
+ends it (a test of a gateway that went away), ``start_rgw()`` again brings it back on the
+same port.
 The tests' session fixture (tests/ceph/conftest.py) is this, once per pytest run.
 """
 
@@ -124,7 +132,7 @@ class Cluster:
     def _up(self, timeout: float) -> None:
         t0 = time.monotonic()
         d = self.dir
-        for sub in ("mon/a", "mgr/x", "osd/0", "run", "log"):
+        for sub in ("mon/a", "mgr/x", "osd/0", "rgw/x", "run", "log"):
             os.makedirs(os.path.join(d, sub), exist_ok=True)
         fsid = str(uuid.uuid4())
         port = _free_port()
@@ -150,6 +158,9 @@ osd pool default min size = 1
 osd pool default pg autoscale mode = off
 mon allow pool size one = true
 mon allow pool delete = true
+osd pool default pg num = 8
+osd pool default pgp num = 8
+mon max pg per osd = 1000
 mon warn on pool no redundancy = false
 mon data avail warn = 2
 mon data avail crit = 1
@@ -176,6 +187,13 @@ osd op num threads per shard = 2
 osd max object name len = 460
 osd max object namespace len = 64
 osd client watch timeout = 10
+[client.rgw.x]
+rgw data = {d}/rgw/x
+ms mon client mode = crc secure
+rgw frontends = beast endpoint=127.0.0.1:{_free_port()}
+rgw thread pool size = 32
+rgw enable usage log = false
+log file = {d}/log/$name.log
 """)
         kr = os.path.join(d, "keyring")
         self._run("ceph-authtool", "--create-keyring", kr, "--gen-key", "-n", "mon.", "--cap", "mon", "allow *")
@@ -219,13 +237,78 @@ osd client watch timeout = 10
             time.sleep(0.25)
         raise ClusterError(f"ceph cluster: timed out waiting for {what}" + (f" ({last})" if last else ""))
 
+    # -- the RADOS Gateway (S3) -----------------------------------------------------------
+
+    RGW_USER = "cowdisk-test"
+    RGW_BUCKET = "cowdisk-templates"
+
+    def rgw_endpoint(self) -> str:
+        with open(self.conf) as f:
+            for line in f:
+                if line.startswith("rgw frontends"):
+                    return "http://" + line.split("endpoint=", 1)[1].strip()
+        raise ClusterError(f"ceph cluster: {self.conf} has no rgw frontends line")
+
+    def rgw_running(self) -> bool:
+        pid = self._pids().get("rgw.x")
+        return pid is not None and _alive(pid)
+
+    def start_rgw(self, *, timeout: float = 120) -> dict[str, str]:
+        """Start the gateway (once; again after :meth:`stop_rgw`, on the same port) and make
+        its S3 user (once); returns the remote config: endpoint, access and secret key, bucket."""
+        if shutil.which("radosgw") is None or shutil.which("radosgw-admin") is None:
+            raise ClusterError("ceph cluster: radosgw not found (./install.sh installs Debian's radosgw)")
+        deadline = time.monotonic() + timeout
+        if not self.rgw_running():
+            self._spawn("rgw.x", ["radosgw", "-n", "client.rgw.x"])
+        endpoint = self.rgw_endpoint()
+        self._wait(lambda: _http_up(endpoint), f"radosgw at {endpoint}", deadline)
+        keys_file = os.path.join(self.dir, "rgw-user.json")
+        if not os.path.exists(keys_file):
+            ak, sk = uuid.uuid4().hex[:20].upper(), uuid.uuid4().hex + uuid.uuid4().hex[:8]
+            self._run("radosgw-admin", "-c", self.conf, "-n", "client.admin", "user", "create",
+                      f"--uid={self.RGW_USER}", "--display-name=cowdisk tests", f"--access-key={ak}",
+                      f"--secret-key={sk}", timeout=timeout)
+            tmp = keys_file + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump({"access_key": ak, "secret_key": sk}, f)
+            os.chmod(tmp, 0o600)
+            os.replace(tmp, keys_file)
+        with open(keys_file) as f:
+            keys = json.load(f)
+        return {"endpoint": endpoint, "access_key": keys["access_key"], "secret_key": keys["secret_key"],
+                "bucket": self.RGW_BUCKET, "region": "default"}
+
+    def stop_rgw(self) -> None:
+        """End the gateway (SIGTERM, then SIGKILL), leaving the cluster up."""
+        pid = self._pids().get("rgw.x")
+        if pid is None:
+            return
+        if self._end({"rgw.x": pid}):
+            raise ClusterError(f"ceph cluster: radosgw (PID {pid}) did not end")
+        pids = self._pids()
+        pids.pop("rgw.x", None)
+        tmp = os.path.join(self.dir, PIDS + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(pids, f)
+        os.replace(tmp, os.path.join(self.dir, PIDS))
+
     # -- down ----------------------------------------------------------------------------
 
     def down(self, *, keep_files: bool = False) -> list[str]:
         """End the daemons (by the PIDs recorded, SIGTERM then SIGKILL) and delete the
         directory; returns what could not be done (empty when all went)."""
+        problems = self._end(self._pids())
+        if not keep_files and not problems:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            if os.path.exists(self.dir):
+                problems.append(f"{self.dir} could not be removed")
+        return problems
+
+    @staticmethod
+    def _end(pids: dict[str, int]) -> list[str]:
+        """SIGTERM the daemons, SIGKILL those still there after 10 s; the ones that stay."""
         problems = []
-        pids = self._pids()
         for pid in pids.values():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
@@ -241,10 +324,6 @@ osd client watch timeout = 10
                 _reap(pid)
             if _alive(pid):
                 problems.append(f"{name} (PID {pid}) still runs")
-        if not keep_files and not problems:
-            shutil.rmtree(self.dir, ignore_errors=True)
-            if os.path.exists(self.dir):
-                problems.append(f"{self.dir} could not be removed")
         return problems
 
     def status(self) -> str:
@@ -267,9 +346,28 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _http_up(url: str) -> bool:
+    """Whether an HTTP server answers at ``url`` (any status)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(url, timeout=2).close()
+    except urllib.error.HTTPError:
+        return True
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def _reap(pid: int) -> None:
     with contextlib.suppress(ChildProcessError, OSError):
         os.waitpid(pid, os.WNOHANG)
+
+
+def _remote_toml(r: dict[str, str]) -> str:
+    """The gateway's remote config as cowdisk reads it (docs/remote.md)."""
+    return "[remote]\n" + "".join(f'{k} = "{v}"\n' for k, v in r.items())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -279,7 +377,8 @@ def main(argv: list[str] | None = None) -> int:
     u.add_argument("dir")
     u.add_argument("--pool", default="rbd")
     u.add_argument("--osd-size", default="4G", help="size of the OSD's sparse BlueStore file")
-    for name in ("status", "down"):
+    u.add_argument("--rgw", action="store_true", help="also start a RADOS Gateway (S3) and print its remote config")
+    for name in ("status", "down", "rgw"):
         sub.add_parser(name).add_argument("dir")
     a = ap.parse_args(argv)
     c = Cluster(a.dir, pool=getattr(a, "pool", "rbd"), osd_size=_size(getattr(a, "osd_size", "4G")))
@@ -288,9 +387,13 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.monotonic()
             opts = c.up()
             print(json.dumps(opts))
+            if a.rgw:
+                print(_remote_toml(c.start_rgw()))
             print(f"cluster up in {time.monotonic() - t0:.1f} s; try it:\n  cowdisk --root /var/lib/cowdisk-rbd "
                   f"store init --backend rbd " + " ".join(f"--backend-option {k}={v}" for k, v in opts.items()),
                   file=sys.stderr)
+        elif a.cmd == "rgw":
+            print(_remote_toml(c.start_rgw()))
         elif a.cmd == "status":
             print(c.status(), end="")
         else:

@@ -39,6 +39,15 @@ def ceph_cluster():
         assert not leaked, f"FUSE mappings left running at the end of the session: {leaked}"
 
 
+@pytest.fixture(scope="session")
+def rgw(ceph_cluster):
+    """The session cluster's RADOS Gateway (S3), started on first use (a few seconds): its
+    remote config (endpoint, keys, bucket). A test that stops it starts it again."""
+    cfg = ceph_cluster.start_rgw()
+    yield cfg
+    ceph_cluster.stop_rgw()
+
+
 def _end_mappings(conf: str) -> list[str]:
     """End the qemu-storage-daemons still serving images of this session's cluster (a
     failed test left them): SIGTERM by PID, found by the cluster's conf path in their

@@ -118,6 +118,12 @@ class RegistryDamaged(CowdiskError):
     exit_code = 13
 
 
+class RemoteError(KernelError):
+    """The object store failed, refused or timed out (``errno``: ETIMEDOUT, ECONNREFUSED,
+    EACCES, ENOENT...), or what it sent failed its check (EIO: a chunk or manifest whose
+    SHA-256 is not its name). Never a silent fallback: the caller gets the error."""
+
+
 def message_of(e: BaseException) -> str:
     """An error's message without its hint (cowdisk errors), or ``str(e)`` (any other)."""
     return e.message if isinstance(e, CowdiskError) else str(e)
@@ -138,4 +144,5 @@ __all__ = [
     "SnapshotInvalid",
     "CowFormatError",
     "RegistryDamaged",
+    "RemoteError",
 ]

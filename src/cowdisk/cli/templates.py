@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import click
 
@@ -15,6 +15,7 @@ from .app import (App, Column, CowdiskSubGroup, complete_templates, human_bytes,
                   pass_app, select_columns, when)
 
 if TYPE_CHECKING:
+    from ..progress import Progress
     from ..store import Store, Template
 
 COLUMNS = [Column("id"), Column("names"), Column("size", human=human_bytes),
@@ -78,11 +79,17 @@ def template_import(app: App, image: str, name: str | None, adopt: bool) -> None
     Example:
       cowdisk template import ./rootfs.ext4 --name base
     """
+    _new_template(app, name, f"import {os.path.basename(image)}",
+                  lambda store, progress: store.import_template(image, name, adopt=adopt, progress=progress))
+
+
+def _new_template(app: App, name: str | None, what: str, make: Callable[[Store, Progress], Template]) -> None:
+    """Check the name, open (or create) the store, make the template with a progress bar, show it."""
     if name is not None:
         validate_id(name, "template name")
     store = app.store(create=True)
-    with app.progress(f"import {os.path.basename(image)}") as progress:
-        t = store.import_template(image, name, adopt=adopt, progress=progress)
+    with app.progress(what) as progress:
+        t = make(store, progress)
     show_template(app, store, t, f"template {t.id}")
 
 
@@ -128,6 +135,60 @@ def template_build(app: App, source: str | None, image: str | None, name: str | 
     show_template(app, store, t, f"template {t.id}")
 
 
+REMOTE_COLUMNS = [Column("manifest", human=lambda d: str(d)[:16]), Column("template", human=lambda d: str(d)[:16]),
+                  Column("size", human=human_bytes), Column("chunk_size", "chunk", human=human_bytes),
+                  Column("chunks"), Column("zero_chunks", "zero"), Column("local", human=lambda b: "yes" if b else "no"),
+                  Column("distinct_chunks", "distinct", default=False), Column("url", default=False)]
+
+
+@template.command("push")
+@click.argument("ref", shell_complete=complete_templates)
+@click.option("--to", "to", metavar="URL", help="s3://BUCKET[/PREFIX] (default: the remote config's location).")
+@pass_app
+def template_push(app: App, ref: str, to: str | None) -> None:
+    """Push a template to the object store as content-addressed chunks: only the chunks the
+    bucket lacks are uploaded, then the manifest (docs/remote.md). Prints its URL.
+
+    \b
+    Example:
+      cowdisk template push base --to s3://cowdisk-templates/prod
+    """
+    store = app.store()
+    with app.progress(f"push {ref}") as progress:
+        r = store.push_template(template_ref(ref), to, progress=progress)
+    if app.json:
+        app.emit(r)
+        return
+    if app.quiet:
+        app.line(r["url"])
+        return
+    app.kv(f"template {r['id']} pushed", {
+        "url": r["url"], "manifest": f"sha256:{r['manifest']}", "digest": f"sha256:{r['digest']}",
+        "chunks": f"{r['chunks']} of {human_bytes(r['chunk_size'])} ({r['zero_chunks']} zero, not stored)",
+        "uploaded": f"{r['uploaded_chunks']} chunks, {human_bytes(r['uploaded_bytes'])}",
+        "already there": f"{r['present_chunks']} chunks"})
+
+
+@template.command("pull")
+@click.argument("source", metavar="URL|DIGEST")
+@click.option("--name", "-n", help="A name to refer to the template by.")
+@click.option("--from", "at", metavar="URL", help="Where to look a DIGEST up: s3://BUCKET[/PREFIX] "
+                                                  "(default: the remote config's location).")
+@pass_app
+def template_pull(app: App, source: str, name: str | None, at: str | None) -> None:
+    """Pull a template from the object store into this store: every chunk's SHA-256 and the
+    whole image's digest are checked before it is registered. SOURCE is the URL `template
+    push` printed, or a manifest or template digest (a unique prefix will do).
+
+    \b
+    Example:
+      cowdisk template pull s3://cowdisk-templates/prod/manifests/9f86d081... --name base
+      cowdisk template pull 9f86d081 --name base
+    """
+    _new_template(app, name, f"pull {source}",
+                  lambda store, progress: store.pull_template(source, name, at=at, progress=progress))
+
+
 @template.command("ls")
 @click.option("-q", "--quiet", "ids_only", is_flag=True, help="Only the ids, one per line.")
 @click.option("--no-headings", is_flag=True, help="No heading line.")
@@ -138,9 +199,15 @@ def template_build(app: App, source: str | None, image: str | None, name: str | 
 @click.option("--filter", "filters", multiple=True, metavar="KEY=VALUE",
               help="Only templates whose column KEY is VALUE (names: one of them). Repeatable: every key must "
                    "match, a key given twice matches either value.")
+@click.option("--remote", is_flag=True, help="List the templates in the object store instead (their manifests; "
+                                             "columns: manifest, template, size, chunk_size, chunks, zero_chunks, "
+                                             "local, distinct_chunks, url).")
+@click.option("--from", "at", metavar="URL", help="With --remote: s3://BUCKET[/PREFIX] (default: the remote "
+                                                  "config's location).")
 @pass_app
-def template_ls(app: App, ids_only: bool, no_headings: bool, columns: str | None, filters: tuple[str, ...]) -> None:
-    """List templates.
+def template_ls(app: App, ids_only: bool, no_headings: bool, columns: str | None, filters: tuple[str, ...],
+                remote: bool, at: str | None) -> None:
+    """List templates (with --remote: those in the object store).
 
     Off a terminal the table is tab-separated raw values (sizes in bytes), one line each.
 
@@ -151,20 +218,32 @@ def template_ls(app: App, ids_only: bool, no_headings: bool, columns: str | None
       cowdisk template ls --no-headings -o id,size
       cowdisk template ls -o +digest --filter state=ready
       cowdisk template ls --json | jq -r '.templates[].id'
+      cowdisk template ls --remote
     """
-    only = select_columns(columns, COLUMNS)
-    wanted = parse_filters(filters, COLUMNS)
+    if at is not None and not remote:
+        raise InvalidArgument("template ls: --from needs --remote", op="list templates", obj=at)
+    cols = REMOTE_COLUMNS if remote else COLUMNS
+    only = select_columns(columns, cols)
+    wanted = parse_filters(filters, cols)
     rows = []
-    if app.has_store():
+    if remote:
+        if app.has_store():
+            rows = app.store().remote_templates(at)
+        else:
+            from ..store.remote import remote_listing
+
+            rows = [{**r, "local": False} for r in remote_listing(app.root, at)]
+    elif app.has_store():
         store = app.store()
-        rows = [r for r in (store.template_doc(t) for t in store.templates()) if matches(r, wanted)]
+        rows = [store.template_doc(t) for t in store.templates()]
+    rows = [r for r in rows if matches(r, wanted)]
     if app.json:
         app.emit({"templates": rows})
     elif ids_only:
         for r in rows:
-            app.line(r["id"])
+            app.line(r["manifest" if remote else "id"])
     else:
-        app.listing(rows, COLUMNS, headings=not no_headings, only=only)
+        app.listing(rows, cols, headings=not no_headings, only=only)
 
 
 @template.command("inspect")

@@ -17,9 +17,10 @@ if TYPE_CHECKING:
     from ..backends import BACKENDS
     from .core import Store, choose_backend, explain_backend, release_pool
     from .manifest import store_exists
+    from .remote import remote_listing
 
 _LAZY = {"BACKENDS": "..backends", "Store": ".core", "choose_backend": ".core", "explain_backend": ".core",
-         "release_pool": ".core", "store_exists": ".manifest"}
+         "release_pool": ".core", "store_exists": ".manifest", "remote_listing": ".remote"}
 
 
 def __getattr__(name: str) -> Any:
@@ -36,4 +37,5 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = ["BACKENDS", "Store", "Template", "Volume", "RecoveryReport", "DEFAULT_ROOT", "default_root", "fork_ids",
-           "validate_id", "choose_backend", "explain_backend", "release_pool", "store_exists"]
+           "validate_id", "choose_backend", "explain_backend", "release_pool", "store_exists",
+           "remote_listing"]

@@ -56,6 +56,7 @@ from . import growfs, manifest, recovery
 from .manifest import store_exists as store_exists  # where it was; the store's callers ask it first
 from .model import RecoveryReport, Template, Volume, default_root, fork_ids, validate_id
 from .parts import StoreParts, manifest_of_quarantine, refuse_under_daemon
+from .remote import RemoteTemplates
 from .templates import HELD
 from .transition import (
     ADOPT,
@@ -178,6 +179,22 @@ class Store(StoreParts):
         """Build a template from a container image (OCI layout, OCI archive, docker save archive),
         built once per image (keyed on its manifest digest)."""
         return self._templates.build_from_image(ref, name, size=size, fs_type=fs_type, progress=progress)
+
+    def push_template(self, ref: str, to: str | None = None, *, progress: Progress | None = None) -> dict[str, Any]:
+        """Push a template to the object store as content-addressed chunks (docs/remote.md):
+        only the chunks the bucket lacks are uploaded. ``to``: ``s3://BUCKET[/PREFIX]``
+        (default: the remote config's). Returns the report (manifest digest and URL...)."""
+        return RemoteTemplates(self.root, self._templates).push(ref, to, progress)
+
+    def pull_template(self, source: str, name: str | None = None, *, at: str | None = None,
+                      progress: Progress | None = None) -> Template:
+        """Pull a template from the object store (a manifest URL, or a digest looked up at
+        ``at``), every chunk checked, into this store."""
+        return RemoteTemplates(self.root, self._templates).pull(source, name, at=at, progress=progress)
+
+    def remote_templates(self, url: str | None = None) -> list[dict[str, Any]]:
+        """The templates in the object store at ``url`` (default: the remote config's)."""
+        return RemoteTemplates(self.root, self._templates).listing(url)
 
     def templates(self) -> list[Template]:
         return self._templates.list()

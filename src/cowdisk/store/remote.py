@@ -1,0 +1,112 @@
+"""Templates and the object store (docs/remote.md): push a template as chunks, pull one into
+this store, list what a bucket holds. The format and the transfers are
+:mod:`cowdisk.remote`'s; this module ties them to the store's templates (the template's
+file, the lock, registering a pulled image like an import).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from typing import TYPE_CHECKING, Any
+
+from ..digest import sha256_file
+from ..errors import TemplateChanged, Unsupported
+from ..progress import Progress, stage
+from .model import Template, validate_id
+from .templates import Templates, is_held
+
+if TYPE_CHECKING:
+    from ..remote.s3 import ObjectStore
+
+log = logging.getLogger(__name__)
+
+
+class RemoteTemplates:
+    """The store's side of the object store: one per opened store (the config is read on
+    each call: it may change under a running daemon)."""
+
+    def __init__(self, root: str, templates: Templates) -> None:
+        self.root = root
+        self.templates = templates
+
+    def _objects(self, url: str | None) -> "ObjectStore":
+        from ..remote import load
+        from ..remote.s3 import ObjectStore
+
+        return ObjectStore(load(self.root, url))
+
+    def push(self, ref: str, to: str | None = None, progress: Progress | None = None) -> dict[str, Any]:
+        """Push template ``ref`` to ``to`` (``s3://BUCKET[/PREFIX]``; default: the config's
+        location): the chunks the bucket lacks, then the manifest. Returns the report
+        (manifest digest, URL, chunks uploaded and already there, bytes uploaded)."""
+        from ..remote.transfer import push
+
+        validate_id(ref, "template name or id")
+        t = self.templates.registry.get_template(ref)
+        if not t.path or is_held(t.path):
+            raise Unsupported(f"push template {t.id}: its bytes are held by the backend, not in a file here",
+                              op="push template", obj=t.id, hint="push it from a store that has its image file")
+        objects = self._objects(to)
+        with self.templates._lock(t.id):  # no remove while it is read
+            self.templates.check(t)
+            report = push(t.path, t.digest, objects, objects.cfg.chunk_size, progress)
+        return {"id": t.id, "digest": t.digest, **report.as_dict()}
+
+    def pull(self, source: str, name: str | None = None, *, at: str | None = None,
+             progress: Progress | None = None) -> Template:
+        """Pull the template ``source`` names (a manifest URL as push prints it, or a
+        digest looked up at ``at`` / the config's location) into this store: every chunk
+        fetched and checked, the whole image's digest checked, then registered like an
+        import. A template this store has already is only named."""
+        from ..remote import split_manifest_url
+        from ..remote.transfer import fetch_manifest, pull, resolve
+
+        if name is not None:
+            validate_id(name, "template name")
+        split = split_manifest_url(source)
+        objects = self._objects(split[0] if split else at)
+        m = fetch_manifest(objects, split[1]) if split else resolve(objects, source)
+        have = self.templates.registry.find_template(m.template[:16])
+        if have is not None and have.digest == m.template:
+            stage(progress, f"template {have.id} is here already")
+            return self.templates.register(have.path, have.digest, owned=have.owned, source=have.source, name=name)
+        staging = self.templates.staging()
+        try:
+            tmp = os.path.join(staging, "disk.img")
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                fetched = pull(m, objects, fd, progress)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            stage(progress, "digest")
+            digest = sha256_file(tmp)
+            if digest != m.template:
+                raise TemplateChanged(f"pull template {m.digest}: the image hashes to {digest}, its manifest says "
+                                      f"{m.template}", op="pull template", obj=m.digest)
+            log.info("pulled template %s (manifest %s): %d bytes fetched", digest[:16], m.digest, fetched)
+            src = objects.url(objects.cfg.key(f"manifests/{m.digest}"))
+            return self.templates.register(tmp, digest, owned=True, source=src, name=name)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def listing(self, url: str | None = None) -> list[dict[str, Any]]:
+        """The templates at ``url`` (default: the config's location), with whether this
+        store has each (``local``)."""
+        rows = remote_listing(self.root, url)
+        for r in rows:
+            t = self.templates.registry.find_template(r["template"][:16])
+            r["local"] = t is not None and t.digest == r["template"]
+        return rows
+
+
+def remote_listing(root: str, url: str | None = None) -> list[dict[str, Any]]:
+    """The templates at ``url`` (default: the location of the remote config of the store
+    root ``root``, which need not hold a store yet)."""
+    from ..remote import load
+    from ..remote.s3 import ObjectStore
+    from ..remote.transfer import listing
+
+    return listing(ObjectStore(load(root, url)))

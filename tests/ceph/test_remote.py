@@ -32,7 +32,7 @@ CHUNK = MiB
 def write_config(root: str, rgw: dict[str, str], prefix: str, **extra: object) -> str:
     os.makedirs(root, exist_ok=True)
     path = os.path.join(root, "remote.toml")
-    fields = {**rgw, "prefix": prefix, **extra}
+    fields = {**rgw, "prefix": prefix, "chunk_size": CHUNK, **extra}
     with open(path, "w") as f:
         f.write("[remote]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in fields.items()))
     os.chmod(path, 0o600)

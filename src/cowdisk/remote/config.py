@@ -12,7 +12,7 @@ owner only (mode 0600 or stricter); a wider file is refused, naming it::
     bucket = "cowdisk-templates"
     prefix = "templates"                 # optional: keys live under this prefix
     timeout = 10                         # seconds one request may take (connect, then each read)
-    chunk_size = 1048576                 # bytes per chunk when pushing (a power of two, 64 KiB..16 MiB)
+    chunk_size = 524288                  # bytes per chunk when pushing (a power of two, 64 KiB..16 MiB)
 
 A location on the command line, ``s3://BUCKET[/PREFIX]``, overrides the file's bucket and
 prefix (the endpoint and keys still come from the file).
@@ -33,8 +33,8 @@ ENV = "COWDISK_REMOTE_CONFIG"
 FILE = "remote.toml"
 SYSTEM_FILE = "/etc/cowdisk/remote.toml"
 SCHEME = "s3://"
-DEFAULT_CHUNK_SIZE = 1 << 20
-"""1 MiB: measured against 256 KiB and 4 MiB in docs/remote.md (bench/remote.py --chunk-sizes)."""
+DEFAULT_CHUNK_SIZE = 512 << 10
+"""512 KiB: measured against 64 KiB, 256 KiB, 1 MiB and 4 MiB (docs/remote.md, bench/remote.py)."""
 MIN_CHUNK, MAX_CHUNK = 64 << 10, 16 << 20
 
 

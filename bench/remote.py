@@ -1,0 +1,239 @@
+#!/usr/bin/env python3
+"""Templates on demand (issue 25, docs/remote.md): figures for the chunked format and the
+object store, on a real template.
+
+Sections (``--sections``, comma-separated):
+
+* ``chunks``: the chunk size. A real template (ext4 built with ``mkfs.ext4 -d`` from a
+  copy of this host's /etc, /usr/sbin, /usr/bin and Python trees: ~700 MiB of real files
+  in a 1 GiB image) is cut at each candidate size (``--chunk-sizes``); per size: chunks
+  stored and their zstd bytes, the manifest's bytes; a *read set* standing for a boot
+  (every metadata block, as ``e2image -r`` copies them, and every block of a
+  deterministic 3% of the files, from ``debugfs blocks``): chunks it touches, bytes a lazy
+  host fetches for it and the ratio to the bytes it reads; a *1% change* (v2 = v1 with 1%
+  of its used 4 KiB blocks rewritten, in runs of 64 KiB at seeded random places): the
+  chunks and bytes a push of v2 uploads; then, against the RADOS Gateway, the wall time
+  of a real push of v1 and a real fetch of the read set's chunks (8 threads).
+
+The gateway: ``--config FILE`` (a remote.toml), else a private single-node cluster with
+a gateway is started in the work directory (lab/ceph_cluster.py) and ended at the end.
+Run as root: ``python3 bench/remote.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import hashlib
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "src"))
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "lab"))
+sys.path.insert(0, HERE)
+
+from benchutil import fmt_bytes, parse_size, table  # noqa: E402
+
+from cowdisk.kernel import fs  # noqa: E402
+from cowdisk.remote import config as rconfig  # noqa: E402
+from cowdisk.remote.chunks import chunk_key, compress, read_chunks  # noqa: E402
+
+KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
+TREE_SOURCES = ("/etc", "/usr/sbin", "/usr/lib/python3.11", "/usr/lib/python3", "/usr/share/zoneinfo", "/usr/bin")
+
+
+def run(*argv: str) -> str:
+    p = subprocess.run(list(argv), capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    if p.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)}: exit {p.returncode}: {p.stderr.strip()[-1000:]}")
+    return p.stdout
+
+
+def real_template(work: str, size: int) -> tuple[str, list[str]]:
+    """An ext4 image of ``size`` built from a copy of real host trees (mkfs.ext4 -d), and
+    its regular files (paths in the image, sorted)."""
+    tree = os.path.join(work, "tree")
+    os.makedirs(tree)
+    for src in TREE_SOURCES:
+        if os.path.isdir(src):
+            dst = os.path.join(tree, src.lstrip("/"))
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            run("cp", "-a", "--", src, dst)
+    files = sorted("/" + os.path.relpath(os.path.join(d, n), tree) for d, _, names in os.walk(tree) for n in names
+                   if os.path.isfile(os.path.join(d, n)) and not os.path.islink(os.path.join(d, n)))
+    img = os.path.join(work, "v1.img")
+    run("mkfs.ext4", "-q", "-F", "-E", "root_owner=0:0,lazy_itable_init=0", "-d", tree, img, str(size // KiB) + "K")
+    shutil.rmtree(tree)
+    return img, files
+
+
+def read_set(img: str, files: list[str], work: str) -> set[int]:
+    """4 KiB block numbers a boot-like read touches: all metadata and every 33rd file's blocks."""
+    meta = os.path.join(work, "meta.img")
+    run("e2image", "-r", img, meta)
+    blocks: set[int] = set()
+    fd = os.open(meta, os.O_RDONLY)
+    try:
+        for off, length in fs.data_segments(fd, os.fstat(fd).st_size):
+            blocks.update(range(off // 4096, (off + length + 4095) // 4096))
+    finally:
+        os.close(fd)
+        os.unlink(meta)
+    cmds = os.path.join(work, "cmds")
+    with open(cmds, "w") as f:
+        for p in files[::33]:
+            f.write(f'blocks "{p}"\n')
+    for line in run("debugfs", "-f", cmds, img).splitlines():
+        if not line.startswith("debugfs"):
+            blocks.update(int(b) for b in line.split() if b.isdigit())
+    return blocks
+
+
+def changed_copy(img: str, out: str, fraction: float, run_bytes: int = 64 * KiB, seed: int = 25) -> int:
+    """``out`` = ``img`` with ``fraction`` of its used 4 KiB blocks rewritten (random data), in
+    runs of ``run_bytes`` at seeded random places inside its data; returns the bytes changed."""
+    run("cp", "--sparse=always", img, out)
+    fd = os.open(out, os.O_RDWR)
+    try:
+        size = os.fstat(fd).st_size
+        segs = list(fs.data_segments(fd, size))
+        used = sum(length for _, length in segs)
+        want = int(used * fraction) // run_bytes * run_bytes
+        rng = random.Random(seed)
+        done = 0
+        while done < want:
+            off, length = rng.choice(segs)
+            if length < run_bytes:
+                continue
+            pos = off + rng.randrange(0, length - run_bytes + 1) // 4096 * 4096
+            os.pwrite(fd, rng.randbytes(run_bytes), pos)
+            done += run_bytes
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return done
+
+
+def cut(img: str, cs: int) -> tuple[list[str | None], dict[str, bytes]]:
+    """The chunk names of ``img`` at chunk size ``cs`` and each distinct chunk's zstd bytes."""
+    names: list[str | None] = []
+    blobs: dict[str, bytes] = {}
+    fd = os.open(img, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        pending: dict[str, cf.Future[bytes]] = {}
+        with cf.ThreadPoolExecutor(4) as pool:
+            for _, data in read_chunks(fd, size, cs):
+                if data is None:
+                    names.append(None)
+                    continue
+                n = hashlib.sha256(data).hexdigest()
+                names.append(n)
+                if n not in pending:
+                    pending[n] = pool.submit(compress, data)
+            blobs = {n: f.result() for n, f in pending.items()}
+    finally:
+        os.close(fd)
+    return names, blobs
+
+
+def section_chunks(args: argparse.Namespace, work: str, cfg: rconfig.RemoteConfig) -> list[dict[str, object]]:
+    from cowdisk.remote.s3 import ObjectStore
+    from cowdisk.remote.transfer import push
+
+    t0 = time.monotonic()
+    v1, files = real_template(work, parse_size(args.template_size))
+    fd = os.open(v1, os.O_RDONLY)
+    used = sum(length for _, length in fs.data_segments(fd, os.fstat(fd).st_size))
+    size = os.fstat(fd).st_size
+    os.close(fd)
+    print(f"template: {fmt_bytes(size)}, {fmt_bytes(used)} allocated, built in {time.monotonic() - t0:.0f} s",
+          file=sys.stderr)
+    rs = read_set(v1, files, work)
+    rs_bytes = len(rs) * 4096
+    v2 = os.path.join(work, "v2.img")
+    changed = changed_copy(v1, v2, 0.01)
+    print(f"read set: {len(rs)} blocks ({fmt_bytes(rs_bytes)}); v2: {fmt_bytes(changed)} changed", file=sys.stderr)
+    from cowdisk.digest import sha256_file
+
+    digest = sha256_file(v1)
+    rows: list[dict[str, object]] = []
+    for cs in [parse_size(s) for s in args.chunk_sizes.split(",")]:
+        names1, blobs1 = cut(v1, cs)
+        names2, blobs2 = cut(v2, cs)
+        touched = {b * 4096 // cs for b in rs}
+        rs_chunks = {names1[i] for i in touched if names1[i] is not None}
+        new = set(blobs2) - set(blobs1)
+        manifest_bytes = len(json.dumps({"chunks": names1}, separators=(",", ":")))
+        objects = ObjectStore(cfg.at(f"s3://{cfg.bucket}/bench-{os.getpid()}-{cs}"))
+        t = time.monotonic()
+        push(v1, digest, objects, cs)
+        push_s = time.monotonic() - t
+        t = time.monotonic()
+        with cf.ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda n: objects.get(objects.cfg.key(chunk_key(n))), rs_chunks))
+        fetch_s = time.monotonic() - t
+        row = {"chunk": cs, "chunks": len(names1), "stored": len(blobs1),
+               "stored_bytes": sum(len(b) for b in blobs1.values()), "manifest_bytes": manifest_bytes,
+               "read_chunks": len(rs_chunks), "read_fetch_bytes": sum(len(blobs1[n]) for n in rs_chunks),
+               "read_raw_bytes": len(rs_chunks) * cs, "read_set_bytes": rs_bytes,
+               "delta_chunks": len(new), "delta_bytes": sum(len(blobs2[n]) for n in new), "size": size,
+               "push_s": round(push_s, 2), "fetch_s": round(fetch_s, 2)}
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr)
+    table(["chunk", "stored chunks", "stored (zstd)", "manifest", "read set: chunks", "fetched (zstd)",
+           "fetched / read", "fetched / size", "1% change: chunks", "uploaded (zstd)", "uploaded / size",
+           "push (s)", "fetch read set (s)"],
+          [[fmt_bytes(int(r["chunk"])), str(r["stored"]), fmt_bytes(int(r["stored_bytes"])),  # type: ignore[call-overload]
+            fmt_bytes(int(r["manifest_bytes"])), str(r["read_chunks"]), fmt_bytes(int(r["read_fetch_bytes"])),  # type: ignore[call-overload]
+            f"{int(r['read_fetch_bytes']) / rs_bytes:.2f}x", f"{100 * int(r['read_fetch_bytes']) / size:.1f}%",  # type: ignore[call-overload]
+            str(r["delta_chunks"]), fmt_bytes(int(r["delta_bytes"])),  # type: ignore[call-overload]
+            f"{100 * int(r['delta_bytes']) / size:.2f}%", str(r["push_s"]), str(r["fetch_s"])]  # type: ignore[call-overload]
+           for r in rows])
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sections", default="chunks")
+    ap.add_argument("--chunk-sizes", default="256K,1M,4M")
+    ap.add_argument("--template-size", default="1G")
+    ap.add_argument("--config", help="a remote.toml (default: start a private cluster with a gateway)")
+    ap.add_argument("--json", help="write the figures here")
+    ap.add_argument("--workdir", help="where to work (default: a new directory under /var/tmp)")
+    args = ap.parse_args()
+    work = tempfile.mkdtemp(prefix="cdbench-remote-", dir=args.workdir or "/var/tmp")
+    cluster = None
+    try:
+        if args.config:
+            cfg = rconfig.read(args.config)
+        else:
+            from ceph_cluster import Cluster
+
+            cluster = Cluster(os.path.join(work, "ceph"), die_with_parent=True)
+            cluster.up()
+            cfg = rconfig.from_dict(cluster.start_rgw())
+        out: dict[str, object] = {}
+        if "chunks" in args.sections.split(","):
+            out["chunks"] = section_chunks(args, work, cfg)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(out, f, indent=1)
+    finally:
+        if cluster is not None:
+            problems = cluster.down()
+            if problems:
+                print("cluster:", problems, file=sys.stderr)
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

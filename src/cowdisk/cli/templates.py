@@ -141,6 +141,12 @@ REMOTE_COLUMNS = [Column("manifest", human=lambda d: str(d)[:16]), Column("templ
                   Column("distinct_chunks", "distinct", default=False), Column("url", default=False)]
 
 
+def _local_store(app: App) -> Store:
+    """The store itself, also beside a daemon serving it (the same locks): the object-store
+    calls are not in the daemon's API. NotFound when there is no store."""
+    return app.store(create=app.has_store())
+
+
 @template.command("push")
 @click.argument("ref", shell_complete=complete_templates)
 @click.option("--to", "to", metavar="URL", help="s3://BUCKET[/PREFIX] (default: the remote config's location).")
@@ -153,7 +159,7 @@ def template_push(app: App, ref: str, to: str | None) -> None:
     Example:
       cowdisk template push base --to s3://cowdisk-templates/prod
     """
-    store = app.store()
+    store = _local_store(app)
     with app.progress(f"push {ref}") as progress:
         r = store.push_template(template_ref(ref), to, progress=progress)
     if app.json:
@@ -228,7 +234,7 @@ def template_ls(app: App, ids_only: bool, no_headings: bool, columns: str | None
     rows = []
     if remote:
         if app.has_store():
-            rows = app.store().remote_templates(at)
+            rows = _local_store(app).remote_templates(at)
         else:
             from ..store.remote import remote_listing
 

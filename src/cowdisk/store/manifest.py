@@ -20,8 +20,6 @@ import json
 import os
 from typing import Any
 
-from ..kernel.procfs import process_start
-
 STORE_FILE = "store.json"
 MANIFEST = "manifest.json"
 FORMAT = 1
@@ -38,6 +36,7 @@ def write(path: str, data: dict[str, Any]) -> None:
     """Write ``data`` as JSON at ``path`` atomically (temporary name ``<path>.tmp-<pid>-<start>``,
     then rename): a killed writer's temporary file names its process, and recovery removes
     it once that process is gone."""
+    from ..kernel.procfs import process_start  # not at import: the CLI reads store_exists from here at start
     tmp = f"{path}.tmp-{os.getpid()}-{process_start(os.getpid())}"
     text = json.dumps({"format": FORMAT, **data}, sort_keys=True)  # dumps: the C encoder; dump is Python
     with open(tmp, "w") as f:

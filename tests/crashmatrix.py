@@ -48,7 +48,7 @@ RUNNERS: dict[str, Callable[[Store], Any]] = {
     "checkpoint": lambda s: s.checkpoint("x"),
     "restore": lambda s: s.restore("x"),
     "restore-as": lambda s: s.restore("x", "y"),
-    "fork": lambda s: s.fork("x", ["y", "y2", "y3"]),  # a batch: every child whole, or none
+    "fork": lambda s: s.fork("x", ["y", "y2", "y3"], reset_identity=True),  # a batch: every child whole, or none
     "flatten": lambda s: s.flatten("x", "flat"),
     "adopt": lambda s: s.adopt_volume("x"),  # x made by the peer store (see setup)
     "take-over": lambda s: s.restore("x", steal=True),

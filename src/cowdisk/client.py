@@ -469,9 +469,11 @@ class Client:
                              v["owner"], v["holder"], tuple(v["clients"])) for v in self.call("GET", f"{API}/shared/volumes")["volumes"]]
 
     def fork(self, vid: str, new_ids: list[str] | tuple[str, ...] = (), *, count: int | None = None,
-             prefix: str | None = None, progress: Progress | None = None) -> list[Volume]:
+             prefix: str | None = None, reset_identity: bool = False, hostname_prefix: str | None = None,
+             progress: Progress | None = None) -> list[Volume]:
         doc = self.call("POST", f"{API}/volumes/{_q(vid)}/fork",
-                        {"new_ids": list(new_ids), "count": count, "prefix": prefix})
+                        {"new_ids": list(new_ids), "count": count, "prefix": prefix,
+                         "reset_identity": reset_identity, "hostname_prefix": hostname_prefix})
         return [to_volume(v) for v in self._job(doc, progress)["volumes"]]
 
     def flatten(self, vid: str, name: str | None = None, *, progress: Progress | None = None) -> Template:

@@ -21,7 +21,7 @@ from click.testing import CliRunner, Result
 from cowdisk.cli import cli
 from cowdisk.cli.reference import commands
 from cowdisk.store import Store
-from testutil import assert_same_host, host_state
+from testutil import assert_same_host, debugfs_cat, host_state
 
 SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "src")
 MiB = 1 << 20
@@ -215,7 +215,9 @@ def test_fork_count_prefix_links(run: Cli, tree: str) -> None:
         assert why in run("volume", "fork", "vm1", *args, code=code).stderr
     assert sorted(x["id"] for x in run.json("volume", "ls")["volumes"]) == \
         ["job7-1", "job7-2", "job7-3", "vm1", "vm1-1", "vm1-2"]
-    run("volume", "rm", "vm1", "vm1-1", "vm1-2", "job7-1", "job7-2", "job7-3")
+    link = run("volume", "fork", "vm1", "idn", "--reset-identity", "--hostname-prefix", "sbx-", "--links").stdout
+    assert debugfs_cat(link.strip(), "/etc/hostname") == b"sbx-idn\n"
+    run("volume", "rm", "vm1", "vm1-1", "vm1-2", "job7-1", "job7-2", "job7-3", "idn")
 
 
 def test_human_output(run: Cli, tree: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing
 import multiprocessing.synchronize
 import os
+import re
 import subprocess
 import time
 
@@ -117,6 +118,53 @@ def test_fork_into_n_at_one_instant(store, backend, tmp_path) -> None:
     for k in kids:
         store.remove_volume(k.id)
     store.remove_volume("src")
+
+
+def test_fork_resets_identity(store, tmp_path) -> None:
+    """fork --reset-identity: each child its own machine id, no SSH host keys, its own
+    hostname, written offline (read back with debugfs; the filesystem checks clean); the
+    source keeps its own."""
+    tree = make_tree(str(tmp_path / "tree"))
+    os.makedirs(os.path.join(tree, "etc", "ssh"))
+    for name in ("ssh_host_ed25519_key", "ssh_host_ed25519_key.pub", "ssh_host_rsa_key", "sshd_config"):
+        with open(os.path.join(tree, "etc", "ssh", name), "w") as f:
+            f.write(f"{name}\n")
+    with open(os.path.join(tree, "etc", "machine-id"), "w") as f:
+        f.write("0123456789abcdef0123456789abcdef\n")
+    store.build_template(tree, "base")
+    src = store.create_volume("src", "base")
+    kids = store.fork("src", count=3, prefix="sbx-", reset_identity=True, hostname_prefix="h-")
+    ids = set()
+    for k in kids:
+        _fsck_clean(k.link)
+        mid = debugfs_cat(k.link, "/etc/machine-id")
+        assert re.fullmatch(rb"[0-9a-f]{32}\n", mid) and mid != b"0123456789abcdef0123456789abcdef\n", mid
+        ids.add(mid)
+        assert debugfs_cat(k.link, "/etc/hostname") == f"h-{k.id}\n".encode()
+        assert _ls(k.link, "/etc/ssh") == ["sshd_config"]
+        assert _mode(k.link, "/etc/machine-id") == 0o100444 and _mode(k.link, "/etc/hostname") == 0o100644
+    assert len(ids) == 3
+    assert debugfs_cat(src.link, "/etc/machine-id") == b"0123456789abcdef0123456789abcdef\n"
+    assert debugfs_cat(src.link, "/etc/hostname") == b"template\n"
+    assert len(_ls(src.link, "/etc/ssh")) == 4
+    with pytest.raises(InvalidArgument, match="not a valid hostname"):
+        store.fork("src", ["bad_name"], reset_identity=True)
+    for k in kids:
+        store.remove_volume(k.id)
+    store.remove_volume("src")
+
+
+def _ls(image: str, d: str) -> list[str]:
+    out = subprocess.run(["debugfs", "-R", f"ls -p {d}", image], capture_output=True, text=True, check=True).stdout
+    return sorted(n for ln in out.splitlines() if ln.startswith("/") for n in [ln.split("/")[5]]
+                  if n not in (".", ".."))
+
+
+def _mode(image: str, path: str) -> int:
+    out = subprocess.run(["debugfs", "-R", f"stat {path}", image], capture_output=True, text=True, check=True).stdout
+    m = re.search(r"Mode:\s+(\d+)", out)
+    assert m, out
+    return 0o100000 | int(m.group(1), 8)
 
 
 def test_fork_flatten_usage(store, backend, tmp_path) -> None:

@@ -23,7 +23,8 @@ The guest speaks a line protocol on its serial console (``/dev/ttyS0``):
 Verbs: ``ping``; ``bootid`` (the boot id the guest remembered at boot, from its
 memory, so after a migrate-restore it is the original boot's); ``cat NAME``
 (one line: the content of /data/NAME); ``write NAME VALUE`` (writes VALUE to
-/data/NAME, syncs); ``write2`` (writes ``/data/b`` = "<bootid> <content of
+/data/NAME, syncs); ``put NAME VALUE`` (the same without sync: the file may be
+in the guest's page cache only); ``write2`` (writes ``/data/b`` = "<bootid> <content of
 /data/a>", syncs, answers with that content); ``ls`` (names in /data);
 ``poweroff`` (syncs, remounts / read-only, powers off).
 
@@ -129,6 +130,12 @@ while :; do
             echo "COWDISK-OK $tag wrote $a1"
         else
             echo "COWDISK-ERR $tag write failed $a1"
+        fi ;;
+    put)
+        if echo "$a2" >"/data/$a1"; then
+            echo "COWDISK-OK $tag put $a1"
+        else
+            echo "COWDISK-ERR $tag put failed $a1"
         fi ;;
     write2)
         v="$BOOTID $(cat /data/a 2>/dev/null)"

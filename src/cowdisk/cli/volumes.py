@@ -294,9 +294,13 @@ def volume_shared(app: App, no_headings: bool) -> None:
 @click.option("--count", "-n", type=click.IntRange(1), help="Make N children, named PREFIX1..PREFIXN.")
 @click.option("--prefix", "-p", help="The children's names before their number (default: ID-).")
 @click.option("--links", is_flag=True, help="Print only each child's stable link, one a line (for the VMMs).")
+@click.option("--reset-identity", is_flag=True,
+              help="Give each child its own /etc/machine-id, no SSH host keys and its id as hostname (ext2/3/4, "
+                   "offline; for children that boot, not ones resumed from memory).")
+@click.option("--hostname-prefix", help="With --reset-identity: the hostname is this prefix and the child's id.")
 @pass_app
 def volume_fork(app: App, vid: str, new_ids: tuple[str, ...], count: int | None, prefix: str | None,
-                links: bool) -> None:
+                links: bool, reset_identity: bool, hostname_prefix: str | None) -> None:
     """Make new volumes that all start from ID's contents at one instant.
 
     ID is held once for all of them (pause its VM first: docs/vmm.md).
@@ -305,11 +309,13 @@ def volume_fork(app: App, vid: str, new_ids: tuple[str, ...], count: int | None,
     Examples:
       cowdisk volume fork vm1 vm1-a vm1-b
       cowdisk volume fork vm1 --count 3 --prefix job7- --links
+      cowdisk volume fork vm1 -n 10 --reset-identity --hostname-prefix sbx-
     """
     validate_id(vid)
     store = app.store()
     with app.progress(f"fork {vid}") as progress:
-        vols = store.fork(vid, list(new_ids), count=count, prefix=prefix, progress=progress)
+        vols = store.fork(vid, list(new_ids), count=count, prefix=prefix, reset_identity=reset_identity,
+                          hostname_prefix=hostname_prefix, progress=progress)
     if app.json:
         app.emit({"volumes": [v.as_dict() for v in vols]})
         return

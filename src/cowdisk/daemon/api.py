@@ -593,7 +593,9 @@ def create_app(svc: Service) -> FastAPI:
         def run(ctx: JobContext) -> dict[str, Any]:
             ctx.check()
             ctx.progress(0, 0, f"fork {vid} -> {len(ids)} volumes")
-            return {"volumes": [v.as_dict() for v in store.fork(vid, ids, progress=ctx.progress)]}
+            return {"volumes": [v.as_dict() for v in store.fork(
+                vid, ids, reset_identity=body.reset_identity, hostname_prefix=body.hostname_prefix,
+                progress=ctx.progress)]}
 
         return svc.start_job("fork", vid, peer_of(request), run)
 

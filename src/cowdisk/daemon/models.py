@@ -263,6 +263,8 @@ class ForkIn(In):
     new_ids: list[str] = Field(default_factory=list, max_length=1000)
     count: int | None = Field(None, ge=1, le=1000)
     prefix: str | None = None
+    reset_identity: bool = False
+    hostname_prefix: str | None = None
 
 
 class FlattenIn(In):

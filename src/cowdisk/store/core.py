@@ -52,9 +52,9 @@ from ..errors import (
 from ..kernel import fs, procfs
 from ..progress import Progress
 from ..registry import ATTACHED, CREATING, TemplateRow, VolumeRow
-from . import growfs, manifest, recovery
+from . import growfs, identity, manifest, recovery
 from .manifest import store_exists as store_exists  # where it was; the store's callers ask it first
-from .model import RecoveryReport, Template, Volume, default_root, fork_ids, validate_id
+from .model import RecoveryReport, Template, Volume, default_root, fork_ids, hostname_of, validate_id
 from .parts import StoreParts, manifest_of_quarantine, refuse_under_daemon
 from .remote import RemoteTemplates
 from .templates import HELD
@@ -508,7 +508,8 @@ class Store(StoreParts):
         return self.volume(vid)
 
     def fork(self, vid: str, new_ids: list[str] | tuple[str, ...] = (), *, count: int | None = None,
-             prefix: str | None = None, progress: Progress | None = None) -> list[Volume]:
+             prefix: str | None = None, reset_identity: bool = False, hostname_prefix: str | None = None,
+             progress: Progress | None = None) -> list[Volume]:
         """New volumes that all start from ``vid``'s contents at one instant.
 
         The source is held once for all of them (an attached dm device suspended for one
@@ -520,9 +521,15 @@ class Store(StoreParts):
         recovery resumes a source left suspended).
 
         The children are ``new_ids``, or ``count`` of them named ``<prefix><n>`` (n from 1;
-        the prefix defaults to ``<vid>-``)."""
+        the prefix defaults to ``<vid>-``).
+
+        ``reset_identity``: each child gets its own ``/etc/machine-id``, no SSH host keys and
+        the hostname ``<hostname_prefix><child id>`` on its ext2/3/4 filesystem, written
+        offline before its link exists (store/identity.py). For children that boot from
+        their disk, not ones resumed from the source's memory."""
         validate_id(vid)
         ids = fork_ids(vid, new_ids, count, prefix)
+        hostnames = {n: hostname_of(hostname_prefix, n) for n in ids} if reset_identity else {}
         self.check_room("fork volume", vid)
         with contextlib.ExitStack() as locks, _named_errors("fork volume", vid):
             for n in sorted({vid, *ids}):  # one order for every caller: no deadlock between two forks
@@ -544,6 +551,8 @@ class Store(StoreParts):
                         src_attached=src.state == ATTACHED)
                 tr.step("copies", self._copies_like, self.ctx(src, t), ctxs[0], ctxs[1:])
                 devs = tr.step("device", lambda: {c.id: self.backend.attach(c) for c in ctxs})
+                if reset_identity:
+                    tr.step("identity", lambda: [identity.reset(devs[n], n, hostnames[n]) for n in ids])
                 # the links' rows are committed with the done states (the undo removes each link directory)
                 tr.step("link", self._links, devs, record=False)
                 tr.finish(lambda: self._links(devs, files=False), fields={n: {"device": devs[n]} for n in ids})

@@ -33,12 +33,14 @@ def is_ext(path: str) -> bool:
         os.close(fd)
 
 
-def _run(argv: list[str]) -> subprocess.CompletedProcess[str]:
+def run_tool(argv: list[str], op: str = "grow filesystem") -> subprocess.CompletedProcess[str]:
+    """Run an e2fsprogs tool on a volume (its output captured, C locale); a missing tool is
+    a KernelError naming ``op``."""
     try:
         return subprocess.run(argv, capture_output=True, text=True, env=c_env(), stdin=subprocess.DEVNULL,
                               timeout=600)
     except FileNotFoundError:
-        raise KernelError("grow filesystem", argv[-1], errno.ENOENT, detail=f"{argv[0]} is missing",
+        raise KernelError(op, argv[-1], errno.ENOENT, detail=f"{argv[0]} is missing",
                           hint="install e2fsprogs") from None
 
 
@@ -48,13 +50,13 @@ def grow(path: str, vid: str) -> bool:
     if not is_ext(path):
         log.info("volume %s: no ext2/3/4 filesystem on %s; its filesystem is left as it is", vid, path)
         return False
-    r = _run(["resize2fs", path])
+    r = run_tool(["resize2fs", path])
     if r.returncode != 0 and "e2fsck -f" in r.stderr + r.stdout:
-        c = _run(["e2fsck", "-f", "-p", path])
+        c = run_tool(["e2fsck", "-f", "-p", path])
         if c.returncode not in (0, 1):  # 1: errors corrected
             raise KernelError("grow filesystem", vid, errno.EIO,
                               detail=f"e2fsck -f -p {path} (exit {c.returncode}): {(c.stderr or c.stdout).strip()}")
-        r = _run(["resize2fs", path])
+        r = run_tool(["resize2fs", path])
     if r.returncode != 0:
         raise KernelError("grow filesystem", vid, errno.EIO,
                           detail=f"resize2fs {path} (exit {r.returncode}): {(r.stderr or r.stdout).strip()}")

@@ -70,6 +70,20 @@ def fork_ids(vid: str, new_ids: list[str] | tuple[str, ...], count: int | None, 
     return ids
 
 
+HOSTNAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
+
+
+def hostname_of(prefix: str | None, vid: str) -> str:
+    """The hostname a fork's child ``vid`` gets with ``reset_identity``: ``<prefix><vid>``,
+    checked (RFC 1123 labels, at most 253 characters)."""
+    name = f"{prefix or ''}{vid}"
+    if len(name) > 253 or not HOSTNAME_RE.match(name):
+        raise InvalidArgument(f"fork volume: hostname {name!r} for {vid} is not a valid hostname", op="fork volume",
+                              obj=vid, hint="letters, digits and '-' in dot-separated labels; choose other ids "
+                                            "or another hostname prefix")
+    return name
+
+
 @dataclass(frozen=True)
 class Template:
     id: str

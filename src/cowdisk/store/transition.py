@@ -120,14 +120,17 @@ RESTORE_AS = Operation("restore-as", None, CREATING, ATTACHED, "undo",
 committed, the file not yet renamed over the link, which may still point at an earlier copy
 (the undo gives that link back to it: :meth:`StoreParts.settle_link`)."""
 FORK = Operation("fork", None, CREATING, ATTACHED, "undo",
-                 (Step("copy", "copy_data"), Step("copies"), Step("device", "attach"), Step("link")),
+                 (Step("copy", "copy_data"), Step("copies"), Step("device", "attach"), Step("identity"),
+                  Step("link")),
                  source_from=frozenset({ATTACHED, CHECKPOINTED}), batch=True)
 """Fork into N at one instant, run as one :class:`Batch`: every child's intent and row in
 one transaction; ``copy`` takes the first child from the source (the source held once:
 suspended, or its file cloned under the inode's lock), ``copies`` makes the others as
 copies of that same instant (``copy_data(like=first)``: from the first child, which no
 one can write yet, or rbd's one snapshot), the source not held again;
-``device`` attaches each, ``link`` makes each child's stable link; every done state in one transaction."""
+``device`` attaches each, ``identity`` (optional: ``reset_identity``) gives each its own
+machine id, host keys and hostname on its disk (store/identity.py), ``link`` makes each
+child's stable link; every done state in one transaction."""
 FLATTEN = Operation("flatten", frozenset({ATTACHED, CHECKPOINTED}), None, None, "undo",
                     (Step("data", "flatten"), Step("register")))
 ADOPT = Operation("adopt", None, CREATING, CHECKPOINTED, "undo", (Step("claim", "claim"),))

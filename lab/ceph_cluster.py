@@ -370,6 +370,12 @@ def _remote_toml(r: dict[str, str]) -> str:
     return "[remote]\n" + "".join(f'{k} = "{v}"\n' for k, v in r.items())
 
 
+def store_init_command(opts: dict[str, str], root: str = "/var/lib/cowdisk-rbd") -> str:
+    """The command that makes a store on the cluster ``up`` started (it prints it;
+    tests/unit/test_docs.py parses it with the command line's parser)."""
+    return f"cowdisk --root {root} --backend rbd store init " + " ".join(f"-o {k}={v}" for k, v in opts.items())
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -389,8 +395,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(opts))
             if a.rgw:
                 print(_remote_toml(c.start_rgw()))
-            print(f"cluster up in {time.monotonic() - t0:.1f} s; try it:\n  cowdisk --root /var/lib/cowdisk-rbd "
-                  f"store init --backend rbd " + " ".join(f"--backend-option {k}={v}" for k, v in opts.items()),
+            print(f"cluster up in {time.monotonic() - t0:.1f} s; try it:\n  {store_init_command(opts)}",
                   file=sys.stderr)
         elif a.cmd == "rgw":
             print(_remote_toml(c.start_rgw()))

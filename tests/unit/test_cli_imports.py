@@ -18,9 +18,11 @@ with open(sys.argv[1], "w") as f:
     json.dump({"code": code, "modules": sorted(sys.modules)}, f)
 """
 
-HEAVY = ("rich", "sqlite3", "importlib.metadata", "cowdisk.store.core", "cowdisk.registry", "cowdisk.backends",
-         "cowdisk.kernel", "cowdisk.client", "cowdisk.drive", "cowdisk.daemon", "cowdisk.cache", "cowdisk.doctor")
-"""Nothing a bare start needs: the store and what is under it, rich, the client, metadata."""
+HEAVY = ("rich", "sqlite3", "ctypes", "importlib.metadata", "cowdisk.store.core", "cowdisk.registry",
+         "cowdisk.backends", "cowdisk.kernel.libc", "cowdisk.kernel.dm", "cowdisk.kernel.loop", "cowdisk.kernel.fs",
+         "cowdisk.client", "cowdisk.drive", "cowdisk.daemon", "cowdisk.cache", "cowdisk.doctor")
+"""Nothing a bare start needs: the store and what is under it, rich, the client, metadata
+(kernel.procfs, os and stat only, is light: store.manifest uses it)."""
 
 
 def _imported(tmp_path, *args: str) -> tuple[int, set[str]]:

@@ -24,7 +24,8 @@ EXIT_CODES: dict[int, tuple[str, str]] = {
     2: ("invalid argument or usage", "invalid argument (bad id, name, size, column, filter, backend mismatch) "
                                      "or a usage error of the parser (unknown option, bad value, missing argument)"),
     3: ("not found", "not found (volume, template, store, file)"),
-    4: ("kernel error", "kernel error (an ioctl or syscall failed; the errno is in the message)"),
+    4: ("kernel or object store error", "kernel error (an ioctl or syscall failed; the errno is in the message), "
+                                        "or the object store failed, refused, timed out or sent what fails its check"),
     5: ("already exists", "already exists"),
     6: ("in use", "in use (a VM holds the device, volumes use the template)"),
     7: ("wrong state", "wrong state for the operation (e.g. restore an attached volume)"),
@@ -83,7 +84,6 @@ def exit_codes_line() -> str:
 
 def exit_codes_table() -> str:
     types = error_types()
-    types.setdefault(2, []).append("a usage error of the parser is `InvalidArgument` too")
     rows = ["| code | meaning | raised as |", "| --- | --- | --- |"]
     for code, (_, long) in EXIT_CODES.items():
         raised = ", ".join(t if " " in t else f"`{t}`" for t in types.get(code, []))

@@ -17,9 +17,11 @@ daemon; the client waits for them (long-polling ``/v1/jobs/{id}``), feeds their 
 to ``progress`` as the library would, and cancels the job if the wait is interrupted
 (KeyboardInterrupt, or an exception raised by ``progress``).
 
-It uses only the standard library (``http.client`` over ``AF_UNIX``, one keep-alive
-connection per thread), so it imports in a few milliseconds and needs none of the
-daemon's dependencies. Paths in requests are the daemon's: an import source must lie
+It implements :class:`cowdisk.contract.StoreAPI`, as :class:`~cowdisk.store.Store`
+does. It uses only the standard library (its own HTTP/1.1 over ``AF_UNIX``, one
+keep-alive connection per thread) and imports only the contract, the model and the
+errors (none of the store, the registry, SQLite or the daemon), so it imports in a few
+milliseconds (``bench/startup.py``) and needs none of the daemon's dependencies. Paths in requests are the daemon's: an import source must lie
 under its ``import_roots``, a jail directory under its ``jail_roots``.
 """
 
@@ -27,25 +29,29 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import http.client
 import json
 import os
 import socket
 import threading
 import time
-import types
-import urllib.parse
-from typing import Any, Callable, Mapping, Self
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Self
+from urllib.parse import quote, urlencode
 
-from .backends import SharedVolume, Space, Usage
-from .daemon.protocol import API, DEFAULT_SOCKET, Unavailable, error_from_document
-from .errors import CowdiskError
+from .contract import API, DEFAULT_SOCKET, IMAGE_TRANSPORTS, LOCK_TIMEOUT_HEADER, check_backend
+from .errors import CowdiskError, Unavailable, error_from_document
+from .model import RecoveryReport, SharedVolume, Space, Template, Usage, Volume, VolumeState
 from .progress import Progress
-from .registry import VolumeState
-from .store.model import RecoveryReport, Template, Volume
+
+if TYPE_CHECKING:
+    from .contract import StoreAPI
 
 IDLE_RECONNECT = 10.0
 """Seconds after which an idle keep-alive connection is not trusted (the daemon closes at 30)."""
+
+
+class ProtocolError(ConnectionError):
+    """The daemon's answer is not HTTP/1.x as this client reads it, or the connection closed
+    in the middle of it."""
 
 
 def default_socket() -> str:
@@ -77,12 +83,13 @@ class _Conn:
             self.sock.close()
             self.sock = None
 
-    def request(self, method: str, path: str, body: bytes | None) -> tuple[int, bytes, bool]:
-        """Send one request, read its answer: (status, body, whether the server closes)."""
+    def request(self, method: str, path: str, body: bytes | None, extra: str = "") -> tuple[int, bytes, bool]:
+        """Send one request (``extra``: more header lines), read its answer: (status, body,
+        whether the server closes)."""
         if self.sock is None:
             self.connect()
         assert self.sock is not None
-        head = f"{method} {path} HTTP/1.1\r\nHost: cowdisk\r\n"
+        head = f"{method} {path} HTTP/1.1\r\nHost: cowdisk\r\n{extra}"
         if body is not None:
             head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
         elif method in ("POST", "PUT", "DELETE"):
@@ -96,12 +103,12 @@ class _Conn:
                 break
             chunk = self.sock.recv(65536)
             if not chunk:
-                raise http.client.RemoteDisconnected("the daemon closed the connection without an answer")
+                raise ProtocolError("the daemon closed the connection without an answer")
             buf += chunk
         lines = buf[:end].decode("latin-1").split("\r\n")
         parts = lines[0].split(" ", 2)
         if len(parts) < 2 or not parts[0].startswith("HTTP/1."):
-            raise http.client.BadStatusLine(lines[0])
+            raise ProtocolError(f"not an HTTP/1.x status line: {lines[0]!r:.80}")
         status = int(parts[1])
         length = -1
         close = parts[0] == "HTTP/1.0"
@@ -122,7 +129,7 @@ class _Conn:
             while len(rest) < length:
                 chunk = self.sock.recv(max(65536, length - len(rest)))
                 if not chunk:
-                    raise http.client.IncompleteRead(rest, length - len(rest))
+                    raise ProtocolError(f"the answer ended {length - len(rest)} bytes short")
                 rest += chunk
             payload = rest[:length]
         else:  # no length: the body runs to the end of the connection
@@ -150,7 +157,7 @@ class _Conn:
         assert self.sock is not None
         chunk = self.sock.recv(65536)
         if not chunk:
-            raise http.client.IncompleteRead(b"")
+            raise ProtocolError("a chunked answer ended early")
         return chunk
 
 
@@ -195,9 +202,13 @@ class Client:
     /run/cowdisk/cowdisk.sock). ``timeout`` bounds one request (a job is waited for in
     long-polls of at most 30 s each, without an overall bound)."""
 
-    def __init__(self, socket_path: str | None = None, *, timeout: float = 300.0) -> None:
+    def __init__(self, socket_path: str | None = None, *, timeout: float = 300.0,
+                 lock_timeout: float | None = None) -> None:
         self.socket = socket_path or default_socket()
         self.timeout = timeout
+        self.lock_timeout = lock_timeout
+        """Seconds each call may wait for a lock another caller holds (the daemon's
+        ``lock_timeout`` when None): sent with every request."""
         self._local = threading.local()
         self._health: dict[str, Any] | None = None
         self._docs: dict[str, dict[str, Any]] = {}
@@ -233,19 +244,20 @@ class Client:
         if query:
             q = {k: (str(v).lower() if isinstance(v, bool) else v) for k, v in query.items() if v is not None}
             if q:
-                path += "?" + urllib.parse.urlencode(q)
+                path += "?" + urlencode(q)
         data = None if body is None else json.dumps(body).encode()
+        extra = "" if self.lock_timeout is None else f"{LOCK_TIMEOUT_HEADER}: {self.lock_timeout:g}\r\n"
         for attempt in (0, 1):
             conn = self._conn()
             reused = conn.sock is not None
             try:
-                status, payload, will_close = conn.request(method, path, data)
+                status, payload, will_close = conn.request(method, path, data, extra)
             except (FileNotFoundError, ConnectionRefusedError) as e:
                 conn.close()
                 raise Unavailable(f"no cowdiskd answers on {self.socket}: {e.strerror}", op=f"{method} {path}",
                                   obj=self.socket, hint="start it (`cowdisk serve`, or systemctl start cowdisk), "
                                                         "or point COWDISK_SOCKET at its socket") from None
-            except (http.client.HTTPException, BrokenPipeError, ConnectionResetError) as e:
+            except (ProtocolError, BrokenPipeError, ConnectionResetError) as e:
                 conn.close()
                 if attempt == 0 and reused:
                     continue  # the daemon closed an idle keep-alive connection first: once more, fresh
@@ -329,10 +341,10 @@ class Client:
         return str((self._health or self.health())["store_id"])
 
     @property
-    def backend(self) -> Any:
+    def backend(self) -> "_Backend":
         """What the store's backend is: ``.name`` and ``.block_device`` (a dm device, or a file)."""
         h = self._health or self.health()
-        return types.SimpleNamespace(name=h["backend"], block_device=bool(h.get("block_device")))
+        return _Backend(str(h["backend"]), bool(h.get("block_device")))
 
     def link_path(self, vid: str) -> str:
         """The stable link of volume ``vid`` (whether or not it exists), as the store names it."""
@@ -376,8 +388,8 @@ class Client:
     def recover(self) -> RecoveryReport:
         return to_report(self.call("POST", f"{API}/recover"))
 
-    def gc(self) -> RecoveryReport:
-        return to_report(self.call("POST", f"{API}/gc"))
+    def gc(self, *, purge: bool = False, older_than_s: float = 86400.0) -> RecoveryReport:
+        return to_report(self.call("POST", f"{API}/gc", query={"purge": purge, "older_than": older_than_s}))
 
     # -- templates -------------------------------------------------------------------
 
@@ -493,11 +505,19 @@ class Client:
         return out
 
 
+class _Backend:
+    """:class:`cowdisk.contract.BackendInfo` of a daemon's store."""
+
+    __slots__ = ("name", "block_device")
+
+    def __init__(self, name: str, block_device: bool) -> None:
+        self.name = name
+        self.block_device = block_device
+
+
 def _q(s: str) -> str:
-    return urllib.parse.quote(s, safe="")
+    return quote(s, safe="")
 
-
-IMAGE_TRANSPORTS = ("oci", "oci-archive", "docker-archive")
 
 
 def _abs_image(ref: str) -> str:
@@ -510,10 +530,13 @@ def _abs_image(ref: str) -> str:
 
 
 
-def for_root(root: str, say: Callable[[str], None] | None = None, socket_path: str | None = None) -> Client | None:
+def for_root(root: str, say: Callable[[str], None] | None = None, socket_path: str | None = None, *,
+             backend: str = "auto", lock_timeout: float | None = None) -> Client | None:
     """A Client when a daemon answers on ``socket_path`` (default ``COWDISK_SOCKET`` or
     /run/cowdisk/cowdisk.sock) and serves the store at ``root``; else None. The command
-    line calls this before it opens a store itself; ``say`` is told which it is (``-v``)."""
+    line calls this before it opens a store itself; ``say`` is told which it is (``-v``).
+    ``backend`` (``--backend``) is refused as opening the store refuses it when the
+    store uses another; ``lock_timeout`` bounds each call's lock waits in the daemon."""
     sock = socket_path or default_socket()
     if not os.path.exists(sock):
         if say:
@@ -532,9 +555,18 @@ def for_root(root: str, say: Callable[[str], None] | None = None, socket_path: s
         if say:
             say(f"cowdiskd on {sock} serves {h.get('root')}, not {root}: opening the store directly")
         return None
+    try:
+        check_backend(root, str(h.get("backend")), backend)
+    except CowdiskError:
+        c.close()
+        raise
     if say:
         say(f"using cowdiskd (PID {h.get('pid')}) on {sock} for the store at {root}")
+    c.lock_timeout = lock_timeout
     return c
 
+
+if TYPE_CHECKING:
+    _contract: type[StoreAPI] = Client  # mypy: the client keeps the store's contract
 
 __all__ = ["Client", "for_root", "default_socket", "to_template", "to_volume", "to_usage", "to_report"]

@@ -8,7 +8,6 @@ migrations applied on open.
 
 from __future__ import annotations
 
-import enum
 import errno
 import fcntl
 import json
@@ -25,6 +24,7 @@ from typing import Any, Iterator
 from .errors import AlreadyExists, CowdiskError, KernelError, LockTimeout, NotFound, RegistryDamaged, StateError
 from .kernel.procfs import process_alive, process_start
 from .locks import describe_holders
+from .model import VolumeState as VolumeState
 
 log = logging.getLogger(__name__)
 
@@ -100,20 +100,6 @@ MIGRATIONS: list[list[str]] = [
 ]
 assert len(MIGRATIONS) == SCHEMA_VERSION
 
-
-
-class VolumeState(enum.StrEnum):
-    """A volume's state. Operations come in trying/done pairs (containerd's devmapper
-    ``DeviceState``): the trying state is committed with the operation's intent before
-    the kernel is touched, the done state with the end of the intent."""
-
-    CREATING = "creating"  # trying: create, restore as a new id, fork (done: attached)
-    ATTACHED = "attached"
-    CHECKPOINTING = "checkpointing"  # trying: checkpoint (done: checkpointed)
-    CHECKPOINTED = "checkpointed"
-    RESTORING = "restoring"  # trying: restore in place (done: attached)
-    REMOVING = "removing"  # trying: remove (done: the row is gone)
-    ERROR = "error"  # recovery could not bring it back; a person looks, `volume rm` clears it
 
 
 CREATING = VolumeState.CREATING

@@ -87,6 +87,7 @@ from dataclasses import dataclass, field
 from typing import Callable, ClassVar, ContextManager, Iterator, Mapping, Protocol, Self
 
 from ..errors import InvalidArgument
+from ..model import SharedVolume as SharedVolume, Space as Space, Usage as Usage  # the callers' types
 from ..progress import Progress
 
 
@@ -159,71 +160,6 @@ def check_options(name: str, env: BackendEnv, known: frozenset[str] = frozenset(
     if unknown:
         raise InvalidArgument(f"backend {name}: unknown option(s) {', '.join(unknown)}", op="open store",
                               obj=env.root, hint=f"{name} reads {', '.join(sorted(known)) or 'no options'}")
-
-
-@dataclass(frozen=True)
-class Usage:
-    """What a volume costs. ``disk_bytes`` is real allocation (st_blocks), not apparent size."""
-
-    disk_bytes: int
-    apparent_bytes: int
-    exclusive_bytes: int | None = None
-    shared_bytes: int | None = None
-    cow_used_bytes: int | None = None
-    cow_total_bytes: int | None = None
-    health: str = "ok"
-
-    @property
-    def own_bytes(self) -> int:
-        """What this volume alone costs on disk: its exclusive bytes where blocks can be
-        shared (reflink), else its allocated bytes (a COW file, a copy)."""
-        return self.exclusive_bytes if self.exclusive_bytes is not None else self.disk_bytes
-
-
-@dataclass(frozen=True)
-class Space:
-    """One area a store's writes fill, and how full it is: the filesystem holding the
-    data, and a backend's own (dm-thin's pool data and metadata, the embedded xfs pool).
-    ``state`` is ``ok`` or what the kernel says instead (a thin pool ``out_of_data_space``,
-    ``read_only``, ``needs_check``)."""
-
-    area: str
-    used_bytes: int
-    total_bytes: int
-    state: str = "ok"
-    detail: str = ""
-
-    @property
-    def pct(self) -> float:
-        return 100.0 * self.used_bytes / self.total_bytes if self.total_bytes else 0.0
-
-    def as_dict(self) -> dict[str, object]:
-        return {"area": self.area, "used_bytes": self.used_bytes, "total_bytes": self.total_bytes,
-                "pct": round(self.pct, 1), "state": self.state, "detail": self.detail}
-
-
-@dataclass(frozen=True)
-class SharedVolume:
-    """A volume as the shared place (a Ceph pool) records it, whichever store made it."""
-
-    id: str
-    size: int
-    template_id: str
-    template_digest: str
-    """The template's full sha256 ("" when its image does not record it)."""
-    template_size: int
-    owner: str
-    """``<store tag>@<host>`` of the store whose registry governs the volume, once a store
-    adopted it ("": the store that made it, the only one whose registry has it)."""
-    holder: str
-    """``<store tag>@<host>`` of the store that has it attached ("" when none does)."""
-    clients: tuple[str, ...] = ()
-    """Addresses of the clients that have it open right now (a VMM, a mapping daemon)."""
-
-    def as_dict(self) -> dict[str, object]:
-        return {"id": self.id, "size": self.size, "template_id": self.template_id,
-                "template_digest": self.template_digest, "template_size": self.template_size,
-                "owner": self.owner, "holder": self.holder, "clients": list(self.clients)}
 
 
 @dataclass(frozen=True)

@@ -36,11 +36,12 @@ import tarfile
 from dataclasses import dataclass
 from typing import Any
 
+from ..contract import IMAGE_TRANSPORTS
 from ..errors import CowdiskError, InvalidArgument, KernelError, NotFound, Unsupported
 from ..progress import Progress, stage
 from .mkfs import c_env, run
 
-TRANSPORTS = ("oci", "oci-archive", "docker-archive")
+TRANSPORTS = IMAGE_TRANSPORTS
 REF_NAME = "org.opencontainers.image.ref.name"
 MANIFEST_TYPES = ("application/vnd.oci.image.manifest.v1+json",
                   "application/vnd.docker.distribution.manifest.v2+json")

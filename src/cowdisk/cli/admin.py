@@ -14,10 +14,10 @@ REPORT_KEYS = ("rolled_back", "finished", "reactivated", "orphans_removed", "ado
 """The keys of a recovery report, in order: what ``recover``/``gc`` print on a root with no store."""
 
 if TYPE_CHECKING:
-    from ..store import Store
+    from ..contract import StoreAPI
 
 
-def _maintain(app: App, what: str, run: Callable[[Store], Any], have: Any = None) -> None:
+def _maintain(app: App, what: str, run: Callable[[StoreAPI], Any], have: Any = None) -> None:
     """Run ``recover`` or ``gc`` (which recover themselves) and report; exit 1 if a repair failed."""
     if have is not None:
         rep: dict[str, Any] = have.as_dict()
@@ -65,7 +65,7 @@ def recover(app: App, rebuild_registry: bool) -> None:
             app.info(f"kept the damaged registry file as {m}")
         _maintain(app, "recover", lambda _s: rep, have=rep)
         return
-    _maintain(app, "recover", Store.recover)
+    _maintain(app, "recover", lambda s: s.recover())
 
 
 @click.command(cls=CowdiskCommand)

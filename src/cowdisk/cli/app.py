@@ -31,6 +31,8 @@ from ..units import parse_size as parse_size
 if TYPE_CHECKING:  # imported when a command needs them (start-up: bench/startup.py)
     from rich.console import Console
 
+    from ..contract import StoreAPI
+
     from ..store import Store
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -168,7 +170,8 @@ class App:
         self.command = ""
         self.tty = sys.stdout.isatty()
         self.interactive = sys.stderr.isatty() and os.environ.get("TERM") != "dumb"
-        self._store: Store | None = None
+        self._store: StoreAPI | None = None
+        self._direct: Store | None = None
         self._out: Console | None = None
         self._err: Console | None = None
 
@@ -199,28 +202,46 @@ class App:
 
         return store_exists(self.root)
 
-    def store(self, *, create: bool = False, recover: bool = True) -> Store:
-        """The store at ``--root``: the one place the command line opens a store. Only
-        commands that import or build may create one; ``--timeout`` bounds its lock waits.
+    def store(self, *, create: bool = False, recover: bool = True) -> StoreAPI:
+        """The store at ``--root``, as the one contract (:class:`cowdisk.contract.StoreAPI`):
+        through the daemon that serves it when one answers (``COWDISK_SOCKET``), else the
+        store opened here. The one place the command line opens a store. Only commands that
+        import or build may create one; ``--timeout`` bounds its lock waits.
 
         Opening a store runs recovery; ``recover``/``gc`` open it with ``recover=False`` and
         run it themselves, so that they can report what it did."""
         if self._store is None:
-            if not create and not self.has_store():
+            if self.has_store():  # a daemon serving this store answers: go through it (issue 12)
+                from ..client import for_root
+
+                client = for_root(self.root, self.info if self.verbose else None, backend=self.backend,
+                                  lock_timeout=self.timeout)
+                if client is not None:
+                    self._store = client
+                    return client
+            elif not create:
                 raise NotFound(f"no cowdisk store at {self.root}", op="open store", obj=self.root,
                                hint="build or import a template first (`cowdisk template build DIR`), or make "
                                     "an empty one with `cowdisk --backend NAME store init`, or point --root / "
                                     "COWDISK_ROOT at an existing store")
-            if recover and not create:  # a daemon serving this store answers: go through it (issue 12)
-                from ..client import for_root
-                self._store = for_root(self.root, self.info if self.verbose else None)  # type: ignore[assignment]
-                if self._store is not None:
-                    return self._store
             from ..store import Store
 
             kw: dict[str, Any] = {} if self.timeout is None else {"lock_timeout": self.timeout}
             self._store = Store(self.root, backend=self.backend, recover=recover, **kw)
         return self._store
+
+    def direct_store(self) -> Store:
+        """The store at ``--root`` opened here, also beside a daemon serving it (the same
+        locks keep them apart): for the commands the contract has no operation for yet
+        (template push, pull, ls --remote). NotFound when there is no store."""
+        if not self.has_store():
+            self.store()  # raises NotFound with the hint
+        if self._direct is None:
+            from ..store import Store
+
+            kw: dict[str, Any] = {} if self.timeout is None else {"lock_timeout": self.timeout}
+            self._direct = Store(self.root, backend=self.backend, **kw)
+        return self._direct
 
     def deadline(self) -> dict[str, float]:
         """``deadline_s`` for operations that wait for a busy device (``--timeout``)."""
@@ -230,6 +251,9 @@ class App:
         if self._store is not None:
             self._store.close()
             self._store = None
+        if self._direct is not None:
+            self._direct.close()
+            self._direct = None
 
     # -- output ------------------------------------------------------------------------
 

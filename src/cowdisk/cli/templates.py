@@ -15,6 +15,7 @@ from .app import (App, Column, CowdiskSubGroup, complete_templates, human_bytes,
                   pass_app, select_columns, when)
 
 if TYPE_CHECKING:
+    from ..contract import StoreAPI
     from ..progress import Progress
     from ..store import Store, Template
 
@@ -42,7 +43,7 @@ def template_ref(ref: str) -> str:
     return validate_id(ref, "template name or id")
 
 
-def show_template(app: App, store: Store, t: Template, title: str) -> None:
+def show_template(app: App, store: StoreAPI, t: Template, title: str) -> None:
     d = store.template_doc(t)
     if app.json:
         app.emit(d)
@@ -83,11 +84,13 @@ def template_import(app: App, image: str, name: str | None, adopt: bool) -> None
                   lambda store, progress: store.import_template(image, name, adopt=adopt, progress=progress))
 
 
-def _new_template(app: App, name: str | None, what: str, make: Callable[[Store, Progress], Template]) -> None:
-    """Check the name, open (or create) the store, make the template with a progress bar, show it."""
+def _new_template(app: App, name: str | None, what: str, make: Callable[[Any, Progress], Template], *,
+                  direct: bool = False) -> None:
+    """Check the name, open (or create) the store, make the template with a progress bar, show
+    it. ``direct``: the store opened here even beside a daemon (an operation not in the contract)."""
     if name is not None:
         validate_id(name, "template name")
-    store = app.store(create=True)
+    store: StoreAPI = app.direct_store() if direct and app.has_store() else app.store(create=True)
     with app.progress(what) as progress:
         t = make(store, progress)
     show_template(app, store, t, f"template {t.id}")
@@ -144,7 +147,7 @@ REMOTE_COLUMNS = [Column("manifest", human=lambda d: str(d)[:16]), Column("templ
 def _local_store(app: App) -> Store:
     """The store itself, also beside a daemon serving it (the same locks): the object-store
     calls are not in the daemon's API. NotFound when there is no store."""
-    return app.store(create=app.has_store())
+    return app.direct_store()
 
 
 @template.command("push")
@@ -192,7 +195,7 @@ def template_pull(app: App, source: str, name: str | None, at: str | None) -> No
       cowdisk template pull 9f86d081 --name base
     """
     _new_template(app, name, f"pull {source}",
-                  lambda store, progress: store.pull_template(source, name, at=at, progress=progress))
+                  lambda store, progress: store.pull_template(source, name, at=at, progress=progress), direct=True)
 
 
 @template.command("ls")

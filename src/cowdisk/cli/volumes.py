@@ -16,7 +16,8 @@ from .app import (App, Column, CowdiskSubGroup, LazyChoice, complete_templates, 
 from .templates import show_template, template_ref
 
 if TYPE_CHECKING:
-    from ..store import Store, Volume
+    from ..contract import StoreAPI
+    from ..store import Volume
 
 COLUMNS = [Column("id"), Column("state"), Column("backend"), Column("template_id", "template"),
            Column("size", human=human_bytes), Column("links", human=lambda ls: "\n".join(ls) or "-"),
@@ -30,7 +31,7 @@ USAGE_COLUMNS = [Column("id"), Column("state"), Column("template_id", "template"
                  Column("cow_used_bytes", default=False), Column("cow_total_bytes", default=False)]
 
 
-def _show_volume(app: App, store: Store, v: Volume, title: str, extra: dict[str, Any] | None = None) -> None:
+def _show_volume(app: App, store: StoreAPI, v: Volume, title: str, extra: dict[str, Any] | None = None) -> None:
     d = v.as_dict()
     if extra:
         d.update(extra)

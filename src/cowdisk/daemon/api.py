@@ -29,6 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import drive as drive_mod
+from ..contract import LOCK_TIMEOUT_HEADER
 from ..errors import CowdiskError, InvalidArgument, NotFound
 from ..store import Store, fork_ids, validate_id
 from . import calls
@@ -39,7 +40,7 @@ from .jobs import Job, JobContext, Jobs
 from .metrics import VERSION, Metrics
 from .protocol import API, Cancelled, Forbidden, error_document, status_of
 from .security import UNKNOWN, Peer, check_path, check_peer
-from .workers import Pool, RemoteInternal
+from .workers import CALL_SCOPE, Pool, RemoteInternal
 
 T = TypeVar("T")
 
@@ -153,8 +154,30 @@ def peer_of(request: Request) -> Peer:
     return _peer(request.scope)
 
 
+_LOCK_TIMEOUT = LOCK_TIMEOUT_HEADER.lower().encode()
+MAX_LOCK_TIMEOUT = 3600.0
+
+
+def call_scope(scope: Scope) -> dict[str, Any]:
+    """The store scope a request asks for (:meth:`cowdisk.store.Store.scoped`): its
+    ``X-Cowdisk-Lock-Timeout`` (seconds, 0 to an hour)."""
+    for k, v in scope["headers"]:
+        if k == _LOCK_TIMEOUT:
+            try:
+                t = float(v)
+            except ValueError:
+                t = -1.0
+            if not 0 <= t <= MAX_LOCK_TIMEOUT:
+                raise InvalidArgument(f"{LOCK_TIMEOUT_HEADER} {v.decode(errors='replace')!r}: seconds from 0 to "
+                                      f"{MAX_LOCK_TIMEOUT:g}", op=f"{scope['method']} {scope['path']}",
+                                      obj=LOCK_TIMEOUT_HEADER)
+            return {"lock_timeout": t}
+    return {}
+
+
 class PeerGate:
-    """ASGI middleware: the allowlist, before anything else runs (403, nothing changes)."""
+    """ASGI middleware: the allowlist, before anything else runs (403, nothing changes);
+    then the request's store scope (:func:`call_scope`) for every store call made for it."""
 
     def __init__(self, app: ASGIApp, cfg: Config) -> None:
         self.app = app
@@ -170,6 +193,12 @@ class PeerGate:
                     "op": f"{scope.get('method')} {scope.get('path')}", "result": "Forbidden",
                     "peer": peer.as_dict()}})
                 await JSONResponse(error_document(e), status_code=403)(scope, receive, send)
+                return
+        if scope["type"] == "http":
+            try:
+                CALL_SCOPE.set(call_scope(scope))
+            except CowdiskError as e:
+                await JSONResponse(error_document(e), status_code=status_of(e))(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 
@@ -386,9 +415,11 @@ def create_app(svc: Service) -> FastAPI:
         return J(await svc.call("recover", store.root, peer_of(request), calls.recover))
 
     @app.post(f"{API}/gc", response_model=m.RecoveryReportOut, tags=["service"], responses=ERRORS)
-    async def gc(request: Request) -> JSONResponse:
-        """Recover, then remove templates that no volume uses and that have no name."""
-        return J(await svc.call("gc", store.root, peer_of(request), calls.gc))
+    async def gc(request: Request, purge: bool = Query(False, description=(
+            "Also delete quarantined data older than older_than")),
+                 older_than: float = Query(86400.0, ge=0, description="Seconds (with purge)")) -> JSONResponse:
+        """Recover, then remove templates that no volume uses and that have no name (`cowdisk gc`)."""
+        return J(await svc.call("gc", store.root, peer_of(request), calls.gc, purge, older_than))
 
     @app.get(f"{API}/store", response_model=m.StoreInfoOut, tags=["service"], responses=ERRORS)
     async def store_info() -> JSONResponse:

@@ -32,8 +32,8 @@ def recover(store: Store) -> dict[str, Any]:
     return store.recover().as_dict()
 
 
-def gc(store: Store) -> dict[str, Any]:
-    return store.gc().as_dict()
+def gc(store: Store, purge: bool = False, older_than_s: float = 86400.0) -> dict[str, Any]:
+    return store.gc(purge=purge, older_than_s=older_than_s).as_dict()
 
 
 def templates(store: Store) -> dict[str, Any]:

@@ -46,6 +46,7 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
+import contextvars
 import ctypes
 import gc
 import itertools
@@ -70,6 +71,11 @@ log = logging.getLogger("cowdisk.daemon.workers")
 
 T = TypeVar("T")
 Call = Callable[..., Any]
+
+CALL_SCOPE: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("cowdisk_call_scope", default={})
+"""The scope of the request being answered (:meth:`cowdisk.store.Store.scoped`'s keywords:
+the caller's ``lock_timeout``), set by the API for each request; every store call made for
+it runs inside it, in whichever worker."""
 
 _LEN = struct.Struct("!I")
 RECOVERY = ("recover", "store after a worker died")
@@ -239,11 +245,12 @@ class _Served:
                     self.free += 1
 
     def _answer(self, msg: tuple[Any, ...]) -> None:
-        cid, fn, args, kwargs = msg
+        cid, fn, args, kwargs, scope = msg
         out: tuple[Any, ...]
         t0 = time.perf_counter()
         try:
-            value = fn(self.store, *args, **kwargs)
+            with self.store.scoped(**scope):
+                value = fn(self.store, *args, **kwargs)
             out = (cid, "ok", value, time.perf_counter() - t0)
         except CowdiskError as e:
             out = (cid, "err", error_document(e), False, time.perf_counter() - t0)
@@ -535,13 +542,16 @@ class Pool:
         ``what`` (op, object) names the call in a WorkerDied error; ``info`` gets the
         call's own seconds in the store (``store_s``) and the worker's PID (``worker``)."""
         loop = asyncio.get_running_loop()
+        scope = CALL_SCOPE.get()
         if self._threads is not None:
             store = self.store
+            assert store is not None
 
             def timed() -> Any:
                 t0 = time.perf_counter()
                 try:
-                    return fn(store, *args, **kwargs)
+                    with store.scoped(**scope):
+                        return fn(store, *args, **kwargs)
                 finally:
                     if info is not None:
                         info["store_s"] = time.perf_counter() - t0
@@ -553,7 +563,7 @@ class Pool:
                 self._in_threads -= 1
         w = await self._take()
         try:
-            answer = await (await w.connect(self._freed)).call((fn, args, kwargs))
+            answer = await (await w.connect(self._freed)).call((fn, args, kwargs, scope))
         except (ConnectionError, EOFError, OSError) as e:
             await self._lost(w, e, what)
             raise AssertionError("unreachable") from None
@@ -663,7 +673,7 @@ def _frame(obj: Any) -> bytes:
     return _LEN.pack(len(data)) + data
 
 
-__all__ = ["Pool", "RemoteInternal"]
+__all__ = ["Pool", "RemoteInternal", "CALL_SCOPE"]
 
 if __name__ == "__main__":
     main(sys.argv)

@@ -33,7 +33,7 @@ import os
 import shutil
 import sqlite3
 import time
-from typing import Any, Callable, Iterator, Mapping, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, TypeVar
 
 from .. import failpoints
 from ..backends import SharedVolume, Space, Usage, VolumeCtx, explain
@@ -845,3 +845,8 @@ def release_pool(root: str) -> list[str]:
         errors.append(f"{pool.mnt} is still mounted")
     return errors
 
+
+if TYPE_CHECKING:
+    from ..contract import StoreAPI
+
+    _contract: type[StoreAPI] = Store  # mypy: the library keeps its own contract

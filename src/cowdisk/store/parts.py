@@ -12,12 +12,14 @@ import secrets
 import json
 import logging
 import shutil
+import threading
 import time
 from types import TracebackType
 from typing import Any, Callable, Iterator, Mapping, Self, cast
 
 
 from .. import failpoints
+from ..contract import check_backend
 from ..backends import Backend, BackendEnv, TemplateRef, VolumeCtx, backend_class, explain
 from ..errors import CowdiskError, InUse, InvalidArgument, KernelError, NotFound, RegistryDamaged, Unsupported
 from ..kernel import procfs
@@ -124,6 +126,7 @@ class StoreParts:
                  backend_options: Mapping[str, str] | None = None, rebuild: bool = False) -> None:
         self.root = os.path.abspath(root or default_root())
         self.lock_timeout = lock_timeout
+        self._scope = threading.local()
         self.daemon: int | None = None
         """The PID of the cowdiskd this Store works for (the daemon sets it on its own stores and
         its workers'): what would pull the store from under a daemon is allowed to that one."""
@@ -158,9 +161,8 @@ class StoreParts:
         if recorded is None and known is not None and rebuild:  # the lost registry's choice
             recorded = self.registry.set_meta_default("backend", str(known["backend"]))
             self.registry.set_meta_default("backend_options", json.dumps(known.get("backend_options") or {}))
-        if recorded is not None and backend not in ("auto", recorded):
-            raise InvalidArgument(f"store {self.root} uses backend {recorded}, not {backend}",
-                                  op="open store", obj=self.root, hint="use another --root for another backend")
+        if recorded is not None:
+            check_backend(self.root, recorded, backend)
         chosen = recorded or (explain(self.root)[0] if backend == "auto" else backend)
         if recorded is None and backend != "auto":  # a new store: refuse what cannot work here
             ok, why = backend_class(chosen).available(self.root)
@@ -272,11 +274,25 @@ class StoreParts:
     def link_path(self, vid: str) -> str:
         return os.path.join(self.root, "links", vid, "rootfs")
 
+    @contextlib.contextmanager
+    def scoped(self, *, lock_timeout: float | None = None) -> Iterator[None]:
+        """Run the calls this thread makes inside the block for one caller: ``lock_timeout``
+        bounds their lock waits (the store's own when None). The daemon runs each request
+        inside its caller's scope (a worker serves many callers with one Store)."""
+        old = getattr(self._scope, "lock_timeout", None)
+        self._scope.lock_timeout = lock_timeout if lock_timeout is not None else old
+        try:
+            yield
+        finally:
+            self._scope.lock_timeout = old
+
     def lock(self, kind: str, name: str) -> FileLock:
         path = os.path.join(self.root, "locks", f"{kind}-{name}.lock")
+        timeout = getattr(self._scope, "lock_timeout", None)
+        timeout = self.lock_timeout if timeout is None else timeout
         if kind == "volume":
-            return _VolumeLock(path, self.registry, name, timeout=self.lock_timeout, what=f"{kind} {name}")
-        return FileLock(path, timeout=self.lock_timeout, what=f"{kind} {name}")
+            return _VolumeLock(path, self.registry, name, timeout=timeout, what=f"{kind} {name}")
+        return FileLock(path, timeout=timeout, what=f"{kind} {name}")
 
     def ctx(self, v: VolumeRow, t: TemplateRow | None = None, *, op: str = "",
              progress: Progress | None = None) -> VolumeCtx:

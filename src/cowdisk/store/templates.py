@@ -25,7 +25,7 @@ from ..locks import FileLock
 from ..progress import Progress, stage
 from ..registry import Registry, TemplateRow
 from . import manifest
-from .model import Template, validate_id
+from .model import Template, template_of, validate_id
 
 if TYPE_CHECKING:
     from ..backends import VolumeCtx
@@ -98,11 +98,11 @@ class Templates:
     # -- reading -----------------------------------------------------------------------
 
     def list(self) -> list[Template]:
-        return [Template.of(t, self.registry.template_users(t.id)) for t in self.registry.templates()]
+        return [template_of(t, self.registry.template_users(t.id)) for t in self.registry.templates()]
 
     def get(self, ref: str) -> Template:
         t = self.registry.get_template(ref)
-        return Template.of(t, self.registry.template_users(t.id))
+        return template_of(t, self.registry.template_users(t.id))
 
     def usage(self, ref: str) -> int:
         """Bytes the template's file really takes on disk (st_blocks); 0 for a template

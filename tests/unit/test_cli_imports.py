@@ -44,7 +44,7 @@ def test_version_imports_click_and_the_root_only(tmp_path) -> None:
     assert _heavy(mods) == []
     ours = {m for m in mods if m.startswith("cowdisk")}
     assert ours <= {"cowdisk", "cowdisk.errors", "cowdisk.progress", "cowdisk.store", "cowdisk.store.model",
-                    "cowdisk.cli", "cowdisk.cli.app", "cowdisk.units"}, sorted(ours)
+                    "cowdisk.model", "cowdisk.cli", "cowdisk.cli.app", "cowdisk.units"}, sorted(ours)
     assert not {"cowdisk.cli.volumes", "cowdisk.cli.templates", "cowdisk.cli.serve", "cowdisk.cli.demo"} & mods
 
 

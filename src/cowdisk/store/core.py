@@ -545,8 +545,13 @@ class Store(StoreParts):
             def undo(row: VolumeRow, intent: int, data: Mapping[str, Any]) -> None:
                 recovery.HANDLERS[FORK.name](self, intent, data, row, by_id[row.id])
 
+            done: dict[str, VolumeRow] = {}
+
+            def write_done(n: str) -> None:  # the manifest from what was just committed, not read back
+                self.write_manifest(n, known=(done[n], t, [(self.link_path(n), done[n].device or "")]))
+
             with Batch(self.registry, FORK, rows, data={"source": vid, "batch": ids}, undo=undo,
-                       on_change=self.write_manifest) as tr:
+                       on_change=write_done) as tr:
                 tr.step("copy", self.backend.copy_data, self.ctx(src, t), ctxs[0],
                         src_attached=src.state == ATTACHED)
                 tr.step("copies", self._copies_like, self.ctx(src, t), ctxs[0], ctxs[1:])
@@ -555,8 +560,9 @@ class Store(StoreParts):
                     tr.step("identity", lambda: [identity.reset(devs[n], n, hostnames[n]) for n in ids])
                 # the links' rows are committed with the done states (the undo removes each link directory)
                 tr.step("link", self._links, devs, record=False)
+                done.update({r.id: dataclasses.replace(r, state=ATTACHED, device=devs[r.id]) for r in rows})
                 tr.finish(lambda: self._links(devs, files=False), fields={n: {"device": devs[n]} for n in ids})
-        return [self.volume(n) for n in ids]
+        return [self._to_volume(done[n]) for n in ids]
 
     def _links(self, devs: Mapping[str, str], *, record: bool = True, files: bool = True) -> None:
         """Each new volume's own stable link to its device (``files=False``: only the rows)."""

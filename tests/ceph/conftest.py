@@ -48,6 +48,27 @@ def rgw(ceph_cluster):
     ceph_cluster.stop_rgw()
 
 
+@pytest.fixture
+def hosts(tmp_path, rgw):
+    """Stores A and B (two hosts), each with the remote config and one fresh prefix in the
+    bucket; destroyed afterwards (lazy templates' servers and caches included)."""
+    import secrets
+
+    from cowdisk.store import Store
+    from remoteutil import write_config
+
+    prefix = f"t-{secrets.token_hex(4)}"
+    stores = []
+    for name in ("host-a", "host-b"):
+        root = str(tmp_path / name)
+        write_config(root, rgw, prefix)
+        stores.append(Store(root, backend="copy"))
+    yield stores[0], stores[1], prefix
+    for s in stores:
+        s.destroy()
+        s.close()
+
+
 def _end_mappings(conf: str) -> list[str]:
     """End the qemu-storage-daemons still serving images of this session's cluster (a
     failed test left them): SIGTERM by PID, found by the cluster's conf path in their

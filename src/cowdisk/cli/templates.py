@@ -150,6 +150,13 @@ def _local_store(app: App) -> Store:
     return app.direct_store()
 
 
+LAZY_COLUMNS = [Column("manifest", human=lambda d: str(d)[:16]), Column("template", human=lambda d: str(d)[:16]),
+                Column("size", human=human_bytes), Column("cached_bytes", "cached", human=human_bytes),
+                Column("cached_chunks", "chunks"), Column("data_chunks", "of"),
+                Column("pid", "server", human=lambda p: f"PID {p}" if p else "-"),
+                Column("url", default=False), Column("cache", default=False)]
+
+
 @template.command("push")
 @click.argument("ref", shell_complete=complete_templates)
 @click.option("--to", "to", metavar="URL", help="s3://BUCKET[/PREFIX] (default: the remote config's location).")
@@ -183,8 +190,11 @@ def template_push(app: App, ref: str, to: str | None) -> None:
 @click.option("--name", "-n", help="A name to refer to the template by.")
 @click.option("--from", "at", metavar="URL", help="Where to look a DIGEST up: s3://BUCKET[/PREFIX] "
                                                   "(default: the remote config's location).")
+@click.option("--lazy", is_flag=True, help="Fetch nothing now: serve it from its manifest (nbdkit on a unix "
+                                           "socket; chunks fetched, checked and cached when first read). Prints "
+                                           "its NBD URL.")
 @pass_app
-def template_pull(app: App, source: str, name: str | None, at: str | None) -> None:
+def template_pull(app: App, source: str, name: str | None, at: str | None, lazy: bool) -> None:
     """Pull a template from the object store into this store: every chunk's SHA-256 and the
     whole image's digest are checked before it is registered. SOURCE is the URL `template
     push` printed, or a manifest or template digest (a unique prefix will do).
@@ -193,7 +203,23 @@ def template_pull(app: App, source: str, name: str | None, at: str | None) -> No
     Example:
       cowdisk template pull s3://cowdisk-templates/prod/manifests/9f86d081... --name base
       cowdisk template pull 9f86d081 --name base
+      cowdisk template pull --lazy 9f86d081
     """
+    if lazy:
+        if name is not None:
+            raise InvalidArgument("template pull --lazy: --name is for pulled templates", op="pull template",
+                                  obj=source)
+        d = app.store(create=True).lazy_template(source, at=at)
+        if app.json:
+            app.emit(d)
+        elif app.quiet:
+            app.line(d["url"])
+        else:
+            app.kv(f"lazy template {d['manifest'][:16]}", {
+                "url": d["url"], "template": f"sha256:{d['template']}", "size": human_bytes(d["size"]),
+                "cached": f"{human_bytes(d['cached_bytes'])} ({d['cached_chunks']} of {d['data_chunks']} chunks)",
+                "cache": d["cache"], "server": f"nbdkit PID {d['pid']}"})
+        return
     _new_template(app, name, f"pull {source}",
                   lambda store, progress: store.pull_template(source, name, at=at, progress=progress), direct=True)
 
@@ -213,9 +239,12 @@ def template_pull(app: App, source: str, name: str | None, at: str | None) -> No
                                              "local, distinct_chunks, url).")
 @click.option("--from", "at", metavar="URL", help="With --remote: s3://BUCKET[/PREFIX] (default: the remote "
                                                   "config's location).")
+@click.option("--lazy", is_flag=True, help="List the lazy templates on this host instead: cached bytes, served or "
+                                           "not (columns: manifest, template, size, cached_bytes, cached_chunks, "
+                                           "data_chunks, url, pid).")
 @pass_app
 def template_ls(app: App, ids_only: bool, no_headings: bool, columns: str | None, filters: tuple[str, ...],
-                remote: bool, at: str | None) -> None:
+                remote: bool, at: str | None, lazy: bool) -> None:
     """List templates (with --remote: those in the object store).
 
     Off a terminal the table is tab-separated raw values (sizes in bytes), one line each.
@@ -231,7 +260,9 @@ def template_ls(app: App, ids_only: bool, no_headings: bool, columns: str | None
     """
     if at is not None and not remote:
         raise InvalidArgument("template ls: --from needs --remote", op="list templates", obj=at)
-    cols = REMOTE_COLUMNS if remote else COLUMNS
+    if remote and lazy:
+        raise InvalidArgument("template ls: --remote or --lazy, not both", op="list templates", obj="")
+    cols = REMOTE_COLUMNS if remote else LAZY_COLUMNS if lazy else COLUMNS
     only = select_columns(columns, cols)
     wanted = parse_filters(filters, cols)
     rows = []
@@ -242,6 +273,8 @@ def template_ls(app: App, ids_only: bool, no_headings: bool, columns: str | None
             from ..store.remote import remote_listing
 
             rows = [{**r, "local": False} for r in remote_listing(app.root, at)]
+    elif lazy:
+        rows = _local_store(app).lazy_templates() if app.has_store() else []
     elif app.has_store():
         store = app.store()
         rows = [store.template_doc(t) for t in store.templates()]
@@ -250,7 +283,7 @@ def template_ls(app: App, ids_only: bool, no_headings: bool, columns: str | None
         app.emit({"templates": rows})
     elif ids_only:
         for r in rows:
-            app.line(r["manifest" if remote else "id"])
+            app.line(r["manifest" if remote or lazy else "id"])
     else:
         app.listing(rows, cols, headings=not no_headings, only=only)
 

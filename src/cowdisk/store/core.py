@@ -192,6 +192,20 @@ class Store(StoreParts):
         ``at``), every chunk checked, into this store."""
         return RemoteTemplates(self.root, self._templates).pull(source, name, at=at, progress=progress)
 
+    def lazy_template(self, source: str, *, at: str | None = None, bound: float | None = None) -> dict[str, Any]:
+        """Serve a template of the object store lazily on this host (docs/remote.md): chunks
+        are fetched, checked and cached when first read; returns its document (``url``:
+        the NBD URL QEMU opens). ``bound``: seconds a chunk's fetch may take."""
+        return RemoteTemplates(self.root, self._templates).lazy(source, at=at, bound=bound)
+
+    def lazy_templates(self) -> list[dict[str, Any]]:
+        """The lazy templates on this host: cached bytes, served or not, counters."""
+        return RemoteTemplates(self.root, self._templates).lazy_templates()
+
+    def stop_lazy_template(self, manifest_digest: str) -> bool:
+        """Stop serving a lazy template (its cache stays for the next start)."""
+        return RemoteTemplates(self.root, self._templates).lazy_stop(manifest_digest)
+
     def remote_templates(self, url: str | None = None) -> list[dict[str, Any]]:
         """The templates in the object store at ``url`` (default: the remote config's)."""
         return RemoteTemplates(self.root, self._templates).listing(url)
@@ -728,6 +742,7 @@ class Store(StoreParts):
             self.remove_volume(v.id)
         for t in self.registry.templates():
             self.remove_template(t.id)
+        RemoteTemplates(self.root, self._templates).drop_lazy()
         self._templates.clean_cache()
         self.backend.destroy_store()
 

@@ -8,14 +8,19 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 from typing import TYPE_CHECKING, Any
 
 from ..digest import sha256_file
-from ..errors import TemplateChanged, Unsupported
+from ..errors import InvalidArgument, TemplateChanged, Unsupported
 from ..progress import Progress, stage
 from .model import Template, validate_id
 from .templates import Templates, is_held
+
+HEX64 = re.compile(r"^[0-9a-f]{64}$")
+LAZY = "lazy"
+"""``<data root>/lazy/<manifest digest>/``: a lazy template's cache (cowdisk.remote.cache)."""
 
 if TYPE_CHECKING:
     from ..remote.s3 import ObjectStore
@@ -100,6 +105,72 @@ class RemoteTemplates:
             t = self.templates.registry.find_template(r["template"][:16])
             r["local"] = t is not None and t.digest == r["template"]
         return rows
+
+
+    # -- lazy templates ------------------------------------------------------------------
+
+    def lazy_dir(self, manifest_digest: str = "") -> str:
+        if manifest_digest and not HEX64.match(manifest_digest):
+            raise InvalidArgument(f"lazy template {manifest_digest!r}: not a manifest digest (64 hex digits)",
+                                  op="find lazy template", obj=manifest_digest)
+        d = os.path.join(os.path.dirname(self.templates.dir), LAZY)
+        return os.path.join(d, manifest_digest) if manifest_digest else d
+
+    def lazy(self, source: str, *, at: str | None = None, bound: float | None = None) -> dict[str, Any]:
+        """Serve the template ``source`` names (as for :meth:`pull`) lazily on this host: its
+        manifest is fetched, its cache made (once per host: every later caller shares the
+        chunks it holds), and its nbdkit started (or found). Returns the served template's
+        document (``url``: ``nbd+unix:///?socket=...``)."""
+        from ..remote import load, split_manifest_url
+        from ..remote.cache import ChunkCache
+        from ..remote.lazy import serve
+        from ..remote.s3 import ObjectStore
+        from ..remote.transfer import fetch_manifest, resolve
+
+        split = split_manifest_url(source)
+        cfg = load(self.root, split[0] if split else at)
+        objects = ObjectStore(cfg)
+        m = fetch_manifest(objects, split[1]) if split else resolve(objects, source)
+        cache = self.lazy_dir(m.digest)
+        ChunkCache.create(cache, m)
+        serve(cache, cfg.source, cfg.location(), bound=bound if bound is not None else 3 * cfg.timeout)
+        return self.lazy_doc(m.digest)
+
+    def lazy_doc(self, manifest_digest: str) -> dict[str, Any]:
+        """A lazy template on this host: its manifest's summary, the bytes its cache holds,
+        whether (and where) it is served, the serving process's counters."""
+        from ..remote.cache import ChunkCache, parse_record
+        from ..remote.lazy import server, stats
+
+        cache = self.lazy_dir(manifest_digest)
+        m = ChunkCache.read_manifest(cache)
+        with open(os.path.join(cache, "held"), "rb") as f:
+            held = parse_record(f.read())
+        s = server(cache)
+        return {**m.as_dict(), "cache": cache, "cached_chunks": len(held),
+                "cached_bytes": sum(m.length(i) for i in held),
+                "data_chunks": len(m.chunks) - m.as_dict()["zero_chunks"],
+                "url": s.url if s else None, "pid": s.pid if s else None, "stats": stats(cache)}
+
+    def lazy_templates(self) -> list[dict[str, Any]]:
+        d = self.lazy_dir()
+        names = sorted(os.listdir(d)) if os.path.isdir(d) else []
+        return [self.lazy_doc(n) for n in names if len(n) == 64 and not n.startswith(".")]
+
+    def lazy_stop(self, manifest_digest: str) -> bool:
+        """Stop serving a lazy template (its cache stays); True when it was served."""
+        from ..remote.lazy import stop
+
+        return stop(self.lazy_dir(manifest_digest))
+
+    def drop_lazy(self) -> None:
+        """Stop every lazy template's server and delete the caches (store teardown)."""
+        from ..remote.lazy import stop
+
+        d = self.lazy_dir()
+        for name in sorted(os.listdir(d)) if os.path.isdir(d) else []:
+            stop(os.path.join(d, name))
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def remote_listing(root: str, url: str | None = None) -> list[dict[str, Any]]:

@@ -1,0 +1,228 @@
+"""A lazy template's local cache: the chunks of one template this host has fetched.
+
+One directory per template (by its manifest digest)::
+
+    manifest      the manifest's bytes (checked against the directory's name on open)
+    data          sparse file of the template's size: a held chunk's bytes at its offset
+    held          the record: one 8-byte entry per held chunk (index, check), appended
+    fetch.lock    record locks (byte N: chunk N): one fetcher per chunk across processes
+
+A read of a chunk the record does not list fetches it, checks its SHA-256 (the
+manifest's name for it), writes it into ``data``, fdatasyncs ``data``, and only then
+appends its entry to ``held`` and fdatasyncs that: a chunk is listed only once its
+bytes are on disk. A kill at any point leaves the cache whole: bytes written but not
+listed are fetched again (the same bytes), and a torn last entry (a kill inside the
+append) fails its check and is ignored. A chunk that fails its check, or whose fetch
+does not finish within the bound, is an error (EIO, ETIMEDOUT) to the reader: never
+wrong or zero data. Every process serving the template reads the same record, so a
+chunk fetched once serves every later volume on the host.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import contextlib
+import errno
+import fcntl
+import os
+import struct
+import threading
+import time
+import zlib
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+from ..errors import RemoteError
+from .chunks import Manifest, chunk_key, decode
+
+ENTRY = struct.Struct("<II")
+MAGIC = 0x636F7764  # "cowd"
+
+
+def _entry(index: int) -> bytes:
+    return ENTRY.pack(index, zlib.crc32(struct.pack("<II", index, MAGIC)))
+
+
+def parse_record(data: bytes) -> set[int]:
+    """The chunk indexes a record lists (a torn or damaged entry is skipped)."""
+    out = set()
+    for off in range(0, len(data) - len(data) % ENTRY.size, ENTRY.size):
+        index, check = ENTRY.unpack_from(data, off)
+        if check == zlib.crc32(struct.pack("<II", index, MAGIC)):
+            out.add(index)
+    return out
+
+
+@dataclass
+class Stats:
+    """What one process's cache did (the metrics)."""
+    fetched_chunks: int = 0
+    fetched_bytes: int = 0
+    """Bytes received from the object store (compressed)."""
+    cache_hits: int = 0
+    """Chunk reads served from the cache."""
+    remote_reads: int = 0
+    """Chunk reads that had to fetch."""
+    check_failures: int = 0
+    fetch_seconds: list[float] = field(default_factory=list)
+
+
+class ChunkCache:
+    """The cache of one template (``dir``), reading missing chunks through ``get``."""
+
+    def __init__(self, dir: str, manifest: Manifest, get: Callable[[str], bytes], *, where: Callable[[str], str],
+                 bound: float = 30.0) -> None:
+        """``get(key)``: the object's bytes (``key`` the chunk's key under the location);
+        ``where(key)``: its URL for errors; ``bound``: seconds a chunk's fetch may take."""
+        self.dir = dir
+        self.m = manifest
+        self._get = get
+        self._where = where
+        self.bound = bound
+        self.stats = Stats()
+        self._held: set[int] = set()
+        self._record_pos = 0
+        self._lock = threading.Lock()
+        self._chunk_locks: dict[int, threading.Lock] = {}
+        self._pool = cf.ThreadPoolExecutor(8, thread_name_prefix="cowdisk-fetch")
+        self._data = os.open(os.path.join(dir, "data"), os.O_RDWR | os.O_CLOEXEC)
+        self._record = os.open(os.path.join(dir, "held"), os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
+        self._flock = os.open(os.path.join(dir, "fetch.lock"), os.O_RDWR | os.O_CLOEXEC)
+        self.refresh()
+
+    @staticmethod
+    def create(dir: str, manifest: Manifest) -> None:
+        """Make the cache directory of ``manifest`` (once; an existing one is kept, whole)."""
+        os.makedirs(dir, mode=0o700, exist_ok=True)
+        mpath = os.path.join(dir, "manifest")
+        if not os.path.exists(mpath):
+            tmp = mpath + f".tmp-{os.getpid()}"
+            with open(tmp, "wb") as f:
+                f.write(manifest.to_bytes())
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, mpath)
+        for name in ("data", "held", "fetch.lock"):
+            fd = os.open(os.path.join(dir, name), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                if name == "data" and os.fstat(fd).st_size != manifest.size:
+                    os.ftruncate(fd, manifest.size)
+            finally:
+                os.close(fd)
+
+    @staticmethod
+    def read_manifest(dir: str) -> Manifest:
+        with open(os.path.join(dir, "manifest"), "rb") as f:
+            return Manifest.from_bytes(f.read(), os.path.basename(dir.rstrip("/")))
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        for fd in (self._data, self._record, self._flock):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    # -- the record ----------------------------------------------------------------------
+
+    def refresh(self) -> None:
+        """Read the entries other processes appended since the last look."""
+        with self._lock:
+            size = os.fstat(self._record).st_size
+            if size > self._record_pos:
+                start = self._record_pos - self._record_pos % ENTRY.size
+                self._held |= parse_record(os.pread(self._record, size - start, start))
+                self._record_pos = size - size % ENTRY.size
+
+    def held(self) -> set[int]:
+        self.refresh()
+        with self._lock:
+            return set(self._held)
+
+    def held_bytes(self) -> int:
+        return sum(self.m.length(i) for i in self.held())
+
+    # -- reading -------------------------------------------------------------------------
+
+    def read(self, offset: int, length: int) -> bytes:
+        """``length`` bytes at ``offset`` of the template; the chunks they touch are fetched
+        first when the cache lacks them (RemoteError when one cannot be had)."""
+        if offset < 0 or length < 0 or offset + length > self.m.size:
+            raise RemoteError("read lazy template", self.dir, errno.EINVAL,
+                              detail=f"{length} bytes at {offset} past its size {self.m.size}")
+        cs = self.m.chunk_size
+        for i in range(offset // cs, (offset + length + cs - 1) // cs):
+            self.ensure(i)
+        out = os.pread(self._data, length, offset)
+        if len(out) != length:
+            raise RemoteError("read lazy template", self.dir, errno.EIO, detail=f"short read at {offset}")
+        return out
+
+    def ensure(self, index: int) -> bool:
+        """Make chunk ``index`` held (fetch, check, write, record); True when it had to fetch."""
+        if self.m.chunks[index] is None:
+            return False  # zeros: a hole in data
+        with self._lock:
+            if index in self._held:
+                self.stats.cache_hits += 1
+                return False
+            lock = self._chunk_locks.setdefault(index, threading.Lock())
+        with lock:
+            self.refresh()
+            with self._lock:
+                if index in self._held:
+                    self.stats.cache_hits += 1
+                    return False
+            with _range_lock(self._flock, index):  # another process may be fetching it: look again under its lock
+                self.refresh()
+                with self._lock:
+                    if index in self._held:
+                        self.stats.cache_hits += 1
+                        return False
+                self._fetch(index)
+        return True
+
+    def _fetch(self, index: int) -> None:
+        name = self.m.chunks[index]
+        assert name is not None
+        key = chunk_key(name)
+        t0 = time.monotonic()
+        self.stats.remote_reads += 1
+        fut = self._pool.submit(self._get, key)
+        try:
+            blob = fut.result(timeout=self.bound)
+        except cf.TimeoutError:
+            raise RemoteError("fetch chunk", self._where(key), errno.ETIMEDOUT,
+                              detail=f"not fetched within {self.bound:g} s") from None
+        try:
+            data = decode(blob, name, self.m.length(index), self._where(key))
+        except RemoteError:
+            self.stats.check_failures += 1
+            raise
+        off = index * self.m.chunk_size
+        _pwrite_all(self._data, data, off)
+        os.fdatasync(self._data)  # the bytes are on disk before the record lists them
+        os.write(self._record, _entry(index))
+        os.fdatasync(self._record)
+        with self._lock:
+            self._held.add(index)
+        self.stats.fetched_chunks += 1
+        self.stats.fetched_bytes += len(blob)
+        self.stats.fetch_seconds.append(time.monotonic() - t0)
+
+
+def _pwrite_all(fd: int, data: bytes, off: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, off)
+        view = view[n:]
+        off += n
+
+
+@contextlib.contextmanager
+def _range_lock(fd: int, index: int) -> Iterator[None]:
+    """Byte ``index`` of fetch.lock, exclusively (a POSIX record lock: one fetcher of a chunk
+    across processes; the threads of one process are kept apart by their own lock)."""
+    fcntl.lockf(fd, fcntl.LOCK_EX, 1, index)
+    try:
+        yield
+    finally:
+        fcntl.lockf(fd, fcntl.LOCK_UN, 1, index)

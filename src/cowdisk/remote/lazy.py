@@ -1,0 +1,182 @@
+"""Serving a lazy template: one nbdkit per template cache on this host (its Python plugin,
+:mod:`cowdisk.remote.nbd_plugin`, over :class:`~cowdisk.remote.cache.ChunkCache`), read-only
+on a unix socket (under /run/cowdisk-lazy), many clients at once (multi-conn).
+
+QEMU opens it natively (``nbd+unix:///?socket=...``, e.g. as the backing file of a
+qcow2 overlay); Firecracker and Cloud Hypervisor, which take files, get it through a
+``qemu-storage-daemon`` FUSE export (:func:`export_file`), as the rbd backend does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import KernelError
+from ..kernel import mount as kmount
+
+PLUGIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "nbd_plugin.py")
+SRC = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PIDFILE, LOG, STATS = "nbdkit.pid", "nbdkit.log", "stats.json"
+QSD = "qemu-storage-daemon"
+PLUGIN_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8",
+              "AWS_CONFIG_FILE": "/dev/null", "AWS_SHARED_CREDENTIALS_FILE": "/dev/null"}
+"""nbdkit's environment: its embedded Python finds its own prefix from ``python3`` on
+PATH, so a PATH with another Python first (pyenv, a venv) would give it a foreign standard
+library; no AWS files of the caller's either (the keys come from the remote config)."""
+
+
+@dataclass(frozen=True)
+class Served:
+    cache: str
+    socket: str
+    pid: int
+
+    @property
+    def url(self) -> str:
+        return f"nbd+unix:///?socket={self.socket}"
+
+
+def _pid(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            s = f.read().strip()
+        return int(s) if s.isdigit() else None
+    except FileNotFoundError:
+        return None
+
+
+def _comm(pid: int) -> str:
+    """The process's name ('' when gone or a zombie)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            st = f.read()
+    except FileNotFoundError:
+        return ""
+    comm, _, rest = st.partition("(")[2].rpartition(")")
+    return "" if rest.split()[0] == "Z" else comm
+
+
+SOCKET_DIR = "/run/cowdisk-lazy"
+"""Where the servers' sockets are: a unix socket's path has at most 107 bytes, which a
+store root's own path may use up."""
+
+
+def socket_path(cache: str) -> str:
+    """The server's socket: named by a hash of the cache's path (one per cache)."""
+    import hashlib
+
+    return os.path.join(SOCKET_DIR, hashlib.sha256(os.path.abspath(cache).encode()).hexdigest()[:24] + ".sock")
+
+
+def server(cache: str) -> Served | None:
+    """The nbdkit serving ``cache``, when one runs."""
+    pid = _pid(os.path.join(cache, PIDFILE))
+    if pid is None or _comm(pid) != "nbdkit":
+        return None
+    return Served(cache, socket_path(cache), pid)
+
+
+def serve(cache: str, config: str, location: str, *, bound: float) -> Served:
+    """Start nbdkit for ``cache`` (or find the one serving it); returns once it accepts
+    connections (nbdkit writes its PID file then)."""
+    running = server(cache)
+    if running is not None:
+        return running
+    os.makedirs(SOCKET_DIR, mode=0o700, exist_ok=True)
+    sock = socket_path(cache)
+    for leftover in (sock, os.path.join(cache, PIDFILE)):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(leftover)
+    argv = ["nbdkit", "--log=stderr", "--unix", sock, "--pidfile", os.path.join(cache, PIDFILE), "--readonly",
+            "--threads", "16", "python", PLUGIN, f"cache={cache}", f"config={config}", f"location={location}", f"src={SRC}",
+            f"bound={bound:g}", f"stats={os.path.join(cache, STATS)}"]
+    with open(os.path.join(cache, LOG), "ab") as log:
+        try:
+            r = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, timeout=60, env=PLUGIN_ENV)
+        except FileNotFoundError:
+            raise KernelError("serve lazy template", cache, errno.ENOENT,
+                              detail="nbdkit not found (./install.sh installs nbdkit and nbdkit-plugin-python)") \
+                from None
+    if r.returncode != 0:
+        with open(os.path.join(cache, LOG), "rb") as f:
+            tail = f.read()[-1500:].decode(errors="replace").strip()
+        raise KernelError("serve lazy template", cache, errno.EIO, detail=f"nbdkit exited {r.returncode}: {tail}")
+    running = server(cache)
+    if running is None:
+        raise KernelError("serve lazy template", cache, errno.ESRCH, detail="nbdkit started but is gone")
+    return running
+
+
+def stop(cache: str, deadline_s: float = 10.0) -> bool:
+    """End the nbdkit serving ``cache`` (SIGTERM, then SIGKILL); True when one ran."""
+    s = server(cache)
+    if s is None:
+        return False
+    _end(s.pid, "nbdkit", deadline_s)
+    for leftover in (s.socket, os.path.join(cache, PIDFILE)):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(leftover)
+    return True
+
+
+def _end(pid: int, comm: str, deadline_s: float) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    end = time.monotonic() + deadline_s
+    while _comm(pid) == comm and time.monotonic() < end:
+        time.sleep(0.01)
+    if _comm(pid) == comm:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        while _comm(pid) == comm:
+            time.sleep(0.01)
+
+
+def stats(cache: str) -> dict[str, Any]:
+    """The serving process's counters (:mod:`.nbd_plugin`), {} before its first read."""
+    try:
+        with open(os.path.join(cache, STATS)) as f:
+            d = json.load(f)
+        return d if isinstance(d, dict) else {}
+    except (FileNotFoundError, ValueError):
+        return {}
+
+
+def export_file(served: Served, mountpoint: str, pidfile: str) -> int:
+    """Export the served template as the regular file ``mountpoint`` (FUSE, read-only, by a
+    qemu-storage-daemon that is an NBD client of the server): for VMMs that take files.
+    Returns the daemon's PID."""
+    if kmount.mounted_at(mountpoint) is not None:
+        unexport_file(mountpoint, pidfile)
+    with open(mountpoint, "a"):
+        pass
+    node = f"driver=nbd,node-name=t,server.type=unix,server.path={served.socket},read-only=on,reconnect-delay=5"
+    argv = [QSD, "--blockdev", node, "--export", f"type=fuse,id=e,node-name=t,mountpoint={mountpoint},writable=off",
+            "--pidfile", pidfile, "--daemonize"]
+    r = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=60)
+    if r.returncode != 0:
+        raise KernelError("export lazy template", mountpoint, errno.EIO, detail=f"{QSD}: {r.stderr.strip()}")
+    pid = _pid(pidfile)
+    if pid is None:
+        raise KernelError("export lazy template", mountpoint, errno.ESRCH, detail=f"{QSD} wrote no PID")
+    return pid
+
+
+def unexport_file(mountpoint: str, pidfile: str, deadline_s: float = 10.0) -> None:
+    pid = _pid(pidfile)
+    if pid is not None and _comm(pid).startswith("qemu-storage-d"):
+        _end(pid, _comm(pid), deadline_s)
+    if kmount.mounted_at(mountpoint) is not None:
+        with contextlib.suppress(KernelError):
+            kmount.umount(mountpoint, kmount.MNT_DETACH)
+    for p in (pidfile, mountpoint):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(p)

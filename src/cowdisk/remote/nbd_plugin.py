@@ -1,0 +1,131 @@
+"""nbdkit's Python plugin serving a lazy template, read-only, from its chunk cache
+(:mod:`cowdisk.remote.cache`): ``nbdkit python .../nbd_plugin.py cache=DIR config=FILE
+location=s3://... src=DIR bound=SECONDS stats=FILE``.
+
+Run by nbdkit's embedded Python (Debian's python3 with its zstandard and boto3), not by
+cowdisk's own interpreter: ``src`` puts cowdisk's sources on its path. A read of a chunk
+the cache lacks fetches and checks it first; one that cannot be had is an error to the
+client, never data: EIO (NBD carries only a few errnos), the reason (a failed check,
+the bound passed, the object store's errno) in the server's log (``nbdkit.log``). ``stats`` is rewritten (temp + rename) after each fetch and every
+second of reads: the counters the daemon's metrics and ``template ls`` read.
+"""
+
+# This file is loaded by nbdkit, not imported by cowdisk: no annotations nbdkit's Python
+# would have to resolve at runtime beyond the standard library.
+from __future__ import annotations
+
+import builtins
+import errno
+import json
+import os
+import sys
+import threading
+import time
+from typing import Any
+
+import nbdkit  # type: ignore[import-not-found]  # provided by nbdkit's python plugin
+
+API_VERSION = 2
+
+_cfg: dict[str, str] = {}
+_cache: Any = None
+_stats_lock = threading.Lock()
+_stats_at = 0.0
+_last = [-1]
+
+
+def config(key: str, value: str) -> None:
+    if key not in ("cache", "config", "location", "src", "bound", "stats"):
+        raise RuntimeError(f"cowdisk lazy template: unknown parameter {key}")
+    _cfg[key] = value
+
+
+def config_complete() -> None:
+    for k in ("cache", "config", "src"):
+        if k not in _cfg:
+            raise RuntimeError(f"cowdisk lazy template: {k}= is missing")
+
+
+def get_ready() -> None:
+    global _cache
+    sys.path.insert(0, _cfg["src"])
+    from cowdisk.remote.cache import ChunkCache
+    from cowdisk.remote.config import read
+    from cowdisk.remote.s3 import ObjectStore
+
+    bound = float(_cfg.get("bound", "30"))
+    cfg = read(_cfg["config"]).at(_cfg.get("location"))
+    objects = ObjectStore(cfg, timeout=min(cfg.timeout, bound), attempts=2)
+    manifest = ChunkCache.read_manifest(_cfg["cache"])
+    _cache = ChunkCache(_cfg["cache"], manifest, lambda key: objects.get(cfg.key(key)),
+                        where=lambda key: objects.url(cfg.key(key)), bound=bound)
+
+
+def thread_model() -> int:
+    return int(nbdkit.THREAD_MODEL_PARALLEL)
+
+
+def open(readonly: bool) -> int:
+    return 1
+
+
+def get_size(h: int) -> int:
+    return int(_cache.m.size)
+
+
+def can_write(h: int) -> bool:
+    return False
+
+
+def can_multi_conn(h: int) -> bool:
+    return True
+
+
+def can_cache(h: int) -> int:
+    return int(nbdkit.CACHE_NATIVE)
+
+
+def pread(h: int, buf: Any, offset: int, flags: int) -> None:
+    try:
+        buf[:] = _cache.read(offset, len(buf))
+    except OSError as e:  # NBD carries few errnos (ETIMEDOUT, ECONNREFUSED would become EINVAL): EIO
+        nbdkit.set_error(errno.EIO)
+        sys.stderr.write(f"cowdisk lazy template: read {len(buf)} at {offset}: {e}\n")
+        raise
+    finally:
+        _write_stats()
+
+
+def cache(h: int, count: int, offset: int, flags: int) -> None:
+    """NBD_CMD_CACHE: fetch the chunks of the range ahead (prefetch), no data returned."""
+    try:
+        cs = _cache.m.chunk_size
+        for i in range(offset // cs, (offset + count + cs - 1) // cs):
+            _cache.ensure(i)
+    except OSError as e:
+        nbdkit.set_error(errno.EIO)
+        sys.stderr.write(f"cowdisk lazy template: cache {count} at {offset}: {e}\n")
+        raise
+    finally:
+        _write_stats()
+
+
+def _write_stats() -> None:
+    global _stats_at
+    path = _cfg.get("stats")
+    if not path:
+        return
+    now = time.monotonic()
+    s = _cache.stats
+    with _stats_lock:
+        if now - _stats_at < 1.0 and s.remote_reads == _last[0]:
+            return
+        _stats_at = now
+        _last[0] = s.remote_reads
+        doc = {"pid": os.getpid(), "fetched_chunks": s.fetched_chunks, "fetched_bytes": s.fetched_bytes,
+               "cache_hits": s.cache_hits, "remote_reads": s.remote_reads, "check_failures": s.check_failures,
+               "fetch_seconds": s.fetch_seconds[-1000:]}
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with builtins.open(tmp, "w") as f:  # this module's open() is nbdkit's callback
+            json.dump(doc, f)
+        os.replace(tmp, path)

@@ -1,0 +1,183 @@
+"""Lazy templates on the session cluster's real RADOS Gateway: store A pushes, store B
+serves the template from its manifest alone (nbdkit and its Python plugin over B's chunk
+cache) and reads it as Firecracker or Cloud Hypervisor would, through a file (a
+qemu-storage-daemon FUSE export, an NBD client of the server).
+
+A read fetches only the chunks it touches, each checked before it is served; a chunk
+altered in the bucket is EIO to the reader, never other bytes; with the gateway stopped,
+cached chunks are still read and the others fail within the bound; a later server (a
+later volume) fetches nothing the cache holds; a server killed in the middle of fetching
+leaves a cache whose every recorded chunk is right.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from cowdisk.remote import lazy
+from cowdisk.remote.cache import ChunkCache, parse_record
+from daemonutil import env
+from remoteutil import CHUNK, make_image, s3
+from testutil import sha
+
+pytestmark = pytest.mark.root
+
+
+@pytest.fixture
+def served(tmp_path, hosts):
+    """A pushes a 16 MiB image (data in chunks 0, 3 and 7); B serves it lazily (fetch bound
+    3 s) and exports it as a file. Yields (b, doc, file, image, chunks, prefix)."""
+    a, b, prefix = hosts
+    img = str(tmp_path / "img.raw")
+    chunks = make_image(img)
+    a.import_template(img, "base")
+    url = a.push_template("base")["url"]
+    doc = b.lazy_template(url, bound=3)
+    f = str(tmp_path / "lazy.img")
+    pid = tmp_path / "qsd.pid"
+    lazy.export_file(lazy.server(doc["cache"]), f, str(pid))
+    try:
+        yield b, doc, f, img, chunks, prefix
+    finally:
+        lazy.unexport_file(f, str(pid))
+
+
+def pread(path: str, length: int, offset: int) -> bytes:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.pread(fd, length, offset)
+    finally:
+        os.close(fd)
+
+
+def held(cache: str) -> set[int]:
+    with open(os.path.join(cache, "held"), "rb") as f:
+        return parse_record(f.read())
+
+
+def drop_page_cache(path: str) -> None:
+    """Reads must reach the server, not the kernel's copy of the FUSE file's pages."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def test_reads_fetch_what_they_touch_and_later_servers_share_it(served):
+    b, doc, f, img, chunks, _ = served
+    assert doc["cached_bytes"] == 0 and doc["url"].startswith("nbd+unix:///?socket=")
+    assert pread(f, 4096, 3 * CHUNK + 8192) == chunks[3][8192:12288]
+    assert held(doc["cache"]) == {3}  # one chunk fetched for one read
+    assert pread(f, 4096, 5 * CHUNK) == bytes(4096)  # a zero chunk: nothing fetched
+    assert held(doc["cache"]) == {3}
+    assert sha(f) == sha(img)  # every byte, through the file a VMM is given
+    assert held(doc["cache"]) == {0, 3, 7}
+    d = b.lazy_templates()[0]
+    assert (d["cached_chunks"], d["cached_bytes"], d["stats"]["check_failures"]) == (3, 3 * CHUNK, 0)
+    assert d["stats"]["fetched_chunks"] == 3
+    p = subprocess.run([sys.executable, "-m", "cowdisk", "--root", b.root, "--json", "template", "ls", "--lazy"],
+                       capture_output=True, text=True, env=env(), timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert [(r["manifest"], r["cached_bytes"]) for r in json.loads(p.stdout)["templates"]] == [(doc["manifest"],
+                                                                                                3 * CHUNK)]
+    # a later server (the next volume on this host): everything from the cache, no fetch
+    assert b.stop_lazy_template(doc["manifest"])
+    again = b.lazy_template(doc["manifest"])
+    assert again["pid"] != doc["pid"]
+    c = ChunkCache(doc["cache"], ChunkCache.read_manifest(doc["cache"]), lambda k: pytest.fail(f"fetched {k}"),
+                   where=str)
+    try:
+        assert hashlib.sha256(c.read(0, c.m.size)).hexdigest() == sha(img)
+    finally:
+        c.close()
+
+
+def test_a_corrupt_chunk_is_eio_never_data(served, rgw):
+    import zstandard
+
+    b, doc, f, img, chunks, prefix = served
+    key = f"{prefix}/chunks/{hashlib.sha256(chunks[3]).hexdigest()}"
+    s3(rgw).put_object(Bucket=rgw["bucket"], Key=key, Body=zstandard.ZstdCompressor().compress(os.urandom(CHUNK)))
+    with pytest.raises(OSError) as e:
+        pread(f, 4096, 3 * CHUNK)
+    assert e.value.errno == errno.EIO
+    assert 3 not in held(doc["cache"])
+    assert pread(f, 4096, 0) == chunks[0][:4096]  # the others read on
+    assert b.lazy_templates()[0]["stats"]["check_failures"] >= 1
+
+
+def test_gateway_down_cached_reads_go_on_others_fail_within_the_bound(served, ceph_cluster):
+    b, doc, f, img, chunks, _ = served
+    assert pread(f, 4096, 0) == chunks[0][:4096]
+    ceph_cluster.stop_rgw()
+    try:
+        drop_page_cache(f)
+        assert pread(f, 4096, 4096) == chunks[0][4096:8192]  # cached: read on
+        t0 = time.monotonic()
+        with pytest.raises(OSError) as e:
+            pread(f, 4096, 3 * CHUNK)
+        assert time.monotonic() - t0 < 30  # the bound is 3 s per fetch; QEMU's client may retry once
+        assert e.value.errno == errno.EIO, e.value
+        assert 3 not in held(doc["cache"])
+    finally:
+        ceph_cluster.start_rgw()
+    assert pread(f, 4096, 3 * CHUNK) == chunks[3][:4096]
+
+
+def test_server_killed_while_fetching_leaves_a_whole_cache(tmp_path, hosts):
+    """SIGKILL to nbdkit in the middle of fetching 48 chunks: every chunk the record lists has
+    its right bytes in the data file, and a new server completes the template."""
+    a, b, _ = hosts
+    img = str(tmp_path / "big.raw")
+    with open(img, "wb") as out:
+        for _ in range(48):
+            out.write(os.urandom(CHUNK))
+    a.import_template(img, "big")
+    doc = b.lazy_template(a.push_template("big")["url"], bound=10)
+    f, pidf = str(tmp_path / "lazy.img"), str(tmp_path / "qsd.pid")
+    lazy.export_file(lazy.server(doc["cache"]), f, pidf)
+    reader = threading.Thread(target=lambda: _read_all_ignoring_errors(f), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 60
+    while len(held(doc["cache"])) < 5 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.kill(doc["pid"], signal.SIGKILL)
+    reader.join(60)
+    lazy.unexport_file(f, pidf)
+    listed = held(doc["cache"])
+    assert 5 <= len(listed) < 48, listed
+    m = ChunkCache.read_manifest(doc["cache"])
+    with open(os.path.join(doc["cache"], "data"), "rb") as data:
+        for i in listed:
+            data.seek(i * CHUNK)
+            assert hashlib.sha256(data.read(CHUNK)).hexdigest() == m.chunks[i], i
+    b.lazy_template(doc["manifest"])
+    lazy.export_file(lazy.server(doc["cache"]), f, pidf)
+    try:
+        assert sha(f) == sha(img)
+    finally:
+        lazy.unexport_file(f, pidf)
+
+
+def _read_all_ignoring_errors(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            off = 0
+            while os.pread(fd, CHUNK, off):
+                off += CHUNK
+        finally:
+            os.close(fd)
+    except OSError:
+        pass

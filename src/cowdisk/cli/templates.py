@@ -209,7 +209,9 @@ def template_pull(app: App, source: str, name: str | None, at: str | None, lazy:
         if name is not None:
             raise InvalidArgument("template pull --lazy: --name is for pulled templates", op="pull template",
                                   obj=source)
-        d = app.store(create=True).lazy_template(source, at=at)
+        if not app.has_store():
+            app.store(create=True)  # made here, as pull makes it
+        d = _local_store(app).lazy_template(source, at=at)
         if app.json:
             app.emit(d)
         elif app.quiet:

@@ -344,7 +344,7 @@ class Client:
     def backend(self) -> "_Backend":
         """What the store's backend is: ``.name`` and ``.block_device`` (a dm device, or a file)."""
         h = self._health or self.health()
-        return _Backend(str(h["backend"]), bool(h.get("block_device")))
+        return _Backend(str(h["backend"]), bool(h.get("block_device")), bool(h.get("larger_volumes")))
 
     def link_path(self, vid: str) -> str:
         """The stable link of volume ``vid`` (whether or not it exists), as the store names it."""
@@ -508,11 +508,12 @@ class Client:
 class _Backend:
     """:class:`cowdisk.contract.BackendInfo` of a daemon's store."""
 
-    __slots__ = ("name", "block_device")
+    __slots__ = ("name", "block_device", "larger_volumes")
 
-    def __init__(self, name: str, block_device: bool) -> None:
+    def __init__(self, name: str, block_device: bool, larger_volumes: bool) -> None:
         self.name = name
         self.block_device = block_device
+        self.larger_volumes = larger_volumes
 
 
 def _q(s: str) -> str:

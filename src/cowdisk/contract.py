@@ -49,14 +49,17 @@ def check_backend(root: str, recorded: str, asked: str) -> None:
 
 
 class BackendInfo(Protocol):
-    """What a caller may ask of a store's backend: its name and whether a volume's device
-    is a block device (dm, rbd) or a file."""
+    """What a caller may ask of a store's backend: its name, whether a volume's device is a
+    block device (dm, rbd) or a file, and whether a volume may be larger than its template."""
 
     @property
     def name(self) -> str: ...
 
     @property
     def block_device(self) -> bool: ...
+
+    @property
+    def larger_volumes(self) -> bool: ...
 
 
 class StoreAPI(Protocol):

@@ -1,8 +1,13 @@
 """The ``cowdisk`` command line, run as a user would: CliRunner and a real ``python3 -m cowdisk``.
 
-Every test gets its own store under tmp_path, destroyed at the end (the pool backend
-mounts an xfs image through a loop device: ``Store.destroy`` unmounts it), and checks
-that no loop device, dm device or loop mount was added or lost.
+Every test taking ``run`` runs twice per backend (issue 22: every face tested as every
+other): on the store directly, and through a real cowdiskd serving it
+(``COWDISK_SOCKET`` at its socket; one daemon per backend for the module), with the same
+assertions on the ``--json`` documents, the messages and the exit codes. Directly, each
+test gets its own store under tmp_path, destroyed at the end (the pool backend mounts an
+xfs image through a loop device: ``Store.destroy`` unmounts it); through the daemon, the
+daemon's store, emptied at the end. Both check that no loop device, dm device or loop
+mount was added or lost.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from click.testing import CliRunner, Result
 from cowdisk.cli import cli
 from cowdisk.cli.reference import commands
 from cowdisk.store import Store
+from daemonutil import Daemon
 from testutil import assert_same_host, debugfs_cat, host_state
 
 SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "src")
@@ -49,12 +55,13 @@ def _destroy(root: str) -> None:
 
 
 class Cli:
-    """Runs the command against one store root and backend."""
+    """Runs the command against one store root and backend; ``daemon``: through that daemon."""
 
-    def __init__(self, root: str, backend: str) -> None:
+    def __init__(self, root: str, backend: str, daemon: Daemon | None = None) -> None:
         self.root = root
         self.backend = backend
-        self.runner = CliRunner()
+        self.daemon = daemon
+        self.runner = CliRunner(env={"COWDISK_SOCKET": daemon.sock if daemon else NO_SOCKET})
 
     def __call__(self, *args: str, code: int = 0) -> Result:
         r = self.runner.invoke(cli, ["--root", self.root, "--backend", self.backend, *args],
@@ -66,12 +73,79 @@ class Cli:
         return json.loads(self(*args, "--json", code=code).stdout)
 
 
-@pytest.fixture(params=BACKENDS)
-def run(request: pytest.FixtureRequest, tmp_path) -> Iterator[Cli]:
+NO_SOCKET = "/nonexistent/cowdisk.sock"
+"""COWDISK_SOCKET of the direct runs: no daemon answers there."""
+
+
+class Daemons:
+    """One cowdiskd per backend for the module, started when a test first wants it, on a
+    store under the module's tmp dir; its import and jail roots cover the tests' tmp dirs."""
+
+    def __init__(self, top: str, base: str) -> None:
+        self.top = top
+        self.base = base
+        self.running: dict[str, Daemon] = {}
+
+    def get(self, backend: str) -> Daemon:
+        if backend not in self.running:
+            root = os.path.join(self.top, f"store-{backend}")
+            Store(root, backend=backend).close()
+            d = Daemon(root, os.path.join(self.top, f"{backend}.sock"), "--import-root", self.base, "--jail-root",
+                       root, "--jail-root", self.base, backend=backend)
+            self.running[backend] = d.start()
+        return self.running[backend]
+
+    def empty(self, d: Daemon) -> None:
+        """What a test left in the daemon's store, removed through it."""
+        c = d.client
+        for v in c.volumes():
+            c.remove_volume(v.id)
+        for t in c.templates():
+            c.remove_template(t.id)
+        c.gc()
+        assert c.volumes() == [] and c.templates() == []
+
+    def stop(self) -> None:
+        for d in self.running.values():
+            with d:
+                assert d.stop() == 0, d.log()
+            _destroy(d.root)
+
+
+@pytest.fixture(scope="module")
+def daemons(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemons]:
+    import tempfile
+
+    top = tempfile.mkdtemp(prefix="cdcli-", dir="/tmp")  # short socket paths
+    ds = Daemons(top, str(tmp_path_factory.getbasetemp()))
+    try:
+        yield ds
+    finally:
+        ds.stop()
+        import shutil
+
+        shutil.rmtree(top, ignore_errors=True)
+
+
+@pytest.fixture(params=[(b, way) for way in ("direct", "daemon") for b in BACKENDS],
+                ids=lambda p: f"{p[0]}-{p[1]}")
+def run(request: pytest.FixtureRequest, tmp_path, daemons: Daemons) -> Iterator[Cli]:
+    backend, way = request.param
+    if way == "daemon":
+        d = daemons.get(backend)
+        before = host_state()
+        served = len(d.log_records())
+        try:
+            yield Cli(d.root, backend, d)
+        finally:
+            daemons.empty(d)
+            assert_same_host(before)
+        assert len(d.log_records()) > served, "the command line did not go through the daemon"
+        return
     before = host_state()
     root = str(tmp_path / "store")
     try:
-        yield Cli(root, request.param)
+        yield Cli(root, backend)
     finally:
         _destroy(root)
         assert_same_host(before)
@@ -232,10 +306,11 @@ def test_human_output(run: Cli, tree: str) -> None:
 
 
 def test_errors(run: Cli, tree: str) -> None:
-    r = run("volume", "ls")  # no store yet: empty, and none created
-    assert not os.path.exists(os.path.join(run.root, "registry.db"))
-    r = run("volume", "create", "vm1", "-t", "base", code=3)
-    assert "no cowdisk store at" in r.stderr and "hint:" in r.stderr
+    if run.daemon is None:  # (a daemon serves a store that exists)
+        r = run("volume", "ls")  # no store yet: empty, and none created
+        assert not os.path.exists(os.path.join(run.root, "registry.db"))
+        r = run("volume", "create", "vm1", "-t", "base", code=3)
+        assert "no cowdisk store at" in r.stderr and "hint:" in r.stderr
     run("template", "build", tree, "--name", "base")
     for bad in ("bad/id", "../x", "-x", "a b", "x" * 65):
         r = run("volume", "create", "--template", "base", "--", bad, code=2)

@@ -393,7 +393,8 @@ def create_app(svc: Service) -> FastAPI:
         """Whether the daemon runs, on which store, and what its start-up recovery did."""
         return J({"status": "stopping" if svc.stopping else "ok", "pid": os.getpid(), "version": VERSION,
                   "root": store.root, "store_id": store.id, "backend": store.backend_name,
-                  "block_device": bool(getattr(store.backend, "block_device", False)),
+                  "block_device": bool(store.backend.block_device),
+                  "larger_volumes": bool(store.backend.larger_volumes),
                   "uptime_s": round(time.time() - svc.started, 3),
                   "recovery": svc.recovery})
 

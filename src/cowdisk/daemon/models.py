@@ -213,6 +213,8 @@ class HealthOut(BaseModel):
     store_id: str = Field(description="The store's id: its dm devices are named cowdisk-<store_id>-<volume>")
     backend: str
     block_device: bool = Field(description="Whether a volume's device is a block device (dm) or a file")
+    larger_volumes: bool = Field(False, description="Whether a volume may be larger than its template (create's "
+                                                    "size)")
     uptime_s: float
     recovery: RecoveryReportOut = Field(description="What the recovery at start did")
 

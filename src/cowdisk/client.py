@@ -410,21 +410,24 @@ class Client:
         return int(self.call("GET", f"{API}/templates/{_q(ref)}")["disk_bytes"] or 0)
 
     def import_template(self, src: str, name: str | None = None, *, adopt: bool = False,
-                        progress: Progress | None = None) -> Template:
+                        progress: Progress | None = None, shared: bool = False) -> Template:
         doc = self.call("POST", f"{API}/templates/import",
-                        {"source": os.path.abspath(src), "name": name, "adopt": adopt})
+                        {"source": os.path.abspath(src), "name": name, "adopt": adopt, "shared": shared})
         return self._template(self._job(doc, progress))
 
     def build_template(self, source: str, name: str | None = None, *, size: int | None = None,
-                       fs_type: str = "ext4", progress: Progress | None = None) -> Template:
+                       fs_type: str = "ext4", progress: Progress | None = None, shared: bool = False) -> Template:
         doc = self.call("POST", f"{API}/templates/build",
-                        {"source": os.path.abspath(source), "name": name, "size": size, "fs_type": fs_type})
+                        {"source": os.path.abspath(source), "name": name, "size": size, "fs_type": fs_type,
+                         "shared": shared})
         return self._template(self._job(doc, progress))
 
     def build_template_from_image(self, ref: str, name: str | None = None, *, size: int | None = None,
-                                  fs_type: str = "ext4", progress: Progress | None = None) -> Template:
+                                  fs_type: str = "ext4", progress: Progress | None = None,
+                                  shared: bool = False) -> Template:
         doc = self.call("POST", f"{API}/templates/build",
-                        {"image": _abs_image(ref), "name": name, "size": size, "fs_type": fs_type})
+                        {"image": _abs_image(ref), "name": name, "size": size, "fs_type": fs_type,
+                         "shared": shared})
         return self._template(self._job(doc, progress))
 
     def template_doc(self, t: Template) -> dict[str, Any]:
@@ -443,6 +446,9 @@ class Client:
     def remove_template(self, ref: str) -> None:
         self.call("DELETE", f"{API}/templates/{_q(ref)}")
 
+    def chown_template(self, ref: str, owner: int | None = None, *, shared: bool | None = None) -> Template:
+        return self._template(self.call("POST", f"{API}/templates/{_q(ref)}/chown", {"owner": owner, "shared": shared}))
+
     # -- volumes ---------------------------------------------------------------------
 
     def volumes(self) -> list[Volume]:
@@ -453,6 +459,9 @@ class Client:
 
     def usage(self, vid: str) -> Usage:
         return to_usage(self.call("GET", f"{API}/volumes/{_q(vid)}/usage"))
+
+    def chown_volume(self, vid: str, owner: int) -> Volume:
+        return to_volume(self.call("POST", f"{API}/volumes/{_q(vid)}/chown", {"owner": owner}))
 
     def create_volume(self, vid: str, template: str, *, size: int | None = None, grow_fs: bool = True,
                       progress: Progress | None = None) -> Volume:

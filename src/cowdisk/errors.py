@@ -153,8 +153,9 @@ class RemoteError(KernelError):
 
 
 class Forbidden(CowdiskError):
-    """The caller (its uid/gid from SO_PEERCRED) is not allowed, or the request names a
-    path outside what the daemon is configured to touch."""
+    """The caller (its uid/gid from SO_PEERCRED) is not allowed, the request names a path
+    outside what the daemon is configured to touch, or only root may do this (hand a volume
+    or template to another owner, share a template, maintenance of the whole store)."""
 
     exit_code = 20
     http_status = 403

@@ -115,6 +115,11 @@ class Template:
     created: float
     state: str
     users: tuple[str, ...] = ()
+    """The caller's volumes over it (root: every volume over it)."""
+    owner: int = 0
+    """The uid that made it (or root handed it to)."""
+    shared: bool = False
+    """Usable by every caller, not only its owner."""
 
     def as_dict(self) -> dict[str, Any]:
         d = self.__dict__.copy()
@@ -139,6 +144,8 @@ class Volume:
     links: tuple[str, ...] = ()
     """Every stable link that leads to the volume: its own first (while it is attached), then
     the links of the sources a ``restore --as`` retargeted to it."""
+    owner: int = 0
+    """The uid that made it (or root handed it to); only it and root see it."""
 
     def as_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -202,6 +209,9 @@ class Space:
     total_bytes: int
     state: str = "ok"
     detail: str = ""
+    grows: bool = False
+    """The backend grows this area itself when it fills (a thin pool on files): the store's
+    admission control looks at the filesystem under it instead."""
 
     @property
     def pct(self) -> float:

@@ -28,7 +28,7 @@ from .model import VolumeState as VolumeState
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 MIGRATIONS: list[list[str]] = [
     # version 1
@@ -97,6 +97,14 @@ MIGRATIONS: list[list[str]] = [
     [
         """ALTER TABLE templates ADD COLUMN ctime_ns INTEGER NOT NULL DEFAULT 0""",
     ],
+    # version 3: owners. Every volume and template records the uid that made it (rows of an
+    # older store: root, 0); a shared template is usable by every caller
+    [
+        """ALTER TABLE volumes ADD COLUMN owner INTEGER NOT NULL DEFAULT 0""",
+        """ALTER TABLE templates ADD COLUMN owner INTEGER NOT NULL DEFAULT 0""",
+        """ALTER TABLE templates ADD COLUMN shared INTEGER NOT NULL DEFAULT 0""",
+        """CREATE INDEX volumes_owner ON volumes(owner)""",
+    ],
 ]
 assert len(MIGRATIONS) == SCHEMA_VERSION
 
@@ -143,6 +151,14 @@ class TemplateRow:
     names: tuple[str, ...] = ()
     ctime_ns: int = 0
     """0 for rows made before the change time was recorded: then it is not compared."""
+    owner: int = 0
+    """The uid that made it (root, 0, for rows of a store older than owners)."""
+    shared: bool = False
+    """Usable by every caller (only its owner and root change it)."""
+
+    def visible_to(self, uid: int | None) -> bool:
+        """Whether caller ``uid`` may see and use it (None: every caller, root's view)."""
+        return uid is None or self.owner == uid or self.shared
 
 
 @dataclass(frozen=True)
@@ -158,6 +174,8 @@ class VolumeRow:
     updated: float
     parent: str | None
     error: str | None
+    owner: int = 0
+    """The uid that made it (root, 0, for rows of a store older than owners)."""
 
 
 @dataclass(frozen=True)
@@ -638,49 +656,71 @@ class Registry:
     def _template(self, r: sqlite3.Row) -> TemplateRow:
         names = tuple(sorted(json.loads(r["names_json"])))
         return TemplateRow(r["id"], r["path"], r["size"], r["digest"], r["mtime_ns"], r["ino"],
-                           bool(r["owned"]), r["source"], r["created"], r["state"], names, r["ctime_ns"])
+                           bool(r["owned"]), r["source"], r["created"], r["state"], names, r["ctime_ns"],
+                           r["owner"], bool(r["shared"]))
 
-    def add_template(self, t: TemplateRow) -> None:
+    def add_template(self, t: TemplateRow, *, visible_to: int | None = None) -> None:
         with self.tx() as c:
             try:
                 c.execute(
                     "INSERT INTO templates(id, path, size, digest, mtime_ns, ino, owned, source, created, state,"
-                    " ctime_ns) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                    " ctime_ns, owner, shared) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     (t.id, t.path, t.size, t.digest, t.mtime_ns, t.ino, int(t.owned), t.source, t.created,
-                     t.state, t.ctime_ns))
+                     t.state, t.ctime_ns, t.owner, int(t.shared)))
             except sqlite3.IntegrityError:
                 raise AlreadyExists(f"template {t.id} already exists", op="add template", obj=t.id) from None
             for n in t.names:
-                self.add_template_name(t.id, n)
+                self.add_template_name(t.id, n, visible_to=visible_to)
 
-    def add_template_name(self, template_id: str, name: str) -> None:
+    def add_template_name(self, template_id: str, name: str, *, visible_to: int | None = None) -> None:
+        """Name a template; a name another template has is refused (naming that template only
+        when caller ``visible_to`` may see it)."""
         with self.tx() as c:
-            row = c.execute("SELECT template_id FROM template_names WHERE name=?", (name,)).fetchone()
+            row = c.execute("SELECT n.template_id, t.owner, t.shared FROM template_names n JOIN templates t"
+                            " ON t.id=n.template_id WHERE n.name=?", (name,)).fetchone()
             if row and row[0] != template_id:
-                raise AlreadyExists(f"template name {name!r} is already used by template {row[0]}",
+                seen = visible_to is None or row[1] == visible_to or row[2]
+                raise AlreadyExists(f"template name {name!r} is already used"
+                                    + (f" by template {row[0]}" if seen else " (template names are one namespace "
+                                                                               "for every owner)"),
                                     op="name template", obj=name)
             c.execute("INSERT OR IGNORE INTO template_names(name, template_id) VALUES (?, ?)",
                       (name, template_id))
 
-    def find_template(self, ref: str) -> TemplateRow | None:
-        rows = self._q(f"{self._T} WHERE t.id=?", (ref,))
-        if not rows:
-            rows = self._q(f"{self._T} JOIN template_names n ON n.template_id=t.id WHERE n.name=?", (ref,))
-        if not rows and len(ref) >= 6:
-            rows = self._q(f"{self._T} WHERE t.id LIKE ? OR t.digest LIKE ?", (ref + "%", ref + "%"))
-            if len(rows) > 1:
-                return None
-        return self._template(rows[0]) if rows else None
+    def find_template(self, ref: str, *, visible_to: int | None = None) -> TemplateRow | None:
+        """The template ``ref`` names (id, name, id or digest prefix); with ``visible_to``:
+        only among the ones that caller may see (its own and the shared ones)."""
+        def seen(rows: list[sqlite3.Row]) -> list[TemplateRow]:
+            return [t for t in map(self._template, rows) if t.visible_to(visible_to)]
 
-    def get_template(self, ref: str) -> TemplateRow:
-        t = self.find_template(ref)
+        found = seen(self._q(f"{self._T} WHERE t.id=?", (ref,)))
+        if not found:
+            found = seen(self._q(f"{self._T} JOIN template_names n ON n.template_id=t.id WHERE n.name=?", (ref,)))
+        if not found and len(ref) >= 6:
+            found = seen(self._q(f"{self._T} WHERE t.id LIKE ? OR t.digest LIKE ?", (ref + "%", ref + "%")))
+            if len(found) > 1:
+                return None
+        return found[0] if found else None
+
+    def get_template(self, ref: str, *, visible_to: int | None = None) -> TemplateRow:
+        """The template ``ref`` names; NotFound (the same words for one the caller may not
+        see as for one that does not exist) otherwise."""
+        t = self.find_template(ref, visible_to=visible_to)
         if t is None:
             raise NotFound(f"template {ref!r} not found", op="find template", obj=ref,
                            hint="`cowdisk template ls` lists templates")
         return t
 
-    def templates(self) -> list[TemplateRow]:
-        return [self._template(r) for r in self._q(f"{self._T} ORDER BY t.created")]
+    def templates(self, *, visible_to: int | None = None) -> list[TemplateRow]:
+        return [t for t in map(self._template, self._q(f"{self._T} ORDER BY t.created")) if t.visible_to(visible_to)]
+
+    def set_template_owner(self, template_id: str, *, owner: int | None = None, shared: bool | None = None) -> None:
+        """Hand a template to another owner and/or mark it shared or not."""
+        with self.tx() as c:
+            if owner is not None:
+                c.execute("UPDATE templates SET owner=? WHERE id=?", (owner, template_id))
+            if shared is not None:
+                c.execute("UPDATE templates SET shared=? WHERE id=?", (int(shared), template_id))
 
     def set_template_state(self, template_id: str, state: str) -> None:
         with self.tx() as c:
@@ -699,9 +739,9 @@ class Registry:
         with self.tx() as c:
             c.execute(
                 "INSERT INTO volumes(id, template_id, backend, state, size, data_path, device, created,"
-                " updated, parent, error) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                " updated, parent, error, owner) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                 (v.id, v.template_id, v.backend, v.state, v.size, v.data_path, v.device, v.created,
-                 v.updated, v.parent, v.error))
+                 v.updated, v.parent, v.error, v.owner))
 
     def find_template_by_source(self, source: str) -> TemplateRow | None:
         rows = self._q(f"{self._T} WHERE t.source=? ORDER BY t.created LIMIT 1", (source,))
@@ -713,9 +753,12 @@ class Registry:
             c.execute("DELETE FROM template_loops WHERE template_id=?", (template_id,))
             c.execute("DELETE FROM templates WHERE id=?", (template_id,))
 
-    def template_users(self, template_id: str, *, besides: str | None = None) -> list[str]:
+    def template_users(self, template_id: str, *, besides: str | None = None, owner: int | None = None) -> list[str]:
         """The volumes over a template; with ``besides``: other than that one, and not being
-        removed themselves."""
+        removed themselves; with ``owner``: only that uid's."""
+        if owner is not None:
+            return [r[0] for r in self._q("SELECT id FROM volumes WHERE template_id=? AND owner=? ORDER BY id",
+                                          (template_id, owner))]
         if besides is None:
             return [r[0] for r in self._q("SELECT id FROM volumes WHERE template_id=? ORDER BY id", (template_id,))]
         return [r[0] for r in self._q("SELECT id FROM volumes WHERE template_id=? AND id!=? AND state!=? ORDER BY id",
@@ -741,7 +784,7 @@ class Registry:
     @staticmethod
     def _volume(r: sqlite3.Row) -> VolumeRow:
         return VolumeRow(r["id"], r["template_id"], r["backend"], VolumeState(r["state"]), r["size"], r["data_path"],
-                         r["device"], r["created"], r["updated"], r["parent"], r["error"])
+                         r["device"], r["created"], r["updated"], r["parent"], r["error"], r["owner"])
 
     def add_volume(self, v: VolumeRow) -> None:
         if v.state != CREATING:
@@ -751,9 +794,9 @@ class Registry:
             try:  # the primary key and the template's foreign key check it (no reads first)
                 c.execute(
                     "INSERT INTO volumes(id, template_id, backend, state, size, data_path, device, created,"
-                    " updated, parent, error) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                    " updated, parent, error, owner) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                     (v.id, v.template_id, v.backend, v.state, v.size, v.data_path, v.device, v.created,
-                     v.updated, v.parent, v.error))
+                     v.updated, v.parent, v.error, v.owner))
             except sqlite3.IntegrityError as e:
                 if c.execute("SELECT 1 FROM volumes WHERE id=?", (v.id,)).fetchone():
                     raise AlreadyExists(f"volume {v.id!r} already exists", op="create volume", obj=v.id,
@@ -767,15 +810,28 @@ class Registry:
         rows = self._q("SELECT * FROM volumes WHERE id=?", (vid,))
         return self._volume(rows[0]) if rows else None
 
-    def get_volume(self, vid: str) -> VolumeRow:
+    def get_volume(self, vid: str, *, owner: int | None = None) -> VolumeRow:
+        """Volume ``vid``; with ``owner``: only if that uid owns it. NotFound otherwise, in the
+        same words whether it does not exist or is another owner's (ids do not leak)."""
         v = self.find_volume(vid)
-        if v is None:
+        if v is None or (owner is not None and v.owner != owner):
             raise NotFound(f"volume {vid!r} not found", op="find volume", obj=vid,
                            hint="`cowdisk volume ls` lists volumes")
         return v
 
-    def volumes(self) -> list[VolumeRow]:
-        return [self._volume(r) for r in self._q("SELECT * FROM volumes ORDER BY created, id")]
+    def volumes(self, *, owner: int | None = None) -> list[VolumeRow]:
+        if owner is None:
+            return [self._volume(r) for r in self._q("SELECT * FROM volumes ORDER BY created, id")]
+        return [self._volume(r) for r in self._q("SELECT * FROM volumes WHERE owner=? ORDER BY created, id",
+                                                 (owner,))]
+
+    def count_volumes(self, owner: int) -> int:
+        return int(self._q("SELECT count(*) FROM volumes WHERE owner=?", (owner,))[0][0])
+
+    def set_volume_owner(self, vid: str, owner: int) -> None:
+        with self.tx() as c:
+            if c.execute("UPDATE volumes SET owner=?, updated=? WHERE id=?", (owner, time.time(), vid)).rowcount != 1:
+                raise NotFound(f"volume {vid!r} not found", op="chown volume", obj=vid)
 
     _MUTABLE = frozenset({"device", "error"})
 

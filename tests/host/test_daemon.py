@@ -931,7 +931,7 @@ def test_allowlist_refuses_others_with_403(tmp_path, sockdir) -> None:
     with Daemon(root, sock, "--socket-mode", "0666", "--allow-uid", "4242") as d:
         d.start()
         assert stat.S_IMODE(os.stat(sock).st_mode) in (0o666, 0o606)  # 0606 when group cowdisk is missing
-        d.client.build_template(tree_in(d), "base")  # root is always allowed
+        d.client.build_template(tree_in(d), "base", shared=True)  # root is always allowed; shared: 65534 uses it
         code, doc = as_nobody(sock, "POST", "/v1/volumes", {"id": "intruder", "template": "base"})
         assert code == 403 and doc["error"]["type"] == "Forbidden" and "uid 65534" in doc["error"]["message"], doc
         assert d.client.volumes() == []  # nothing changed

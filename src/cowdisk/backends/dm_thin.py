@@ -372,9 +372,9 @@ class DmThinBackend(DmVolumeBase):
             (u.mode + (", needs_check" if u.needs_check else ""))
         grow = f"grown at {self.grow_at}%" if self.on_files else f"on {self.data_dev}: grow it by hand"
         return [Space("thin pool data", u.data_used * u.block_bytes, u.data_total * u.block_bytes, state,
-                      f"{self.pool_name}, {u.block_bytes // 1024} KiB blocks, {grow}"),
+                      f"{self.pool_name}, {u.block_bytes // 1024} KiB blocks, {grow}", grows=self.on_files),
                 Space("thin pool metadata", u.meta_used * 4096, u.meta_total * 4096, state,
-                      f"{self.pool_name}, {grow}")]
+                      f"{self.pool_name}, {grow}", grows=self.on_files)]
 
     def ensure_room(self) -> PoolUsage:
         """Grow the pool's files (and reload its table) when data or metadata passed

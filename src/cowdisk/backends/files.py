@@ -149,6 +149,9 @@ class CopyBackend(FileBackend):
     """``copy``: a sparse copy of the template per volume; works on every filesystem."""
 
     name = "copy"
+    copies_data = True
+    """A new volume allocates its template's bytes at once (the store's admission control
+    counts them before a create, fork or restore-as)."""
 
     @classmethod
     def available(cls, root: str) -> tuple[bool, str]:

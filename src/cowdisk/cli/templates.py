@@ -22,7 +22,8 @@ if TYPE_CHECKING:
 COLUMNS = [Column("id"), Column("names"), Column("size", human=human_bytes),
            Column("disk_bytes", "on disk", human=human_bytes), Column("users", "volumes", human=lambda u: str(len(u))),
            Column("state"), Column("created", human=when), Column("digest", default=False),
-           Column("path", default=False), Column("source", default=False)]
+           Column("path", default=False), Column("source", default=False), Column("owner", default=False),
+           Column("shared", default=False)]
 
 DIGEST_PREFIX = 6
 """The shortest digest prefix a template is found by (hex digits)."""
@@ -43,6 +44,29 @@ def template_ref(ref: str) -> str:
     return validate_id(ref, "template name or id")
 
 
+def parse_owner(text: str) -> int:
+    """An owner given on the command line: a uid, or a user name of this host."""
+    if text.isdigit():
+        return int(text)
+    import pwd
+
+    try:
+        return pwd.getpwnam(text).pw_uid
+    except KeyError:
+        raise InvalidArgument(f"owner {text!r}: not a uid, and no user of that name", op="parse owner",
+                              obj=text) from None
+
+
+def owner_name(uid: int) -> str:
+    """``uid`` with its user name when this host has one (``1000 (alice)``)."""
+    import pwd
+
+    try:
+        return f"{uid} ({pwd.getpwuid(uid).pw_name})"
+    except KeyError:
+        return str(uid)
+
+
 def show_template(app: App, store: StoreAPI, t: Template, title: str) -> None:
     d = store.template_doc(t)
     if app.json:
@@ -54,7 +78,8 @@ def show_template(app: App, store: StoreAPI, t: Template, title: str) -> None:
     app.kv(title, {"id": d["id"], "names": d["names"], "size": f"{human_bytes(d['size'])} ({d['size']} bytes)",
                    "on disk": human_bytes(d["disk_bytes"]), "digest": f"sha256:{d['digest']}",
                    "state": d["state"], "source": d["source"], "path": d["path"],
-                   "volumes": d["users"], "created": when(d["created"])})
+                   "volumes": d["users"], "owner": owner_name(d["owner"]) + (", shared" if d["shared"] else ""),
+                   "created": when(d["created"])})
 
 
 @click.group(cls=CowdiskSubGroup)
@@ -72,8 +97,9 @@ def template() -> None:
 @click.argument("image", type=click.Path(dir_okay=False))
 @click.option("--name", "-n", help="A name to refer to the template by.")
 @click.option("--adopt", is_flag=True, help="Use the image in place (no copy); it must never change.")
+@click.option("--shared", is_flag=True, help="Every caller may use it, not only its owner (you).")
 @pass_app
-def template_import(app: App, image: str, name: str | None, adopt: bool) -> None:
+def template_import(app: App, image: str, name: str | None, adopt: bool, shared: bool) -> None:
     """Import a raw disk image as a template (copied sparsely, digested, made read-only).
 
     \b
@@ -81,7 +107,8 @@ def template_import(app: App, image: str, name: str | None, adopt: bool) -> None
       cowdisk template import ./rootfs.ext4 --name base
     """
     _new_template(app, name, f"import {os.path.basename(image)}",
-                  lambda store, progress: store.import_template(image, name, adopt=adopt, progress=progress))
+                  lambda store, progress: store.import_template(image, name, adopt=adopt, progress=progress,
+                                                                      shared=shared))
 
 
 def _new_template(app: App, name: str | None, what: str, make: Callable[[Any, Progress], Template], *,
@@ -105,8 +132,10 @@ def _new_template(app: App, name: str | None, what: str, make: Callable[[Any, Pr
 @click.option("--size", "size", help="Image size (e.g. 256M, 2G); default: chosen from the content with "
                                      "headroom (a tree or tarball: twice its size plus 32 MiB; an image: 1.5 times "
                                      "its unpacked size plus 64 MiB), at least 64 MiB.")
+@click.option("--shared", is_flag=True, help="Every caller may use it, not only its owner (you).")
 @pass_app
-def template_build(app: App, source: str | None, image: str | None, name: str | None, size: str | None) -> None:
+def template_build(app: App, source: str | None, image: str | None, name: str | None, size: str | None,
+                   shared: bool) -> None:
     """Build an ext4 template from a directory tree, a rootfs tarball (plain, gzip, zstd, xz)
     or a container image (--from-image), with mkfs.ext4 -d: no mount, reproducible, built
     once per content (a container image: once per manifest digest).
@@ -130,11 +159,11 @@ def template_build(app: App, source: str | None, image: str | None, name: str | 
     store = app.store(create=True)
     if image is not None:
         with app.progress("build") as progress:
-            t = store.build_template_from_image(image, name, size=nbytes, progress=progress)
+            t = store.build_template_from_image(image, name, size=nbytes, progress=progress, shared=shared)
     else:
         assert source is not None
         with app.progress("build") as progress:
-            t = store.build_template(source, name, size=nbytes, progress=progress)
+            t = store.build_template(source, name, size=nbytes, progress=progress, shared=shared)
     show_template(app, store, t, f"template {t.id}")
 
 
@@ -382,3 +411,27 @@ def template_rm(app: App, refs: tuple[str, ...], force: bool) -> None:
 
     _, errors = app.each(refs, "remove template", rm)
     app.finish_each({"removed": removed, "absent": absent}, errors)
+
+
+@template.command("chown")
+@click.argument("ref", metavar="TEMPLATE", shell_complete=complete_templates)
+@click.argument("owner", metavar="OWNER", required=False)
+@click.option("--shared/--not-shared", default=None,
+              help="Let every caller use it (or only its owner again).")
+@pass_app
+def template_chown(app: App, ref: str, owner: str | None, shared: bool | None) -> None:
+    """Hand a template to another owner (a uid or user name) and/or share it with every
+    caller: root only.
+
+    \b
+    Example:
+      cowdisk template chown base --shared
+      cowdisk template chown base 1000
+    """
+    validate_id(ref, "template name or id")
+    if owner is None and shared is None:
+        raise InvalidArgument("template chown: give an OWNER, --shared or --not-shared", op="template chown",
+                              obj=ref)
+    store = app.store()
+    t = store.chown_template(ref, parse_owner(owner) if owner is not None else None, shared=shared)
+    show_template(app, store, t, f"template {t.id}")

@@ -13,7 +13,7 @@ from ..errors import CowdiskError, InvalidArgument, NotFound
 from ..store.model import validate_id
 from .app import (App, Column, CowdiskSubGroup, LazyChoice, complete_templates, complete_volumes, human_bytes,
                   matches, parse_filters, parse_size, pass_app, select_columns, when)
-from .templates import show_template, template_ref
+from .templates import owner_name, parse_owner, show_template, template_ref
 
 if TYPE_CHECKING:
     from ..contract import StoreAPI
@@ -23,7 +23,8 @@ COLUMNS = [Column("id"), Column("state"), Column("backend"), Column("template_id
            Column("size", human=human_bytes), Column("links", human=lambda ls: "\n".join(ls) or "-"),
            Column("device", human=lambda d: d or "-"), Column("link", default=False),
            Column("data_path", default=False), Column("parent", default=False),
-           Column("created", human=when, default=False), Column("error", default=False)]
+           Column("created", human=when, default=False), Column("error", default=False),
+           Column("owner", default=False)]
 USAGE_COLUMNS = [Column("id"), Column("state"), Column("template_id", "template"),
                  Column("own_bytes", "own", human=human_bytes), Column("disk_bytes", "allocated", human=human_bytes),
                  Column("apparent_bytes", "apparent", human=human_bytes), Column("cow", "cow used"),
@@ -43,7 +44,8 @@ def _show_volume(app: App, store: StoreAPI, v: Volume, title: str, extra: dict[s
         return
     rows = {"id": d["id"], "state": d["state"], "backend": d["backend"], "template": d["template_id"],
             "size": human_bytes(d["size"]), "link": d["link"], "links": d["links"], "device": d["device"],
-            "data": d["data_path"], "parent": d["parent"], "created": when(d["created"])}
+            "data": d["data_path"], "parent": d["parent"], "owner": owner_name(d["owner"]),
+            "created": when(d["created"])}
     if d.get("error"):
         rows["error"] = d["error"]
     u = d.get("usage")
@@ -445,6 +447,25 @@ def volume_drive(app: App, vid: str, fmt: str, machine: str | None, read_only: b
     if v.state != "attached":
         app.info(f"note: volume {vid} is {v.state}; restore it before starting the VM")
     app.line(text)
+
+
+@volume.command("chown")
+@click.argument("vid", metavar="ID", shell_complete=complete_volumes)
+@click.argument("owner", metavar="OWNER")
+@pass_app
+def volume_chown(app: App, vid: str, owner: str) -> None:
+    """Hand a volume to another owner (a uid or user name): root only. From then on only that
+    owner (and root) lists, inspects, uses and removes it; its data, device and links stay.
+
+    \b
+    Example:
+      cowdisk volume chown vm1 1000
+    """
+    validate_id(vid)
+    uid = parse_owner(owner)
+    store = app.store()
+    v = store.chown_volume(vid, uid)
+    _show_volume(app, store, v, f"volume {v.id}")
 
 
 @volume.command("usage")

@@ -87,7 +87,7 @@ class Service:
         err: BaseException | None = None
         info: dict[str, Any] = {}
         try:
-            out: T = await self.pool.run(fn, *args, what=(op, obj), info=info, **kwargs)
+            out: T = await self.pool.run(calls.as_caller, peer.uid, fn, *args, what=(op, obj), info=info, **kwargs)
             return out
         except BaseException as e:
             err = e
@@ -102,10 +102,15 @@ class Service:
         self.metrics.observe(op, err, seconds)
         self.log(op, obj, peer, seconds, err, level=logging.INFO if mutating or err else logging.DEBUG, **info)
 
-    async def read(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """A read of the store (not logged, not counted) in a store worker."""
-        out: T = await self.pool.run(fn, *args, what=(getattr(fn, "__name__", "read"), ""), **kwargs)
+    async def read(self, peer: Peer, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """A read of the store as ``peer`` sees it (not logged, not counted) in a store worker."""
+        out: T = await self.pool.run(calls.as_caller, peer.uid, fn, *args,
+                                     what=(getattr(fn, "__name__", "read"), ""), **kwargs)
         return out
+
+    def sees_job(self, peer: Peer, job: Job) -> bool:
+        """A caller sees its own jobs; root (and the store directory's owner) every job."""
+        return job.peer.uid == peer.uid or peer.uid in (0, self.store.root_uid)
 
     def log(self, op: str, obj: str, peer: Peer, seconds: float, err: BaseException | None, *,
             level: int = logging.INFO, job: str | None = None, store_s: float | None = None,
@@ -423,14 +428,14 @@ def create_app(svc: Service) -> FastAPI:
         return J(await svc.call("gc", store.root, peer_of(request), calls.gc, purge, older_than))
 
     @app.get(f"{API}/store", response_model=m.StoreInfoOut, tags=["service"], responses=ERRORS)
-    async def store_info() -> JSONResponse:
+    async def store_info(request: Request) -> JSONResponse:
         """What the store is and holds: id, backend, places, volumes by state, space (`cowdisk store info`)."""
-        return J(await svc.read(calls.info))
+        return J(await svc.read(peer_of(request), calls.info))
 
     @app.get(f"{API}/store/space", response_model=m.SpaceList, tags=["service"], responses=ERRORS)
-    async def store_space() -> JSONResponse:
+    async def store_space(request: Request) -> JSONResponse:
         """How full each area the store's writes fill is (the store's filesystem, the data's, a thin pool)."""
-        return J(await svc.read(calls.space))
+        return J(await svc.read(peer_of(request), calls.space))
 
     @app.delete(f"{API}/store", response_model=m.Removed, tags=["service"], responses=ERRORS)
     async def store_destroy(request: Request, force: bool = Query(False, description=(
@@ -445,24 +450,26 @@ def create_app(svc: Service) -> FastAPI:
     # -- jobs --------------------------------------------------------------------------
 
     @app.get(f"{API}/jobs", response_model=m.JobList, tags=["jobs"], responses=ERRORS)
-    async def jobs_list() -> JSONResponse:
-        """Running jobs and those that ended in the last `job_retention` seconds."""
-        return J({"jobs": [j.as_dict() for j in svc.jobs.all()]})
+    async def jobs_list(request: Request) -> JSONResponse:
+        """Running jobs and those that ended in the last `job_retention` seconds (a caller
+        other than root: its own)."""
+        peer = peer_of(request)
+        return J({"jobs": [j.as_dict() for j in svc.jobs.all() if svc.sees_job(peer, j)]})
 
-    def _job(job_id: str) -> Job:
+    def _job(job_id: str, peer: Peer) -> Job:
         job = svc.jobs.get(job_id)
-        if job is None:
+        if job is None or not svc.sees_job(peer, job):  # another's: the same 404 as a missing one
             raise NotFound(f"job {job_id} not found", op="get job", obj=job_id,
                            hint="finished jobs are kept for job_retention seconds")
         return job
 
     @app.get(f"{API}/jobs/{{job_id}}", response_model=m.JobOut, tags=["jobs"], responses=ERRORS)
-    async def job_get(job_id: str, wait: float = Query(0, ge=0, le=60, description=(
+    async def job_get(request: Request, job_id: str, wait: float = Query(0, ge=0, le=60, description=(
             "Hold the answer up to this many seconds until the job changes or ends")),
                       since: int | None = Query(None, description="With wait: return once the job's seq passes "
                                                                   "this (default: its seq now)")) -> JSONResponse:
         """A job's state and progress (bytes done of total in the current stage)."""
-        job = _job(job_id)
+        job = _job(job_id, peer_of(request))
         if wait:
             await asyncio.get_running_loop().run_in_executor(None, svc.jobs.wait, job, wait, since)
         return J(job.as_dict())
@@ -470,22 +477,23 @@ def create_app(svc: Service) -> FastAPI:
     @app.post(f"{API}/jobs/{{job_id}}/cancel", response_model=m.JobOut, tags=["jobs"], responses=ERRORS)
     async def job_cancel(request: Request, job_id: str) -> JSONResponse:
         """Cancel a job: it stops at its next progress report and undoes what it made."""
-        job = _job(job_id)
+        job = _job(job_id, peer_of(request))
         svc.log("cancel job", f"{job.op} {job.object} ({job.id})", peer_of(request), 0, None)
         return J(svc.jobs.cancel(job).as_dict())
 
     # -- templates ---------------------------------------------------------------------
 
     @app.get(f"{API}/templates", response_model=m.TemplateList, tags=["templates"], responses=ERRORS)
-    async def templates_list() -> JSONResponse:
-        """Every template, with what its file takes on disk."""
-        return J(await svc.read(calls.templates))
+    async def templates_list(request: Request) -> JSONResponse:
+        """Every template the caller may use (its own and the shared ones; root: all), with
+        what its file takes on disk."""
+        return J(await svc.read(peer_of(request), calls.templates))
 
     @app.get(f"{API}/templates/{{ref}}", response_model=m.TemplateOut, tags=["templates"], responses=ERRORS)
-    async def template_get(ref: str) -> JSONResponse:
-        """One template by id, digest prefix or name."""
+    async def template_get(request: Request, ref: str) -> JSONResponse:
+        """One template by id, digest prefix or name (404 for one the caller may not use)."""
         validate_id(ref, "template name or id")
-        return J(await svc.read(calls.template, ref))
+        return J(await svc.read(peer_of(request), calls.template, ref))
 
     @app.post(f"{API}/templates/import", status_code=202, response_model=m.JobOut, tags=["templates"],
               responses=ERRORS)
@@ -496,8 +504,9 @@ def create_app(svc: Service) -> FastAPI:
         src = check_path(body.source, cfg.import_roots, "import template", "import_roots", peer, owned=True)
 
         def run(ctx: JobContext) -> dict[str, Any]:
-            t = store.import_template(src, body.name, adopt=body.adopt, progress=ctx.progress)
-            return store.template_doc(t)
+            s = store.as_caller(peer.uid)
+            t = s.import_template(src, body.name, adopt=body.adopt, progress=ctx.progress, shared=body.shared)
+            return s.template_doc(t)
 
         return svc.start_job("import template", body.source, peer, run)
 
@@ -515,17 +524,20 @@ def create_app(svc: Service) -> FastAPI:
             ref = check_image_ref(body.image, cfg.import_roots, peer)
 
             def run_image(ctx: JobContext) -> dict[str, Any]:
-                t = store.build_template_from_image(ref, body.name, size=body.size, fs_type=body.fs_type,
-                                                    progress=ctx.progress)
-                return store.template_doc(t)
+                s = store.as_caller(peer.uid)
+                t = s.build_template_from_image(ref, body.name, size=body.size, fs_type=body.fs_type,
+                                                progress=ctx.progress, shared=body.shared)
+                return s.template_doc(t)
 
             return svc.start_job("build template", body.image, peer, run_image)
         assert body.source is not None
         src = check_path(body.source, cfg.import_roots, "build template", "import_roots", peer, owned=True)
 
         def run(ctx: JobContext) -> dict[str, Any]:
-            t = store.build_template(src, body.name, size=body.size, fs_type=body.fs_type, progress=ctx.progress)
-            return store.template_doc(t)
+            s = store.as_caller(peer.uid)
+            t = s.build_template(src, body.name, size=body.size, fs_type=body.fs_type, progress=ctx.progress,
+                                 shared=body.shared)
+            return s.template_doc(t)
 
         return svc.start_job("build template", body.source, peer, run)
 
@@ -534,12 +546,14 @@ def create_app(svc: Service) -> FastAPI:
     async def template_verify(request: Request, ref: str) -> JSONResponse:
         """Re-read a template: size, mtime and the full content digest (fails TemplateChanged): a job."""
         validate_id(ref, "template name or id")
-        await svc.read(calls.template, ref)  # a 404 now rather than a failed job
+        peer = peer_of(request)
+        await svc.read(peer, calls.template, ref)  # a 404 now rather than a failed job
 
         def run(ctx: JobContext) -> dict[str, Any]:
-            return store.template_doc(store.verify_template(ref, progress=ctx.progress))
+            s = store.as_caller(peer.uid)
+            return s.template_doc(s.verify_template(ref, progress=ctx.progress))
 
-        return svc.start_job("verify template", ref, peer_of(request), run)
+        return svc.start_job("verify template", ref, peer, run)
 
     @app.delete(f"{API}/templates/{{ref}}", response_model=m.Removed, tags=["templates"], responses=ERRORS)
     async def template_remove(request: Request, ref: str) -> JSONResponse:
@@ -547,15 +561,23 @@ def create_app(svc: Service) -> FastAPI:
         validate_id(ref, "template name or id")
         return J(await svc.call("remove template", ref, peer_of(request), calls.remove_template, ref))
 
+    @app.post(f"{API}/templates/{{ref}}/chown", response_model=m.TemplateOut, tags=["templates"], responses=ERRORS)
+    async def template_chown(request: Request, ref: str, body: m.TemplateChownIn) -> JSONResponse:
+        """Hand a template to another owner and/or mark it shared (usable by every caller) or
+        not: root only (403 otherwise)."""
+        validate_id(ref, "template name or id")
+        return J(await svc.call("chown template", ref, peer_of(request), calls.chown_template, ref, body.owner,
+                                body.shared))
+
     # -- volumes -----------------------------------------------------------------------
 
     @app.get(f"{API}/volumes", response_model=m.VolumeList, tags=["volumes"], responses=ERRORS)
-    async def volumes_list(template: str | None = Query(None, description="Only volumes of this template")
-                           ) -> JSONResponse:
-        """Every volume."""
+    async def volumes_list(request: Request, template: str | None = Query(
+            None, description="Only volumes of this template")) -> JSONResponse:
+        """Every volume the caller owns (root: every volume)."""
         if template is not None:
             validate_id(template, "template name or id")
-        return J(await svc.read(calls.volumes, template))
+        return J(await svc.read(peer_of(request), calls.volumes, template))
 
     @app.post(f"{API}/volumes", status_code=201, response_model=m.VolumeOut, tags=["volumes"], responses=ERRORS)
     async def volume_create(request: Request, body: m.CreateIn) -> Response:
@@ -563,10 +585,10 @@ def create_app(svc: Service) -> FastAPI:
         return await svc.create(peer_of(request), body)
 
     @app.get(f"{API}/volumes/{{vid}}", response_model=m.VolumeOut, tags=["volumes"], responses=ERRORS)
-    async def volume_get(vid: str) -> JSONResponse:
-        """One volume."""
+    async def volume_get(request: Request, vid: str) -> JSONResponse:
+        """One volume (404 for another owner's, as for a missing one)."""
         validate_id(vid)
-        return J(await svc.read(calls.volume, vid))
+        return J(await svc.read(peer_of(request), calls.volume, vid))
 
     @app.delete(f"{API}/volumes/{{vid}}", response_model=m.Removed, tags=["volumes"], responses=ERRORS)
     async def volume_remove(request: Request, vid: str, deadline: float = Query(5.0, ge=0, le=300, description=(
@@ -575,10 +597,16 @@ def create_app(svc: Service) -> FastAPI:
         return await svc.remove(peer_of(request), vid, deadline)
 
     @app.get(f"{API}/volumes/{{vid}}/usage", response_model=m.UsageOut, tags=["volumes"], responses=ERRORS)
-    async def volume_usage(vid: str) -> JSONResponse:
+    async def volume_usage(request: Request, vid: str) -> JSONResponse:
         """What the volume costs on disk (real allocation; COW fill on dm-snapshot)."""
         validate_id(vid)
-        return J(await svc.read(calls.usage, vid))
+        return J(await svc.read(peer_of(request), calls.usage, vid))
+
+    @app.post(f"{API}/volumes/{{vid}}/chown", response_model=m.VolumeOut, tags=["volumes"], responses=ERRORS)
+    async def volume_chown(request: Request, vid: str, body: m.ChownIn) -> JSONResponse:
+        """Hand a volume to another owner (uid): root only (403 otherwise)."""
+        validate_id(vid)
+        return J(await svc.call("chown", vid, peer_of(request), calls.chown_volume, vid, body.owner))
 
     @app.post(f"{API}/volumes/{{vid}}/checkpoint", response_model=m.VolumeOut, tags=["volumes"],
               responses=ERRORS)
@@ -608,10 +636,10 @@ def create_app(svc: Service) -> FastAPI:
         return J(await svc.call("adopt", vid, peer_of(request), calls.adopt, vid, body.steal), 201)
 
     @app.get(f"{API}/shared/volumes", response_model=m.SharedVolumeList, tags=["volumes"], responses=ERRORS)
-    async def shared_volumes() -> JSONResponse:
+    async def shared_volumes(request: Request) -> JSONResponse:
         """rbd: every volume in the shared pool and namespace, whichever store made it, with its
         owner, holder and open clients."""
-        return J(await svc.read(calls.shared_volumes))
+        return J(await svc.read(peer_of(request), calls.shared_volumes))
 
     @app.post(f"{API}/volumes/{{vid}}/fork", status_code=202, response_model=m.JobOut, tags=["volumes"],
               responses=ERRORS)
@@ -620,16 +648,18 @@ def create_app(svc: Service) -> FastAPI:
         or ``count`` named ``<prefix><n>``): a job. Cancelling it undoes the whole fork."""
         validate_id(vid)
         ids = fork_ids(vid, body.new_ids, body.count, body.prefix)  # a 400 now rather than a failed job
-        await svc.read(calls.volume, vid)  # a 404 now rather than a failed job
+        peer = peer_of(request)
+        await svc.read(peer, calls.volume, vid)  # a 404 now rather than a failed job
 
         def run(ctx: JobContext) -> dict[str, Any]:
+            store = svc.store.as_caller(peer.uid)
             ctx.check()
             ctx.progress(0, 0, f"fork {vid} -> {len(ids)} volumes")
             return {"volumes": [v.as_dict() for v in store.fork(
                 vid, ids, reset_identity=body.reset_identity, hostname_prefix=body.hostname_prefix,
                 progress=ctx.progress)]}
 
-        return svc.start_job("fork", vid, peer_of(request), run)
+        return svc.start_job("fork", vid, peer, run)
 
     @app.post(f"{API}/volumes/{{vid}}/flatten", status_code=202, response_model=m.JobOut, tags=["volumes"],
               responses=ERRORS)
@@ -637,12 +667,14 @@ def create_app(svc: Service) -> FastAPI:
         """Materialise a volume (template + its changes) as a new template: a job."""
         body = body or m.FlattenIn()
         _ids((vid, "volume id"), (body.name, "template name"))
-        await svc.read(calls.volume, vid)
+        peer = peer_of(request)
+        await svc.read(peer, calls.volume, vid)
 
         def run(ctx: JobContext) -> dict[str, Any]:
-            return store.template_doc(store.flatten(vid, body.name, progress=ctx.progress))
+            s = store.as_caller(peer.uid)
+            return s.template_doc(s.flatten(vid, body.name, progress=ctx.progress))
 
-        return svc.start_job("flatten", vid, peer_of(request), run)
+        return svc.start_job("flatten", vid, peer, run)
 
     @app.post(f"{API}/volumes/{{vid}}/jail", response_model=m.JailOut, tags=["volumes"], responses=ERRORS)
     async def volume_jail(request: Request, vid: str, body: m.JailIn) -> JSONResponse:
@@ -656,7 +688,7 @@ def create_app(svc: Service) -> FastAPI:
         return J(await svc.call("jail", vid, peer, calls.jail, vid, jdir, body.name, body.uid, body.gid))
 
     @app.get(f"{API}/volumes/{{vid}}/drive", response_model=m.DriveOut, tags=["volumes"], responses=ERRORS)
-    async def volume_drive(vid: str, format: Literal[drive_mod.FORMATS] = Query(  # type: ignore[valid-type]
+    async def volume_drive(request: Request, vid: str, format: Literal[drive_mod.FORMATS] = Query(  # type: ignore[valid-type]
                                description="The VMM and form, as `cowdisk volume drive --format`"),
                            readonly: bool = False, drive_id: str | None = None, cache: str | None = None,
                            io_engine: str | None = None, iops: int | None = Query(None, gt=0),
@@ -666,7 +698,7 @@ def create_app(svc: Service) -> FastAPI:
                            ) -> JSONResponse:
         """A VMM's drive configuration for the volume's stable link (`cowdisk volume drive --json`)."""
         validate_id(vid)
-        v = await svc.read(calls.volume, vid)
+        v = await svc.read(peer_of(request), calls.volume, vid)
         opts = drive_mod.DriveOptions(read_only=readonly, drive_id=drive_id, cache=cache, io_engine=io_engine,
                                       iops=iops, bandwidth=bandwidth, machine=machine, jail_path=jail_path)
         try:

@@ -9,7 +9,7 @@ pickled (:mod:`.workers`).
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Callable
 
 from .. import doctor as doctor_mod
 from ..store import Store
@@ -20,6 +20,12 @@ def encoded(doc: Any) -> bytes:
     it). The hot calls (create, remove) answer with it already encoded: the encoding runs in
     the worker, beside the daemon's event loop, and the bytes travel without pickling a dict."""
     return json.dumps(doc, ensure_ascii=False, allow_nan=False, indent=None, separators=(",", ":")).encode()
+
+
+def as_caller(store: Store, uid: int, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``fn`` run on ``store`` as caller ``uid`` sees it (:meth:`Store.as_caller`: the
+    peer's SO_PEERCRED uid): every call of the daemon goes through it."""
+    return fn(store.as_caller(uid), *args, **kwargs)
 
 
 def doctor(store: Store) -> dict[str, Any]:
@@ -48,6 +54,14 @@ def remove_template(store: Store, ref: str) -> dict[str, Any]:
     tid = store.template(ref).id
     store.remove_template(tid)
     return {"removed": [tid]}
+
+
+def chown_template(store: Store, ref: str, owner: int | None, shared: bool | None) -> dict[str, Any]:
+    return store.template_doc(store.chown_template(ref, owner, shared=shared))
+
+
+def chown_volume(store: Store, vid: str, owner: int) -> dict[str, Any]:
+    return store.chown_volume(vid, owner).as_dict()
 
 
 def volumes(store: Store, template: str | None) -> dict[str, Any]:

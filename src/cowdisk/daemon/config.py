@@ -22,11 +22,20 @@ Example file::
     log_level = "info"
     shutdown_timeout = 30             # seconds SIGTERM waits for in-flight operations
     processes = 4                     # store worker processes (default: one per core, 2 to 8)
+    high_water = 90                   # percent: creates, forks, restores refused past it
+    [quotas]                          # per owner uid, or "default" (every owner but root)
+    default = { volumes = 20, bytes = "20G" }
+    1000 = { volumes = 100 }
+
+``high_water`` and ``quotas`` are laid over the store's own ``<root>/config.toml`` (same
+keys, :mod:`cowdisk.store.limits`), entry by entry; ``COWDISK_QUOTAS`` takes the table as
+JSON (``{"1000": {"volumes": 10}}``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -34,6 +43,8 @@ from typing import Any, Mapping
 
 from ..backends import BACKENDS
 from ..errors import InvalidArgument
+from ..store import limits as limits_mod
+from ..store.limits import Limits, Quota
 from ..store.model import default_root
 from .protocol import DEFAULT_CONFIG, DEFAULT_SOCKET
 
@@ -66,8 +77,16 @@ class Config:
     """Store worker processes (:mod:`.workers`); 0: store calls run in ``workers`` threads of
     the daemon's own process."""
     job_retention: float = 3600.0
+    quotas: dict[str, Quota] = field(default_factory=dict)
+    """Per-owner quotas (:mod:`cowdisk.store.limits`), over the store's own config."""
+    high_water: float | None = None
+    """The admission mark in percent, over the store's own config (default there: 90)."""
     source: str = field(default="defaults", compare=False)
     """Where the settings came from (for --check-config and the start log)."""
+
+    def store_limits(self) -> Limits:
+        """The limits the daemon's stores enforce: the store's own config, then this one's."""
+        return limits_mod.load(self.root).over(self.quotas, self.high_water, f"daemon config ({self.source})")
 
     def as_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -96,6 +115,15 @@ def _coerce(key: str, value: Any, where: str) -> Any:
         if any(v < 0 for v in out):
             raise _bad(key, value, "ids are not negative", where)
         return out
+    if key == "quotas":
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError:
+                raise _bad(key, value, "a JSON table of owners to {volumes, bytes}", where) from None
+        return limits_mod.parse_quotas(value, where)
+    if key == "high_water":
+        return limits_mod.parse_high_water(value, where)
     if key in ("jail_roots", "import_roots"):
         if isinstance(value, str):
             value = [v for v in value.split(":") if v]

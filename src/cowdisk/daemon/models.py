@@ -63,8 +63,10 @@ class TemplateOut(BaseModel):
     source: str
     created: float
     state: str
-    users: list[str]
+    users: list[str] = Field(description="The caller's volumes over it (root: every volume over it)")
     disk_bytes: int | None = Field(None, description="Bytes the template's file really takes (st_blocks)")
+    owner: int = Field(0, description="The uid that made it (or root handed it to)")
+    shared: bool = Field(False, description="Usable by every caller, not only its owner")
 
 
 class TemplateList(BaseModel):
@@ -85,6 +87,7 @@ class VolumeOut(BaseModel):
     error: str | None
     links: list[str] = Field(description="Every stable link that leads to the volume: its own first, then "
                                          "the sources' links a restore as a new id retargeted to it")
+    owner: int = Field(0, description="The uid that made it (or root handed it to); only it and root see it")
 
 
 class VolumeList(BaseModel):
@@ -223,6 +226,7 @@ class ImportIn(In):
     source: str = Field(description="Absolute path of a raw disk image under one of the daemon's import_roots")
     name: str | None = None
     adopt: bool = Field(False, description="Use the image in place (no copy); it must never change")
+    shared: bool = Field(False, description="Every caller may use the template, not only its owner")
 
 
 class BuildIn(In):
@@ -236,6 +240,16 @@ class BuildIn(In):
     size: Size | None = Field(None, description="Image size; default: twice the tree plus 32 MiB (an image: 1.5 "
                                                 "times its unpacked size plus 64 MiB)")
     fs_type: Literal["ext4"] = "ext4"
+    shared: bool = Field(False, description="Every caller may use the template, not only its owner")
+
+
+class ChownIn(In):
+    owner: int = Field(ge=0, description="The uid the volume is handed to")
+
+
+class TemplateChownIn(In):
+    owner: int | None = Field(None, ge=0, description="The uid the template is handed to (None: unchanged)")
+    shared: bool | None = Field(None, description="Usable by every caller (None: unchanged)")
 
 
 class CreateIn(In):

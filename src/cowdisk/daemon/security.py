@@ -20,7 +20,7 @@ import struct
 from dataclasses import dataclass
 
 from .config import Config
-from .protocol import Forbidden
+from ..errors import Forbidden
 
 _UCRED = struct.Struct("3i")
 

@@ -236,7 +236,8 @@ def run(cfg: Config) -> int:
         pool.fork()
         one_malloc_arena()  # the daemon's threads (log writer, jobs) too
         stop_logging = in_background()  # after the fork: no thread exists before it
-        store = Store(cfg.root, backend=cfg.backend, recover=False, lock_timeout=cfg.lock_timeout)
+        store = Store(cfg.root, backend=cfg.backend, recover=False, lock_timeout=cfg.lock_timeout,
+                      limits=cfg.store_limits())
         store.daemon = os.getpid()
         try:
             metrics = Metrics()

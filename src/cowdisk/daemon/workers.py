@@ -152,7 +152,8 @@ def _worker(sock: socket.socket, *, configure: bool) -> NoReturn:
 
                 setup_logging(cfg)
             try:
-                store = Store(cfg.root, backend=cfg.backend, recover=False, lock_timeout=cfg.lock_timeout)
+                store = Store(cfg.root, backend=cfg.backend, recover=False, lock_timeout=cfg.lock_timeout,
+                              limits=cfg.store_limits())
                 store.daemon = os.getppid()
             except CowdiskError as e:
                 _send(sock, (cid, "err", error_document(e), False))

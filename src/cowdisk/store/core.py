@@ -53,6 +53,7 @@ from ..kernel import fs, procfs
 from ..progress import Progress
 from ..registry import ATTACHED, CREATING, TemplateRow, VolumeRow
 from . import growfs, identity, manifest, recovery
+from .limits import Limits
 from .manifest import store_exists as store_exists  # where it was; the store's callers ask it first
 from .model import RecoveryReport, Template, Volume, default_root, fork_ids, hostname_of, validate_id
 from .parts import StoreParts, manifest_of_quarantine, refuse_under_daemon
@@ -120,9 +121,9 @@ class Store(StoreParts):
 
     def __init__(self, root: str | None = None, *, backend: str = "auto", recover: bool = True,
                  lock_timeout: float = 30.0, backend_options: Mapping[str, str] | None = None,
-                 rebuild: bool = False) -> None:
+                 rebuild: bool = False, limits: Limits | None = None) -> None:
         super().__init__(root, backend=backend, lock_timeout=lock_timeout, backend_options=backend_options,
-                         rebuild=rebuild)
+                         rebuild=rebuild, limits=limits)
         if recover and not self.read_only:
             self.recover()
 
@@ -155,30 +156,47 @@ class Store(StoreParts):
             links = [p for p, _, _ in self.registry.links(v.id)]
         ordered = ([own] if own in links else []) + sorted(p for p in links if p != own)
         return Volume(v.id, v.template_id, v.backend, v.state, v.size, v.device, own,
-                      v.data_path, v.created, v.parent, v.error, tuple(ordered))
+                      v.data_path, v.created, v.parent, v.error, tuple(ordered), owner=v.owner)
 
     def _new_row(self, vid: str, t: TemplateRow, size: int, parent: str | None) -> VolumeRow:
         now = time.time()
         return VolumeRow(vid, t.id, self.backend_name, CREATING, size, self.vol_dir(vid), None, now, now,
-                         parent, None)
+                         parent, None, self.caller)
+
+    def _row(self, vid: str) -> VolumeRow:
+        """Volume ``vid`` if this view may see it: NotFound, in the same words as for a missing
+        one, for another owner's (ids do not leak)."""
+        return self.registry.get_volume(vid, owner=self.viewer)
 
     # -- templates -------------------------------------------------------------------
 
     def import_template(self, src: str, name: str | None = None, *, adopt: bool = False,
-                        progress: Progress | None = None) -> Template:
-        """Import a raw disk image: copy it in (or adopt it in place), digest it, make it read-only."""
-        return self._templates.import_image(src, name, adopt=adopt, progress=progress)
+                        progress: Progress | None = None, shared: bool = False) -> Template:
+        """Import a raw disk image: copy it in (or adopt it in place), digest it, make it read-only.
+        The caller owns it; ``shared``: every caller may use it."""
+        return self._templates.import_image(src, name, adopt=adopt, progress=progress, shared=shared)
 
     def build_template(self, source: str, name: str | None = None, *, size: int | None = None,
-                       fs_type: str = "ext4", progress: Progress | None = None) -> Template:
+                       fs_type: str = "ext4", progress: Progress | None = None, shared: bool = False) -> Template:
         """Build a template from a directory tree or a tarball through the template cache."""
-        return self._templates.build(source, name, size=size, fs_type=fs_type, progress=progress)
+        return self._templates.build(source, name, size=size, fs_type=fs_type, progress=progress, shared=shared)
 
     def build_template_from_image(self, ref: str, name: str | None = None, *, size: int | None = None,
-                                  fs_type: str = "ext4", progress: Progress | None = None) -> Template:
+                                  fs_type: str = "ext4", progress: Progress | None = None,
+                                  shared: bool = False) -> Template:
         """Build a template from a container image (OCI layout, OCI archive, docker save archive),
         built once per image (keyed on its manifest digest)."""
-        return self._templates.build_from_image(ref, name, size=size, fs_type=fs_type, progress=progress)
+        return self._templates.build_from_image(ref, name, size=size, fs_type=fs_type, progress=progress,
+                                                shared=shared)
+
+    def chown_template(self, ref: str, owner: int | None = None, *, shared: bool | None = None) -> Template:
+        """Hand template ``ref`` to uid ``owner`` and/or mark it ``shared`` (usable by every
+        caller) or not: root only (Forbidden otherwise)."""
+        self._templates.row(ref)  # another's: the same 404 as a missing one
+        self.require_admin("chown template", ref)
+        if owner is not None and (isinstance(owner, bool) or not isinstance(owner, int) or owner < 0):
+            raise InvalidArgument(f"chown template {ref}: owner {owner!r} is not a uid", op="chown template", obj=ref)
+        return self._templates.chown(ref, owner=owner, shared=shared)
 
     def push_template(self, ref: str, to: str | None = None, *, progress: Progress | None = None) -> dict[str, Any]:
         """Push a template to the object store as content-addressed chunks (docs/remote.md):
@@ -252,19 +270,113 @@ class Store(StoreParts):
         by_volume: dict[str, list[str]] = {}
         for path, owner, _ in self.registry.links():
             by_volume.setdefault(owner, []).append(path)
-        return [self._to_volume(v, by_volume.get(v.id, [])) for v in self.registry.volumes()]
+        return [self._to_volume(v, by_volume.get(v.id, [])) for v in self.registry.volumes(owner=self.viewer)]
 
     def volume(self, vid: str) -> Volume:
-        return self._to_volume(self.registry.get_volume(vid))
+        return self._to_volume(self._row(vid))
 
     def links(self, vid: str | None = None) -> list[tuple[str, str]]:
         """``(link path, volume id)`` of every stable link (of ``vid``'s only, when given): a
         volume's own link, and a restore-as source's link retargeted to its copy."""
-        return [(p, o) for p, o, _ in self.registry.links(vid)]
+        if vid is not None:
+            self._row(vid)
+        rows = self.registry.links(vid)
+        if self.viewer is not None:
+            mine = {v.id for v in self.registry.volumes(owner=self.viewer)}
+            rows = [r for r in rows if r[1] in mine]
+        return [(p, o) for p, o, _ in rows]
 
     def usage(self, vid: str) -> Usage:
-        v = self.registry.get_volume(vid)
+        v = self._row(vid)
         return self.backend.usage(self.ctx(v), attached=v.state == ATTACHED)
+
+    # -- owners, quotas, admission ------------------------------------------------------
+
+    def chown_volume(self, vid: str, owner: int) -> Volume:
+        """Hand volume ``vid`` to uid ``owner`` (root only: Forbidden otherwise). Its data,
+        device and links stay as they are; from now on only ``owner`` (and root) sees it."""
+        validate_id(vid)
+        self._row(vid)  # another's: the same 404 as a missing one
+        self.require_admin("chown volume", vid)
+        if isinstance(owner, bool) or not isinstance(owner, int) or owner < 0:
+            raise InvalidArgument(f"chown volume {vid}: owner {owner!r} is not a uid", op="chown volume", obj=vid)
+        with self.lock("volume", vid):
+            self.registry.get_volume(vid)
+            self.registry.set_volume_owner(vid, owner)
+            self.write_manifest(vid)
+        return self.volume(vid)
+
+    def owner_usage(self, owner: int) -> tuple[int, int]:
+        """(volumes, bytes on disk) of ``owner``: the backend's own accounting of each volume
+        (:meth:`usage`'s ``own_bytes``)."""
+        rows = self.registry.volumes(owner=owner)
+        total = 0
+        for v in rows:
+            try:
+                total += self.backend.usage(self.ctx(v), attached=v.state == ATTACHED).own_bytes
+            except (CowdiskError, OSError) as e:  # a volume half made or gone: it counts nothing
+                log.debug("usage of volume %s for the quota of uid %d: %s", v.id, owner, e)
+        return len(rows), total
+
+    def _cost_of_template(self, t: TemplateRow) -> int:
+        """Bytes a new volume over ``t`` allocates at once: its template's on a backend that
+        copies the data (copy), none where blocks are shared until written."""
+        if not getattr(self.backend, "copies_data", False) or not t.path:
+            return 0
+        try:
+            return fs.disk_usage(t.path)
+        except OSError:
+            return t.size
+
+    def _cost_of_copy(self, src: VolumeRow) -> int:
+        """Bytes a copy of volume ``src`` allocates at once (fork, restore-as)."""
+        if not getattr(self.backend, "copies_data", False):
+            return 0
+        try:
+            return self.backend.usage(self.ctx(src), attached=src.state == ATTACHED).disk_bytes
+        except (CowdiskError, OSError):
+            return src.size
+
+    def _admit(self, op: str, vid: str, needed: int, count: int = 1) -> None:
+        """Refuse, before anything is made, an operation that would push an area the store's
+        writes fill (its filesystem, the pool, a thin pool that cannot grow) past the
+        high-water mark (ENOSPC, naming the mark and the use), or the caller past its byte
+        quota (EDQUOT, naming the owner, the limit and the figures). The volume count is
+        checked with the new row's commit (:meth:`_count_quota`)."""
+        mark = self.limits.high_water
+        for area in self.space():
+            if area.total_bytes <= 0 or area.state == "unreadable" or area.grows:
+                continue
+            after = area.used_bytes + needed * count
+            if after * 100 > mark * area.total_bytes:
+                raise KernelError(op, vid, errno.ENOSPC, detail=(
+                    f"the {area.area} ({area.detail}) is {area.pct:.1f}% full ({area.used_bytes} of "
+                    f"{area.total_bytes} bytes){f', {needed * count} more bytes would make it {100 * after / area.total_bytes:.1f}%' if needed else ''}: "
+                    f"past the high-water mark of {mark:g}%"),
+                    hint="free space (remove or checkpoint volumes, `cowdisk gc`), grow the pool, or raise high_water")
+        q = self.limits.quota(self.caller)
+        if q.bytes is not None:
+            n, used = self.owner_usage(self.caller)
+            if used >= q.bytes or used + needed * count > q.bytes:
+                raise KernelError(op, vid, errno.EDQUOT, detail=(
+                    f"owner uid {self.caller} has {n} volumes taking {used} bytes on disk"
+                    f"{f', {needed * count} more bytes' if needed else ''}: its quota (bytes) is {q.bytes}"),
+                    hint="remove volumes of this owner, or raise quotas.bytes in the config")
+
+    def _count_quota(self, op: str, vid: str, adding: int = 1) -> None:
+        """Inside the transaction that adds the new rows (``adding`` of them): refuse (EDQUOT)
+        when their owner now has more volumes than its quota; the transaction rolls back,
+        nothing was made. In the transaction (BEGIN IMMEDIATE), so creates at once cannot
+        pass it together."""
+        q = self.limits.quota(self.caller)
+        if q.volumes is None:
+            return
+        n = self.registry.count_volumes(self.caller)
+        if n > q.volumes:
+            raise KernelError(op, vid, errno.EDQUOT, detail=f"owner uid {self.caller} has {n - adding} volumes"
+                              + (f", {adding} more asked" if adding > 1 else "")
+                              + f": its quota (volumes) is {q.volumes}",
+                              hint="remove volumes of this owner, or raise quotas.volumes in the config")
 
     # -- volumes: state changes -----------------------------------------------------
 
@@ -288,10 +400,11 @@ class Store(StoreParts):
         the file backends); with ``grow_fs`` its ext2/3/4 filesystem is grown to fill it
         (resize2fs, before anything can open it; other filesystems are left as they are)."""
         validate_id(vid)
-        t = self.registry.get_template(template)
+        t = self._templates.row(template)
         nbytes = self._volume_size(vid, t, size)
         self.check_template(t)
         self.check_room("create volume", vid)
+        self._admit("create volume", vid, self._cost_of_template(t))
         with self.lock("volume", vid), _named_errors("create volume", vid):
             row = self._new_row(vid, t, nbytes, None)
             ctx = self.ctx(row, t, op=CREATE.name, progress=progress)
@@ -301,6 +414,7 @@ class Store(StoreParts):
                 ctx = dataclasses.replace(ctx, record=lambda k, n: None if (k, n) in ahead else record(k, n))
 
             def record_ahead() -> None:
+                self._count_quota("create volume", vid)
                 for k, n in ahead:
                     self.registry.record_object(vid, k, n)
 
@@ -354,7 +468,7 @@ class Store(StoreParts):
         """Detach and delete a volume and its data. Retries while the device is briefly busy."""
         validate_id(vid)
         with self.lock("volume", vid) as held:
-            v = self.registry.get_volume(vid)
+            v = self._row(vid)
             ctx = self.ctx(v, op=REMOVE.name)
             ctx.template_in_use = lambda: bool(self.registry.template_users(v.template_id, besides=vid))
             if v.state == ATTACHED:
@@ -372,7 +486,7 @@ class Store(StoreParts):
         """Detach a volume and keep its data (the VM is paused or gone); its stable link goes."""
         validate_id(vid)
         with self.lock("volume", vid):
-            v = self.registry.get_volume(vid)
+            v = self._row(vid)
             CHECKPOINT.require(v)
             ctx = self.ctx(v, op=CHECKPOINT.name)
             self._check_not_open(v, ctx, deadline_s, "checkpoint volume")
@@ -407,6 +521,7 @@ class Store(StoreParts):
             return self._restore_in_place(vid, progress, steal=steal)
         validate_id(new_id)
         self.check_room("restore volume", new_id)
+        self._admit("restore volume", new_id, self._cost_of_copy(self._row(vid)))
         return self._copy(RESTORE_AS, vid, new_id, retarget=retarget_source_link, progress=progress,
                           hint="checkpoint it first, or use fork", steal=steal)
 
@@ -466,7 +581,7 @@ class Store(StoreParts):
         ``restore(steal=True)`` runs it first."""
         validate_id(vid)
         with self.lock("volume", vid):
-            return self._take_over(self.registry.get_volume(vid))
+            return self._take_over(self._row(vid))
 
     def _take_over(self, v: VolumeRow) -> str | None:
         fence = getattr(self.backend, "take_over", None)
@@ -485,7 +600,7 @@ class Store(StoreParts):
         """A new volume ``new_id`` from ``vid``'s data (restore-as): copy, attach, link
         (and, with ``retarget``, the source's link pointed at the copy)."""
         with self.lock("volume", vid), self.lock("volume", new_id), _named_errors(f"{op.verb} volume", new_id):
-            src = self.registry.get_volume(vid)
+            src = self._row(vid)
             op.require(src, hint=hint)
             if op is RESTORE_AS:
                 self._require_data(src)
@@ -495,7 +610,8 @@ class Store(StoreParts):
             self.check_template(t)
             row = self._new_row(new_id, t, src.size, vid)
             ctx = self.ctx(row, t, op=op.name, progress=progress)
-            with self._transition(op, new_id, row=row, data={"source": vid}, undo=self._undo(row, ctx)) as tr:
+            with self._transition(op, new_id, row=row, data={"source": vid}, undo=self._undo(row, ctx),
+                                  begin=lambda: self._count_quota(f"{op.verb} volume", new_id)) as tr:
                 tr.step("copy", self.backend.copy_data, self.ctx(src, t), ctx, src_attached=src.state == ATTACHED)
                 dev = tr.step("device", self.backend.attach, ctx)
                 tr.step("link", self.set_link, new_id, self.link_path(new_id), dev)
@@ -507,7 +623,7 @@ class Store(StoreParts):
 
     def _restore_in_place(self, vid: str, progress: Progress | None, *, steal: bool = False) -> Volume:
         with self.lock("volume", vid):
-            v = self.registry.get_volume(vid)
+            v = self._row(vid)
             RESTORE.require(v)
             self._require_data(v)
             if steal:
@@ -545,10 +661,11 @@ class Store(StoreParts):
         ids = fork_ids(vid, new_ids, count, prefix)
         hostnames = {n: hostname_of(hostname_prefix, n) for n in ids} if reset_identity else {}
         self.check_room("fork volume", vid)
+        self._admit("fork volume", vid, self._cost_of_copy(self._row(vid)), len(ids))
         with contextlib.ExitStack() as locks, _named_errors("fork volume", vid):
             for n in sorted({vid, *ids}):  # one order for every caller: no deadlock between two forks
                 locks.enter_context(self.lock("volume", n))
-            src = self.registry.get_volume(vid)
+            src = self._row(vid)
             FORK.require(src)
             t = self.registry.get_template(src.template_id)
             self.check_template(t)
@@ -565,7 +682,8 @@ class Store(StoreParts):
                 self.write_manifest(n, known=(done[n], t, [(self.link_path(n), done[n].device or "")]))
 
             with Batch(self.registry, FORK, rows, data={"source": vid, "batch": ids}, undo=undo,
-                       on_change=write_done) as tr:
+                       on_change=write_done,
+                       begin=lambda: self._count_quota("fork volume", vid, len(ids))) as tr:
                 tr.step("copy", self.backend.copy_data, self.ctx(src, t), ctxs[0],
                         src_attached=src.state == ATTACHED)
                 tr.step("copies", self._copies_like, self.ctx(src, t), ctxs[0], ctxs[1:])
@@ -598,7 +716,7 @@ class Store(StoreParts):
             validate_id(name, "template name")
         self.check_room("flatten volume", vid)
         with self.lock("volume", vid):
-            v = self.registry.get_volume(vid)
+            v = self._row(vid)
             FLATTEN.require(v)
             t = self.registry.get_template(v.template_id)
             self.check_template(t)
@@ -693,7 +811,7 @@ class Store(StoreParts):
         if not name or "/" in name or name in (".", "..") or "\0" in name:
             raise InvalidArgument(f"jail volume {vid}: name {name!r} must be one path component inside the jail",
                                   op="jail", obj=repr(name))
-        v = self.registry.get_volume(vid)
+        v = self._row(vid)
         if v.state != ATTACHED or not v.device:
             raise StateError(f"jail volume {vid}: it is {v.state}, not attached", op="jail", obj=vid)
         if not os.path.isdir(jail_dir):
@@ -704,14 +822,16 @@ class Store(StoreParts):
 
     @_retried_when_full
     def recover(self) -> RecoveryReport:
-        """Reconcile registry, kernel and files after a crash or a restart."""
+        """Reconcile registry, kernel and files after a crash or a restart (root only: its
+        report names every owner's volumes)."""
+        self.require_admin("recover", self.root)
         return recovery.recover(self)
 
     @_retried_when_full
     def gc(self, *, purge: bool = False, older_than_s: float = 86400.0) -> RecoveryReport:
         """Recovery, then remove templates no volume uses and that have no name; with
         ``purge``, also delete quarantined data older than ``older_than_s`` seconds (the only
-        way cowdisk deletes data it did not account for)."""
+        way cowdisk deletes data it did not account for). Root only."""
         rep = self.recover()
         for t in self.registry.templates():
             if not t.names and not self.registry.template_users(t.id):
@@ -729,6 +849,7 @@ class Store(StoreParts):
 
     def grow_pool(self, size: int) -> int:
         """Grow the embedded pool to ``size`` bytes (pool backend); returns its free bytes."""
+        self.require_admin("grow pool", self.root)
         grow = getattr(self.backend, "grow", None)
         if grow is None:
             raise StateError(f"grow pool: store {self.root} uses the {self.backend_name} backend, not pool",
@@ -738,6 +859,7 @@ class Store(StoreParts):
     def destroy(self) -> None:
         """Remove every volume and template, empty the cache, release the store-wide
         resources (unmount the pool). For tests and teardown."""
+        self.require_admin("destroy", self.root)
         for v in self.registry.volumes():
             self.remove_volume(v.id)
         for t in self.registry.templates():
@@ -793,6 +915,7 @@ class Store(StoreParts):
             "reserve": os.path.exists(os.path.join(self.root, "reserve")),
             "free_bytes": free(self.root), "data_free_bytes": free(self.data_root),
             "space": [s.as_dict() for s in self.space()],
+            "caller": self.caller, "limits": self.limits.as_dict(),
         }
 
     def destroy_store(self, *, force: bool = False) -> list[str]:
@@ -801,6 +924,7 @@ class Store(StoreParts):
         templates, cache, pool, quarantine, registry and every file under the root, chattr +i
         ones included. Returns what was removed."""
         refuse_under_daemon(self.root, "destroy store", self.daemon)
+        self.require_admin("destroy store", self.root)
         attached = [v.id for v in self.registry.volumes() if v.state == ATTACHED]
         if attached and not force:
             raise StateError(f"destroy store {self.root}: volumes {', '.join(attached)} are attached",

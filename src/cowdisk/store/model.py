@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 def template_of(row: TemplateRow, users: list[str]) -> Template:
     """The caller's view of a template's registry row and the volumes that use it."""
     return Template(row.id, row.names, row.path, row.size, row.digest, row.source, row.created, row.state,
-                    tuple(users))
+                    tuple(users), row.owner, row.shared)
 
 
 __all__ = ["DEFAULT_ROOT", "HOSTNAME_RE", "ID_RE", "MAX_FORK", "MAX_ID", "RecoveryReport", "Template", "Volume",

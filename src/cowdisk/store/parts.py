@@ -6,6 +6,7 @@ both build on it, so neither reaches into the other."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import errno
 import os
 import secrets
@@ -21,12 +22,14 @@ from typing import Any, Callable, Iterator, Mapping, Self, cast
 from .. import failpoints
 from ..contract import check_backend
 from ..backends import Backend, BackendEnv, TemplateRef, VolumeCtx, backend_class, explain
-from ..errors import CowdiskError, InUse, InvalidArgument, KernelError, NotFound, RegistryDamaged, Unsupported
+from ..errors import CowdiskError, Forbidden, InUse, InvalidArgument, KernelError, NotFound, RegistryDamaged, Unsupported
 from ..kernel import procfs
 from ..locks import FileLock
 from ..progress import Progress
 from ..registry import ATTACHED, Registry, TemplateRow, VolumeRow
+from . import limits as limits_mod
 from . import manifest
+from .limits import Limits
 from .model import default_root
 from .templates import Holder, Templates
 
@@ -123,13 +126,26 @@ class StoreParts:
     """One store root opened: registry, backend (chosen once and recorded), templates."""
 
     def __init__(self, root: str | None = None, *, backend: str = "auto", lock_timeout: float = 30.0,
-                 backend_options: Mapping[str, str] | None = None, rebuild: bool = False) -> None:
+                 backend_options: Mapping[str, str] | None = None, rebuild: bool = False,
+                 limits: Limits | None = None) -> None:
         self.root = os.path.abspath(root or default_root())
         self.lock_timeout = lock_timeout
         self._scope = threading.local()
         self.daemon: int | None = None
         """The PID of the cowdiskd this Store works for (the daemon sets it on its own stores and
         its workers'): what would pull the store from under a daemon is allowed to that one."""
+        self.caller = os.getuid()
+        """Whose calls these are: the real uid (under sudo: root; SUDO_UID is not trusted, see
+        docs/cli.md), or the uid :meth:`as_caller` scoped this view to (the daemon's peer)."""
+        try:
+            self.root_uid = os.stat(self.root).st_uid
+        except OSError:
+            self.root_uid = 0
+        self.admin = self.caller in (0, self.root_uid)
+        """Root (or the owner of the store's directory, who owns every file of it anyway): sees
+        and does everything. Anyone else sees only its own volumes, and its own and the
+        shared templates."""
+        self.limits = limits if limits is not None else limits_mod.load(self.root)
         self.read_only = _read_only(self.root)
         """The store's filesystem is mounted read-only: reading commands work, changes fail
         with EROFS, recovery does not run."""
@@ -196,12 +212,36 @@ class StoreParts:
                 os.makedirs(os.path.join(self.data_root, d), exist_ok=True)
             self._keep_reserve()
         self._templates = Templates(self.registry, self.data_root, lambda tid: self.lock("template", tid),
-                                    store_id=self.id)
+                                    store_id=self.id).as_caller(self.caller, None if self.admin else self.caller)
         if getattr(self.backend, "holds_templates", False):
             self._templates.holder = cast(Holder, self.backend)
 
     def close(self) -> None:
         self.registry.close()
+
+    # -- owners ---------------------------------------------------------------------------
+
+    def as_caller(self, uid: int) -> Self:
+        """This store as caller ``uid`` sees it: the same registry, backend and locks, every
+        method with the same signature, but what it lists, finds and changes is what that
+        uid may (its own volumes, its own and the shared templates; root: everything), and
+        what it makes is that uid's. The daemon runs each request on one (its peer's
+        SO_PEERCRED uid)."""
+        view = copy.copy(self)
+        view.caller = uid
+        view.admin = uid in (0, self.root_uid)
+        view._templates = self._templates.as_caller(uid, None if view.admin else uid)
+        return view
+
+    @property
+    def viewer(self) -> int | None:
+        """The uid whose volumes this view sees, or None (root's view: every volume)."""
+        return None if self.admin else self.caller
+
+    def require_admin(self, op: str, obj: str) -> None:
+        """Refuse (Forbidden) an operation only root may do, to anyone else."""
+        if not self.admin:
+            raise Forbidden(f"{op} {obj}: only root may (the caller is uid {self.caller})", op=op, obj=obj)
 
     # -- a full filesystem ----------------------------------------------------------------
 
@@ -333,7 +373,7 @@ class StoreParts:
             "store": self.id, "kind": "volume", "id": v.id, "template_id": v.template_id,
             "template_digest": t.digest if t else None, "backend": v.backend, "state": v.state.value,
             "size": v.size, "device": v.device, "block_device": self.backend.block_device, "parent": v.parent,
-            "created": v.created, "links": [[p, t_] for p, t_ in links]})
+            "created": v.created, "links": [[p, t_] for p, t_ in links], "owner": v.owner})
 
     @property
     def holder(self) -> Holder | None:

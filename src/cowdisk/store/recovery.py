@@ -471,7 +471,8 @@ def _adopt_volume(store: StoreParts, vid: str, rep: RecoveryReport) -> bool:
     now = time.time()
     store.registry.adopt_volume(VolumeRow(vid, t.id, store.backend_name, state, int(m["size"]), store.vol_dir(vid),
                                           m.get("device") if state == ATTACHED else None,
-                                          float(m.get("created") or now), now, m.get("parent"), error))
+                                          float(m.get("created") or now), now, m.get("parent"), error,
+                                          int(m.get("owner") or 0)))
     if state == ATTACHED:
         for path, target in m.get("links") or []:
             store.registry.set_link(str(path), vid, str(target))

@@ -49,7 +49,7 @@ class RemoteTemplates:
         from ..remote.transfer import push
 
         validate_id(ref, "template name or id")
-        t = self.templates.registry.get_template(ref)
+        t = self.templates.row(ref)  # as the caller may see it
         if not t.path or is_held(t.path):
             raise Unsupported(f"push template {t.id}: its bytes are held by the backend, not in a file here",
                               op="push template", obj=t.id, hint="push it from a store that has its image file")

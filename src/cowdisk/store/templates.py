@@ -11,6 +11,7 @@ where the cache is on another filesystem), registered with the cache's digest.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
 import secrets
@@ -19,7 +20,7 @@ import time
 from typing import TYPE_CHECKING, Callable, Protocol
 
 from ..digest import sha256_file
-from ..errors import InUse, InvalidArgument, KernelError, NotFound, TemplateChanged, Unsupported
+from ..errors import AlreadyExists, Forbidden, InUse, InvalidArgument, KernelError, NotFound, TemplateChanged, Unsupported
 from ..kernel import fs, procfs
 from ..locks import FileLock
 from ..progress import Progress, stage
@@ -88,6 +89,20 @@ class Templates:
         self._lock = lock
         self.holder: Holder | None = None
         """The backend, when it holds templates' data (set by the store)."""
+        self.caller = 0
+        """The uid that owns what this view registers."""
+        self.viewer: int | None = None
+        """The uid whose templates (and the shared ones) this view sees; None: every one."""
+
+    def as_caller(self, caller: int, viewer: int | None) -> "Templates":
+        """These templates as ``caller`` sees and makes them (see :meth:`Store.as_caller`)."""
+        view = copy.copy(self)
+        view.caller, view.viewer = caller, viewer
+        return view
+
+    def _users(self, tid: str) -> list[str]:
+        """The volumes over template ``tid`` this view may name."""
+        return self.registry.template_users(tid, owner=self.viewer)
 
     def staging(self) -> str:
         """A new staging directory beside the templates (same filesystem: publishing is a rename)."""
@@ -98,22 +113,26 @@ class Templates:
     # -- reading -----------------------------------------------------------------------
 
     def list(self) -> list[Template]:
-        return [template_of(t, self.registry.template_users(t.id)) for t in self.registry.templates()]
+        return [template_of(t, self._users(t.id)) for t in self.registry.templates(visible_to=self.viewer)]
 
     def get(self, ref: str) -> Template:
-        t = self.registry.get_template(ref)
-        return template_of(t, self.registry.template_users(t.id))
+        t = self.registry.get_template(ref, visible_to=self.viewer)
+        return template_of(t, self._users(t.id))
+
+    def row(self, ref: str) -> TemplateRow:
+        """The row of template ``ref`` if this view may see it (NotFound otherwise)."""
+        return self.registry.get_template(ref, visible_to=self.viewer)
 
     def usage(self, ref: str) -> int:
         """Bytes the template's file really takes on disk (st_blocks); 0 for a template
         known by digest only (no local file)."""
-        t = self.registry.get_template(ref)
+        t = self.row(ref)
         return fs.disk_usage(t.path) if t.path else 0
 
     # -- import and build ----------------------------------------------------------------
 
     def import_image(self, src: str, name: str | None = None, *, adopt: bool = False,
-                     progress: Progress | None = None) -> Template:
+                     progress: Progress | None = None, shared: bool = False) -> Template:
         """Import a raw disk image: copy it in (or adopt it in place), digest it, make it read-only."""
         src = os.path.abspath(src)
         if name is not None:
@@ -125,17 +144,17 @@ class Templates:
             raise InvalidArgument(f"import template {src}: size {size} is not a positive multiple of 512 bytes",
                                   op="import template", obj=src)
         if adopt:
-            return self.register(src, sha256_file(src, progress), owned=False, source=src, name=name)
+            return self.register(src, sha256_file(src, progress), owned=False, source=src, name=name, shared=shared)
         staging = self.staging()
         try:
             tmp = os.path.join(staging, "disk.img")
             fs.sparse_copy(src, tmp, progress=progress)
-            return self.register(tmp, sha256_file(tmp), owned=True, source=src, name=name)
+            return self.register(tmp, sha256_file(tmp), owned=True, source=src, name=name, shared=shared)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
     def build(self, source: str, name: str | None = None, *, size: int | None = None, fs_type: str = "ext4",
-              progress: Progress | None = None) -> Template:
+              progress: Progress | None = None, shared: bool = False) -> Template:
         """Build a template from a directory tree or a tarball (``mkfs.ext4 -d``, no mount needed).
 
         The image is built once per recipe (key: filesystem, capacity, mkfs version
@@ -160,9 +179,9 @@ class Templates:
         else:
             raise NotFound(f"build template: {source} is neither a directory nor a tarball",
                            op="build template", obj=source)
-        return self._build(recipe, name, progress)
+        return self._build(recipe, name, progress, shared)
 
-    def _build(self, recipe: "Recipe", name: str | None, progress: Progress | None) -> Template:
+    def _build(self, recipe: "Recipe", name: str | None, progress: Progress | None, shared: bool) -> Template:
         """Build ``recipe`` once in the cache (or find the template it already made, by its
         key) and move the image into templates/."""
         from ..cache import TemplateCache  # noqa: F811 - the runtime import of the type-only name
@@ -179,11 +198,12 @@ class Templates:
                 t = self.registry.find_template_by_source(built_from)
                 if t is None:
                     stage(progress, "importing")
-                    t = self._adopt_cache_entry(cache, plan.key, built_from, name)
+                    t = self._adopt_cache_entry(cache, plan.key, built_from, name, shared)
             cache.remove(plan.key)  # its meta, without the image that is now the template
-        return self.register(t.path, t.digest, owned=t.owned, source=t.source, name=name)
+        return self.register(t.path, t.digest, owned=t.owned, source=t.source, name=name, shared=shared)
 
-    def _adopt_cache_entry(self, cache: "TemplateCache", key: str, source: str, name: str | None) -> TemplateRow:
+    def _adopt_cache_entry(self, cache: "TemplateCache", key: str, source: str, name: str | None,
+                           shared: bool) -> TemplateRow:
         staging = self.staging()
         try:
             tmp = os.path.join(staging, "disk.img")
@@ -192,13 +212,13 @@ class Templates:
                     os.rename(entry.image, tmp)  # same filesystem: the cache lives in the data root
                 except OSError as e:
                     raise KernelError.from_oserror("import built template: move", entry.image, e) from None
-            self.register(tmp, entry.sha256, owned=True, source=source, name=name)
+            self.register(tmp, entry.sha256, owned=True, source=source, name=name, shared=shared)
             return self.registry.get_template(entry.sha256[:16])
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
     def build_from_image(self, ref: str, name: str | None = None, *, size: int | None = None,
-                         fs_type: str = "ext4", progress: Progress | None = None) -> Template:
+                         fs_type: str = "ext4", progress: Progress | None = None, shared: bool = False) -> Template:
         """Build a template from a container image: an OCI layout directory, an OCI archive or
         a ``docker save`` archive (``ref``: see :mod:`cowdisk.cache.oci`), unpacked with its
         whiteouts, owners, modes, xattrs and hard links. Cached under the image's manifest
@@ -208,12 +228,15 @@ class Templates:
 
         if name is not None:
             validate_id(name, "template name")
-        return self._build(ImageRecipe(ref, size or 0, fs=fs_type), name, progress)
+        return self._build(ImageRecipe(ref, size or 0, fs=fs_type), name, progress, shared)
 
-    def register(self, path: str, digest: str, *, owned: bool, source: str, name: str | None) -> Template:
+    def register(self, path: str, digest: str, *, owned: bool, source: str, name: str | None,
+                 shared: bool = False) -> Template:
         """Register the image at ``path`` with content ``digest`` (publishing it into the
-        store when ``owned``: moved, made read-only and immutable), or name the template that
-        already has that content."""
+        store when ``owned``: moved, made read-only and immutable), owned by this view's
+        caller (``shared``: usable by every caller), or name the template that already has
+        that content. A template of that content another owner keeps to itself is refused
+        (AlreadyExists): a template id is its content's digest, one template per content."""
         from .transition import IMPORT, Transition
 
         tid = digest[:16]
@@ -228,21 +251,31 @@ class Templates:
                         if is_held(final):
                             assert self.holder is not None
                             self.holder.publish_held(final, tid)
-                        row = self._row(tid, final, digest, owned, source, name)
+                        row = self._row(tid, final, digest, owned, source, name, shared)
                         self._write_manifest(row)
-                        tr.finish(commit=lambda: self.registry.add_template(row))
+                        tr.finish(commit=lambda: self.registry.add_template(row, visible_to=self.viewer))
                     log.debug("template %s registered: %s", tid, final)
                     return self.get(tid)
         if existing is not None and existing.digest == digest:
             if is_held(path) and self.holder is not None:  # the same content is a template already
                 self.holder.drop_held(path)
+            if not existing.visible_to(self.viewer):
+                raise AlreadyExists(f"register template {tid}: a template of this content belongs to another owner",
+                                    op="register template", obj=tid,
+                                    hint="root can share it (`cowdisk template share`) or hand it over")
+            changed = False
             if name and name not in existing.names:
-                self.registry.add_template_name(tid, name)
+                self.registry.add_template_name(tid, name, visible_to=self.viewer)
+                changed = True
+            if shared and not existing.shared and (self.viewer is None or existing.owner == self.caller):
+                self.registry.set_template_owner(tid, shared=True)
+                changed = True
+            if changed:
                 self._write_manifest(self.registry.get_template(tid))
             return self.get(tid)
-        row = self._row(tid, path, digest, owned, source, name)  # adopted in place
+        row = self._row(tid, path, digest, owned, source, name, shared)  # adopted in place
         self._write_manifest(row)
-        self.registry.add_template(row)
+        self.registry.add_template(row, visible_to=self.viewer)
         return self.get(tid)
 
     def register_shared(self, digest: str, size: int, source: str) -> TemplateRow:
@@ -257,17 +290,26 @@ class Templates:
                     raise TemplateChanged(f"template {tid}: this store's digest {t.digest} is not the shared "
                                           f"template's {digest}", op="adopt template", obj=tid)
                 return t
-            row = TemplateRow(tid, "", size, digest, 0, 0, False, source, time.time(), "ready", (), 0)
+            row = TemplateRow(tid, "", size, digest, 0, 0, False, source, time.time(), "ready", (), 0, self.caller)
             self._write_manifest(row)
             self.registry.add_template(row)
             return row
+
+    def chown(self, ref: str, *, owner: int | None = None, shared: bool | None = None) -> Template:
+        """Hand template ``ref`` to ``owner`` and/or mark it shared or not (root only)."""
+        t = self.row(ref)
+        with self._lock(t.id):
+            self.registry.set_template_owner(t.id, owner=owner, shared=shared)
+            self._write_manifest(self.registry.get_template(t.id))
+        return self.get(t.id)
 
     def _write_manifest(self, t: TemplateRow) -> None:
         tdir = os.path.join(self.dir, t.id)
         os.makedirs(tdir, exist_ok=True)
         manifest.write(os.path.join(tdir, manifest.MANIFEST), {
             "store": self.store_id, "kind": "template", "id": t.id, "path": t.path, "digest": t.digest,
-            "size": t.size, "owned": t.owned, "source": t.source, "names": list(t.names), "created": t.created})
+            "size": t.size, "owned": t.owned, "source": t.source, "names": list(t.names), "created": t.created,
+            "owner": t.owner, "shared": t.shared})
 
     def adopt(self, tid: str) -> TemplateRow | None:
         """Register the template of ``templates/<tid>`` again from its manifest (the registry
@@ -278,7 +320,8 @@ class Templates:
         path = str(m["path"])
         if not path:  # known by digest only: its bytes are in the backend
             row = TemplateRow(tid, "", int(m["size"]), str(m["digest"]), 0, 0, False, str(m["source"]),
-                              float(m["created"]), "ready", tuple(m.get("names") or ()), 0)
+                              float(m["created"]), "ready", tuple(m.get("names") or ()), 0, int(m.get("owner") or 0),
+                              bool(m.get("shared")))
             self.registry.add_template(row)
             return row
         if not os.path.exists(path) or self._size(path) != m["size"]:
@@ -286,7 +329,7 @@ class Templates:
         st = os.stat(path)
         row = TemplateRow(tid, path, self._size(path), str(m["digest"]), st.st_mtime_ns, st.st_ino, bool(m["owned"]),
                           str(m["source"]), float(m["created"]), "ready", tuple(m.get("names") or ()),
-                          st.st_ctime_ns)
+                          st.st_ctime_ns, int(m.get("owner") or 0), bool(m.get("shared")))
         self.registry.add_template(row)
         return row
 
@@ -308,10 +351,11 @@ class Templates:
             return self.holder.held_size(path)
         return os.path.getsize(path)
 
-    def _row(self, tid: str, path: str, digest: str, owned: bool, source: str, name: str | None) -> TemplateRow:
+    def _row(self, tid: str, path: str, digest: str, owned: bool, source: str, name: str | None,
+             shared: bool = False) -> TemplateRow:
         st = os.stat(path)  # after chmod and chattr: both change ctime
         return TemplateRow(tid, path, self._size(path), digest, st.st_mtime_ns, st.st_ino, owned, source, time.time(),
-                           "ready", (name,) if name else (), st.st_ctime_ns)
+                           "ready", (name,) if name else (), st.st_ctime_ns, self.caller, shared)
 
     def undo_import(self, intent: int, tid: str) -> None:
         """Remove a template file published without its row (immutable flag included) and end
@@ -360,7 +404,7 @@ class Templates:
         """Re-digest the template. Unchanged content clears a "changed" mark (the quick check's
         record is refreshed, an owned file made immutable again); changed content marks it
         changed and raises."""
-        t = self.registry.get_template(ref)
+        t = self.row(ref)
         if not t.path:
             raise Unsupported(f"verify template {t.id}: this store knows it by digest only (adopted with a "
                               "volume); its bytes are in the backend", op="verify template", obj=t.id,
@@ -386,11 +430,17 @@ class Templates:
     # -- removal -----------------------------------------------------------------------
 
     def remove(self, ref: str) -> None:
-        t = self.registry.get_template(ref)
+        t = self.row(ref)
+        if self.viewer is not None and t.owner != self.caller:
+            raise Forbidden(f"remove template {t.id}: it is shared by uid {t.owner}; only its owner or root removes it",
+                            op="remove template", obj=t.id)
         with self._lock(t.id) as held:
             users = self.registry.template_users(t.id)
             if users:
-                raise InUse(f"remove template {t.id}: used by volumes {', '.join(users)}", op="remove template",
+                seen = self._users(t.id)
+                named = ", ".join(seen) + (f" and {len(users) - len(seen)} of other owners" if len(seen) < len(users)
+                                           else "")
+                raise InUse(f"remove template {t.id}: used by volumes {named}", op="remove template",
                             obj=t.id, hint="remove or flatten those volumes first")
             from .transition import TEMPLATE_REMOVE, Transition
 

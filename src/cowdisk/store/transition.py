@@ -318,10 +318,10 @@ class Batch(Transition):
     def __init__(self, registry: Registry, op: Operation, rows: Sequence[VolumeRow], *,
                  data: dict[str, Any] | None = None,
                  undo: Callable[[VolumeRow, int, Mapping[str, Any]], None] | None = None,
-                 on_change: Callable[[str], None] | None = None) -> None:
+                 on_change: Callable[[str], None] | None = None, begin: Callable[[], None] | None = None) -> None:
         if not op.batch or not rows:
             raise TypeError(f"{op.name}: a batch needs a batch operation and at least one new row")
-        super().__init__(registry, op, rows[0].id, row=rows[0], data=data, on_change=on_change)
+        super().__init__(registry, op, rows[0].id, row=rows[0], data=data, on_change=on_change, begin=begin)
         self.rows = list(rows)
         self.intents: list[int] = []
         self.undo_one = undo
@@ -331,6 +331,8 @@ class Batch(Transition):
             for r in self.rows:
                 self.intents.append(self.registry.begin_intent(self.op.name, volume_id=r.id, data=self.data))
                 self.registry.add_volume(r)
+            if self.begin is not None:  # its own writes and checks, in the same transaction
+                self.begin()
         self.intent = self.intents[0]
         log.debug("%s %s: intents %s", self.op.name, ",".join(r.id for r in self.rows), self.intents)
         self._deferring.enter_context(self.registry.deferring())

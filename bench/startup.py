@@ -1,7 +1,8 @@
 """What a command line call costs before it does any work (issue 22, item 4): whole-process
-wall time of ``cowdisk --version`` and ``cowdisk volume ls`` (on a store opened directly,
-and through a cowdiskd serving it, as the systemd unit sets it up) side by side with a bare
-``python3 -c pass`` on the same machine, in alternating rounds so load hits every side
+wall and CPU time of ``cowdisk --version`` and ``cowdisk volume ls`` (on a store opened
+directly, and through a cowdiskd serving it, as the systemd unit sets it up) side by side
+with a bare ``python3 -c pass`` and an ``import cowdisk.client`` (the part of ``volume ls``
+through a daemon that is the client's) on the same machine, in alternating rounds so load hits every side
 alike; then the ``-X importtime`` top offenders of each command (cumulative time of the
 modules it imports, and which cowdisk modules are among them).
 
@@ -38,13 +39,19 @@ def cowdisk(*args: str) -> list[str]:
     return [sys.executable, "-m", "cowdisk", *args]
 
 
-def wall(argv: list[str], env: dict[str, str]) -> float:
+def wall(argv: list[str], env: dict[str, str]) -> tuple[float, float]:
+    """(wall seconds, CPU seconds: user + system) of one run of ``argv``. CPU time moves
+    less than wall time when other work shares the machine."""
     t0 = time.perf_counter()
-    p = subprocess.run(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    p = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    assert p.stderr is not None
+    err = p.stderr.read()
+    _, status, ru = os.wait4(p.pid, 0)
     dt = time.perf_counter() - t0
+    p.returncode = os.waitstatus_to_exitcode(status)
     if p.returncode != 0:
-        raise SystemExit(f"{' '.join(argv)}: exit {p.returncode}: {p.stderr.decode()}")
-    return dt
+        raise SystemExit(f"{' '.join(argv)}: exit {p.returncode}: {err.decode()}")
+    return dt, ru.ru_utime + ru.ru_stime
 
 
 def importtime(argv: list[str], env: dict[str, str]) -> list[tuple[str, int, int]]:
@@ -105,29 +112,37 @@ def main() -> int:
         direct_env = ENV | {"COWDISK_SOCKET": os.path.join(os.path.dirname(sock), "none.sock")}
         cases = {
             "python3 -c pass": ([sys.executable, "-c", "pass"], ENV),
+            "import cowdisk.client": ([sys.executable, "-c", "import cowdisk.client"], ENV),
             "cowdisk --version": (cowdisk("--version"), ENV),
             "cowdisk volume ls (daemon)": (cowdisk("--root", root, "volume", "ls"), daemon_env),
             "cowdisk volume ls (direct)": (cowdisk("--root", root, "volume", "ls"), direct_env),
         }
         times: dict[str, list[float]] = {k: [] for k in cases}
+        cpu: dict[str, list[float]] = {k: [] for k in cases}
         for argv, env in cases.values():  # warm the page cache and .pyc files
             wall(argv, env)
         for _ in range(a.runs):
             for name, (argv, env) in cases.items():
-                times[name].append(wall(argv, env))
+                w, c = wall(argv, env)
+                times[name].append(w)
+                cpu[name].append(c)
         base = statistics.median(times["python3 -c pass"])
         base_min = min(times["python3 -c pass"])
-        print(f"whole process, {a.runs} runs each, alternating (median, min, max; ratios to python3 -c pass of "
-              "the medians and of the minimums, the figure least moved by other load):")
+        base_cpu = statistics.median(cpu["python3 -c pass"])
+        print(f"whole process, {a.runs} runs each, alternating: wall time (median, min, max) and CPU time (user + "
+              "system, median); ratios to python3 -c pass of the wall medians, the wall minimums and the CPU "
+              "medians (the last two moved least by other load):")
         result: dict[str, object] = {"runs": a.runs, "cases": {}}
         for name, ts in times.items():
-            med = statistics.median(ts)
-            print(f"  {name:30s} {med * 1000:7.1f} ms  (min {min(ts) * 1000:6.1f}, max {max(ts) * 1000:6.1f})  "
-                  f"{med / base:4.2f}x, min {min(ts) / base_min:4.2f}x")
+            med, cmed = statistics.median(ts), statistics.median(cpu[name])
+            print(f"  {name:28s} wall {med * 1000:7.1f} ms (min {min(ts) * 1000:6.1f}, max {max(ts) * 1000:6.1f}), "
+                  f"cpu {cmed * 1000:6.1f} ms   {med / base:4.2f}x, min {min(ts) / base_min:4.2f}x, "
+                  f"cpu {cmed / base_cpu:4.2f}x")
             result["cases"][name] = {"median_ms": med * 1000, "min_ms": min(ts) * 1000,  # type: ignore[index]
-                                     "max_ms": max(ts) * 1000, "ratio": med / base, "ratio_min": min(ts) / base_min}
+                                     "max_ms": max(ts) * 1000, "cpu_ms": cmed * 1000, "ratio": med / base,
+                                     "ratio_min": min(ts) / base_min, "ratio_cpu": cmed / base_cpu}
         for name, (argv, env) in cases.items():
-            if name.startswith("python3"):
+            if not name.startswith("cowdisk"):
                 continue
             mods = importtime(argv, env)
             total = sum(s for _, s, _ in mods)

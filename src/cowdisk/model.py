@@ -10,12 +10,12 @@ kernel: the client imports it in a few milliseconds.
 from __future__ import annotations
 
 import enum
-import os
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
 
+from .defaults import DEFAULT_ROOT as DEFAULT_ROOT, default_root as default_root  # the CLI reads them alone
 from .errors import InvalidArgument
 
 
@@ -33,13 +33,8 @@ class VolumeState(enum.StrEnum):
     ERROR = "error"  # recovery could not bring it back; a person looks, `volume rm` clears it
 
 
-DEFAULT_ROOT = "/var/lib/cowdisk"
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+:=@-]*$")
 MAX_ID = 64
-
-
-def default_root() -> str:
-    return os.environ.get("COWDISK_ROOT") or DEFAULT_ROOT
 
 
 def validate_id(vid: str, what: str = "volume id") -> str:

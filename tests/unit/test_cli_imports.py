@@ -11,11 +11,13 @@ import sys
 SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "src")
 
 PROBE = """
-import json, sys
+import sys
 from cowdisk.cli import main
 code = main(sys.argv[2:])
+modules = sorted(sys.modules)
+import json
 with open(sys.argv[1], "w") as f:
-    json.dump({"code": code, "modules": sorted(sys.modules)}, f)
+    json.dump({"code": code, "modules": modules}, f)
 """
 
 HEAVY = ("rich", "sqlite3", "ctypes", "importlib.metadata", "cowdisk.store.core", "cowdisk.registry",
@@ -43,8 +45,9 @@ def test_version_imports_click_and_the_root_only(tmp_path) -> None:
     assert code == 0
     assert _heavy(mods) == []
     ours = {m for m in mods if m.startswith("cowdisk")}
-    assert ours <= {"cowdisk", "cowdisk.errors", "cowdisk.progress", "cowdisk.store", "cowdisk.store.model",
-                    "cowdisk.model", "cowdisk.cli", "cowdisk.cli.app", "cowdisk.units"}, sorted(ours)
+    assert ours <= {"cowdisk", "cowdisk.errors", "cowdisk.progress", "cowdisk.units", "cowdisk.store",
+                    "cowdisk.defaults", "cowdisk.cli", "cowdisk.cli.app"}, sorted(ours)
+    assert not {"json", "traceback", "dataclasses"} & mods  # the model's dataclasses, JSON: when a command needs them
     assert not {"cowdisk.cli.volumes", "cowdisk.cli.templates", "cowdisk.cli.serve", "cowdisk.cli.demo"} & mods
 
 

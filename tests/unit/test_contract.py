@@ -63,5 +63,5 @@ def test_client_imports_neither_the_daemon_nor_the_store() -> None:
             "print('\\n'.join(sorted(m for m in sys.modules if m.startswith('cowdisk') or m in "
             "('sqlite3', '_sqlite3', 'http.client', 'fastapi', 'pydantic'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-    assert out == ["cowdisk", "cowdisk.client", "cowdisk.contract", "cowdisk.errors", "cowdisk.model",
-                   "cowdisk.progress"], out
+    assert out == ["cowdisk", "cowdisk.client", "cowdisk.contract", "cowdisk.defaults", "cowdisk.errors",
+                   "cowdisk.model", "cowdisk.progress"], out

@@ -17,7 +17,6 @@ from __future__ import annotations
 import signal
 import os
 import sys
-import traceback
 
 import click
 
@@ -90,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         verbose = any(a == "--verbose" or (a.startswith("-v") and set(a[1:]) == {"v"}) for a in args)
         click.echo(f"cowdisk: internal error: {type(e).__name__}: {e}", err=True)
         if verbose:
+            import traceback
+
             traceback.print_exception(e, file=sys.stderr)
         else:
             click.echo("  hint: run again with -v for the traceback, and report it", err=True)

@@ -14,18 +14,16 @@ the exit code is the error's ``exit_code`` (cowdisk/errors.py; docs/cli.md lists
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import sys
 import time
-import traceback
 from typing import TYPE_CHECKING, Any, Callable, Iterator, NoReturn, Sequence, TypeVar
 
 import click
 
 from ..errors import CowdiskError, InvalidArgument, NotFound, message_of
 from ..progress import Progress
-from ..store.model import default_root
+from ..defaults import default_root
 from ..units import parse_size as parse_size
 
 if TYPE_CHECKING:  # imported when a command needs them (start-up: bench/startup.py)
@@ -269,6 +267,8 @@ class App:
 
     def emit(self, data: Any) -> None:
         """The one JSON document a ``--json`` command writes to stdout."""
+        import json
+
         click.echo(json.dumps(data, indent=2, default=str))
 
     def line(self, text: str) -> None:
@@ -602,6 +602,8 @@ class CowdiskGroup(click.Group):
                 doc["command"] = ctx.command_path.partition(" ")[2]
                 doc["hint"] = f"`{ctx.command_path} --help` shows the usage"
             if _json_wanted(argv):
+                import json
+
                 click.echo(json.dumps({"error": doc}, indent=2))
             e.show()
             sys.exit(code)
@@ -621,6 +623,8 @@ def report_error(ctx: click.Context, e: BaseException, code: int, hint: str = ""
     command = app.command if app is not None else ""
     doc = error_doc(e, code, command, hint)
     if app is not None and app.json:
+        import json
+
         click.echo(json.dumps({"error": doc}, indent=2))
     where = f"cowdisk {command}" if command else "cowdisk"
     click.echo(f"{where}: error: {doc['message']}", err=True)
@@ -629,6 +633,8 @@ def report_error(ctx: click.Context, e: BaseException, code: int, hint: str = ""
     if doc["hint"]:
         click.echo(f"  hint: {doc['hint']}", err=True)
     if app is not None and app.verbose:
+        import traceback
+
         traceback.print_exception(e, file=sys.stderr)
     if app is not None:
         app.close()

@@ -25,9 +25,9 @@ import time
 import pytest
 
 from cowdisk.remote import lazy
-from cowdisk.remote.cache import ChunkCache, parse_record
+from cowdisk.remote.cache import ChunkCache, parse_record, read_record
 from daemonutil import env
-from remoteutil import CHUNK, make_image, s3
+from remoteutil import CHUNK, make_image, s3, write_config
 from testutil import sha
 
 pytestmark = pytest.mark.root
@@ -181,3 +181,56 @@ def _read_all_ignoring_errors(path: str) -> None:
             os.close(fd)
     except OSError:
         pass
+
+
+def test_read_order_prefetch_and_the_cache_cap(tmp_path, rgw, hosts):
+    """B reads chunks 9, 2, 5 and records that order as the manifest's sidecar; C's
+    ``--prefetch`` fetches those first, then the rest. C's cap of 4 MiB: gc leaves a served
+    template's chunks, and evicts them once it is no longer served (holes punched, the
+    record emptied first); served again, it reads right."""
+    from cowdisk.store import Store
+
+    a, b, prefix = hosts
+    img = str(tmp_path / "img16.raw")
+    with open(img, "wb") as out:
+        out.write(os.urandom(16 * CHUNK))
+    a.import_template(img, "base")
+    url = a.push_template("base")["url"]
+    doc = b.lazy_template(url)
+    f, pidf = str(tmp_path / "b.img"), str(tmp_path / "b.pid")
+    lazy.export_file(lazy.server(doc["cache"]), f, pidf)
+    try:
+        for i in (9, 2, 5):
+            pread(f, 4096, i * CHUNK)
+    finally:
+        lazy.unexport_file(f, pidf)
+    r = b.record_read_order(doc["manifest"])
+    body = s3(rgw).get_object(Bucket=rgw["bucket"], Key=f"{prefix}/manifests/{doc['manifest']}.order")["Body"]
+    assert json.loads(body.read()) == [9, 2, 5] and r["chunks"] == 3
+
+    root_c = str(tmp_path / "host-c")
+    write_config(root_c, rgw, prefix, cache_cap=4 * CHUNK)
+    c = Store(root_c, backend="copy")
+    try:
+        dc = c.lazy_template(url, prefetch=True)
+        order = read_record(dc["cache"])
+        assert set(order[:3]) == {9, 2, 5} and sorted(order) == list(range(16))  # those first (8 in flight)
+        assert dc["cached_bytes"] == 16 * CHUNK
+        notes = c.gc().orphans_removed
+        assert any("over the cap" in n for n in notes), notes  # served: kept
+        assert c.lazy_templates()[0]["cached_bytes"] == 16 * CHUNK
+        assert c.stop_lazy_template(dc["manifest"])
+        notes = c.gc().orphans_removed
+        assert any("evicted 16 chunks" in n for n in notes), notes
+        assert c.lazy_templates()[0]["cached_bytes"] == 0
+        assert os.stat(os.path.join(dc["cache"], "data")).st_blocks * 512 < CHUNK  # the holes are punched
+        again = c.lazy_template(url)
+        f2, pid2 = str(tmp_path / "c.img"), str(tmp_path / "c.pid")
+        lazy.export_file(lazy.server(again["cache"]), f2, pid2)
+        try:
+            assert sha(f2) == sha(img)
+        finally:
+            lazy.unexport_file(f2, pid2)
+    finally:
+        c.destroy()
+        c.close()

@@ -222,8 +222,10 @@ def template_push(app: App, ref: str, to: str | None) -> None:
 @click.option("--lazy", is_flag=True, help="Fetch nothing now: serve it from its manifest (nbdkit on a unix "
                                            "socket; chunks fetched, checked and cached when first read). Prints "
                                            "its NBD URL.")
+@click.option("--prefetch", is_flag=True, help="With --lazy: fill the cache now, the chunks of the recorded read "
+                                               "order first (`template record-order`).")
 @pass_app
-def template_pull(app: App, source: str, name: str | None, at: str | None, lazy: bool) -> None:
+def template_pull(app: App, source: str, name: str | None, at: str | None, lazy: bool, prefetch: bool) -> None:
     """Pull a template from the object store into this store: every chunk's SHA-256 and the
     whole image's digest are checked before it is registered. SOURCE is the URL `template
     push` printed, or a manifest or template digest (a unique prefix will do).
@@ -234,13 +236,17 @@ def template_pull(app: App, source: str, name: str | None, at: str | None, lazy:
       cowdisk template pull 9f86d081 --name base
       cowdisk template pull --lazy 9f86d081
     """
+    if prefetch and not lazy:
+        raise InvalidArgument("template pull: --prefetch needs --lazy (a plain pull fetches everything)",
+                              op="pull template", obj=source)
     if lazy:
         if name is not None:
             raise InvalidArgument("template pull --lazy: --name is for pulled templates", op="pull template",
                                   obj=source)
         if not app.has_store():
             app.store(create=True)  # made here, as pull makes it
-        d = _local_store(app).lazy_template(source, at=at)
+        with app.progress(f"pull --lazy {source}") as progress:
+            d = _local_store(app).lazy_template(source, at=at, prefetch=prefetch, progress=progress)
         if app.json:
             app.emit(d)
         elif app.quiet:
@@ -253,6 +259,25 @@ def template_pull(app: App, source: str, name: str | None, at: str | None, lazy:
         return
     _new_template(app, name, f"pull {source}",
                   lambda store, progress: store.pull_template(source, name, at=at, progress=progress), direct=True)
+
+
+@template.command("record-order")
+@click.argument("manifest", metavar="MANIFEST")
+@pass_app
+def template_record_order(app: App, manifest: str) -> None:
+    """Upload the order this host fetched a lazy template's chunks in (its first boot's reads)
+    as the manifest's read-order sidecar: `template pull --lazy --prefetch` on other hosts
+    fetches those chunks first. MANIFEST: the manifest's digest (`template ls --lazy`).
+
+    \b
+    Example:
+      cowdisk template record-order 9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08
+    """
+    d = _local_store(app).record_read_order(manifest.removeprefix("sha256:"))
+    if app.json:
+        app.emit(d)
+    else:
+        app.line(f"read order of {d['chunks']} chunks recorded: {d['url']}")
 
 
 @template.command("ls")

@@ -45,12 +45,59 @@ def _entry(index: int) -> bytes:
 
 def parse_record(data: bytes) -> set[int]:
     """The chunk indexes a record lists (a torn or damaged entry is skipped)."""
-    out = set()
+    return set(record_order(data))
+
+
+def record_order(data: bytes) -> list[int]:
+    """The chunk indexes a record lists, in the order they were fetched (each once)."""
+    out: dict[int, None] = {}
     for off in range(0, len(data) - len(data) % ENTRY.size, ENTRY.size):
         index, check = ENTRY.unpack_from(data, off)
         if check == zlib.crc32(struct.pack("<II", index, MAGIC)):
-            out.add(index)
-    return out
+            out.setdefault(index, None)
+    return list(out)
+
+
+def read_record(dir: str) -> list[int]:
+    """The chunks the cache in ``dir`` holds, in fetch order."""
+    with open(os.path.join(dir, "held"), "rb") as f:
+        return record_order(f.read())
+
+
+def evict(dir: str, manifest: Manifest, drop: set[int]) -> int:
+    """Drop chunks ``drop`` from the cache in ``dir`` (which no server serves: the caller
+    holds its lock); returns the bytes freed. The new record goes first (written to a
+    temporary file, fsynced, renamed over ``held``, the directory fsynced), then the holes
+    are punched: a kill in between leaves chunks on disk that the record no longer lists,
+    fetched again when read. Never a listed chunk without its bytes."""
+    from ..kernel import fs
+
+    order = read_record(dir)
+    keep = [i for i in order if i not in drop]
+    gone = [i for i in order if i in drop]
+    if not gone:
+        return 0
+    held = os.path.join(dir, "held")
+    tmp = held + f".tmp-{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, b"".join(_entry(i) for i in keep))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, held)
+    dfd = os.open(dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+    data = os.open(os.path.join(dir, "data"), os.O_RDWR | os.O_CLOEXEC)
+    try:
+        for i in gone:
+            fs.punch_hole(data, i * manifest.chunk_size, manifest.length(i))
+    finally:
+        os.close(data)
+    return sum(manifest.length(i) for i in gone)
 
 
 @dataclass

@@ -13,6 +13,7 @@ owner only (mode 0600 or stricter); a wider file is refused, naming it::
     prefix = "templates"                 # optional: keys live under this prefix
     timeout = 10                         # seconds one request may take (connect, then each read)
     chunk_size = 524288                  # bytes per chunk when pushing (a power of two, 64 KiB..16 MiB)
+    cache_cap = 10737418240              # bytes lazy templates' caches may hold (gc trims; 0: no cap)
 
 A location on the command line, ``s3://BUCKET[/PREFIX]``, overrides the file's bucket and
 prefix (the endpoint and keys still come from the file).
@@ -48,6 +49,8 @@ class RemoteConfig:
     prefix: str = ""
     timeout: float = 10.0
     chunk_size: int = DEFAULT_CHUNK_SIZE
+    cache_cap: int = 0
+    """Bytes the lazy templates' caches of a store may hold (0: no cap); ``gc`` trims to it."""
     source: str = dataclasses.field(default="", compare=False)
     """The file the settings came from (named in errors)."""
 
@@ -141,7 +144,7 @@ def from_dict(table: dict[str, Any], source: str = "") -> RemoteConfig:
         raise InvalidArgument(f"remote config {source}: missing {', '.join(missing)}", op=op, obj=source)
     kw: dict[str, Any] = {}
     for k, v in table.items():
-        want = float if k == "timeout" else int if k == "chunk_size" else str
+        want = float if k == "timeout" else int if k in ("chunk_size", "cache_cap") else str
         if want is float and isinstance(v, int) and not isinstance(v, bool):
             v = float(v)
         if not isinstance(v, want) or isinstance(v, bool):
@@ -151,6 +154,8 @@ def from_dict(table: dict[str, Any], source: str = "") -> RemoteConfig:
     if cs & (cs - 1) or not MIN_CHUNK <= cs <= MAX_CHUNK:
         raise InvalidArgument(f"remote config {source}: chunk_size {cs} is not a power of two from "
                               f"{MIN_CHUNK} to {MAX_CHUNK}", op=op, obj=source)
+    if int(kw.get("cache_cap", 0)) < 0:
+        raise InvalidArgument(f"remote config {source}: cache_cap must be 0 (no cap) or positive", op=op, obj=source)
     if float(kw.get("timeout", 10.0)) <= 0:
         raise InvalidArgument(f"remote config {source}: timeout must be positive", op=op, obj=source)
     if not str(kw["endpoint"]).startswith(("http://", "https://")):

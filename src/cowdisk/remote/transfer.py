@@ -13,6 +13,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import errno
 import hashlib
+import json
 import logging
 import os
 import threading
@@ -172,6 +173,36 @@ def pull(m: Manifest, objects: ObjectStore, fd: int, progress: Progress | None =
 
     _bounded(lambda n=n, ix=ix: one(n, ix) for n, ix in where.items())  # type: ignore[misc]
     return got["bytes"]
+
+
+def order_key(digest: str) -> str:
+    """The read-order sidecar of manifest ``digest``: the chunk indexes a first boot read,
+    in order (JSON list), prefetched first by other hosts."""
+    return f"{manifest_key(digest)}.order"
+
+
+def put_order(objects: ObjectStore, m: Manifest, order: list[int]) -> str:
+    key = objects.cfg.key(order_key(m.digest))
+    objects.put(key, json.dumps([i for i in order if 0 <= i < len(m.chunks)]).encode())
+    return objects.url(key)
+
+
+def fetch_order(objects: ObjectStore, m: Manifest) -> list[int]:
+    """The manifest's read-order sidecar ([] when none was recorded; a malformed one is
+    ignored: it only orders a prefetch, every chunk is still checked)."""
+    try:
+        data = objects.get(objects.cfg.key(order_key(m.digest)))
+    except RemoteError as e:
+        if e.errno == errno.ENOENT:
+            return []
+        raise
+    try:
+        order = json.loads(data)
+    except ValueError:
+        return []
+    if not isinstance(order, list):
+        return []
+    return [i for i in order if isinstance(i, int) and 0 <= i < len(m.chunks)]
 
 
 def manifests(objects: ObjectStore) -> list[str]:

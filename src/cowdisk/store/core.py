@@ -210,11 +210,19 @@ class Store(StoreParts):
         ``at``), every chunk checked, into this store."""
         return RemoteTemplates(self.root, self._templates).pull(source, name, at=at, progress=progress)
 
-    def lazy_template(self, source: str, *, at: str | None = None, bound: float | None = None) -> dict[str, Any]:
+    def lazy_template(self, source: str, *, at: str | None = None, bound: float | None = None,
+                      prefetch: bool = False, progress: Progress | None = None) -> dict[str, Any]:
         """Serve a template of the object store lazily on this host (docs/remote.md): chunks
         are fetched, checked and cached when first read; returns its document (``url``:
-        the NBD URL QEMU opens). ``bound``: seconds a chunk's fetch may take."""
-        return RemoteTemplates(self.root, self._templates).lazy(source, at=at, bound=bound)
+        the NBD URL QEMU opens). ``bound``: seconds a chunk's fetch may take; ``prefetch``:
+        fill the cache now, the recorded read order first."""
+        return RemoteTemplates(self.root, self._templates).lazy(source, at=at, bound=bound, prefetch=prefetch,
+                                                                progress=progress)
+
+    def record_read_order(self, manifest_digest: str) -> dict[str, Any]:
+        """Upload the order this host fetched a lazy template's chunks in (a first boot's
+        reads) as its manifest's sidecar; other hosts' prefetch follows it."""
+        return RemoteTemplates(self.root, self._templates).record_order(manifest_digest)
 
     def lazy_templates(self) -> list[dict[str, Any]]:
         """The lazy templates on this host: cached bytes, served or not, counters."""
@@ -837,6 +845,7 @@ class Store(StoreParts):
             if not t.names and not self.registry.template_users(t.id):
                 self.remove_template(t.id)
                 rep.orphans_removed.append(f"template {t.id}")
+        rep.orphans_removed.extend(RemoteTemplates(self.root, self._templates).trim_lazy())
         if purge:
             now = time.time()
             for path in list(rep.in_quarantine):

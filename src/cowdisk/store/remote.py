@@ -23,6 +23,7 @@ LAZY = "lazy"
 """``<data root>/lazy/<manifest digest>/``: a lazy template's cache (cowdisk.remote.cache)."""
 
 if TYPE_CHECKING:
+    from ..remote.chunks import Manifest
     from ..remote.s3 import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -116,7 +117,8 @@ class RemoteTemplates:
         d = os.path.join(os.path.dirname(self.templates.dir), LAZY)
         return os.path.join(d, manifest_digest) if manifest_digest else d
 
-    def lazy(self, source: str, *, at: str | None = None, bound: float | None = None) -> dict[str, Any]:
+    def lazy(self, source: str, *, at: str | None = None, bound: float | None = None, prefetch: bool = False,
+             progress: Progress | None = None) -> dict[str, Any]:
         """Serve the template ``source`` names (as for :meth:`pull`) lazily on this host: its
         manifest is fetched, its cache made (once per host: every later caller shares the
         chunks it holds), and its nbdkit started (or found). Returns the served template's
@@ -132,9 +134,96 @@ class RemoteTemplates:
         objects = ObjectStore(cfg)
         m = fetch_manifest(objects, split[1]) if split else resolve(objects, source)
         cache = self.lazy_dir(m.digest)
-        ChunkCache.create(cache, m)
-        serve(cache, cfg.source, cfg.location(), bound=bound if bound is not None else 3 * cfg.timeout)
+        with self._lazy_lock(m.digest):  # not while gc evicts from it
+            ChunkCache.create(cache, m)
+            with open(os.path.join(cache, "location"), "w") as f:
+                f.write(cfg.location())
+            serve(cache, cfg.source, cfg.location(), bound=bound if bound is not None else 3 * cfg.timeout)
+        if prefetch:
+            self._prefetch(cache, m, objects, progress)
         return self.lazy_doc(m.digest)
+
+    def _lazy_lock(self, manifest_digest: str) -> Any:
+        return self.templates._lock(f"lazy-{manifest_digest[:16]}")
+
+    def _prefetch(self, cache: str, m: "Manifest", objects: "ObjectStore", progress: Progress | None) -> None:
+        """Fill the cache: the chunks of the read-order sidecar first (the order a first
+        boot read them in, when one was recorded), then the rest; 8 at a time."""
+        import concurrent.futures as cf
+
+        from ..remote.cache import ChunkCache
+        from ..remote.transfer import fetch_order
+
+        order = fetch_order(objects, m)
+        rest = [i for i, c in enumerate(m.chunks) if c is not None and i not in set(order)]
+        todo = [i for i in order if i < len(m.chunks) and m.chunks[i] is not None] + rest
+        stage(progress, f"prefetch {len(todo)} chunks ({len(order)} in the recorded read order first)")
+        c = ChunkCache(cache, m, lambda key: objects.get(objects.cfg.key(key)),
+                       where=lambda key: objects.url(objects.cfg.key(key)), bound=3 * objects.cfg.timeout)
+        first = todo[:len(todo) - len(rest)]
+        try:
+            done = 0
+            with cf.ThreadPoolExecutor(8) as pool:
+                for batch in (first, rest):  # the recorded ones all in before the rest starts
+                    for f in [pool.submit(c.ensure, i) for i in batch]:
+                        f.result()
+                        done += 1
+                        if progress:
+                            progress(done, len(todo))
+        finally:
+            c.close()
+
+    def record_order(self, manifest_digest: str) -> dict[str, Any]:
+        """Upload the order this host's cache fetched the template's chunks in (its first
+        boot's reads) as the manifest's sidecar: other hosts prefetch in that order."""
+        from ..remote import load
+        from ..remote.cache import ChunkCache, read_record
+        from ..remote.s3 import ObjectStore
+        from ..remote.transfer import put_order
+
+        cache = self.lazy_dir(manifest_digest)
+        m = ChunkCache.read_manifest(cache)
+        order = read_record(cache)
+        with open(os.path.join(cache, "location")) as f:
+            location = f.read().strip()
+        url = put_order(ObjectStore(load(self.root, location)), m, order)
+        return {"manifest": m.digest, "chunks": len(order), "url": url}
+
+    def trim_lazy(self) -> list[str]:
+        """Trim the lazy templates' caches to the remote config's ``cache_cap``: chunks of
+        templates no server serves (no volume needs them) go first, the least recently
+        used cache first; served templates keep theirs. Returns what was done."""
+        from ..errors import NotFound
+        from ..remote import load
+        from ..remote.cache import ChunkCache, evict, read_record
+        from ..remote.lazy import server
+
+        try:
+            cap = load(self.root).cache_cap
+        except NotFound:
+            return []
+        d = self.lazy_dir()
+        if not cap or not os.path.isdir(d):
+            return []
+        caches = [os.path.join(d, n) for n in os.listdir(d) if HEX64.match(n)]
+        total = sum(int(self.lazy_doc(os.path.basename(c))["cached_bytes"]) for c in caches)
+        notes = []
+        for c in sorted(caches, key=lambda p: os.stat(os.path.join(p, "held")).st_mtime):
+            if total <= cap:
+                break
+            name = os.path.basename(c)
+            with self._lazy_lock(name):
+                if server(c) is not None:
+                    continue
+                m = ChunkCache.read_manifest(c)
+                held = read_record(c)
+                freed = evict(c, m, set(held))
+            total -= freed
+            notes.append(f"lazy template {name[:16]}: evicted {len(held)} chunks ({freed} bytes) to keep the cache "
+                         f"under {cap} bytes")
+        if total > cap:
+            notes.append(f"lazy templates: {total} bytes cached, over the cap of {cap}: held by served templates")
+        return notes
 
     def lazy_doc(self, manifest_digest: str) -> dict[str, Any]:
         """A lazy template on this host: its manifest's summary, the bytes its cache holds,

@@ -109,9 +109,12 @@ def serve(cache: str, config: str, location: str, *, bound: float) -> Served:
         with open(os.path.join(cache, LOG), "rb") as f:
             tail = f.read()[-1500:].decode(errors="replace").strip()
         raise KernelError("serve lazy template", cache, errno.EIO, detail=f"nbdkit exited {r.returncode}: {tail}")
-    running = server(cache)
+    deadline = time.monotonic() + 30  # nbdkit's parent may exit before its child writes the PID file
+    while (running := server(cache)) is None and time.monotonic() < deadline:
+        time.sleep(0.01)
     if running is None:
-        raise KernelError("serve lazy template", cache, errno.ESRCH, detail="nbdkit started but is gone")
+        raise KernelError("serve lazy template", cache, errno.ESRCH, detail="nbdkit started but wrote no PID file "
+                          f"within 30 s (see {os.path.join(cache, LOG)})")
     return running
 
 

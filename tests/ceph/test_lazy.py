@@ -26,7 +26,7 @@ import pytest
 
 from cowdisk.remote import lazy
 from cowdisk.remote.cache import ChunkCache, parse_record, read_record
-from daemonutil import env
+from daemonutil import Daemon, env
 from remoteutil import CHUNK, make_image, s3, write_config
 from testutil import sha
 
@@ -91,6 +91,18 @@ def test_reads_fetch_what_they_touch_and_later_servers_share_it(served):
     assert p.returncode == 0, p.stderr
     assert [(r["manifest"], r["cached_bytes"]) for r in json.loads(p.stdout)["templates"]] == [(doc["manifest"],
                                                                                                 3 * CHUNK)]
+    # the daemon's /metrics: the cache, the server's counters, its fetch-time histogram
+    with Daemon(b.root, str(b.root) + "-d.sock").start() as dm:
+        text = dm.client.metrics()
+    m = doc["manifest"]
+    got = {k: float(v) for k, _, v in (x.rpartition(" ") for x in text.splitlines() if x.startswith("cowdisk_lazy"))}
+    for key, want in ((f'cowdisk_lazy_cached_bytes{{manifest="{m}"}}', 3 * CHUNK),
+                      (f'cowdisk_lazy_served{{manifest="{m}"}}', 1),
+                      (f'cowdisk_lazy_chunk_reads_total{{manifest="{m}",source="remote"}}', 3),
+                      (f'cowdisk_lazy_check_failures_total{{manifest="{m}"}}', 0),
+                      (f'cowdisk_lazy_fetch_seconds_count{{manifest="{m}"}}', 3),
+                      (f'cowdisk_lazy_fetch_seconds_bucket{{le="+Inf",manifest="{m}"}}', 3)):
+        assert got.get(key) == want, (key, got)
     # a later server (the next volume on this host): everything from the cache, no fetch
     assert b.stop_lazy_template(doc["manifest"])
     again = b.lazy_template(doc["manifest"])

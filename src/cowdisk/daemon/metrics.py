@@ -15,6 +15,13 @@ Read from the store at each scrape (a collector; nothing is cached, nothing lock
   each), and ``cowdisk_snapshots_invalid`` (attached snapshots whose status is not ok);
 * the process (``process_resident_memory_bytes`` and the rest of prometheus-client's
   process collector), and ``cowdisk_info{version,backend,root}``;
+* lazy templates (docs/remote.md), from each cache's record and its server's counters
+  (``stats.json``; a restarted server counts from 0 again, which Prometheus reads as a
+  reset): ``cowdisk_lazy_cached_bytes{manifest}``, ``cowdisk_lazy_served{manifest}``,
+  ``cowdisk_lazy_fetched_bytes_total{manifest}`` (bytes received, compressed),
+  ``cowdisk_lazy_chunk_reads_total{manifest,source=cache|remote}``,
+  ``cowdisk_lazy_check_failures_total{manifest}`` and the histogram
+  ``cowdisk_lazy_fetch_seconds{manifest}``;
 * the store workers: ``cowdisk_store_workers`` (running), ``cowdisk_store_worker_deaths_total``,
   ``cowdisk_store_workers_resident_bytes`` (together).
 """
@@ -27,7 +34,7 @@ from importlib import metadata
 from typing import Any, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from ..errors import CowdiskError
@@ -79,9 +86,44 @@ class StoreCollector:
         for state in ("queued", "running", *sorted(FINISHED)):
             jobs.add_metric([state], jcounts.get(state, 0))
         yield jobs
+        yield from self._lazy()
         yield from self._space()
         if s.backend_name == "dm-snapshot":
             yield from self._cow(volumes)
+
+    def _lazy(self) -> Iterator[Any]:
+        from ..remote.cache import FETCH_BUCKETS
+
+        try:
+            lazy = self.store.lazy_templates()
+        except (CowdiskError, OSError) as e:
+            log.warning("metrics: list lazy templates: %s", e)
+            return
+        cached = GaugeMetricFamily("cowdisk_lazy_cached_bytes", "Bytes a lazy template's cache holds",
+                                   labels=["manifest"])
+        served = GaugeMetricFamily("cowdisk_lazy_served", "1 while a server serves the lazy template",
+                                   labels=["manifest"])
+        fetched = CounterMetricFamily("cowdisk_lazy_fetched_bytes", "Bytes fetched from the object store "
+                                      "(compressed) by the template's server", labels=["manifest"])
+        reads = CounterMetricFamily("cowdisk_lazy_chunk_reads", "Chunk reads, from the cache or the object store",
+                                    labels=["manifest", "source"])
+        bad = CounterMetricFamily("cowdisk_lazy_check_failures", "Fetched chunks that failed their SHA-256 check",
+                                  labels=["manifest"])
+        hist = HistogramMetricFamily("cowdisk_lazy_fetch_seconds", "Time to fetch and check one chunk",
+                                     labels=["manifest"])
+        for d in lazy:
+            m, st = d["manifest"], d["stats"]
+            cached.add_metric([m], d["cached_bytes"])
+            served.add_metric([m], 1 if d["pid"] else 0)
+            fetched.add_metric([m], st.get("fetched_bytes", 0))
+            reads.add_metric([m, "cache"], st.get("cache_hits", 0))
+            reads.add_metric([m, "remote"], st.get("remote_reads", 0))
+            bad.add_metric([m], st.get("check_failures", 0))
+            counts = list(st.get("fetch_buckets") or [0] * len(FETCH_BUCKETS))
+            total = st.get("fetched_chunks", 0)
+            hist.add_metric([m], [(repr(b), c) for b, c in zip(FETCH_BUCKETS, counts)] + [("+Inf", total)],
+                            sum_value=st.get("fetch_sum", 0.0))
+        yield from (cached, served, fetched, reads, bad, hist)
 
     def _space(self) -> Iterator[GaugeMetricFamily]:
         try:

@@ -36,6 +36,7 @@ from ..errors import RemoteError
 from .chunks import Manifest, chunk_key, decode
 
 ENTRY = struct.Struct("<II")
+FETCH_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 MAGIC = 0x636F7764  # "cowd"
 
 
@@ -112,6 +113,18 @@ class Stats:
     """Chunk reads that had to fetch."""
     check_failures: int = 0
     fetch_seconds: list[float] = field(default_factory=list)
+    """The last fetches' times (the newest 1000)."""
+    fetch_buckets: list[int] = field(default_factory=lambda: [0] * len(FETCH_BUCKETS))
+    """Fetches that took at most each of FETCH_BUCKETS seconds (cumulative, as Prometheus')."""
+    fetch_sum: float = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.fetch_seconds.append(seconds)
+        del self.fetch_seconds[:-1000]
+        self.fetch_sum += seconds
+        for i, b in enumerate(FETCH_BUCKETS):
+            if seconds <= b:
+                self.fetch_buckets[i] += 1
 
 
 class ChunkCache:
@@ -253,7 +266,7 @@ class ChunkCache:
             self._held.add(index)
         self.stats.fetched_chunks += 1
         self.stats.fetched_bytes += len(blob)
-        self.stats.fetch_seconds.append(time.monotonic() - t0)
+        self.stats.observe(time.monotonic() - t0)
 
 
 def _pwrite_all(fd: int, data: bytes, off: int) -> None:

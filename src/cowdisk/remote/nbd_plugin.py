@@ -124,7 +124,7 @@ def _write_stats() -> None:
         _last[0] = s.remote_reads
         doc = {"pid": os.getpid(), "fetched_chunks": s.fetched_chunks, "fetched_bytes": s.fetched_bytes,
                "cache_hits": s.cache_hits, "remote_reads": s.remote_reads, "check_failures": s.check_failures,
-               "fetch_seconds": s.fetch_seconds[-1000:]}
+               "fetch_seconds": s.fetch_seconds[-1000:], "fetch_buckets": s.fetch_buckets, "fetch_sum": s.fetch_sum}
         tmp = f"{path}.tmp-{os.getpid()}"
         with builtins.open(tmp, "w") as f:  # this module's open() is nbdkit's callback
             json.dump(doc, f)

@@ -165,3 +165,29 @@ def test_store_destroy_under_a_daemon(tmp_path) -> None:
         assert not os.path.exists(root)
     finally:
         shutil.rmtree(sockdir, ignore_errors=True)
+
+
+def test_jobs_run_in_the_store_workers(served: Daemon) -> None:
+    """A job's store work (here a build, a verify, a flatten) runs in a store worker like
+    every other call: its log line names the worker (they ran in the daemon's own process,
+    on its own Store, before), and its progress crosses back (the stages the client saw)."""
+    c = served.client
+    stages: list[str] = []
+    t = c.build_template(make_tree(os.path.join(served.top, "jobtree")), "jobs",  # type: ignore[attr-defined]
+                         progress=lambda d, n, stage="": stages.append(stage) if stage else None)
+    assert any("formatting" in s for s in stages), stages
+    c.verify_template("jobs")
+    v = c.create_volume("jobvol", "jobs")
+    write_at(v.link, 4 * MiB, os.urandom(4096))
+    flat = c.flatten("jobvol", "jobs-flat")
+    c.remove_volume("jobvol")
+    for ref in ("jobs-flat", "jobs"):
+        c.remove_template(ref)
+    ops = ("build template", "verify template", "flatten")
+    recs = served.log_records(until=lambda rs: all(any(r.get("op") == op and r.get("job") and r.get("result") == "ok"
+                                                       for r in rs) for op in ops))
+    workers = set(served.worker_pids())
+    for op in ops:
+        done = [r for r in recs if r.get("op") == op and r.get("job") and r.get("result") == "ok"]
+        assert done and done[-1].get("worker") in workers, (op, done, workers)
+    assert flat.id != t.id

@@ -134,9 +134,23 @@ class Service:
 
     def _job_done(self, job: Job, err: BaseException | None, seconds: float) -> None:
         self.metrics.observe(job.op, err, seconds)
-        self.log(job.op, job.object, job.peer, seconds, err, job=job.id)
+        self.log(job.op, job.object, job.peer, seconds, err, job=job.id, worker=job.worker)
 
-    def start_job(self, op: str, obj: str, peer: Peer, run: Callable[[JobContext], Any]) -> JSONResponse:
+    def start_job(self, op: str, obj: str, peer: Peer, fn: Callable[..., Any], *args: Any) -> JSONResponse:
+        """Start a job running ``fn(store, *args, progress=...)`` (a function of :mod:`.calls`)
+        in a store worker, as ``peer`` and in the request's scope: its document (202)."""
+        loop = asyncio.get_running_loop()
+        scope = CALL_SCOPE.get()
+        info: dict[str, Any] = {}
+
+        def run(ctx: JobContext) -> Any:
+            fut = asyncio.run_coroutine_threadsafe(self.pool.run(
+                calls.as_caller, peer.uid, fn, *args, what=(op, obj), info=info, watch=ctx.watch, scope=scope), loop)
+            try:
+                return fut.result()
+            finally:
+                ctx.job.worker = info.get("worker")
+
         job = self.jobs.start(op, obj, peer, run)
         oplog.info("%s %s: job %s started", op, obj, job.id,
                    extra={"fields": {"op": op, "object": obj, "job": job.id, "result": "started",
@@ -503,12 +517,8 @@ def create_app(svc: Service) -> FastAPI:
         _ids((body.name, "template name"))
         src = check_path(body.source, cfg.import_roots, "import template", "import_roots", peer, owned=True)
 
-        def run(ctx: JobContext) -> dict[str, Any]:
-            s = store.as_caller(peer.uid)
-            t = s.import_template(src, body.name, adopt=body.adopt, progress=ctx.progress, shared=body.shared)
-            return s.template_doc(t)
-
-        return svc.start_job("import template", body.source, peer, run)
+        return svc.start_job("import template", body.source, peer, calls.import_template, src, body.name, body.adopt,
+                             body.shared)
 
     @app.post(f"{API}/templates/build", status_code=202, response_model=m.JobOut, tags=["templates"],
               responses=ERRORS)
@@ -523,23 +533,13 @@ def create_app(svc: Service) -> FastAPI:
         if body.image is not None:
             ref = check_image_ref(body.image, cfg.import_roots, peer)
 
-            def run_image(ctx: JobContext) -> dict[str, Any]:
-                s = store.as_caller(peer.uid)
-                t = s.build_template_from_image(ref, body.name, size=body.size, fs_type=body.fs_type,
-                                                progress=ctx.progress, shared=body.shared)
-                return s.template_doc(t)
-
-            return svc.start_job("build template", body.image, peer, run_image)
+            return svc.start_job("build template", body.image, peer, calls.build_template_from_image, ref,
+                                 body.name, body.size, body.fs_type, body.shared)
         assert body.source is not None
         src = check_path(body.source, cfg.import_roots, "build template", "import_roots", peer, owned=True)
 
-        def run(ctx: JobContext) -> dict[str, Any]:
-            s = store.as_caller(peer.uid)
-            t = s.build_template(src, body.name, size=body.size, fs_type=body.fs_type, progress=ctx.progress,
-                                 shared=body.shared)
-            return s.template_doc(t)
-
-        return svc.start_job("build template", body.source, peer, run)
+        return svc.start_job("build template", body.source, peer, calls.build_template, src, body.name, body.size,
+                             body.fs_type, body.shared)
 
     @app.post(f"{API}/templates/{{ref}}/verify", status_code=202, response_model=m.JobOut, tags=["templates"],
               responses=ERRORS)
@@ -549,11 +549,7 @@ def create_app(svc: Service) -> FastAPI:
         peer = peer_of(request)
         await svc.read(peer, calls.template, ref)  # a 404 now rather than a failed job
 
-        def run(ctx: JobContext) -> dict[str, Any]:
-            s = store.as_caller(peer.uid)
-            return s.template_doc(s.verify_template(ref, progress=ctx.progress))
-
-        return svc.start_job("verify template", ref, peer, run)
+        return svc.start_job("verify template", ref, peer, calls.verify_template, ref)
 
     @app.delete(f"{API}/templates/{{ref}}", response_model=m.Removed, tags=["templates"], responses=ERRORS)
     async def template_remove(request: Request, ref: str) -> JSONResponse:
@@ -651,15 +647,7 @@ def create_app(svc: Service) -> FastAPI:
         peer = peer_of(request)
         await svc.read(peer, calls.volume, vid)  # a 404 now rather than a failed job
 
-        def run(ctx: JobContext) -> dict[str, Any]:
-            store = svc.store.as_caller(peer.uid)
-            ctx.check()
-            ctx.progress(0, 0, f"fork {vid} -> {len(ids)} volumes")
-            return {"volumes": [v.as_dict() for v in store.fork(
-                vid, ids, reset_identity=body.reset_identity, hostname_prefix=body.hostname_prefix,
-                progress=ctx.progress)]}
-
-        return svc.start_job("fork", vid, peer, run)
+        return svc.start_job("fork", vid, peer, calls.fork, vid, ids, body.reset_identity, body.hostname_prefix)
 
     @app.post(f"{API}/volumes/{{vid}}/flatten", status_code=202, response_model=m.JobOut, tags=["volumes"],
               responses=ERRORS)
@@ -670,11 +658,7 @@ def create_app(svc: Service) -> FastAPI:
         peer = peer_of(request)
         await svc.read(peer, calls.volume, vid)
 
-        def run(ctx: JobContext) -> dict[str, Any]:
-            s = store.as_caller(peer.uid)
-            return s.template_doc(s.flatten(vid, body.name, progress=ctx.progress))
-
-        return svc.start_job("flatten", vid, peer, run)
+        return svc.start_job("flatten", vid, peer, calls.flatten, vid, body.name)
 
     @app.post(f"{API}/volumes/{{vid}}/jail", response_model=m.JailOut, tags=["volumes"], responses=ERRORS)
     async def volume_jail(request: Request, vid: str, body: m.JailIn) -> JSONResponse:

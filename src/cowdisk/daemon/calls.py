@@ -12,6 +12,7 @@ import json
 from typing import Any, Callable
 
 from .. import doctor as doctor_mod
+from ..progress import Progress
 from ..store import Store
 
 
@@ -124,3 +125,39 @@ def space(store: Store) -> dict[str, Any]:
 
 def destroy_store(store: Store, force: bool) -> dict[str, Any]:
     return {"removed": store.destroy_store(force=force)}
+
+
+# -- jobs: long calls, given the job's progress (which a cancel makes raise) ------------------
+
+
+def import_template(store: Store, src: str, name: str | None, adopt: bool, shared: bool, *,
+                    progress: Progress | None = None) -> dict[str, Any]:
+    return store.template_doc(store.import_template(src, name, adopt=adopt, progress=progress, shared=shared))
+
+
+def build_template(store: Store, src: str, name: str | None, size: int | None, fs_type: str, shared: bool, *,
+                   progress: Progress | None = None) -> dict[str, Any]:
+    return store.template_doc(store.build_template(src, name, size=size, fs_type=fs_type, progress=progress,
+                                                   shared=shared))
+
+
+def build_template_from_image(store: Store, ref: str, name: str | None, size: int | None, fs_type: str,
+                              shared: bool, *, progress: Progress | None = None) -> dict[str, Any]:
+    return store.template_doc(store.build_template_from_image(ref, name, size=size, fs_type=fs_type,
+                                                              progress=progress, shared=shared))
+
+
+def verify_template(store: Store, ref: str, *, progress: Progress | None = None) -> dict[str, Any]:
+    return store.template_doc(store.verify_template(ref, progress=progress))
+
+
+def fork(store: Store, vid: str, ids: list[str], reset_identity: bool, hostname_prefix: str | None, *,
+         progress: Progress | None = None) -> dict[str, Any]:
+    if progress is not None:
+        progress(0, 0, f"fork {vid} -> {len(ids)} volumes")
+    return {"volumes": [v.as_dict() for v in store.fork(vid, ids, reset_identity=reset_identity,
+                                                        hostname_prefix=hostname_prefix, progress=progress)]}
+
+
+def flatten(store: Store, vid: str, name: str | None, *, progress: Progress | None = None) -> dict[str, Any]:
+    return store.template_doc(store.flatten(vid, name, progress=progress))

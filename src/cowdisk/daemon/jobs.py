@@ -4,13 +4,17 @@ A request starts a job and gets its id at once (HTTP 202); ``GET /v1/jobs/{id}``
 its state and progress, ``?wait=S`` holds the answer until the job changes state or
 ends (at most S seconds), ``POST /v1/jobs/{id}/cancel`` cancels it.
 
-Progress is what the store reports through :class:`cowdisk.progress.Progress`: the
-current stage and bytes done of total. Cancellation rides on the same callback (the
-smallest hook the store allows without a change to it): once a job is cancelled, its
-next progress report raises :class:`~cowdisk.daemon.protocol.Cancelled` inside the
-store operation, which then undoes itself exactly as after any failure (import and
-build remove their staging, flatten and fork roll back through their transition's
-undo; a fork into N is one batch, undone whole). Where an operation has passed its point of no return (a build publishing its
+A job's store work runs in a store worker like every other call (:mod:`.workers`: a
+function of :mod:`.calls`, in the caller's scope); the job's thread here only waits for
+it and keeps its state. Progress is what the store reports through
+:class:`cowdisk.progress.Progress`: the current stage and bytes done of total, sent back
+from the worker (:class:`.workers.CallProgress`, :class:`.workers.Watch`). Cancellation
+crosses the same boundary: a cancel is sent to the worker, and the call's next progress
+report raises :class:`~cowdisk.errors.Cancelled` inside the store operation, which then
+undoes itself exactly as after any failure (import and build remove their staging,
+flatten and fork roll back through their transition's undo). What a cancelled operation
+leaves is the Store's to say, the same for every caller: a fork into N is one batch,
+undone whole (:meth:`cowdisk.store.Store.fork`), through the library as through a job. Where an operation has passed its point of no return (a build publishing its
 cache entry) the cancel is not honoured and the job ends ``succeeded``;
 ``cancel_requested`` says a cancel came too late. A tool the store runs (mkfs, tar,
 skopeo, umoci) reports no bytes, so its wait is a heartbeat (``progress(0, 0)`` every
@@ -33,6 +37,7 @@ from typing import Any, Callable
 
 from .protocol import Cancelled, error_document
 from .security import Peer
+from .workers import NO_RETURN_STAGES, Watch
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +46,6 @@ FINISHED = frozenset({SUCCEEDED, FAILED, CANCELLED})
 MAX_FINISHED = 1000
 
 PROGRESS_EVERY = 0.25
-NO_RETURN_STAGES = ("publishing",)
-"""Stages after which a cancel is no longer honoured (the work would be thrown away half-done)."""
 
 
 @dataclass
@@ -62,11 +65,14 @@ class Job:
     finished: float | None = None
     cancel_requested: bool = False
     no_return: bool = False
+    worker: int | None = None
+    """The store worker process that ran the job's store call."""
     seq: int = 0
     """Bumped on every change a waiter cares about: state, stage, bytes (at most every
     :data:`PROGRESS_EVERY` seconds). ``GET /v1/jobs/{id}?wait=S&since=SEQ`` returns once
     it passes ``since``."""
     _told: float = 0.0
+    _watch: Watch | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {"id": self.id, "seq": self.seq, "op": self.op, "object": self.object, "state": self.state,
@@ -82,9 +88,18 @@ class JobContext:
     def __init__(self, mgr: "Jobs", job: Job) -> None:
         self._mgr = mgr
         self.job = job
+        self.watch = Watch(self.record)
+        """What the job's store call reports to and is cancelled through (:meth:`.workers.Pool.run`)."""
+        job._watch = self.watch
 
     def progress(self, done: int, total: int, stage: str = "") -> None:
         """A :class:`cowdisk.progress.Progress` that records and raises Cancelled once cancelled."""
+        self.record(done, total, stage)
+        self.check()
+
+    def record(self, done: int, total: int, stage: str = "") -> None:
+        """Note a progress report of the job's store call (it raises nothing: where the call
+        runs, its own :class:`.workers.CallProgress` honours a cancel)."""
         job = self.job
         mgr = self._mgr
         with mgr.cond:
@@ -98,7 +113,6 @@ class JobContext:
                 job._told = now
                 job.seq = next(mgr._seq)
                 mgr.cond.notify_all()
-        self.check()
 
     def check(self) -> None:
         """Raise Cancelled if the job was cancelled (and may still be)."""
@@ -212,6 +226,8 @@ class Jobs:
     def cancel(self, job: Job) -> Job:
         if job.state not in FINISHED:
             self._set(job, cancel_requested=True)
+            if job._watch is not None:
+                job._watch.cancel()
         return job
 
     def running(self) -> list[Job]:

@@ -65,7 +65,7 @@ from typing import Any, Callable, NoReturn, TypeVar
 from ..errors import CowdiskError
 from ..store import Store
 from .config import Config
-from .protocol import WorkerDied, error_document, error_from_document
+from .protocol import Cancelled, WorkerDied, error_document, error_from_document
 
 log = logging.getLogger("cowdisk.daemon.workers")
 
@@ -76,6 +76,62 @@ CALL_SCOPE: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("cow
 """The scope of the request being answered (:meth:`cowdisk.store.Store.scoped`'s keywords:
 the caller's ``lock_timeout``), set by the API for each request; every store call made for
 it runs inside it, in whichever worker."""
+
+NO_RETURN_STAGES = ("publishing",)
+"""Stages after which a cancel is no longer honoured (the work would be thrown away half-done)."""
+
+PROGRESS_EVERY = 0.05
+"""A worker sends a call's byte counts at most this often (a new stage, and the last bytes, at once)."""
+
+
+class CallProgress:
+    """The :class:`~cowdisk.progress.Progress` a watched store call (a job's) is given where
+    it runs: each report goes to ``report``, and once ``cancelled()`` says so the next report
+    raises :class:`~cowdisk.errors.Cancelled` inside the store operation, which then undoes
+    itself as after any failure (unless it passed a stage of no return)."""
+
+    def __init__(self, report: Callable[[int, int, str], None], cancelled: Callable[[], bool],
+                 what: tuple[str, str]) -> None:
+        self.report = report
+        self.cancelled = cancelled
+        self.what = what
+        self.no_return = False
+
+    def __call__(self, done: int, total: int, stage: str = "") -> None:
+        if stage and stage.startswith(NO_RETURN_STAGES):
+            self.no_return = True
+        self.report(done, total, stage)
+        if not self.no_return and self.cancelled():
+            op, obj = self.what
+            raise Cancelled(f"{op} {obj}: cancelled", op=op, obj=obj)
+
+
+class Watch:
+    """A job's side of its store call: its progress reports come in through ``report`` (in
+    the event loop's thread, or the call's own with ``processes = 0``), and :meth:`cancel`
+    (any thread) reaches the call wherever it runs."""
+
+    def __init__(self, report: Callable[[int, int, str], None]) -> None:
+        self.report = report
+        self.cancelled = False
+        self._lock = threading.Lock()
+        self._send: Callable[[], None] | None = None
+
+    def cancel(self) -> None:
+        with self._lock:
+            self.cancelled = True
+            send = self._send
+        if send is not None:
+            send()
+
+    def attach(self, send: Callable[[], None]) -> None:
+        """The call is in a worker now: ``send`` tells it to cancel (at once, if it was asked already)."""
+        with self._lock:
+            self._send = send
+            asked = self.cancelled
+        if asked:
+            send()
+
 
 _LEN = struct.Struct("!I")
 RECOVERY = ("recover", "store after a worker died")
@@ -200,6 +256,8 @@ class _Served:
         self.sending = threading.Lock()
         self.state = threading.Lock()
         self.threads: list[threading.Thread] = []
+        self.cancels: dict[int, threading.Event] = {}
+        """The watched calls running here, by id: set when the daemon cancels one."""
         self.free = 0
         """Threads not running a call (reading, or waiting to read)."""
         self.eof = False
@@ -235,6 +293,12 @@ class _Served:
                 if msg is None:
                     self.eof = True  # the daemon closed our socket: the others end too
                     return
+                if msg[1] == "cancel":  # (cid, "cancel"): a watched call of ours is cancelled
+                    with self.state:
+                        flag = self.cancels.get(msg[0])
+                    if flag is not None:
+                        flag.set()
+                    continue
                 with self.state:
                     self.free -= 1
                     if self.free == 0 and len(self.threads) < self.slots:
@@ -246,9 +310,14 @@ class _Served:
                     self.free += 1
 
     def _answer(self, msg: tuple[Any, ...]) -> None:
-        cid, fn, args, kwargs, scope = msg
+        cid, fn, args, kwargs, scope, watched = msg
         out: tuple[Any, ...]
         t0 = time.perf_counter()
+        if watched is not None:  # a job's call: its progress goes back, a cancel comes in
+            flag = threading.Event()
+            with self.state:
+                self.cancels[cid] = flag
+            kwargs = {**kwargs, "progress": CallProgress(self._progress_sender(cid), flag.is_set, watched)}
         try:
             with self.store.scoped(**scope):
                 value = fn(self.store, *args, **kwargs)
@@ -263,11 +332,30 @@ class _Served:
         except (pickle.PicklingError, TypeError, AttributeError) as e:  # an answer that cannot travel: a bug
             log.error("answer of %s cannot be sent", getattr(fn, "__name__", fn), exc_info=e)
             data = _frame((cid, "err", error_document(e), True, 0.0))
+        if watched is not None:
+            with self.state:
+                self.cancels.pop(cid, None)
+        self._send(data)
+
+    def _send(self, data: bytes) -> None:
         with self.sending:
             try:
                 self.sock.sendall(data)
-            except OSError:  # the daemon is gone: no one reads the answer
+            except OSError:  # the daemon is gone: no one reads it
                 pass
+
+    def _progress_sender(self, cid: int) -> Callable[[int, int, str], None]:
+        """A call's progress reports as ``(cid, "progress", done, total, stage)`` frames: every
+        new stage and the last bytes at once, byte counts at most every :data:`PROGRESS_EVERY` s."""
+        last = [0.0]
+
+        def send(done: int, total: int, stage: str) -> None:
+            now = time.monotonic()
+            if stage or now - last[0] >= PROGRESS_EVERY or (total and done >= total):
+                last[0] = now
+                self._send(_frame((cid, "progress", done, total, stage)))
+
+        return send
 
 
 def main(argv: list[str]) -> NoReturn:
@@ -291,6 +379,8 @@ class Link(asyncio.Protocol):
         self.buf = bytearray()
         self.pending: dict[int, asyncio.Future[Any] | None] = {}
         """Calls sent and not answered yet; None: the caller went away (the answer is dropped)."""
+        self.watchers: dict[int, Callable[[int, int, str], None]] = {}
+        """Where the progress reports of a watched call go, by id."""
         self.ids = itertools.count(1)
         self.lost: BaseException | None = None
         self.freed = freed
@@ -307,10 +397,24 @@ class Link(asyncio.Protocol):
                 return
             answer = pickle.loads(memoryview(self.buf)[_LEN.size:_LEN.size + n])
             del self.buf[:_LEN.size + n]
+            if answer[1] == "progress":
+                watcher = self.watchers.get(answer[0])
+                if watcher is not None:
+                    try:
+                        watcher(*answer[2:])
+                    except Exception:  # noqa: BLE001 - a job's bookkeeping must not stop the link
+                        log.exception("progress of call %d", answer[0])
+                continue
+            self.watchers.pop(answer[0], None)
             fut = self.pending.pop(answer[0], None)
             if fut is not None and not fut.done():
                 fut.set_result(answer[1:])
             self.freed()
+
+    def cancel(self, cid: int) -> None:
+        """Tell the worker to cancel watched call ``cid`` (at its next progress report)."""
+        if cid in self.pending and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(_frame((cid, "cancel")))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = exc or EOFError("the worker closed its socket")
@@ -320,13 +424,21 @@ class Link(asyncio.Protocol):
                 fut.set_exception(self.lost)
         self.freed()
 
-    async def call(self, obj: tuple[Any, ...]) -> Any:
+    async def call(self, obj: tuple[Any, ...], watch: Watch | None = None) -> Any:
         if self.lost is not None or self.transport is None:
             raise EOFError("the worker is gone")
         cid = next(self.ids)
-        fut = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
         self.pending[cid] = fut
+        if watch is not None:
+            self.watchers[cid] = watch.report
         self.transport.write(_frame((cid, *obj)))
+        if watch is not None:
+            def send_cancel() -> None:
+                loop.call_soon_threadsafe(self.cancel, cid)
+
+            watch.attach(send_cancel)
         try:
             return await fut
         except asyncio.CancelledError:
@@ -538,15 +650,22 @@ class Pool:
     # calls
 
     async def run(self, fn: Call, *args: Any, what: tuple[str, str] = ("", ""), info: dict[str, Any] | None = None,
-                  **kwargs: Any) -> Any:
+                  watch: Watch | None = None, scope: dict[str, Any] | None = None, **kwargs: Any) -> Any:
         """``fn(store, *args, **kwargs)`` in a worker; its exception, re-raised here.
         ``what`` (op, object) names the call in a WorkerDied error; ``info`` gets the
-        call's own seconds in the store (``store_s``) and the worker's PID (``worker``)."""
+        call's own seconds in the store (``store_s``) and the worker's PID (``worker``).
+        ``watch``: a job's call, given a ``progress`` (:class:`CallProgress`) whose reports
+        reach ``watch.report`` and which ``watch.cancel()`` cancels. ``scope``: the caller's
+        (default: the request's, :data:`CALL_SCOPE`)."""
         loop = asyncio.get_running_loop()
-        scope = CALL_SCOPE.get()
+        if scope is None:
+            scope = CALL_SCOPE.get()
         if self._threads is not None:
             store = self.store
             assert store is not None
+            if watch is not None:
+                w_ = watch
+                kwargs["progress"] = CallProgress(w_.report, lambda: w_.cancelled, what)
 
             def timed() -> Any:
                 t0 = time.perf_counter()
@@ -564,7 +683,8 @@ class Pool:
                 self._in_threads -= 1
         w = await self._take()
         try:
-            answer = await (await w.connect(self._freed)).call((fn, args, kwargs, scope))
+            answer = await (await w.connect(self._freed)).call(
+                (fn, args, kwargs, scope, what if watch is not None else None), watch)
         except (ConnectionError, EOFError, OSError) as e:
             await self._lost(w, e, what)
             raise AssertionError("unreachable") from None
@@ -674,7 +794,7 @@ def _frame(obj: Any) -> bytes:
     return _LEN.pack(len(data)) + data
 
 
-__all__ = ["Pool", "RemoteInternal", "CALL_SCOPE"]
+__all__ = ["Pool", "RemoteInternal", "CALL_SCOPE", "CallProgress", "Watch", "NO_RETURN_STAGES"]
 
 if __name__ == "__main__":
     main(sys.argv)

@@ -121,6 +121,13 @@ def test_filters(run: Cli) -> None:
     assert [v["id"] for v in vols] == ["vm2"]
     assert run("template", "ls", "-q", "--filter", "names=base").stdout.strip() == digest[:16]
     assert run("template", "ls", "-q", "--filter", "state=changed").stdout == ""
+    # owner (issue 23's column): a uid or a user name; every row here is root's
+    assert run("volume", "ls", "-q", "--filter", "owner=root").stdout.split() == ["vm1", "vm2"]
+    assert run("volume", "ls", "-q", "--filter", "owner=0").stdout.split() == ["vm1", "vm2"]
+    assert run("volume", "ls", "-q", "--filter", "owner=4242").stdout == ""
+    assert run("template", "ls", "-q", "--filter", "Owner=root").stdout.strip() == digest[:16]
+    assert _lines(run("volume", "ls", "-o", "id,owner"))[1] == ["vm1", "0"]
+    run("volume", "ls", "--filter", "owner=no-such-user-here", code=2)
     r = run("volume", "ls", "--filter", "colour=red", code=2)
     assert "invalid filter 'colour=red'" in r.stderr and "state" in r.stderr and "template" in r.stderr
     r = run("volume", "ls", "--filter", "state", code=2)

@@ -57,6 +57,13 @@ def parse_owner(text: str) -> int:
                               obj=text) from None
 
 
+def owners_as_uids(wanted: dict[str, set[str]]) -> dict[str, set[str]]:
+    """``--filter owner=NAME`` as the uid the rows hold (a uid stays as it is)."""
+    if "owner" in wanted:
+        wanted["owner"] = {str(parse_owner(o)) for o in wanted["owner"]}
+    return wanted
+
+
 def owner_name(uid: int) -> str:
     """``uid`` with its user name when this host has one (``1000 (alice)``)."""
     import pwd
@@ -320,7 +327,7 @@ def template_ls(app: App, ids_only: bool, no_headings: bool, columns: str | None
         raise InvalidArgument("template ls: --remote or --lazy, not both", op="list templates", obj="")
     cols = REMOTE_COLUMNS if remote else LAZY_COLUMNS if lazy else COLUMNS
     only = select_columns(columns, cols)
-    wanted = parse_filters(filters, cols)
+    wanted = owners_as_uids(parse_filters(filters, cols))
     rows = []
     if remote:
         if app.has_store():

@@ -13,7 +13,7 @@ from ..errors import CowdiskError, InvalidArgument, NotFound
 from ..store.model import validate_id
 from .app import (App, Column, CowdiskSubGroup, LazyChoice, complete_templates, complete_volumes, human_bytes,
                   matches, parse_filters, parse_size, pass_app, select_columns, when)
-from .templates import owner_name, parse_owner, show_template, template_ref
+from .templates import owner_name, owners_as_uids, parse_owner, show_template, template_ref
 
 if TYPE_CHECKING:
     from ..contract import StoreAPI
@@ -110,7 +110,7 @@ def volume_create(app: App, vid: str, tref: str, size: str | None, no_grow_fs: b
                    f"{', '.join(c.key for c in COLUMNS if not c.default)}.")
 @click.option("--filter", "filters", multiple=True, metavar="KEY=VALUE",
               help="Only volumes whose column KEY is VALUE (state=attached, template=REF: an id, name or digest, "
-                   "links: one of them). Repeatable: every key must match, a key given twice matches either value.")
+                   "owner=UID or user name, links: one of them). Repeatable: every key must match, a key given twice matches either value.")
 @pass_app
 def volume_ls(app: App, tref: str | None, ids_only: bool, no_headings: bool, columns: str | None,
               filters: tuple[str, ...]) -> None:
@@ -128,7 +128,7 @@ def volume_ls(app: App, tref: str | None, ids_only: bool, no_headings: bool, col
       cowdisk volume ls --json | jq -r '.volumes[] | select(.state=="attached") | .id'
     """
     only = select_columns(columns, COLUMNS)
-    wanted = parse_filters(filters, COLUMNS, extra=("template",))
+    wanted = owners_as_uids(parse_filters(filters, COLUMNS, extra=("template",)))
     templates = wanted.pop("template", set()) | ({tref} if tref is not None else set())
     vols: list[Volume] = []
     if app.has_store():

@@ -212,3 +212,15 @@ def test_api_paths_in_docs_exist() -> None:
             text = f.read()
         for url in re.findall(r"http://cowdisk(/v1/[^\s\"'?`)]*)", text):
             assert any(p.match(url) for p in pats), f"{path}: {url} is no API path"
+
+
+def test_daemon_status_table_names_every_error_type() -> None:
+    """docs/daemon.md's status table has each error type on the row of its class's
+    http_status (RegistryDamaged and RemoteError were on none)."""
+    text = _read("docs/daemon.md")
+    section = text[text.index("| status | type |"):]
+    section = section[:section.index("\n\n")]
+    rows = {int(m[1]): m[2] for m in re.finditer(r"^\| (\d{3}) \| (.*) \|$", section, re.M)}
+    missing = [f"{name} ({cls.http_status})" for name, cls in ERROR_TYPES.items()
+               if f"`{name}`" not in rows.get(cls.http_status, "")]
+    assert not missing, f"docs/daemon.md's status table lacks {missing}"

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from typing import Any, Iterator
 
@@ -21,7 +22,7 @@ import pytest
 
 from cowdisk.errors import KernelError
 from cowdisk.store import Store
-from daemonutil import Daemon
+from daemonutil import Daemon, env
 from testutil import assert_same_host, host_state, make_tree, scratch_fs
 
 pytestmark = pytest.mark.root
@@ -306,3 +307,76 @@ def test_admission_refuses_before_the_filesystem_passes_the_mark(shared_dir) -> 
         finally:
             stop(d)
     assert_same_host(before)
+
+
+
+def cli(root: str, *args: str, sock: str | None = None) -> subprocess.CompletedProcess[str]:
+    """``cowdisk --root ROOT ARGS`` of this checkout (as root: another uid cannot run this
+    host's Python, which lives under /root); through the daemon on ``sock`` when given."""
+    e = env(**({"COWDISK_SOCKET": sock} if sock else {}))
+    return subprocess.run([sys.executable, "-m", "cowdisk", "--root", root, *args], capture_output=True, text=True,
+                          env=e, timeout=120)
+
+
+def test_command_line_owners(tmp_path, shared_dir) -> None:
+    """The command line, through the daemon and on the store directly: root shares and hands
+    over (`template chown --shared`, `volume chown`), owners show in `--json` and
+    `ls -o owner`; what a non-root uid sees follows."""
+    root = str(tmp_path / "store")
+    d = start(root, shared_dir)
+    try:
+        tree = tree_for(shared_dir, 0, "root-tree")
+        r = cli(root, "--json", "template", "build", tree, "--name", "base", sock=d.sock)
+        assert r.returncode == 0 and json.loads(r.stdout)["shared"] is False, r.stderr
+        r = cli(root, "--json", "template", "chown", "base", "--shared", sock=d.sock)
+        assert r.returncode == 0 and json.loads(r.stdout)["shared"] is True, r.stderr
+        r = cli(root, "template", "ls", "--no-headings", "-o", "names,owner,shared", sock=d.sock)
+        assert r.stdout == "base\t0\ttrue\n", r.stdout
+        assert call(d.sock, A, "POST", "/v1/volumes", {"id": "a1", "template": "base"})[0] == 201
+        assert cli(root, "volume", "create", "r1", "--template", "base", sock=d.sock).returncode == 0
+        r = cli(root, "volume", "ls", "--no-headings", "-o", "id,owner", sock=d.sock)
+        assert r.stdout == f"a1\t{A}\nr1\t0\n", (r.stdout, r.stderr)
+        r = cli(root, "--json", "volume", "chown", "a1", str(B), sock=d.sock)
+        assert r.returncode == 0 and json.loads(r.stdout)["owner"] == B, r.stderr
+        assert [v["id"] for v in call(d.sock, B, "GET", "/v1/volumes")[1]["volumes"]] == ["a1"]
+        assert call(d.sock, A, "GET", "/v1/volumes")[1]["volumes"] == []
+        r = cli(root, "volume", "chown", "a1", "nosuchuser-xyz", sock=d.sock)
+        assert r.returncode == 2 and "no user of that name" in r.stderr, r.stderr
+        # the store directly (no daemon answering): the same owners, handed back to A
+        assert d.stop() == 0
+        r = cli(root, "--json", "volume", "chown", "a1", str(A))
+        assert r.returncode == 0 and json.loads(r.stdout)["owner"] == A, r.stderr
+        r = cli(root, "--json", "volume", "inspect", "a1")
+        assert json.loads(r.stdout)["owner"] == A, r.stdout
+        d.start()
+        assert [v["id"] for v in call(d.sock, A, "GET", "/v1/volumes")[1]["volumes"]] == ["a1"]
+    finally:
+        stop(d)
+
+
+def test_store_config_limits_every_face(tmp_path, shared_dir) -> None:
+    """`<root>/config.toml` holds the limits the store itself enforces: the command line on
+    the store directly and the daemon (its own config laid over it) refuse the same create."""
+    root = str(tmp_path / "store")
+    with Store(root, backend="copy") as s:
+        s.build_template(make_tree(str(tmp_path / "tree")), "base", shared=True)
+    with open(os.path.join(root, "config.toml"), "w") as f:
+        f.write('high_water = 95\n[quotas]\n0 = { volumes = 1 }\n')
+    assert cli(root, "volume", "create", "r1", "--template", "base").returncode == 0
+    r = cli(root, "volume", "create", "r2", "--template", "base")
+    assert r.returncode == 4 and "owner uid 0 has 1 volumes: its quota (volumes) is 1" in r.stderr, r.stderr
+    info = json.loads(cli(root, "--json", "store", "info").stdout)
+    assert info["limits"]["high_water"] == 95 and info["limits"]["quotas"]["0"]["volumes"] == 1, info
+    d = start(root, shared_dir, env={"COWDISK_QUOTAS": json.dumps({str(A): {"volumes": 0}})})
+    try:
+        code, doc = call(d.sock, 0, "POST", "/v1/volumes", {"id": "r2", "template": "base"})
+        assert code == 507 and "quota (volumes) is 1" in doc["error"]["message"], doc
+        code, doc = call(d.sock, A, "POST", "/v1/volumes", {"id": "a1", "template": "base"})
+        assert code == 507 and "owner uid 4242 has 0 volumes: its quota (volumes) is 0" in doc["error"]["message"]
+        assert call(d.sock, B, "POST", "/v1/volumes", {"id": "b1", "template": "base"})[0] == 201  # no quota
+    finally:
+        stop(d)
+    with open(os.path.join(root, "config.toml"), "w") as f:
+        f.write('[quotas]\n1000 = { volume = 1 }\n')
+    r = cli(root, "volume", "ls")
+    assert r.returncode == 2 and "quotas.1000" in r.stderr, r.stderr

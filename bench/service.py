@@ -74,7 +74,7 @@ def make_tree(d: str) -> str:
 
 @contextlib.contextmanager
 def daemon(root: str, sock: str, backend: str, log: str, processes: int | None,
-           workers: int | None = None) -> Iterator[subprocess.Popen[bytes]]:
+           workers: int | None = None, start_s: float = 60.0) -> Iterator[subprocess.Popen[bytes]]:
     extra = [] if processes is None else ["--processes", str(processes)]
     extra += [] if workers is None else ["--workers", str(workers)]
     with open(log, "ab") as lf:
@@ -83,7 +83,7 @@ def daemon(root: str, sock: str, backend: str, log: str, processes: int | None,
                              stdin=subprocess.DEVNULL, env=env())
     try:
         c = Client(sock)
-        end = time.monotonic() + 60
+        end = time.monotonic() + start_s
         while not (os.path.exists(sock) and c.answers()):
             if p.poll() is not None or time.monotonic() > end:
                 raise RuntimeError(f"daemon did not start: {open(log).read()[-2000:]}")

@@ -40,6 +40,9 @@ The contract (what the store relies on, and the conformance suite checks):
   (a thin snapshot of it, a clone or copy of its file) or from the snapshot ``first`` was
   cloned from (rbd), never by holding ``src`` again. Fork into N holds the source once
   and makes the other N-1 children this way: every child from one instant.
+  ``prepare_copies(src, n)`` (optional) is called first: the backend may reserve what n
+  copies need in one step (dm-thin: n thin ids with one pool message, each message
+  committing the pool's metadata); it makes nothing a crash could leave behind.
 * **Open count** (optional). ``open_count(ctx) -> int | None``: how many times the
   attached volume's device is open as the kernel counts it (a dm device's open count
   from DM_DEV_STATUS, 0.1 ms), None when it is not attached. The store's busy check

@@ -43,6 +43,7 @@ import os
 import secrets
 import shutil
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 from typing import Callable, ClassVar, Iterator, Mapping
@@ -233,6 +234,9 @@ class DmThinBackend(DmVolumeBase):
                                   op="open store", obj=env.root)
         self.checked: str | None = None
         """What the last open found and did about the metadata (thin_check/thin_repair)."""
+        self._reserved: list[int] = []
+        """Thin ids reserved ahead by :meth:`prepare_copies`, taken by the next new thins."""
+        self._reserved_lock = threading.Lock()
 
     # -- the pool --------------------------------------------------------------------
 
@@ -433,13 +437,31 @@ class DmThinBackend(DmVolumeBase):
     def _message(self, text: str) -> str | None:
         return dm.control().message(self.pool_name, 0, text)
 
-    def _alloc_id(self) -> int:
-        """A thin id no one had: the pool's transaction id, advanced by compare-and-swap."""
+    def prepare_copies(self, src: VolumeCtx, n: int) -> None:
+        """Reserve the thin ids of ``n`` copies with one pool message: every pool message
+        commits the pool's metadata (a write and a flush), so a fork into N allocating its
+        ids one by one paid N commits more. Ids reserved and not used are skipped for good
+        (the pool's transaction id only grows); nothing else is made."""
+        if n > 1:
+            last = self._alloc_id(n)
+            with self._reserved_lock:
+                self._reserved.extend(range(last - n + 1, last + 1))
+
+    def _take_id(self) -> int:
+        """A reserved thin id (:meth:`prepare_copies`), or a new one."""
+        with self._reserved_lock:
+            if self._reserved:
+                return self._reserved.pop(0)
+        return self._alloc_id()
+
+    def _alloc_id(self, n: int = 1) -> int:
+        """``n`` thin ids no one had, the last returned (the others are the ``n - 1`` before
+        it): the pool's transaction id, advanced by compare-and-swap."""
         for _ in range(1000):
             s = dm_status.parse_thin_pool_status(dm.control().status(self.pool_name, noflush=True)[0].text)
             if s.transaction_id is None:
                 raise KernelError("allocate thin id", self.pool_name, errno.EIO, detail=f"pool is {s.state}")
-            new = s.transaction_id + 1
+            new = s.transaction_id + n
             if new > MAX_THIN_ID:
                 raise KernelError("allocate thin id", self.pool_name, errno.ENOSPC,
                                   detail=f"all {MAX_THIN_ID} thin ids of this store were used")
@@ -504,7 +526,7 @@ class DmThinBackend(DmVolumeBase):
         """Allocate a thin id for ``ctx`` and name it durably before it exists."""
         os.makedirs(ctx.data_dir, exist_ok=True)
         path = self._id_path(ctx)
-        tid = self._alloc_id()
+        tid = self._take_id()
         ctx.record("file", path)
         _write_durable(path, f"{tid}\n")
         return tid
@@ -576,7 +598,8 @@ class DmThinBackend(DmVolumeBase):
         if origin is None:
             raise KernelError("snapshot volume", self._id_path(origin_of), errno.ENOENT,
                               detail="the thin id file is missing")
-        self.ensure_room()
+        if like is None:  # a snapshot allocates no data block: the batch's first copy checked the pool
+            self.ensure_room()
         tid = self._new_thin(dst)
         if src_attached and like is None:
             dm.control().suspend(src.dm_name)

@@ -689,6 +689,9 @@ class Store(StoreParts):
             def write_done(n: str) -> None:  # the manifest from what was just committed, not read back
                 self.write_manifest(n, known=(done[n], t, [(self.link_path(n), done[n].device or "")]))
 
+            prepare = getattr(self.backend, "prepare_copies", None)
+            if prepare is not None:
+                prepare(self.ctx(src, t), len(ids))
             with Batch(self.registry, FORK, rows, data={"source": vid, "batch": ids}, undo=undo,
                        on_change=write_done,
                        begin=lambda: self._count_quota("fork volume", vid, len(ids))) as tr:

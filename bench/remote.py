@@ -15,6 +15,16 @@ Sections (``--sections``, comma-separated):
   chunks and bytes a push of v2 uploads; then, against the RADOS Gateway, the wall time
   of a real push of v1 and a real fetch of the read set's chunks (8 threads).
 
+* ``lazy``: the same real template pushed at the default chunk size; on a second store
+  (a second host): the time until a lazy template is served (manifest fetched, cache
+  made, nbdkit started) against a local ``template import`` of the same image, then a
+  second start (the manifest cached: 0 fetches); bytes fetched by a full read
+  (``prefetch``) over the template's size; 4 KiB random reads (fio, psync, 4 jobs, 10 s,
+  page cache dropped first) through the lazy template's file (the qemu-storage-daemon
+  FUSE export Firecracker and Cloud Hypervisor get) with a full cache, against the same
+  reads of the local template file, and the kernel floor: the same reads of the cache's
+  own data file.
+
 The gateway: ``--config FILE`` (a remote.toml), else a private single-node cluster with
 a gateway is started in the work directory (lab/ceph_cluster.py) and ended at the end.
 Run as root: ``python3 bench/remote.py``.
@@ -200,6 +210,85 @@ def section_chunks(args: argparse.Namespace, work: str, cfg: rconfig.RemoteConfi
     return rows
 
 
+def fio_randread(path: str, runtime: int) -> float:
+    """IOPS of 4 KiB random reads of ``path`` (4 jobs, psync, buffered with the page cache
+    dropped first: a FUSE file may refuse O_DIRECT)."""
+    out = run("fio", "--name=r", f"--filename={path}", "--rw=randread", "--bs=4k", "--ioengine=psync",
+              "--numjobs=4", "--group_reporting", "--invalidate=1", f"--runtime={runtime}", "--time_based",
+              "--readonly", "--output-format=json")
+    return float(json.loads(out)["jobs"][0]["read"]["iops"])
+
+
+def section_lazy(args: argparse.Namespace, work: str, cfg: rconfig.RemoteConfig) -> dict[str, object]:
+    from cowdisk.remote import lazy
+    from cowdisk.store import Store
+
+    v1 = os.path.join(work, "v1.img")
+    if not os.path.exists(v1):
+        v1, _ = real_template(work, parse_size(args.template_size))
+    prefix = f"bench-lazy-{os.getpid()}"
+    roots = []
+    for name in ("host-a", "host-b", "host-c"):
+        root = os.path.join(work, name)
+        os.makedirs(root)
+        with open(os.path.join(root, "remote.toml"), "w") as f:
+            f.write("[remote]\n" + "".join(f'{k} = {json.dumps(v)}\n' for k, v in {
+                "endpoint": cfg.endpoint, "access_key": cfg.access_key, "secret_key": cfg.secret_key,
+                "bucket": cfg.bucket, "region": cfg.region, "prefix": prefix}.items()))
+        os.chmod(os.path.join(root, "remote.toml"), 0o600)
+        roots.append(root)
+    a, b, c = (Store(r, backend="copy") for r in roots)
+    out: dict[str, object] = {}
+    f, pidf = os.path.join(work, "lazy.img"), os.path.join(work, "qsd.pid")
+    try:
+        a.import_template(v1, "base")
+        t = time.monotonic()
+        r = a.push_template("base")
+        out["push_s"] = round(time.monotonic() - t, 2)
+        t = time.monotonic()
+        c.import_template(v1, "base")
+        out["local_import_s"] = round(time.monotonic() - t, 3)
+        t = time.monotonic()
+        d = b.lazy_template(r["url"])
+        out["lazy_ready_s"] = round(time.monotonic() - t, 3)
+        b.stop_lazy_template(d["manifest"])
+        t = time.monotonic()
+        d = b.lazy_template(d["manifest"])
+        out["lazy_ready_again_s"] = round(time.monotonic() - t, 3)
+        out["fetched_before_reads"] = d["stats"].get("fetched_chunks", 0)
+        t = time.monotonic()
+        d = b.lazy_template(d["manifest"], prefetch=True)
+        out["prefetch_s"] = round(time.monotonic() - t, 2)
+        size = int(d["size"])
+        out["size"] = size
+        out["cached_bytes"] = d["cached_bytes"]
+        lazy.export_file(lazy.server(d["cache"]), f, pidf)
+        local = c.template("base").path
+        iops = {"lazy (FUSE file, full cache)": [], "local template file": [], "cache data file (floor)": []}
+        for _ in range(args.rounds):
+            iops["lazy (FUSE file, full cache)"].append(fio_randread(f, args.fio_runtime))
+            iops["local template file"].append(fio_randread(local, args.fio_runtime))
+            iops["cache data file (floor)"].append(fio_randread(os.path.join(d["cache"], "data"), args.fio_runtime))
+        out["iops"] = {k: round(sum(v) / len(v)) for k, v in iops.items()}
+    finally:
+        lazy.unexport_file(f, pidf)
+        for s in (a, b, c):
+            s.destroy()
+            s.close()
+    i = out["iops"]
+    assert isinstance(i, dict)
+    table(["what", "figure"], [
+        ["push of the template (s)", str(out["push_s"])],
+        ["local `template import` on host C (s)", str(out["local_import_s"])],
+        ["lazy template served on host B, first time (manifest fetched, nbdkit started) (s)", str(out["lazy_ready_s"])],
+        ["again, manifest cached (s); chunks fetched", f"{out['lazy_ready_again_s']}; {out['fetched_before_reads']}"],
+        ["prefetch of every chunk (s); cached / size",
+         f"{out['prefetch_s']}; {int(str(out['cached_bytes'])) / size:.1%}"],
+        *[[f"4 KiB random reads, IOPS: {k}", str(v)] for k, v in i.items()],
+        ["lazy / local", f"{i['lazy (FUSE file, full cache)'] / max(1, i['local template file']):.2f}x"]])
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sections", default="chunks")
@@ -207,6 +296,8 @@ def main() -> int:
     ap.add_argument("--template-size", default="1G")
     ap.add_argument("--config", help="a remote.toml (default: start a private cluster with a gateway)")
     ap.add_argument("--json", help="write the figures here")
+    ap.add_argument("--rounds", type=int, default=2, help="lazy: fio rounds, alternating lazy and local")
+    ap.add_argument("--fio-runtime", type=int, default=10)
     ap.add_argument("--workdir", help="where to work (default: a new directory under /var/tmp)")
     args = ap.parse_args()
     work = tempfile.mkdtemp(prefix="cdbench-remote-", dir=args.workdir or "/var/tmp")
@@ -223,6 +314,8 @@ def main() -> int:
         out: dict[str, object] = {}
         if "chunks" in args.sections.split(","):
             out["chunks"] = section_chunks(args, work, cfg)
+        if "lazy" in args.sections.split(","):
+            out["lazy"] = section_lazy(args, work, cfg)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(out, f, indent=1)

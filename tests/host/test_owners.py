@@ -137,6 +137,9 @@ def test_callers_see_and_change_only_their_own(tmp_path, shared_dir) -> None:
         assert [v["id"] for v in call(sock, B, "GET", "/v1/volumes")[1]["volumes"]] == ["b1"]
         assert [v["id"] for v in call(sock, A, "GET", "/v1/volumes")[1]["volumes"]] == ["a1"]
         assert {(v.id, v.owner) for v in d.client.volumes()} == {("a1", A), ("b1", B)}  # root: all
+        code, info = call(sock, B, "GET", "/v1/store")
+        assert code == 200 and info["volumes"] == {"attached": 1} and info["caller"] == B, info
+        assert d.client.info()["volumes"] == {"attached": 2}
         # the shared template lists only the caller's own volumes over it
         assert call(sock, B, "GET", "/v1/templates/base")[1]["users"] == ["b1"]
 

@@ -27,6 +27,7 @@ from cowdisk.registry import (
     ERROR,
     REMOVING,
     RESTORING,
+    MIGRATIONS,
     SCHEMA_VERSION,
     TRANSITIONS,
     Registry,
@@ -97,6 +98,31 @@ def test_fresh_file_has_the_current_schema_and_reopens(db) -> None:
         assert [t.id for t in r2.templates()] == ["t1"]
     finally:
         r2.close()
+
+
+def test_a_store_older_than_owners_is_migrated_with_root_as_owner(db) -> None:
+    """A schema-2 registry (made before owners) with a template and a volume: opened, it is
+    migrated to the current schema, and both belong to root (0); the template is not shared."""
+    c = sqlite3.connect(db)
+    for stmt in MIGRATIONS[0] + MIGRATIONS[1]:
+        c.execute(stmt)
+    c.execute("PRAGMA user_version=2")
+    c.execute("INSERT INTO templates(id, path, size, digest, mtime_ns, ino, owned, source, created)"
+              " VALUES ('t1', '/x', 4096, 'd', 1, 2, 1, 's', 0)")
+    c.execute("INSERT INTO volumes(id, template_id, backend, state, size, data_path, created, updated)"
+              " VALUES ('v1', 't1', 'copy', 'attached', 4096, '/v', 0, 0)")
+    c.commit()
+    c.close()
+    r = Registry(db)
+    try:
+        assert r.schema_version == SCHEMA_VERSION == 3
+        assert r.get_volume("v1").owner == 0 and r.get_template("t1").owner == 0
+        assert r.get_template("t1").shared is False
+        with pytest.raises(NotFound, match="volume 'v1' not found"):
+            r.get_volume("v1", owner=1000)  # another uid: the same words as a missing volume
+        assert r.find_template("t1", visible_to=1000) is None and r.templates(visible_to=0)[0].id == "t1"
+    finally:
+        r.close()
 
 
 def test_a_newer_schema_is_refused(db) -> None:

@@ -908,22 +908,25 @@ class Store(StoreParts):
         return out
 
     def info(self) -> dict[str, Any]:
-        """What the store is and holds: identity, backend, places, counts, space."""
+        """What the store is and holds: identity, backend, places, counts, space. A caller
+        other than root gets its own counts (its volumes, the templates it may use) and no
+        quarantine listing (its entries are named after other owners' volumes)."""
         def free(path: str) -> int:
             st = os.statvfs(path)
             return st.f_bavail * st.f_frsize
 
         states: dict[str, int] = {}
-        for v in self.registry.volumes():
+        for v in self.registry.volumes(owner=self.viewer):
             states[v.state.value] = states.get(v.state.value, 0) + 1
         qdir = os.path.join(self.data_root, "quarantine")
         return {
             "root": self.root, "id": self.id, "backend": self.backend_name,
             "backend_options": json.loads(self.registry.meta("backend_options") or "{}"),
             "data_root": self.data_root, "read_only": self.read_only,
-            "registry_schema": self.registry.schema_version, "templates": len(self.registry.templates()),
+            "registry_schema": self.registry.schema_version,
+            "templates": len(self.registry.templates(visible_to=self.viewer)),
             "volumes": states, "intents": len(self.registry.intents()),
-            "quarantine": sorted(os.listdir(qdir)) if os.path.isdir(qdir) else [],
+            "quarantine": sorted(os.listdir(qdir)) if os.path.isdir(qdir) and self.admin else [],
             "reserve": os.path.exists(os.path.join(self.root, "reserve")),
             "free_bytes": free(self.root), "data_free_bytes": free(self.data_root),
             "space": [s.as_dict() for s in self.space()],

@@ -217,6 +217,28 @@ class Space:
                 "pct": round(self.pct, 1), "state": self.state, "detail": self.detail}
 
 
+
+@dataclass(frozen=True)
+class SpaceEvent:
+    """What a backend's space monitor saw and did (dm-thin: ``watch_space``): ``event`` is
+    ``grown`` (the pool was extended while guests wrote), ``full`` (out of space and it
+    cannot grow: writes wait), ``failing_io`` (still full after the bound: writes now fail),
+    ``ok`` (space again after ``full``/``failing_io``) or ``gone`` (the pool was removed:
+    the monitor ends). ``reason`` says why it could not grow; ``volumes``: the attached
+    volumes whose writes land in that area."""
+
+    area: str
+    pool: str
+    event: str
+    used_bytes: int
+    total_bytes: int
+    reason: str = ""
+    volumes: tuple[str, ...] = ()
+
+    def as_dict(self) -> dict[str, object]:
+        return {"area": self.area, "pool": self.pool, "event": self.event, "used_bytes": self.used_bytes,
+                "total_bytes": self.total_bytes, "reason": self.reason, "volumes": list(self.volumes)}
+
 @dataclass(frozen=True)
 class SharedVolume:
     """A volume as the shared place (a Ceph pool) records it, whichever store made it."""
@@ -242,4 +264,4 @@ class SharedVolume:
 
 
 __all__ = ["DEFAULT_ROOT", "ID_RE", "MAX_ID", "MAX_FORK", "fork_ids", "HOSTNAME_RE", "hostname_of", "default_root", "validate_id", "VolumeState", "Template", "Volume",
-           "RecoveryReport", "Usage", "Space", "SharedVolume"]
+           "RecoveryReport", "Usage", "Space", "SpaceEvent", "SharedVolume"]

@@ -90,7 +90,7 @@ from dataclasses import dataclass, field
 from typing import Callable, ClassVar, ContextManager, Iterator, Mapping, Protocol, Self
 
 from ..errors import InvalidArgument
-from ..model import SharedVolume as SharedVolume, Space as Space, Usage as Usage  # the callers' types
+from ..model import SharedVolume as SharedVolume, Space as Space, SpaceEvent as SpaceEvent, Usage as Usage  # the callers' types
 from ..progress import Progress
 
 

@@ -52,7 +52,7 @@ from ..errors import CowdiskError, InvalidArgument, KernelError, StateError
 from ..kernel import blk, dm, dm_status, fs, loop, procfs
 from ..progress import Progress
 from ..locks import FileLock
-from . import BackendEnv, KernelObject, Space, Usage, VolumeCtx, check_options
+from . import BackendEnv, KernelObject, Space, SpaceEvent, Usage, VolumeCtx, check_options
 from .dm_common import DmVolumeBase, copy_device
 
 log = logging.getLogger(__name__)
@@ -62,11 +62,12 @@ MiB = 1 << 20
 THIN_ID_FILE = "thin"
 MAX_THIN_ID = (1 << 24) - 1
 OPTIONS = frozenset({"data_dev", "metadata_dev", "data_size", "metadata_size", "block_kib", "grow_at_pct",
-                     "discard_on_remove", "no_space"})
+                     "discard_on_remove", "no_space", "max_data_size", "no_space_timeout"})
 FLAT_PREFIX = "flat-"
 """``thin/templates/flat-<pid>-<start>-<hex>``: the thin of a flatten in progress (its
 process named, so recovery releases it only once that process is gone)."""
-DEFAULTS = {"data_size": 8 * GiB, "metadata_size": 256 * MiB, "block_kib": 256, "grow_at_pct": 80}
+DEFAULTS = {"data_size": 8 * GiB, "metadata_size": 256 * MiB, "block_kib": 256, "grow_at_pct": 80,
+            "max_data_size": 0, "no_space_timeout": 30}
 """256 KiB blocks by default (64 KiB before): in two lab runs of bench/dm_paths.py they beat
 64 KiB on every fio column (1M read 0.48x vs 0.14x, 1M write 0.58x vs 0.24x, 4k randwrite
 0.40x vs 0.23x of a raw direct-I/O loop); the price is that a guest's first small write
@@ -232,11 +233,19 @@ class DmThinBackend(DmVolumeBase):
         if self.no_space not in ("queue", "error"):
             raise InvalidArgument(f"backend dm-thin: no_space={self.no_space!r}: use queue or error",
                                   op="open store", obj=env.root)
+        self.max_data = _int_option(env, "max_data_size", 0, 1 << 50)
+        """The most the data file may grow to (0: as far as its filesystem has room)."""
+        self.no_space_timeout = _int_option(env, "no_space_timeout", 0, 3600)
+        """Seconds writes to a full pool that cannot grow wait before they fail (the monitor)."""
         self.checked: str | None = None
         """What the last open found and did about the metadata (thin_check/thin_repair)."""
         self._reserved: list[int] = []
         """Thin ids reserved ahead by :meth:`prepare_copies`, taken by the next new thins."""
         self._reserved_lock = threading.Lock()
+        self.cannot_grow = ""
+        """Why the last growth asked for could not happen ("" when it could)."""
+        self.failing_io = False
+        """The monitor switched the pool to error_if_no_space (its table differs from the options)."""
 
     # -- the pool --------------------------------------------------------------------
 
@@ -313,10 +322,10 @@ class DmThinBackend(DmVolumeBase):
                 return False
             raise
 
-    def _pool_table(self, meta: str, data: str, sectors: int) -> list[dm.Target]:
+    def _pool_table(self, meta: str, data: str, sectors: int, *, error_if_no_space: bool = False) -> list[dm.Target]:
         sectors -= sectors % self.block_sectors
         low_water = max(1, (sectors // self.block_sectors) * (100 - self.grow_at) // 100)
-        features = ["error_if_no_space"] if self.no_space == "error" else []
+        features = ["error_if_no_space"] if self.no_space == "error" or error_if_no_space else []
         args = f"{meta} {data} {self.block_sectors} {low_water} {len(features)} {' '.join(features)}".strip()
         return [dm.Target(0, sectors, "thin-pool", args)]
 
@@ -390,6 +399,7 @@ class DmThinBackend(DmVolumeBase):
                               hint="see docs/dm-thin.md, 'When the pool fills or fails'")
         if not self.on_files:
             if u.data_pct >= self.grow_at or u.mode == "out_of_data_space":
+                self.cannot_grow = f"the pool is on {self.data_dev}: grow that device and reload"
                 log.warning("thin pool %s: data %.0f%% full on %s; grow that device and reload",
                             self.pool_name, u.data_pct, self.data_dev)
             return u
@@ -397,11 +407,36 @@ class DmThinBackend(DmVolumeBase):
             with self._pool_lock():
                 u = self.pool_usage()
                 if u.data_pct >= self.grow_at or u.mode == "out_of_data_space":
-                    self.grow(data_bytes=2 * u.data_total * u.block_bytes)
+                    want, self.cannot_grow = self._data_growth(u)
+                    if want:
+                        self.grow(data_bytes=want)
+                    else:
+                        log.warning("thin pool %s: data %.0f%% full (%s), cannot grow: %s", self.pool_name,
+                                    u.data_pct, u.mode, self.cannot_grow)
                 if u.meta_pct >= self.grow_at:
                     self.grow(meta_bytes=min(16 * GiB, 2 * u.meta_total * 4096))
                 u = self.pool_usage()
         return u
+
+    def _data_growth(self, u: PoolUsage) -> tuple[int, str]:
+        """The size to grow the data file to (twice its size, at most ``max_data_size`` and
+        what its filesystem can hold, less 1% of that filesystem), or 0 and why not."""
+        cur = os.path.getsize(self.data_file)
+        want = 2 * max(cur, u.data_total * u.block_bytes)
+        capped = bool(self.max_data) and want > self.max_data
+        if capped:
+            want = self.max_data
+        st = os.statvfs(self.dir)
+        free = st.f_bavail * st.f_frsize
+        room = os.stat(self.data_file).st_blocks * 512 + free - st.f_blocks * st.f_frsize // 100
+        short = room < want
+        want = min(want, room)
+        want -= want % (self.block_sectors * 512)
+        if want > cur:
+            return want, ""
+        if short:
+            return 0, f"the filesystem of {self.data_file} has {free} bytes free"
+        return 0, f"max_data_size {self.max_data} reached"
 
     def grow(self, *, data_bytes: int = 0, meta_bytes: int = 0) -> None:
         """Extend the pool's files to these sizes and reload its table (files only).
@@ -413,14 +448,112 @@ class DmThinBackend(DmVolumeBase):
         if data_bytes > os.path.getsize(self.data_file):
             os.truncate(self.data_file, data_bytes)
             loop.set_capacity(data_n)
-        ctl = dm.control()
-        table = self._pool_table(_devno_of_loop(meta_n), _devno_of_loop(data_n),
-                                 blk.size_sectors(f"/dev/loop{data_n}"))
-        ctl.load_table(self.pool_name, table)
-        ctl.suspend(self.pool_name)
-        ctl.resume(self.pool_name)
+        self._reload(error_if_no_space=False)
         log.info("thin pool %s: grown to %d bytes of data, %d of metadata", self.pool_name,
                  os.path.getsize(self.data_file), os.path.getsize(self.meta_file))
+
+    def _reload(self, *, error_if_no_space: bool) -> None:
+        """Load the pool's table again at its devices' sizes now, with or without
+        ``error_if_no_space`` (suspend, resume: thin I/O waits for the instant of the swap;
+        writes held for space are then retried, or failed with it)."""
+        meta_n, data_n = self._pool_loops() if self.on_files else (-1, -1)
+        if self.on_files:
+            meta, data, sectors = (_devno_of_loop(meta_n), _devno_of_loop(data_n),
+                                   blk.size_sectors(f"/dev/loop{data_n}"))
+        else:
+            assert self.meta_dev is not None and self.data_dev is not None
+            meta, data, sectors = (blk.devno_str(self.meta_dev), blk.devno_str(self.data_dev),
+                                   blk.size_sectors(self.data_dev))
+        ctl = dm.control()
+        ctl.load_table(self.pool_name, self._pool_table(meta, data, sectors, error_if_no_space=error_if_no_space))
+        ctl.suspend(self.pool_name)
+        ctl.resume(self.pool_name)
+        self.failing_io = error_if_no_space and self.no_space != "error"
+
+    def _attached(self) -> tuple[str, ...]:
+        """The volumes with a thin device active in this pool (their dm names, prefix off)."""
+        skip = (self.pool_name, f"{self.dm_prefix}.")
+        return tuple(sorted(d.name[len(self.dm_prefix):] for d in dm.control().list_devices()
+                            if d.name.startswith(self.dm_prefix) and not d.name.startswith(skip)))
+
+    def watch_space(self, notify: Callable[[SpaceEvent], None], stop: threading.Event) -> None:
+        """The pool's monitor (the daemon runs it in a thread): wait on the pool's dm event
+        (DM_DEV_WAIT: the kernel raises one past the low-water mark, which is
+        ``grow_at_pct``, and at every mode change), then grow the pool as the operations do
+        (:meth:`ensure_room`). When it is out of data space and cannot grow (its
+        ``max_data_size``, or its filesystem full), writes wait at most ``no_space_timeout``
+        seconds for space (a volume removed, discards) and then the pool's table is loaded
+        with ``error_if_no_space``: every waiting and later write fails (ENOSPC/EIO) instead
+        of hanging. Space again (it grew, or blocks were freed) loads the usual table back.
+        Ends when ``stop`` is set (at the next event) or the pool is removed."""
+        ctl = dm.control()
+        area = "thin pool data"
+        full_since: float | None = None
+        timer: threading.Timer | None = None
+
+        def event(name: str, u: PoolUsage, reason: str = "") -> None:
+            try:
+                vols = self._attached()
+            except KernelError:
+                vols = ()
+            notify(SpaceEvent(area, self.pool_name, name, u.data_used * u.block_bytes, u.data_total * u.block_bytes, reason, vols))
+
+        def full(u: PoolUsage) -> bool:
+            # a table load puts the pool in rw mode even with no free block (and the next
+            # write that needs one back in out_of_data_space): full is no free block as well
+            return u.mode == "out_of_data_space" or (u.mode == "rw" and u.data_used >= u.data_total > 0)
+
+        def fail_io() -> None:
+            try:
+                with self._pool_lock():
+                    u = self.pool_usage()
+                    if not full(u) or self.failing_io:
+                        return
+                    self._reload(error_if_no_space=True)
+                log.warning("thin pool %s: out of data space for %d s and cannot grow (%s): writes fail now",
+                            self.pool_name, self.no_space_timeout, self.cannot_grow)
+                event("failing_io", u, self.cannot_grow)
+            except CowdiskError as e:
+                log.error("thin pool %s: switching to failing writes: %s", self.pool_name, e)
+
+        try:
+            ev = ctl.info(self.pool_name).event_nr
+            while not stop.is_set():
+                try:
+                    before = self.pool_usage()
+                    u = self.ensure_room()
+                except CowdiskError as e:  # a pool read-only or failed: said, and waited on
+                    log.error("thin pool %s: %s", self.pool_name, e)
+                    u = self.pool_usage()
+                    before = u
+                if u.data_total > before.data_total:
+                    event("grown", u)
+                if full(u) and full_since is None:
+                    full_since = time.monotonic()
+                    log.warning("thin pool %s: out of data space, cannot grow (%s): writes wait up to %d s",
+                                self.pool_name, self.cannot_grow, self.no_space_timeout)
+                    event("full", u, self.cannot_grow)
+                    timer = threading.Timer(self.no_space_timeout, fail_io)
+                    timer.daemon = True
+                    timer.start()
+                elif not full(u) and full_since is not None:
+                    full_since = None
+                    if timer is not None:
+                        timer.cancel()
+                    if self.failing_io:
+                        with self._pool_lock():
+                            self._reload(error_if_no_space=False)
+                    log.info("thin pool %s: space again (%s): writes go through", self.pool_name, u.mode)
+                    event("ok", u)
+                ev = ctl.wait_event(self.pool_name, ev).event_nr
+        except KernelError as e:
+            if not dm.is_gone(e):
+                raise
+            log.info("thin pool %s: removed; its monitor ends", self.pool_name)
+            notify(SpaceEvent(area, self.pool_name, "gone", 0, 0))
+        finally:
+            if timer is not None:
+                timer.cancel()
 
     def _pool_loops(self) -> tuple[int, int]:
         """The loop numbers under the pool (metadata, data), from its live table."""

@@ -22,6 +22,9 @@ Read from the store at each scrape (a collector; nothing is cached, nothing lock
   ``cowdisk_lazy_chunk_reads_total{manifest,source=cache|remote}``,
   ``cowdisk_lazy_check_failures_total{manifest}`` and the histogram
   ``cowdisk_lazy_fetch_seconds{manifest}``;
+* the space monitor (dm-thin): ``cowdisk_space_events_total{area,pool,event}`` (grown, full,
+  failing_io, ok) and ``cowdisk_space_blocked{area,pool,state,reason,volumes}``, 1 while
+  writes wait (``full``) or fail (``failing_io``) because the pool cannot grow;
 * the store workers: ``cowdisk_store_workers`` (running), ``cowdisk_store_worker_deaths_total``,
   ``cowdisk_store_workers_resident_bytes`` (together).
 """
@@ -38,6 +41,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from ..errors import CowdiskError
+from ..model import SpaceEvent
 from ..store import RecoveryReport, Store
 from .jobs import FINISHED, Jobs
 
@@ -225,6 +229,11 @@ class Metrics:
                               registry=self.registry)
         self.recovery = Gauge("cowdisk_recovery_actions", "What the recovery at start did, by action",
                               ["action"], registry=self.registry)
+        self.space_events = Counter("cowdisk_space_events", "What the space monitor saw and did (dm-thin: grown, "
+                                    "full, failing_io, ok)", ["area", "pool", "event"], registry=self.registry)
+        self.space_blocked = Gauge("cowdisk_space_blocked", "1 while writes to the area wait (state full) or fail "
+                                   "(state failing_io) because it cannot grow: why, and the volumes writing to it",
+                                   ["area", "pool", "state", "reason", "volumes"], registry=self.registry)
         ProcessCollector(registry=self.registry)
 
     def attach(self, store: Store, jobs: Jobs, pool: Any = None) -> None:
@@ -237,6 +246,14 @@ class Metrics:
         self.duration.labels(op, result).observe(seconds)
         if error is not None:
             self.errors.labels(type(error).__name__, op).inc()
+
+    def space_event(self, ev: SpaceEvent) -> None:
+        self.space_events.labels(ev.area, ev.pool, ev.event).inc()
+        if ev.event in ("full", "failing_io"):
+            self.space_blocked.clear()
+            self.space_blocked.labels(ev.area, ev.pool, ev.event, ev.reason, ",".join(ev.volumes)).set(1)
+        elif ev.event in ("ok", "gone"):
+            self.space_blocked.clear()
 
     def recovered(self, rep: RecoveryReport) -> None:
         d = rep.as_dict()

@@ -32,6 +32,7 @@ import logging
 import os
 import signal
 import socket
+import threading
 import time
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Callable
@@ -44,6 +45,7 @@ from starlette.types import ASGIApp
 from ..errors import CowdiskError, KernelError, LockTimeout
 from ..kernel import procfs
 from ..locks import FileLock
+from ..model import SpaceEvent
 from ..store import Store
 from .api import Service, asgi_app
 from .config import Config
@@ -220,6 +222,21 @@ def build(cfg: Config, store: Store, metrics: Metrics, pool: Pool) -> tuple[ASGI
     return outer, svc
 
 
+def watch_space(store: Store, metrics: Metrics, stop: threading.Event) -> None:
+    """The store's space monitor (dm-thin: the pool's dm event), in a thread of its own:
+    each event logged (which pool, which volumes, why) and counted in the metrics."""
+    def notify(ev: SpaceEvent) -> None:
+        metrics.space_event(ev)
+        level = logging.WARNING if ev.event in ("full", "failing_io") else logging.INFO
+        log.log(level, "space %s: %s", ev.event, ev.pool, extra={"fields": ev.as_dict()})
+
+    try:
+        if store.watch_space(notify, stop):
+            log.info("space monitor ended", extra={"fields": {"root": store.root}})
+    except Exception as e:  # noqa: BLE001 (said; the daemon serves on, growth at operations still works)
+        log.error("space monitor failed: %s", e, exc_info=True)
+
+
 def run(cfg: Config) -> int:
     """Run the daemon until SIGTERM/SIGINT; 0 on a clean stop."""
     setup_logging(cfg)
@@ -232,6 +249,7 @@ def run(cfg: Config) -> int:
     lock = take_instance_lock(cfg)
     pool = Pool(cfg, keep_fds=(lock.fd,))
     stop_logging: Callable[[], None] = lambda: None  # noqa: E731
+    watching = threading.Event()  # set at stop; the monitor is a daemon thread: it never holds up the exit
     try:
         pool.fork()
         one_malloc_arena()  # the daemon's threads (log writer, jobs) too
@@ -250,6 +268,8 @@ def run(cfg: Config) -> int:
                 "root": store.root, "backend": store.backend_name, "recovery": rep.as_dict(),
                 "config": cfg.source}})
             make_incoming(cfg)
+            threading.Thread(target=watch_space, args=(store, metrics, watching), name="cowdisk-space",
+                             daemon=True).start()
             if early:
                 log.info("stopped before serving", extra={"fields": {"signal": early[0]}})
                 return 0
@@ -269,6 +289,7 @@ def run(cfg: Config) -> int:
                     if socket_owner(cfg.socket) is None:
                         os.unlink(cfg.socket)
         finally:
+            watching.set()
             store.close()
     finally:
         pool.close(cfg.shutdown_timeout)  # (a no-op after a normal stop: the lifespan closed it)

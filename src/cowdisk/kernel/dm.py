@@ -53,6 +53,7 @@ from .dm_abi import (
     DM_DEV_CREATE,
     DM_DEV_REMOVE,
     DM_DEV_STATUS,
+    DM_DEV_WAIT,
     DM_DEV_SUSPEND,
     DM_GET_TARGET_VERSION,
     DM_LIST_DEVICES,
@@ -390,6 +391,25 @@ class Control:
         :raises KernelError: ENXIO when there is no such device.
         """
         return self._header_cmd(DM_DEV_STATUS, "dm info", name, changes=False)
+
+    def wait_event(self, name: str, event_nr: int) -> DeviceInfo:
+        """DM_DEV_WAIT: block until device ``name``'s event counter differs from ``event_nr``
+        (at once when it already does), then return its info (``event_nr`` the new count).
+        A target raises an event when its state changes (a thin-pool: past its low-water
+        mark, out of data space, a mode change); removing the device raises one too, so a
+        waiter is woken and its next wait fails with ENXIO. Call it from a thread of its own:
+        the buffer is the bare header (the targets' status, which DEV_WAIT also returns, is
+        cut off: DM_BUFFER_FULL_FLAG), because ``fcntl.ioctl`` releases the GIL only for a
+        buffer of at most 1024 bytes; with a larger one every thread of the process would
+        stand still until the event.
+
+        :raises KernelError: ENXIO when there is no such device; EINTR when a signal
+            interrupted the wait.
+        """
+        buf = pack_dm_ioctl(event_nr=event_nr, name=validate_name(name))
+        assert len(buf) <= 1024
+        self._ioctl(DM_DEV_WAIT, buf, "dm wait event", name)
+        return parse_dm_ioctl(buf)
 
     def info_by_devno(self, major: int, minor: int) -> DeviceInfo:
         """DM_DEV_STATUS looked up by device number (name and uuid empty)."""

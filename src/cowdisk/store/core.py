@@ -32,11 +32,12 @@ import logging
 import os
 import shutil
 import sqlite3
+import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, TypeVar
 
 from .. import failpoints
-from ..backends import SharedVolume, Space, Usage, VolumeCtx, explain
+from ..backends import SharedVolume, Space, SpaceEvent, Usage, VolumeCtx, explain
 from ..digest import sha256_file
 from ..errors import (
     AlreadyExists,
@@ -879,6 +880,17 @@ class Store(StoreParts):
         RemoteTemplates(self.root, self._templates).drop_lazy()
         self._templates.clean_cache()
         self.backend.destroy_store()
+
+    def watch_space(self, notify: Callable[[SpaceEvent], None], stop: threading.Event) -> bool:
+        """Run the backend's space monitor in this thread until ``stop`` is set or its area is
+        gone (dm-thin: wait on the pool's dm event, grow it while guests write, fail writes
+        after the bound when it cannot; docs/dm-thin.md). False at once when the backend has
+        nothing to watch (its space is a filesystem's)."""
+        watch = getattr(self.backend, "watch_space", None)
+        if watch is None:
+            return False
+        watch(notify, stop)
+        return True
 
     def space(self) -> list[Space]:
         """How full each area the store's writes fill is: the filesystem holding the store

@@ -32,7 +32,12 @@ from typing import Iterator
 
 ROOT = Path(__file__).resolve().parent.parent
 SRC = str(ROOT / "src")
-ENV = {k: v for k, v in os.environ.items() if not k.startswith("COWDISK_")} | {"PYTHONPATH": SRC}
+ENV = {k: v for k, v in os.environ.items() if not k.startswith("COWDISK_") and k != "PYTHONDONTWRITEBYTECODE"} | {
+    "PYTHONPATH": SRC}
+"""As an installed cowdisk runs: with its bytecode cached (pip compiles it). A shell that sets
+PYTHONDONTWRITEBYTECODE would have every cowdisk module compiled from source at every
+start; scratch() points PYTHONPYCACHEPREFIX into its temp dir instead (the warm-up run
+fills it, the tree stays clean)."""
 
 
 def cowdisk(*args: str) -> list[str]:
@@ -72,6 +77,7 @@ def scratch() -> Iterator[tuple[str, str]]:
     (root, socket). Both removed at the end."""
     work = tempfile.mkdtemp(prefix="cdbench-")
     root, sock = os.path.join(work, "store"), os.path.join(work, "cowdisk.sock")
+    ENV["PYTHONPYCACHEPREFIX"] = os.path.join(work, "pycache")
     daemon = None
     try:
         image = os.path.join(work, "base.img")

@@ -47,7 +47,7 @@ def test_version_imports_click_and_the_root_only(tmp_path) -> None:
     ours = {m for m in mods if m.startswith("cowdisk")}
     assert ours <= {"cowdisk", "cowdisk.errors", "cowdisk.progress", "cowdisk.units", "cowdisk.store",
                     "cowdisk.defaults", "cowdisk.cli", "cowdisk.cli.app"}, sorted(ours)
-    assert not {"json", "traceback", "dataclasses"} & mods  # the model's dataclasses, JSON: when a command needs them
+    assert not {"json", "traceback", "dataclasses", "logging"} & mods  # the model's dataclasses, JSON: when a command needs them
     assert not {"cowdisk.cli.volumes", "cowdisk.cli.templates", "cowdisk.cli.serve", "cowdisk.cli.demo"} & mods
 
 
@@ -58,3 +58,4 @@ def test_a_listing_without_a_store_imports_no_store(tmp_path) -> None:
     assert code == 0
     assert _heavy(mods) == []
     assert "cowdisk.cli.volumes" in mods and "cowdisk.cli.admin" not in mods
+    assert "logging" not in mods  # only with -v

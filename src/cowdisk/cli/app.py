@@ -411,9 +411,10 @@ def _verbose(ctx: click.Context, _param: click.Parameter, value: int) -> int:
 
 
 def setup_logging(verbose: int) -> None:
-    import logging
-
+    """Log records on stderr with -v (INFO) and -vv (DEBUG); without, logging is not even imported."""
     if verbose:
+        import logging
+
         logging.basicConfig(level=logging.DEBUG if verbose > 1 else logging.INFO, stream=sys.stderr,
                             format="%(levelname)s %(name)s: %(message)s", force=True)
 

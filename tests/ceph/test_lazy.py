@@ -25,7 +25,7 @@ import time
 import pytest
 
 from cowdisk.remote import lazy
-from cowdisk.remote.cache import ChunkCache, parse_record, read_record
+from cowdisk.remote.cache import CRASH_POINTS, ChunkCache, evict, parse_record, read_record
 from daemonutil import Daemon, env
 from remoteutil import CHUNK, make_image, s3, write_config
 from testutil import sha
@@ -245,4 +245,58 @@ def test_read_order_prefetch_and_the_cache_cap(tmp_path, rgw, hosts):
             lazy.unexport_file(f2, pid2)
     finally:
         c.destroy()
+        c.close()
+
+
+@pytest.mark.parametrize("point", CRASH_POINTS)
+def test_a_kill_in_fetch_or_eviction_leaves_the_cache_whole(tmp_path, hosts, point):
+    """A process SIGKILLed at each point of a fetch (bytes written, synced, recorded) or an
+    eviction (new record written, renamed, a hole punched): every chunk the record lists
+    has its right bytes, and the cache then serves the whole template right."""
+    a, b, _ = hosts
+    img = str(tmp_path / "img4.raw")
+    with open(img, "wb") as out:
+        out.write(os.urandom(4 * CHUNK))
+    from cowdisk.remote import load
+    from cowdisk.remote.s3 import ObjectStore
+    from cowdisk.remote.transfer import fetch_manifest
+
+    a.import_template(img, "base")
+    m = fetch_manifest(ObjectStore(load(b.root)), a.push_template("base")["manifest"])
+    cache = str(tmp_path / "cache" / m.digest)  # the cache alone: no server needed here
+    ChunkCache.create(cache, m)
+
+    def open_cache() -> ChunkCache:
+        objects = ObjectStore(load(b.root))
+        return ChunkCache(cache, m, lambda k: objects.get(objects.cfg.key(k)), where=str)
+
+    if point.startswith("evict"):
+        c = open_cache()
+        c.read(0, m.size)  # all four held
+        c.close()
+    pid = os.fork()
+    if pid == 0:  # the child: dies at the point (or exits 3 if it never got there)
+        try:
+            os.environ["COWDISK_CRASH_AT"] = point
+            if point.startswith("fetch"):
+                open_cache().ensure(2)
+            else:
+                evict(cache, m, {0, 1, 2, 3})
+        finally:
+            os._exit(3)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, status
+    listed = held(cache)
+    with open(os.path.join(cache, "data"), "rb") as data:
+        for i in listed:
+            data.seek(i * CHUNK)
+            assert hashlib.sha256(data.read(CHUNK)).hexdigest() == m.chunks[i], (point, i)
+    if point == "fetch:recorded":
+        assert 2 in listed
+    if point == "fetch:written":
+        assert 2 not in listed
+    c = open_cache()
+    try:
+        assert hashlib.sha256(c.read(0, m.size)).hexdigest() == sha(img)
+    finally:
         c.close()

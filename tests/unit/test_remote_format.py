@@ -98,3 +98,15 @@ def test_locations_and_manifest_urls() -> None:
             config.parse_location(bad)
     with pytest.raises(InvalidArgument, match="not the URL of a manifest"):
         split_manifest_url("s3://bkt/p/manifests/abc")
+
+
+def test_record_skips_a_torn_or_damaged_entry() -> None:
+    """A kill inside an append leaves a partial last entry; a flipped byte fails the CRC:
+    neither lists a chunk. The order is the fetch order, each chunk once."""
+    from cowdisk.remote.cache import _entry, parse_record, record_order
+
+    data = _entry(5) + _entry(2) + _entry(5) + _entry(9)[:5]
+    assert record_order(data) == [5, 2] and parse_record(data) == {2, 5}
+    bad = bytearray(_entry(7))
+    bad[0] ^= 1
+    assert parse_record(bytes(bad) + _entry(3)) == {3}

@@ -32,9 +32,13 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
+from .. import failpoints
 from ..errors import RemoteError
 from .chunks import Manifest, chunk_key, decode
 
+CRASH_POINTS = ("fetch:written", "fetch:synced", "fetch:recorded", "evict:written", "evict:recorded",
+                "evict:punched")
+"""Where tests/ceph/test_lazy.py kills a fetch or an eviction (COWDISK_CRASH_AT)."""
 ENTRY = struct.Struct("<II")
 FETCH_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 MAGIC = 0x636F7764  # "cowd"
@@ -86,16 +90,19 @@ def evict(dir: str, manifest: Manifest, drop: set[int]) -> int:
         os.fsync(fd)
     finally:
         os.close(fd)
+    failpoints.hit("evict", "written")
     os.replace(tmp, held)
     dfd = os.open(dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(dfd)
     finally:
         os.close(dfd)
+    failpoints.hit("evict", "recorded")
     data = os.open(os.path.join(dir, "data"), os.O_RDWR | os.O_CLOEXEC)
     try:
         for i in gone:
             fs.punch_hole(data, i * manifest.chunk_size, manifest.length(i))
+            failpoints.hit("evict", "punched")
     finally:
         os.close(data)
     return sum(manifest.length(i) for i in gone)
@@ -259,9 +266,12 @@ class ChunkCache:
             raise
         off = index * self.m.chunk_size
         _pwrite_all(self._data, data, off)
+        failpoints.hit("fetch", "written")
         os.fdatasync(self._data)  # the bytes are on disk before the record lists them
+        failpoints.hit("fetch", "synced")
         os.write(self._record, _entry(index))
         os.fdatasync(self._record)
+        failpoints.hit("fetch", "recorded")
         with self._lock:
             self._held.add(index)
         self.stats.fetched_chunks += 1

@@ -300,3 +300,32 @@ def test_a_kill_in_fetch_or_eviction_leaves_the_cache_whole(tmp_path, hosts, poi
         assert hashlib.sha256(c.read(0, m.size)).hexdigest() == sha(img)
     finally:
         c.close()
+
+
+def test_a_server_killed_and_started_again_the_reader_goes_on(served):
+    """nbdkit SIGKILLed under the FUSE file's reader (qemu-storage-daemon, QEMU's own NBD
+    client, reconnect-delay 5 s) and started again on the same socket: the same open file
+    reads on, right, from the cache and from the store."""
+    b, doc, f, img, chunks, _ = served
+    fd = os.open(f, os.O_RDONLY)
+    try:
+        assert os.pread(fd, 4096, 0) == chunks[0][:4096]
+        os.kill(doc["pid"], signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while lazy.server(doc["cache"]) is not None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        again = b.lazy_template(doc["manifest"])
+        assert again["pid"] != doc["pid"]
+        drop_page_cache(f)
+        got = b""
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # the client notices the new server on its next request
+            try:
+                got = os.pread(fd, 4096, 4096)
+                break
+            except OSError:
+                time.sleep(0.2)
+        assert got == chunks[0][4096:8192]
+        assert os.pread(fd, 4096, 3 * CHUNK) == chunks[3][:4096]  # a chunk not cached before: fetched
+    finally:
+        os.close(fd)

@@ -6,7 +6,7 @@ through a daemon that is the client's) on the same machine, in alternating round
 alike; then the ``-X importtime`` top offenders of each command (cumulative time of the
 modules it imports, and which cowdisk modules are among them).
 
-    python3 bench/startup.py [--runs 20] [--top 12] [--json FILE]
+    python3 bench/startup.py [--runs 20] [--top 12] [--json FILE] [--client-before SRC]
 
 The goal: each command within 2x of ``python3 -c pass``. Run as root (it makes a copy-backend
 store with one template and 20 volumes and a daemon on a socket, all under a temp dir named
@@ -107,11 +107,44 @@ def scratch() -> Iterator[tuple[str, str]]:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def client_import(runs: int, srcs: dict[str, str]) -> dict[str, dict[str, float]]:
+    """``import cowdisk.client`` per source tree (``srcs``: label -> a src directory): its
+    ``-X importtime`` cumulative time (median, min of ``runs``, alternating trees) and the
+    whole process's wall time against ``python3 -c pass`` (medians)."""
+    imp: dict[str, list[float]] = {k: [] for k in srcs}
+    whole: dict[str, list[float]] = {k: [] for k in srcs}
+    bare: list[float] = []
+    for _ in range(runs):
+        bare.append(wall([sys.executable, "-c", "pass"], ENV)[0])
+        for label, src in srcs.items():
+            env = ENV | {"PYTHONPATH": src}
+            mods = importtime([sys.executable, "-c", "import cowdisk.client"], env)
+            imp[label].append(next(c for m, _, c in mods if m == "cowdisk.client") / 1000)
+            whole[label].append(wall([sys.executable, "-c", "import cowdisk.client"], env)[0])
+    base = statistics.median(bare)
+    print(f"\nimport cowdisk.client, {runs} runs each (-X importtime cumulative of cowdisk.client; whole process "
+          f"wall time, python3 -c pass {base * 1000:.1f} ms):")
+    out = {}
+    for label, ts in imp.items():
+        w = statistics.median(whole[label])
+        mods = [m for m, _, _ in importtime([sys.executable, "-c", "import cowdisk.client"],
+                                             ENV | {"PYTHONPATH": srcs[label]})]
+        print(f"  {label:8s} import {statistics.median(ts):6.1f} ms (min {min(ts):5.1f}, max {max(ts):5.1f}), "
+              f"{len(mods)} modules ({len([m for m in mods if m.startswith('cowdisk')])} of cowdisk); "
+              f"whole process {w * 1000:6.1f} ms = {w / base:4.2f}x python3 -c pass")
+        out[label] = {"import_ms": statistics.median(ts), "import_min_ms": min(ts), "modules": len(mods),
+                      "process_ms": w * 1000, "ratio": w / base}
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--top", type=int, default=12)
     ap.add_argument("--json", metavar="FILE")
+    ap.add_argument("--client-before", metavar="SRC",
+                    help="Also time `import cowdisk.client` from this src directory (e.g. `git archive` of an older "
+                         "commit's src/), beside this checkout's")
     a = ap.parse_args()
     with scratch() as (root, sock):
         daemon_env = ENV | {"COWDISK_SOCKET": sock}
@@ -160,6 +193,8 @@ def main() -> int:
                 print(f"    {c / 1000:7.1f} ms  {m}  (self {s / 1000:.1f})")
             result["cases"][name]["modules"] = len(mods)  # type: ignore[index]
             result["cases"][name]["cowdisk_modules"] = ours  # type: ignore[index]
+    srcs = {"this": SRC} | ({"before": os.path.abspath(a.client_before)} if a.client_before else {})
+    result["client_import"] = client_import(a.runs, srcs)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(result, f, indent=2)

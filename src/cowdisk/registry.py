@@ -190,10 +190,29 @@ class Intent:
     data: dict[str, Any] = field(default_factory=dict)
 
 
+class QuickCheckFailed(sqlite3.DatabaseError):
+    """``PRAGMA quick_check`` found damage (the registry's own error: SQLite gives no code)."""
+
+
+_KINDS = {sqlite3.SQLITE_BUSY: "busy", sqlite3.SQLITE_LOCKED: "busy", sqlite3.SQLITE_FULL: "full",
+          sqlite3.SQLITE_READONLY: "readonly", sqlite3.SQLITE_IOERR: "ioerr", sqlite3.SQLITE_CORRUPT: "corrupt",
+          sqlite3.SQLITE_NOTADB: "corrupt", sqlite3.SQLITE_CANTOPEN: "cantopen"}
+
+
+def sqlite_kind(e: sqlite3.Error) -> str:
+    """What an SQLite error is, from its result code (``sqlite_errorcode``; the primary code
+    of an extended one), never from its message: ``busy`` (another writer holds the
+    database), ``full``, ``readonly``, ``ioerr``, ``corrupt`` (damaged, or not a
+    database), ``cantopen``, or ``other`` (a bad statement, a constraint...)."""
+    if isinstance(e, QuickCheckFailed):
+        return "corrupt"
+    code = getattr(e, "sqlite_errorcode", None)
+    return "other" if code is None else _KINDS.get(code & 0xFF, "other")
+
+
 def _corrupt(e: sqlite3.Error) -> bool:
     """SQLite says the file is damaged or not a database (not busy, full or read-only)."""
-    return getattr(e, "sqlite_errorcode", None) in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB) \
-        or "malformed" in str(e) or str(e).startswith("quick_check")
+    return sqlite_kind(e) == "corrupt"
 
 
 _OPEN: "weakref.WeakSet[Registry]" = weakref.WeakSet()
@@ -304,9 +323,12 @@ class Registry:
             self.close()
             raise
         except sqlite3.DatabaseError as e:
-            if isinstance(e, sqlite3.OperationalError) and "locked" in str(e):
+            kind = sqlite_kind(e)
+            if kind == "busy":
                 raise
             self.close()
+            if kind in ("full", "readonly", "ioerr", "cantopen"):  # the filesystem's fault, not the file's
+                raise self._os_error("open registry", e) from e
             raise RegistryDamaged(f"open registry {path}: {e}", op="open registry", obj=path,
                                   hint="`cowdisk recover --rebuild-registry` rebuilds it from the volumes' and "
                                        "templates' manifests (the damaged file is kept aside)") from e
@@ -370,7 +392,7 @@ class Registry:
             st = os.statvfs(os.path.dirname(self.path) or ".")
             if st.f_flag & os.ST_RDONLY:
                 err = errno.EROFS
-            elif st.f_bavail * st.f_frsize < (1 << 20) or "full" in str(e):
+            elif st.f_bavail * st.f_frsize < (1 << 20) or sqlite_kind(e) == "full":
                 err = errno.ENOSPC
             else:
                 err = errno.EIO
@@ -419,7 +441,7 @@ class Registry:
                 try:
                     c.execute("BEGIN IMMEDIATE")
                 except sqlite3.OperationalError as e:
-                    if "locked" in str(e):
+                    if sqlite_kind(e) == "busy":
                         raise
                     raise self._os_error("write registry", e) from e
                 pending = getattr(self._local, "deferred", None)
@@ -625,7 +647,7 @@ class Registry:
             # now, at open, not in the middle of some later command: a few ms on any store
             problems = [r[0] for r in c.execute("PRAGMA quick_check").fetchall()]
             if problems != ["ok"]:
-                raise sqlite3.DatabaseError("quick_check: " + "; ".join(problems[:3]))
+                raise QuickCheckFailed("quick_check: " + "; ".join(problems[:3]))
 
     @property
     def schema_version(self) -> int:

@@ -52,7 +52,7 @@ from ..errors import (
 )
 from ..kernel import fs, procfs
 from ..progress import Progress
-from ..registry import ATTACHED, CREATING, TemplateRow, VolumeRow
+from ..registry import ATTACHED, CREATING, TemplateRow, VolumeRow, sqlite_kind
 from . import growfs, identity, manifest, recovery
 from .limits import Limits
 from .manifest import store_exists as store_exists  # where it was; the store's callers ask it first
@@ -989,8 +989,10 @@ def _named_errors(op: str, obj: str) -> Iterator[None]:
     except OSError as e:
         raise KernelError(op, obj, e.errno or 0, detail=e.filename or "") from e
     except sqlite3.Error as e:
-        raise CowdiskError(f"{op} {obj}: registry {e}", op=op, obj=obj,
-                           hint="free space on the store's filesystem" if "full" in str(e) else "") from e
+        if sqlite_kind(e) == "full":  # by its result code: an ENOSPC (HTTP 507), as a full filesystem is
+            raise KernelError(op, obj, errno.ENOSPC, detail=f"registry: {e}",
+                              hint="free space on the store's filesystem") from e
+        raise CowdiskError(f"{op} {obj}: registry {e}", op=op, obj=obj) from e
 
 
 def choose_backend(root: str) -> str:

@@ -6,7 +6,7 @@ through a daemon that is the client's) on the same machine, in alternating round
 alike; then the ``-X importtime`` top offenders of each command (cumulative time of the
 modules it imports, and which cowdisk modules are among them).
 
-    python3 bench/startup.py [--runs 20] [--top 12] [--json FILE] [--client-before SRC]
+    python3 bench/startup.py [--runs 20] [--top 12] [--json FILE] [--client-before SRC] [--client-only]
 
 The goal: each command within 2x of ``python3 -c pass``. Run as root (it makes a copy-backend
 store with one template and 20 volumes and a daemon on a socket, all under a temp dir named
@@ -112,28 +112,31 @@ def client_import(runs: int, srcs: dict[str, str]) -> dict[str, dict[str, float]
     ``-X importtime`` cumulative time (median, min of ``runs``, alternating trees) and the
     whole process's wall time against ``python3 -c pass`` (medians)."""
     imp: dict[str, list[float]] = {k: [] for k in srcs}
-    whole: dict[str, list[float]] = {k: [] for k in srcs}
-    bare: list[float] = []
+    whole: dict[str, list[tuple[float, float]]] = {k: [] for k in srcs}
+    bare: list[tuple[float, float]] = []
     for _ in range(runs):
-        bare.append(wall([sys.executable, "-c", "pass"], ENV)[0])
+        bare.append(wall([sys.executable, "-c", "pass"], ENV))
         for label, src in srcs.items():
             env = ENV | {"PYTHONPATH": src}
             mods = importtime([sys.executable, "-c", "import cowdisk.client"], env)
             imp[label].append(next(c for m, _, c in mods if m == "cowdisk.client") / 1000)
-            whole[label].append(wall([sys.executable, "-c", "import cowdisk.client"], env)[0])
-    base = statistics.median(bare)
-    print(f"\nimport cowdisk.client, {runs} runs each (-X importtime cumulative of cowdisk.client; whole process "
-          f"wall time, python3 -c pass {base * 1000:.1f} ms):")
+            whole[label].append(wall([sys.executable, "-c", "import cowdisk.client"], env))
+    base, base_cpu = statistics.median(w for w, _ in bare), statistics.median(c for _, c in bare)
+    print(f"\nimport cowdisk.client, {runs} runs each, alternating (-X importtime cumulative of cowdisk.client: "
+          f"median, min, max; the whole process: wall and CPU medians; python3 -c pass: wall {base * 1000:.1f} ms, "
+          f"cpu {base_cpu * 1000:.1f} ms):")
     out = {}
     for label, ts in imp.items():
-        w = statistics.median(whole[label])
+        w = statistics.median(x for x, _ in whole[label])
+        c = statistics.median(y for _, y in whole[label])
         mods = [m for m, _, _ in importtime([sys.executable, "-c", "import cowdisk.client"],
                                              ENV | {"PYTHONPATH": srcs[label]})]
         print(f"  {label:8s} import {statistics.median(ts):6.1f} ms (min {min(ts):5.1f}, max {max(ts):5.1f}), "
               f"{len(mods)} modules ({len([m for m in mods if m.startswith('cowdisk')])} of cowdisk); "
-              f"whole process {w * 1000:6.1f} ms = {w / base:4.2f}x python3 -c pass")
+              f"process wall {w * 1000:6.1f} ms = {w / base:4.2f}x, cpu {c * 1000:5.1f} ms = {c / base_cpu:4.2f}x "
+              "python3 -c pass")
         out[label] = {"import_ms": statistics.median(ts), "import_min_ms": min(ts), "modules": len(mods),
-                      "process_ms": w * 1000, "ratio": w / base}
+                      "process_ms": w * 1000, "ratio": w / base, "cpu_ms": c * 1000, "ratio_cpu": c / base_cpu}
     return out
 
 
@@ -145,7 +148,12 @@ def main() -> int:
     ap.add_argument("--client-before", metavar="SRC",
                     help="Also time `import cowdisk.client` from this src directory (e.g. `git archive` of an older "
                          "commit's src/), beside this checkout's")
+    ap.add_argument("--client-only", action="store_true", help="Only the client import (no store, no daemon)")
     a = ap.parse_args()
+    if a.client_only:
+        srcs = {"this": SRC} | ({"before": os.path.abspath(a.client_before)} if a.client_before else {})
+        client_import(a.runs, srcs)
+        return 0
     with scratch() as (root, sock):
         daemon_env = ENV | {"COWDISK_SOCKET": sock}
         direct_env = ENV | {"COWDISK_SOCKET": os.path.join(os.path.dirname(sock), "none.sock")}

@@ -295,17 +295,12 @@ class Client:
     def _job(self, doc: dict[str, Any], progress: Progress | None) -> Any:
         """Wait for the job ``doc`` to end, feeding ``progress``; its result, or its error raised."""
         job_id = doc["id"]
-        last: tuple[str, int, int] = ("", -1, -1)
+        told: list[tuple[str, int, int]] = []
+        """What ``progress`` was told of each stage so far (the stage, its last bytes)."""
         try:
             while True:
-                p = doc.get("progress") or {}
                 if progress is not None:
-                    stage, done, total = p.get("stage", ""), int(p.get("done", 0)), int(p.get("total", 0))
-                    if stage != last[0]:
-                        progress(0, 0, stage)
-                    if (done, total) != last[1:] and (done or total):
-                        progress(done, total)
-                    last = (stage, done, total)
+                    _feed(progress, told, doc)
                 state = doc["state"]
                 if state == "succeeded":
                     return doc.get("result")
@@ -523,6 +518,23 @@ class _Backend:
         self.name = name
         self.block_device = block_device
         self.larger_volumes = larger_volumes
+
+
+def _feed(progress: Progress, told: list[tuple[str, int, int]], doc: dict[str, Any]) -> None:
+    """Tell ``progress`` what job ``doc`` did since ``told``: each new stage, and each stage's
+    last byte counts (the job's ``stages``: a stage that ended between two answers still
+    gets its final counts), as the library's callback would have heard them."""
+    p = doc.get("progress") or {}
+    stages = doc.get("stages") or [p]
+    for i, st in enumerate(stages):
+        stage, done, total = str(st.get("stage", "")), int(st.get("done", 0)), int(st.get("total", 0))
+        if i >= len(told):
+            if i or stage:
+                progress(0, 0, stage)
+            told.append((stage, 0, 0))
+        if (done, total) != told[i][1:] and (done or total):
+            progress(done, total)
+            told[i] = (stage, done, total)
 
 
 def _q(s: str) -> str:

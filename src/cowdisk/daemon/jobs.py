@@ -46,6 +46,8 @@ FINISHED = frozenset({SUCCEEDED, FAILED, CANCELLED})
 MAX_FINISHED = 1000
 
 PROGRESS_EVERY = 0.25
+MAX_STAGES = 64
+"""The most stages a job's document lists (the first and the newest are kept)."""
 
 
 @dataclass
@@ -71,12 +73,17 @@ class Job:
     """Bumped on every change a waiter cares about: state, stage, bytes (at most every
     :data:`PROGRESS_EVERY` seconds). ``GET /v1/jobs/{id}?wait=S&since=SEQ`` returns once
     it passes ``since``."""
+    stages: list[dict[str, Any]] = field(default_factory=list)
+    """Each stage so far with its last byte counts (the newest is ``stage``, ``done``,
+    ``total``): a client that polls sees the final counts of a stage that ended between
+    two of its requests."""
     _told: float = 0.0
     _watch: Watch | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {"id": self.id, "seq": self.seq, "op": self.op, "object": self.object, "state": self.state,
                 "progress": {"stage": self.stage, "done": self.done, "total": self.total},
+                "stages": [dict(st) for st in self.stages],
                 "result": self.result, "error": self.error["error"] if self.error else None,
                 "created": self.created, "started": self.started, "finished": self.finished,
                 "cancel_requested": self.cancel_requested, "peer": self.peer.as_dict()}
@@ -107,7 +114,12 @@ class JobContext:
                 job.stage = stage
                 if stage.startswith(NO_RETURN_STAGES):
                     job.no_return = True
+                if len(job.stages) >= MAX_STAGES:
+                    del job.stages[1]
+                job.stages.append({"stage": stage, "done": 0, "total": 0})
             job.done, job.total = done, total
+            if job.stages:
+                job.stages[-1]["done"], job.stages[-1]["total"] = done, total
             now = time.monotonic()
             if stage or now - job._told >= PROGRESS_EVERY or (total and done >= total):
                 job._told = now

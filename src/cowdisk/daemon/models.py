@@ -194,6 +194,8 @@ class JobOut(BaseModel):
     object: str
     state: Literal["queued", "running", "succeeded", "failed", "cancelled"]
     progress: JobProgress
+    stages: list[JobProgress] = Field([], description="Every stage so far with its last byte counts (the last is "
+                                                      "progress)")
     result: Any = Field(None, description="When succeeded: a template (import, build, verify, flatten) or "
                                           "{\"volumes\": [...]} (fork)")
     error: ErrorBody | None = None

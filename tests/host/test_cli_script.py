@@ -4,6 +4,7 @@
 
 One copy-backend store per test (no loop device, no mount), made and destroyed here; the
 closed-pipe test runs the real ``python3 -m cowdisk`` with its stdout a pipe nobody reads.
+Every test runs twice: on the store directly, and through a cowdiskd serving it.
 """
 
 from __future__ import annotations
@@ -19,18 +20,25 @@ import pytest
 from click.testing import CliRunner, Result
 
 from cowdisk.cli import cli
-from cowdisk.daemon.protocol import ERROR_TYPES
+from cowdisk.errors import ERROR_TYPES
 from cowdisk.store import Store
+from daemonutil import Daemon
 
 pytestmark = pytest.mark.root
 
 SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "src")
 
 
+NO_SOCKET = "/nonexistent/cowdisk.sock"
+
+
 class Cli:
-    def __init__(self, root: str) -> None:
+    """The command line on one store: directly, or through the daemon serving it (``sock``)."""
+
+    def __init__(self, root: str, sock: str | None = None) -> None:
         self.root = root
-        self.runner = CliRunner()
+        self.sock = sock or NO_SOCKET
+        self.runner = CliRunner(env={"COWDISK_SOCKET": self.sock})
 
     def __call__(self, *args: str, code: int = 0) -> Result:
         r = self.runner.invoke(cli, ["--root", self.root, "--backend", "copy", *args], catch_exceptions=False)
@@ -41,24 +49,58 @@ class Cli:
         return json.loads(self(*args, "--json", code=code).stdout)
 
 
-@pytest.fixture
-def run(tmp_path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cli]:
-    """A store with template ``base`` and volumes vm1 (attached) and vm2 (checkpointed)."""
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    """One cowdiskd on a copy store for the module (socket under /tmp: a short path); its
+    import root covers the tests' tmp dirs."""
+    import shutil
+    import tempfile
+
+    top = tempfile.mkdtemp(prefix="cdscript-", dir="/tmp")
+    root = os.path.join(top, "store")
+    Store(root, backend="copy").close()
+    d = Daemon(root, os.path.join(top, "d.sock"), "--import-root", str(tmp_path_factory.getbasetemp()))
+    d.start()
+    try:
+        yield d
+    finally:
+        with d:
+            assert d.stop() == 0, d.log()
+        with Store(root) as s:
+            s.destroy()
+        shutil.rmtree(top, ignore_errors=True)
+
+
+@pytest.fixture(params=["direct", "daemon"])
+def run(request: pytest.FixtureRequest, tmp_path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cli]:
+    """A store with template ``base`` and volumes vm1 (attached) and vm2 (checkpointed),
+    opened directly or through a daemon serving it (the same commands, the same answers)."""
     monkeypatch.delenv("COWDISK_ROOT", raising=False)
     monkeypatch.delenv("COWDISK_SOCKET", raising=False)
-    root = str(tmp_path / "store")
+    d: Daemon | None = request.getfixturevalue("daemon") if request.param == "daemon" else None
+    c = Cli(d.root, d.sock) if d is not None else Cli(str(tmp_path / "store"))
     image = tmp_path / "disk.img"
     image.write_bytes(b"\0" * (1 << 20))
-    c = Cli(root)
     c("template", "import", str(image), "--name", "base")
     c("volume", "create", "vm1", "-t", "base")
     c("volume", "create", "vm2", "-t", "base")
     c("volume", "checkpoint", "vm2")
+    served = len(d.log_records()) if d is not None else 0
     try:
         yield c
     finally:
-        with Store(root) as s:
-            s.destroy()
+        if d is None:
+            with Store(c.root) as s:
+                s.destroy()
+        else:
+            cl = d.client
+            for v in cl.volumes():
+                cl.remove_volume(v.id)
+            for t in cl.templates():
+                cl.remove_template(t.id)
+            assert cl.volumes() == [] and cl.templates() == []
+    if d is not None:
+        assert len(d.log_records()) > served, "the command line did not go through the daemon"
 
 
 def _lines(r: Result) -> list[list[str]]:
@@ -69,7 +111,7 @@ def test_closed_pipe_ends_quietly_of_sigpipe(run: Cli) -> None:
     """`cowdisk volume ls | head -1`: the reader is gone before the command writes. It ends
     of SIGPIPE as coreutils do (the shell's 141), with nothing on stderr (it exited 1 with
     "Broken pipe ... check --root and that you run as root")."""
-    env = dict(os.environ, PYTHONPATH=SRC)
+    env = dict(os.environ, PYTHONPATH=SRC, COWDISK_SOCKET=run.sock)
     for args in (["volume", "ls"], ["template", "ls", "--json"], ["store", "info"]):
         r, w = os.pipe()
         os.close(r)

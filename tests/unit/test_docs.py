@@ -17,7 +17,7 @@ from cowdisk.backends import BACKENDS, NOT_AUTO
 from cowdisk.cli import cli
 from cowdisk.cli import reference
 from cowdisk.daemon.config import KEYS
-from cowdisk.daemon.protocol import ERROR_TYPES
+from cowdisk.errors import ERROR_TYPES
 from docexamples import REPO, blocks, cowdisk_commands, doc_files, parse
 
 

@@ -70,7 +70,7 @@ def commands(group: click.Group | None = None,
 def error_types() -> dict[int, list[str]]:
     """Each exit code and the error types (class names) raised with it: the store's and the
     daemon's, as the daemon's error document names them."""
-    from ..daemon.protocol import ERROR_TYPES
+    from ..errors import ERROR_TYPES
 
     out: dict[int, list[str]] = {}
     for name, cls in sorted(ERROR_TYPES.items(), key=lambda kv: (kv[1].exit_code, kv[0] != "CowdiskError")):

@@ -20,7 +20,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from cowdisk.errors import KernelError
+from cowdisk.errors import InvalidArgument, KernelError
 from cowdisk.store import Store
 from daemonutil import Daemon, env
 from testutil import assert_same_host, host_state, make_tree, scratch_fs
@@ -187,6 +187,16 @@ def test_callers_see_and_change_only_their_own(tmp_path, shared_dir) -> None:
             assert code == (404 if uid == A else 403), doc
             assert call(sock, uid, "POST", "/v1/recover")[0] == 403
             assert call(sock, uid, "POST", "/v1/gc")[0] == 403
+        for bad in (1 << 70, (1 << 32) - 1, -1):  # not a uid: 400, never a 500 (the API fuzz found 2^67 one)
+            for path in ("/v1/volumes/a1/chown", "/v1/templates/atpl/chown"):
+                code, doc = call(sock, 0, "POST", path, {"owner": bad})
+                assert code == 400 and doc["error"]["type"] == "InvalidArgument", (path, bad, doc)
+        with Store(d.root) as s:  # the library refuses it the same way
+            for bad in (1 << 70, -1, True):
+                with pytest.raises(InvalidArgument, match="is not a uid"):
+                    s.chown_volume("a1", bad)  # type: ignore[arg-type]
+                with pytest.raises(InvalidArgument, match="is not a uid"):
+                    s.chown_template("atpl", bad)  # type: ignore[arg-type]
         code, doc = call(sock, 0, "POST", "/v1/volumes/a1/chown", {"owner": B})
         assert code == 200 and doc["owner"] == B, doc
         assert call(sock, A, "GET", "/v1/volumes/a1")[0] == 404

@@ -246,11 +246,12 @@ class BuildIn(In):
 
 
 class ChownIn(In):
-    owner: int = Field(ge=0, description="The uid the volume is handed to")
+    owner: int = Field(ge=0, le=(1 << 32) - 2, description="The uid the volume is handed to")
 
 
 class TemplateChownIn(In):
-    owner: int | None = Field(None, ge=0, description="The uid the template is handed to (None: unchanged)")
+    owner: int | None = Field(None, ge=0, le=(1 << 32) - 2,
+                              description="The uid the template is handed to (None: unchanged)")
     shared: bool | None = Field(None, description="Usable by every caller (None: unchanged)")
 
 

@@ -195,8 +195,8 @@ class Store(StoreParts):
         caller) or not: root only (Forbidden otherwise)."""
         self._templates.row(ref)  # another's: the same 404 as a missing one
         self.require_admin("chown template", ref)
-        if owner is not None and (isinstance(owner, bool) or not isinstance(owner, int) or owner < 0):
-            raise InvalidArgument(f"chown template {ref}: owner {owner!r} is not a uid", op="chown template", obj=ref)
+        if owner is not None:
+            _check_uid("chown template", ref, owner)
         return self._templates.chown(ref, owner=owner, shared=shared)
 
     def push_template(self, ref: str, to: str | None = None, *, progress: Progress | None = None) -> dict[str, Any]:
@@ -307,8 +307,7 @@ class Store(StoreParts):
         validate_id(vid)
         self._row(vid)  # another's: the same 404 as a missing one
         self.require_admin("chown volume", vid)
-        if isinstance(owner, bool) or not isinstance(owner, int) or owner < 0:
-            raise InvalidArgument(f"chown volume {vid}: owner {owner!r} is not a uid", op="chown volume", obj=vid)
+        _check_uid("chown volume", vid, owner)
         with self.lock("volume", vid):
             self.registry.get_volume(vid)
             self.registry.set_volume_owner(vid, owner)
@@ -971,6 +970,16 @@ class Store(StoreParts):
                         fs.set_immutable(p, False)
         shutil.rmtree(self.root)
         return gone + [self.root]
+
+
+MAX_UID = (1 << 32) - 2
+"""The largest uid (uid_t is 32 bits; (uid_t)-1 means "no uid")."""
+
+
+def _check_uid(op: str, obj: str, owner: object) -> None:
+    """Refuse (InvalidArgument) an owner that is not a uid: a whole number 0 .. MAX_UID."""
+    if isinstance(owner, bool) or not isinstance(owner, int) or not 0 <= owner <= MAX_UID:
+        raise InvalidArgument(f"{op} {obj}: owner {owner!r} is not a uid (0 to {MAX_UID})", op=op, obj=obj)
 
 
 @contextlib.contextmanager

@@ -550,7 +550,7 @@ def flatten(
         cfd = _open_ro(cow)
         try:
             try:
-                wfd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+                wfd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             except OSError as e:
                 raise CowFormatError(f"flatten: create {out}: {e.strerror}", op="flatten", obj=out) from None
             try:
@@ -683,7 +683,7 @@ def write_cow(
         raise InvalidArgument(f"write COW {p}: {total} bytes < the {need} needed for {d} chunks",
                               op="write COW", obj=p)
     tmp = f"{p}.tmp-{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
         os.ftruncate(fd, total)
         _pwrite_full(fd, Header(MAGIC, 1, VERSION, chunk_sectors).pack(), 0)

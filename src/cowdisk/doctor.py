@@ -159,4 +159,24 @@ def check(root: str) -> Report:
 
     rep.backend, rep.why = explain_backend(root)
     add(Check("auto backend", None, f"{rep.backend} ({rep.why[-1]})" if rep.why else rep.backend))
+    rep.checks += mode_checks(root)
     return rep
+
+
+def mode_checks(root: str) -> list[Check]:
+    """The store's files and directories private (``store/modes.py``): any one whose mode
+    grants its group or others more than its rule is named (a store that exists only)."""
+    from .store import modes
+
+    if not os.path.isfile(os.path.join(root, "store.json")):
+        return []
+    try:
+        wide = modes.wide(root)
+    except OSError as e:
+        return [Check("store file modes", False, f"walk {root}: {e.strerror}")]
+    if not wide:
+        return [Check("store file modes", True, "every store file and directory is private to root")]
+    shown = "; ".join(str(w) for w in wide[:10]) + (f"; and {len(wide) - 10} more" if len(wide) > 10 else "")
+    return [Check("store file modes", False, f"{len(wide)} wider than allowed: {shown}",
+                  "chmod go-rwx them (a store is narrowed by itself once, when first opened by a "
+                  "cowdisk with these rules)")]

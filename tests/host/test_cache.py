@@ -180,7 +180,7 @@ def test_build_then_reuse_tree_recipe(cowdisk_cache: TemplateCache, cowdisk_cach
     assert e.key == cowdisk_cache.key_for(r)
     assert e.image == os.path.join(cowdisk_cache.root, e.key, "disk.img")
     assert os.stat(e.image).st_size == 64 * MiB == e.size == e.capacity
-    assert os.stat(e.image).st_mode & 0o777 == 0o444
+    assert os.stat(e.image).st_mode & 0o777 == 0o400
     assert kfs.disk_usage(e.image) < 16 * MiB  # sparse
     e2fsck_ok(e.image)
     assert "cowdisk-test" in debugfs(e.image, "cat /etc/hostname")

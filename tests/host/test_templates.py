@@ -27,7 +27,7 @@ def test_a_built_template_is_the_cache_image_itself(store, backend, tmp_path) ->
     assert cache.list() == [] and os.stat(t.path).st_nlink == 1
     # hashed once, and right: the registered digest is the bytes' own
     assert t.digest == sha(t.path) and t.source == f"cache:{key}"
-    assert fs.is_immutable(t.path) and os.stat(t.path).st_mode & 0o777 == 0o444
+    assert fs.is_immutable(t.path) and os.stat(t.path).st_mode & 0o777 == 0o400
     # building the same tree again finds the template by its recipe key: nothing is built
     ino = os.stat(t.path).st_ino
     again = store.build_template(tree, "again")

@@ -43,7 +43,7 @@ def copy_device(dev: str, out_path: str, size: int, progress: Progress | None) -
     zero = bytes(bs)
     fd = os.open(dev, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        out = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        out = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             os.ftruncate(out, size)
             off = 0

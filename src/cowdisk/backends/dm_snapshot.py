@@ -147,7 +147,7 @@ class DmSnapshotBackend(DmVolumeBase):
     # -- lifecycle ---------------------------------------------------------------
 
     def create(self, ctx: VolumeCtx) -> str:
-        os.makedirs(ctx.data_dir, exist_ok=True)
+        fs.makedirs_mode(ctx.data_dir, 0o700)
         cow = cow_path(ctx)
         ctx.record("file", cow)
         fs.create_sparse(cow, cow_size(ctx.template.size, self.chunk_sectors * 512))
@@ -245,7 +245,7 @@ class DmSnapshotBackend(DmVolumeBase):
                   like: VolumeCtx | None = None) -> None:
         """The source's COW file copied (sparse), an attached source suspended for the copy;
         with ``like``, ``like``'s COW file (not attached: nothing suspended)."""
-        os.makedirs(dst.data_dir, exist_ok=True)
+        fs.makedirs_mode(dst.data_dir, 0o700)
         dst.record("file", cow_path(dst))
         if like is not None:
             fs.sparse_copy(cow_path(like), cow_path(dst), progress=dst.progress)

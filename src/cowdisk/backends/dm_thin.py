@@ -121,7 +121,7 @@ def _int_option(env: BackendEnv, key: str, lo: int, hi: int) -> int:
 def _write_durable(path: str, text: str) -> None:
     """Write ``path`` through a temporary name, fsync it and its directory."""
     tmp = f"{path}.tmp-{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
         os.write(fd, text.encode())
         os.fsync(fd)
@@ -267,7 +267,7 @@ class DmThinBackend(DmVolumeBase):
     def open_pool(self) -> None:
         """The pool active: reused when it is, else made (after a metadata check when its
         metadata existed before: an unclean stop). Idempotent; safe from several processes."""
-        os.makedirs(self.tdir, exist_ok=True)
+        fs.makedirs_mode(self.tdir, 0o700)
         if self._pool_live():
             self._use_block_size(int(dm.control().table(self.pool_name)[0].text.split()[2]), "its table")
             dm.resume_if_suspended(self.pool_name)  # a kill inside grow's suspend/resume
@@ -657,7 +657,7 @@ class DmThinBackend(DmVolumeBase):
 
     def _new_thin(self, ctx: VolumeCtx) -> int:
         """Allocate a thin id for ``ctx`` and name it durably before it exists."""
-        os.makedirs(ctx.data_dir, exist_ok=True)
+        fs.makedirs_mode(ctx.data_dir, 0o700)
         path = self._id_path(ctx)
         tid = self._take_id()
         ctx.record("file", path)

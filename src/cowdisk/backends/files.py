@@ -58,7 +58,7 @@ class FileBackend:
         return (("file", disk_path(ctx)),)
 
     def create(self, ctx: VolumeCtx) -> str:
-        os.makedirs(ctx.data_dir, exist_ok=True)
+        fs.makedirs_mode(ctx.data_dir, 0o700)
         ctx.record("file", disk_path(ctx))
         self._clone(ctx.template.path, disk_path(ctx), ctx)
         os.chmod(disk_path(ctx), 0o600)
@@ -89,7 +89,7 @@ class FileBackend:
         """A clone (reflink: FICLONE, which writes the source's dirty pages back and holds
         its inode's I/O lock for the instant of the clone) or a sparse copy of the source's
         file; with ``like``, of ``like``'s file (the same instant, the source not touched)."""
-        os.makedirs(dst.data_dir, exist_ok=True)
+        fs.makedirs_mode(dst.data_dir, 0o700)
         dst.record("file", disk_path(dst))
         self._clone(disk_path(like or src), disk_path(dst), dst)
         os.chmod(disk_path(dst), 0o600)
@@ -134,8 +134,10 @@ class FileBackend:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise KernelError.from_oserror("jail: hard link", dest, e) from None
-        if uid is not None or gid is not None:
-            os.chown(dest, -1 if uid is None else uid, -1 if gid is None else gid)
+        # exactly the owner asked for (root's where not given: a re-jail without --uid takes the
+        # file back from an earlier jail's uid) and 0600
+        os.chown(dest, os.geteuid() if uid is None else uid, os.getegid() if gid is None else gid)
+        os.chmod(dest, 0o600)
         return dest
 
     def scan(self) -> Iterator[KernelObject]:

@@ -56,7 +56,7 @@ class Pool:
         return self.mnt
 
     def _create(self, size: int) -> None:
-        os.makedirs(self.dir, exist_ok=True)
+        fs.makedirs_mode(self.dir, 0o700)
         tmp = self.image + ".new"
         try:
             os.unlink(tmp)
@@ -77,7 +77,7 @@ class Pool:
         os.rename(tmp, self.image)
 
     def mount(self) -> None:
-        os.makedirs(self.mnt, exist_ok=True)
+        fs.makedirs_mode(self.mnt, 0o700)
         stale = loop.find_by_backing(self.image)
         if stale:  # a lazily unmounted pool still held open: a second mount of it would corrupt it
             held = sorted({p for li in stale for p in procfs.filesystem_users(os.makedev(li.major, li.minor))})
@@ -93,6 +93,7 @@ class Pool:
                 kmount.mount(lp.path, self.mnt, "xfs", kmount.MS_NODEV)
             except KernelError as e:
                 raise KernelError("mount pool", f"{lp.path} on {self.mnt}", e.errno or 0) from None
+            os.chmod(self.mnt, 0o700)  # the pool's own root directory: root's alone, like the store's
         finally:
             lp.close()  # the mount holds the loop now; unmount frees it
 

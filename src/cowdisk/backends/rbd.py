@@ -64,6 +64,7 @@ import weakref
 from typing import Any, Callable, ClassVar, Iterator, Mapping
 
 from ..errors import CowdiskError, InUse, InvalidArgument, KernelError, NotFound, Unsupported
+from ..kernel import fs
 from ..kernel import mount as kmount
 from ..kernel.procfs import process_alive, process_start
 from ..progress import Progress
@@ -373,7 +374,7 @@ class RbdBackend:
 
     def create(self, ctx: VolumeCtx) -> str:
         _, rbd = librbd()
-        os.makedirs(ctx.data_dir, exist_ok=True)
+        fs.makedirs_mode(ctx.data_dir, 0o700)
         with ctx.template_lock():
             self._ensure_template(ctx)
         ctx.step("template")
@@ -707,7 +708,7 @@ class RbdBackend:
     # -- the fuse mapping -----------------------------------------------------------------
 
     def _map(self, ctx: VolumeCtx, img: str) -> str:
-        os.makedirs(ctx.data_dir, exist_ok=True)
+        fs.makedirs_mode(ctx.data_dir, 0o700)
         mnt = os.path.join(ctx.data_dir, DISK)
         pidfile = os.path.join(ctx.data_dir, PIDFILE)
         ctx.record("fuse", mnt)
@@ -865,7 +866,7 @@ class RbdBackend:
         _, rbd = librbd()
         io = self.ioctx()
         simg, dimg, snap = volume_image(src.id), volume_image(dst.id), copy_snap((like or dst).id)
-        os.makedirs(dst.data_dir, exist_ok=True)
+        fs.makedirs_mode(dst.data_dir, 0o700)
         dst.record("rbd", dimg)
         with named("snapshot volume", f"{simg}@{snap}"), rbd.Image(io, simg) as im:
             if not any(s["name"] == snap for s in im.list_snaps()):
@@ -892,7 +893,7 @@ class RbdBackend:
         img = volume_image(ctx.id)
         with named("flatten volume", img), rbd.Image(self.ioctx(), img, read_only=True) as im:
             size = im.size()
-            fd = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            fd = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             try:
                 os.ftruncate(fd, size)
                 extents: list[tuple[int, int]] = []

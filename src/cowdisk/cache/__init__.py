@@ -17,8 +17,8 @@ is :class:`cowdisk.progress.Progress` (a stage report as each phase begins).
 
 Layout under the cache directory (on the store's filesystem, e.g. ``<store>/cache``)::
 
-    <cache>/<key>/disk.img                  the image, mode 0444 (optionally chattr +i)
-    <cache>/<key>/meta.json                 key, fs, capacity, recipe summary, mkfs, size, sha256, created
+    <cache>/<key>/disk.img                  the image, mode 0400 (optionally chattr +i)
+    <cache>/<key>/meta.json                 (0400) key, fs, capacity, recipe summary, mkfs, size, sha256, created
     <cache>/.locks/<key>.lock               per-key flock; holds the last builder's PID as a hint
     <cache>/.staging-<key>-<pid>-<rand>/    a build in progress (or debris of a dead builder)
 

@@ -102,7 +102,7 @@ class TemplateCache:
     def _ensure_dirs(self) -> None:
         for d in (self.root, os.path.join(self.root, LOCK_DIR)):
             try:
-                os.makedirs(d, 0o755, exist_ok=True)
+                kfs.makedirs_mode(d, 0o700)
             except OSError as e:
                 raise KernelError.from_oserror("create cache directory", d, e) from None
         st = kfs.fs_type(self.root)
@@ -116,7 +116,7 @@ class TemplateCache:
         """The key's lock: exclusive for builders and removers, shared for holders."""
         self._ensure_dirs()
         return FileLock(self.lock_path(key), timeout=self.lock_timeout if timeout is None else timeout,
-                        shared=shared, what=f"cache entry {key}", mode=0o644, pid_hint=True,
+                        shared=shared, what=f"cache entry {key}", mode=0o600, pid_hint=True,
                         on_wait=None if progress is None else (lambda text: stage(progress, text)))
 
     # keys
@@ -262,7 +262,7 @@ class TemplateCache:
                 stage(progress, "hashing the image")
                 digest = hash_file(img, progress)
                 size = os.stat(img).st_size
-                os.chmod(img, 0o444)
+                os.chmod(img, 0o400)
                 _fsync_path(img)
                 meta = {
                     "format": FORMAT, "key": key, "fs": fs, "capacity": capacity, "recipe": summary,
@@ -278,9 +278,9 @@ class TemplateCache:
                     f.write("\n")
                     f.flush()
                     os.fsync(f.fileno())
-                os.chmod(mpath, 0o444)
+                os.chmod(mpath, 0o400)
                 os.unlink(os.path.join(staging, OWNER_NAME))
-                os.chmod(staging, 0o755)
+                os.chmod(staging, 0o700)
                 if self.immutable:
                     kfs.set_immutable(img, True)
                 _fsync_path(staging, directory=True)

@@ -46,7 +46,7 @@ from ..errors import CowdiskError, KernelError, LockTimeout
 from ..kernel import procfs
 from ..locks import FileLock
 from ..model import SpaceEvent
-from ..store import Store
+from ..store import Store, modes
 from .api import Service, asgi_app
 from .config import Config
 from .logs import in_background, setup_logging
@@ -158,7 +158,8 @@ def bind_socket(cfg: Config) -> socket.socket:
 
 
 def make_incoming(cfg: Config) -> None:
-    """The default import root (``<root>/incoming``) exists, writable by the socket's group."""
+    """The default import root (``<root>/incoming``) exists, writable by the socket's group
+    (then the store root is 0711: searchable, not listable, so that the group reaches it)."""
     d = os.path.join(cfg.root, "incoming")
     if d not in cfg.import_roots or os.path.isdir(d):
         return
@@ -167,6 +168,7 @@ def make_incoming(cfg: Config) -> None:
         gid = grp.getgrnam(cfg.socket_group).gr_gid
         os.chown(d, -1, gid)
         os.chmod(d, 0o2770)
+        modes.search_only_root(cfg.root)
 
 
 class Server(uvicorn.Server):

@@ -283,6 +283,31 @@ def open_elsewhere(path: str | os.PathLike[str]) -> bool | None:
             log.debug("open_elsewhere %s: close: %s", os.fspath(path), e)
 
 
+def makedirs_mode(path: str | os.PathLike[str], mode: int) -> None:
+    """``mkdir -p`` where every directory made gets exactly ``mode``, whatever the umask
+    (``os.makedirs`` gives intermediate directories the umask's mode). Directories that
+    exist are left as they are."""
+    missing = []
+    p = os.path.abspath(os.fspath(path))
+    while not os.path.isdir(p):
+        missing.append(p)
+        parent = os.path.dirname(p)
+        if parent == p:
+            break
+        p = parent
+    for d in reversed(missing):
+        try:
+            os.mkdir(d, mode)
+        except FileExistsError:
+            continue  # another process made it meanwhile
+        except OSError as e:
+            raise KernelError.from_oserror("create directory", d, e) from None
+        try:
+            os.chmod(d, mode)  # the umask may have taken bits
+        except OSError as e:
+            raise KernelError.from_oserror("chmod directory", d, e) from None
+
+
 def _unlink_quiet(path: str) -> None:
     try:
         os.unlink(path)

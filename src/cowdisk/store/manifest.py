@@ -39,8 +39,8 @@ def write(path: str, data: dict[str, Any]) -> None:
     from ..kernel.procfs import process_start  # not at import: the CLI reads store_exists from here at start
     tmp = f"{path}.tmp-{os.getpid()}-{process_start(os.getpid())}"
     text = json.dumps({"format": FORMAT, **data}, sort_keys=True)  # dumps: the C encoder; dump is Python
-    with open(tmp, "w") as f:
-        f.write(text)
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600), "w") as f:
+        f.write(text)  # 0600 whatever the umask: root's alone
     os.replace(tmp, path)
 
 

@@ -28,7 +28,7 @@ from ..locks import FileLock
 from ..progress import Progress
 from ..registry import ATTACHED, Registry, TemplateRow, VolumeRow
 from . import limits as limits_mod
-from . import manifest
+from . import manifest, modes
 from .limits import Limits
 from .model import default_root
 from .templates import Holder, Templates
@@ -151,7 +151,7 @@ class StoreParts:
         with EROFS, recovery does not run."""
         if not self.read_only:
             for d in ("locks", "links"):
-                os.makedirs(os.path.join(self.root, d), exist_ok=True)
+                modes.make_dirs(os.path.join(self.root, d))
         db = os.path.join(self.root, "registry.db")
         known = manifest.read(os.path.join(self.root, manifest.STORE_FILE))
         if known is not None and not os.path.exists(db) and not rebuild:
@@ -203,14 +203,18 @@ class StoreParts:
                 raise InvalidArgument(f"store {self.root} was just made with backend {in_force}, not {chosen}",
                                       op="open store", obj=self.root)
         self.backend_name = chosen
-        if known is None and not self.read_only:
-            manifest.write(os.path.join(self.root, manifest.STORE_FILE),
-                           {"store_id": self.id, "backend": chosen, "backend_options": options})
         self.data_root = self.backend.data_root
         if not self.read_only:
             for d in ("templates", "volumes"):
-                os.makedirs(os.path.join(self.data_root, d), exist_ok=True)
+                modes.make_dirs(os.path.join(self.data_root, d))
             self._keep_reserve()
+        if not self.read_only and (known or {}).get("modes") != modes.VERSION:
+            # a store made before the file-mode rules (or a new one): walked once per rules' version
+            modes.make_private(self.root, self.data_root, on_immutable=self._template_chmodded)
+            doc = {k: v for k, v in (known or {}).items() if k != "format"}
+            doc.update(store_id=doc.get("store_id", self.id), backend=doc.get("backend", chosen),
+                       backend_options=doc.get("backend_options", options), modes=modes.VERSION)
+            manifest.write(os.path.join(self.root, manifest.STORE_FILE), doc)
         self._templates = Templates(self.registry, self.data_root, lambda tid: self.lock("template", tid),
                                     store_id=self.id).as_caller(self.caller, None if self.admin else self.caller)
         if getattr(self.backend, "holds_templates", False):
@@ -243,11 +247,25 @@ class StoreParts:
         if not self.admin:
             raise Forbidden(f"{op} {obj}: only root may (the caller is uid {self.caller})", op=op, obj=obj)
 
+    def _template_chmodded(self, path: str) -> None:
+        """A template file's mode was narrowed (its change time moved): refresh its record,
+        unless it had changed already (then its next check marks it changed, as before)."""
+        for t in self.registry.templates():
+            if t.path != path:
+                continue
+            st = os.stat(path)
+            if t.state == "ready" and (st.st_size, st.st_mtime_ns, st.st_ino) == (t.size, t.mtime_ns, t.ino):
+                self.registry.set_template_identity(t.id, t.size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
+
     # -- a full filesystem ----------------------------------------------------------------
 
     def _open_registry(self, db: str) -> Registry:
         """Open the registry; on a full filesystem give back the reserve and try once more,
         so that the commands that free space (rm, checkpoint, recover, gc) still work."""
+        if not self.read_only and not os.path.exists(db):
+            # SQLite makes its -wal and -shm with the database's own mode: 0600 from the start
+            with contextlib.suppress(OSError):
+                os.close(modes.open_private(db, os.O_WRONLY | os.O_CREAT))
         try:
             return Registry(db, read_only=self.read_only)
         except KernelError as e:
@@ -368,7 +386,7 @@ class StoreParts:
             t = self.registry.find_template(v.template_id)
             links = [(p, t_) for p, _, t_ in self.registry.links(vid)]
         if known is None or not os.path.isdir(self.vol_dir(vid)):
-            os.makedirs(self.vol_dir(vid), exist_ok=True)
+            modes.make_dirs(self.vol_dir(vid))
         manifest.write(os.path.join(self.vol_dir(vid), manifest.MANIFEST), {
             "store": self.id, "kind": "volume", "id": v.id, "template_id": v.template_id,
             "template_digest": t.digest if t else None, "backend": v.backend, "state": v.state.value,
@@ -431,7 +449,7 @@ class StoreParts:
         if recorded is not None:
             recorded()
         try:
-            os.makedirs(d, exist_ok=True)
+            modes.make_dirs(d)
             try:
                 os.symlink(target, tmp)
             except FileExistsError:  # left by a killed attempt of this process (same PID and start)
@@ -549,10 +567,10 @@ class StoreParts:
         ``<data root>/quarantine/<name>-<time>/`` with ``why.json`` saying where it came from
         and why. Only an explicit purge deletes it."""
         qdir = os.path.join(self.data_root, QUARANTINE)
-        os.makedirs(qdir, exist_ok=True)
+        modes.make_dirs(qdir)
         dest = os.path.join(qdir, f"{os.path.basename(path)}-{time.strftime('%Y%m%dT%H%M%S')}-"
                                   f"{secrets.token_hex(2)}")
         os.rename(path, dest)  # same filesystem: data_root
-        with open(os.path.join(dest, QUARANTINE_NOTE), "w") as f:
+        with os.fdopen(modes.open_private(os.path.join(dest, QUARANTINE_NOTE)), "w") as f:
             json.dump({"from": path, "reason": reason, "time": time.time(), "store": self.id}, f)
         return dest

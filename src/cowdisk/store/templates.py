@@ -1,6 +1,6 @@
 """Templates: import a raw image, build one from a tree or tarball through the cache,
 verify, remove. A template is immutable once registered: ``templates/<id>/disk.img``,
-mode 0444 and chattr +i, known by the sha256 of its bytes (``id`` is its first 16 hex
+mode 0400 (root's alone: see :mod:`.modes`) and chattr +i, known by the sha256 of its bytes (``id`` is its first 16 hex
 digits).
 
 A built template is stored once and hashed once: the cache hashes the image when it
@@ -107,7 +107,8 @@ class Templates:
     def staging(self) -> str:
         """A new staging directory beside the templates (same filesystem: publishing is a rename)."""
         path = os.path.join(self.dir, staging_name())
-        os.makedirs(path)
+        os.mkdir(path, 0o700)
+        os.chmod(path, 0o700)
         return path
 
     # -- reading -----------------------------------------------------------------------
@@ -305,7 +306,7 @@ class Templates:
 
     def _write_manifest(self, t: TemplateRow) -> None:
         tdir = os.path.join(self.dir, t.id)
-        os.makedirs(tdir, exist_ok=True)
+        fs.makedirs_mode(tdir, 0o700)
         manifest.write(os.path.join(tdir, manifest.MANIFEST), {
             "store": self.store_id, "kind": "template", "id": t.id, "path": t.path, "digest": t.digest,
             "size": t.size, "owned": t.owned, "source": t.source, "names": list(t.names), "created": t.created,
@@ -335,9 +336,9 @@ class Templates:
 
     def _publish(self, path: str, tid: str) -> str:
         tdir = os.path.join(self.dir, tid)
-        os.makedirs(tdir, exist_ok=True)
+        fs.makedirs_mode(tdir, 0o700)
         final = os.path.join(tdir, HELD if is_held(path) else "disk.img")
-        os.chmod(path, 0o444)
+        os.chmod(path, 0o400)
         os.rename(path, final)
         fs.set_immutable(final, True)
         return final

@@ -4,14 +4,17 @@ checkout on a real unix socket under the test's tmp dir, talked to over that soc
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from cowdisk.client import Client
 from cowdisk.errors import CowdiskError
@@ -136,6 +139,18 @@ class Daemon:
             self.proc.kill()
             self.proc.wait()
         self.client.close()
+
+
+@contextlib.contextmanager
+def public_tmpdir(prefix: str) -> Iterator[str]:
+    """A new directory under /tmp that other users can search (the tests' tmp dirs are
+    root's alone): sockets (sun_path is 108 bytes), and what another uid must reach."""
+    d = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
+    os.chmod(d, 0o755)
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def wait_for(pred: Any, timeout: float = 30, what: str = "condition") -> Any:

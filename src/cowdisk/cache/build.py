@@ -8,8 +8,9 @@ import stat
 from typing import Any
 
 from ..errors import CowdiskError, InvalidArgument, KernelError
+from ..kernel.creds import fs_identity
 from ..progress import Progress, stage
-from .mkfs import MkfsInfo, make_image, run
+from .mkfs import MkfsInfo, make_image, proc_fds, run
 from .oci import auto_capacity, parse_ref, unpack
 from .recipes import FilesRecipe, ImageRecipe, Recipe, TarRecipe, TreeRecipe, clean_dest, recipe_signature, summary
 from .tree import copy_node, makedirs_owned, remove_tree
@@ -32,7 +33,9 @@ def build_image(recipe: Recipe, mk: MkfsInfo, key: str, staging: str, digest: st
     if isinstance(recipe, ImageRecipe) and capacity == 0 and tree is not None:
         capacity = extra["auto_capacity"] = auto_capacity(tree)
     stage(progress, f"formatting {recipe.fs} image of {capacity} bytes")
-    make_image(mk, key, img, capacity, tree, recipe.mkfs_options, progress)
+    # over the caller's own tree mkfs reads as the caller; a tree this build assembled is root's
+    make_image(mk, key, img, capacity, tree, recipe.mkfs_options, progress,
+               reader=recipe.reader if isinstance(recipe, TreeRecipe) else None)
     if tree is not None and tree.startswith(staging + os.sep):
         stage(progress, "removing the unpacked tree")
         # an image's rootfs sits in umoci's bundle (config.json, mtree): all of it goes
@@ -54,14 +57,19 @@ def populate(recipe: Recipe, staging: str, progress: Progress | None) -> str | N
         os.chown(tree, 0, 0)
     if isinstance(recipe, ImageRecipe):
         os.rmdir(tree)
-        return unpack(parse_ref(recipe.ref), staging, progress)
+        with fs_identity(recipe.reader):
+            image = parse_ref(recipe.ref)
+        return unpack(image, staging, progress, reader=recipe.reader)
     if isinstance(recipe, TarRecipe):
         stage(progress, f"unpacking {recipe.tarball}")
         cmd = ["tar", "-x", "-f", os.path.abspath(recipe.tarball), "-C", tree, "--numeric-owner",
                "--same-permissions", "--xattrs", "--xattrs-include=*"]
         if os.geteuid() == 0:
             cmd.append("--same-owner")
-        run(cmd, "unpack tarball", recipe.tarball, progress=progress)
+        # tar runs as root (it writes owners into the private staging tree) and reads only the
+        # tarball, through the descriptor its caller opened with its own rights
+        run(cmd, "unpack tarball", recipe.origin or recipe.tarball, progress=progress,
+            pass_fds=proc_fds(recipe.tarball))
         return tree
     assert isinstance(recipe, FilesRecipe)
     stage(progress, f"assembling {len(recipe.files)} file list entries")

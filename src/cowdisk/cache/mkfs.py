@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from ..errors import CowdiskError, KernelError, Unsupported
 from ..kernel import fs as kfs
+from ..kernel.creds import Identity
 from ..progress import Progress
 
 log = logging.getLogger(__name__)
@@ -52,9 +53,14 @@ HEARTBEAT_S = 0.2
 
 
 def run(cmd: list[str], op: str, obj: str, env: dict[str, str] | None = None,
-        hint: str = "", progress: Progress | None = None) -> subprocess.CompletedProcess[bytes]:
+        hint: str = "", progress: Progress | None = None, *, user: Identity | None = None,
+        pass_fds: tuple[int, ...] = ()) -> subprocess.CompletedProcess[bytes]:
     """Run a tool (in :func:`c_env` unless ``env`` is given); a non-zero exit raises with
     the last lines of its output.
+
+    ``user``: the tool runs as that uid, gid and those supplementary groups (set in the
+    child before its exec), so the kernel checks what it reads as that user's. ``pass_fds``:
+    descriptors the tool reaches through ``/proc/self/fd/N`` (the same numbers in it).
 
     With ``progress``, the wait is a heartbeat: ``progress(0, 0)`` every
     :data:`HEARTBEAT_S` seconds (a terminal's spinner moves; a daemon job sees it is alive).
@@ -63,8 +69,11 @@ def run(cmd: list[str], op: str, obj: str, env: dict[str, str] | None = None,
     removes what the tool half made."""
     log.debug("%s %s: %s", op, obj, " ".join(cmd))
     try:
+        as_user: dict[str, object] = {}
+        if user is not None and not user.is_root:
+            as_user = {"user": user.uid, "group": user.gid, "extra_groups": list(user.groups)}
         p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env or c_env(),
-                             stdin=subprocess.DEVNULL)
+                             stdin=subprocess.DEVNULL, pass_fds=pass_fds, cwd="/", **as_user)  # type: ignore[call-overload]
     except OSError as e:
         raise KernelError.from_oserror(op, cmd[0], e) from None
     with p:
@@ -126,10 +135,42 @@ def mkfs_fingerprint(fs: str) -> MkfsInfo:
 
 
 def make_image(mk: MkfsInfo, key: str, img: str, capacity: int, tree: str | None,
-               options: tuple[str, ...] = (), progress: Progress | None = None) -> None:
+               options: tuple[str, ...] = (), progress: Progress | None = None, *,
+               reader: Identity | None = None) -> None:
     """Create the sparse file ``img`` of ``capacity`` bytes and format it with ``mk``,
-    populated from ``tree`` when given; UUID (and ext4 hash seed) derived from ``key``."""
+    populated from ``tree`` when given; UUID (and ext4 hash seed) derived from ``key``.
+
+    ``reader``: mkfs runs as that user (it reads ``tree``, a caller's source, with the
+    caller's rights), writing the image through a descriptor passed to it: the image is
+    the reader's while mkfs runs (in the builder's private staging directory, reached by
+    no path the reader can search) and root's again after."""
     kfs.create_sparse(img, capacity)
+    if reader is not None and not reader.is_root:
+        fd = os.open(img, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            os.fchown(fd, reader.uid, reader.gid)
+            try:
+                _mkfs(mk, key, f"/proc/self/fd/{fd}", capacity, tree, options, progress, reader,
+                      (fd, *proc_fds(tree)), shown=img)
+            finally:
+                os.fchown(fd, os.geteuid(), os.getegid())
+        finally:
+            os.close(fd)
+        return
+    _mkfs(mk, key, img, capacity, tree, options, progress, None, proc_fds(tree), shown=img)
+
+
+def proc_fds(path: str | None) -> tuple[int, ...]:
+    """The descriptor a ``/proc/self/fd/N[/...]`` path goes through (a tool given that path
+    must be given the descriptor too); () for any other path."""
+    if path and path.startswith("/proc/self/fd/"):
+        n = path[len("/proc/self/fd/"):].split("/", 1)[0]
+        return (int(n),) if n.isdigit() else ()
+    return ()
+
+
+def _mkfs(mk: MkfsInfo, key: str, img: str, capacity: int, tree: str | None, options: tuple[str, ...],
+          progress: Progress | None, reader: Identity | None, fds: tuple[int, ...], *, shown: str) -> None:
     fsuuid = str(uuid.UUID(key[:32]))
     env = c_env()
     if mk.fs == "ext4":
@@ -142,5 +183,6 @@ def make_image(mk: MkfsInfo, key: str, img: str, capacity: int, tree: str | None
         if tree is not None:
             cmd += ["--rootdir", tree]
     cmd.append(img)
-    run(cmd, f"build cache entry {key}: mkfs.{mk.fs}", img, env=env,
-        hint=f"is the capacity ({capacity} bytes) large enough for the content?", progress=progress)
+    run(cmd, f"build cache entry {key}: mkfs.{mk.fs}", shown, env=env,
+        hint=f"is the capacity ({capacity} bytes) large enough for the content?", progress=progress,
+        user=reader, pass_fds=fds)

@@ -32,14 +32,17 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import tarfile
+import tempfile
 from dataclasses import dataclass
 from typing import Any
 
 from ..contract import IMAGE_TRANSPORTS
 from ..errors import CowdiskError, InvalidArgument, KernelError, NotFound, Unsupported
 from ..progress import Progress, stage
-from .mkfs import c_env, run
+from ..kernel.creds import Identity, fs_identity
+from .mkfs import c_env, proc_fds, run
 
 TRANSPORTS = IMAGE_TRANSPORTS
 REF_NAME = "org.opencontainers.image.ref.name"
@@ -220,31 +223,80 @@ def signature(src: ImageSource) -> str:
     return f"{src.transport}:{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
 
 
-def unpack(src: ImageSource, dest: str, progress: Progress | None = None) -> str:
+def unpack(src: ImageSource, dest: str, progress: Progress | None = None, *,
+           reader: Identity | None = None) -> str:
     """Unpack the image's root filesystem under ``dest`` (a new, empty staging directory);
     returns the rootfs directory. Refuses an image that is not the one :func:`identity`
-    named when it started (it changed meanwhile)."""
+    named when it started (it changed meanwhile).
+
+    ``reader``: the image is read with that user's rights: its index on this thread under
+    :func:`~cowdisk.kernel.creds.fs_identity`, and skopeo runs as that user. skopeo resolves
+    every path it is given to its real path and looks it up again, so it cannot write into
+    the store's private staging: it writes the layout into a directory of the reader's in a
+    root-owned directory of the system's temporary directory (``/tmp/cowdisk-read-*``, 0711:
+    the reader cannot move or replace its directory there); the layout is root's again when
+    skopeo is done (its directory first, so nothing new can be made in it), refused if it
+    holds anything but directories and regular files, and umoci unpacks it as root (it sets
+    owners). skopeo's own second lookup of the source is made with the reader's rights."""
     skopeo = _tool("skopeo", "skopeo")
     umoci = _tool("umoci", "umoci")
-    want = identity(src)
+    with fs_identity(reader):
+        want = identity(src)
+        sref = src.skopeo_ref()
     layout = os.path.join(dest, "layout")
     bundle = os.path.join(dest, "bundle")
     stage(progress, f"copying {src} into an OCI layout (skopeo)")
-    run([skopeo, "--insecure-policy", "copy", "--quiet", src.skopeo_ref(), f"oci:{layout}:{STAGING_TAG}"],
-        "copy image", str(src), hint="is it a complete image? `skopeo inspect` it", progress=progress)
-    # an OCI source keeps its manifest byte for byte; docker's is converted (a new manifest and
-    # config), so there the archive itself is read again
-    got = identity(ImageSource("oci", layout, STAGING_TAG) if src.transport != "docker-archive" else src)
-    if got != want:
-        raise CowdiskError(f"image {src} changed while it was read ({want} -> {got}); not building",
-                           op="copy image", obj=str(src), hint="retry once the image is stable")
-    stage(progress, "unpacking the layers (umoci)")
-    cmd = [umoci, "unpack", "--image", f"{layout}:{STAGING_TAG}", bundle]
-    if os.geteuid() != 0:
-        cmd.insert(2, "--rootless")
-    run(cmd, "unpack image", str(src), progress=progress)
-    shutil.rmtree(layout, ignore_errors=True)
+    hint = "is it a complete image? `skopeo inspect` it"
+    station = None
+    try:
+        if reader is not None and not reader.is_root:
+            station = tempfile.mkdtemp(prefix="cowdisk-read-")
+            os.chmod(station, 0o711)
+            layout = os.path.join(station, "layout")
+            os.mkdir(layout, 0o700)
+            os.chown(layout, reader.uid, reader.gid)
+            env = c_env()
+            env["HOME"] = "/nonexistent"  # the reader's tool reads no configuration of root's
+            env.pop("XDG_CONFIG_HOME", None)
+            run([skopeo, "--insecure-policy", "copy", "--quiet", sref, f"oci:{layout}:{STAGING_TAG}"],
+                "copy image", str(src), env=env, hint=hint, progress=progress, user=reader,
+                pass_fds=proc_fds(src.path))
+            _take_back(layout, str(src))
+        else:
+            run([skopeo, "--insecure-policy", "copy", "--quiet", sref, f"oci:{layout}:{STAGING_TAG}"],
+                "copy image", str(src), hint=hint, progress=progress, pass_fds=proc_fds(src.path))
+        # an OCI source keeps its manifest byte for byte; docker's is converted (a new manifest and
+        # config), so there the archive itself is read again
+        if src.transport == "docker-archive":
+            with fs_identity(reader):
+                got = identity(src)
+        else:
+            got = identity(ImageSource("oci", layout, STAGING_TAG))
+        if got != want:
+            raise CowdiskError(f"image {src} changed while it was read ({want} -> {got}); not building",
+                               op="copy image", obj=str(src), hint="retry once the image is stable")
+        stage(progress, "unpacking the layers (umoci)")
+        cmd = [umoci, "unpack", "--image", f"{layout}:{STAGING_TAG}", bundle]
+        if os.geteuid() != 0:
+            cmd.insert(2, "--rootless")
+        run(cmd, "unpack image", str(src), progress=progress)
+    finally:
+        shutil.rmtree(station or layout, ignore_errors=True)
     return os.path.join(bundle, "rootfs")
+
+
+def _take_back(layout: str, what: str) -> None:
+    """The layout a reader's skopeo wrote, root's again (its directory first: nothing new can
+    be made in it); anything in it but directories and regular files is refused."""
+    os.chown(layout, os.geteuid(), os.getegid())
+    for d, dirs, files in os.walk(layout):
+        for n in dirs + files:
+            p = os.path.join(d, n)
+            st = os.lstat(p)
+            if not (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)):
+                raise CowdiskError(f"copy image {what}: the copied layout holds {os.path.relpath(p, layout)}, "
+                                   "neither a directory nor a file; not unpacking it", op="copy image", obj=what)
+            os.chown(p, os.geteuid(), os.getegid(), follow_symlinks=False)
 
 
 def tree_bytes(root: str) -> int:

@@ -17,6 +17,7 @@ from typing import Any, Iterator, Sequence, Union
 
 from ..digest import sha256_file
 from ..errors import InvalidArgument, KernelError, NotFound, Unsupported
+from ..kernel.creds import Identity, fs_identity
 from ..progress import Progress
 from .tree import xattrs
 
@@ -36,6 +37,8 @@ class TreeRecipe:
     capacity: int
     fs: str = "ext4"
     mkfs_options: tuple[str, ...] = ()
+    reader: Identity | None = None
+    origin: str = ""
     kind = "tree"
 
 
@@ -47,6 +50,8 @@ class TarRecipe:
     capacity: int
     fs: str = "ext4"
     mkfs_options: tuple[str, ...] = ()
+    reader: Identity | None = None
+    origin: str = ""
     kind = "tar"
 
 
@@ -63,6 +68,8 @@ class FilesRecipe:
     capacity: int
     fs: str = "ext4"
     mkfs_options: tuple[str, ...] = ()
+    reader: Identity | None = None
+    origin: str = ""
     kind = "files"
 
 
@@ -78,10 +85,17 @@ class ImageRecipe:
     capacity: int = 0
     fs: str = "ext4"
     mkfs_options: tuple[str, ...] = ()
+    reader: Identity | None = None
+    origin: str = ""
     kind = "image"
 
 
 Recipe = Union[TreeRecipe, TarRecipe, FilesRecipe, ImageRecipe]
+"""Every recipe may carry ``reader``: whose rights its inputs are read with (the digest walks
+on this thread under :func:`~cowdisk.kernel.creds.fs_identity`; mkfs over a tree runs as
+that user), and ``origin``: the path its caller named when ``source``/``tarball`` is the
+``/proc/self/fd/N`` of a descriptor opened once (``store/sources.py``); meta.json records
+the origin."""
 
 
 # --------------------------------------------------------------------------- validation
@@ -252,7 +266,12 @@ def _stat_sig(path: str) -> str:
 
 
 def recipe_digest(recipe: Recipe) -> tuple[str, str]:
-    """(content digest, stat signature) of a recipe's inputs."""
+    """(content digest, stat signature) of a recipe's inputs, read with ``recipe.reader``'s rights."""
+    with fs_identity(recipe.reader):
+        return _recipe_digest(recipe)
+
+
+def _recipe_digest(recipe: Recipe) -> tuple[str, str]:
     if isinstance(recipe, TreeRecipe):
         if not os.path.isdir(recipe.source):
             raise NotFound(f"recipe source {recipe.source} is not a directory", op="cache recipe", obj=recipe.source)
@@ -267,7 +286,13 @@ def recipe_digest(recipe: Recipe) -> tuple[str, str]:
 
         image = oci.parse_ref(recipe.ref)
         image_sig = oci.signature(image)
-        return oci.identity(image), image_sig
+        ident = oci.identity(image)
+        if recipe.reader is not None and not recipe.reader.is_root:
+            # an image's identity is read from its index alone, which anyone can write naming
+            # any manifest digest: a reader other than root never hits an entry another user
+            # built, so its blobs are read (and their digests checked) with its own rights
+            ident += f" read-by:{recipe.reader.uid}"
+        return ident, image_sig
     if isinstance(recipe, FilesRecipe):
         if not recipe.files:
             raise InvalidArgument("file list recipe has no entries", op="cache recipe", obj="files")
@@ -293,7 +318,13 @@ def recipe_digest(recipe: Recipe) -> tuple[str, str]:
 
 
 def recipe_signature(recipe: Recipe) -> str:
-    """Only the stat signature of a recipe's inputs (no hashing of contents)."""
+    """Only the stat signature of a recipe's inputs (no hashing of contents), read with
+    ``recipe.reader``'s rights."""
+    with fs_identity(recipe.reader):
+        return _recipe_signature(recipe)
+
+
+def _recipe_signature(recipe: Recipe) -> str:
     if isinstance(recipe, TarRecipe):
         return _stat_sig(recipe.tarball)
     if isinstance(recipe, TreeRecipe):
@@ -315,10 +346,11 @@ def recipe_signature(recipe: Recipe) -> str:
 def summary(recipe: Recipe) -> dict[str, Any]:
     """What meta.json records of a recipe."""
     if isinstance(recipe, TreeRecipe):
-        return {"source": os.path.abspath(recipe.source), "mkfs_options": list(recipe.mkfs_options)}
+        return {"source": recipe.origin or os.path.abspath(recipe.source), "mkfs_options": list(recipe.mkfs_options)}
     if isinstance(recipe, TarRecipe):
-        return {"tarball": os.path.abspath(recipe.tarball), "mkfs_options": list(recipe.mkfs_options)}
+        return {"tarball": recipe.origin or os.path.abspath(recipe.tarball),
+                "mkfs_options": list(recipe.mkfs_options)}
     if isinstance(recipe, ImageRecipe):
-        return {"image": recipe.ref, "mkfs_options": list(recipe.mkfs_options)}
+        return {"image": recipe.origin or recipe.ref, "mkfs_options": list(recipe.mkfs_options)}
     files = [[os.path.abspath(s), "/" + clean_dest(d)] for s, d in recipe.files]
     return {"files": files[:100], "count": len(files), "mkfs_options": list(recipe.mkfs_options)}

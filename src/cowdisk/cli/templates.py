@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, cast
 
 import click
 
@@ -115,18 +115,31 @@ def template_import(app: App, image: str, name: str | None, adopt: bool, shared:
     """
     _new_template(app, name, f"import {os.path.basename(image)}",
                   lambda store, progress: store.import_template(image, name, adopt=adopt, progress=progress,
-                                                                      shared=shared))
+                                                                      shared=shared),
+                  as_sudo_user=True)
 
 
 def _new_template(app: App, name: str | None, what: str, make: Callable[[Any, Progress], Template], *,
-                  direct: bool = False) -> None:
+                  direct: bool = False, as_sudo_user: bool = False) -> None:
     """Check the name, open (or create) the store, make the template with a progress bar, show
-    it. ``direct``: the store opened here even beside a daemon (an operation not in the contract)."""
+    it. ``direct``: the store opened here even beside a daemon (an operation not in the contract).
+    ``as_sudo_user``: run through sudo, the source is read with the rights of the user who ran
+    it (store/sources.py), in a store opened here (a daemon would see root)."""
     if name is not None:
         validate_id(name, "template name")
+    caller = None
+    if as_sudo_user and os.geteuid() == 0 and os.environ.get("SUDO_UID"):
+        from ..store import sudo_caller
+
+        caller = sudo_caller()
+    direct = direct or caller is not None
     store: StoreAPI = app.direct_store() if direct and app.has_store() else app.store(create=True)
     with app.progress(what) as progress:
-        t = make(store, progress)
+        if caller is not None:
+            with cast("Store", store).reading_as(caller):
+                t = make(store, progress)
+        else:
+            t = make(store, progress)
     show_template(app, store, t, f"template {t.id}")
 
 
@@ -163,15 +176,13 @@ def template_build(app: App, source: str | None, image: str | None, name: str | 
     nbytes = parse_size(size) if size is not None else None
     if source is not None and not os.path.exists(source):
         raise NotFound(f"build template: {source} does not exist", op="build template", obj=source)
-    store = app.store(create=True)
     if image is not None:
-        with app.progress("build") as progress:
-            t = store.build_template_from_image(image, name, size=nbytes, progress=progress, shared=shared)
+        _new_template(app, name, "build", lambda store, progress: store.build_template_from_image(
+            image, name, size=nbytes, progress=progress, shared=shared), as_sudo_user=True)
     else:
         assert source is not None
-        with app.progress("build") as progress:
-            t = store.build_template(source, name, size=nbytes, progress=progress, shared=shared)
-    show_template(app, store, t, f"template {t.id}")
+        _new_template(app, name, "build", lambda store, progress: store.build_template(
+            source, name, size=nbytes, progress=progress, shared=shared), as_sudo_user=True)
 
 
 REMOTE_COLUMNS = [Column("manifest", human=lambda d: str(d)[:16]), Column("template", human=lambda d: str(d)[:16]),

@@ -30,7 +30,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import drive as drive_mod
 from ..contract import LOCK_TIMEOUT_HEADER
-from ..errors import CowdiskError, InvalidArgument, NotFound
+from ..errors import CowdiskError, InvalidArgument, KernelError, NotFound
 from ..store import Store, fork_ids, validate_id
 from . import calls
 from . import models as m
@@ -39,7 +39,7 @@ from .config import Config
 from .jobs import Job, JobContext, Jobs
 from .metrics import VERSION, Metrics
 from .protocol import API, Cancelled, Forbidden, error_document, status_of
-from .security import UNKNOWN, Peer, check_path, check_peer
+from .security import UNKNOWN, Peer, caller_of, check_jail_ids, check_path, check_peer, refused
 from .workers import CALL_SCOPE, Pool, RemoteInternal
 
 T = TypeVar("T")
@@ -343,10 +343,11 @@ def _replay(raw: bytes, receive: Receive, *, more: bool = False) -> Receive:
     return again
 
 
-def check_image_ref(ref: str, roots: list[str], peer: Peer) -> str:
-    """A container image reference (``[TRANSPORT:]PATH[:TAG]``) whose path lies under the
-    daemon's ``import_roots`` (:func:`.security.check_path`), with that path resolved."""
-    from ..cache.oci import TRANSPORTS, parse_ref
+def check_image_ref(ref: str, roots: list[str]) -> tuple[str, str]:
+    """A container image reference (``[TRANSPORT:]PATH[:TAG]``) whose path's name lies under
+    the daemon's ``import_roots`` (:func:`.security.check_path`: nothing is looked up here;
+    the store opens it once, beneath the root, as the caller), and that path."""
+    from ..cache.oci import TRANSPORTS
 
     head, sep, tail = ref.partition(":")
     path = tail if sep and head in TRANSPORTS else ref
@@ -354,10 +355,7 @@ def check_image_ref(ref: str, roots: list[str], peer: Peer) -> str:
         raise Forbidden(f"build template {ref!r}: the image's path must be absolute", op="build template",
                         obj=repr(ref))
     cut = path.rfind("/")
-    check_path(path[:cut] + path[cut:].partition(":")[0], roots, "build template", "import_roots", peer)  # first:
-    src = parse_ref(ref)  # (which reads it)
-    real = check_path(src.path, roots, "build template", "import_roots", peer, owned=True)
-    return f"{src.transport}:{real}" + (f":{src.tag}" if src.tag else "")
+    return ref, check_path(path[:cut] + path[cut:].partition(":")[0], roots, "build template", "import_roots")
 
 
 def _ids(*pairs: tuple[str | None, str]) -> None:
@@ -515,10 +513,11 @@ def create_app(svc: Service) -> FastAPI:
         """Import a raw disk image (copied sparsely, digested, made read-only): a job."""
         peer = peer_of(request)
         _ids((body.name, "template name"))
-        src = check_path(body.source, cfg.import_roots, "import template", "import_roots", peer, owned=True)
+        src = check_path(body.source, cfg.import_roots, "import template", "import_roots")
+        caller = caller_of(peer, cfg.import_roots)
 
         return svc.start_job("import template", body.source, peer, calls.import_template, src, body.name, body.adopt,
-                             body.shared)
+                             body.shared, caller)
 
     @app.post(f"{API}/templates/build", status_code=202, response_model=m.JobOut, tags=["templates"],
               responses=ERRORS)
@@ -531,15 +530,17 @@ def create_app(svc: Service) -> FastAPI:
             raise InvalidArgument("build template: give a source (directory or tarball) or an image, one of them",
                                   op="build template", obj=body.source or body.image or "")
         if body.image is not None:
-            ref = check_image_ref(body.image, cfg.import_roots, peer)
+            ref, path = check_image_ref(body.image, cfg.import_roots)
+            image_caller = caller_of(peer, cfg.import_roots)
 
             return svc.start_job("build template", body.image, peer, calls.build_template_from_image, ref,
-                                 body.name, body.size, body.fs_type, body.shared)
+                                 body.name, body.size, body.fs_type, body.shared, image_caller, path)
         assert body.source is not None
-        src = check_path(body.source, cfg.import_roots, "build template", "import_roots", peer, owned=True)
+        src = check_path(body.source, cfg.import_roots, "build template", "import_roots")
+        caller = caller_of(peer, cfg.import_roots)
 
         return svc.start_job("build template", body.source, peer, calls.build_template, src, body.name, body.size,
-                             body.fs_type, body.shared)
+                             body.fs_type, body.shared, caller)
 
     @app.post(f"{API}/templates/{{ref}}/verify", status_code=202, response_model=m.JobOut, tags=["templates"],
               responses=ERRORS)
@@ -668,8 +669,10 @@ def create_app(svc: Service) -> FastAPI:
         if not body.name or "/" in body.name or body.name in (".", "..") or "\0" in body.name:
             raise InvalidArgument(f"invalid jail file name {body.name!r}", op="jail", obj=repr(body.name),
                                   hint="a plain file name, no '/'")
-        jdir = check_path(body.dir, cfg.jail_roots, "jail volume", "jail_roots", peer)
-        return J(await svc.call("jail", vid, peer, calls.jail, vid, jdir, body.name, body.uid, body.gid))
+        jdir = check_path(body.dir, cfg.jail_roots, "jail volume", "jail_roots")
+        check_jail_ids(peer, body.uid, body.gid)
+        return J(await svc.call("jail", vid, peer, calls.jail, vid, jdir, body.name, body.uid, body.gid,
+                                caller_of(peer, cfg.jail_roots)))
 
     @app.get(f"{API}/volumes/{{vid}}/drive", response_model=m.DriveOut, tags=["volumes"], responses=ERRORS)
     async def volume_drive(request: Request, vid: str, format: Literal[drive_mod.FORMATS] = Query(  # type: ignore[valid-type]

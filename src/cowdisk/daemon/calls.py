@@ -12,8 +12,11 @@ import json
 from typing import Any, Callable
 
 from .. import doctor as doctor_mod
+from ..errors import KernelError
 from ..progress import Progress
 from ..store import Store
+from ..store.sources import Caller
+from .security import refused
 
 
 def encoded(doc: Any) -> bytes:
@@ -111,8 +114,13 @@ def shared_volumes(store: Store) -> dict[str, Any]:
     return {"volumes": [sv.as_dict() for sv in store.shared_volumes()]}
 
 
-def jail(store: Store, vid: str, jdir: str, name: str, uid: int | None, gid: int | None) -> dict[str, Any]:
-    return {"volume": vid, "path": store.jail(vid, jdir, name, uid=uid, gid=gid)}
+def jail(store: Store, vid: str, jdir: str, name: str, uid: int | None, gid: int | None,
+         caller: Caller) -> dict[str, Any]:
+    try:
+        with store.reading_as(caller):
+            return {"volume": vid, "path": store.jail(vid, jdir, name, uid=uid, gid=gid)}
+    except KernelError as e:
+        raise refused(e, "jail volume", jdir) from None
 
 
 def info(store: Store) -> dict[str, Any]:
@@ -130,21 +138,37 @@ def destroy_store(store: Store, force: bool) -> dict[str, Any]:
 # -- jobs: long calls, given the job's progress (which a cancel makes raise) ------------------
 
 
-def import_template(store: Store, src: str, name: str | None, adopt: bool, shared: bool, *,
+def import_template(store: Store, src: str, name: str | None, adopt: bool, shared: bool, caller: Caller, *,
                     progress: Progress | None = None) -> dict[str, Any]:
-    return store.template_doc(store.import_template(src, name, adopt=adopt, progress=progress, shared=shared))
+    """The source opened once and read as ``caller`` (the peer: store/sources.py); a refusal
+    by the kernel (EACCES, a symlink...) is the 403 it is."""
+    try:
+        with store.reading_as(caller):
+            return store.template_doc(store.import_template(src, name, adopt=adopt, progress=progress,
+                                                            shared=shared))
+    except KernelError as e:
+        raise refused(e, "import template", src) from None
 
 
-def build_template(store: Store, src: str, name: str | None, size: int | None, fs_type: str, shared: bool, *,
-                   progress: Progress | None = None) -> dict[str, Any]:
-    return store.template_doc(store.build_template(src, name, size=size, fs_type=fs_type, progress=progress,
-                                                   shared=shared))
+def build_template(store: Store, src: str, name: str | None, size: int | None, fs_type: str, shared: bool,
+                   caller: Caller, *, progress: Progress | None = None) -> dict[str, Any]:
+    try:
+        with store.reading_as(caller):
+            return store.template_doc(store.build_template(src, name, size=size, fs_type=fs_type, progress=progress,
+                                                           shared=shared))
+    except KernelError as e:
+        raise refused(e, "build template", src) from None
 
 
 def build_template_from_image(store: Store, ref: str, name: str | None, size: int | None, fs_type: str,
-                              shared: bool, *, progress: Progress | None = None) -> dict[str, Any]:
-    return store.template_doc(store.build_template_from_image(ref, name, size=size, fs_type=fs_type,
-                                                              progress=progress, shared=shared))
+                              shared: bool, caller: Caller, path: str, *,
+                              progress: Progress | None = None) -> dict[str, Any]:
+    try:
+        with store.reading_as(caller):
+            return store.template_doc(store.build_template_from_image(ref, name, size=size, fs_type=fs_type,
+                                                                      progress=progress, shared=shared))
+    except KernelError as e:
+        raise refused(e, "build template", path) from None
 
 
 def verify_template(store: Store, ref: str, *, progress: Progress | None = None) -> dict[str, Any]:

@@ -4,7 +4,8 @@
 (registry, backend, paths, locks, links, teardown); templates.py imports, builds and verifies templates;
 transition.py declares every state change of a volume and runs it; recovery.py undoes or
 finishes interrupted operations and reconciles the registry with the kernel and the files;
-model.py is the plain data handed to callers.
+model.py is the plain data handed to callers; modes.py keeps every store file private;
+sources.py opens a path a caller names once, with the caller's rights.
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ if TYPE_CHECKING:
     from .core import Store, choose_backend, explain_backend, release_pool
     from .manifest import store_exists
     from .remote import remote_listing
+    from .sources import Caller, sudo_caller
 
 _LAZY = {"BACKENDS": "..backends", "Store": ".core", "choose_backend": ".core", "explain_backend": ".core",
-         "release_pool": ".core", "store_exists": ".manifest", "remote_listing": ".remote"}
+         "release_pool": ".core", "store_exists": ".manifest", "remote_listing": ".remote", "Caller": ".sources",
+         "sudo_caller": ".sources"}
 
 
 def __getattr__(name: str) -> Any:
@@ -38,4 +41,4 @@ def __getattr__(name: str) -> Any:
 
 __all__ = ["BACKENDS", "Store", "Template", "Volume", "RecoveryReport", "DEFAULT_ROOT", "default_root", "fork_ids",
            "validate_id", "choose_backend", "explain_backend", "release_pool", "store_exists",
-           "remote_listing"]
+           "remote_listing", "Caller", "sudo_caller"]

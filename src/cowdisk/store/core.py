@@ -51,6 +51,7 @@ from ..errors import (
     Unsupported,
 )
 from ..kernel import fs, procfs
+from ..kernel.creds import fs_identity
 from ..progress import Progress
 from ..registry import ATTACHED, CREATING, TemplateRow, VolumeRow, sqlite_kind
 from . import growfs, identity, manifest, recovery
@@ -59,6 +60,7 @@ from .manifest import store_exists as store_exists  # where it was; the store's 
 from .model import RecoveryReport, Template, Volume, default_root, fork_ids, hostname_of, validate_id
 from .parts import StoreParts, manifest_of_quarantine, refuse_under_daemon
 from .remote import RemoteTemplates
+from .sources import Caller, open_path
 from .templates import HELD
 from .transition import (
     ADOPT,
@@ -125,8 +127,26 @@ class Store(StoreParts):
                  rebuild: bool = False, limits: Limits | None = None) -> None:
         super().__init__(root, backend=backend, lock_timeout=lock_timeout, backend_options=backend_options,
                          rebuild=rebuild, limits=limits)
+        self._reader = threading.local()
         if recover and not self.read_only:
             self.recover()
+
+    @contextlib.contextmanager
+    def reading_as(self, caller: Caller | None) -> Iterator[None]:
+        """Within the block, on this thread, the paths callers name (import and build sources,
+        jail directories) are opened once and read as ``caller`` (:mod:`cowdisk.store.sources`:
+        its identity, beneath its roots); outside it (and with None) with the process's own
+        rights, anywhere: the library trusts its caller. The daemon wraps each such call in
+        it with the peer's identity; the command line under sudo with the sudo user's."""
+        before = getattr(self._reader, "caller", None)
+        self._reader.caller = caller
+        try:
+            yield
+        finally:
+            self._reader.caller = before
+
+    def _caller(self) -> Caller | None:
+        return getattr(self._reader, "caller", None)
 
     @classmethod
     def rebuild_registry(cls, root: str | None = None) -> tuple["Store", RecoveryReport, list[str]]:
@@ -174,21 +194,25 @@ class Store(StoreParts):
     def import_template(self, src: str, name: str | None = None, *, adopt: bool = False,
                         progress: Progress | None = None, shared: bool = False) -> Template:
         """Import a raw disk image: copy it in (or adopt it in place), digest it, make it read-only.
-        The caller owns it; ``shared``: every caller may use it."""
-        return self._templates.import_image(src, name, adopt=adopt, progress=progress, shared=shared)
+        The caller owns it; ``shared``: every caller may use it. The image is opened and read as
+        :meth:`reading_as` says."""
+        return self._templates.import_image(src, name, adopt=adopt, progress=progress, shared=shared,
+                                            caller=self._caller())
 
     def build_template(self, source: str, name: str | None = None, *, size: int | None = None,
                        fs_type: str = "ext4", progress: Progress | None = None, shared: bool = False) -> Template:
-        """Build a template from a directory tree or a tarball through the template cache."""
-        return self._templates.build(source, name, size=size, fs_type=fs_type, progress=progress, shared=shared)
+        """Build a template from a directory tree or a tarball through the template cache,
+        the source read as :meth:`reading_as` says."""
+        return self._templates.build(source, name, size=size, fs_type=fs_type, progress=progress, shared=shared,
+                                     caller=self._caller())
 
     def build_template_from_image(self, ref: str, name: str | None = None, *, size: int | None = None,
                                   fs_type: str = "ext4", progress: Progress | None = None,
                                   shared: bool = False) -> Template:
         """Build a template from a container image (OCI layout, OCI archive, docker save archive),
-        built once per image (keyed on its manifest digest)."""
+        built once per image (keyed on its manifest digest), read as :meth:`reading_as` says."""
         return self._templates.build_from_image(ref, name, size=size, fs_type=fs_type, progress=progress,
-                                                shared=shared)
+                                                shared=shared, caller=self._caller())
 
     def chown_template(self, ref: str, owner: int | None = None, *, shared: bool | None = None) -> Template:
         """Hand template ``ref`` to uid ``owner`` and/or mark it ``shared`` (usable by every
@@ -820,16 +844,33 @@ class Store(StoreParts):
     def jail(self, vid: str, jail_dir: str, name: str = "rootfs", *, uid: int | None = None,
              gid: int | None = None) -> str:
         """Stage the volume inside a jail directory the way its backend allows (a device
-        node for a block device, a hard link for a file)."""
+        node for a block device, a hard link for a file), owned by ``uid``:``gid`` (root
+        where not given), mode 0600. The directory is opened once, as :meth:`reading_as`
+        says (that caller must be allowed to write in it), and the node is made through that
+        descriptor."""
+        caller = self._caller()
         if not name or "/" in name or name in (".", "..") or "\0" in name:
             raise InvalidArgument(f"jail volume {vid}: name {name!r} must be one path component inside the jail",
                                   op="jail", obj=repr(name))
         v = self._row(vid)
         if v.state != ATTACHED or not v.device:
             raise StateError(f"jail volume {vid}: it is {v.state}, not attached", op="jail", obj=vid)
-        if not os.path.isdir(jail_dir):
-            raise NotFound(f"jail volume {vid}: jail directory {jail_dir} does not exist", op="jail", obj=jail_dir)
-        return self.backend.stage(self.ctx(v), v.device, os.path.join(jail_dir, name), uid=uid, gid=gid)
+        try:
+            jd = open_path(jail_dir, "jail directory", caller, directory=True)
+        except KernelError as e:
+            if e.errno in (errno.ENOENT, errno.ENOTDIR):
+                raise NotFound(f"jail volume {vid}: jail directory {jail_dir} does not exist", op="jail",
+                               obj=jail_dir) from None
+            raise
+        with jd:
+            if caller is not None and not caller.trusted:
+                with fs_identity(caller.identity):
+                    writable = os.access(jd.proc, os.W_OK | os.X_OK, effective_ids=True)
+                if not writable:
+                    raise KernelError("jail", jail_dir, errno.EACCES,
+                                      detail=f"the caller ({caller.identity}) may not write in the jail directory")
+            self.backend.stage(self.ctx(v), v.device, os.path.join(jd.proc, name), uid=uid, gid=gid)
+        return os.path.join(os.path.abspath(jail_dir), name)
 
     # -- recovery and maintenance --------------------------------------------------------
 

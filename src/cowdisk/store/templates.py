@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
 import logging
 import os
 import secrets
@@ -20,13 +21,16 @@ import time
 from typing import TYPE_CHECKING, Callable, Protocol
 
 from ..digest import sha256_file
-from ..errors import AlreadyExists, Forbidden, InUse, InvalidArgument, KernelError, NotFound, TemplateChanged, Unsupported
+from ..errors import (AlreadyExists, CowdiskError, Forbidden, InUse, InvalidArgument, KernelError, NotFound,
+                      TemplateChanged, Unsupported)
 from ..kernel import fs, procfs
+from ..kernel.creds import fs_identity
 from ..locks import FileLock
 from ..progress import Progress, stage
 from ..registry import Registry, TemplateRow
 from . import manifest
 from .model import Template, template_of, validate_id
+from .sources import Caller, open_path
 
 if TYPE_CHECKING:
     from ..backends import VolumeCtx
@@ -133,29 +137,46 @@ class Templates:
     # -- import and build ----------------------------------------------------------------
 
     def import_image(self, src: str, name: str | None = None, *, adopt: bool = False,
-                     progress: Progress | None = None, shared: bool = False) -> Template:
-        """Import a raw disk image: copy it in (or adopt it in place), digest it, make it read-only."""
+                     progress: Progress | None = None, shared: bool = False,
+                     caller: Caller | None = None) -> Template:
+        """Import a raw disk image: copy it in (or adopt it in place), digest it, make it read-only.
+        The image is opened once, as ``caller`` (:mod:`.sources`), and read through that
+        descriptor."""
         src = os.path.abspath(src)
         if name is not None:
             validate_id(name, "template name")
-        if not os.path.isfile(src):
-            raise NotFound(f"import template: {src} is not a file", op="import template", obj=src)
-        size = os.path.getsize(src)
-        if size < 4096 or size % 512:
-            raise InvalidArgument(f"import template {src}: size {size} is not a positive multiple of 512 bytes",
-                                  op="import template", obj=src)
-        if adopt:
-            return self.register(src, sha256_file(src, progress), owned=False, source=src, name=name, shared=shared)
-        staging = self.staging()
+        if adopt and caller is not None and not caller.trusted:
+            raise InvalidArgument(f"import template {src}: adopting a file in place is for root only (the store "
+                                  "would read it again by its path, with root's rights)", op="import template",
+                                  obj=src, hint="import a copy (no --adopt)")
         try:
-            tmp = os.path.join(staging, "disk.img")
-            fs.sparse_copy(src, tmp, progress=progress)
-            return self.register(tmp, sha256_file(tmp), owned=True, source=src, name=name, shared=shared)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            opened = open_path(src, "import source", caller)
+        except KernelError as e:
+            if e.errno in (errno.ENOENT, errno.ENOTDIR):
+                raise NotFound(f"import template: {src} is not a file", op="import template", obj=src) from None
+            raise
+        with opened:
+            if not opened.is_file:
+                raise NotFound(f"import template: {src} is not a file", op="import template", obj=src)
+            size = opened.st.st_size
+            if size < 4096 or size % 512:
+                raise InvalidArgument(f"import template {src}: size {size} is not a positive multiple of 512 "
+                                      "bytes", op="import template", obj=src)
+            if adopt:
+                return self.register(src, sha256_file(opened.proc, progress), owned=False, source=src, name=name,
+                                     shared=shared)
+            staging = self.staging()
+            try:
+                tmp = os.path.join(staging, "disk.img")
+                fs.sparse_copy(opened.proc, tmp, progress=progress)
+                return self.register(tmp, sha256_file(tmp), owned=True, source=src, name=name, shared=shared)
+            except CowdiskError as e:
+                raise opened.named(e) from None
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
 
     def build(self, source: str, name: str | None = None, *, size: int | None = None, fs_type: str = "ext4",
-              progress: Progress | None = None, shared: bool = False) -> Template:
+              progress: Progress | None = None, shared: bool = False, caller: Caller | None = None) -> Template:
         """Build a template from a directory tree or a tarball (``mkfs.ext4 -d``, no mount needed).
 
         The image is built once per recipe (key: filesystem, capacity, mkfs version
@@ -163,24 +184,43 @@ class Templates:
         which serializes concurrent builders of one recipe. The built image then *moves*
         into ``templates/`` (stored once, never copied) with the digest the cache computed
         (hashed once); building the same recipe again finds the template by its key.
+
+        The source is opened once, as ``caller`` (:mod:`.sources`); the cache reads it
+        through that descriptor with the caller's rights (mkfs runs as the caller).
         """
         from ..cache import TarRecipe, TreeRecipe
 
         if name is not None:
             validate_id(name, "template name")
-        if os.path.isdir(source):
-            if size is None:
-                used = sum(os.lstat(os.path.join(d, f)).st_size for d, _, fl in os.walk(source) for f in fl)
-                size = max(64 << 20, (used * 2 + (32 << 20) + (1 << 20) - 1) // (1 << 20) * (1 << 20))
-            recipe: TreeRecipe | TarRecipe = TreeRecipe(os.path.abspath(source), size, fs=fs_type)
-        elif os.path.isfile(source) and os.path.basename(source).lower().endswith(TARBALL_SUFFIXES):
-            if size is None:
-                size = max(64 << 20, (os.path.getsize(source) * 3 + (32 << 20)) // (1 << 20) * (1 << 20))
-            recipe = TarRecipe(os.path.abspath(source), size, fs=fs_type)
-        else:
-            raise NotFound(f"build template: {source} is neither a directory nor a tarball",
-                           op="build template", obj=source)
-        return self._build(recipe, name, progress, shared)
+        not_found = NotFound(f"build template: {source} is neither a directory nor a tarball",
+                             op="build template", obj=source)
+        try:
+            opened = open_path(source, "build source", caller)
+        except KernelError as e:
+            if e.errno in (errno.ENOENT, errno.ENOTDIR):
+                raise not_found from None
+            raise
+        reader = caller.identity if caller is not None else None
+        with opened:
+            origin = os.path.abspath(source)
+            if opened.is_dir:
+                if size is None:
+                    with fs_identity(reader):
+                        used = sum(os.lstat(os.path.join(d, f)).st_size for d, _, fl in os.walk(opened.proc)
+                                   for f in fl)
+                    size = max(64 << 20, (used * 2 + (32 << 20) + (1 << 20) - 1) // (1 << 20) * (1 << 20))
+                recipe: TreeRecipe | TarRecipe = TreeRecipe(opened.proc, size, fs=fs_type, reader=reader,
+                                                            origin=origin)
+            elif opened.is_file and os.path.basename(source).lower().endswith(TARBALL_SUFFIXES):
+                if size is None:
+                    size = max(64 << 20, (opened.st.st_size * 3 + (32 << 20)) // (1 << 20) * (1 << 20))
+                recipe = TarRecipe(opened.proc, size, fs=fs_type, reader=reader, origin=origin)
+            else:
+                raise not_found
+            try:
+                return self._build(recipe, name, progress, shared)
+            except CowdiskError as e:
+                raise opened.named(e) from None
 
     def _build(self, recipe: "Recipe", name: str | None, progress: Progress | None, shared: bool) -> Template:
         """Build ``recipe`` once in the cache (or find the template it already made, by its
@@ -219,17 +259,32 @@ class Templates:
             shutil.rmtree(staging, ignore_errors=True)
 
     def build_from_image(self, ref: str, name: str | None = None, *, size: int | None = None,
-                         fs_type: str = "ext4", progress: Progress | None = None, shared: bool = False) -> Template:
+                         fs_type: str = "ext4", progress: Progress | None = None, shared: bool = False,
+                         caller: Caller | None = None) -> Template:
         """Build a template from a container image: an OCI layout directory, an OCI archive or
         a ``docker save`` archive (``ref``: see :mod:`cowdisk.cache.oci`), unpacked with its
         whiteouts, owners, modes, xattrs and hard links. Cached under the image's manifest
         digest (a docker archive: its image id), so the same image is built once; ``size``
-        None chooses one from the unpacked content with headroom."""
+        None chooses one from the unpacked content with headroom.
+
+        The image's path is opened once, as ``caller`` (:mod:`.sources`); it is read through
+        that descriptor with the caller's rights (skopeo runs as the caller)."""
+        from ..cache.oci import parse_ref
         from ..cache.recipes import ImageRecipe
 
         if name is not None:
             validate_id(name, "template name")
-        return self._build(ImageRecipe(ref, size or 0, fs=fs_type), name, progress, shared)
+        reader = caller.identity if caller is not None else None
+        with fs_identity(reader):  # PATH:TAG is told apart by what exists: looked at as the caller
+            src = parse_ref(ref)
+        opened = open_path(src.path, "image source", caller)
+        with opened:
+            pinned = f"{src.transport}:{opened.proc}" + (f":{src.tag}" if src.tag else "")
+            try:
+                return self._build(ImageRecipe(pinned, size or 0, fs=fs_type, reader=reader, origin=ref), name,
+                                   progress, shared)
+            except CowdiskError as e:
+                raise opened.named(e) from None
 
     def register(self, path: str, digest: str, *, owned: bool, source: str, name: str | None,
                  shared: bool = False) -> Template:

@@ -383,10 +383,11 @@ class Store(StoreParts):
                 continue
             after = area.used_bytes + needed * count
             if after * 100 > mark * area.total_bytes:
+                more = f", {needed * count} more bytes would make it {100 * after / area.total_bytes:.1f}%" \
+                    if needed else ""
                 raise KernelError(op, vid, errno.ENOSPC, detail=(
                     f"the {area.area} ({area.detail}) is {area.pct:.1f}% full ({area.used_bytes} of "
-                    f"{area.total_bytes} bytes){f', {needed * count} more bytes would make it {100 * after / area.total_bytes:.1f}%' if needed else ''}: "
-                    f"past the high-water mark of {mark:g}%"),
+                    f"{area.total_bytes} bytes){more}: past the high-water mark of {mark:g}%"),
                     hint="free space (remove or checkpoint volumes, `cowdisk gc`), grow the pool, or raise high_water")
         q = self.limits.quota(self.caller)
         if q.bytes is not None:

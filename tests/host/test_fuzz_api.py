@@ -62,10 +62,23 @@ def store_state(root: str) -> dict[str, Any]:
     return out
 
 
+def _import_codecs() -> None:
+    import encodings
+    import importlib
+    import pkgutil
+    for m in pkgutil.iter_modules(encodings.__path__):
+        try:
+            importlib.import_module(f"encodings.{m.name}")
+        except Exception:  # noqa: BLE001 (mbcs, oem: Windows only)
+            pass
+
+
 def as_uid(uid: int, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """``fn()`` in a forked child running as ``uid`` (gid the same, no groups): its JSON result.
     Everything it needs is imported already (the root pass ran): a process of another uid
-    cannot read this interpreter's modules."""
+    cannot read this interpreter's modules. Codecs are looked up lazily (a body the fuzzer
+    sends as utf-16 made the child fail with 'unknown encoding: utf-16-be'): all of them first."""
+    _import_codecs()
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover (the child)

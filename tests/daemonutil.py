@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterator
 
 from cowdisk.client import Client
 from cowdisk.errors import CowdiskError
+from cowdisk.store import Store
 
 SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
 
@@ -151,6 +152,55 @@ def public_tmpdir(prefix: str) -> Iterator[str]:
         yield d
     finally:
         shutil.rmtree(d, ignore_errors=True)
+
+
+class Daemons:
+    """One cowdiskd per backend for the module, started when a test first wants it, on a
+    store under the module's tmp dir; its import and jail roots cover the tests' tmp dirs."""
+
+    def __init__(self, top: str, base: str) -> None:
+        self.top = top
+        self.base = base
+        self.running: dict[str, Daemon] = {}
+
+    def get(self, backend: str) -> Daemon:
+        if backend not in self.running:
+            root = os.path.join(self.top, f"store-{backend}")
+            Store(root, backend=backend).close()
+            d = Daemon(root, os.path.join(self.top, f"{backend}.sock"), "--import-root", self.base, "--jail-root",
+                       root, "--jail-root", self.base, backend=backend)
+            self.running[backend] = d.start()
+        return self.running[backend]
+
+    def empty(self, d: Daemon) -> None:
+        """What a test left in the daemon's store, removed through it."""
+        c = d.client
+        for v in c.volumes():
+            c.remove_volume(v.id)
+        for t in c.templates():
+            c.remove_template(t.id)
+        c.gc()
+        assert c.volumes() == [] and c.templates() == []
+
+    def stop(self) -> None:
+        for d in self.running.values():
+            with d:
+                assert d.stop() == 0, d.log()
+            with Store(d.root) as s:
+                s.destroy()
+
+    @classmethod
+    @contextlib.contextmanager
+    def for_module(cls, tmp_path_factory: Any) -> Iterator["Daemons"]:
+        """The module's daemons under a short /tmp directory (socket paths), stopped and their
+        stores destroyed at the end."""
+        top = tempfile.mkdtemp(prefix="cdcli-", dir="/tmp")
+        ds = cls(top, str(tmp_path_factory.getbasetemp()))
+        try:
+            yield ds
+        finally:
+            ds.stop()
+            shutil.rmtree(top, ignore_errors=True)
 
 
 def wait_for(pred: Any, timeout: float = 30, what: str = "condition") -> Any:

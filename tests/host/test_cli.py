@@ -26,7 +26,7 @@ from click.testing import CliRunner, Result
 from cowdisk.cli import cli
 from cowdisk.cli.reference import commands
 from cowdisk.store import Store
-from daemonutil import Daemon
+from daemonutil import Daemon, Daemons
 from testutil import assert_same_host, debugfs_cat, host_state
 
 SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "src")
@@ -77,54 +77,10 @@ NO_SOCKET = "/nonexistent/cowdisk.sock"
 """COWDISK_SOCKET of the direct runs: no daemon answers there."""
 
 
-class Daemons:
-    """One cowdiskd per backend for the module, started when a test first wants it, on a
-    store under the module's tmp dir; its import and jail roots cover the tests' tmp dirs."""
-
-    def __init__(self, top: str, base: str) -> None:
-        self.top = top
-        self.base = base
-        self.running: dict[str, Daemon] = {}
-
-    def get(self, backend: str) -> Daemon:
-        if backend not in self.running:
-            root = os.path.join(self.top, f"store-{backend}")
-            Store(root, backend=backend).close()
-            d = Daemon(root, os.path.join(self.top, f"{backend}.sock"), "--import-root", self.base, "--jail-root",
-                       root, "--jail-root", self.base, backend=backend)
-            self.running[backend] = d.start()
-        return self.running[backend]
-
-    def empty(self, d: Daemon) -> None:
-        """What a test left in the daemon's store, removed through it."""
-        c = d.client
-        for v in c.volumes():
-            c.remove_volume(v.id)
-        for t in c.templates():
-            c.remove_template(t.id)
-        c.gc()
-        assert c.volumes() == [] and c.templates() == []
-
-    def stop(self) -> None:
-        for d in self.running.values():
-            with d:
-                assert d.stop() == 0, d.log()
-            _destroy(d.root)
-
-
 @pytest.fixture(scope="module")
 def daemons(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemons]:
-    import tempfile
-
-    top = tempfile.mkdtemp(prefix="cdcli-", dir="/tmp")  # short socket paths
-    ds = Daemons(top, str(tmp_path_factory.getbasetemp()))
-    try:
+    with Daemons.for_module(tmp_path_factory) as ds:
         yield ds
-    finally:
-        ds.stop()
-        import shutil
-
-        shutil.rmtree(top, ignore_errors=True)
 
 
 @pytest.fixture(params=[(b, way) for way in ("direct", "daemon") for b in BACKENDS],

@@ -165,7 +165,7 @@ def test_every_store_file_is_private_to_root(umask0, store, backend, tmp_path) -
             try:
                 # debugfs opens the image by path: through the root's descriptor (/proc/self/fd
                 # is the child's own; opened before the drop, kept across exec)
-                nobody = subprocess.run(["debugfs", "-R", "cat /etc/api-key", f"/dev/fd/{rfd}/{rel}"],
+                nobody = subprocess.run(["debugfs", "-R", "cat /etc/api-key", f"/proc/self/fd/{rfd}/{rel}"],
                                         capture_output=True, text=True, preexec_fn=drop, pass_fds=(rfd,))
             finally:
                 os.close(rfd)

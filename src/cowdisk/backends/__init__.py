@@ -72,13 +72,15 @@ The contract (what the store relies on, and the conformance suite checks):
 * **Size.** A volume's device is ``ctx.volume_size`` bytes: the template's size, or more
   on a backend with ``larger_volumes`` (the bytes past the template read as zeros; the
   store grows the filesystem). Copies (restore as, fork) keep their source's size.
-* **Held templates** (optional; dm-thin). A backend with ``holds_templates`` flattens
+* **Held templates** (optional; dm-thin). A backend declaring ``HoldsTemplates`` flattens
   without copying: ``flatten_held(ctx, descriptor, attached=)`` writes a small descriptor
   file and returns the content's sha256; the store publishes the descriptor as the
   template's file (``disk.thin``) and calls ``publish_held``, or ``drop_held`` when that
   content is a template already or the flatten is undone; ``held_size`` and
   ``held_digest`` answer for the template's size and ``template verify``
   (store/templates.py, ``Holder``).
+* **Declared.** Each optional feature is a protocol below (``OpenCount``, ``Shared``, ...)
+  that the backend class names among its bases; the store asks ``isinstance``.
 * **Scan.** ``scan()`` lists this store's kernel objects on the host (by the store's
   tag or name prefix), never another store's; ``release`` frees one of them.
 """
@@ -86,8 +88,9 @@ The contract (what the store relies on, and the conformance suite checks):
 from __future__ import annotations
 
 import contextlib
+import threading
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar, ContextManager, Iterator, Mapping, Protocol, Self
+from typing import Callable, ClassVar, ContextManager, Iterator, Mapping, Protocol, Self, runtime_checkable
 
 from ..errors import InvalidArgument
 from ..model import SharedVolume as SharedVolume, Space as Space, SpaceEvent as SpaceEvent, Usage as Usage  # the callers' types
@@ -235,6 +238,104 @@ class Backend(Protocol):
     def destroy_store(self) -> None:
         """Release the store-wide resources (unmount the pool); volumes are gone already."""
         ...
+
+
+# Optional features (see the module docstring): each a small protocol that a backend class
+# declares by naming it among its bases (mypy then checks its methods' signatures); the
+# store asks ``isinstance(backend, Feature)``. tests/unit/test_backend_features.py checks
+# that each class declares exactly the features it implements.
+
+@runtime_checkable
+class CopiesData(Protocol):
+    """A new volume allocates its template's bytes at once (copy): admission control counts them."""
+
+    copies_data: ClassVar[bool]
+
+
+@runtime_checkable
+class RecordsAhead(Protocol):
+    """"Records ahead": the objects ``create`` will record, known before it runs."""
+
+    def records_ahead(self, ctx: VolumeCtx) -> tuple[tuple[str, str], ...]: ...
+
+
+@runtime_checkable
+class PreparesCopies(Protocol):
+    """"Fork": reserve what ``n`` copies of ``src`` need in one step before they are made."""
+
+    def prepare_copies(self, src: VolumeCtx, n: int) -> None: ...
+
+
+@runtime_checkable
+class OpenCount(Protocol):
+    """"Open count": the kernel's count of opens of the attached volume's device."""
+
+    def open_count(self, ctx: VolumeCtx) -> int | None: ...
+
+
+@runtime_checkable
+class Thaw(Protocol):
+    """"Thaw": resume a device a killed copy left suspended."""
+
+    def thaw(self, ctx: VolumeCtx) -> bool: ...
+
+
+@runtime_checkable
+class OwnSpace(Protocol):
+    """"Space": the backend's own areas that fill as volumes write."""
+
+    def space(self) -> list[Space]: ...
+
+
+@runtime_checkable
+class WatchesSpace(Protocol):
+    """The backend's space monitor, run in a thread until ``stop`` is set (dm-thin)."""
+
+    def watch_space(self, notify: Callable[[SpaceEvent], None], stop: threading.Event) -> None: ...
+
+
+@runtime_checkable
+class GrowsPool(Protocol):
+    """An embedded pool grown by hand to ``size`` bytes (pool); returns its free bytes."""
+
+    def grow_pool(self, size: int) -> int: ...
+
+
+@runtime_checkable
+class HoldsTemplates(Protocol):
+    """"Held templates": flatten without copying, the template's data kept by the backend."""
+
+    def flatten_held(self, ctx: VolumeCtx, out: str, *, attached: bool) -> str: ...
+
+    def held_size(self, descriptor: str) -> int: ...
+
+    def held_digest(self, template_id: str, descriptor: str, progress: Progress | None = None) -> str: ...
+
+    def publish_held(self, descriptor: str, template_id: str) -> None: ...
+
+    def drop_held(self, descriptor: str) -> None: ...
+
+
+@runtime_checkable
+class Shared(Protocol):
+    """"Shared": volumes where several stores reach them (rbd), claimed, given back, fenced."""
+
+    def shared_volume(self, vid: str) -> SharedVolume: ...
+
+    def shared_volumes(self) -> list[SharedVolume]: ...
+
+    def has_template(self, tid: str) -> bool: ...
+
+    def claim(self, ctx: VolumeCtx, *, steal: bool = False) -> None: ...
+
+    def unclaim(self, ctx: VolumeCtx, previous: str) -> None: ...
+
+    def take_over(self, ctx: VolumeCtx) -> str | None: ...
+
+
+FEATURES: tuple[type, ...] = (CopiesData, RecordsAhead, PreparesCopies, OpenCount, Thaw, OwnSpace, WatchesSpace,
+                              GrowsPool, HoldsTemplates, Shared)
+"""Every optional feature a backend class may declare."""
 
 
 def _registry() -> dict[str, type[Backend]]:

@@ -15,7 +15,7 @@ from typing import ClassVar
 from ..errors import KernelError
 from ..kernel import blk, dm
 from ..progress import Progress
-from . import KernelObject, VolumeCtx
+from . import KernelObject, OpenCount, Thaw, VolumeCtx
 
 
 def dm_available() -> bool:
@@ -63,7 +63,7 @@ def copy_device(dev: str, out_path: str, size: int, progress: Progress | None) -
         os.close(fd)
 
 
-class DmVolumeBase:
+class DmVolumeBase(OpenCount, Thaw):
     """The methods of the backend protocol that only look at the volume's dm device."""
 
     block_device: ClassVar[bool] = True

@@ -52,7 +52,8 @@ from ..errors import CowdiskError, InvalidArgument, KernelError, StateError
 from ..kernel import blk, dm, dm_status, fs, loop, procfs
 from ..progress import Progress
 from ..locks import FileLock
-from . import BackendEnv, KernelObject, Space, SpaceEvent, Usage, VolumeCtx, check_options
+from . import (BackendEnv, HoldsTemplates, KernelObject, OwnSpace, PreparesCopies, Space, SpaceEvent, Usage, VolumeCtx,
+               WatchesSpace, check_options)
 from .dm_common import DmVolumeBase, copy_device
 
 log = logging.getLogger(__name__)
@@ -174,13 +175,12 @@ def _read_id(path: str) -> int | None:
         raise KernelError("read thin id", path, errno.EBADMSG, detail="not a thin id") from None
 
 
-class DmThinBackend(DmVolumeBase):
+class DmThinBackend(DmVolumeBase, PreparesCopies, OwnSpace, WatchesSpace, HoldsTemplates):
     name: ClassVar[str] = "dm-thin"
     larger_volumes: ClassVar[bool] = True
     """A thin device may be longer than its origin: the blocks past it are unprovisioned."""
-    holds_templates: ClassVar[bool] = True
-    """Flatten makes the template a thin snapshot of the volume in the pool (no data copied):
-    the store keeps a small descriptor file for it (``flatten_held`` and the methods after it)."""
+    # HoldsTemplates: flatten makes the template a thin snapshot of the volume in the pool (no
+    # data copied): the store keeps a small descriptor file for it (``flatten_held`` and after).
     steps: ClassVar[Mapping[str, tuple[str, ...]]] = {
         "create": ("template", "thin", "dm"),
         "attach": ("dm",),

@@ -18,7 +18,7 @@ from typing import ClassVar, Iterator, Mapping, Self
 
 from ..errors import KernelError, Unsupported
 from ..kernel import fs
-from . import BackendEnv, KernelObject, Usage, VolumeCtx, check_options
+from . import BackendEnv, CopiesData, KernelObject, RecordsAhead, Usage, VolumeCtx, check_options
 
 DISK = "disk.img"
 
@@ -27,7 +27,7 @@ def disk_path(ctx: VolumeCtx) -> str:
     return os.path.join(ctx.data_dir, DISK)
 
 
-class FileBackend:
+class FileBackend(RecordsAhead):
     """A volume is one file; ``reflink`` says whether it is cloned or copied."""
 
     name: ClassVar[str] = "copy"
@@ -147,11 +147,11 @@ class FileBackend:
         return None
 
 
-class CopyBackend(FileBackend):
+class CopyBackend(FileBackend, CopiesData):
     """``copy``: a sparse copy of the template per volume; works on every filesystem."""
 
     name = "copy"
-    copies_data = True
+    copies_data: ClassVar[bool] = True
     """A new volume allocates its template's bytes at once (the store's admission control
     counts them before a create, fork or restore-as)."""
 

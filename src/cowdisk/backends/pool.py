@@ -19,7 +19,7 @@ from ..kernel import mount as kmount
 from ..kernel.mount import mounted_at
 from ..kernel import procfs
 from ..locks import FileLock
-from . import BackendEnv, check_options
+from . import BackendEnv, GrowsPool, check_options
 from .files import FileBackend
 
 DEFAULT_SIZE = 64 << 30  # sparse: costs nothing until written
@@ -129,7 +129,7 @@ class Pool:
             pass
 
 
-class PoolBackend(FileBackend):
+class PoolBackend(FileBackend, GrowsPool):
     """``pool``: reflinked volume files inside the store's embedded xfs pool."""
 
     name = "pool"
@@ -151,7 +151,7 @@ class PoolBackend(FileBackend):
         pool = Pool(env.root, f"{env.tag}:pool")
         return cls(pool.ensure(), pool)
 
-    def grow(self, size: int) -> int:
+    def grow_pool(self, size: int) -> int:
         """Grow the pool to ``size`` bytes; returns its free bytes."""
         self.pool.grow(size)
         return fs.statfs(self.pool.mnt).free_bytes

@@ -68,7 +68,7 @@ from ..kernel import fs
 from ..kernel import mount as kmount
 from ..kernel.procfs import process_alive, process_start
 from ..progress import Progress
-from . import BackendEnv, KernelObject, SharedVolume, Usage, VolumeCtx, check_options
+from . import BackendEnv, KernelObject, Shared, SharedVolume, Usage, VolumeCtx, check_options
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +189,7 @@ def copy_snap(dst: str) -> str:
     return f"cowdisk-for-{dst}"
 
 
-class RbdBackend:
+class RbdBackend(Shared):
     name: ClassVar[str] = "rbd"
     block_device: ClassVar[bool] = False
     larger_volumes: ClassVar[bool] = False

@@ -37,7 +37,8 @@ import time
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, TypeVar
 
 from .. import failpoints
-from ..backends import SharedVolume, Space, SpaceEvent, Usage, VolumeCtx, explain
+from ..backends import (CopiesData, GrowsPool, OpenCount, OwnSpace, PreparesCopies, RecordsAhead, Shared, SharedVolume,
+                        Space, SpaceEvent, Usage, VolumeCtx, WatchesSpace, explain)
 from ..digest import sha256_file
 from ..errors import (
     AlreadyExists,
@@ -273,8 +274,7 @@ class Store(StoreParts):
         if t.path:
             self._templates.check(t)
             return
-        has = getattr(self.backend, "has_template", None)
-        if has is None or not has(t.id):
+        if not isinstance(self.backend, Shared) or not self.backend.has_template(t.id):
             raise TemplateChanged(f"template {t.id}: this store knows it by digest only and the "
                                   f"{self.backend_name} backend no longer has it", op="check template", obj=t.id,
                                   hint="import the template's image file on this store")
@@ -355,7 +355,7 @@ class Store(StoreParts):
     def _cost_of_template(self, t: TemplateRow) -> int:
         """Bytes a new volume over ``t`` allocates at once: its template's on a backend that
         copies the data (copy), none where blocks are shared until written."""
-        if not getattr(self.backend, "copies_data", False) or not t.path:
+        if not isinstance(self.backend, CopiesData) or not t.path:
             return 0
         try:
             return fs.disk_usage(t.path)
@@ -364,7 +364,7 @@ class Store(StoreParts):
 
     def _cost_of_copy(self, src: VolumeRow) -> int:
         """Bytes a copy of volume ``src`` allocates at once (fork, restore-as)."""
-        if not getattr(self.backend, "copies_data", False):
+        if not isinstance(self.backend, CopiesData):
             return 0
         try:
             return self.backend.usage(self.ctx(src), attached=src.state == ATTACHED).disk_bytes
@@ -443,7 +443,7 @@ class Store(StoreParts):
         with self.lock("volume", vid), _named_errors("create volume", vid):
             row = self._new_row(vid, t, nbytes, None)
             ctx = self.ctx(row, t, op=CREATE.name, progress=progress)
-            ahead = tuple(getattr(self.backend, "records_ahead", lambda _c: ())(ctx))
+            ahead = self.backend.records_ahead(ctx) if isinstance(self.backend, RecordsAhead) else ()
             if ahead:  # recorded with the intent (see Backend "Records ahead")
                 record = ctx.record
                 ctx = dataclasses.replace(ctx, record=lambda k, n: None if (k, n) in ahead else record(k, n))
@@ -563,11 +563,10 @@ class Store(StoreParts):
     def shared_volumes(self) -> list[SharedVolume]:
         """Every volume in the backend's shared place (rbd: the pool and namespace), whichever
         store made it, with its owner and holder: what :meth:`adopt_volume` can take."""
-        lister = getattr(self.backend, "shared_volumes", None)
-        if lister is None:
+        if not isinstance(self.backend, Shared):
             raise Unsupported(f"list shared volumes: the {self.backend_name} backend keeps volumes on this host "
                               "only", op="list shared volumes", obj=self.root)
-        return list(lister())
+        return list(self.backend.shared_volumes())
 
     def adopt_volume(self, vid: str, *, steal: bool = False) -> Volume:
         """Register here a checkpointed volume another store made in the backend's shared
@@ -579,8 +578,8 @@ class Store(StoreParts):
         Refused (InUse naming the store and host) while another store holds the volume
         attached; with ``steal`` that store is fenced instead (:meth:`take_over`)."""
         validate_id(vid)
-        shared = getattr(self.backend, "shared_volume", None)
-        if shared is None:
+        backend = self.backend
+        if not isinstance(backend, Shared):
             raise Unsupported(f"adopt volume {vid}: the {self.backend_name} backend keeps volumes on this host "
                               "only", op="adopt volume", obj=vid, hint="restore it on the store that made it")
         with self.lock("volume", vid), _named_errors("adopt volume", vid):
@@ -588,7 +587,7 @@ class Store(StoreParts):
                 raise AlreadyExists(f"adopt volume {vid}: this store has a volume {vid} already", op="adopt volume",
                                     obj=vid, hint="restore it, or remove it here first (a volume another store "
                                                   "adopted is only forgotten, never deleted)")
-            sv: SharedVolume = shared(vid)
+            sv: SharedVolume = backend.shared_volume(vid)
             if not sv.template_id or not sv.template_digest:
                 t = self.registry.find_template(sv.template_id) if sv.template_id else None
                 if t is None:
@@ -603,7 +602,7 @@ class Store(StoreParts):
             ctx = self.ctx(row, t, op=ADOPT.name)
             with self._transition(ADOPT, vid, row=row, data={"owner": sv.owner},
                                   undo=self._undo(row, ctx)) as tr:
-                tr.step("claim", self.backend.claim, ctx, steal=steal)  # type: ignore[attr-defined]
+                tr.step("claim", backend.claim, ctx, steal=steal)
                 tr.finish()
             if steal and sv.holder:
                 self._take_over(self.registry.get_volume(vid))
@@ -619,14 +618,13 @@ class Store(StoreParts):
             return self._take_over(self._row(vid))
 
     def _take_over(self, v: VolumeRow) -> str | None:
-        fence = getattr(self.backend, "take_over", None)
-        if fence is None:
+        if not isinstance(self.backend, Shared):
             raise Unsupported(f"take over volume {v.id}: the {self.backend_name} backend has no holder to fence",
                               op="take over volume", obj=v.id)
         TAKE_OVER.require(v, hint="only a checkpointed volume is taken over")
         ctx = self.ctx(v, op=TAKE_OVER.name)
         with self._transition(TAKE_OVER, v.id) as tr:
-            old: str | None = tr.step("fence", fence, ctx)
+            old: str | None = tr.step("fence", self.backend.take_over, ctx)
             tr.finish()
         return old
 
@@ -716,9 +714,8 @@ class Store(StoreParts):
             def write_done(n: str) -> None:  # the manifest from what was just committed, not read back
                 self.write_manifest(n, known=(done[n], t, [(self.link_path(n), done[n].device or "")]))
 
-            prepare = getattr(self.backend, "prepare_copies", None)
-            if prepare is not None:
-                prepare(self.ctx(src, t), len(ids))
+            if isinstance(self.backend, PreparesCopies):
+                self.backend.prepare_copies(self.ctx(src, t), len(ids))
             with Batch(self.registry, FORK, rows, data={"source": vid, "batch": ids}, undo=undo,
                        on_change=write_done,
                        begin=lambda: self._count_quota("fork volume", vid, len(ids))) as tr:
@@ -795,8 +792,8 @@ class Store(StoreParts):
     def _check_not_open(self, v: VolumeRow, ctx: VolumeCtx, deadline_s: float, op: str) -> None:
         """Fail early, with the holder's PIDs, when a VM still has the device (or, for file
         backends, the volume file: same st_dev/st_ino, through any link) open."""
-        counter = getattr(self.backend, "open_count", None)
-        if counter is not None:  # the kernel's own count (0.1 ms); no search of every process
+        if isinstance(self.backend, OpenCount):  # the kernel's own count (0.1 ms); no search of every process
+            counter = self.backend.open_count
             end = time.monotonic() + deadline_s
             while (n := counter(ctx)):
                 if time.monotonic() > end:
@@ -906,11 +903,10 @@ class Store(StoreParts):
     def grow_pool(self, size: int) -> int:
         """Grow the embedded pool to ``size`` bytes (pool backend); returns its free bytes."""
         self.require_admin("grow pool", self.root)
-        grow = getattr(self.backend, "grow", None)
-        if grow is None:
+        if not isinstance(self.backend, GrowsPool):
             raise StateError(f"grow pool: store {self.root} uses the {self.backend_name} backend, not pool",
                              op="grow pool", obj=self.root)
-        return int(grow(size))
+        return self.backend.grow_pool(size)
 
     def destroy(self) -> None:
         """Remove every volume and template, empty the cache, release the store-wide
@@ -929,10 +925,9 @@ class Store(StoreParts):
         gone (dm-thin: wait on the pool's dm event, grow it while guests write, fail writes
         after the bound when it cannot; docs/dm-thin.md). False at once when the backend has
         nothing to watch (its space is a filesystem's)."""
-        watch = getattr(self.backend, "watch_space", None)
-        if watch is None:
+        if not isinstance(self.backend, WatchesSpace):
             return False
-        watch(notify, stop)
+        self.backend.watch_space(notify, stop)
         return True
 
     def space(self) -> list[Space]:
@@ -954,10 +949,9 @@ class Store(StoreParts):
             seen.add(dev)
             out.append(Space(area, (st.f_blocks - st.f_bfree) * st.f_frsize, st.f_blocks * st.f_frsize,
                              "ok", path))
-        own = getattr(self.backend, "space", None)
-        if own is not None:
+        if isinstance(self.backend, OwnSpace):
             try:
-                out.extend(own())
+                out.extend(self.backend.space())
             except (CowdiskError, OSError) as e:
                 out.append(Space(f"{self.backend_name} backend", 0, 0, "unreadable", str(e)))
         return out

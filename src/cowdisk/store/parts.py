@@ -16,12 +16,12 @@ import shutil
 import threading
 import time
 from types import TracebackType
-from typing import Any, Callable, Iterator, Mapping, Self, cast
+from typing import Any, Callable, Iterator, Mapping, Self
 
 
 from .. import failpoints
 from ..contract import check_backend
-from ..backends import Backend, BackendEnv, TemplateRef, VolumeCtx, backend_class, explain
+from ..backends import Backend, BackendEnv, HoldsTemplates, TemplateRef, VolumeCtx, backend_class, explain
 from ..errors import CowdiskError, Forbidden, InUse, InvalidArgument, KernelError, NotFound, RegistryDamaged, Unsupported
 from ..kernel import procfs
 from ..locks import FileLock
@@ -217,8 +217,8 @@ class StoreParts:
             manifest.write(os.path.join(self.root, manifest.STORE_FILE), doc)
         self._templates = Templates(self.registry, self.data_root, lambda tid: self.lock("template", tid),
                                     store_id=self.id).as_caller(self.caller, None if self.admin else self.caller)
-        if getattr(self.backend, "holds_templates", False):
-            self._templates.holder = cast(Holder, self.backend)
+        if isinstance(self.backend, HoldsTemplates):
+            self._templates.holder = self.backend
 
     def close(self) -> None:
         self.registry.close()

@@ -26,7 +26,7 @@ import shutil
 import time
 from typing import Any, Callable, ContextManager, Mapping
 
-from ..backends import KernelObject, VolumeCtx
+from ..backends import KernelObject, Shared, Thaw, VolumeCtx
 from ..errors import CowdiskError
 from ..kernel import fs
 from ..kernel.procfs import process_alive
@@ -131,9 +131,8 @@ def _unadopt(store: StoreParts, intent: int, data: Mapping[str, Any], v: VolumeR
     """Undo adopt: the volume goes back to the owner it had (the intent's ``owner``) and
     this store forgets it. Its data is another store's: never detached, never deleted."""
     if v is not None and ctx is not None:
-        unclaim = getattr(store.backend, "unclaim", None)
-        if unclaim is not None:
-            unclaim(ctx, str(data.get("owner") or ""))
+        if isinstance(store.backend, Shared):
+            store.backend.unclaim(ctx, str(data.get("owner") or ""))
         shutil.rmtree(ctx.data_dir, ignore_errors=True)  # only its manifest: nothing was attached
     with store.registry.tx():
         if v is not None:
@@ -145,9 +144,8 @@ def _fenced(store: StoreParts, intent: int, data: Mapping[str, Any], v: VolumeRo
             ctx: VolumeCtx | None) -> None:
     """Finish take-over: fence again (idempotent) and end the intent; the volume stays
     checkpointed, free for the restore that asked for the fence."""
-    take_over = getattr(store.backend, "take_over", None)
-    if v is not None and ctx is not None and take_over is not None:
-        take_over(ctx)
+    if v is not None and ctx is not None and isinstance(store.backend, Shared):
+        store.backend.take_over(ctx)
     store.registry.end_intent(intent)
 
 
@@ -280,8 +278,8 @@ def _reactivate_one(store: StoreParts, vid: str, rep: RecoveryReport) -> None:
             return
         ctx = store.ctx(cur, op="recover")
         if store.backend.is_attached(ctx):
-            thaw = getattr(store.backend, "thaw", None)  # a kill while it was suspended for a copy
-            if thaw is not None and thaw(ctx):
+            # a kill while it was suspended for a copy
+            if isinstance(store.backend, Thaw) and store.backend.thaw(ctx):
                 rep.finished.append(f"device {vid}: resumed")
             if cur.device and not _link_ok(store.link_path(vid), cur.device):
                 store.set_link(vid, store.link_path(vid), cur.device)  # removed by hand

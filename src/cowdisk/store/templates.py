@@ -18,8 +18,9 @@ import os
 import secrets
 import shutil
 import time
-from typing import TYPE_CHECKING, Callable, Protocol
+from typing import TYPE_CHECKING, Callable
 
+from ..backends import HoldsTemplates
 from ..digest import sha256_file
 from ..errors import (AlreadyExists, CowdiskError, Forbidden, InUse, InvalidArgument, KernelError, NotFound,
                       TemplateChanged, Unsupported)
@@ -45,18 +46,8 @@ HELD = "disk.thin"
 small descriptor file in place of ``disk.img``; its size and digest come from the backend."""
 
 
-class Holder(Protocol):
-    """A backend that holds templates' data itself (``holds_templates``: dm-thin)."""
-
-    def flatten_held(self, ctx: "VolumeCtx", out: str, *, attached: bool) -> str: ...
-
-    def held_size(self, descriptor: str) -> int: ...
-
-    def held_digest(self, template_id: str, descriptor: str, progress: Progress | None = None) -> str: ...
-
-    def publish_held(self, descriptor: str, template_id: str) -> None: ...
-
-    def drop_held(self, descriptor: str) -> None: ...
+Holder = HoldsTemplates
+"""A backend that holds templates' data itself (dm-thin): ``backends.HoldsTemplates``."""
 
 
 def is_held(path: str) -> bool:

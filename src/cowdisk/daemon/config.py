@@ -37,7 +37,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tomllib
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -181,22 +180,11 @@ def load(path: str | None = None, *, env: Mapping[str, str] | None = None,
     path = path or env.get("COWDISK_CONFIG") or DEFAULT_CONFIG
     values: dict[str, Any] = {}
     sources = []
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-        sources.append(path)
-    except FileNotFoundError:
-        if explicit:
-            raise InvalidArgument(f"config file {path} does not exist", op="load config", obj=path) from None
+    data = limits_mod.read_toml(path, KEYS, must_exist=explicit)
+    if data is None:
         data = {}
-    except tomllib.TOMLDecodeError as e:
-        raise InvalidArgument(f"config file {path}: {e}", op="load config", obj=path) from None
-    except OSError as e:
-        raise InvalidArgument(f"config file {path}: {e.strerror}", op="load config", obj=path) from None
-    unknown = sorted(set(data) - set(KEYS))
-    if unknown:
-        raise InvalidArgument(f"config file {path}: unknown key(s) {', '.join(unknown)}", op="load config",
-                              obj=path, hint=f"known keys: {', '.join(KEYS)}")
+    else:
+        sources.append(path)
     for k, v in data.items():
         values[k] = _coerce(k, v, path)
     from_env = [k for k in KEYS if env.get(f"COWDISK_{k.upper()}")]

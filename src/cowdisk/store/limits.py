@@ -25,7 +25,7 @@ import os
 import re
 import tomllib
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from ..errors import InvalidArgument
 
@@ -116,23 +116,36 @@ def parse_high_water(value: Any, where: str) -> float:
     return f
 
 
-def load(root: str) -> Limits:
-    """The limits in ``<root>/config.toml`` (defaults when there is none); a file that does
-    not parse, or has unknown keys or wrong values, is refused naming the key."""
-    path = os.path.join(root, CONFIG_FILE)
+
+def read_toml(path: str, keys: Iterable[str], *, must_exist: bool = False) -> dict[str, Any] | None:
+    """The TOML table in the config file at ``path`` (None when there is none, unless
+    ``must_exist``); a file that does not parse, cannot be read or has keys not in ``keys``
+    is refused naming the file (and the key). The store's and the daemon's config read here."""
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)
     except FileNotFoundError:
-        return Limits()
+        if must_exist:
+            raise InvalidArgument(f"config file {path} does not exist", op="load config", obj=path) from None
+        return None
     except tomllib.TOMLDecodeError as e:
         raise InvalidArgument(f"config file {path}: {e}", op="load config", obj=path) from None
     except OSError as e:
         raise InvalidArgument(f"config file {path}: {e.strerror}", op="load config", obj=path) from None
-    unknown = sorted(set(data) - set(KEYS))
+    known = list(keys)
+    unknown = sorted(set(data) - set(known))
     if unknown:
         raise InvalidArgument(f"config file {path}: unknown key(s) {', '.join(unknown)}", op="load config", obj=path,
-                              hint=f"known keys: {', '.join(KEYS)}")
+                              hint=f"known keys: {', '.join(known)}")
+    return data
+
+def load(root: str) -> Limits:
+    """The limits in ``<root>/config.toml`` (defaults when there is none); a file that does
+    not parse, or has unknown keys or wrong values, is refused naming the key."""
+    path = os.path.join(root, CONFIG_FILE)
+    data = read_toml(path, KEYS)
+    if data is None:
+        return Limits()
     return Limits(parse_quotas(data.get("quotas", {}), path),
                   parse_high_water(data["high_water"], path) if "high_water" in data else DEFAULT_HIGH_WATER,
                   path)

@@ -154,6 +154,21 @@ def kernel_create_floor(store: Store, n: int, scratch: str) -> float:
     return took
 
 
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) of process ``pid`` and its children (the store workers)."""
+    tck = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / tck
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            kids = [int(k) for k in f.read().split()]
+    except FileNotFoundError:
+        return total
+    return total + sum(cpu_s(k) for k in kids)
+
+
 def creates_at_once(sock: str, n: int) -> tuple[float, list[str]]:
     """n create_volume calls from n threads, each its own Client, released together."""
     clients = [Client(sock) for _ in range(n)]
@@ -225,15 +240,17 @@ def bench_backend(name: str, args: argparse.Namespace, tag: str) -> dict[str, An
                                                 for _ in range(args.rounds))
         print(f"{name}: floors: fork {ms(res['floor_fork'])}, create {ms(res['floor_create'])}", flush=True)
         sock = os.path.join(base, "d.sock")
-        stack.enter_context(daemon(root, sock, backend, os.path.join(base, "daemon.log"), args.processes,
-                                   args.workers, start_s=600.0 if in_lab() else 60.0))
+        d = stack.enter_context(daemon(root, sock, backend, os.path.join(base, "daemon.log"), args.processes,
+                                       args.workers, start_s=600.0 if in_lab() else 60.0))
         c = Client(sock)
-        at_once, seq = [], []
+        at_once, seq, busy = [], [], []
         for _ in range(args.rounds):
+            cpu0 = cpu_s(d.pid)
             took, errors = creates_at_once(sock, args.creates)
             if errors:
                 raise RuntimeError(f"{len(errors)} creates failed: {errors[:3]}")
             at_once.append(took)
+            busy.append((cpu_s(d.pid) - cpu0) / took)
             for i in range(args.creates):
                 c.remove_volume(f"at{i}")
             t0 = time.perf_counter()
@@ -243,6 +260,7 @@ def bench_backend(name: str, args: argparse.Namespace, tag: str) -> dict[str, An
             for i in range(args.creates):
                 c.remove_volume(f"sq{i}")
         res["creates_at_once"] = statistics.median(at_once)
+        res["daemon_cores_busy"] = statistics.median(busy)
         res["creates_one_by_one"] = statistics.median(seq)
         for k in list(store.volumes()):
             store.remove_volume(k.id)
@@ -273,6 +291,8 @@ def report(r: dict[str, Any], args: argparse.Namespace) -> None:
            ["kernel floor, 1 thread" + (" (create_snap + activate)" if lab else " (FICLONE)"),
             ms(r["floor_create"]), ms(r["floor_create"] / c)],
            ["containerd devmapper (published)", ms(CONTAINERD_MS * c / 1000), ms(CONTAINERD_MS / 1000)]])
+    print(f"the daemon and its store workers used {r['daemon_cores_busy']:.2f} cores on average during the "
+          f"{c} creates at once ({os.cpu_count()} on this machine): below that, something serializes them")
     if lab:
         q2 = r[f"fork_{n}"] / r["floor_create"] * c / n
         print(f"fork of {n} vs {n} x (create_snap + activate), the children being attached too: {q2:.2f}x")

@@ -624,6 +624,9 @@ class DmThinBackend(DmVolumeBase, PreparesCopies, OwnSpace, WatchesSpace, HoldsT
         t = ctx.template
         final = os.path.join(self.tdir, t.id)
         partial = final + ".partial"
+        tid = _read_id(final)
+        if tid is not None:  # published whole (os.replace) once filled: read without the lock,
+            return tid       # so that creates at once of one template do not queue on its flock
         with ctx.template_lock():
             tid = _read_id(final)
             if tid is not None:

@@ -25,6 +25,16 @@ from .errors import AlreadyExists, CowdiskError, KernelError, LockTimeout, NotFo
 from .kernel.procfs import process_alive, process_start
 from .locks import describe_holders
 from .model import VolumeState as VolumeState
+from .operations import (  # the allowed state changes, derived from the operations' declarations
+    ATTACHED as ATTACHED,
+    CHECKPOINTED as CHECKPOINTED,
+    CHECKPOINTING as CHECKPOINTING,
+    CREATING as CREATING,
+    ERROR as ERROR,
+    REMOVING as REMOVING,
+    RESTORING as RESTORING,
+    TRANSITIONS as TRANSITIONS,
+)
 
 log = logging.getLogger(__name__)
 
@@ -108,32 +118,6 @@ MIGRATIONS: list[list[str]] = [
 ]
 assert len(MIGRATIONS) == SCHEMA_VERSION
 
-
-
-CREATING = VolumeState.CREATING
-ATTACHED = VolumeState.ATTACHED
-CHECKPOINTING = VolumeState.CHECKPOINTING
-CHECKPOINTED = VolumeState.CHECKPOINTED
-RESTORING = VolumeState.RESTORING
-REMOVING = VolumeState.REMOVING
-ERROR = VolumeState.ERROR
-
-TRANSITIONS: frozenset[tuple[VolumeState, VolumeState]] = frozenset({
-    (CREATING, ATTACHED),
-    (CREATING, CHECKPOINTED),  # adopt: a checkpointed volume another store made, registered here
-    (ATTACHED, CHECKPOINTING), (CHECKPOINTING, CHECKPOINTED),
-    (CHECKPOINTING, ATTACHED),  # the device was still open: checkpoint reverted
-    (CHECKPOINTED, RESTORING), (RESTORING, ATTACHED),
-    (RESTORING, CHECKPOINTED),  # restore rolled back
-    # remove takes a volume from any state (a stale trying state included: its operation
-    # is over, the volume lock says so)
-    *((s, REMOVING) for s in (CREATING, ATTACHED, CHECKPOINTING, CHECKPOINTED, RESTORING, ERROR)),
-    (REMOVING, ATTACHED),  # the device was still open: remove reverted
-    (ATTACHED, ERROR),  # recovery could not attach it again after a reboot
-    (ATTACHED, ATTACHED),  # recovery re-attached it (new device path)
-})
-"""Every allowed change of a volume's state; :meth:`Registry.set_state` refuses the rest.
-A row is born ``creating`` and deleted from ``creating`` (rolled back) or ``removing``."""
 
 
 @dataclass(frozen=True)

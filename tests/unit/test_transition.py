@@ -300,3 +300,25 @@ def test_intents_of_older_versions_map_to_todays_operations() -> None:
     assert legacy_op("restore", {"in_place": True}) == "restore"
     assert legacy_op("create", {"fork_of": "a"}) == "fork"
     assert legacy_op("create", {}) == "create"
+
+
+def test_transitions_are_derived_from_the_operations() -> None:
+    """The registry's table of allowed state changes is derived from the operations'
+    declarations (issue 22 item 7); it equals the table once written out by hand in
+    registry.py, and an operation's declaration changes it."""
+    import dataclasses
+
+    from cowdisk.model import VolumeState as S
+    from cowdisk.operations import REATTACH, transitions
+    from cowdisk.registry import TRANSITIONS
+
+    cr, at, cking, cked, rs, rm, err = (S.CREATING, S.ATTACHED, S.CHECKPOINTING, S.CHECKPOINTED, S.RESTORING,
+                                        S.REMOVING, S.ERROR)
+    old = frozenset({
+        (cr, at), (cr, cked), (at, cking), (cking, cked), (cking, at), (cked, rs), (rs, at), (rs, cked),
+        *((s, rm) for s in (cr, at, cking, cked, rs, err)),
+        (rm, at), (at, err), (at, at),
+    })
+    assert TRANSITIONS == old
+    without_revert = {**OPERATIONS, "checkpoint": dataclasses.replace(CHECKPOINT, back_to=frozenset())}
+    assert transitions(without_revert.values(), REATTACH) == old - {(cking, at)}

@@ -1,9 +1,10 @@
 """One mechanism for every state change of a volume (containerd devmapper's
 ``transition(trying, success, fn)``, vdsm's intent-then-compensation).
 
-An :class:`Operation` declares, once, everything the store and its tests need to know
-about a state change: the state its subject starts in, the *trying* state committed
-together with the intent before anything is touched, the named steps it runs in order
+An :class:`~cowdisk.operations.Operation` (declared in ``cowdisk/operations.py``, below the
+registry, which derives its allowed state changes from them) declares, once, everything the
+store and its tests need to know about a state change: the state its subject starts in,
+the *trying* state committed together with the intent before anything is touched, the named steps it runs in order
 (and which backend method each calls, whose own steps count too), the *done* state
 committed together with the end of the intent, and what recovery does with an intent
 whose process died: ``undo`` (roll back) or ``finish`` (roll forward).
@@ -26,23 +27,27 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Callable, Literal, Mapping, Sequence, TypeVar
+from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 from .. import failpoints
-from ..errors import StateError
-from ..registry import (
-    ATTACHED,
-    CHECKPOINTED,
-    CHECKPOINTING,
-    CREATING,
-    REMOVING,
-    RESTORING,
-    Registry,
-    VolumeRow,
-    VolumeState,
+from ..operations import (
+    ADOPT as ADOPT,
+    CHECKPOINT as CHECKPOINT,
+    CREATE as CREATE,
+    FLATTEN as FLATTEN,
+    FORK as FORK,
+    IMPORT as IMPORT,
+    OPERATIONS as OPERATIONS,
+    REMOVE as REMOVE,
+    RESTORE as RESTORE,
+    RESTORE_AS as RESTORE_AS,
+    TAKE_OVER as TAKE_OVER,
+    TEMPLATE_REMOVE as TEMPLATE_REMOVE,
+    Operation as Operation,
+    Step as Step,
 )
+from ..registry import Registry, VolumeRow, VolumeState
 
 log = logging.getLogger(__name__)
 
@@ -50,111 +55,6 @@ T = TypeVar("T")
 
 INTENT = "intent"
 """The crash point right after an operation's intent (and trying state) is committed."""
-
-
-@dataclass(frozen=True)
-class Step:
-    name: str
-    backend: str | None = None
-    """The backend method this step calls: its declared steps are crash points too."""
-    points: tuple[str, ...] = ()
-    """The store's own crash points inside this step, in order (``failpoints.hit(op, point)``
-    where the step's code passes them): a kill there leaves the step half done."""
-
-
-@dataclass(frozen=True)
-class Operation:
-    name: str
-    starts_from: frozenset[VolumeState] | None
-    """States the subject may be in; None: the operation makes a new volume."""
-    trying: VolumeState | None
-    """Committed with the intent (CREATING for a new row); None: the state does not change."""
-    done: VolumeState | None
-    """Committed with the end of the intent; None: the row is deleted (or, without a
-    trying state, left as it is)."""
-    after_crash: Literal["undo", "finish"]
-    steps: tuple[Step, ...] = field(default=())
-    source_from: frozenset[VolumeState] | None = None
-    """For an operation that makes a volume from another: the states that source may be in."""
-    subject: Literal["volume", "template"] = "volume"
-    """What the intent names: a volume id, or a template id (no volume state changes)."""
-    batch: bool = False
-    """Runs on several new volumes at once (:class:`Batch`): one intent each, committed
-    together, and their done states committed together."""
-
-    @property
-    def makes_volume(self) -> bool:
-        return self.subject == "volume" and self.starts_from is None
-
-    @property
-    def verb(self) -> str:
-        """What users call it ("restore" for restore-as)."""
-        return self.name.split("-")[0]
-
-    def require(self, v: VolumeRow, hint: str = "") -> None:
-        """Refuse (StateError) a subject, or for an operation that makes a volume its source,
-        that is not in a state the operation starts from."""
-        allowed = self.source_from if self.makes_volume else self.starts_from
-        if allowed is not None and v.state not in allowed:
-            want = " or ".join(s.value for s in VolumeState if s in allowed)
-            raise StateError(f"{self.verb} volume {v.id}: it is {v.state}, not {want}", op=self.verb, obj=v.id,
-                             hint=hint)
-
-
-CREATE = Operation("create", None, CREATING, ATTACHED, "undo",
-                   (Step("volume", "create"), Step("link")))
-REMOVE = Operation("remove", frozenset(VolumeState), REMOVING, None, "finish",
-                   (Step("detach"), Step("links"), Step("source-links"), Step("data")))
-CHECKPOINT = Operation("checkpoint", frozenset({ATTACHED}), CHECKPOINTING, CHECKPOINTED, "finish",
-                       (Step("detach"), Step("links"), Step("source-links")))
-"""``links``: the volume's own link; ``source-links``: a restore-as source's link retargeted
-to this volume, settled under that source's lock (:meth:`StoreParts.settle_source_links`,
-which recovery runs too)."""
-RESTORE = Operation("restore", frozenset({CHECKPOINTED}), RESTORING, ATTACHED, "undo",
-                    (Step("device", "attach"), Step("link")))
-RESTORE_AS = Operation("restore-as", None, CREATING, ATTACHED, "undo",
-                       (Step("copy", "copy_data"), Step("device", "attach"), Step("link"),
-                        Step("retarget", points=("retarget-row",))),
-                       source_from=frozenset({CHECKPOINTED}))
-"""``retarget``: the source's link pointed at the copy (optional); ``retarget-row``: its row
-committed, the file not yet renamed over the link, which may still point at an earlier copy
-(the undo gives that link back to it: :meth:`StoreParts.settle_link`)."""
-FORK = Operation("fork", None, CREATING, ATTACHED, "undo",
-                 (Step("copy", "copy_data"), Step("copies"), Step("device", "attach"), Step("identity"),
-                  Step("link")),
-                 source_from=frozenset({ATTACHED, CHECKPOINTED}), batch=True)
-"""Fork into N at one instant, run as one :class:`Batch`: every child's intent and row in
-one transaction; ``copy`` takes the first child from the source (the source held once:
-suspended, or its file cloned under the inode's lock), ``copies`` makes the others as
-copies of that same instant (``copy_data(like=first)``: from the first child, which no
-one can write yet, or rbd's one snapshot), the source not held again;
-``device`` attaches each, ``identity`` (optional: ``reset_identity``) gives each its own
-machine id, host keys and hostname on its disk (store/identity.py), ``link`` makes each
-child's stable link; every done state in one transaction."""
-FLATTEN = Operation("flatten", frozenset({ATTACHED, CHECKPOINTED}), None, None, "undo",
-                    (Step("data", "flatten"), Step("register")))
-ADOPT = Operation("adopt", None, CREATING, CHECKPOINTED, "undo", (Step("claim", "claim"),))
-"""Register a checkpointed volume another store made in a shared place (rbd's pool): its
-row is born ``creating``, the backend records this store as the volume's owner, and the
-row is committed ``checkpointed``. Undo gives the volume back to its previous owner (the
-intent's ``owner``) and forgets the row; the volume's data is never touched."""
-TAKE_OVER = Operation("take-over", frozenset({CHECKPOINTED}), None, None, "finish",
-                      (Step("fence", "take_over"),))
-"""Fence the store that holds a shared volume (``restore --steal``): its clients are cut
-off and its hold cleared. Cannot be rolled back (a fence is for good): a killed one is
-finished by recovery, which fences again."""
-IMPORT = Operation("import", None, None, None, "undo", (Step("publish"),), subject="template")
-TEMPLATE_REMOVE = Operation("template-remove", None, None, None, "finish", (Step("file"),), subject="template")
-"""Remove a template no volume uses: its file, then its row with the end of the intent; a
-kill in between is finished by recovery (no row left whose file is gone)."""
-"""Publish a template's file (templates/<id>/disk.img, immutable) and register it: the row is
-committed with the end of the intent, so a kill leaves either both or an intent whose undo
-removes the file."""
-
-OPERATIONS: Mapping[str, Operation] = {o.name: o for o in
-                                       (CREATE, REMOVE, CHECKPOINT, RESTORE, RESTORE_AS, FORK, FLATTEN, ADOPT,
-                                        TAKE_OVER, IMPORT, TEMPLATE_REMOVE)}
-"""Every operation by name: the intents' ``op`` column and recovery's handler table key."""
 
 
 def crash_points(op: Operation, backend_steps: Mapping[str, tuple[str, ...]]) -> list[str]:

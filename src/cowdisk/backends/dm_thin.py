@@ -119,6 +119,10 @@ def _int_option(env: BackendEnv, key: str, lo: int, hi: int) -> int:
     return v
 
 
+ID_BLOCK = 8
+"""Thin ids a process reserves at once for its next new thins (see DmThinBackend._take_id)."""
+
+
 def _write_durable(path: str, text: str) -> None:
     """Write ``path`` through a temporary name, fsync it and its directory."""
     tmp = f"{path}.tmp-{os.getpid()}"
@@ -581,11 +585,15 @@ class DmThinBackend(DmVolumeBase, PreparesCopies, OwnSpace, WatchesSpace, HoldsT
                 self._reserved.extend(range(last - n + 1, last + 1))
 
     def _take_id(self) -> int:
-        """A reserved thin id (:meth:`prepare_copies`), or a new one."""
+        """A reserved thin id (:meth:`prepare_copies`), or one of a block of ``ID_BLOCK``
+        reserved now: the pool takes its messages one at a time and each commits its
+        metadata, so creates at once in one process would otherwise each wait for a
+        ``set_transaction_id`` commit of their own (ids left over are skipped for good)."""
         with self._reserved_lock:
-            if self._reserved:
-                return self._reserved.pop(0)
-        return self._alloc_id()
+            if not self._reserved:
+                last = self._alloc_id(ID_BLOCK)
+                self._reserved.extend(range(last - ID_BLOCK + 1, last + 1))
+            return self._reserved.pop(0)
 
     def _alloc_id(self, n: int = 1) -> int:
         """``n`` thin ids no one had, the last returned (the others are the ``n - 1`` before

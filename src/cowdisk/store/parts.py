@@ -139,6 +139,8 @@ class StoreParts:
         docs/cli.md), or the uid :meth:`as_caller` scoped this view to (the daemon's peer)."""
         try:
             self.root_uid = os.stat(self.root).st_uid
+        except FileNotFoundError:  # a new store: the caller makes its directory and owns it
+            self.root_uid = self.caller
         except OSError:
             self.root_uid = 0
         self.admin = self.caller in (0, self.root_uid)

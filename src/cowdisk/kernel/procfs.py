@@ -106,6 +106,27 @@ def _stat_fields(pid: int) -> list[str] | None:
     return data[data.rindex(b")") + 2:].decode(errors="replace").split()
 
 
+def read_pid_file(path: str) -> int | None:
+    """The PID a server wrote into its PID file, None when the file is missing or holds no PID."""
+    try:
+        with open(path) as f:
+            s = f.read().strip()
+    except FileNotFoundError:
+        return None
+    return int(s) if s.isdigit() else None
+
+
+def process_name(pid: int) -> str:
+    """The command name (``comm``) of a running process; '' when it is gone or a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            st = f.read()
+    except FileNotFoundError:
+        return ""
+    comm, _, rest = st.partition("(")[2].rpartition(")")
+    return "" if rest.split()[0] == "Z" else comm
+
+
 _OWN_START: tuple[int, str] = (0, "")
 """This process's (PID, start time): read once (every intent records it); a forked child,
 whose PID differs, reads its own."""

@@ -21,6 +21,7 @@ from typing import Any
 
 from ..errors import KernelError
 from ..kernel import mount as kmount
+from ..kernel.procfs import process_name, read_pid_file
 
 PLUGIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "nbd_plugin.py")
 SRC = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -44,26 +45,6 @@ class Served:
         return f"nbd+unix:///?socket={self.socket}"
 
 
-def _pid(path: str) -> int | None:
-    try:
-        with open(path) as f:
-            s = f.read().strip()
-        return int(s) if s.isdigit() else None
-    except FileNotFoundError:
-        return None
-
-
-def _comm(pid: int) -> str:
-    """The process's name ('' when gone or a zombie)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            st = f.read()
-    except FileNotFoundError:
-        return ""
-    comm, _, rest = st.partition("(")[2].rpartition(")")
-    return "" if rest.split()[0] == "Z" else comm
-
-
 SOCKET_DIR = "/run/cowdisk-lazy"
 """Where the servers' sockets are: a unix socket's path has at most 107 bytes, which a
 store root's own path may use up."""
@@ -78,8 +59,8 @@ def socket_path(cache: str) -> str:
 
 def server(cache: str) -> Served | None:
     """The nbdkit serving ``cache``, when one runs."""
-    pid = _pid(os.path.join(cache, PIDFILE))
-    if pid is None or _comm(pid) != "nbdkit":
+    pid = read_pid_file(os.path.join(cache, PIDFILE))
+    if pid is None or process_name(pid) != "nbdkit":
         return None
     return Served(cache, socket_path(cache), pid)
 
@@ -134,12 +115,12 @@ def _end(pid: int, comm: str, deadline_s: float) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGTERM)
     end = time.monotonic() + deadline_s
-    while _comm(pid) == comm and time.monotonic() < end:
+    while process_name(pid) == comm and time.monotonic() < end:
         time.sleep(0.01)
-    if _comm(pid) == comm:
+    if process_name(pid) == comm:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        while _comm(pid) == comm:
+        while process_name(pid) == comm:
             time.sleep(0.01)
 
 
@@ -167,16 +148,16 @@ def export_file(served: Served, mountpoint: str, pidfile: str) -> int:
     r = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=60)
     if r.returncode != 0:
         raise KernelError("export lazy template", mountpoint, errno.EIO, detail=f"{QSD}: {r.stderr.strip()}")
-    pid = _pid(pidfile)
+    pid = read_pid_file(pidfile)
     if pid is None:
         raise KernelError("export lazy template", mountpoint, errno.ESRCH, detail=f"{QSD} wrote no PID")
     return pid
 
 
 def unexport_file(mountpoint: str, pidfile: str, deadline_s: float = 10.0) -> None:
-    pid = _pid(pidfile)
-    if pid is not None and _comm(pid).startswith("qemu-storage-d"):
-        _end(pid, _comm(pid), deadline_s)
+    pid = read_pid_file(pidfile)
+    if pid is not None and process_name(pid).startswith("qemu-storage-d"):
+        _end(pid, process_name(pid), deadline_s)
     if kmount.mounted_at(mountpoint) is not None:
         with contextlib.suppress(KernelError):
             kmount.umount(mountpoint, kmount.MNT_DETACH)

@@ -13,10 +13,10 @@ from typing import Any, ClassVar, Iterator, Mapping
 
 from ...errors import InvalidArgument, KernelError, NotFound, Unsupported
 from ...kernel import fs
-from ...kernel.procfs import process_alive, process_start
+from ...kernel.procfs import process_alive, process_start, read_pid_file
 from ...progress import Progress
 from .. import BackendEnv, KernelObject, Shared, Usage, VolumeCtx, check_options
-from .export import DISK, PIDFILE, QSD, FuseExport, _is_qsd, _mounted, _read_pid, _which
+from .export import DISK, PIDFILE, QSD, FuseExport, _is_qsd, _mounted, _which
 from .lib import _connect, _in_fresh_thread, librbd, named
 from .records import DIGEST, HOLDER, OWNER, PARENT_KEY, TEMPLATE_KEY, Records, copy_snap, template_image, \
     template_snap, volume_image
@@ -453,7 +453,7 @@ class RbdBackend(Records, FuseExport, Shared):
     def is_attached(self, ctx: VolumeCtx) -> bool:
         if self.map == "fuse":
             mnt = os.path.join(ctx.data_dir, DISK)
-            pid = _read_pid(os.path.join(ctx.data_dir, PIDFILE))
+            pid = read_pid_file(os.path.join(ctx.data_dir, PIDFILE))
             return _mounted(mnt) and pid is not None and _is_qsd(pid)
         try:
             return self.holder_of(ctx.id) == self.holder
@@ -484,7 +484,7 @@ class RbdBackend(Records, FuseExport, Shared):
         with contextlib.suppress(FileNotFoundError):
             for vid in os.listdir(base):
                 mnt = os.path.join(base, vid, DISK)
-                pid = _read_pid(os.path.join(base, vid, PIDFILE))
+                pid = read_pid_file(os.path.join(base, vid, PIDFILE))
                 if _mounted(mnt) or (pid is not None and _is_qsd(pid)):
                     yield KernelObject("fuse", mnt, vid, detail=f"{QSD} PID {pid}")
         _, rbd = librbd()

@@ -14,6 +14,7 @@ import time
 from ...errors import InUse, KernelError
 from ...kernel import fs
 from ...kernel import mount as kmount
+from ...kernel.procfs import process_name, read_pid_file
 from .. import VolumeCtx
 
 DISK = "disk.img"
@@ -53,7 +54,7 @@ class FuseExport:
         return mnt
 
     def _unmap(self, mnt: str, pidfile: str, deadline_s: float, vid: str) -> None:
-        pid = _read_pid(pidfile)
+        pid = read_pid_file(pidfile)
         if pid is not None and _is_qsd(pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
@@ -76,24 +77,9 @@ def _which(name: str) -> bool:
     return shutil.which(name) is not None
 
 
-def _read_pid(path: str) -> int | None:
-    try:
-        with open(path) as f:
-            s = f.read().strip()
-        return int(s) if s.isdigit() else None
-    except FileNotFoundError:
-        return None
-
-
 def _is_qsd(pid: int) -> bool:
     """``pid`` runs (not a zombie) and is a qemu-storage-daemon."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            st = f.read()
-    except FileNotFoundError:
-        return False
-    comm, _, rest = st.partition("(")[2].rpartition(")")
-    return rest.split()[0] != "Z" and comm.startswith("qemu-storage-d")
+    return process_name(pid).startswith("qemu-storage-d")
 
 
 def _mounted(path: str) -> bool:

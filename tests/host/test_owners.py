@@ -180,6 +180,20 @@ def test_callers_see_and_change_only_their_own(tmp_path, shared_dir) -> None:
         assert call(sock, B, "DELETE", "/v1/templates/atpl")[0] == 404
         code, doc = call(sock, A, "DELETE", "/v1/templates/base")  # shared, but root's
         assert code == 403 and doc["error"]["type"] == "Forbidden", doc
+        # A's import of the same content is root's shared template, but A does not name it
+        img = os.path.join(shared_dir, "incoming", "base-copy.img")
+        shutil.copyfile(d.client.template("base").path, img)
+        os.chown(img, A, A)
+        for name, want in (("a-base", "Forbidden"), (None, "succeeded")):
+            code, job = call(sock, A, "POST", "/v1/templates/import", {"source": img, "name": name})
+            assert code == 202, job
+            job = job_result(sock, A, job)
+            if want == "Forbidden":
+                assert job["state"] == "failed" and job["error"]["type"] == "Forbidden", job
+                assert "only its owner or root names it" in job["error"]["message"], job
+            else:
+                assert job["state"] == want and job["result"]["id"] == base["id"], job
+        assert d.client.template("base").names == ("base",) and d.client.template("base").owner == 0
 
         # only root hands over, and maintains the whole store
         for uid in (A, B):

@@ -37,8 +37,8 @@ EXIT_CODES: dict[int, tuple[str, str]] = {
     13: ("registry damaged", "the store's registry is damaged or lost (`cowdisk recover --rebuild-registry` "
                              "rebuilds it from the manifests beside each volume and template)"),
     20: ("forbidden", "not allowed: only root may do this (`chown`, `recover`, `gc`, destroy the store; a shared "
-                      "template of another owner is its owner's to remove), or the daemon refused the caller "
-                      "(not in its allowlist) or a path outside its roots"),
+                      "template of another owner is its owner's to remove and to name), or the daemon refused the "
+                      "caller (not in its allowlist) or a path outside its roots"),
     21: ("cancelled (daemon)", "a daemon job was cancelled; what it had made is undone"),
     22: ("unavailable (daemon)", "no daemon answers on the socket, or it is shutting down"),
     23: ("worker died (daemon)", "the daemon's store worker died during the call; the daemon ran recovery, "

@@ -312,6 +312,11 @@ class Templates:
                                     hint="root can share it (`cowdisk template share`) or hand it over")
             changed = False
             if name and name not in existing.names:
+                if self.viewer is not None and existing.owner != self.caller:
+                    raise Forbidden(f"name template {tid} {name!r}: this content is template {tid}, shared by uid "
+                                    f"{existing.owner}; only its owner or root names it",
+                                    op="name template", obj=tid,
+                                    hint=f"use it as {tid}" + (f" or {existing.names[0]!r}" if existing.names else ""))
                 self.registry.add_template_name(tid, name, visible_to=self.viewer)
                 changed = True
             if shared and not existing.shared and (self.viewer is None or existing.owner == self.caller):

@@ -488,6 +488,18 @@ def global_params(*, at_root: bool) -> list[click.Parameter]:
     ]
 
 
+_SUB_PARAMS: list[click.Parameter] = []
+
+
+def _sub_params() -> list[click.Parameter]:
+    """The global options after a subcommand, made once and shared by every command (they
+    keep no state of their own: what they set goes on the :class:`App`); a command module
+    that makes 20 commands does not make 120 options at every start."""
+    if not _SUB_PARAMS:
+        _SUB_PARAMS.extend(global_params(at_root=False))
+    return _SUB_PARAMS
+
+
 def table(*columns: str, **kw: Any) -> Any:
     """A rich table whose cells fold rather than being cut (the demo's tables)."""
     from rich.table import Table
@@ -504,7 +516,7 @@ class CowdiskCommand(click.Command):
     def __init__(self, *args: Any, **kw: Any) -> None:
         super().__init__(*args, **kw)
         names = {n for p in self.params for n in getattr(p, "opts", [])}
-        self.params += [p for p in global_params(at_root=False) if not set(p.opts) & names]
+        self.params += [p for p in _sub_params() if not set(p.opts) & names]
 
     def invoke(self, ctx: click.Context) -> Any:
         app = _app(ctx)

@@ -4,15 +4,15 @@ image), list, inspect, verify and remove templates."""
 from __future__ import annotations
 
 import os
-import re
 from typing import TYPE_CHECKING, Any, Callable, cast
 
 import click
 
 from ..errors import InvalidArgument, NotFound
-from ..store.model import validate_id
+from ..model import validate_id
 from .app import (App, Column, CowdiskSubGroup, complete_templates, human_bytes, matches, parse_filters, parse_size,
                   pass_app, select_columns, when)
+from .refs import owners_as_uids, parse_owner, show_template, template_ref
 
 if TYPE_CHECKING:
     from ..contract import StoreAPI
@@ -24,70 +24,6 @@ COLUMNS = [Column("id"), Column("names"), Column("size", human=human_bytes),
            Column("state"), Column("created", human=when), Column("digest", default=False),
            Column("path", default=False), Column("source", default=False), Column("owner", default=False),
            Column("shared", default=False)]
-
-DIGEST_PREFIX = 6
-"""The shortest digest prefix a template is found by (hex digits)."""
-
-_DIGEST = re.compile(rf"[0-9a-f]{{{DIGEST_PREFIX},64}}")
-
-
-def template_ref(ref: str) -> str:
-    """A template reference as the store finds it: its id, a name, or a prefix of its digest
-    of at least 6 hex digits, bare or as ``sha256:<hex>`` (the form ``inspect`` prints);
-    InvalidArgument (exit 2) for anything else."""
-    if ref.startswith("sha256:"):
-        digest = ref.removeprefix("sha256:")
-        if not _DIGEST.fullmatch(digest):
-            raise InvalidArgument(f"invalid template digest {ref!r}: sha256: and {DIGEST_PREFIX} to 64 lower-case "
-                                  "hex digits", op="validate id", obj=repr(ref))
-        return digest
-    return validate_id(ref, "template name or id")
-
-
-def parse_owner(text: str) -> int:
-    """An owner given on the command line: a uid, or a user name of this host."""
-    if text.isdigit():
-        return int(text)
-    import pwd
-
-    try:
-        return pwd.getpwnam(text).pw_uid
-    except KeyError:
-        raise InvalidArgument(f"owner {text!r}: not a uid, and no user of that name", op="parse owner",
-                              obj=text) from None
-
-
-def owners_as_uids(wanted: dict[str, set[str]]) -> dict[str, set[str]]:
-    """``--filter owner=NAME`` as the uid the rows hold (a uid stays as it is)."""
-    if "owner" in wanted:
-        wanted["owner"] = {str(parse_owner(o)) for o in wanted["owner"]}
-    return wanted
-
-
-def owner_name(uid: int) -> str:
-    """``uid`` with its user name when this host has one (``1000 (alice)``)."""
-    import pwd
-
-    try:
-        return f"{uid} ({pwd.getpwuid(uid).pw_name})"
-    except KeyError:
-        return str(uid)
-
-
-def show_template(app: App, store: StoreAPI, t: Template, title: str) -> None:
-    d = store.template_doc(t)
-    if app.json:
-        app.emit(d)
-        return
-    if app.quiet:
-        app.line(d["id"])
-        return
-    app.kv(title, {"id": d["id"], "names": d["names"], "size": f"{human_bytes(d['size'])} ({d['size']} bytes)",
-                   "on disk": human_bytes(d["disk_bytes"]), "digest": f"sha256:{d['digest']}",
-                   "state": d["state"], "source": d["source"], "path": d["path"],
-                   "volumes": d["users"], "owner": owner_name(d["owner"]) + (", shared" if d["shared"] else ""),
-                   "created": when(d["created"])})
-
 
 @click.group(cls=CowdiskSubGroup)
 def template() -> None:

@@ -10,10 +10,10 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from ..errors import CowdiskError, InvalidArgument, NotFound
-from ..store.model import validate_id
+from ..model import validate_id
 from .app import (App, Column, CowdiskSubGroup, LazyChoice, complete_templates, complete_volumes, human_bytes,
                   matches, parse_filters, parse_size, pass_app, select_columns, when)
-from .templates import owner_name, owners_as_uids, parse_owner, show_template, template_ref
+from .refs import owner_name, owners_as_uids, parse_owner, show_template, template_ref
 
 if TYPE_CHECKING:
     from ..contract import StoreAPI

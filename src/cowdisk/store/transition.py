@@ -115,15 +115,19 @@ class Transition:
             if self.begin is not None:
                 self.begin()
         log.debug("%s %s: intent %d", self.op.name, self.vid, self.intent)
-        # records of objects and links the steps remove are written with the done state (or
-        # the undo's commit), not each in its own transaction: the intent explains them
+        self._opened()
+        return self
+
+    def _opened(self) -> None:
+        """After the intent is committed: records of objects and links the steps remove are
+        written with the done state (or the undo's commit), not each in its own transaction
+        (the intent explains them); then the intent's crash point."""
         self._deferring.enter_context(self.registry.deferring())
         try:
             failpoints.hit(self.op.name, INTENT)
         except BaseException:
             self._deferring.close()
             raise
-        return self
 
     def step(self, name: str, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
         """Run the declared step ``name`` (steps run in their declared order; an optional
@@ -235,12 +239,7 @@ class Batch(Transition):
                 self.begin()
         self.intent = self.intents[0]
         log.debug("%s %s: intents %s", self.op.name, ",".join(r.id for r in self.rows), self.intents)
-        self._deferring.enter_context(self.registry.deferring())
-        try:
-            failpoints.hit(self.op.name, INTENT)
-        except BaseException:
-            self._deferring.close()
-            raise
+        self._opened()
         return self
 
     def note(self, **data: Any) -> None:

@@ -7,10 +7,16 @@ refuse unknown keys: a typo is a 400, not a silently ignored option.
 
 from __future__ import annotations
 
+import ast
+import dataclasses
+import inspect
+import textwrap
+import typing
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, create_model
 
+from .. import model
 from ..errors import InvalidArgument
 from ..registry import VolumeState
 from ..units import parse_size
@@ -31,6 +37,31 @@ Size = Annotated[int, BeforeValidator(_bytes), WithJsonSchema({
               {"type": "string", "pattern": "^\\s*[0-9]+\\s*([KMGTkmgt]([iI]?[bB])?|[bB])?\\s*$"}],
     "description": "Bytes, or a number with a unit K, M, G or T (powers of 1024), as the command line takes it"})]
 """A positive size in bytes; given as an integer or a string with a unit (``128M``)."""
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """The attribute docstrings of class ``cls`` (the string literal under a field), by field."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0]
+    assert isinstance(body, ast.ClassDef)
+    return {a.target.id: " ".join(b.value.value.replace("``", "").split())
+            for a, b in zip(body.body, body.body[1:])
+            if isinstance(a, ast.AnnAssign) and isinstance(a.target, ast.Name) and isinstance(b, ast.Expr)
+            and isinstance(b.value, ast.Constant) and isinstance(b.value.value, str)}
+
+
+def out_model(cls: type, name: str, **extra: Any) -> type[BaseModel]:
+    """The response model of the model dataclass ``cls`` (cowdisk.model: what the library
+    returns and ``as_dict`` makes the document of): its fields with their types, defaults
+    and docstrings as descriptions, plus ``extra`` fields the document adds. One list of
+    fields for the library, the client and the API."""
+    hints = typing.get_type_hints(cls)
+    docs = _field_docs(cls)
+    fields: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        default = (f.default if f.default is not dataclasses.MISSING else
+                   f.default_factory() if f.default_factory is not dataclasses.MISSING else ...)
+        fields[f.name] = (hints[f.name], Field(default, description=docs.get(f.name)))
+    return create_model(name, **fields, **extra)
 
 
 class In(BaseModel):
@@ -54,71 +85,27 @@ class ErrorDoc(BaseModel):
     error: ErrorBody
 
 
-class TemplateOut(BaseModel):
-    id: str
-    names: list[str]
-    path: str
-    size: int
-    digest: str
-    source: str
-    created: float
-    state: str
-    users: list[str] = Field(description="The caller's volumes over it (root: every volume over it)")
-    disk_bytes: int | None = Field(None, description="Bytes the template's file really takes (st_blocks)")
-    owner: int = Field(0, description="The uid that made it (or root handed it to)")
-    shared: bool = Field(False, description="Usable by every caller, not only its owner")
+TemplateOut = out_model(model.Template, "TemplateOut", disk_bytes=(int | None, Field(
+    None, description="Bytes the template's file really takes (st_blocks)")))
 
 
-class TemplateList(BaseModel):
-    templates: list[TemplateOut]
+TemplateList = create_model("TemplateList", templates=(list[TemplateOut], ...))  # type: ignore[valid-type]
 
 
-class VolumeOut(BaseModel):
-    id: str
-    template_id: str
-    backend: str
-    state: VolumeState
-    size: int
-    device: str | None
-    link: str
-    data_path: str
-    created: float
-    parent: str | None
-    error: str | None
-    links: list[str] = Field(description="Every stable link that leads to the volume: its own first, then "
-                                         "the sources' links a restore as a new id retargeted to it")
-    owner: int = Field(0, description="The uid that made it (or root handed it to); only it and root see it")
+VolumeOut = out_model(model.Volume, "VolumeOut")
 
 
-class VolumeList(BaseModel):
-    volumes: list[VolumeOut]
+VolumeList = create_model("VolumeList", volumes=(list[VolumeOut], ...))  # type: ignore[valid-type]
 
 
-class SharedVolumeOut(BaseModel):
-    id: str
-    size: int
-    template_id: str
-    template_digest: str = Field(description="The template's full sha256 (\"\" when its image does not record it)")
-    template_size: int
-    owner: str = Field(description="<store tag>@<host> of the store whose registry governs the volume, once a "
-                                   "store adopted it (\"\": the store that made it)")
-    holder: str = Field(description="<store tag>@<host> of the store that has it attached (\"\": none)")
-    clients: list[str] = Field(description="Addresses of the clients that have it open right now")
+SharedVolumeOut = out_model(model.SharedVolume, "SharedVolumeOut")
 
 
-class SharedVolumeList(BaseModel):
-    volumes: list[SharedVolumeOut]
+SharedVolumeList = create_model("SharedVolumeList", volumes=(list[SharedVolumeOut], ...))  # type: ignore[valid-type]
 
 
-class UsageOut(BaseModel):
-    disk_bytes: int
-    apparent_bytes: int
-    exclusive_bytes: int | None = None
-    shared_bytes: int | None = None
-    cow_used_bytes: int | None = None
-    cow_total_bytes: int | None = None
-    health: str = "ok"
-    own_bytes: int
+UsageOut = out_model(model.Usage, "UsageOut", own_bytes=(int, Field(
+    description=" ".join((model.Usage.own_bytes.__doc__ or "").split()))))
 
 
 class RecoveryReportOut(BaseModel):

@@ -8,13 +8,21 @@ It sits below both the registry (whose ``set_state`` refuses a change not in
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterable, Literal, Mapping
+from typing import Iterable, Literal, Mapping, Protocol
 
 from .errors import StateError
 from .model import VolumeState
 
-if TYPE_CHECKING:
-    from .registry import VolumeRow
+
+class Stated(Protocol):
+    """What :meth:`Operation.require` reads of a volume (a registry row, a model volume)."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def state(self) -> VolumeState: ...
+
 
 CREATING = VolumeState.CREATING
 ATTACHED = VolumeState.ATTACHED
@@ -67,7 +75,7 @@ class Operation:
         """What users call it ("restore" for restore-as)."""
         return self.name.split("-")[0]
 
-    def require(self, v: VolumeRow, hint: str = "") -> None:
+    def require(self, v: Stated, hint: str = "") -> None:
         """Refuse (StateError) a subject, or for an operation that makes a volume its source,
         that is not in a state the operation starts from."""
         allowed = self.source_from if self.makes_volume else self.starts_from

@@ -529,15 +529,8 @@ def _write_sparse(path: str, im: Any, size: int, progress: Progress | None) -> N
     bs = 4 << 20
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        off = 0
-        while off < size:
-            try:
-                off = os.lseek(fd, off, os.SEEK_DATA)
-            except OSError as e:
-                if e.errno == errno.ENXIO:
-                    break
-                raise
-            end = os.lseek(fd, off, os.SEEK_HOLE)
+        for start, length in fs.data_segments(fd, size):
+            off, end = start, start + length
             while off < end:
                 data = os.pread(fd, min(bs, end - off), off)
                 if not data:

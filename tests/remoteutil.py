@@ -50,3 +50,61 @@ def make_image(path: str, size: int = 16 * MiB) -> dict[int, bytes]:
             f.seek(i * CHUNK)
             f.write(data)
     return {0: a, 3: b, 7: a}
+
+
+def closed_port() -> int:
+    """A port on 127.0.0.1 nothing listens on (bound, then closed): connections are refused."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def offline_lazy(store, image: str, *, hold: set[int] | None = None, chunk_size: int = CHUNK,
+                 timeout: float = 1.0) -> tuple[str, object]:
+    """What `template pull --lazy` leaves on a host, made without an object store: the
+    image cut into chunks by the project's format (remote/chunks.py), the store's cache of
+    its manifest, the chunks ``hold`` (None: every data chunk) fetched into it by the
+    cache's own fetch path (remote/cache.py: checked, written, synced, then recorded) from
+    the chunks in memory, and a remote config whose endpoint refuses connections (a chunk
+    the cache lacks is then an error to its reader, never data). Returns the manifest's
+    URL (a manifest the cache holds is not fetched again) and the manifest. ``timeout``: the
+    config's (a fetch's bound is three times it)."""
+    import hashlib
+
+    from cowdisk.digest import sha256_file
+    from cowdisk.remote.cache import ChunkCache
+    from cowdisk.remote.chunks import Manifest, chunk_key, compress, read_chunks
+
+    size = os.path.getsize(image)
+    blobs: dict[str, bytes] = {}
+    names: list[str | None] = []
+    fd = os.open(image, os.O_RDONLY)
+    try:
+        for _, data in read_chunks(fd, size, chunk_size):
+            if data is None:
+                names.append(None)
+                continue
+            name = hashlib.sha256(data).hexdigest()
+            blobs[chunk_key(name)] = compress(data)
+            names.append(name)
+    finally:
+        os.close(fd)
+    m = Manifest(sha256_file(image), size, chunk_size, tuple(names))
+    cache = os.path.join(store.data_root, "lazy", m.digest)
+    ChunkCache.create(cache, m)
+    c = ChunkCache(cache, m, lambda key: blobs[key], where=lambda key: key)
+    try:
+        for i, name in enumerate(names):
+            if name is not None and (hold is None or i in hold):
+                c.ensure(i)
+    finally:
+        c.close()
+    cfg = {"endpoint": f"http://127.0.0.1:{closed_port()}", "access_key": "k", "secret_key": "s",
+           "bucket": "cowdisk-templates", "region": "default", "timeout": timeout}
+    path = os.path.join(store.root, "remote.toml")
+    with open(path, "w") as f:
+        f.write("[remote]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in cfg.items()))
+    os.chmod(path, 0o600)
+    return f"s3://cowdisk-templates/manifests/{m.digest}", m

@@ -79,6 +79,10 @@ The contract (what the store relies on, and the conformance suite checks):
   content is a template already or the flatten is undone; ``held_size`` and
   ``held_digest`` answer for the template's size and ``template verify``
   (store/templates.py, ``Holder``).
+* **Lazy origin** (optional; dm-thin, dm-snapshot). A backend declaring ``LazyOrigin``
+  makes volumes over a lazy template (``TemplateRef.serve`` is set): it connects one
+  read-only nbd device per template to the server (``dm_common.hold_lazy_origin``) and
+  maps the template through it. The store refuses such a template on the others.
 * **Declared.** Each optional feature is a protocol below (``OpenCount``, ``Shared``, ...)
   that the backend class names among its bases; the store asks ``isinstance``.
 * **Scan.** ``scan()`` lists this store's kernel objects on the host (by the store's
@@ -111,6 +115,10 @@ class TemplateRef:
     path: str
     size: int
     digest: str = ""
+    serve: Callable[[], str] | None = None
+    """A lazy template (docs/remote.md): starts (or finds) the server of its chunk cache and
+    returns its unix socket (NBD, read-only); None for every other template. Only a
+    backend declaring ``LazyOrigin`` is given one."""
 
 
 @dataclass
@@ -253,6 +261,15 @@ class CopiesData(Protocol):
 
 
 @runtime_checkable
+class LazyOrigin(Protocol):
+    """"Lazy origin": volumes over a lazy template, whose bytes a server on this host serves
+    over NBD (``TemplateRef.serve``): the backend reads the template through a read-only
+    ``/dev/nbdN`` (dm-thin's external origin, dm-snapshot's origin), no data copied."""
+
+    lazy_origin: ClassVar[bool]
+
+
+@runtime_checkable
 class RecordsAhead(Protocol):
     """"Records ahead": the objects ``create`` will record, known before it runs."""
 
@@ -333,7 +350,7 @@ class Shared(Protocol):
     def take_over(self, ctx: VolumeCtx) -> str | None: ...
 
 
-FEATURES: tuple[type, ...] = (CopiesData, RecordsAhead, PreparesCopies, OpenCount, Thaw, OwnSpace, WatchesSpace,
+FEATURES: tuple[type, ...] = (CopiesData, LazyOrigin, RecordsAhead, PreparesCopies, OpenCount, Thaw, OwnSpace, WatchesSpace,
                               GrowsPool, HoldsTemplates, Shared)
 """Every optional feature a backend class may declare."""
 

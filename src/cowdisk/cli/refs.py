@@ -6,7 +6,7 @@ module when it runs it: bench/startup.py)."""
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..errors import InvalidArgument
 from ..model import validate_id
@@ -65,6 +65,13 @@ def owner_name(uid: int) -> str:
         return str(uid)
 
 
+def lazy_cell(d: Any) -> str:
+    """A lazy template's cache in a cell (``-`` for a template with its file here)."""
+    if not d:
+        return "-"
+    return f"{human_bytes(d['cached_bytes'])} cached ({d['cached_chunks']}/{d['data_chunks']} chunks)"
+
+
 def show_template(app: App, store: StoreAPI, t: Template, title: str) -> None:
     d = store.template_doc(t)
     if app.json:
@@ -77,4 +84,7 @@ def show_template(app: App, store: StoreAPI, t: Template, title: str) -> None:
                    "on disk": human_bytes(d["disk_bytes"]), "digest": f"sha256:{d['digest']}",
                    "state": d["state"], "source": d["source"], "path": d["path"],
                    "volumes": d["users"], "owner": owner_name(d["owner"]) + (", shared" if d["shared"] else ""),
-                   "created": when(d["created"])})
+                   "created": when(d["created"])} | ({"lazy": f"manifest {d['lazy']['manifest']}, "
+                                                       + lazy_cell(d["lazy"])
+                                                       + (", served" if d["lazy"]["served"] else ", not served")}
+                                                      if d.get("lazy") else {}))

@@ -12,7 +12,7 @@ from ..errors import InvalidArgument, NotFound
 from ..model import validate_id
 from .app import (App, Column, CowdiskSubGroup, complete_templates, human_bytes, matches, parse_filters, parse_size,
                   pass_app, select_columns, when)
-from .refs import owners_as_uids, parse_owner, show_template, template_ref
+from .refs import lazy_cell, owners_as_uids, parse_owner, show_template, template_ref
 
 if TYPE_CHECKING:
     from ..contract import StoreAPI
@@ -23,7 +23,7 @@ COLUMNS = [Column("id"), Column("names"), Column("size", human=human_bytes),
            Column("disk_bytes", "on disk", human=human_bytes), Column("users", "volumes", human=lambda u: str(len(u))),
            Column("state"), Column("created", human=when), Column("digest", default=False),
            Column("path", default=False), Column("source", default=False), Column("owner", default=False),
-           Column("shared", default=False)]
+           Column("shared", default=False), Column("lazy", human=lazy_cell)]
 
 @click.group(cls=CowdiskSubGroup)
 def template() -> None:
@@ -194,20 +194,17 @@ def template_pull(app: App, source: str, name: str | None, at: str | None, lazy:
         raise InvalidArgument("template pull: --prefetch needs --lazy (a plain pull fetches everything)",
                               op="pull template", obj=source)
     if lazy:
-        if name is not None:
-            raise InvalidArgument("template pull --lazy: --name is for pulled templates", op="pull template",
-                                  obj=source)
         if not app.has_store():
             app.store(create=True)  # made here, as pull makes it
         with app.progress(f"pull --lazy {source}") as progress:
-            d = _local_store(app).lazy_template(source, at=at, prefetch=prefetch, progress=progress)
+            d = _local_store(app).lazy_template(source, name, at=at, prefetch=prefetch, progress=progress)
         if app.json:
             app.emit(d)
         elif app.quiet:
             app.line(d["url"])
         else:
             app.kv(f"lazy template {d['manifest'][:16]}", {
-                "url": d["url"], "template": f"sha256:{d['template']}", "size": human_bytes(d["size"]),
+                "id": d["id"], "url": d["url"], "template": f"sha256:{d['template']}", "size": human_bytes(d["size"]),
                 "cached": f"{human_bytes(d['cached_bytes'])} ({d['cached_chunks']} of {d['data_chunks']} chunks)",
                 "cache": d["cache"], "server": f"nbdkit PID {d['pid']}"})
         return

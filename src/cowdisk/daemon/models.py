@@ -86,7 +86,10 @@ class ErrorDoc(BaseModel):
 
 
 TemplateOut = out_model(model.Template, "TemplateOut", disk_bytes=(int | None, Field(
-    None, description="Bytes the template's file really takes (st_blocks)")))
+    None, description="Bytes the template's file really takes (st_blocks); a lazy template's: the bytes its cache "
+                      "holds")), lazy=(dict[str, Any] | None, Field(
+    None, description="A lazy template (served from this host's chunk cache): manifest, source, cached_bytes, "
+                      "cached_chunks, data_chunks, served; null for a template with its image file here")))
 
 
 TemplateList = create_model("TemplateList", templates=(list[TemplateOut], ...))  # type: ignore[valid-type]

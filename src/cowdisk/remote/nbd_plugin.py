@@ -51,14 +51,25 @@ def get_ready() -> None:
     sys.path.insert(0, _cfg["src"])
     from cowdisk.remote.cache import ChunkCache
     from cowdisk.remote.config import read
-    from cowdisk.remote.s3 import ObjectStore
 
     bound = float(_cfg.get("bound", "30"))
     cfg = read(_cfg["config"]).at(_cfg.get("location"))
-    objects = ObjectStore(cfg, timeout=min(cfg.timeout, bound), attempts=2)
     manifest = ChunkCache.read_manifest(_cfg["cache"])
-    _cache = ChunkCache(_cfg["cache"], manifest, lambda key: objects.get(cfg.key(key)),
-                        where=lambda key: objects.url(cfg.key(key)), bound=bound)
+    objects: list[Any] = []
+    made = threading.Lock()
+
+    def get(key: str) -> bytes:
+        # the object store's client (boto3) is made at the first fetch, not at start: a
+        # server whose chunks are all cached never imports boto3 (seconds under emulation)
+        with made:
+            if not objects:
+                from cowdisk.remote.s3 import ObjectStore
+
+                objects.append(ObjectStore(cfg, timeout=min(cfg.timeout, bound), attempts=2))
+        return bytes(objects[0].get(cfg.key(key)))
+
+    _cache = ChunkCache(_cfg["cache"], manifest, get, where=lambda key: f"s3://{cfg.bucket}/{cfg.key(key)}",
+                        bound=bound)
 
 
 def thread_model() -> int:

@@ -37,7 +37,7 @@ import time
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, TypeVar
 
 from .. import failpoints
-from ..backends import (CopiesData, GrowsPool, OpenCount, OwnSpace, PreparesCopies, RecordsAhead, Shared, SharedVolume,
+from ..backends import (CopiesData, GrowsPool, LazyOrigin, OpenCount, OwnSpace, PreparesCopies, RecordsAhead, Shared, SharedVolume,
                         Space, SpaceEvent, Usage, VolumeCtx, WatchesSpace, explain)
 from ..digest import sha256_file
 from ..errors import (
@@ -62,7 +62,7 @@ from .model import RecoveryReport, Template, Volume, default_root, fork_ids, hos
 from .parts import StoreParts, manifest_of_quarantine, refuse_under_daemon
 from .remote import RemoteTemplates
 from .sources import Caller, open_path
-from .templates import HELD
+from .templates import HELD, is_lazy
 from .transition import (
     ADOPT,
     CHECKPOINT,
@@ -236,14 +236,17 @@ class Store(StoreParts):
         ``at``), every chunk checked, into this store."""
         return RemoteTemplates(self.root, self._templates).pull(source, name, at=at, progress=progress)
 
-    def lazy_template(self, source: str, *, at: str | None = None, bound: float | None = None,
-                      prefetch: bool = False, progress: Progress | None = None) -> dict[str, Any]:
+    def lazy_template(self, source: str, name: str | None = None, *, at: str | None = None,
+                      bound: float | None = None, prefetch: bool = False,
+                      progress: Progress | None = None) -> dict[str, Any]:
         """Serve a template of the object store lazily on this host (docs/remote.md): chunks
         are fetched, checked and cached when first read; returns its document (``url``:
         the NBD URL QEMU opens). ``bound``: seconds a chunk's fetch may take; ``prefetch``:
-        fill the cache now, the recorded read order first."""
-        return RemoteTemplates(self.root, self._templates).lazy(source, at=at, bound=bound, prefetch=prefetch,
-                                                                progress=progress)
+        fill the cache now, the recorded read order first. The template is the caller's, a
+        lazy template of the store (``name`` names it): dm-thin and dm-snapshot make volumes
+        over it (``id`` in the document)."""
+        return RemoteTemplates(self.root, self._templates).lazy(source, name, at=at, bound=bound,
+                                                                prefetch=prefetch, progress=progress)
 
     def record_read_order(self, manifest_digest: str) -> dict[str, Any]:
         """Upload the order this host fetched a lazy template's chunks in (a first boot's
@@ -291,8 +294,13 @@ class Store(StoreParts):
         """The template as the CLI's ``--json`` and the daemon give it: its fields and
         ``disk_bytes`` (:meth:`template_usage`; None when it cannot be read)."""
         d: dict[str, Any] = t.as_dict()
+        d["lazy"] = None
         try:
-            d["disk_bytes"] = self.template_usage(t.id)
+            if is_lazy(t.path):  # its bytes on this host: what its cache holds
+                d["lazy"] = self._remote().lazy_summary(t.path)
+                d["disk_bytes"] = d["lazy"]["cached_bytes"]
+            else:
+                d["disk_bytes"] = self.template_usage(t.id)
         except (CowdiskError, OSError):
             d["disk_bytes"] = None
         return d
@@ -436,6 +444,7 @@ class Store(StoreParts):
         (resize2fs, before anything can open it; other filesystems are left as they are)."""
         validate_id(vid)
         t = self._templates.row(template)
+        self._require_lazy_origin(vid, t)
         nbytes = self._volume_size(vid, t, size)
         self.check_template(t)
         self.check_room("create volume", vid)
@@ -468,6 +477,17 @@ class Store(StoreParts):
                 done.append(dataclasses.replace(row, state=ATTACHED, device=dev))
                 tr.finish(lambda: self.registry.set_link(link, vid, dev), device=dev)
         return self._to_volume(done[0], [link])
+
+    def _require_lazy_origin(self, vid: str, t: TemplateRow) -> None:
+        """Refuse a lazy template on a backend that cannot read a template through its
+        server's block device (docs/remote.md, "Volumes over a lazy template")."""
+        if is_lazy(t.path) and not isinstance(self.backend, LazyOrigin):
+            name = f"{t.id} ({t.names[0]})" if t.names else t.id
+            raise Unsupported(f"create volume {vid}: template {name} is lazy (served from this host's chunk cache "
+                              f"over NBD, fetched as it is read); the {self.backend_name} backend makes volumes only "
+                              "over a template's image file", op="create volume", obj=vid,
+                              hint=f"`cowdisk template pull {t.source}` (without --lazy) fetches it whole (remove "
+                                   "the lazy template first), or use a dm-thin or dm-snapshot store")
 
     def _volume_size(self, vid: str, t: TemplateRow, size: int | None) -> int:
         """The new volume's size in bytes: the template's, or ``size`` once checked."""
@@ -759,7 +779,7 @@ class Store(StoreParts):
             staging = self._templates.staging()
             with self._transition(FLATTEN, vid, data={"staging": staging},
                             undo=self._undo(v, ctx)) as tr:
-                if self._templates.holder is not None:  # dm-thin: a thin snapshot, no data copied
+                if self._templates.holder is not None and not is_lazy(t.path):  # dm-thin: a thin snapshot
                     out = os.path.join(staging, HELD)
                     digest = tr.step("data", self._templates.holder.flatten_held, ctx, out,
                                      attached=v.state == ATTACHED)
@@ -881,11 +901,14 @@ class Store(StoreParts):
 
     @_retried_when_full
     def gc(self, *, purge: bool = False, older_than_s: float = 86400.0) -> RecoveryReport:
-        """Recovery, then remove templates no volume uses and that have no name; with
+        """Recovery, then remove templates no volume uses and that have no name (a lazy
+        template only once its server is stopped); with
         ``purge``, also delete quarantined data older than ``older_than_s`` seconds (the only
         way cowdisk deletes data it did not account for). Root only."""
         rep = self.recover()
         for t in self.registry.templates():
+            if is_lazy(t.path) and self._remote().lazy_served(t.path):
+                continue  # served: a VMM may read it through its NBD URL (stop it, then gc takes it)
             if not t.names and not self.registry.template_users(t.id):
                 self.remove_template(t.id)
                 rep.orphans_removed.append(f"template {t.id}")

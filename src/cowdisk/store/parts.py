@@ -16,7 +16,7 @@ import shutil
 import threading
 import time
 from types import TracebackType
-from typing import Any, Callable, Iterator, Mapping, Self
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Self
 
 
 from .. import failpoints
@@ -31,7 +31,10 @@ from . import limits as limits_mod
 from . import manifest, modes
 from .limits import Limits
 from .model import default_root
-from .templates import Holder, Templates
+from .templates import Holder, Templates, is_lazy
+
+if TYPE_CHECKING:
+    from .remote import RemoteTemplates
 
 
 log = logging.getLogger(__name__)
@@ -221,6 +224,20 @@ class StoreParts:
                                     store_id=self.id).as_caller(self.caller, None if self.admin else self.caller)
         if isinstance(self.backend, HoldsTemplates):
             self._templates.holder = self.backend
+        self._templates.stop_lazy = lambda manifest_digest: self._remote().lazy_stop(manifest_digest)
+
+    def _remote(self) -> "RemoteTemplates":
+        from .remote import RemoteTemplates
+
+        return RemoteTemplates(self.root, self._templates)
+
+    def template_ref(self, t: TemplateRow) -> TemplateRef:
+        """What the backend knows of template ``t``: a lazy template's ref starts (or finds)
+        its server when the backend asks (``TemplateRef.serve``)."""
+        if not is_lazy(t.path):
+            return TemplateRef(t.id, t.path, t.size, t.digest)
+        path = t.path
+        return TemplateRef(t.id, t.path, t.size, t.digest, serve=lambda: self._remote().serve_template(path))
 
     def close(self) -> None:
         self.registry.close()
@@ -359,7 +376,7 @@ class StoreParts:
         t = t or self.registry.get_template(v.template_id)
         vid = v.id
         return VolumeCtx(
-            id=vid, template=TemplateRef(t.id, t.path, t.size, t.digest), data_dir=self.vol_dir(vid), tag=self.tag,
+            id=vid, template=self.template_ref(t), data_dir=self.vol_dir(vid), tag=self.tag,
             dm_name=self.dm_prefix + vid,
             record=lambda kind, name: self.registry.record_object(vid, kind, name),
             forget=lambda kind, name: self.registry.forget_object(kind, name, volume_id=vid),

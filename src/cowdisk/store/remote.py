@@ -13,10 +13,10 @@ import shutil
 from typing import TYPE_CHECKING, Any
 
 from ..digest import sha256_file
-from ..errors import InvalidArgument, TemplateChanged, Unsupported
+from ..errors import AlreadyExists, InvalidArgument, NotFound, TemplateChanged, Unsupported
 from ..progress import Progress, stage
 from .model import Template, validate_id
-from .templates import Templates, is_held
+from .templates import LAZY as LAZY_FILE, Templates, is_held, is_lazy, lazy_descriptor
 
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
 LAZY = "lazy"
@@ -51,6 +51,10 @@ class RemoteTemplates:
 
         validate_id(ref, "template name or id")
         t = self.templates.row(ref)  # as the caller may see it
+        if is_lazy(t.path):
+            raise Unsupported(f"push template {t.id}: it is lazy here, its chunks are in the object store already "
+                              f"({t.source})", op="push template", obj=t.id,
+                              hint="push it from the store that has its image file")
         if not t.path or is_held(t.path):
             raise Unsupported(f"push template {t.id}: its bytes are held by the backend, not in a file here",
                               op="push template", obj=t.id, hint="push it from a store that has its image file")
@@ -75,6 +79,11 @@ class RemoteTemplates:
         objects = self._objects(split[0] if split else at)
         m = fetch_manifest(objects, split[1]) if split else resolve(objects, source)
         have = self.templates.registry.find_template(m.template[:16])
+        if have is not None and have.digest == m.template and is_lazy(have.path):
+            raise AlreadyExists(f"pull template {m.digest}: it is here as lazy template {have.id}",
+                                op="pull template", obj=have.id,
+                                hint=f"use it as it is, or remove it (`cowdisk template rm {have.id}`, no volume "
+                                     "over it) and pull it again to have it whole")
         if have is not None and have.digest == m.template:
             stage(progress, f"template {have.id} is here already")
             return self.templates.register(have.path, have.digest, owned=have.owned, source=have.source, name=name)
@@ -117,31 +126,100 @@ class RemoteTemplates:
         d = os.path.join(os.path.dirname(self.templates.dir), LAZY)
         return os.path.join(d, manifest_digest) if manifest_digest else d
 
-    def lazy(self, source: str, *, at: str | None = None, bound: float | None = None, prefetch: bool = False,
-             progress: Progress | None = None) -> dict[str, Any]:
+    def lazy(self, source: str, name: str | None = None, *, at: str | None = None, bound: float | None = None,
+             prefetch: bool = False, progress: Progress | None = None) -> dict[str, Any]:
         """Serve the template ``source`` names (as for :meth:`pull`) lazily on this host: its
-        manifest is fetched, its cache made (once per host: every later caller shares the
-        chunks it holds), and its nbdkit started (or found). Returns the served template's
-        document (``url``: ``nbd+unix:///?socket=...``)."""
+        manifest is fetched (once: a manifest this host's cache holds is its own digest's,
+        checked when read), its cache made (once per host: every later caller shares the
+        chunks it holds), and its nbdkit started (or found). The template is registered in
+        the store as a lazy template (the caller's, like an import; ``name`` names it) unless
+        a template of that content is here already. Returns the served template's document
+        (``url``: ``nbd+unix:///?socket=...``; ``id``: the template's id)."""
         from ..remote import load, split_manifest_url
         from ..remote.cache import ChunkCache
-        from ..remote.lazy import serve
         from ..remote.s3 import ObjectStore
         from ..remote.transfer import fetch_manifest, resolve
 
+        if name is not None:
+            validate_id(name, "template name")
         split = split_manifest_url(source)
         cfg = load(self.root, split[0] if split else at)
-        objects = ObjectStore(cfg)
-        m = fetch_manifest(objects, split[1]) if split else resolve(objects, source)
+        m = self._cached_manifest(split[1]) if split else None
+        if m is None:
+            objects = ObjectStore(cfg)
+            m = fetch_manifest(objects, split[1]) if split else resolve(objects, source)
         cache = self.lazy_dir(m.digest)
         with self._lazy_lock(m.digest):  # not while gc evicts from it
             ChunkCache.create(cache, m)
             with open(os.path.join(cache, "location"), "w") as f:
                 f.write(cfg.location())
-            serve(cache, cfg.source, cfg.location(), bound=bound if bound is not None else 3 * cfg.timeout)
+            self._serve(cache, cfg.source, cfg.location(), bound if bound is not None else 3 * cfg.timeout)
+        tid = self._register_lazy(m, cfg.location(), name)
         if prefetch:
-            self._prefetch(cache, m, objects, progress)
-        return self.lazy_doc(m.digest)
+            self._prefetch(cache, m, ObjectStore(cfg), progress)
+        return {**self.lazy_doc(m.digest), "id": tid}
+
+    def _cached_manifest(self, digest: str) -> "Manifest | None":
+        """The manifest ``digest`` when this host's cache of it holds it (checked against its
+        name), else None."""
+        from ..errors import CowdiskError
+        from ..remote.cache import ChunkCache
+
+        cache = self.lazy_dir(digest)
+        if not os.path.exists(os.path.join(cache, "manifest")):
+            return None
+        try:
+            return ChunkCache.read_manifest(cache)
+        except (CowdiskError, OSError, ValueError):
+            return None  # damaged: fetched again
+
+    @staticmethod
+    def _serve(cache: str, config: str, location: str, bound: float) -> str:
+        from ..remote.lazy import serve
+
+        return serve(cache, config, location, bound=bound).socket
+
+    def _register_lazy(self, m: "Manifest", location: str, name: str | None) -> str:
+        """The template of manifest ``m`` in the registry: a lazy template (its descriptor
+        published like an import's file, owned by the caller), or the template of that
+        content this store has already (only named). Returns its id."""
+        import json
+
+        from ..remote.chunks import manifest_key
+
+        have = self.templates.registry.find_template(m.template[:16])
+        src = f"{location}/{manifest_key(m.digest)}"
+        if have is not None and have.digest == m.template:
+            return self.templates.register(have.path, have.digest, owned=have.owned, source=have.source,
+                                           name=name).id
+        staging = self.templates.staging()
+        try:
+            tmp = os.path.join(staging, LAZY_FILE)
+            with open(tmp, "w") as f:
+                json.dump({"manifest": m.digest, "size": m.size, "chunk_size": m.chunk_size, "source": src}, f)
+                f.flush()
+                os.fsync(f.fileno())
+            return self.templates.register(tmp, m.template, owned=True, source=src, name=name).id
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def serve_template(self, path: str) -> str:
+        """Start (or find) the server of the lazy template whose descriptor is ``path``;
+        returns its unix socket (a volume's block device connects to it)."""
+        from ..remote import load
+
+        d = lazy_descriptor(path)
+        cache = self.lazy_dir(d["manifest"])
+        with self._lazy_lock(d["manifest"]):
+            try:
+                with open(os.path.join(cache, "location")) as f:
+                    location = f.read().strip()
+            except FileNotFoundError:
+                raise NotFound(f"serve lazy template {d['manifest'][:16]}: its cache {cache} is gone",
+                               op="serve lazy template", obj=d["manifest"],
+                               hint=f"`cowdisk template pull --lazy {d['source']}` makes it again") from None
+            cfg = load(self.root, location)
+            return self._serve(cache, cfg.source, location, 3 * cfg.timeout)
 
     def _lazy_lock(self, manifest_digest: str) -> Any:
         return self.templates._lock(f"lazy-{manifest_digest[:16]}")
@@ -240,6 +318,20 @@ class RemoteTemplates:
                 "cached_bytes": sum(m.length(i) for i in held),
                 "data_chunks": len(m.chunks) - m.as_dict()["zero_chunks"],
                 "url": s.url if s else None, "pid": s.pid if s else None, "stats": stats(cache)}
+
+    def lazy_served(self, path: str) -> bool:
+        """Whether the lazy template whose descriptor is ``path`` is served now."""
+        from ..remote.lazy import server
+
+        return server(self.lazy_dir(lazy_descriptor(path)["manifest"])) is not None
+
+    def lazy_summary(self, path: str) -> dict[str, Any]:
+        """A lazy template's cache, as ``template ls`` and ``inspect`` show it: its manifest,
+        the bytes and chunks its cache holds, whether it is served."""
+        d = lazy_descriptor(path)
+        doc = self.lazy_doc(d["manifest"])
+        return {"manifest": d["manifest"], "source": d["source"], "cached_bytes": doc["cached_bytes"],
+                "cached_chunks": doc["cached_chunks"], "data_chunks": doc["data_chunks"], "served": doc["pid"] is not None}
 
     def lazy_templates(self) -> list[dict[str, Any]]:
         d = self.lazy_dir()

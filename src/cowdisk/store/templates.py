@@ -18,7 +18,7 @@ import os
 import secrets
 import shutil
 import time
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from ..backends import HoldsTemplates
 from ..digest import sha256_file
@@ -52,6 +52,31 @@ Holder = HoldsTemplates
 
 def is_held(path: str) -> bool:
     return os.path.basename(path) == HELD
+
+
+LAZY = "disk.lazy"
+"""A lazy template (docs/remote.md, "Volumes over a lazy template") has this small
+descriptor file in place of ``disk.img`` (JSON: its manifest's digest and the template's
+size); its bytes are served from the host's chunk cache of that manifest."""
+
+
+def is_lazy(path: str) -> bool:
+    return os.path.basename(path) == LAZY
+
+
+def lazy_descriptor(path: str) -> dict[str, Any]:
+    """A lazy template's descriptor: ``manifest`` (digest), ``size``, ``source`` (its URL)."""
+    import json
+
+    try:
+        with open(path) as f:
+            d = json.load(f)
+        if not isinstance(d, dict):
+            raise ValueError("not an object")
+        return {"manifest": str(d["manifest"]), "size": int(d["size"]), "source": str(d.get("source", ""))}
+    except (ValueError, KeyError, TypeError) as e:
+        raise TemplateChanged(f"lazy template file {path}: not a lazy template descriptor ({e})",
+                              op="read lazy template", obj=path) from None
 TARBALL_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.zst", ".tzst", ".tar.xz", ".txz", ".tar.bz2", ".tbz2")
 """Names ``build`` takes as a tarball (GNU tar detects the compression itself)."""
 
@@ -88,6 +113,8 @@ class Templates:
         """The uid that owns what this view registers."""
         self.viewer: int | None = None
         """The uid whose templates (and the shared ones) this view sees; None: every one."""
+        self.stop_lazy: Callable[[str], object] = lambda manifest_digest: None
+        """Stops the server of a lazy template's cache (set by the store: store/remote.py)."""
 
     def as_caller(self, caller: int, viewer: int | None) -> "Templates":
         """These templates as ``caller`` sees and makes them (see :meth:`Store.as_caller`)."""
@@ -388,7 +415,7 @@ class Templates:
     def _publish(self, path: str, tid: str) -> str:
         tdir = os.path.join(self.dir, tid)
         fs.makedirs_mode(tdir, 0o700)
-        final = os.path.join(tdir, HELD if is_held(path) else "disk.img")
+        final = os.path.join(tdir, os.path.basename(path) if is_held(path) or is_lazy(path) else "disk.img")
         os.chmod(path, 0o400)
         os.rename(path, final)
         fs.set_immutable(final, True)
@@ -401,6 +428,8 @@ class Templates:
                 raise TemplateChanged(f"template file {path}: held by a backend this store does not have",
                                       op="check template", obj=path)
             return self.holder.held_size(path)
+        if is_lazy(path):
+            return int(lazy_descriptor(path)["size"])
         return os.path.getsize(path)
 
     def _row(self, tid: str, path: str, digest: str, owned: bool, source: str, name: str | None,
@@ -414,7 +443,7 @@ class Templates:
         the import's intent. Call with the template's lock held."""
         if self.registry.find_template(tid) is None:
             tdir = os.path.join(self.dir, tid)
-            for f in ("disk.img", HELD):
+            for f in ("disk.img", HELD, LAZY):
                 with contextlib.suppress(FileNotFoundError, OSError):
                     fs.set_immutable(os.path.join(tdir, f), False)
             shutil.rmtree(tdir, ignore_errors=True)
@@ -438,7 +467,7 @@ class Templates:
             raise TemplateChanged(f"template {t.id}: its file {t.path} is gone", op="check template",
                                   obj=t.id) from None
         why = []
-        size = self._size(t.path) if is_held(t.path) else st.st_size
+        size = self._size(t.path) if is_held(t.path) or is_lazy(t.path) else st.st_size
         if (size, st.st_mtime_ns, st.st_ino) != (t.size, t.mtime_ns, t.ino):
             why.append(f"size {t.size} -> {size}, mtime or inode differ")
         if t.ctime_ns and st.st_ctime_ns != t.ctime_ns:
@@ -461,6 +490,11 @@ class Templates:
             raise Unsupported(f"verify template {t.id}: this store knows it by digest only (adopted with a "
                               "volume); its bytes are in the backend", op="verify template", obj=t.id,
                               hint="verify it on a store that has its image file")
+        if is_lazy(t.path):
+            raise Unsupported(f"verify template {t.id}: it is lazy; every chunk is checked against its SHA-256 "
+                              "when it is fetched, and the whole image was hashed when it was pushed",
+                              op="verify template", obj=t.id,
+                              hint="`cowdisk template pull` (without --lazy) fetches it whole and hashes it")
         with self._lock(t.id):
             if not os.path.exists(t.path):
                 self.check(t)  # raises: the file is gone
@@ -514,7 +548,10 @@ class Templates:
         self.registry.end_intent(intent)
 
     def _remove_files(self, t: TemplateRow) -> None:
-        """The template's file (when the store owns it) and its manifest and directory."""
+        """The template's file (when the store owns it) and its manifest and directory; a
+        lazy template's server is stopped first (its cache stays: ``gc`` trims it)."""
+        if is_lazy(t.path) and os.path.exists(t.path):
+            self.stop_lazy(lazy_descriptor(t.path)["manifest"])
         if t.owned:
             with contextlib.suppress(OSError):
                 fs.set_immutable(t.path, False)

@@ -52,6 +52,7 @@ MODULES = [
     "dm-mod", "dm-snapshot", "dm-thin-pool", "dm-flakey", "dm-delay", "dm-zero",
     "dm-bufio", "dm-bio-prison", "dm-persistent-data",
     "ext4",
+    "nbd",  # a lazy template's block device (its nbdkit server's unix socket), issue 25
 ]
 # Modules loaded on demand by the kernel (request_module, e.g. on `mount -t xfs`) through a
 # small helper in the initramfs: loading xfs and btrfs at boot costs ~3 s under emulation.
@@ -304,8 +305,9 @@ def prepare(verbose: bool = True) -> Prepared:
             d = json.loads(meta.read_text())
             p = Prepared(Path(d["kernel"]), Path(d["initrd"]), d["kver"], d["package"], d["version"])
             if p.kernel.exists() and p.initrd.exists() and p.initrd.name.endswith(
-                    _initramfs_key(d["modfiles"] + d.get("lazy", [])) + ".cpio"):
-                return p
+                    _initramfs_key(d["modfiles"] + d.get("lazy", [])) + ".cpio") and (
+                    d.get("modules") == MODULES and d.get("lazy_modules") == LAZY_MODULES):
+                return p  # (a module added to MODULES or LAZY_MODULES builds the initramfs again)
         t0 = time.monotonic()
         kdir.mkdir(parents=True, exist_ok=True)
         debs = list(kdir.glob(f"{pkg}_*.deb"))
@@ -395,6 +397,7 @@ def prepare(verbose: bool = True) -> Prepared:
         (kdir / "ready.json.tmp").write_text(json.dumps({
             "kernel": str(kernel), "initrd": str(initrd), "kver": kver, "package": pkg,
             "version": ver, "modfiles": modfiles, "lazy": lazy_lines, "bzimage": str(bzimage),
+            "modules": MODULES, "lazy_modules": LAZY_MODULES,
         }, indent=1))
         (kdir / "ready.json.tmp").rename(meta)
         if verbose:

@@ -46,8 +46,8 @@ def test_features_are_where_the_docs_say() -> None:
     """The expected map, written once: a feature lost or gained by a backend shows here."""
     got = {n: sorted(f.__name__ for f in FEATURES if f in backend_class(n).__mro__) for n in BACKENDS}
     assert got == {
-        "dm-thin": ["HoldsTemplates", "OpenCount", "OwnSpace", "PreparesCopies", "Thaw", "WatchesSpace"],
-        "dm-snapshot": ["OpenCount", "Thaw"],
+        "dm-thin": ["HoldsTemplates", "LazyOrigin", "OpenCount", "OwnSpace", "PreparesCopies", "Thaw", "WatchesSpace"],
+        "dm-snapshot": ["LazyOrigin", "OpenCount", "Thaw"],
         "reflink": ["RecordsAhead"],
         "pool": ["GrowsPool", "RecordsAhead"],
         "copy": ["CopiesData", "RecordsAhead"],

@@ -9,13 +9,21 @@ adds the table (``create``, ``attach``, ``copy_data`` ...).
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
-from typing import ClassVar
+from typing import ClassVar, Iterator
 
 from ..errors import KernelError
-from ..kernel import blk, dm
+from ..kernel import blk, dm, nbd
 from ..progress import Progress
-from . import KernelObject, OpenCount, Thaw, VolumeCtx
+from . import KernelObject, LazyOrigin, OpenCount, Thaw, VolumeCtx
+
+log = logging.getLogger(__name__)
+
+DEAD_CONN_TIMEOUT = 30
+"""Seconds a lazy template's nbd device holds I/O when its server's connection died,
+waiting for a new one (an attach or a create reconnects it), before the I/O fails."""
 
 
 def dm_available() -> bool:
@@ -63,10 +71,12 @@ def copy_device(dev: str, out_path: str, size: int, progress: Progress | None) -
         os.close(fd)
 
 
-class DmVolumeBase(OpenCount, Thaw):
+class DmVolumeBase(OpenCount, Thaw, LazyOrigin):
     """The methods of the backend protocol that only look at the volume's dm device."""
 
     block_device: ClassVar[bool] = True
+    lazy_origin: ClassVar[bool] = True
+    """Volumes over a lazy template: its nbd device is the origin (see ``hold_lazy_origin``)."""
 
     def is_attached(self, ctx: VolumeCtx) -> bool:
         return dm_exists(ctx.dm_name)
@@ -111,3 +121,91 @@ class DmVolumeBase(OpenCount, Thaw):
             return False
         dm.control().remove(obj.name, deadline_s=deadline_s, missing_ok=True)
         return True
+
+
+# -- lazy templates: the template through a read-only nbd device (docs/remote.md) -------
+
+def nbd_backend(tag: str, template_id: str) -> str:
+    """The backend identifier of this store's nbd device of a lazy template (sysfs
+    ``/sys/block/nbdN/backend``): how the store finds its own devices, never another's."""
+    return f"{tag}:t:{template_id}"
+
+
+def hold_lazy_origin(ctx: VolumeCtx) -> tuple[int, str]:
+    """An open read-only fd on this store's nbd device of ``ctx.template`` (a lazy
+    template), connected to its server (started when it is not running; a dead connection
+    replaced), and its major:minor. Call with the template's lock held; keep the fd until
+    a dm table holds the device: the kernel disconnects it at the last close of its last
+    opener (DISCONNECT_ON_CLOSE), so no device outlives the volumes that use it."""
+    t = ctx.template
+    if t.serve is None:
+        raise KernelError("use lazy template", t.id, errno.EINVAL, detail="no server for it")
+    sock = t.serve()
+    name = nbd_backend(ctx.tag, t.id)
+    for _ in range(3):  # a device whose last opener (udev's probe) closed just now is disconnected
+        found = nbd.find(name)
+        dev = found[0] if found else nbd.connect(sock, name, dead_conn_timeout=DEAD_CONN_TIMEOUT)
+        try:
+            fd = os.open(dev.path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            if e.errno in (errno.ENXIO, errno.ENOENT):
+                continue
+            raise KernelError.from_oserror("open nbd device", dev.path, e) from None
+        cur = nbd.device(dev.index)  # opened by us now: no close of another can disconnect it
+        if cur.connected and cur.backend == name:
+            if cur.size != t.size:
+                os.close(fd)
+                raise KernelError("use lazy template", t.id, errno.EIO,
+                                  detail=f"{dev.path} serves {cur.size} bytes, the template has {t.size}")
+            if found:
+                nbd.reconnect(dev.index, sock, name)  # the server was restarted: a new connection
+            return fd, cur.devno
+        os.close(fd)
+    raise KernelError("connect nbd device", name, errno.EBUSY, detail="disconnected again three times as it was "
+                      "opened (something else opens and closes nbd devices)")
+
+
+def lazy_origins(tag: str) -> Iterator[KernelObject]:
+    """This store's nbd devices that nothing holds (a kill between connecting one and a
+    dm table opening it): recovery disconnects them under the template's lock."""
+    prefix = f"{tag}:t:"
+    for d in nbd.devices() if nbd.available()[0] else []:
+        if d.connected and d.backend.startswith(prefix) and not d.holders:
+            yield KernelObject("nbd", str(d.index), None, detail=d.backend, template_id=d.backend[len(prefix):])
+
+
+def release_lazy_origin(obj: KernelObject) -> bool:
+    """Disconnect a leftover nbd device of this store (``lazy_origins``), unless something
+    holds it now; True when ``obj`` is one."""
+    if obj.kind != "nbd":
+        return False
+    try:
+        d = nbd.device(int(obj.name))
+    except KernelError:
+        return True
+    if d.connected and d.backend == obj.detail and not d.holders:
+        try:
+            fd = os.open(d.path, os.O_RDONLY | os.O_CLOEXEC | os.O_EXCL)  # EBUSY while any opener has it
+        except OSError as e:
+            if e.errno == errno.EBUSY:
+                return True
+            raise KernelError.from_oserror("release nbd device", d.path, e) from None
+        try:
+            nbd.disconnect(d.index)
+        finally:
+            os.close(fd)
+        log.info("nbd%d (%s) disconnected: nothing held it", d.index, d.backend)
+    return True
+
+
+def check_lazy_size(ctx: VolumeCtx, block_bytes: int, backend: str) -> None:
+    """Refuse a lazy template whose size is not a multiple of ``block_bytes`` (dm-thin's
+    pool block: the external origin's rule here)."""
+    if ctx.template.size % block_bytes:
+        from ..errors import Unsupported
+
+        raise Unsupported(f"create volume {ctx.id}: lazy template {ctx.template.id} is {ctx.template.size} bytes, "
+                          f"not a multiple of the {backend} pool's block size ({block_bytes} bytes): it cannot be "
+                          "the thin volume's external origin", op="create volume", obj=ctx.id,
+                          hint="push the template with a size that is a multiple of the pool's block size, or pull "
+                               "it whole (`cowdisk template pull` without --lazy)")

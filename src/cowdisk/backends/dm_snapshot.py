@@ -30,7 +30,7 @@ from typing import Callable, ClassVar, Iterator, Mapping
 from ..errors import InUse, InvalidArgument, KernelError
 from ..kernel import dm, dm_status, fs, loop
 from . import BackendEnv, KernelObject, Usage, VolumeCtx, check_options
-from .dm_common import DmVolumeBase, dm_available
+from .dm_common import DmVolumeBase, dm_available, hold_lazy_origin, lazy_origins, release_lazy_origin
 
 COW = "cow.img"
 CHUNK_SECTORS = 128
@@ -96,7 +96,8 @@ class DmSnapshotBackend(DmVolumeBase):
             raise InvalidArgument(f"backend dm-snapshot: direct_io={dio!r}: use yes or no", op="open store",
                                   obj=env.root)
         return cls(dm_prefix=env.dm_prefix, data_root=env.root, shared_loop_get=env.shared_loop_get,
-                   shared_loop_set=env.shared_loop_set, chunk_sectors=_chunk_option(env), direct_io=dio == "yes")
+                   shared_loop_set=env.shared_loop_set, chunk_sectors=_chunk_option(env), direct_io=dio == "yes",
+                   tag=env.tag)
 
     def destroy_store(self) -> None:
         return None
@@ -104,8 +105,9 @@ class DmSnapshotBackend(DmVolumeBase):
     def __init__(self, *, dm_prefix: str, data_root: str,
                  shared_loop_get: Callable[[str], tuple[int, str] | None] = lambda tid: None,
                  shared_loop_set: Callable[[str, int, str], None] = lambda tid, n, d: None,
-                 chunk_sectors: int = CHUNK_SECTORS, direct_io: bool = True) -> None:
+                 chunk_sectors: int = CHUNK_SECTORS, direct_io: bool = True, tag: str = "") -> None:
         self.dm_prefix = dm_prefix
+        self.tag = tag
         self.chunk_sectors = chunk_sectors
         self.direct_io = direct_io
         self.data_root = os.path.abspath(data_root)
@@ -117,8 +119,11 @@ class DmSnapshotBackend(DmVolumeBase):
     def _hold_template_loop(self, ctx: VolumeCtx) -> tuple[int, str]:
         """An open fd on the template's shared loop (attached if needed) and its major:minor.
 
-        Call with the template lock held; keep the fd until a dm table holds the loop.
+        Call with the template lock held; keep the fd until a dm table holds the loop. A
+        lazy template's origin is its nbd device instead (``hold_lazy_origin``).
         """
+        if ctx.template.serve is not None:
+            return hold_lazy_origin(ctx)
         t = ctx.template
         label = f"{ctx.tag}:t:{t.id}"
         st = os.stat(t.path)
@@ -264,6 +269,14 @@ class DmSnapshotBackend(DmVolumeBase):
     def flatten(self, ctx: VolumeCtx, out_path: str, *, attached: bool) -> None:
         if attached:
             self.copy_attached(ctx, out_path)
+        elif ctx.template.serve is not None:
+            from ..errors import Unsupported
+
+            raise Unsupported(f"flatten volume {ctx.id}: its template {ctx.template.id} is lazy: a checkpointed "
+                              "volume over it is flattened offline from the template's file, which this host "
+                              "does not have", op="flatten volume", obj=ctx.id,
+                              hint=f"`cowdisk volume restore {ctx.id}`, then flatten it (an attached volume is "
+                                   "copied through its device)")
         else:
             from ..cowformat import flatten as offline_flatten
 
@@ -293,6 +306,7 @@ class DmSnapshotBackend(DmVolumeBase):
             for d in dm.control().list_devices():
                 if d.name.startswith(self.dm_prefix):
                     yield KernelObject("dm", d.name, d.name[len(self.dm_prefix):])
+        yield from lazy_origins(self.tag)
         root = self.data_root + os.sep
         for li in loop.list_loops():
             bf = li.backing_file.removesuffix(" (deleted)")
@@ -302,7 +316,7 @@ class DmSnapshotBackend(DmVolumeBase):
                 yield KernelObject("loop", str(li.number), vid, detail=bf)
 
     def release(self, obj: KernelObject, *, deadline_s: float = 5.0) -> None:
-        if self.release_dm(obj, deadline_s=deadline_s):
+        if self.release_dm(obj, deadline_s=deadline_s) or release_lazy_origin(obj):
             return
         if obj.kind == "loop":
             loop.detach(int(obj.name), missing_ok=True)

@@ -152,6 +152,7 @@ class ThinPool:
         self.root = os.path.abspath(env.root)
         self.data_root = self.root
         self.dm_prefix = env.dm_prefix
+        self.tag = env.tag
         self.dir = os.path.join(self.root, "thin")
         self.tdir = os.path.join(self.dir, "templates")
         self.pool_name = env.dm_prefix + ".pool"
@@ -560,8 +561,10 @@ class ThinPool:
             if e.errno not in (errno.ENODATA, errno.ENOENT):
                 raise
 
-    def _thin_table(self, tid: int, size: int) -> list[dm.Target]:
-        return [dm.Target(0, size // 512, "thin", f"{self.pool_devno()} {tid}")]
+    def _thin_table(self, tid: int, size: int, origin: str | None = None) -> list[dm.Target]:
+        """Thin ``tid`` of ``size`` bytes; ``origin``: its external origin's major:minor (a
+        lazy template's nbd device: blocks the thin has not written are read from it)."""
+        return [dm.Target(0, size // 512, "thin", f"{self.pool_devno()} {tid}" + (f" {origin}" if origin else ""))]
 
 
 def _devno_of_loop(n: int) -> str:

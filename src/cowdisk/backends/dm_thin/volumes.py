@@ -21,7 +21,8 @@ from ...kernel import blk, dm, dm_status, fs, loop, procfs
 from ...progress import Progress
 from .. import (BackendEnv, HoldsTemplates, KernelObject, OwnSpace, PreparesCopies, Usage, VolumeCtx, WatchesSpace,
                check_options)
-from ..dm_common import DmVolumeBase, copy_device
+from ..dm_common import (DmVolumeBase, check_lazy_size, copy_device, hold_lazy_origin, lazy_origins,
+                         release_lazy_origin)
 from .pool import (FLAT_PREFIX, OPTIONS, THIN_ID_FILE, MiB, ThinPool, _fsync_dir, _read_id, _wait_loops_gone,
                    _write_durable, thin_supported)
 
@@ -110,13 +111,37 @@ class DmThinBackend(ThinPool, DmVolumeBase, PreparesCopies, OwnSpace, WatchesSpa
         return tid
 
     def create(self, ctx: VolumeCtx) -> str:
+        """A thin snapshot of the template's thin; over a lazy template, a new empty thin
+        whose external origin is the template's nbd device (no template thin, no data
+        copied: what the volume has not written is read from the template's server)."""
         self.ensure_room()
+        if ctx.template.serve is not None:
+            check_lazy_size(ctx, self.block_sectors * 512, self.name)
+            ctx.step("template")
+            tid = self._new_thin(ctx)
+            self._message(f"create_thin {tid}")
+            ctx.step("thin")
+            return self._activate(ctx, tid)
         origin = self._template_thin(ctx)
         ctx.step("template")
         tid = self._new_thin(ctx)
         self._message(f"create_snap {tid} {origin}")
         ctx.step("thin")
         return self._activate(ctx, tid)
+
+    @contextlib.contextmanager
+    def _origin(self, ctx: VolumeCtx) -> Iterator[str | None]:
+        """The external origin a table of ``ctx``'s thin names: a lazy template's nbd device
+        (held open, under the template's lock, until the table holds it), else None."""
+        if ctx.template.serve is None:
+            yield None
+            return
+        with ctx.template_lock():
+            fd, devno = hold_lazy_origin(ctx)
+            try:
+                yield devno
+            finally:
+                os.close(fd)
 
     def attach(self, ctx: VolumeCtx) -> str:
         tid = _read_id(self._id_path(ctx))
@@ -127,7 +152,8 @@ class DmThinBackend(ThinPool, DmVolumeBase, PreparesCopies, OwnSpace, WatchesSpa
 
     def _activate(self, ctx: VolumeCtx, tid: int) -> str:
         ctx.record("dm", ctx.dm_name)
-        info = dm.control().create_device(ctx.dm_name, self._thin_table(tid, ctx.volume_size))
+        with self._origin(ctx) as origin:
+            info = dm.control().create_device(ctx.dm_name, self._thin_table(tid, ctx.volume_size, origin))
         ctx.step("dm")
         return dm.device_node(info)
 
@@ -199,7 +225,9 @@ class DmThinBackend(ThinPool, DmVolumeBase, PreparesCopies, OwnSpace, WatchesSpa
         if tid is None:
             raise KernelError("flatten volume", self._id_path(ctx), errno.ENOENT, detail="the thin id file is missing")
         ctx.record("dm", ctx.dm_name)
-        info = dm.control().create_device(ctx.dm_name, self._thin_table(tid, ctx.volume_size), readonly=True)
+        with self._origin(ctx) as origin:
+            info = dm.control().create_device(ctx.dm_name, self._thin_table(tid, ctx.volume_size, origin),
+                                              readonly=True)
         try:
             copy_device(dm.device_node(info), out_path, ctx.volume_size, ctx.progress)
         finally:
@@ -209,7 +237,8 @@ class DmThinBackend(ThinPool, DmVolumeBase, PreparesCopies, OwnSpace, WatchesSpa
     # -- templates held in the pool (flatten without copying) ---------------------------------
 
     def flatten_held(self, ctx: VolumeCtx, out: str, *, attached: bool) -> str:
-        """Make the volume's current contents a template without copying: a thin snapshot of
+        """(Not for a volume over a lazy template: its thin alone is not its content; the
+        store flattens those by copying, :meth:`flatten`.) Make the volume's current contents a template without copying: a thin snapshot of
         it (an attached volume suspended for that instant), named by the descriptor ``out``
         (JSON: thin id, size, the flat entry) and, until it is published, by a flat entry
         in ``thin/templates`` that names this process. Returns the content's sha256, read
@@ -369,6 +398,7 @@ class DmThinBackend(ThinPool, DmVolumeBase, PreparesCopies, OwnSpace, WatchesSpa
                     yield KernelObject("dm", d.name, None, detail="flatten digest")
             elif d.name.startswith(fill):  # a template fill's device: left by a killed fill
                 yield KernelObject("dm", d.name, None, detail="template fill", template_id=d.name[len(fill):])
+        yield from lazy_origins(self.tag)
         for name in sorted(os.listdir(self.tdir)) if os.path.isdir(self.tdir) else []:
             if name.endswith((".partial",)) or ".tmp-" in name:
                 continue
@@ -386,7 +416,7 @@ class DmThinBackend(ThinPool, DmVolumeBase, PreparesCopies, OwnSpace, WatchesSpa
                 yield KernelObject("thin-template", name, None, detail=f"thin {words[0]} of {words[1].strip()}")
 
     def release(self, obj: KernelObject, *, deadline_s: float = 5.0) -> None:
-        if self.release_dm(obj, deadline_s=deadline_s):
+        if self.release_dm(obj, deadline_s=deadline_s) or release_lazy_origin(obj):
             return
         if obj.kind == "thin-template":
             path = os.path.join(self.tdir, obj.name)

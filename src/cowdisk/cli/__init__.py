@@ -79,6 +79,10 @@ def _pipe_closed() -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``cowdisk`` script and ``python -m cowdisk``."""
     args = sys.argv[1:] if argv is None else argv
+    if "_COWDISK_COMPLETE" in os.environ:  # the shell asks for completions (or their script)
+        from .completion import register
+
+        register()
     try:
         cli.main(args=args, prog_name="cowdisk", standalone_mode=True)
     except SystemExit as e:

@@ -11,6 +11,7 @@ PIDs it recorded, then deletes the directory.
 Stdlib only (the ``ceph`` command is the cluster's own admin tool). Usage::
 
     python3 lab/ceph_cluster.py up DIR [--pool rbd] [--osd-size 4G] [--rgw]  # prints the backend options
+                                            # (of the cluster already running in DIR, if one is)
     python3 lab/ceph_cluster.py rgw DIR     # start Ceph's RADOS Gateway (S3) on it; prints the remote config
     python3 lab/ceph_cluster.py status DIR
     python3 lab/ceph_cluster.py down DIR
@@ -115,18 +116,35 @@ class Cluster:
     # -- up ------------------------------------------------------------------------------
 
     def up(self, *, timeout: float = 120) -> dict[str, str]:
-        """Make and start the cluster, wait until the pool's PGs are active; the store options."""
+        """Make and start the cluster, wait until the pool's PGs are active; the store options
+        (of the cluster already running in the directory, if one is: :meth:`_running`)."""
         missing = [b for b in ("ceph-mon", "ceph-mgr", "ceph-osd", "ceph", "monmaptool", "ceph-authtool")
                    if shutil.which(b) is None]
         if missing:
             raise ClusterError(f"ceph cluster: {', '.join(missing)} not found (./install.sh installs them)")
         if os.path.exists(os.path.join(self.dir, PIDS)):
-            raise ClusterError(f"ceph cluster: {self.dir} already holds a cluster (run `down` first)")
+            return self._running()
         try:
             self._up(timeout)
         except BaseException:
             self.down()
             raise
+        return self.options()
+
+    def _running(self) -> dict[str, str]:
+        """``up`` on a directory whose cluster runs (every daemon it recorded alive, its
+        pool there: the Ceph tests' session cluster, which tests/ceph/test_doc_examples.py
+        hands to the docs' ``up`` lines) starts nothing and returns its options; a cluster
+        that is partly gone is refused."""
+        pids = self._pids()
+        dead = sorted(name for name, pid in pids.items() if not _alive(pid))
+        if dead or not pids:
+            raise ClusterError(f"ceph cluster: {self.dir} holds a cluster whose {', '.join(dead) or 'daemons'} "
+                               "no longer run (run `down` first)")
+        pools = self.ceph("osd", "pool", "ls").split()
+        if self.pool not in pools:
+            raise ClusterError(f"ceph cluster: the cluster running in {self.dir} has no pool {self.pool!r} "
+                               f"(it has {', '.join(pools) or 'none'})")
         return self.options()
 
     def _up(self, timeout: float) -> None:

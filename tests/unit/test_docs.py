@@ -18,7 +18,7 @@ from cowdisk.cli import cli
 from cowdisk.cli import reference
 from cowdisk.daemon.config import KEYS
 from cowdisk.errors import ERROR_TYPES
-from docexamples import REPO, blocks, cowdisk_commands, doc_files, parse
+from docexamples import REPO, SUBSTITUTIONS, Block, Places, blocks, cowdisk_commands, doc_files, parse, render
 
 
 def _read(rel: str) -> str:
@@ -158,7 +158,49 @@ def test_daemon_config_table_matches_the_config_and_serve_flags() -> None:
 def test_every_shell_block_is_marked() -> None:
     bad = [b.where for b in blocks() if b.kind is None or (b.kind in ("parse", "not run") and not b.why)]
     assert not bad, f"fenced shell blocks without <!-- example: run|transcript|parse: WHY|not run: WHY -->: {bad}"
-    assert {b.kind for b in blocks()} == {"run", "transcript", "parse", "not run"}
+    assert {b.kind for b in blocks()} == {"run", "transcript", "ceph", "parse", "not run"}
+
+
+_PLACES = Places(root="/tmp/A", root_b="/tmp/B", root_rbd="/tmp/R", socket="/tmp/s.sock", ceph_dir="/tmp/ceph")
+
+
+def test_runnable_blocks_name_their_substitutions() -> None:
+    """Every run and ceph block renders: each substitution its marker names is a known one
+    and changes the block, and none still names the real store, socket or cluster
+    (/var/lib/cowdisk, /run/cowdisk, /var/tmp/cowdisk-ceph) or the machine's setup."""
+    used = set()
+    for b in blocks():
+        if b.kind in ("run", "ceph"):
+            script = render(b, _PLACES)
+            used |= set(b.substitutions)
+            assert "/var/lib/cowdisk" not in script and "/run/cowdisk" not in script, b.where
+    assert used == set(SUBSTITUTIONS), sorted(used ^ set(SUBSTITUTIONS))
+
+
+def _block(body: str, why: str, kind: str = "ceph") -> Block:
+    return Block(os.path.join(REPO, "x.md"), 1, "sh", kind, why, body)
+
+
+def test_render_makes_the_substitutions_and_refuses_the_rest() -> None:
+    body = ("python3 lab/ceph_cluster.py up /var/tmp/cowdisk-ceph --rgw > /var/lib/cowdisk/remote.toml\n"
+            "cp /var/lib/cowdisk/remote.toml /var/lib/cowdisk-b/\n"
+            "cowdisk volume shared    # on B: the pool's volumes\n"
+            "cowdisk volume rm vm1    # on A, whenever\n"
+            "python3 lab/ceph_cluster.py down /var/tmp/cowdisk-ceph\n")
+    script = render(_block(body, "cluster, roots, hosts"), _PLACES)
+    assert f"python3 {REPO}/lab/ceph_cluster.py up /tmp/ceph --rgw > /tmp/A/remote.toml\n" in script
+    assert "cp /tmp/A/remote.toml /tmp/B/\n" in script
+    assert "COWDISK_ROOT=/tmp/B cowdisk volume shared" in script and "COWDISK_ROOT=/tmp/A cowdisk volume rm" in script
+    assert "\ntrue \n" in script and "down" not in script
+    with pytest.raises(AssertionError, match="still names '/var/lib/cowdisk'"):
+        render(_block(body, "cluster, hosts"), _PLACES)  # roots not named: the real store stays
+    with pytest.raises(AssertionError, match="changes nothing"):
+        render(_block(body, "cluster, roots, hosts, daemon"), _PLACES)
+    with pytest.raises(AssertionError, match="no substitution 'bogus'"):
+        render(_block(body, "bogus"), _PLACES)
+    serve = render(_block("./install.sh && cowdisk serve &   # 1.\ncurl -f --unix-socket /run/cowdisk/cowdisk.sock "
+                          "http://cowdisk/v1/health\n", "installed, daemon", "run"), _PLACES)
+    assert "true && cowdisk serve & # 1.\n__wait_daemon $! /tmp/s.sock\ncurl -f --unix-socket /tmp/s.sock " in serve
 
 
 def test_every_command_example_parses() -> None:

@@ -164,6 +164,9 @@ def test_server_killed_while_fetching_leaves_a_whole_cache(tmp_path, hosts):
     deadline = time.monotonic() + 60
     while len(held(doc["cache"])) < 5 and time.monotonic() < deadline:
         time.sleep(0.01)
+    keeper = lazy.keeper(doc["cache"])
+    assert keeper is not None
+    os.kill(keeper, signal.SIGKILL)  # as a host going down: nothing starts the server again
     os.kill(doc["pid"], signal.SIGKILL)
     reader.join(60)
     lazy.unexport_file(f, pidf)
@@ -302,20 +305,25 @@ def test_a_kill_in_fetch_or_eviction_leaves_the_cache_whole(tmp_path, hosts, poi
         c.close()
 
 
-def test_a_server_killed_and_started_again_the_reader_goes_on(served):
+def test_a_killed_server_is_started_again_and_the_reader_goes_on(served):
     """nbdkit SIGKILLed under the FUSE file's reader (qemu-storage-daemon, QEMU's own NBD
-    client, reconnect-delay 5 s) and started again on the same socket: the same open file
-    reads on, right, from the cache and from the store."""
+    client, reconnect-delay 5 s): its keeper starts it again on the same socket, by itself,
+    and the same open file reads on, right, from the cache and from the store. Serving the
+    template again finds that server (no second one); stopping it stops the keeper too."""
     b, doc, f, img, chunks, _ = served
+    keeper = lazy.keeper(doc["cache"])
+    assert keeper is not None
     fd = os.open(f, os.O_RDONLY)
     try:
         assert os.pread(fd, 4096, 0) == chunks[0][:4096]
         os.kill(doc["pid"], signal.SIGKILL)
         deadline = time.monotonic() + 30
-        while lazy.server(doc["cache"]) is not None and time.monotonic() < deadline:
+        while ((s := lazy.server(doc["cache"])) is None or s.pid == doc["pid"]) and time.monotonic() < deadline:
             time.sleep(0.01)
-        again = b.lazy_template(doc["manifest"])
-        assert again["pid"] != doc["pid"]
+        if s is None or s.pid == doc["pid"]:
+            with open(os.path.join(doc["cache"], "nbdkit.log")) as log:
+                pytest.fail(f"the keeper did not start nbdkit again: {log.read()[-3000:]}")
+        assert lazy.keeper(doc["cache"]) == keeper
         drop_page_cache(f)
         got = b""
         deadline = time.monotonic() + 30
@@ -327,5 +335,10 @@ def test_a_server_killed_and_started_again_the_reader_goes_on(served):
                 time.sleep(0.2)
         assert got == chunks[0][4096:8192]
         assert os.pread(fd, 4096, 3 * CHUNK) == chunks[3][:4096]  # a chunk not cached before: fetched
+        assert b.lazy_template(doc["manifest"])["pid"] == s.pid
+        with open(os.path.join(doc["cache"], "nbdkit.log")) as log:
+            assert f"nbdkit (pid {doc['pid']}) ended (signal 9); starting it again" in log.read()
     finally:
         os.close(fd)
+    assert b.stop_lazy_template(doc["manifest"]) is True
+    assert lazy.keeper(doc["cache"]) is None and lazy.server(doc["cache"]) is None

@@ -13,8 +13,10 @@ import contextlib
 import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -24,8 +26,10 @@ from ..kernel import mount as kmount
 from ..kernel.procfs import process_name, read_pid_file
 
 PLUGIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "nbd_plugin.py")
+KEEPER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "keeper.py")
 SRC = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-PIDFILE, LOG, STATS = "nbdkit.pid", "nbdkit.log", "stats.json"
+PIDFILE, LOG, STATS, KEEPER_PIDFILE = "nbdkit.pid", "nbdkit.log", "stats.json", "keeper.pid"
+KEEPER_NAME = "cowdisk-keeper"
 QSD = "qemu-storage-daemon"
 PLUGIN_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8",
               "AWS_CONFIG_FILE": "/dev/null", "AWS_SHARED_CREDENTIALS_FILE": "/dev/null"}
@@ -65,50 +69,78 @@ def server(cache: str) -> Served | None:
     return Served(cache, socket_path(cache), pid)
 
 
+def keeper(cache: str) -> int | None:
+    """The PID of the keeper (:mod:`.keeper`) that starts ``cache``'s nbdkit again when it
+    dies, when one runs."""
+    pid = read_pid_file(os.path.join(cache, KEEPER_PIDFILE))
+    return pid if pid is not None and process_name(pid) == KEEPER_NAME else None
+
+
+def _wait_server(cache: str, deadline_s: float) -> Served | None:
+    deadline = time.monotonic() + deadline_s
+    while (running := server(cache)) is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return running
+
+
 def serve(cache: str, config: str, location: str, *, bound: float) -> Served:
-    """Start nbdkit for ``cache`` (or find the one serving it); returns once it accepts
-    connections (nbdkit writes its PID file then)."""
+    """Start nbdkit for ``cache`` under its keeper (which starts it again whenever it dies),
+    or find the one serving it; returns once it accepts connections (nbdkit writes its PID
+    file then)."""
     running = server(cache)
     if running is not None:
         return running
+    if keeper(cache) is not None:  # its server died a moment ago: the keeper is starting it again
+        running = _wait_server(cache, 10)
+        if running is not None:
+            return running
+        stop(cache)
     os.makedirs(SOCKET_DIR, mode=0o700, exist_ok=True)
     sock = socket_path(cache)
     for leftover in (sock, os.path.join(cache, PIDFILE)):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(leftover)
-    argv = ["nbdkit", "--log=stderr", "--unix", sock, "--pidfile", os.path.join(cache, PIDFILE), "--readonly",
-            "--threads", "16", "python", PLUGIN, f"cache={cache}", f"config={config}", f"location={location}", f"src={SRC}",
-            f"bound={bound:g}", f"stats={os.path.join(cache, STATS)}"]
-    with open(os.path.join(cache, LOG), "ab") as log:
-        try:
-            r = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, timeout=60, env=PLUGIN_ENV)
-        except FileNotFoundError:
-            raise KernelError("serve lazy template", cache, errno.ENOENT,
-                              detail="nbdkit not found (./install.sh installs nbdkit and nbdkit-plugin-python)") \
-                from None
+    nbdkit = shutil.which("nbdkit", path=PLUGIN_ENV["PATH"])
+    if nbdkit is None:
+        raise KernelError("serve lazy template", cache, errno.ENOENT,
+                          detail="nbdkit not found (./install.sh installs nbdkit and nbdkit-plugin-python)")
+    log = os.path.join(cache, LOG)
+    argv = [nbdkit, "--foreground", "--log=stderr", "--unix", sock, "--pidfile", os.path.join(cache, PIDFILE),
+            "--readonly", "--threads", "16", "python", PLUGIN, f"cache={cache}", f"config={config}",
+            f"location={location}", f"src={SRC}", f"bound={bound:g}", f"stats={os.path.join(cache, STATS)}"]
+    # the keeper runs by its path, without site (the standard library alone), and forks away
+    r = subprocess.run([sys.executable, "-I", "-S", KEEPER, cache, log, sock, "--", *argv], stdin=subprocess.DEVNULL,
+                       capture_output=True, text=True, timeout=60, env=PLUGIN_ENV)
     if r.returncode != 0:
-        with open(os.path.join(cache, LOG), "rb") as f:
-            tail = f.read()[-1500:].decode(errors="replace").strip()
-        raise KernelError("serve lazy template", cache, errno.EIO, detail=f"nbdkit exited {r.returncode}: {tail}")
-    deadline = time.monotonic() + 30  # nbdkit's parent may exit before its child writes the PID file
+        raise KernelError("serve lazy template", cache, errno.EIO, detail=f"its keeper exited {r.returncode}: "
+                          f"{r.stderr.strip()[-500:]}")
+    deadline = time.monotonic() + 30
     while (running := server(cache)) is None and time.monotonic() < deadline:
+        if keeper(cache) is None and time.monotonic() > deadline - 29:  # it gave up: nbdkit never became ready
+            break
         time.sleep(0.01)
     if running is None:
-        raise KernelError("serve lazy template", cache, errno.ESRCH, detail="nbdkit started but wrote no PID file "
-                          f"within 30 s (see {os.path.join(cache, LOG)})")
+        stop(cache)
+        with open(log, "rb") as f:
+            tail = f.read()[-1500:].decode(errors="replace").strip()
+        raise KernelError("serve lazy template", cache, errno.ESRCH,
+                          detail=f"nbdkit did not become ready (see {log}): {tail}")
     return running
 
 
 def stop(cache: str, deadline_s: float = 10.0) -> bool:
-    """End the nbdkit serving ``cache`` (SIGTERM, then SIGKILL); True when one ran."""
+    """End the nbdkit serving ``cache`` and its keeper (the keeper first, so that it does
+    not start it again; SIGTERM, then SIGKILL); True when either ran."""
+    k = keeper(cache)
+    if k is not None:
+        _end(k, KEEPER_NAME, deadline_s)  # it passes the SIGTERM on to nbdkit
     s = server(cache)
-    if s is None:
-        return False
-    _end(s.pid, "nbdkit", deadline_s)
-    for leftover in (s.socket, os.path.join(cache, PIDFILE)):
+    if s is not None:
+        _end(s.pid, "nbdkit", deadline_s)
+    for leftover in (socket_path(cache), os.path.join(cache, PIDFILE), os.path.join(cache, KEEPER_PIDFILE)):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(leftover)
-    return True
+    return k is not None or s is not None
 
 
 def _end(pid: int, comm: str, deadline_s: float) -> None:

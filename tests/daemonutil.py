@@ -203,6 +203,33 @@ class Daemons:
             shutil.rmtree(top, ignore_errors=True)
 
 
+def call_as(sock: str, uid: int, method: str, path: str, body: Any = None) -> tuple[int, dict[str, Any]]:
+    """``method path`` on the daemon's socket from a child running as ``uid`` (curl after
+    setgroups/setgid/setuid): the HTTP status and the JSON answer."""
+    argv = ["curl", "-sS", "--unix-socket", sock, "-X", method, "-w", "\n%{http_code}", f"http://cowdisk{path}"]
+    if body is not None:
+        argv += ["-H", "Content-Type: application/json", "-d", json.dumps(body)]
+
+    def drop() -> None:
+        if uid:
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=120, preexec_fn=drop, cwd="/")
+    assert r.returncode == 0, r.stderr
+    text, _, code = r.stdout.rpartition("\n")
+    return int(code), json.loads(text)
+
+
+def job_as(sock: str, uid: int, doc: dict[str, Any]) -> dict[str, Any]:
+    """The ended job ``doc`` started, waited for as ``uid``."""
+    while doc["state"] in ("queued", "running"):
+        code, doc = call_as(sock, uid, "GET", f"/v1/jobs/{doc['id']}?wait=30")
+        assert code == 200, doc
+    return doc
+
+
 def wait_for(pred: Any, timeout: float = 30, what: str = "condition") -> Any:
     end = time.monotonic() + timeout
     while time.monotonic() < end:

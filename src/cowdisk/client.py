@@ -12,8 +12,8 @@ against the library runs against the daemon by swapping the object::
         c.checkpoint("sandbox-1")
         c.restore("sandbox-1", "sandbox-2")
 
-Long operations (template import, build and verify, fork, flatten) run as jobs in the
-daemon; the client waits for them (long-polling ``/v1/jobs/{id}``), feeds their progress
+Long operations (template import, build and verify, push and pull, fork, flatten) run as
+jobs in the daemon; the client waits for them (long-polling ``/v1/jobs/{id}``), feeds their progress
 to ``progress`` as the library would, and cancels the job if the wait is interrupted
 (KeyboardInterrupt, or an exception raised by ``progress``).
 
@@ -444,6 +444,36 @@ class Client:
     def chown_template(self, ref: str, owner: int | None = None, *, shared: bool | None = None) -> Template:
         return self._template(self.call("POST", f"{API}/templates/{_q(ref)}/chown", {"owner": owner, "shared": shared}))
 
+    # -- templates in an object store (docs/remote.md) ------------------------------
+
+    def push_template(self, ref: str, to: str | None = None, *, progress: Progress | None = None) -> dict[str, Any]:
+        doc = self.call("POST", f"{API}/templates/{_q(ref)}/push", {"to": to})
+        return dict(self._job(doc, progress))
+
+    def pull_template(self, source: str, name: str | None = None, *, at: str | None = None,
+                      progress: Progress | None = None) -> Template:
+        doc = self.call("POST", f"{API}/templates/pull", {"source": source, "name": name, "at": at})
+        return self._template(self._job(doc, progress))
+
+    def remote_templates(self, url: str | None = None) -> list[dict[str, Any]]:
+        return list(self.call("GET", f"{API}/remote/templates", query={"at": url})["templates"])
+
+    def lazy_template(self, source: str, name: str | None = None, *, at: str | None = None,
+                      bound: float | None = None, prefetch: bool = False,
+                      progress: Progress | None = None) -> dict[str, Any]:
+        doc = self.call("POST", f"{API}/lazy-templates",
+                        {"source": source, "name": name, "at": at, "bound": bound, "prefetch": prefetch})
+        return dict(self._job(doc, progress))
+
+    def lazy_templates(self) -> list[dict[str, Any]]:
+        return list(self.call("GET", f"{API}/lazy-templates")["templates"])
+
+    def record_read_order(self, manifest_digest: str) -> dict[str, Any]:
+        return dict(self.call("POST", f"{API}/lazy-templates/{_q(manifest_digest)}/record-order"))
+
+    def stop_lazy_template(self, manifest_digest: str) -> bool:
+        return bool(self.call("POST", f"{API}/lazy-templates/{_q(manifest_digest)}/stop")["stopped"])
+
     # -- volumes ---------------------------------------------------------------------
 
     def volumes(self) -> list[Volume]:
@@ -528,10 +558,10 @@ def _feed(progress: Progress, told: list[tuple[str, int, int]], doc: dict[str, A
     stages = doc.get("stages") or [p]
     for i, st in enumerate(stages):
         stage, done, total = str(st.get("stage", "")), int(st.get("done", 0)), int(st.get("total", 0))
-        if i >= len(told):
+        if i >= len(told) or told[i][0] != stage:  # new (the first answer's "no stage yet" is no stage)
             if i or stage:
                 progress(0, 0, stage)
-            told.append((stage, 0, 0))
+            told[i:] = [(stage, 0, 0)]
         if (done, total) != told[i][1:] and (done or total):
             progress(done, total)
             told[i] = (stage, done, total)

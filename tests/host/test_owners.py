@@ -23,6 +23,8 @@ import pytest
 from cowdisk.errors import InvalidArgument, KernelError
 from cowdisk.store import Store
 from daemonutil import Daemon, env
+from daemonutil import call_as as call
+from daemonutil import job_as as job_result
 from testutil import assert_same_host, host_state, make_tree, scratch_fs
 
 pytestmark = pytest.mark.root
@@ -59,33 +61,6 @@ def stop(daemon: Daemon) -> None:
         if os.path.exists(os.path.join(daemon.root, "registry.db")):
             with Store(daemon.root) as s:
                 s.destroy()
-
-
-def call(sock: str, uid: int, method: str, path: str, body: Any = None) -> tuple[int, dict[str, Any]]:
-    """``method path`` on the daemon's socket from a child running as ``uid`` (curl after
-    setgroups/setgid/setuid): the HTTP status and the JSON answer."""
-    argv = ["curl", "-sS", "--unix-socket", sock, "-X", method, "-w", "\n%{http_code}", f"http://cowdisk{path}"]
-    if body is not None:
-        argv += ["-H", "Content-Type: application/json", "-d", json.dumps(body)]
-
-    def drop() -> None:
-        if uid:
-            os.setgroups([])
-            os.setgid(uid)
-            os.setuid(uid)
-
-    r = subprocess.run(argv, capture_output=True, text=True, timeout=120, preexec_fn=drop, cwd="/")
-    assert r.returncode == 0, r.stderr
-    text, _, code = r.stdout.rpartition("\n")
-    return int(code), json.loads(text)
-
-
-def job_result(sock: str, uid: int, doc: dict[str, Any]) -> dict[str, Any]:
-    """The ended job ``doc`` started, waited for as ``uid``."""
-    while doc["state"] in ("queued", "running"):
-        code, doc = call(sock, uid, "GET", f"/v1/jobs/{doc['id']}?wait=30")
-        assert code == 200, doc
-    return doc
 
 
 def tree_for(d: str, uid: int, name: str) -> str:

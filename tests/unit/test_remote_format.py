@@ -11,7 +11,7 @@ import os
 import pytest
 
 from cowdisk.errors import InvalidArgument, NotFound, RemoteError
-from cowdisk.remote import config, split_manifest_url
+from cowdisk.remote import check_source, config, split_manifest_url
 from cowdisk.remote.chunks import Manifest, compress, decode, read_chunks
 
 K = 64 << 10
@@ -93,11 +93,19 @@ def test_locations_and_manifest_urls() -> None:
     assert config.parse_location("s3://bkt") == ("bkt", "")
     assert split_manifest_url("s3://bkt/p/manifests/" + "ab" * 32) == ("s3://bkt/p", "ab" * 32)
     assert split_manifest_url("abcdef12") is None
-    for bad in ("http://bkt", "s3://", "s3://b/../x", "s3://b_c"):
+    for bad in ("http://bkt", "s3://", "s3://b/../x", "s3://b_c", "s3://b\u00e9", "s3://b/p\nq", "s3://b/p q",
+                "s3://b/p\0", "s3://" + "b" * 64, "s3://b/" + "p" * 513):  # a request's field is hostile
         with pytest.raises(InvalidArgument):
             config.parse_location(bad)
-    with pytest.raises(InvalidArgument, match="not the URL of a manifest"):
-        split_manifest_url("s3://bkt/p/manifests/abc")
+    assert config.parse_location("s3://b-1.x/p_q/r-s.t/") == ("b-1.x", "p_q/r-s.t")
+    for bad in ("s3://bkt/p/manifests/abc", "s3://bkt/p/manifests/" + "g" * 64,
+                "s3://bkt/p/manifests/" + "../" * 21 + "a"):
+        with pytest.raises(InvalidArgument, match="not the URL of a manifest"):
+            split_manifest_url(bad)
+    assert check_source("sha256:" + "ab" * 32) and check_source("ABCDEF12")
+    for bad in ("abc", "12345678;rm", "s3://bkt/x", "g" * 8, "1" * 65):
+        with pytest.raises(InvalidArgument):
+            check_source(bad)
 
 
 def test_record_skips_a_torn_or_damaged_entry() -> None:

@@ -31,6 +31,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .. import drive as drive_mod
 from ..contract import LOCK_TIMEOUT_HEADER
 from ..errors import CowdiskError, InvalidArgument, KernelError, NotFound
+from ..remote import check_source, parse_location
 from ..store import Store, fork_ids, validate_id
 from . import calls
 from . import models as m
@@ -358,6 +359,24 @@ def check_image_ref(ref: str, roots: list[str]) -> tuple[str, str]:
     return ref, check_path(path[:cut] + path[cut:].partition(":")[0], roots, "build template", "import_roots")
 
 
+def _location(url: str | None, op: str) -> None:
+    """A request's object-store location: only ``s3://BUCKET[/PREFIX]`` (400 otherwise)."""
+    if url is not None:
+        try:
+            parse_location(url)
+        except InvalidArgument as e:
+            raise InvalidArgument(f"{op}: {e.message}", op=op, obj=e.obj, hint=e.hint) from None
+
+
+_HEX64 = re.compile("[0-9a-f]{64}")
+
+
+def _manifest(digest: str, op: str) -> None:
+    if not _HEX64.fullmatch(digest):
+        raise InvalidArgument(f"{op} {digest!r:.100}: not a manifest digest (64 lower-case hex digits)", op=op,
+                              obj=digest[:100], hint="`cowdisk template ls --lazy` lists them")
+
+
 def _ids(*pairs: tuple[str | None, str]) -> None:
     for value, what in pairs:
         if value is not None:
@@ -371,7 +390,7 @@ def create_app(svc: Service) -> FastAPI:
         title="cowdiskd", version=VERSION,
         description="Copy-on-write root disks for microVM sandboxes, as a local service on a unix socket. "
                     "Every store operation is an endpoint under /v1; long ones (template import, build, "
-                    "verify, volume fork, flatten) return a job. Errors are one document: "
+                    "verify, push, pull, lazy serve, volume fork, flatten) return a job. Errors are one document: "
                     "{\"error\": {type, exit_code, message, hint, op, object, errno, notes}}. "
                     "See docs/daemon.md.",
         docs_url=None, redoc_url=None, openapi_url="/openapi.json", max_body_size=MAX_BODY,
@@ -565,6 +584,78 @@ def create_app(svc: Service) -> FastAPI:
         validate_id(ref, "template name or id")
         return J(await svc.call("chown template", ref, peer_of(request), calls.chown_template, ref, body.owner,
                                 body.shared))
+
+    # -- templates in an object store (docs/remote.md) ------------------------------------
+
+    @app.post(f"{API}/templates/{{ref}}/push", status_code=202, response_model=m.JobOut, tags=["remote"],
+              responses=ERRORS)
+    async def template_push(request: Request, ref: str, body: m.PushIn | None = Body(None)) -> JSONResponse:
+        """Push a template the caller may use to the object store as content-addressed chunks
+        (only those the bucket lacks, then the manifest): a job; its result is the push's report.
+        A cancelled push leaves at most chunks, never a manifest without its chunks."""
+        body = body or m.PushIn()
+        validate_id(ref, "template name or id")
+        _location(body.to, "push template")
+        peer = peer_of(request)
+        await svc.read(peer, calls.template, ref)  # a 404 now rather than a failed job
+
+        return svc.start_job("push template", ref, peer, calls.push_template, ref, body.to)
+
+    @app.post(f"{API}/templates/pull", status_code=202, response_model=m.JobOut, tags=["remote"],
+              responses=ERRORS)
+    async def template_pull(request: Request, body: m.PullIn) -> JSONResponse:
+        """Pull a template from the object store into this store (every chunk and the whole
+        image checked, registered like an import, the caller's): a job; its result is the
+        template. A cancelled pull leaves nothing (no template, no staging file)."""
+        _ids((body.name, "template name"))
+        check_source(body.source)
+        _location(body.at, "pull template")
+        return svc.start_job("pull template", body.source, peer_of(request), calls.pull_template, body.source,
+                             body.name, body.at)
+
+    @app.get(f"{API}/remote/templates", response_model=m.RemoteTemplateList, tags=["remote"], responses=ERRORS)
+    async def remote_templates(request: Request, at: str | None = Query(
+            None, max_length=600, description="s3://BUCKET[/PREFIX] (default: the remote config's location)")
+                               ) -> JSONResponse:
+        """Every template in the object store (`template ls --remote`): its manifest's summary,
+        its URL and whether this store has it."""
+        _location(at, "list remote templates")
+        return J(await svc.read(peer_of(request), calls.remote_templates, at))
+
+    @app.get(f"{API}/lazy-templates", response_model=m.LazyList, tags=["remote"], responses=ERRORS)
+    async def lazy_templates(request: Request) -> JSONResponse:
+        """The lazy templates on this host (`template ls --lazy`): cached bytes, served or not,
+        the server's counters."""
+        return J(await svc.read(peer_of(request), calls.lazy_templates))
+
+    @app.post(f"{API}/lazy-templates", status_code=202, response_model=m.JobOut, tags=["remote"], responses=ERRORS)
+    async def lazy_template(request: Request, body: m.LazyIn) -> JSONResponse:
+        """Serve a template of the object store lazily on this host (`template pull --lazy`):
+        its manifest fetched, its cache made, its nbdkit started; with ``prefetch`` the cache
+        filled, the recorded read order first. The template is registered in the store, the
+        caller's (``name`` names it), unless the store has that content already. A job; its
+        result is the lazy template (its NBD ``url``, its ``id``)."""
+        _ids((body.name, "template name"))
+        check_source(body.source, "serve lazy template")
+        _location(body.at, "serve lazy template")
+        return svc.start_job("serve lazy template", body.source, peer_of(request), calls.lazy_template,
+                             body.source, body.name, body.at, body.bound, body.prefetch)
+
+    @app.post(f"{API}/lazy-templates/{{manifest}}/record-order", response_model=m.OrderOut, tags=["remote"],
+              responses=ERRORS)
+    async def lazy_record_order(request: Request, manifest: str) -> JSONResponse:
+        """Upload the order this host fetched the lazy template's chunks in as its manifest's
+        sidecar (`template record-order`): other hosts prefetch in that order. Root only."""
+        _manifest(manifest, "record read order")
+        return J(await svc.call("record read order", manifest, peer_of(request), calls.record_read_order, manifest))
+
+    @app.post(f"{API}/lazy-templates/{{manifest}}/stop", response_model=m.StopOut, tags=["remote"],
+              responses=ERRORS)
+    async def lazy_stop(request: Request, manifest: str) -> JSONResponse:
+        """Stop serving a lazy template (its cache stays for the next start). Root only."""
+        _manifest(manifest, "stop lazy template")
+        return J(await svc.call("stop lazy template", manifest, peer_of(request), calls.stop_lazy_template,
+                                manifest))
 
     # -- volumes -----------------------------------------------------------------------
 

@@ -185,3 +185,36 @@ def fork(store: Store, vid: str, ids: list[str], reset_identity: bool, hostname_
 
 def flatten(store: Store, vid: str, name: str | None, *, progress: Progress | None = None) -> dict[str, Any]:
     return store.template_doc(store.flatten(vid, name, progress=progress))
+
+
+# -- templates in an object store (docs/remote.md) ---------------------------------------------
+
+
+def push_template(store: Store, ref: str, to: str | None, *, progress: Progress | None = None) -> dict[str, Any]:
+    return store.push_template(ref, to, progress=progress)
+
+
+def pull_template(store: Store, source: str, name: str | None, at: str | None, *,
+                  progress: Progress | None = None) -> dict[str, Any]:
+    return store.template_doc(store.pull_template(source, name, at=at, progress=progress))
+
+
+def lazy_template(store: Store, source: str, name: str | None, at: str | None, bound: float | None,
+                  prefetch: bool, *, progress: Progress | None = None) -> dict[str, Any]:
+    return store.lazy_template(source, name, at=at, bound=bound, prefetch=prefetch, progress=progress)
+
+
+def remote_templates(store: Store, at: str | None) -> dict[str, Any]:
+    return {"templates": store.remote_templates(at)}
+
+
+def lazy_templates(store: Store) -> dict[str, Any]:
+    return {"templates": store.lazy_templates()}
+
+
+def record_read_order(store: Store, manifest: str) -> dict[str, Any]:
+    return store.record_read_order(manifest)
+
+
+def stop_lazy_template(store: Store, manifest: str) -> dict[str, Any]:
+    return {"manifest": manifest, "stopped": store.stop_lazy_template(manifest)}

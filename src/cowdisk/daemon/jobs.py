@@ -1,4 +1,4 @@
-"""Long operations as jobs: template import, build and verify, flatten, fork.
+"""Long operations as jobs: template import, build, verify, push and pull (whole or lazy), flatten, fork.
 
 A request starts a job and gets its id at once (HTTP 202); ``GET /v1/jobs/{id}`` gives
 its state and progress, ``?wait=S`` holds the answer until the job changes state or

@@ -186,8 +186,9 @@ class JobOut(BaseModel):
     progress: JobProgress
     stages: list[JobProgress] = Field([], description="Every stage so far with its last byte counts (the last is "
                                                       "progress)")
-    result: Any = Field(None, description="When succeeded: a template (import, build, verify, flatten) or "
-                                          "{\"volumes\": [...]} (fork)")
+    result: Any = Field(None, description="When succeeded: a template (import, build, verify, flatten, pull), "
+                                          "{\"volumes\": [...]} (fork), the push's report (push) or the lazy "
+                                          "template (lazy serve)")
     error: ErrorBody | None = None
     created: float
     started: float | None = None
@@ -300,3 +301,86 @@ class DriveOut(BaseModel):
     config: Any = Field(description="firecracker, cloud-hypervisor-api: the drive object; cloud-hypervisor, "
                                     "qemu, qemu-blockdev: the argument list")
     text: str = Field(description="What `cowdisk volume drive` prints")
+
+
+# -- templates in an object store (docs/remote.md) ---------------------------------------------
+
+Location = Annotated[str, Field(max_length=600, pattern=r"^s3://[A-Za-z0-9][A-Za-z0-9.-]{0,62}(/[A-Za-z0-9._/-]*)?$",
+                                description="s3://BUCKET[/PREFIX] (default: the remote config's location)")]
+Source = Annotated[str, Field(max_length=700, description="A manifest URL as push prints it "
+                                                          "(s3://BUCKET[/PREFIX]/manifests/<digest>), or a manifest "
+                                                          "or template digest (8 to 64 hex digits)")]
+
+
+class PushIn(In):
+    to: Location | None = None
+
+
+class PullIn(In):
+    source: Source
+    name: str | None = Field(None, description="A name for the pulled template")
+    at: Location | None = Field(None, description="Where a digest is looked up: s3://BUCKET[/PREFIX] (default: "
+                                                  "the remote config's location)")
+
+
+class LazyIn(In):
+    source: Source
+    name: str | None = Field(None, description="A name for the lazy template")
+    at: Location | None = Field(None, description="Where a digest is looked up (default: the remote config's)")
+    prefetch: bool = Field(False, description="Fill the cache now, the chunks of the recorded read order first")
+    bound: float | None = Field(None, gt=0, le=600, description="Seconds a chunk's fetch may take (default: three "
+                                                                "times the remote config's timeout)")
+
+
+class ManifestSummary(BaseModel):
+    manifest: str = Field(description="The manifest's digest (its object's name)")
+    template: str = Field(description="The template's content digest")
+    size: int
+    chunk_size: int
+    chunks: int
+    zero_chunks: int = Field(description="Chunks of zeros: not stored")
+    distinct_chunks: int = Field(description="Chunks stored (each once)")
+
+
+class PushOut(ManifestSummary):
+    id: str = Field(description="The template pushed")
+    digest: str
+    url: str = Field(description="The manifest's URL: what `template pull` takes")
+    uploaded_chunks: int
+    uploaded_bytes: int = Field(description="Compressed bytes sent (chunks and manifest)")
+    present_chunks: int = Field(description="Distinct chunks the bucket had already")
+
+
+class RemoteTemplateOut(ManifestSummary):
+    url: str
+    local: bool = Field(description="Whether this store has the template (one the caller may use)")
+
+
+class RemoteTemplateList(BaseModel):
+    templates: list[RemoteTemplateOut]
+
+
+class LazyOut(ManifestSummary):
+    cache: str = Field(description="The cache directory on this host")
+    cached_chunks: int
+    cached_bytes: int
+    data_chunks: int
+    url: str | None = Field(description="nbd+unix:///?socket=... while served (QEMU opens it), else null")
+    pid: int | None = Field(description="The serving nbdkit's PID, while served")
+    stats: dict[str, Any] = Field(description="The server's counters: fetched chunks and bytes, reads from the "
+                                              "cache and from the store, check failures, fetch times")
+
+
+class LazyList(BaseModel):
+    templates: list[LazyOut]
+
+
+class OrderOut(BaseModel):
+    manifest: str
+    chunks: int = Field(description="Chunk indexes recorded, in the order this host fetched them")
+    url: str = Field(description="The sidecar's URL")
+
+
+class StopOut(BaseModel):
+    manifest: str
+    stopped: bool = Field(description="Whether a server ran (and was stopped)")

@@ -10,9 +10,27 @@ list). The store (``cowdisk.store.remote``) calls these; nothing here imports th
 
 from __future__ import annotations
 
+import re
+
+from ..errors import InvalidArgument
 from .config import SCHEME, RemoteConfig, load, parse_location
 
 MANIFEST_DIR = "manifests"
+_HEX64 = re.compile("[0-9a-f]{64}")
+_DIGEST = re.compile("(sha256:)?[0-9a-fA-F]{8,64}")
+
+
+def check_source(source: str, op: str = "pull template") -> str:
+    """What a pull names, checked before anything is fetched: a manifest URL
+    (``s3://BUCKET[/PREFIX]/manifests/<64 hex digits>``, as push prints it) or a manifest or
+    template digest (8 to 64 hex digits, ``sha256:`` optional). InvalidArgument otherwise."""
+    if source.startswith(SCHEME):
+        split_manifest_url(source)
+    elif not _DIGEST.fullmatch(source):
+        raise InvalidArgument(f"{op} {source!r:.200}: neither a manifest URL nor a digest (8 to 64 hex digits)",
+                              op=op, obj=source[:200], hint="s3://BUCKET[/PREFIX]/manifests/<digest> as `template "
+                                                            "push` prints it, or a digest (`template ls --remote`)")
+    return source
 
 
 def split_manifest_url(url: str) -> tuple[str, str] | None:
@@ -21,13 +39,12 @@ def split_manifest_url(url: str) -> tuple[str, str] | None:
     if not url.startswith(SCHEME):
         return None
     head, _, digest = url.rstrip("/").rpartition(f"/{MANIFEST_DIR}/")
-    if not head or len(digest) != 64:
-        from ..errors import InvalidArgument
-
-        raise InvalidArgument(f"pull template {url}: not the URL of a manifest", op="pull template", obj=url,
+    if not head or not _HEX64.fullmatch(digest.lower()):
+        raise InvalidArgument(f"pull template {url!r:.300}: not the URL of a manifest", op="pull template",
+                              obj=url[:300],
                               hint="s3://BUCKET[/PREFIX]/manifests/<64 hex digits>, as `template push` prints")
     parse_location(head)
     return head, digest.lower()
 
 
-__all__ = ["RemoteConfig", "load", "parse_location", "split_manifest_url", "SCHEME"]
+__all__ = ["check_source", "RemoteConfig", "load", "parse_location", "split_manifest_url", "SCHEME"]

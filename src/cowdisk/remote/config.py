@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import stat
 import tomllib
 from dataclasses import dataclass
@@ -76,13 +77,21 @@ def parse_location(url: str) -> tuple[str, str]:
         raise InvalidArgument(f"remote location {url!r}: not an s3:// URL", op="parse remote location", obj=url,
                               hint="s3://BUCKET or s3://BUCKET/PREFIX")
     bucket, _, prefix = url[len(SCHEME):].partition("/")
-    if not bucket or not all(c.isalnum() or c in "-." for c in bucket):
-        raise InvalidArgument(f"remote location {url!r}: bad bucket name {bucket!r}", op="parse remote location",
-                              obj=url)
+    if not _BUCKET.fullmatch(bucket):
+        raise InvalidArgument(f"remote location {url!r:.300}: bad bucket name {bucket!r:.80} (ASCII letters, digits, "
+                              "'.' and '-', 1 to 63)", op="parse remote location", obj=url[:300])
     prefix = prefix.strip("/")
-    if any(p in ("", ".", "..") for p in prefix.split("/")) and prefix:
-        raise InvalidArgument(f"remote location {url!r}: bad prefix {prefix!r}", op="parse remote location", obj=url)
+    if prefix and (not _PREFIX.fullmatch(prefix) or any(p in ("", ".", "..") for p in prefix.split("/"))):
+        raise InvalidArgument(f"remote location {url!r:.300}: bad prefix {prefix!r:.300} (ASCII letters, digits, "
+                              "'.', '_', '-' and '/' between parts, at most 512)", op="parse remote location",
+                              obj=url[:300])
     return bucket, prefix
+
+
+_BUCKET = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]{0,62}")
+_PREFIX = re.compile(r"[A-Za-z0-9._/-]{1,512}")
+"""What a location may name: a request field is hostile (the daemon takes it from any
+allowed caller), so only plain ASCII names reach an object key."""
 
 
 def find(root: str) -> str | None:

@@ -250,7 +250,8 @@ class Store(StoreParts):
 
     def record_read_order(self, manifest_digest: str) -> dict[str, Any]:
         """Upload the order this host fetched a lazy template's chunks in (a first boot's
-        reads) as its manifest's sidecar; other hosts' prefetch follows it."""
+        reads) as its manifest's sidecar; other hosts' prefetch follows it. Root only."""
+        self.require_admin("record read order", manifest_digest)
         return RemoteTemplates(self.root, self._templates).record_order(manifest_digest)
 
     def lazy_templates(self) -> list[dict[str, Any]]:
@@ -258,7 +259,8 @@ class Store(StoreParts):
         return RemoteTemplates(self.root, self._templates).lazy_templates()
 
     def stop_lazy_template(self, manifest_digest: str) -> bool:
-        """Stop serving a lazy template (its cache stays for the next start)."""
+        """Stop serving a lazy template (its cache stays for the next start). Root only."""
+        self.require_admin("stop lazy template", manifest_digest)
         return RemoteTemplates(self.root, self._templates).lazy_stop(manifest_digest)
 
     def remote_templates(self, url: str | None = None) -> list[dict[str, Any]]:

@@ -12,6 +12,7 @@ import re
 import shutil
 from typing import TYPE_CHECKING, Any
 
+from .. import failpoints
 from ..digest import sha256_file
 from ..errors import AlreadyExists, InvalidArgument, NotFound, TemplateChanged, Unsupported
 from ..progress import Progress, stage
@@ -92,6 +93,7 @@ class RemoteTemplates:
             tmp = os.path.join(staging, "disk.img")
             fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             try:
+                failpoints.hit("pull", "fetch")  # the tests' window for a cancel: staging made, nothing fetched
                 fetched = pull(m, objects, fd, progress)
                 os.fsync(fd)
             finally:
@@ -101,6 +103,7 @@ class RemoteTemplates:
             if digest != m.template:
                 raise TemplateChanged(f"pull template {m.digest}: the image hashes to {digest}, its manifest says "
                                       f"{m.template}", op="pull template", obj=m.digest)
+            stage(progress, "register")  # a cancel's last chance: nothing is registered yet
             log.info("pulled template %s (manifest %s): %d bytes fetched", digest[:16], m.digest, fetched)
             src = objects.url(objects.cfg.key(f"manifests/{m.digest}"))
             return self.templates.register(tmp, digest, owned=True, source=src, name=name)
@@ -109,11 +112,12 @@ class RemoteTemplates:
 
     def listing(self, url: str | None = None) -> list[dict[str, Any]]:
         """The templates at ``url`` (default: the config's location), with whether this
-        store has each (``local``)."""
+        store has each (``local``: one the caller may use; another owner's unshared
+        template is not told)."""
         rows = remote_listing(self.root, url)
         for r in rows:
             t = self.templates.registry.find_template(r["template"][:16])
-            r["local"] = t is not None and t.digest == r["template"]
+            r["local"] = t is not None and t.digest == r["template"] and t.visible_to(self.templates.viewer)
         return rows
 
 
@@ -239,16 +243,17 @@ class RemoteTemplates:
         c = ChunkCache(cache, m, lambda key: objects.get(objects.cfg.key(key)),
                        where=lambda key: objects.url(objects.cfg.key(key)), bound=3 * objects.cfg.timeout)
         first = todo[:len(todo) - len(rest)]
+        pool = cf.ThreadPoolExecutor(8)
         try:
             done = 0
-            with cf.ThreadPoolExecutor(8) as pool:
-                for batch in (first, rest):  # the recorded ones all in before the rest starts
-                    for f in [pool.submit(c.ensure, i) for i in batch]:
-                        f.result()
-                        done += 1
-                        if progress:
-                            progress(done, len(todo))
+            for batch in (first, rest):  # the recorded ones all in before the rest starts
+                for f in [pool.submit(c.ensure, i) for i in batch]:
+                    f.result()
+                    done += 1
+                    if progress:
+                        progress(done, len(todo))  # a cancel (a job's) raises here
         finally:
+            pool.shutdown(wait=True, cancel_futures=True)  # a failure or a cancel: the fetches not begun never start
             c.close()
 
     def record_order(self, manifest_digest: str) -> dict[str, Any]:
@@ -259,7 +264,7 @@ class RemoteTemplates:
         from ..remote.s3 import ObjectStore
         from ..remote.transfer import put_order
 
-        cache = self.lazy_dir(manifest_digest)
+        cache = self._cache(manifest_digest, "record read order")
         m = ChunkCache.read_manifest(cache)
         order = read_record(cache)
         with open(os.path.join(cache, "location")) as f:
@@ -309,7 +314,7 @@ class RemoteTemplates:
         from ..remote.cache import ChunkCache, parse_record
         from ..remote.lazy import server, stats
 
-        cache = self.lazy_dir(manifest_digest)
+        cache = self._cache(manifest_digest, "find lazy template")
         m = ChunkCache.read_manifest(cache)
         with open(os.path.join(cache, "held"), "rb") as f:
             held = parse_record(f.read())
@@ -333,16 +338,24 @@ class RemoteTemplates:
         return {"manifest": d["manifest"], "source": d["source"], "cached_bytes": doc["cached_bytes"],
                 "cached_chunks": doc["cached_chunks"], "data_chunks": doc["data_chunks"], "served": doc["pid"] is not None}
 
+    def _cache(self, manifest_digest: str, op: str) -> str:
+        """The cache of lazy template ``manifest_digest`` on this host (NotFound when there is none)."""
+        cache = self.lazy_dir(manifest_digest)
+        if not os.path.exists(os.path.join(cache, "held")):  # made last
+            raise NotFound(f"{op} {manifest_digest}: no lazy template of that manifest on this host",
+                           op=op, obj=manifest_digest, hint="`cowdisk template ls --lazy` lists them")
+        return cache
+
     def lazy_templates(self) -> list[dict[str, Any]]:
         d = self.lazy_dir()
         names = sorted(os.listdir(d)) if os.path.isdir(d) else []
-        return [self.lazy_doc(n) for n in names if len(n) == 64 and not n.startswith(".")]
+        return [self.lazy_doc(n) for n in names if HEX64.match(n) and os.path.exists(os.path.join(d, n, "held"))]
 
     def lazy_stop(self, manifest_digest: str) -> bool:
         """Stop serving a lazy template (its cache stays); True when it was served."""
         from ..remote.lazy import stop
 
-        return stop(self.lazy_dir(manifest_digest))
+        return stop(self._cache(manifest_digest, "stop lazy template"))
 
     def drop_lazy(self) -> None:
         """Stop every lazy template's server and delete the caches (store teardown)."""

@@ -3,7 +3,8 @@ cluster's real RADOS Gateway and real cowdiskd processes over their unix sockets
 
 Store A's daemon pushes, store B's daemon pulls (a whole template, and a lazy one read
 through the file a VMM is given) as jobs with progress; a pull cancelled in the middle
-leaves nothing; a non-root caller pushes only what it may see, pulls into templates of its own, cannot
+leaves nothing; the command line gives the same documents directly and through a daemon;
+a non-root caller pushes only what it may see, pulls into templates of its own, cannot
 stop lazy servers (the host's), and never sees the remote config's keys.
 """
 
@@ -12,13 +13,16 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import subprocess
+import sys
 from typing import Any, Iterator
+from unittest.mock import ANY
 
 import pytest
 
 from cowdisk.errors import InvalidArgument, NotFound
 from cowdisk.remote import lazy
-from daemonutil import Daemon, call_as, job_as, public_tmpdir, raises, wait_for
+from daemonutil import Daemon, call_as, env, job_as, public_tmpdir, raises, wait_for
 from remoteutil import make_image
 from testutil import sha
 
@@ -53,7 +57,16 @@ def pushed(tmp_path, hosts) -> Iterator[tuple[Any, Any, str, str]]:
     yield a, b, prefix, img
 
 
-def test_push_pull_and_lazy_through_the_daemons(tmp_path, sockdir, pushed) -> None:
+def cli(root: str, *args: str, sock: str | None = None) -> dict[str, Any]:
+    extra = {"COWDISK_SOCKET": sock} if sock else {"COWDISK_SOCKET": "/nonexistent"}
+    p = subprocess.run([sys.executable, "-m", "cowdisk", "--root", root, "--json", *args], capture_output=True,
+                       text=True, env=env(**extra), timeout=120)
+    assert p.returncode == 0, (args, p.stdout, p.stderr)
+    out: dict[str, Any] = json.loads(p.stdout)
+    return out
+
+
+def test_push_pull_and_lazy_through_the_daemons_and_the_cli(tmp_path, sockdir, pushed) -> None:
     a, b, _, img = pushed
     with daemon(a.root, sockdir, "a") as da, daemon(b.root, sockdir, "b") as db:
         ca, cb = da.client, db.client
@@ -80,6 +93,25 @@ def test_push_pull_and_lazy_through_the_daemons(tmp_path, sockdir, pushed) -> No
         [row] = cb.lazy_templates()
         assert (row["manifest"], row["cached_chunks"], row["pid"]) == (d["manifest"], 3, d["pid"])
         assert cb.record_read_order(d["manifest"])["chunks"] == 3
+
+        # the command line: the same --json documents through the daemons as directly (the
+        # command line's own store, or the library it calls)
+        assert cli(a.root, "template", "push", "base", sock=da.sock) == cli(a.root, "template", "push", "base") \
+            == {**r, "uploaded_chunks": 0, "uploaded_bytes": 0, "present_chunks": 2}
+        assert cli(b.root, "template", "ls", "--remote", sock=db.sock) == cli(b.root, "template", "ls", "--remote")
+        assert cli(b.root, "template", "pull", r["url"], "--name", "b2", sock=db.sock) == \
+            b.template_doc(b.template("b2"))
+        assert cli(b.root, "template", "pull", "--lazy", d["manifest"], sock=db.sock) == \
+            {**b.lazy_templates()[0], "stats": ANY, "id": t.id}
+        assert cli(b.root, "template", "ls", "--lazy", sock=db.sock) == {"templates": b.lazy_templates()}
+        assert cli(b.root, "template", "record-order", d["manifest"], sock=db.sock) == \
+            b.record_read_order(d["manifest"])
+        ops = {(x.get("op"), x.get("result")) for x in db.log_records(lambda rs: sum(
+            x.get("op") == "record read order" for x in rs) == 2)}
+        assert {("pull template", "ok"), ("serve lazy template", "ok"), ("record read order", "ok")} <= ops, ops
+        assert sum(x.get("op") == "push template" and x.get("result") == "ok" for x in da.log_records(
+            lambda rs: sum(x.get("op") == "push template" and x.get("result") == "ok" for x in rs) == 2)) == 2
+
         assert cb.stop_lazy_template(d["manifest"]) is True
         assert cb.lazy_templates()[0]["pid"] is None and cb.stop_lazy_template(d["manifest"]) is False
 
@@ -91,7 +123,7 @@ def test_push_pull_and_lazy_through_the_daemons(tmp_path, sockdir, pushed) -> No
                      lambda: cb.pull_template(r["url"][:-1] + "g")):
             e = raises(call)
             assert isinstance(e, InvalidArgument), e
-        assert len(ca.jobs()) == 1 and len(cb.jobs()) == 2
+        assert len(ca.jobs()) == 2 and len(cb.jobs()) == 4  # the client's and the command line's
 
 
 def test_a_cancelled_pull_leaves_nothing(tmp_path, sockdir, pushed) -> None:

@@ -230,8 +230,9 @@ class App:
 
     def direct_store(self) -> Store:
         """The store at ``--root`` opened here, also beside a daemon serving it (the same
-        locks keep them apart): for the commands the contract has no operation for yet
-        (template push, pull, ls --remote). NotFound when there is no store."""
+        locks keep them apart): for an import or build under sudo, whose source is read with
+        the rights of the user who ran sudo (a daemon would see root). NotFound when there is
+        no store."""
         if not self.has_store():
             self.store()  # raises NotFound with the hint
         if self._direct is None:

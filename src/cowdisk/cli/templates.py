@@ -56,10 +56,9 @@ def template_import(app: App, image: str, name: str | None, adopt: bool, shared:
 
 
 def _new_template(app: App, name: str | None, what: str, make: Callable[[Any, Progress], Template], *,
-                  direct: bool = False, as_sudo_user: bool = False) -> None:
+                  as_sudo_user: bool = False) -> None:
     """Check the name, open (or create) the store, make the template with a progress bar, show
-    it. ``direct``: the store opened here even beside a daemon (an operation not in the contract).
-    ``as_sudo_user``: run through sudo, the source is read with the rights of the user who ran
+    it. ``as_sudo_user``: run through sudo, the source is read with the rights of the user who ran
     it (store/sources.py), in a store opened here (a daemon would see root)."""
     if name is not None:
         validate_id(name, "template name")
@@ -68,8 +67,7 @@ def _new_template(app: App, name: str | None, what: str, make: Callable[[Any, Pr
         from ..store import sudo_caller
 
         caller = sudo_caller()
-    direct = direct or caller is not None
-    store: StoreAPI = app.direct_store() if direct and app.has_store() else app.store(create=True)
+    store: StoreAPI = app.direct_store() if caller is not None and app.has_store() else app.store(create=True)
     with app.progress(what) as progress:
         if caller is not None:
             with cast("Store", store).reading_as(caller):
@@ -127,12 +125,6 @@ REMOTE_COLUMNS = [Column("manifest", human=lambda d: str(d)[:16]), Column("templ
                   Column("distinct_chunks", "distinct", default=False), Column("url", default=False)]
 
 
-def _local_store(app: App) -> Store:
-    """The store itself, also beside a daemon serving it (the same locks): the object-store
-    calls are not in the daemon's API. NotFound when there is no store."""
-    return app.direct_store()
-
-
 LAZY_COLUMNS = [Column("manifest", human=lambda d: str(d)[:16]), Column("template", human=lambda d: str(d)[:16]),
                 Column("size", human=human_bytes), Column("cached_bytes", "cached", human=human_bytes),
                 Column("cached_chunks", "chunks"), Column("data_chunks", "of"),
@@ -152,7 +144,7 @@ def template_push(app: App, ref: str, to: str | None) -> None:
     Example:
       cowdisk template push base --to s3://cowdisk-templates/prod
     """
-    store = _local_store(app)
+    store = app.store()
     with app.progress(f"push {ref}") as progress:
         r = store.push_template(template_ref(ref), to, progress=progress)
     if app.json:
@@ -194,10 +186,9 @@ def template_pull(app: App, source: str, name: str | None, at: str | None, lazy:
         raise InvalidArgument("template pull: --prefetch needs --lazy (a plain pull fetches everything)",
                               op="pull template", obj=source)
     if lazy:
-        if not app.has_store():
-            app.store(create=True)  # made here, as pull makes it
+        store = app.store(create=True)  # made here when there is none, as pull makes it
         with app.progress(f"pull --lazy {source}") as progress:
-            d = _local_store(app).lazy_template(source, name, at=at, prefetch=prefetch, progress=progress)
+            d = store.lazy_template(source, name, at=at, prefetch=prefetch, progress=progress)
         if app.json:
             app.emit(d)
         elif app.quiet:
@@ -209,7 +200,7 @@ def template_pull(app: App, source: str, name: str | None, at: str | None, lazy:
                 "cache": d["cache"], "server": f"nbdkit PID {d['pid']}"})
         return
     _new_template(app, name, f"pull {source}",
-                  lambda store, progress: store.pull_template(source, name, at=at, progress=progress), direct=True)
+                  lambda store, progress: store.pull_template(source, name, at=at, progress=progress))
 
 
 @template.command("record-order")
@@ -224,7 +215,7 @@ def template_record_order(app: App, manifest: str) -> None:
     Example:
       cowdisk template record-order 9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08
     """
-    d = _local_store(app).record_read_order(manifest.removeprefix("sha256:"))
+    d = app.store().record_read_order(manifest.removeprefix("sha256:"))
     if app.json:
         app.emit(d)
     else:
@@ -275,13 +266,13 @@ def template_ls(app: App, ids_only: bool, no_headings: bool, columns: str | None
     rows = []
     if remote:
         if app.has_store():
-            rows = _local_store(app).remote_templates(at)
+            rows = app.store().remote_templates(at)
         else:
             from ..store.remote import remote_listing
 
             rows = [{**r, "local": False} for r in remote_listing(app.root, at)]
     elif lazy:
-        rows = _local_store(app).lazy_templates() if app.has_store() else []
+        rows = app.store().lazy_templates() if app.has_store() else []
     elif app.has_store():
         store = app.store()
         rows = [store.template_doc(t) for t in store.templates()]

@@ -558,8 +558,8 @@ def _feed(progress: Progress, told: list[tuple[str, int, int]], doc: dict[str, A
     stages = doc.get("stages") or [p]
     for i, st in enumerate(stages):
         stage, done, total = str(st.get("stage", "")), int(st.get("done", 0)), int(st.get("total", 0))
-        if i >= len(told) or told[i][0] != stage:  # new (the first answer's "no stage yet" is no stage)
-            if i or stage:
+        if i >= len(told) or (i == 0 and stage and not told[0][0]):  # new (the first answer's "no stage
+            if i or stage:                                               # yet" was no stage)
                 progress(0, 0, stage)
             told[i:] = [(stage, 0, 0)]
         if (done, total) != told[i][1:] and (done or total):

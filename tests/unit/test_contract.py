@@ -65,3 +65,22 @@ def test_client_imports_neither_the_daemon_nor_the_store() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["cowdisk", "cowdisk.client", "cowdisk.contract", "cowdisk.defaults", "cowdisk.errors",
                    "cowdisk.model", "cowdisk.progress"], out
+
+
+def test_the_client_tells_a_jobs_first_stage() -> None:
+    """A job's 202 answer has no stage yet; the first stage the next answer brings is told
+    to ``progress`` (it was dropped: the push job's caller heard no stage at all), and each
+    stage's last byte counts once."""
+    from cowdisk.client import _feed
+
+    heard: list[tuple[int, int, str]] = []
+    told: list[tuple[str, int, int]] = []
+
+    def progress(done: int, total: int, stage: str = "") -> None:
+        heard.append((done, total, stage))
+
+    _feed(progress, told, {"progress": {"stage": "", "done": 0, "total": 0}, "stages": []})
+    _feed(progress, told, {"stages": [{"stage": "push", "done": 5, "total": 10}]})
+    _feed(progress, told, {"stages": [{"stage": "push", "done": 10, "total": 10},
+                                      {"stage": "manifest", "done": 0, "total": 0}]})
+    assert heard == [(0, 0, "push"), (5, 10, ""), (10, 10, ""), (0, 0, "manifest")]

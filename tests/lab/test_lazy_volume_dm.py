@@ -29,22 +29,22 @@ from testutil import MiB, make_tree, sha
 pytestmark = [pytest.mark.lab, pytest.mark.backends("dm-thin", "dm-snapshot")]
 
 CHUNK = 256 << 10
-SIZE = 8 * MiB
+SIZE = 4 * MiB
 
 
 def ext4_image(tmp_path) -> tuple[str, int]:
-    """An 8 MiB ext4 image of make_tree's tree, and a chunk that holds only file data (inside
-    payload.bin: e2fsck never reads it)."""
+    """A 4 MiB ext4 image (no journal) of make_tree's tree, and a chunk that holds only file
+    data (inside payload.bin: e2fsck never reads it), not chunk 3 or 4 (the test reads those)."""
     img = str(tmp_path / "lazy.img")
     with open(img, "wb") as f:
         f.truncate(SIZE)
-    subprocess.run(["mkfs.ext4", "-q", "-F", "-b", "4096", "-d", make_tree(str(tmp_path / "tree")), img],
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-b", "4096", "-O", "^has_journal", "-d", make_tree(str(tmp_path / "tree")), img],
                    check=True, capture_output=True)
     out = subprocess.run(["debugfs", "-R", "blocks /payload.bin", img], check=True, capture_output=True,
                          text=True).stdout
     blocks = {int(b) for b in out.split()}
     per = CHUNK // 4096
-    inside = [c for c in range(SIZE // CHUNK) if all(c * per + k in blocks for k in range(per))]
+    inside = [c for c in range(SIZE // CHUNK) if all(c * per + k in blocks for k in range(per)) and c not in (3, 4)]
     assert inside, out
     return img, inside[len(inside) // 2]
 
@@ -94,7 +94,7 @@ def test_volumes_over_a_lazy_template(store, backend, tmp_path) -> None:
     servers = nbdkits()
     img, missing = ext4_image(tmp_path)
     url, m = offline_lazy(store, img, hold=set(range(SIZE // CHUNK)) - {missing}, chunk_size=CHUNK,
-                          timeout=0.5)
+                          timeout=0.2)
     data_file = os.path.join(store.data_root, "lazy", m.digest, "data")
     cached = sha(data_file)
     tid = store.lazy_template(url, "lz")["id"]
@@ -130,24 +130,45 @@ def test_volumes_over_a_lazy_template(store, backend, tmp_path) -> None:
     assert pread_direct(v2.device, 3 * CHUNK, CHUNK) == want
     assert sha(data_file) == cached
 
-    # the server stopped under an attached volume (killed, a crash): the next attach starts it
-    # again and gives the device a new connection in place of the dead one
-    chunk4 = open(img, "rb").read()[4 * CHUNK:5 * CHUNK]
-    store.checkpoint("v2")
-    assert store.stop_lazy_template(m.digest)
-    v2 = store.restore("v2")
-    assert pread_direct(v1.device, 4 * CHUNK, CHUNK) == chunk4
-    assert pread_direct(v2.device, 3 * CHUNK, CHUNK) == want and len(ours(store)) == 1
+    if backend == "dm-thin":  # (what follows is dm_common's, the same on both: run on one each)
+        server_killed_and_devices_come_and_go(store, img, new)
+    else:
+        killed_create_is_undone(store)
 
-    # checkpointed: nothing opens the nbd device, the kernel disconnected it; restore connects one
+    for v in ("v1", "v2"):
+        store.remove_volume(v)
+    wait_for(lambda: ours(store) == [], f"nbd devices left connected: {ours(store)}")
+    store.remove_template("lz")
+    wait_for(lambda: nbdkits() == servers, "the template's nbdkit outlived it")
+    assert hashlib.sha256(open(data_file, "rb").read()).hexdigest() == cached
+
+
+def server_killed_and_devices_come_and_go(store: Store, img: str, new: bytes) -> None:
+    """The server killed under an attached volume: the next attach starts it again and gives
+    the device a new connection in place of the dead one, and the attached volume reads on.
+    Checkpointed: nothing opens the nbd device, the kernel disconnected it; restore connects
+    one."""
+    with open(img, "rb") as f:
+        want = f.read(5 * CHUNK)[3 * CHUNK:]
+    store.checkpoint("v2")
+    pid = store.lazy_templates()[0]["pid"]
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: process_name(pid) != "nbdkit", "nbdkit outlived its SIGKILL")
+    v2 = store.restore("v2")
+    assert pread_direct(store.volume("v1").device or "", 4 * CHUNK, CHUNK) == want[CHUNK:]
+    assert pread_direct(v2.device or "", 3 * CHUNK, CHUNK) == want[:CHUNK] and len(ours(store)) == 1
+
     store.checkpoint("v1")
     store.checkpoint("v2")
     wait_for(lambda: ours(store) == [], f"nbd devices left connected: {ours(store)}")
     v1 = store.restore("v1")
-    assert pread_direct(v1.device, 3 * CHUNK, len(new)) == new and len(ours(store)) == 1
-    v2 = store.restore("v2")
+    assert pread_direct(v1.device or "", 3 * CHUNK, len(new)) == new and len(ours(store)) == 1
+    store.restore("v2")
 
-    # a create killed once its device exists: recovery undoes it, the nbd device is v1's alone
+
+def killed_create_is_undone(store: Store) -> None:
+    """A create killed once its dm device exists: recovery undoes it, and the nbd device is
+    left to the two other volumes."""
     pid = os.fork()
     if pid == 0:
         os.environ["COWDISK_CRASH_AT"] = "create:dm"
@@ -158,10 +179,3 @@ def test_volumes_over_a_lazy_template(store, backend, tmp_path) -> None:
     with Store(store.root) as again:  # recovery runs on open
         assert "crash" not in [v.id for v in again.volumes()]
     wait_for(lambda: [len(d.holders) for d in ours(store)] == [2], f"nbd devices: {ours(store)}")
-
-    for v in ("v1", "v2"):
-        store.remove_volume(v)
-    wait_for(lambda: ours(store) == [], f"nbd devices left connected: {ours(store)}")
-    store.remove_template("lz")
-    wait_for(lambda: nbdkits() == servers, "the template's nbdkit outlived it")
-    assert hashlib.sha256(open(data_file, "rb").read()).hexdigest() == cached

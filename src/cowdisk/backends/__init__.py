@@ -117,8 +117,8 @@ class TemplateRef:
     digest: str = ""
     serve: Callable[[], str] | None = None
     """A lazy template (docs/remote.md): starts (or finds) the server of its chunk cache and
-    returns its unix socket (NBD, read-only); None for every other template. Only a
-    backend declaring ``LazyOrigin`` is given one."""
+    returns its unix socket (NBD, read-only); None for every other template. The store
+    makes volumes over one only on a backend declaring ``LazyOrigin``."""
 
 
 @dataclass

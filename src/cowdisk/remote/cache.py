@@ -151,7 +151,6 @@ class ChunkCache:
         self._record_pos = 0
         self._lock = threading.Lock()
         self._chunk_locks: dict[int, threading.Lock] = {}
-        self._pool = cf.ThreadPoolExecutor(8, thread_name_prefix="cowdisk-fetch")
         self._data = os.open(os.path.join(dir, "data"), os.O_RDWR | os.O_CLOEXEC)
         self._record = os.open(os.path.join(dir, "held"), os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
         self._flock = os.open(os.path.join(dir, "fetch.lock"), os.O_RDWR | os.O_CLOEXEC)
@@ -183,7 +182,6 @@ class ChunkCache:
             return Manifest.from_bytes(f.read(), os.path.basename(dir.rstrip("/")))
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
         for fd in (self._data, self._record, self._flock):
             with contextlib.suppress(OSError):
                 os.close(fd)
@@ -253,7 +251,7 @@ class ChunkCache:
         key = chunk_key(name)
         t0 = time.monotonic()
         self.stats.remote_reads += 1
-        fut = self._pool.submit(self._get, key)
+        fut = _in_daemon_thread(self._get, key)
         try:
             blob = fut.result(timeout=self.bound)
         except cf.TimeoutError:
@@ -277,6 +275,25 @@ class ChunkCache:
         self.stats.fetched_chunks += 1
         self.stats.fetched_bytes += len(blob)
         self.stats.observe(time.monotonic() - t0)
+
+
+def _in_daemon_thread(fn: Callable[[str], bytes], key: str) -> "cf.Future[bytes]":
+    """``fn(key)`` in a thread of its own that does not hold up the process's exit: a server
+    stopped while a fetch is still waiting on the object store (or importing its client)
+    exits at once, as a SIGKILL would stop it (the record is written last: an abandoned
+    fetch left nothing listed). A pool's threads are joined at exit."""
+    fut: "cf.Future[bytes]" = cf.Future()
+
+    def run() -> None:
+        if not fut.set_running_or_notify_cancel():
+            return
+        try:
+            fut.set_result(fn(key))
+        except BaseException as e:  # handed to the waiting reader
+            fut.set_exception(e)
+
+    threading.Thread(target=run, name="cowdisk-fetch", daemon=True).start()
+    return fut
 
 
 def _pwrite_all(fd: int, data: bytes, off: int) -> None:

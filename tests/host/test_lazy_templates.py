@@ -10,14 +10,16 @@ No object store: the cache is made by the project's own format and fetch path
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
 
-from cowdisk.errors import NotFound, Unsupported
+from cowdisk.errors import KernelError, NotFound, Unsupported
+from cowdisk.kernel import nbd
 from cowdisk.kernel.procfs import process_name
 from remoteutil import make_image, offline_lazy
-from testutil import MiB
+from testutil import MiB, cowdisk_cli
 
 pytestmark = [pytest.mark.root, pytest.mark.backends("copy")]
 
@@ -37,6 +39,14 @@ def test_a_lazy_template_is_a_template_of_the_store(store, tmp_path) -> None:
                            "data_chunks": 3, "served": True}
     assert doc["disk_bytes"] == MiB  # its bytes on this host: what the cache holds
     assert [x.id for x in store.templates()] == [t.id]
+    ls = cowdisk_cli(store.root, "template", "ls", "-o", "id,lazy").stdout.splitlines()  # raw: not a terminal
+    assert ls[0] == "ID\tLAZY" and ls[1].split("\t")[0] == t.id and json.loads(ls[1].split("\t")[1]) == doc["lazy"]
+
+    # the server the volumes' nbd devices would connect to: the NBD handshake the store does
+    # before handing the socket to the kernel (kernel/nbd.py), against the real nbdkit
+    sock, export = nbd.open_export(store.lazy_templates()[0]["url"].split("socket=", 1)[1])
+    sock.close()
+    assert export.size == 8 * MiB and export.read_only
 
     # copy cannot read it through a block device: refused, naming the template and the way out
     with pytest.raises(Unsupported) as e:
@@ -64,6 +74,30 @@ def test_a_lazy_template_is_a_template_of_the_store(store, tmp_path) -> None:
     assert f"template {t.id}" not in store.gc().orphans_removed
     assert store.stop_lazy_template(m.digest)
     assert f"template {t.id}" in store.gc().orphans_removed
+
+
+def test_nbd_handshake_errors_name_the_socket(tmp_path) -> None:
+    """Nothing listening, or not an NBD server: an error naming the socket, no hang."""
+    import socket
+
+    gone = str(tmp_path / "gone.sock")
+    with pytest.raises(KernelError) as e:
+        nbd.open_export(gone)
+    assert e.value.errno in (2, 111) and gone in str(e.value)  # ENOENT, ECONNREFUSED
+    path = str(tmp_path / "not-nbd.sock")
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(path)
+    srv.listen(1)
+    try:
+        with socket.socket(socket.AF_UNIX) as c:
+            c.connect(path)
+            peer, _ = srv.accept()
+            peer.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+            with pytest.raises(KernelError, match="not a newstyle NBD server"):
+                nbd.handshake(c, path)
+            peer.close()
+    finally:
+        srv.close()
 
 
 def test_the_caller_that_pulled_it_owns_it(store, tmp_path) -> None:

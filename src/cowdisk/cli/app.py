@@ -59,6 +59,10 @@ def _plain(v: Any) -> str:
         return "true" if v else "false"
     if isinstance(v, (list, tuple)):
         return ",".join(map(str, v)) or "-"
+    if isinstance(v, dict):  # (a lazy template's cache) as compact JSON, one field
+        import json
+
+        return json.dumps(v, sort_keys=True, separators=(",", ":"))
     return str(v).replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n")
 
 

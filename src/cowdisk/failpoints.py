@@ -2,8 +2,8 @@
 
 ``COWDISK_CRASH_AT=<op>:<step>`` makes the process SIGKILL itself right after that
 step of that operation, exactly as a power cut or an OOM kill would stop it.
-``COWDISK_PAUSE_AT=<op>:<step>`` makes it sleep there (``COWDISK_PAUSE_S`` seconds,
-default 1), so that a test can run another operation inside a window that is otherwise
+``COWDISK_PAUSE_AT=<op>:<step>[,<op>:<step>...]`` makes it sleep there (``COWDISK_PAUSE_S``
+seconds, default 1), so that a test can run another operation inside a window that is otherwise
 microseconds wide; with ``COWDISK_PAUSE_MARK=<path>`` it first writes its PID to that
 file, so the test knows the process is there (a daemon's store worker, say). Unset
 (always, outside tests) each costs one environment lookup.
@@ -21,7 +21,7 @@ def hit(op: str, step: str) -> None:
     if spec and spec == f"{op}:{step}":
         os.kill(os.getpid(), signal.SIGKILL)
     spec = os.environ.get("COWDISK_PAUSE_AT")
-    if spec and spec == f"{op}:{step}":
+    if spec and f"{op}:{step}" in spec.split(","):
         mark = os.environ.get("COWDISK_PAUSE_MARK")
         if mark:
             with open(mark, "w") as f:

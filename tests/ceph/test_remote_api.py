@@ -3,9 +3,10 @@ cluster's real RADOS Gateway and real cowdiskd processes over their unix sockets
 
 Store A's daemon pushes, store B's daemon pulls (a whole template, and a lazy one read
 through the file a VMM is given) as jobs with progress; a pull cancelled in the middle
-leaves nothing; the command line gives the same documents directly and through a daemon;
-a non-root caller pushes only what it may see, pulls into templates of its own, cannot
-stop lazy servers (the host's), and never sees the remote config's keys.
+leaves nothing, a push cancelled before its manifest only chunks; the command line gives
+the same documents directly and through a daemon; a non-root caller pushes only what it
+may see, pulls into templates of its own, cannot stop lazy servers (the host's), and
+never sees the remote config's keys.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import pytest
 from cowdisk.errors import InvalidArgument, NotFound
 from cowdisk.remote import lazy
 from daemonutil import Daemon, call_as, env, job_as, public_tmpdir, raises, wait_for
-from remoteutil import make_image
+from remoteutil import keys, make_image
 from testutil import sha
 
 pytestmark = pytest.mark.root
@@ -126,24 +127,53 @@ def test_push_pull_and_lazy_through_the_daemons_and_the_cli(tmp_path, sockdir, p
         assert len(ca.jobs()) == 2 and len(cb.jobs()) == 4  # the client's and the command line's
 
 
-def test_a_cancelled_pull_leaves_nothing(tmp_path, sockdir, pushed) -> None:
-    """The pull's job is cancelled while it stands after making its staging file (a pause
-    point): the job ends cancelled, B has no template and no staging directory."""
-    a, b, _, _ = pushed
-    url = a.push_template("base")["url"]
+def test_a_cancelled_pull_or_push_leaves_nothing_or_only_chunks(tmp_path, sockdir, rgw, pushed) -> None:
+    """Jobs cancelled while they stand at a pause point: a pull after making its staging
+    file ends cancelled with no template and no staging directory left; a push with every
+    chunk up ends cancelled before its manifest (the bucket has the chunks, no manifest),
+    and the next push uploads no chunk again."""
+    a, b, prefix, _ = pushed
+    img = str(tmp_path / "other.raw")
+    make_image(img)
+    b.import_template(img, "other")
+    url = b.push_template("other")["url"]
     mark = str(tmp_path / "mark")
-    with daemon(b.root, sockdir, "b", extra_env={"COWDISK_PAUSE_AT": "pull:fetch", "COWDISK_PAUSE_S": "3",
-                                                "COWDISK_PAUSE_MARK": mark}) as db:
-        job = db.client.start_job("POST", "/v1/templates/pull", {"source": url, "name": "base"})
-        wait_for(lambda: os.path.exists(mark), what="the pull at its pause point")
-        staging = os.path.join(b.data_root, "templates")
-        assert [n for n in os.listdir(staging) if n.startswith(".staging")], os.listdir(staging)
-        db.client.cancel(job["id"])
-        while job["state"] in ("queued", "running"):
-            job = db.client.job(job["id"], wait=30, since=job["seq"])
-        assert job["state"] == "cancelled" and job["error"]["type"] == "Cancelled", job
-        assert db.client.templates() == [] and b.templates() == []
+    with daemon(a.root, sockdir, "a", extra_env={"COWDISK_PAUSE_AT": "pull:fetch,push:manifest",
+                                                "COWDISK_PAUSE_S": "2", "COWDISK_PAUSE_MARK": mark}) as da:
+        c = da.client
+
+        def cancelled(path: str, body: dict[str, Any], check: Any) -> None:
+            job = c.start_job("POST", path, body)
+            wait_for(lambda: os.path.exists(mark), what=f"{path} at its pause point")
+            os.unlink(mark)
+            check()
+            c.cancel(job["id"])
+            while job["state"] in ("queued", "running"):
+                job = c.job(job["id"], wait=30, since=job["seq"])
+            assert job["state"] == "cancelled" and job["error"]["type"] == "Cancelled", job
+
+        staging = os.path.join(a.data_root, "templates")
+        was = {t.id for t in a.templates()}
+        cancelled("/v1/templates/pull", {"source": url, "name": "other"},
+                  lambda: [n for n in os.listdir(staging) if n.startswith(".staging")] or pytest.fail("no staging"))
+        assert {t.id for t in c.templates()} == was
         assert [n for n in os.listdir(staging) if n.startswith(".staging")] == []
+
+        manifests = set(keys(rgw, f"{prefix}/manifests/"))
+        cancelled("/v1/templates/base/push", {}, lambda: None)
+        assert set(keys(rgw, f"{prefix}/manifests/")) == manifests  # no manifest of base's
+    r = a.push_template("base")
+    assert (r["uploaded_chunks"], r["present_chunks"]) == (0, 2), r  # its chunks went up before the cancel
+    assert f"{prefix}/manifests/{r['manifest']}" in set(keys(rgw, f"{prefix}/manifests/")) - manifests
+
+
+def cli(root: str, *args: str, sock: str | None = None) -> dict[str, Any]:
+    extra = {"COWDISK_SOCKET": sock} if sock else {"COWDISK_SOCKET": "/nonexistent"}
+    p = subprocess.run([sys.executable, "-m", "cowdisk", "--root", root, "--json", *args], capture_output=True,
+                       text=True, env=env(**extra), timeout=120)
+    assert p.returncode == 0, (args, p.stdout, p.stderr)
+    out: dict[str, Any] = json.loads(p.stdout)
+    return out
 
 
 def test_a_non_root_caller(tmp_path, sockdir, rgw, pushed) -> None:

@@ -20,6 +20,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
+from .. import failpoints
 from ..errors import InvalidArgument, NotFound, RemoteError, TemplateChanged
 from ..progress import Progress, stage
 from .chunks import Manifest, chunk_key, compress, decode, manifest_key, read_chunks
@@ -124,6 +125,8 @@ def push(path: str, digest: str, objects: ObjectStore, chunk_size: int,
     m = Manifest(digest, size, chunk_size, tuple(names))
     body = m.to_bytes()
     mkey = objects.cfg.key(manifest_key(m.digest))
+    failpoints.hit("push", "manifest")  # the tests' window for a cancel: every chunk up, no manifest yet
+    stage(progress, "manifest")  # a cancel's last chance (a job's): the chunks stay, the next push reuses them
     if not objects.exists(mkey):
         objects.put(mkey, body)
         counts["bytes"] += len(body)

@@ -24,8 +24,8 @@ import pytest
 from cowdisk.errors import InvalidArgument, NotFound
 from cowdisk.remote import lazy
 from daemonutil import Daemon, call_as, env, job_as, public_tmpdir, raises, wait_for
-from remoteutil import keys, make_image
-from testutil import sha
+from remoteutil import keys, make_image, write_config
+from testutil import MiB, sha
 
 pytestmark = pytest.mark.root
 
@@ -131,15 +131,20 @@ def test_a_cancelled_pull_or_push_leaves_nothing_or_only_chunks(tmp_path, sockdi
     """Jobs cancelled while they stand at a pause point: a pull after making its staging
     file ends cancelled with no template and no staging directory left; a push with every
     chunk up ends cancelled before its manifest (the bucket has the chunks, no manifest),
-    and the next push uploads no chunk again."""
+    and the next push uploads no chunk again; a lazy prefetch stops fetching."""
     a, b, prefix, _ = pushed
     img = str(tmp_path / "other.raw")
     make_image(img)
     b.import_template(img, "other")
     url = b.push_template("other")["url"]
+    with open(img, "wb") as f:  # 32 chunks of 64 KiB for a prefetch
+        f.write(os.urandom(2 * MiB))
+    write_config(b.root, rgw, prefix, chunk_size=64 << 10)
+    b.import_template(img, "many")
+    many = b.push_template("many")["url"]
     mark = str(tmp_path / "mark")
-    with daemon(a.root, sockdir, "a", extra_env={"COWDISK_PAUSE_AT": "pull:fetch,push:manifest",
-                                                "COWDISK_PAUSE_S": "2", "COWDISK_PAUSE_MARK": mark}) as da:
+    with daemon(a.root, sockdir, "a", extra_env={"COWDISK_PAUSE_AT": "pull:fetch,push:manifest,prefetch:start",
+                                                "COWDISK_PAUSE_S": "1.5", "COWDISK_PAUSE_MARK": mark}) as da:
         c = da.client
 
         def cancelled(path: str, body: dict[str, Any], check: Any) -> None:
@@ -162,6 +167,12 @@ def test_a_cancelled_pull_or_push_leaves_nothing_or_only_chunks(tmp_path, sockdi
         manifests = set(keys(rgw, f"{prefix}/manifests/"))
         cancelled("/v1/templates/base/push", {}, lambda: None)
         assert set(keys(rgw, f"{prefix}/manifests/")) == manifests  # no manifest of base's
+
+        # a lazy prefetch of 32 chunks cancelled before its first fetch: the fetches in
+        # flight end (8 at a time), the queued ones never start; the cache stays whole
+        cancelled("/v1/lazy-templates", {"source": many, "prefetch": True}, lambda: None)
+        [lz] = c.lazy_templates()
+        assert lz["data_chunks"] == 32 and lz["cached_chunks"] <= 16, lz
     r = a.push_template("base")
     assert (r["uploaded_chunks"], r["present_chunks"]) == (0, 2), r  # its chunks went up before the cancel
     assert f"{prefix}/manifests/{r['manifest']}" in set(keys(rgw, f"{prefix}/manifests/")) - manifests

@@ -240,6 +240,7 @@ class RemoteTemplates:
         rest = [i for i, c in enumerate(m.chunks) if c is not None and i not in set(order)]
         todo = [i for i in order if i < len(m.chunks) and m.chunks[i] is not None] + rest
         stage(progress, f"prefetch {len(todo)} chunks ({len(order)} in the recorded read order first)")
+        failpoints.hit("prefetch", "start")  # the tests' window for a cancel: nothing fetched yet
         c = ChunkCache(cache, m, lambda key: objects.get(objects.cfg.key(key)),
                        where=lambda key: objects.url(objects.cfg.key(key)), bound=3 * objects.cfg.timeout)
         first = todo[:len(todo) - len(rest)]

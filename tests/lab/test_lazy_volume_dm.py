@@ -22,6 +22,7 @@ import pytest
 
 from cowdisk.kernel import nbd
 from cowdisk.kernel.procfs import process_name
+from cowdisk.remote.lazy import KEEPER_NAME
 from cowdisk.store import Store
 from remoteutil import offline_lazy
 from testutil import MiB, make_tree, sha
@@ -80,7 +81,8 @@ def ours(store: Store) -> list[nbd.NbdDevice]:
 
 
 def nbdkits() -> set[int]:
-    return {int(p) for p in os.listdir("/proc") if p.isdigit() and process_name(int(p)) == "nbdkit"}
+    """The servers and their keepers running on the host."""
+    return {int(p) for p in os.listdir("/proc") if p.isdigit() and process_name(int(p)) in ("nbdkit", KEEPER_NAME)}
 
 
 def wait_for(cond, what: str, deadline_s: float = 10.0) -> None:
@@ -144,10 +146,10 @@ def test_volumes_over_a_lazy_template(store, backend, tmp_path) -> None:
 
 
 def server_killed_and_devices_come_and_go(store: Store, img: str, new: bytes) -> None:
-    """The server killed under an attached volume: the next attach starts it again and gives
-    the device a new connection in place of the dead one, and the attached volume reads on.
-    Checkpointed: nothing opens the nbd device, the kernel disconnected it; restore connects
-    one."""
+    """The server killed under an attached volume (its keeper starts it again, remote/keeper.py):
+    the next attach gives the device a new connection in place of the dead one, and the
+    attached volume reads on. Checkpointed: nothing opens the nbd device, the kernel
+    disconnected it; restore connects one."""
     with open(img, "rb") as f:
         want = f.read(5 * CHUNK)[3 * CHUNK:]
     store.checkpoint("v2")

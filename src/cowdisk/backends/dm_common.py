@@ -157,12 +157,36 @@ def hold_lazy_origin(ctx: VolumeCtx) -> tuple[int, str]:
                 os.close(fd)
                 raise KernelError("use lazy template", t.id, errno.EIO,
                                   detail=f"{dev.path} serves {cur.size} bytes, the template has {t.size}")
-            if found:
-                nbd.reconnect(dev.index, sock, name)  # the server was restarted: a new connection
+            if not found or _server_changed(sock, dev.index):
+                if found:  # the server was started again since: a new connection for the dead one
+                    nbd.reconnect(dev.index, sock, name)
+                _note_server(sock, dev.index)
             return fd, cur.devno
         os.close(fd)
     raise KernelError("connect nbd device", name, errno.EBUSY, detail="disconnected again three times as it was "
                       "opened (something else opens and closes nbd devices)")
+
+
+def _served_by(sock: str, index: int) -> str:
+    """Beside the server's socket (a tmpfs, gone with the devices at a reboot): which server
+    ``/dev/nbd<index>`` was last connected to, by the socket's inode (a server started again
+    makes its socket anew)."""
+    return f"{sock}.nbd{index}"
+
+
+def _server_changed(sock: str, index: int) -> bool:
+    try:
+        with open(_served_by(sock, index)) as f:
+            return f.read().strip() != str(os.stat(sock).st_ino)
+    except FileNotFoundError:
+        return True
+
+
+def _note_server(sock: str, index: int) -> None:
+    tmp = f"{_served_by(sock, index)}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(f"{os.stat(sock).st_ino}\n")
+    os.replace(tmp, _served_by(sock, index))
 
 
 def lazy_origins(tag: str) -> Iterator[KernelObject]:

@@ -137,7 +137,10 @@ def stop(cache: str, deadline_s: float = 10.0) -> bool:
     s = server(cache)
     if s is not None:
         _end(s.pid, "nbdkit", deadline_s)
-    for leftover in (socket_path(cache), os.path.join(cache, PIDFILE), os.path.join(cache, KEEPER_PIDFILE)):
+    import glob
+
+    notes = glob.glob(glob.escape(socket_path(cache)) + ".nbd*")  # which server an nbd device used (dm_common)
+    for leftover in (socket_path(cache), os.path.join(cache, PIDFILE), os.path.join(cache, KEEPER_PIDFILE), *notes):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(leftover)
     return k is not None or s is not None

@@ -143,7 +143,7 @@ def hold_lazy_origin(ctx: VolumeCtx) -> tuple[int, str]:
     sock = t.serve()
     name = nbd_backend(ctx.tag, t.id)
     for _ in range(3):  # a device whose last opener (udev's probe) closed just now is disconnected
-        found = nbd.find(name)
+        found = nbd.find(name, first=_noted(sock))
         dev = found[0] if found else nbd.connect(sock, name, dead_conn_timeout=DEAD_CONN_TIMEOUT)
         try:
             fd = os.open(dev.path, os.O_RDONLY | os.O_CLOEXEC)
@@ -172,6 +172,18 @@ def _served_by(sock: str, index: int) -> str:
     ``/dev/nbd<index>`` was last connected to, by the socket's inode (a server started again
     makes its socket anew)."""
     return f"{sock}.nbd{index}"
+
+
+def _noted(sock: str) -> tuple[int, ...]:
+    """The devices noted beside ``sock`` (where this template's device most likely is)."""
+    import glob
+
+    out = []
+    for p in glob.glob(glob.escape(sock) + ".nbd*"):
+        tail = p[len(sock) + 4:]
+        if tail.isdigit():
+            out.append(int(tail))
+    return tuple(sorted(out))
 
 
 def _server_changed(sock: str, index: int) -> bool:

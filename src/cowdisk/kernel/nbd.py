@@ -355,6 +355,19 @@ def devices() -> list[NbdDevice]:
     return sorted(out, key=lambda d: d.index)
 
 
-def find(backend: str) -> list[NbdDevice]:
-    """The connected nbd devices named ``backend``."""
-    return [d for d in devices() if d.connected and d.backend == backend]
+def find(backend: str, first: tuple[int, ...] = ()) -> list[NbdDevice]:
+    """The connected nbd devices named ``backend``; the devices ``first`` are looked at
+    first, and when one of them is it, no other (a host has 16 or more: a sysfs walk)."""
+    for i in first:
+        with contextlib.suppress(KernelError):
+            d = device(i)
+            if d.connected and d.backend == backend:
+                return [d]
+    out = []
+    for n in os.listdir(SYS_BLOCK) if os.path.isdir(SYS_BLOCK) else []:
+        if n.startswith("nbd") and n[3:].isdigit() and os.path.exists(f"{SYS_BLOCK}/{n}/pid"):
+            with contextlib.suppress(KernelError):
+                d = device(int(n[3:]))
+                if d.connected and d.backend == backend:
+                    out.append(d)
+    return sorted(out, key=lambda d: d.index)

@@ -212,8 +212,13 @@ class RemoteTemplates:
         returns its unix socket (a volume's block device connects to it)."""
         from ..remote import load
 
+        from ..remote.lazy import server
+
         d = lazy_descriptor(path)
         cache = self.lazy_dir(d["manifest"])
+        running = server(cache)
+        if running is not None:  # (the usual case: every create over it after the first)
+            return running.socket
         with self._lazy_lock(d["manifest"]):
             try:
                 with open(os.path.join(cache, "location")) as f:

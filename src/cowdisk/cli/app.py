@@ -115,6 +115,30 @@ def select_columns(text: str | None, columns: Sequence[Column]) -> list[Column] 
     return chosen
 
 
+def list_options(columns: Sequence[Column], what: str, keys: str) -> Callable[[F], F]:
+    """The options of every list command (``-q``, ``--no-headings``, ``-o``, ``--filter``),
+    their help naming ``columns``; ``what`` is the rows' plural, ``keys`` a word on the
+    filter keys (``"names: one of them"``)."""
+    opts = [
+        click.option("-q", "--quiet", "ids_only", is_flag=True, help="Only the ids, one per line."),
+        click.option("--no-headings", is_flag=True, help="No heading line."),
+        click.option("-o", "--output", "columns", metavar="COLUMNS",
+                     help="Comma-separated columns, keys or headings in any case; +COL adds to the defaults: "
+                          f"{', '.join(c.key for c in columns if c.default)}; also "
+                          f"{', '.join(c.key for c in columns if not c.default)}."),
+        click.option("--filter", "filters", multiple=True, metavar="KEY=VALUE",
+                     help=f"Only {what} whose column KEY is VALUE ({keys}). Repeatable: every key must match, a key "
+                          "given twice matches either value."),
+    ]
+
+    def decorate(f: F) -> F:
+        for o in reversed(opts):  # as if stacked above f, in this order
+            f = o(f)
+        return f
+
+    return decorate
+
+
 def parse_filters(texts: Sequence[str], columns: Sequence[Column], extra: Sequence[str] = ()) -> dict[str, set[str]]:
     """``--filter KEY=VALUE`` (repeatable): KEY a column (key or heading, any case) or one of
     ``extra``; a row is listed when it matches every key, and a key given several times

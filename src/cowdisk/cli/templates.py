@@ -10,8 +10,8 @@ import click
 
 from ..errors import InvalidArgument, NotFound
 from ..model import validate_id
-from .app import (App, Column, CowdiskSubGroup, complete_templates, human_bytes, matches, parse_filters, parse_size,
-                  pass_app, select_columns, when)
+from .app import (App, Column, CowdiskSubGroup, complete_templates, human_bytes, list_options, matches, parse_filters,
+                  parse_size, pass_app, select_columns, when)
 from .refs import lazy_cell, owners_as_uids, parse_owner, show_template, template_ref
 
 if TYPE_CHECKING:
@@ -223,15 +223,7 @@ def template_record_order(app: App, manifest: str) -> None:
 
 
 @template.command("ls")
-@click.option("-q", "--quiet", "ids_only", is_flag=True, help="Only the ids, one per line.")
-@click.option("--no-headings", is_flag=True, help="No heading line.")
-@click.option("-o", "--output", "columns", metavar="COLUMNS",
-              help="Comma-separated columns, keys or headings in any case; +COL adds to the defaults: "
-                   f"{', '.join(c.key for c in COLUMNS if c.default)}; also "
-                   f"{', '.join(c.key for c in COLUMNS if not c.default)}.")
-@click.option("--filter", "filters", multiple=True, metavar="KEY=VALUE",
-              help="Only templates whose column KEY is VALUE (names: one of them). Repeatable: every key must "
-                   "match, a key given twice matches either value.")
+@list_options(COLUMNS, "templates", "names: one of them")
 @click.option("--remote", is_flag=True, help="List the templates in the object store instead (their manifests; "
                                              "columns: manifest, template, size, chunk_size, chunks, zero_chunks, "
                                              "local, distinct_chunks, url).")

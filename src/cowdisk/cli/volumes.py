@@ -12,7 +12,7 @@ import click
 from ..errors import CowdiskError, InvalidArgument, NotFound
 from ..model import validate_id
 from .app import (App, Column, CowdiskSubGroup, LazyChoice, complete_templates, complete_volumes, human_bytes,
-                  matches, parse_filters, parse_size, pass_app, select_columns, when)
+                  list_options, matches, parse_filters, parse_size, pass_app, select_columns, when)
 from .refs import owner_name, owners_as_uids, parse_owner, show_template, template_ref
 
 if TYPE_CHECKING:
@@ -102,15 +102,8 @@ def volume_create(app: App, vid: str, tref: str, size: str | None, no_grow_fs: b
 
 @volume.command("ls")
 @click.option("--template", "-t", "tref", help="Only volumes of this template.", shell_complete=complete_templates)
-@click.option("-q", "--quiet", "ids_only", is_flag=True, help="Only the ids, one per line.")
-@click.option("--no-headings", is_flag=True, help="No heading line.")
-@click.option("-o", "--output", "columns", metavar="COLUMNS",
-              help="Comma-separated columns, keys or headings in any case; +COL adds to the defaults: "
-                   f"{', '.join(c.key for c in COLUMNS if c.default)}; also "
-                   f"{', '.join(c.key for c in COLUMNS if not c.default)}.")
-@click.option("--filter", "filters", multiple=True, metavar="KEY=VALUE",
-              help="Only volumes whose column KEY is VALUE (state=attached, template=REF: an id, name or digest, "
-                   "owner=UID or user name, links: one of them). Repeatable: every key must match, a key given twice matches either value.")
+@list_options(COLUMNS, "volumes", "state=attached, template=REF: an id, name or digest, owner=UID or user name, "
+                                  "links: one of them")
 @pass_app
 def volume_ls(app: App, tref: str | None, ids_only: bool, no_headings: bool, columns: str | None,
               filters: tuple[str, ...]) -> None:

@@ -78,15 +78,18 @@ def test_stale_entry_at_the_jail_path_is_replaced(store, base, backend, tmp_path
             "fifo": lambda: os.mkfifo(dest),
             "dangling symlink": lambda: os.symlink("/nonexistent/cowdisk-device", dest),
             # a previous sandbox's disk: replacing it must not touch that volume
-            "other volume": lambda: cowdisk_cli(store.root, "volume", "jail", "jb", str(jail)).check_returncode(),
+            "other volume": lambda: store.jail("jb", str(jail)),
         }
         b_before = Path(b.device).read_bytes()
-        for kind, make in stale_kinds.items():
+        for n, (kind, make) in enumerate(stale_kinds.items()):
             if dest.exists() or dest.is_symlink():
                 dest.unlink()
             make()
-            p = cowdisk_cli(store.root, "volume", "jail", "ja", str(jail))
-            assert p.returncode == 0, f"{kind}: {p.stderr}"
+            if n == 0:  # the command line once (a process start costs seconds in the lab), the library after
+                p = cowdisk_cli(store.root, "volume", "jail", "ja", str(jail))
+                assert p.returncode == 0, f"{kind}: {p.stderr}"
+            else:
+                store.jail("ja", str(jail))
             assert staged_is(dest, a, block), kind
             assert sorted(os.listdir(jail)) == ["rootfs"], kind  # no temporary names left
         assert Path(b.device).read_bytes() == b_before

@@ -133,7 +133,7 @@ class Cluster:
 
     def _running(self) -> dict[str, str]:
         """``up`` on a directory whose cluster runs (every daemon it recorded alive, its
-        pool there: the Ceph tests' session cluster, which tests/ceph/test_doc_examples.py
+        pool there: the Ceph tests' session cluster, which tests/ceph/test_doc_examples_ceph.py
         hands to the docs' ``up`` lines) starts nothing and returns its options; a cluster
         that is partly gone is refused."""
         pids = self._pids()

@@ -7,7 +7,7 @@ is marked by the line above it, which says what the tests do with it:
 * ``<!-- example: transcript -->``: the same, for a block of ``$ command`` lines each
   followed by its output, and the output must be what the block shows (the store's root
   written as ``/var/lib/cowdisk``);
-* ``<!-- example: ceph -->``: tests/ceph/test_doc_examples.py runs it with bash like a
+* ``<!-- example: ceph -->``: tests/ceph/test_doc_examples_ceph.py runs it with bash like a
   ``run`` block, in the Ceph tier, against the tier's one session cluster (and its RADOS
   Gateway);
 * ``<!-- example: parse: WHY -->``: it needs what no test host has (Firecracker, a whole

@@ -143,7 +143,7 @@ def hold_lazy_origin(ctx: VolumeCtx) -> tuple[int, str]:
     sock = t.serve()
     name = nbd_backend(ctx.tag, t.id)
     for _ in range(3):  # a device whose last opener (udev's probe) closed just now is disconnected
-        found = nbd.find(name, first=_noted(sock))
+        found = nbd.find(name, first=nbd.noted(sock))
         dev = found[0] if found else nbd.connect(sock, name, dead_conn_timeout=DEAD_CONN_TIMEOUT)
         try:
             fd = os.open(dev.path, os.O_RDONLY | os.O_CLOEXEC)
@@ -157,48 +157,14 @@ def hold_lazy_origin(ctx: VolumeCtx) -> tuple[int, str]:
                 os.close(fd)
                 raise KernelError("use lazy template", t.id, errno.EIO,
                                   detail=f"{dev.path} serves {cur.size} bytes, the template has {t.size}")
-            if not found or _server_changed(sock, dev.index):
+            if not found or nbd.server_changed(sock, dev.index):
                 if found:  # the server was started again since: a new connection for the dead one
                     nbd.reconnect(dev.index, sock, name)
-                _note_server(sock, dev.index)
+                nbd.note_server(sock, dev.index)
             return fd, cur.devno
         os.close(fd)
     raise KernelError("connect nbd device", name, errno.EBUSY, detail="disconnected again three times as it was "
                       "opened (something else opens and closes nbd devices)")
-
-
-def _served_by(sock: str, index: int) -> str:
-    """Beside the server's socket (a tmpfs, gone with the devices at a reboot): which server
-    ``/dev/nbd<index>`` was last connected to, by the socket's inode (a server started again
-    makes its socket anew)."""
-    return f"{sock}.nbd{index}"
-
-
-def _noted(sock: str) -> tuple[int, ...]:
-    """The devices noted beside ``sock`` (where this template's device most likely is)."""
-    import glob
-
-    out = []
-    for p in glob.glob(glob.escape(sock) + ".nbd*"):
-        tail = p[len(sock) + 4:]
-        if tail.isdigit():
-            out.append(int(tail))
-    return tuple(sorted(out))
-
-
-def _server_changed(sock: str, index: int) -> bool:
-    try:
-        with open(_served_by(sock, index)) as f:
-            return f.read().strip() != str(os.stat(sock).st_ino)
-    except FileNotFoundError:
-        return True
-
-
-def _note_server(sock: str, index: int) -> None:
-    tmp = f"{_served_by(sock, index)}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(f"{os.stat(sock).st_ino}\n")
-    os.replace(tmp, _served_by(sock, index))
 
 
 def lazy_origins(tag: str) -> Iterator[KernelObject]:

@@ -317,6 +317,65 @@ def disconnect(index: int) -> None:
     log.debug("nbd%d disconnected", index)
 
 
+# --- which server a device is connected to -------------------------------------------
+# A note beside the server's socket (``<socket>.nbd<N>``, on the tmpfs the socket is on: gone
+# with the devices at a reboot) holds the socket's inode when /dev/nbd<N> was connected to
+# it; a server started again makes its socket anew, so a different inode means the device's
+# connection is to a server that is gone.
+
+def _note_path(sock: str, index: int) -> str:
+    return f"{sock}.nbd{index}"
+
+
+def noted(sock: str) -> tuple[int, ...]:
+    """The devices noted as connected to the server on ``sock``, now or before it restarted."""
+    import glob
+
+    out = []
+    for p in glob.glob(glob.escape(sock) + ".nbd*"):
+        tail = p[len(sock) + 4:]
+        if tail.isdigit():
+            out.append(int(tail))
+    return tuple(sorted(out))
+
+
+def server_changed(sock: str, index: int) -> bool:
+    """Whether ``/dev/nbd<index>`` was last connected to another server than the one on
+    ``sock`` now (or its note is missing)."""
+    try:
+        with open(_note_path(sock, index)) as f:
+            return f.read().strip() != str(os.stat(sock).st_ino)
+    except FileNotFoundError:
+        return True
+
+
+def note_server(sock: str, index: int) -> None:
+    """Note that ``/dev/nbd<index>`` is connected to the server on ``sock`` now."""
+    tmp = f"{_note_path(sock, index)}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(f"{os.stat(sock).st_ino}\n")
+    os.replace(tmp, _note_path(sock, index))
+
+
+def reconnect_noted(sock: str) -> list[int]:
+    """Give every device noted for ``sock`` that is still connected (with a backend) and
+    whose server changed a new connection to the server on ``sock`` (its keeper started it
+    again: the devices' waiting I/O goes on). Returns the devices reconnected."""
+    done = []
+    for index in noted(sock):
+        try:
+            d = device(index)
+            if d.connected and d.backend and server_changed(sock, index):
+                reconnect(index, sock, d.backend)
+                note_server(sock, index)
+                done.append(index)
+            elif not d.connected:
+                os.unlink(_note_path(sock, index))
+        except (KernelError, OSError) as e:
+            log.warning("reconnect nbd%d to %s: %s", index, sock, e)
+    return done
+
+
 # --- sysfs ----------------------------------------------------------------------------
 
 def _read(path: str) -> str:
@@ -371,3 +430,12 @@ def find(backend: str, first: tuple[int, ...] = ()) -> list[NbdDevice]:
                 if d.connected and d.backend == backend:
                     out.append(d)
     return sorted(out, key=lambda d: d.index)
+
+
+if __name__ == "__main__":  # python3 -m cowdisk.kernel.nbd reconnect SOCKET (a server's keeper runs it)
+    import sys
+
+    if len(sys.argv) != 3 or sys.argv[1] != "reconnect":
+        sys.exit("usage: python3 -m cowdisk.kernel.nbd reconnect SOCKET")
+    logging.basicConfig(level=logging.INFO, format="cowdisk nbd: %(message)s")
+    print(f"cowdisk nbd: reconnected {reconnect_noted(sys.argv[2]) or 'no device'} to {sys.argv[2]}", flush=True)

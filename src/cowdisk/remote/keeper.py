@@ -8,7 +8,9 @@ itself ``cowdisk-keeper``, writes ``CACHE/keeper.pid`` and runs the command. Whe
 command ends for any reason but the keeper's own stop (SIGTERM or SIGINT to the keeper,
 which it passes on), it is started again after a pause that doubles from 0.1 s to 5 s
 (back to 0.1 s after a run of a minute), once the dead server's SOCKET and PID file are
-removed (nbdkit does not listen on a socket path that exists). A command that never became ready (its PID file,
+removed (nbdkit does not listen on a socket path that exists); once it is ready again the
+command in ``$COWDISK_KEEPER_ON_RESTART`` (JSON) runs: the kernel's nbd devices that were
+connected to the dead one are given a connection to it. A command that never became ready (its PID file,
 ``CACHE/nbdkit.pid``, never held its PID) is not started again: a wrong argument or a
 broken config is an error for :func:`cowdisk.remote.lazy.serve` to report, not a loop.
 
@@ -19,15 +21,20 @@ the template is served).
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 NAME = b"cowdisk-keeper"
 PIDFILE = "keeper.pid"
 SERVER_PIDFILE = "nbdkit.pid"
+ON_RESTART = "COWDISK_KEEPER_ON_RESTART"
+"""A JSON list: the command the keeper runs each time a server it started again is ready
+(cowdisk.kernel.nbd's reconnect of the devices connected to the dead one)."""
 
 
 def _name_self() -> None:
@@ -49,6 +56,22 @@ def _note(log: int, text: str) -> None:
     os.write(log, f"{time.strftime('%Y-%m-%d %H:%M:%S')} cowdisk-keeper[{os.getpid()}]: {text}\n".encode())
 
 
+def _when_ready(cache: str, child: "subprocess.Popen[bytes]", log: int, hook: list[str]) -> None:
+    """Run ``hook`` once the restarted server is ready (its PID file holds its PID): the
+    kernel's nbd devices connected to the dead one get a connection to it (their waiting
+    I/O goes on); a QEMU or FUSE client reconnects by itself."""
+    while _server_pid(cache) != child.pid:
+        if child.poll() is not None:
+            return
+        time.sleep(0.02)
+    try:
+        r = subprocess.run(hook, stdin=subprocess.DEVNULL, stdout=log, stderr=log, timeout=60)
+        if r.returncode:
+            _note(log, f"{hook[0]} ended with status {r.returncode} (reconnecting the nbd devices)")
+    except (OSError, subprocess.TimeoutExpired) as e:
+        _note(log, f"reconnecting the nbd devices: {e}")
+
+
 def keep(cache: str, log: int, sock: str, argv: list[str]) -> int:
     stopping = False
     child: subprocess.Popen[bytes] | None = None
@@ -63,11 +86,16 @@ def keep(cache: str, log: int, sock: str, argv: list[str]) -> int:
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     delay = 0.1
+    restarted = False
+    hook = json.loads(os.environ.get(ON_RESTART) or "[]")
     while not stopping:
         began = time.monotonic()
         child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
         if stopping:  # the stop came between the check and the start
             child.send_signal(signal.SIGTERM)
+        if restarted and hook:
+            threading.Thread(target=_when_ready, args=(cache, child, log, hook), daemon=True).start()
+        restarted = True
         rc = child.wait()
         if stopping:
             break

@@ -24,6 +24,7 @@ from typing import Any
 from ..errors import KernelError
 from ..kernel import mount as kmount
 from ..kernel.procfs import process_name, read_pid_file
+from .keeper import ON_RESTART
 
 PLUGIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "nbd_plugin.py")
 KEEPER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "keeper.py")
@@ -109,8 +110,11 @@ def serve(cache: str, config: str, location: str, *, bound: float) -> Served:
             "--readonly", "--threads", "16", "python", PLUGIN, f"cache={cache}", f"config={config}",
             f"location={location}", f"src={SRC}", f"bound={bound:g}", f"stats={os.path.join(cache, STATS)}"]
     # the keeper runs by its path, without site (the standard library alone), and forks away
+    reconnect = [sys.executable, "-I", "-c", f"import sys; sys.path.insert(0, {SRC!r}); import runpy; "
+                 "runpy.run_module('cowdisk.kernel.nbd', run_name='__main__')", "reconnect", sock]
     r = subprocess.run([sys.executable, "-I", "-S", KEEPER, cache, log, sock, "--", *argv], stdin=subprocess.DEVNULL,
-                       capture_output=True, text=True, timeout=60, env=PLUGIN_ENV)
+                       capture_output=True, text=True, timeout=60,
+                       env={**PLUGIN_ENV, ON_RESTART: json.dumps(reconnect)})
     if r.returncode != 0:
         raise KernelError("serve lazy template", cache, errno.EIO, detail=f"its keeper exited {r.returncode}: "
                           f"{r.stderr.strip()[-500:]}")

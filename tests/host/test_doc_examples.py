@@ -4,7 +4,7 @@ their marker names made: tests/docexamples.py), blocks marked ``<!-- example: tr
 command by command with their output compared to what the block shows. Each against its own
 scratch store (copy backend: template ``base``, volumes vm1 and vm2 attached), ``cowdisk``
 on PATH being this checkout. tests/docexamples.py says how blocks are marked;
-tests/unit/test_docs.py parses the rest; tests/ceph/test_doc_examples.py runs the Ceph ones.
+tests/unit/test_docs.py parses the rest; tests/ceph/test_doc_examples_ceph.py runs the Ceph ones.
 """
 
 from __future__ import annotations

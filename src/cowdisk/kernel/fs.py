@@ -113,6 +113,18 @@ def statfs(path: str | os.PathLike[str]) -> StatFs:
     return StatFs(p, f_type & 0xFFFFFFFF, bsize, blocks, bfree, bavail)
 
 
+def syncfs(path: str | os.PathLike[str]) -> None:
+    """syncfs(2) on the filesystem holding ``path``: its dirty data written and, on xfs and
+    btrfs, the frees it deferred done (blocks of a file just unlinked are counted free by
+    statfs only once its inode is inactivated)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if _libc.syncfs(fd) != 0:
+            raise KernelError("syncfs", str(path), _libc_errno())
+    finally:
+        os.close(fd)
+
+
 def nearest_existing(path: str | os.PathLike[str]) -> str:
     """The path itself if it exists, else its nearest existing ancestor."""
     p = os.path.abspath(os.fspath(path))

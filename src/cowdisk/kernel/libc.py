@@ -1,7 +1,7 @@
 """The C library, loaded once for the whole kernel layer, with typed prototypes.
 
 Only the calls Python's :mod:`os` does not offer are declared here: ``statfs``,
-``fallocate``, ``mount`` and ``umount2``.  The library is loaded with
+``fallocate``, ``mount``, ``umount2`` and ``syncfs``.  The library is loaded with
 ``use_errno=True``; after a call returns -1, :func:`errno` is its errno (ctypes keeps
 a private copy per thread, so no other call can overwrite it first).
 """
@@ -26,6 +26,9 @@ libc.mount.restype = ctypes.c_int
 # int umount2(const char *target, int flags);
 libc.umount2.argtypes = (ctypes.c_char_p, ctypes.c_int)
 libc.umount2.restype = ctypes.c_int
+# int syncfs(int fd);
+libc.syncfs.argtypes = (ctypes.c_int,)
+libc.syncfs.restype = ctypes.c_int
 
 
 def errno() -> int:

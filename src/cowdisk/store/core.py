@@ -388,17 +388,25 @@ class Store(StoreParts):
         quota (EDQUOT, naming the owner, the limit and the figures). The volume count is
         checked with the new row's commit (:meth:`_count_quota`)."""
         mark = self.limits.high_water
-        for area in self.space():
-            if area.total_bytes <= 0 or area.state == "unreadable" or area.grows:
-                continue
+
+        def over(areas: list[Space]) -> list[Space]:
+            return [a for a in areas if a.total_bytes > 0 and a.state != "unreadable" and not a.grows
+                    and (a.used_bytes + needed * count) * 100 > mark * a.total_bytes]
+
+        if over(self.space()):
+            # before refusing, let the filesystems finish the frees they deferred (xfs and btrfs
+            # count a file just unlinked as used until its inode is inactivated) and look again
+            for path in {self.root, self.data_root}:
+                with contextlib.suppress(CowdiskError, OSError):
+                    fs.syncfs(path)
+        for area in over(self.space()):
             after = area.used_bytes + needed * count
-            if after * 100 > mark * area.total_bytes:
-                more = f", {needed * count} more bytes would make it {100 * after / area.total_bytes:.1f}%" \
-                    if needed else ""
-                raise KernelError(op, vid, errno.ENOSPC, detail=(
-                    f"the {area.area} ({area.detail}) is {area.pct:.1f}% full ({area.used_bytes} of "
-                    f"{area.total_bytes} bytes){more}: past the high-water mark of {mark:g}%"),
-                    hint="free space (remove or checkpoint volumes, `cowdisk gc`), grow the pool, or raise high_water")
+            more = f", {needed * count} more bytes would make it {100 * after / area.total_bytes:.1f}%" \
+                if needed else ""
+            raise KernelError(op, vid, errno.ENOSPC, detail=(
+                f"the {area.area} ({area.detail}) is {area.pct:.1f}% full ({area.used_bytes} of "
+                f"{area.total_bytes} bytes){more}: past the high-water mark of {mark:g}%"),
+                hint="free space (remove or checkpoint volumes, `cowdisk gc`), grow the pool, or raise high_water")
         q = self.limits.quota(self.caller)
         if q.bytes is not None:
             n, used = self.owner_usage(self.caller)

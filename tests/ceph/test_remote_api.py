@@ -178,15 +178,6 @@ def test_a_cancelled_pull_or_push_leaves_nothing_or_only_chunks(tmp_path, sockdi
     assert f"{prefix}/manifests/{r['manifest']}" in set(keys(rgw, f"{prefix}/manifests/")) - manifests
 
 
-def cli(root: str, *args: str, sock: str | None = None) -> dict[str, Any]:
-    extra = {"COWDISK_SOCKET": sock} if sock else {"COWDISK_SOCKET": "/nonexistent"}
-    p = subprocess.run([sys.executable, "-m", "cowdisk", "--root", root, "--json", *args], capture_output=True,
-                       text=True, env=env(**extra), timeout=120)
-    assert p.returncode == 0, (args, p.stdout, p.stderr)
-    out: dict[str, Any] = json.loads(p.stdout)
-    return out
-
-
 def test_a_non_root_caller(tmp_path, sockdir, rgw, pushed) -> None:
     """uid 4242 on B's daemon: root's unshared template is a 404 to push (as a missing one);
     the bucket's listing does not tell it which templates root keeps; it pulls a template

@@ -108,3 +108,27 @@ def offline_lazy(store, image: str, *, hold: set[int] | None = None, chunk_size:
         f.write("[remote]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in cfg.items()))
     os.chmod(path, 0o600)
     return f"s3://cowdisk-templates/manifests/{m.digest}", m
+
+
+def nbd_pread(sock, length: int, offset: int) -> bytes:
+    """One NBD_CMD_READ on ``sock`` (a connection ``cowdisk.kernel.nbd.open_export`` made:
+    in the transmission phase, simple replies): the bytes, or OSError with the server's
+    errno (an NBD error number is the errno)."""
+    import struct
+
+    sock.sendall(struct.pack(">IHHQQI", 0x25609513, 0, 0, 1, offset, length))
+
+    def recv(n: int) -> bytes:
+        buf = b""
+        while len(buf) < n:
+            part = sock.recv(n - len(buf))
+            if not part:
+                raise ConnectionResetError(104, "the NBD server closed the connection")
+            buf += part
+        return buf
+
+    magic, err, _ = struct.unpack(">IIQ", recv(16))
+    assert magic == 0x67446698, hex(magic)
+    if err:
+        raise OSError(err, os.strerror(err))
+    return recv(length)

@@ -18,6 +18,7 @@ import pytest
 from cowdisk.errors import KernelError, NotFound, Unsupported
 from cowdisk.kernel import nbd
 from cowdisk.kernel.procfs import process_name
+from cowdisk.store import Store
 from remoteutil import make_image, offline_lazy
 from testutil import MiB, cowdisk_cli
 
@@ -113,3 +114,84 @@ def test_the_caller_that_pulled_it_owns_it(store, tmp_path) -> None:
         bob.remove_template(tid)
     alice.remove_template(tid)
     assert store.templates() == []
+
+
+def test_a_killed_keeper_is_noticed_and_the_template_served_again(store, tmp_path) -> None:
+    """The keeper SIGKILLed: its nbdkit ends with it (nbdkit sets PR_SET_PDEATHSIG itself),
+    and nothing would start a server again. Recovery serves the template again (a new
+    keeper and server; the PID files the dead ones left are what tells it from a stopped
+    template). So does an attach over it, and the daemon's periodic look
+    (tests/host/test_daemon.py). A stopped template is left stopped."""
+    import signal
+    import time
+
+    from cowdisk.remote import lazy
+    from remoteutil import nbd_pread
+
+    img = str(tmp_path / "t.img")
+    chunks = make_image(img, 8 * MiB)
+    url, m = offline_lazy(store, img)
+    d = store.lazy_template(url, "lz")
+    cache = d["cache"]
+    assert store.recover().finished == []
+
+    def kill_keeper() -> tuple[int, int]:
+        k, s = lazy.keeper(cache), lazy.server(cache)
+        assert k is not None and s is not None
+        os.kill(k, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while process_name(s.pid) == "nbdkit" or process_name(k) == lazy.KEEPER_NAME:
+            assert time.monotonic() < deadline, "nbdkit outlived its keeper"
+            time.sleep(0.01)
+        assert lazy.server(cache) is None and lazy.keeper(cache) is None
+        return k, s.pid
+
+    def served_anew(k: int, pid: int) -> None:
+        s = lazy.server(cache)
+        assert s is not None and s.pid != pid and lazy.keeper(cache) not in (None, k)
+        sock, _ = nbd.open_export(s.socket)
+        try:
+            assert nbd_pread(sock, 4096, 3 * MiB) == chunks[3][:4096]
+        finally:
+            sock.close()
+
+    k, pid = kill_keeper()
+    rep = store.recover()
+    assert rep.finished == [f"lazy template {m.digest[:16]}: its keeper was gone; served again"], rep
+    served_anew(k, pid)
+    assert store.recover().finished == []  # kept: nothing to do
+
+    k, pid = kill_keeper()  # an attach serves it again too
+    with Store(store.root, recover=False) as other:
+        other.lazy_template(url)
+    served_anew(k, pid)
+
+    assert store.stop_lazy_template(m.digest)
+    assert store.recover().finished == [] and lazy.server(cache) is None and lazy.keeper(cache) is None
+
+
+def test_the_daemon_serves_again_a_template_whose_keeper_was_killed(store, tmp_path) -> None:
+    """The daemon looks at its lazy templates every ``lazy_keep_interval`` seconds (here
+    0.2): a keeper SIGKILLed under it (its nbdkit ends with it) is noticed without any
+    call, the template served again and the daemon's log says so."""
+    import signal
+
+    from cowdisk.remote import lazy
+    from daemonutil import Daemon, public_tmpdir, wait_for
+
+    img = str(tmp_path / "t.img")
+    make_image(img, 4 * MiB)
+    url, m = offline_lazy(store, img)
+    cache = store.lazy_template(url, "lz")["cache"]
+    with public_tmpdir("cdd-") as sd, Daemon(store.root, os.path.join(sd, "d.sock"),
+                                             extra_env={"COWDISK_LAZY_KEEP_INTERVAL": "0.2"}) as d:
+        d.start()
+        k, pid = lazy.keeper(cache), lazy.server(cache).pid
+        os.kill(k, signal.SIGKILL)
+        s = wait_for(lambda: (x := lazy.server(cache)) is not None and x.pid != pid and lazy.keeper(cache) and x,
+                     10, "the daemon to serve the template again")
+        assert lazy.keeper(cache) != k and process_name(pid) != "nbdkit"
+        note = f"lazy template {m.digest[:16]}: its keeper was gone; served again"
+        assert note in [r["msg"] for r in d.log_records(until=lambda rs: any(r["msg"] == note for r in rs))]
+        assert d.stop() == 0
+    assert lazy.server(cache) == s  # the daemon's stop leaves it served

@@ -21,6 +21,7 @@ Example file::
     log_format = "json"               # or "text"
     log_level = "info"
     shutdown_timeout = 30             # seconds SIGTERM waits for in-flight operations
+    lazy_keep_interval = 10           # seconds between looks at the lazy templates' keepers
     processes = 4                     # store worker processes (default: one per core, 2 to 8)
     high_water = 90                   # percent: creates, forks, restores refused past it
     [quotas]                          # per owner uid, or "default" (every owner but root)
@@ -76,6 +77,10 @@ class Config:
     """Store worker processes (:mod:`.workers`); 0: store calls run in ``workers`` threads of
     the daemon's own process."""
     job_retention: float = 3600.0
+    lazy_keep_interval: float = 10.0
+    """Seconds between the daemon's looks at its lazy templates' servers (one whose keeper
+    was killed is served again: ``Store.keep_lazy_served``); well inside the 30 s an nbd
+    device holds its I/O for a dead server. 0: no looks."""
     quotas: dict[str, Quota] = field(default_factory=dict)
     """Per-owner quotas (:mod:`cowdisk.store.limits`), over the store's own config."""
     high_water: float | None = None
@@ -140,7 +145,7 @@ def _coerce(key: str, value: Any, where: str) -> Any:
         if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 0o777:
             raise _bad(key, value, "an octal mode such as \"0660\"", where)
         return value
-    if key in ("shutdown_timeout", "lock_timeout", "job_retention"):
+    if key in ("shutdown_timeout", "lock_timeout", "job_retention", "lazy_keep_interval"):
         try:
             f = float(value)
         except (TypeError, ValueError):

@@ -239,6 +239,17 @@ def watch_space(store: Store, metrics: Metrics, stop: threading.Event) -> None:
         log.error("space monitor failed: %s", e, exc_info=True)
 
 
+def keep_lazy_served(store: Store, interval: float, stop: threading.Event) -> None:
+    """The daemon's periodic look at its lazy templates (``Store.keep_lazy_served``, every
+    ``interval`` seconds): one whose keeper was killed is served again, logged."""
+    while interval and not stop.wait(interval):
+        try:
+            for note in store.keep_lazy_served():
+                log.warning("%s", note, extra={"fields": {"root": store.root}})
+        except Exception as e:  # noqa: BLE001 (said; tried again at the next look)
+            log.error("keeping lazy templates served: %s", e, exc_info=True)
+
+
 def run(cfg: Config) -> int:
     """Run the daemon until SIGTERM/SIGINT; 0 on a clean stop."""
     setup_logging(cfg)
@@ -272,6 +283,8 @@ def run(cfg: Config) -> int:
             make_incoming(cfg)
             threading.Thread(target=watch_space, args=(store, metrics, watching), name="cowdisk-space",
                              daemon=True).start()
+            threading.Thread(target=keep_lazy_served, args=(store, cfg.lazy_keep_interval, watching),
+                             name="cowdisk-lazy-keep", daemon=True).start()
             if early:
                 log.info("stopped before serving", extra={"fields": {"signal": early[0]}})
                 return 0

@@ -87,8 +87,14 @@ def _wait_server(cache: str, deadline_s: float) -> Served | None:
 def serve(cache: str, config: str, location: str, *, bound: float) -> Served:
     """Start nbdkit for ``cache`` under its keeper (which starts it again whenever it dies),
     or find the one serving it; returns once it accepts connections (nbdkit writes its PID
-    file then)."""
+    file then). The kernel's nbd devices connected to a server that died with its keeper
+    are the caller's to reconnect (``cowdisk.kernel.nbd.reconnect_noted``)."""
     running = server(cache)
+    if running is not None and keeper(cache) is None:
+        # its keeper was killed: nbdkit ends with it (nbdkit sets PR_SET_PDEATHSIG to SIGTERM
+        # itself), and no one would start it again: a new one under a new keeper
+        _end(running.pid, "nbdkit", 10)
+        running = None
     if running is not None:
         return running
     if keeper(cache) is not None:  # its server died a moment ago: the keeper is starting it again

@@ -263,6 +263,13 @@ class Store(StoreParts):
         self.require_admin("stop lazy template", manifest_digest)
         return RemoteTemplates(self.root, self._templates).lazy_stop(manifest_digest)
 
+    def keep_lazy_served(self) -> list[str]:
+        """A served lazy template whose keeper was killed (its server ends with it) is served
+        again, the nbd devices connected to the dead server reconnected (recovery runs
+        this; the daemon every ``lazy_keep_interval`` seconds). Returns what was done. Root only."""
+        self.require_admin("keep lazy templates served", self.root)
+        return RemoteTemplates(self.root, self._templates).keep_served()
+
     def remote_templates(self, url: str | None = None) -> list[dict[str, Any]]:
         """The templates in the object store at ``url`` (default: the remote config's)."""
         return RemoteTemplates(self.root, self._templates).listing(url)

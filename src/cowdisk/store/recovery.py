@@ -11,7 +11,8 @@ Two parts:
   deleted); kernel objects of this store that no volume accounts for are released (a
   detach loses no data); attached volumes whose device is gone (a reboot) are attached
   again, and a device a killed copy left suspended is resumed; link rows and files are
-  made to agree; staging debris of dead processes goes; owned templates stay immutable.
+  made to agree; staging debris of dead processes goes; owned templates stay immutable;
+  a lazy template's server whose keeper was killed gets a new keeper.
   Anything a live process may be working on (its volume lock is held, or its intent's
   process runs) is left alone, and a failure on one item is reported and never stops the
   others.
@@ -193,7 +194,8 @@ def recover(store: StoreParts) -> RecoveryReport:
         if not process_alive(it.pid, it.pid_start):
             _each(rep, f"{it.op} {it.volume_id or it.template_id}", recover_intent, store, it, rep)
     for step in (_orphan_template_dirs, _orphan_volume_dirs, _release_orphan_objects, _reactivate,
-                 _reconcile_links, _remove_staging_debris, _protect_templates, _writer_debris, sweep_lock_files):
+                 _reconcile_links, _remove_staging_debris, _protect_templates, _writer_debris, _lazy_servers,
+                 sweep_lock_files):
         _each(rep, step.__name__.strip("_").replace("_", " "), step, store, rep)
     _each(rep, "list quarantine", _list_quarantine, store, rep)
     for what, items in rep.as_dict().items():
@@ -376,15 +378,24 @@ def _tmp_debris(d: str, rep: RecoveryReport) -> None:
 
 def _writer_debris(store: StoreParts, rep: RecoveryReport) -> None:
     """Temporary files of killed writers beside the store's own files: in the root
-    (``store.json``, the reserve) and in each volume's and template's directory (its
-    manifest). Link directories are swept with the links (:func:`_orphan_volume_dirs`)."""
+    (``store.json``, the reserve), in each volume's and template's directory (its
+    manifest) and in each lazy template's cache (its record rewritten by an eviction, its
+    manifest, its server's counters). Link directories are swept with the links
+    (:func:`_orphan_volume_dirs`)."""
     dirs = [store.root, store.data_root]
-    for kind in ("volumes", "templates"):
+    for kind in ("volumes", "templates", "lazy"):
         base = os.path.join(store.data_root, kind)
-        dirs += [os.path.join(base, n) for n in sorted(os.listdir(base)) if not n.startswith(STAGING_PREFIX)]
+        if os.path.isdir(base):
+            dirs += [os.path.join(base, n) for n in sorted(os.listdir(base)) if not n.startswith(STAGING_PREFIX)]
     for d in dict.fromkeys(dirs):
         if os.path.isdir(d):
             _each(rep, f"writer debris in {d}", _tmp_debris, d, rep)
+
+
+def _lazy_servers(store: StoreParts, rep: RecoveryReport) -> None:
+    """Lazy templates' servers whose keeper was killed get a new one; one that died with
+    its keeper is served again (store/remote.py ``keep_served``)."""
+    rep.finished.extend(store._remote().keep_served())
 
 
 def sweep_lock_files(store: StoreParts, rep: RecoveryReport) -> None:

@@ -211,13 +211,12 @@ class RemoteTemplates:
         """Start (or find) the server of the lazy template whose descriptor is ``path``;
         returns its unix socket (a volume's block device connects to it)."""
         from ..remote import load
-
-        from ..remote.lazy import server
+        from ..remote.lazy import keeper, server
 
         d = lazy_descriptor(path)
         cache = self.lazy_dir(d["manifest"])
         running = server(cache)
-        if running is not None:  # (the usual case: every create over it after the first)
+        if running is not None and keeper(cache) is not None:  # (the usual case: every create after the first)
             return running.socket
         with self._lazy_lock(d["manifest"]):
             try:
@@ -228,7 +227,37 @@ class RemoteTemplates:
                                op="serve lazy template", obj=d["manifest"],
                                hint=f"`cowdisk template pull --lazy {d['source']}` makes it again") from None
             cfg = load(self.root, location)
-            return self._serve(cache, cfg.source, location, 3 * cfg.timeout)
+            return self._serve(cache, cfg.source, location, 3 * cfg.timeout)  # (one whose keeper is gone: anew)
+
+    def keep_served(self) -> list[str]:
+        """Every lazy template served on this host has its server under a keeper (recovery
+        runs this; so does the daemon every few seconds): a server whose keeper was killed
+        (nbdkit ends with its keeper: it sets PR_SET_PDEATHSIG itself), or that died with
+        it, leaves its PID files behind (a stop removes them); such a template is served
+        again, and the kernel's nbd devices that were connected to the dead server get a
+        connection to the new one (their I/O waits 30 s for one). Returns what was done."""
+        from ..kernel import nbd
+        from ..remote import load
+        from ..remote.lazy import KEEPER_PIDFILE, PIDFILE, keeper
+
+        d = self.lazy_dir()
+        notes = []
+        for name in sorted(os.listdir(d)) if os.path.isdir(d) else []:
+            cache = os.path.join(d, name)
+            if (not HEX64.match(name) or keeper(cache) is not None
+                    or not any(os.path.exists(os.path.join(cache, p)) for p in (PIDFILE, KEEPER_PIDFILE))):
+                continue  # kept, or never served, or stopped
+            with self._lazy_lock(name):
+                if keeper(cache) is not None:
+                    continue
+                with open(os.path.join(cache, "location")) as f:
+                    location = f.read().strip()
+                cfg = load(self.root, location)
+                sock = self._serve(cache, cfg.source, location, 3 * cfg.timeout)
+                again = nbd.reconnect_noted(sock) if nbd.available()[0] else []
+                notes.append(f"lazy template {name[:16]}: its keeper was gone; served again"
+                             + "".join(f", nbd{i} reconnected" for i in again))
+        return notes
 
     def _lazy_lock(self, manifest_digest: str) -> Any:
         return self.templates._lock(f"lazy-{manifest_digest[:16]}")

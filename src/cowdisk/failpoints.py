@@ -23,7 +23,8 @@ def hit(op: str, step: str) -> None:
     spec = os.environ.get("COWDISK_PAUSE_AT")
     if spec and f"{op}:{step}" in spec.split(","):
         mark = os.environ.get("COWDISK_PAUSE_MARK")
-        if mark:
-            with open(mark, "w") as f:
+        if mark:  # whole or absent (temp + rename): a test polls for it and reads it at once
+            with open(f"{mark}.tmp-{os.getpid()}", "w") as f:
                 f.write(f"{os.getpid()}\n")
+            os.replace(f"{mark}.tmp-{os.getpid()}", mark)
         time.sleep(float(os.environ.get("COWDISK_PAUSE_S", "1")))

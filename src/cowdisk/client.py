@@ -27,7 +27,6 @@ under its ``import_roots``, a jail directory under its ``jail_roots``.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import os
@@ -163,7 +162,7 @@ class _Conn:
 
 @functools.cache
 def _names(cls: type) -> frozenset[str]:
-    return frozenset(f.name for f in dataclasses.fields(cls))
+    return frozenset(cls._fields)  # type: ignore[attr-defined]  # the model's named tuples and RecoveryReport
 
 
 def _pick(cls: type, d: Mapping[str, Any]) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """Where a store lives when the caller does not say: ``COWDISK_ROOT``, else
-/var/lib/cowdisk. Apart from :mod:`cowdisk.model` (which re-exports it; its dataclasses
-cost milliseconds to make) so that the command line reads it at start-up without the model."""
+/var/lib/cowdisk. Apart from :mod:`cowdisk.model` (which re-exports it; its types cost
+milliseconds to make) so that the command line reads it at start-up without the model."""
 
 from __future__ import annotations
 

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import enum
 import re
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 
 from .defaults import DEFAULT_ROOT as DEFAULT_ROOT, default_root as default_root  # the CLI reads them alone
@@ -99,8 +98,7 @@ def hostname_of(prefix: str | None, vid: str) -> str:
     return name
 
 
-@dataclass(frozen=True)
-class Template:
+class Template(NamedTuple):
     id: str
     names: tuple[str, ...]
     path: str
@@ -117,14 +115,13 @@ class Template:
     """Usable by every caller, not only its owner."""
 
     def as_dict(self) -> dict[str, Any]:
-        d = self.__dict__.copy()
+        d = self._asdict()
         d["names"] = list(self.names)
         d["users"] = list(self.users)
         return d
 
 
-@dataclass(frozen=True)
-class Volume:
+class Volume(NamedTuple):
     id: str
     template_id: str
     backend: str
@@ -143,26 +140,48 @@ class Volume:
     """The uid that made it (or root handed it to); only it and root see it."""
 
     def as_dict(self) -> dict[str, Any]:
-        d = dict(self.__dict__)
+        d = self._asdict()
         d["state"] = self.state.value
         d["links"] = list(self.links)
         return d
 
 
-@dataclass
 class RecoveryReport:
-    rolled_back: list[str] = field(default_factory=list)
-    finished: list[str] = field(default_factory=list)
-    reactivated: list[str] = field(default_factory=list)
-    orphans_removed: list[str] = field(default_factory=list)
-    adopted: list[str] = field(default_factory=list)
+    """What a recovery or ``gc`` pass did, as lists of the volumes, templates and objects
+    each action touched. Mutable (the pass appends as it goes), so a plain class and not a
+    named tuple; ``FIELDS`` names its lists in the document's order."""
+
+    FIELDS = ("rolled_back", "finished", "reactivated", "orphans_removed", "adopted", "quarantined", "kept",
+              "in_quarantine", "errors")
+    _fields = FIELDS  # the name the named tuples of this module give their fields (client.py reads it)
+
+    rolled_back: list[str]
+    finished: list[str]
+    reactivated: list[str]
+    orphans_removed: list[str]
+    adopted: list[str]
     """Volumes and templates the registry had lost, registered again from their manifests."""
-    quarantined: list[str] = field(default_factory=list)
+    quarantined: list[str]
     """Data the registry does not account for, moved aside (never deleted by recovery)."""
-    kept: list[str] = field(default_factory=list)
-    in_quarantine: list[str] = field(default_factory=list)
+    kept: list[str]
+    in_quarantine: list[str]
     """What the quarantine holds after this pass (``cowdisk gc --purge`` deletes it)."""
-    errors: list[str] = field(default_factory=list)
+    errors: list[str]
+
+    def __init__(self, **lists: list[str]) -> None:
+        unknown = sorted(set(lists) - set(self.FIELDS))
+        if unknown:
+            raise TypeError(f"RecoveryReport: unknown field(s) {', '.join(unknown)}")
+        for name in self.FIELDS:
+            setattr(self, name, list(lists.get(name, ())))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RecoveryReport) and self.as_dict() == other.as_dict()
+
+    __hash__ = None  # type: ignore[assignment]  # mutable
+
+    def __repr__(self) -> str:
+        return f"RecoveryReport({', '.join(f'{k}={v!r}' for k, v in self.as_dict().items())})"
 
     @property
     def actions(self) -> int:
@@ -170,11 +189,10 @@ class RecoveryReport:
                 + len(self.quarantined) + len(self.adopted))
 
     def as_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        return {name: getattr(self, name) for name in self.FIELDS}
 
 
-@dataclass(frozen=True)
-class Usage:
+class Usage(NamedTuple):
     """What a volume costs. ``disk_bytes`` is real allocation (st_blocks), not apparent size."""
 
     disk_bytes: int
@@ -191,9 +209,13 @@ class Usage:
         shared (reflink), else its allocated bytes (a COW file, a copy)."""
         return self.exclusive_bytes if self.exclusive_bytes is not None else self.disk_bytes
 
+    def as_dict(self) -> dict[str, Any]:
+        d = self._asdict()
+        d["own_bytes"] = self.own_bytes
+        return d
 
-@dataclass(frozen=True)
-class Space:
+
+class Space(NamedTuple):
     """One area a store's writes fill, and how full it is: the filesystem holding the
     data, and a backend's own (dm-thin's pool data and metadata, the embedded xfs pool).
     ``state`` is ``ok`` or what the kernel says instead (a thin pool ``out_of_data_space``,
@@ -218,8 +240,7 @@ class Space:
 
 
 
-@dataclass(frozen=True)
-class SpaceEvent:
+class SpaceEvent(NamedTuple):
     """What a backend's space monitor saw and did (dm-thin: ``watch_space``): ``event`` is
     ``grown`` (the pool was extended while guests wrote), ``full`` (out of space and it
     cannot grow: writes wait), ``failing_io`` (still full after the bound: writes now fail),
@@ -239,8 +260,7 @@ class SpaceEvent:
         return {"area": self.area, "pool": self.pool, "event": self.event, "used_bytes": self.used_bytes,
                 "total_bytes": self.total_bytes, "reason": self.reason, "volumes": list(self.volumes)}
 
-@dataclass(frozen=True)
-class SharedVolume:
+class SharedVolume(NamedTuple):
     """A volume as the shared place (a Ceph pool) records it, whichever store made it."""
 
     id: str

@@ -10,7 +10,6 @@ exist, the host's loops/dm/mounts as before)."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import sqlite3
@@ -156,7 +155,7 @@ def test_api_fuzzed_from_its_openapi_document(tmp_path, sockdir) -> None:
         # root's templates unchanged, but for their users: the allowed uid may make volumes of a
         # shared one (and only of a shared one: its own volumes are all it sees of it)
         def unused(ts: Iterable[Any]) -> dict[str, Any]:
-            return {t.id: dataclasses.replace(t, users=()) for t in ts}
+            return {t.id: t._replace(users=()) for t in ts}
         after, was = {t.id: t for t in d.client.templates()}, unused(templates)
         assert {k: v for k, v in unused(after.values()).items() if k in was} == was
         for t in templates:

@@ -56,12 +56,6 @@ def _show_volume(app: App, store: StoreAPI, v: Volume, title: str, extra: dict[s
     app.kv(title, rows)
 
 
-def _usage_dict(u: Any) -> dict[str, Any]:
-    d = dict(u.__dict__)
-    d["own_bytes"] = u.own_bytes
-    return d
-
-
 @click.group(cls=CowdiskSubGroup)
 def volume() -> None:
     """Volumes: one sandbox's writable copy-on-write disk over a template.
@@ -160,7 +154,7 @@ def volume_inspect(app: App, vids: tuple[str, ...]) -> None:
         v = store.volume(vid)
         usage = None
         with contextlib.suppress(CowdiskError, OSError):
-            usage = _usage_dict(store.usage(vid))
+            usage = store.usage(vid).as_dict()
         if len(vids) == 1 or not app.json:
             _show_volume(app, store, v, f"volume {v.id}", {"usage": usage})
         return v.as_dict() | {"usage": usage}
@@ -493,7 +487,7 @@ def volume_usage(app: App, vids: tuple[str, ...], no_headings: bool, columns: st
     def one(vid: str) -> dict[str, Any]:
         validate_id(vid)
         v = store.volume(vid)
-        r = {"id": vid, "state": v.state, "template_id": v.template_id, **_usage_dict(store.usage(vid))}
+        r = {"id": vid, "state": v.state, "template_id": v.template_id, **store.usage(vid).as_dict()}
         r["cow"] = None if r["cow_used_bytes"] is None else \
             f"{human_bytes(r['cow_used_bytes'])} / {human_bytes(r['cow_total_bytes'])}"
         return r

@@ -90,10 +90,7 @@ def remove(store: Store, vid: str, deadline: float) -> bytes:
 
 
 def usage(store: Store, vid: str) -> dict[str, Any]:
-    u = store.usage(vid)
-    d = dict(u.__dict__)
-    d["own_bytes"] = u.own_bytes
-    return d
+    return store.usage(vid).as_dict()
 
 
 def checkpoint(store: Store, vid: str, deadline: float) -> dict[str, Any]:

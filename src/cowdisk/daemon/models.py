@@ -8,7 +8,6 @@ refuse unknown keys: a typo is a 400, not a silently ignored option.
 from __future__ import annotations
 
 import ast
-import dataclasses
 import inspect
 import textwrap
 import typing
@@ -50,17 +49,16 @@ def _field_docs(cls: type) -> dict[str, str]:
 
 
 def out_model(cls: type, name: str, **extra: Any) -> type[BaseModel]:
-    """The response model of the model dataclass ``cls`` (cowdisk.model: what the library
+    """The response model of the model type ``cls`` (a named tuple of cowdisk.model: what the library
     returns and ``as_dict`` makes the document of): its fields with their types, defaults
     and docstrings as descriptions, plus ``extra`` fields the document adds. One list of
     fields for the library, the client and the API."""
     hints = typing.get_type_hints(cls)
     docs = _field_docs(cls)
     fields: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):
-        default = (f.default if f.default is not dataclasses.MISSING else
-                   f.default_factory() if f.default_factory is not dataclasses.MISSING else ...)
-        fields[f.name] = (hints[f.name], Field(default, description=docs.get(f.name)))
+    defaults = cls._field_defaults  # type: ignore[attr-defined]  # a NamedTuple
+    for f in cls._fields:  # type: ignore[attr-defined]
+        fields[f] = (hints[f], Field(defaults.get(f, ...), description=docs.get(f)))
     return create_model(name, **fields, **extra)
 
 

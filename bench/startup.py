@@ -8,7 +8,9 @@ modules it imports, and which cowdisk modules are among them).
 
     python3 bench/startup.py [--runs 20] [--top 12] [--json FILE] [--client-before SRC] [--client-only]
 
-The goal: each command within 2x of ``python3 -c pass``. Run as root (it makes a copy-backend
+The goal: each command within 2x of ``python3 -c pass``. The ``-S`` rows show the same against the
+interpreter with no ``site`` (no .pth file of this machine runs): the floor a machine whose
+site-packages carry heavy .pth hooks hides. Run as root (it makes a copy-backend
 store with one template and 20 volumes and a daemon on a socket, all under a temp dir named
 ``cdbench-<random>``, removed at the end).
 """
@@ -38,6 +40,10 @@ ENV = {k: v for k, v in os.environ.items() if not k.startswith("COWDISK_") and k
 PYTHONDONTWRITEBYTECODE would have every cowdisk module compiled from source at every
 start; scratch() points PYTHONPYCACHEPREFIX into its temp dir instead (the warm-up run
 fills it, the tree stays clean)."""
+
+
+NOSITE_PATH = os.pathsep.join([SRC, *(p for p in sys.path if p.endswith("-packages"))])
+"""For ``python3 -S``: the site-packages directories on the path by hand, their .pth files unread."""
 
 
 def cowdisk(*args: str) -> list[str]:
@@ -163,6 +169,11 @@ def main() -> int:
             "cowdisk --version": (cowdisk("--version"), ENV),
             "cowdisk volume ls (daemon)": (cowdisk("--root", root, "volume", "ls"), daemon_env),
             "cowdisk volume ls (direct)": (cowdisk("--root", root, "volume", "ls"), direct_env),
+            # the interpreter's own floor: no site module, so no .pth file of this machine runs
+            # (a sandbox's certifi hook costs ~20 ms here on both sides of the ratios above)
+            "python3 -S -c pass": ([sys.executable, "-S", "-c", "pass"], ENV | {"PYTHONPATH": NOSITE_PATH}),
+            "cowdisk volume ls (daemon, -S)": ([sys.executable, "-S", "-m", "cowdisk", "--root", root, "volume", "ls"],
+                                               ENV | {"PYTHONPATH": NOSITE_PATH, "COWDISK_SOCKET": sock}),
         }
         times: dict[str, list[float]] = {k: [] for k in cases}
         cpu: dict[str, list[float]] = {k: [] for k in cases}
@@ -173,23 +184,25 @@ def main() -> int:
                 w, c = wall(argv, env)
                 times[name].append(w)
                 cpu[name].append(c)
-        base = statistics.median(times["python3 -c pass"])
-        base_min = min(times["python3 -c pass"])
-        base_cpu = statistics.median(cpu["python3 -c pass"])
+        def floor(name: str) -> str:  # the -S rows are measured against python3 -S -c pass
+            return "python3 -S -c pass" if "-S" in name else "python3 -c pass"
+
         print(f"whole process, {a.runs} runs each, alternating: wall time (median, min, max) and CPU time (user + "
-              "system, median); ratios to python3 -c pass of the wall medians, the wall minimums and the CPU "
+              "system, median); ratios to python3 -c pass (-S rows: to python3 -S -c pass) of the wall medians, the wall minimums and the CPU "
               "medians (the last two moved least by other load):")
         result: dict[str, object] = {"runs": a.runs, "cases": {}}
         for name, ts in times.items():
             med, cmed = statistics.median(ts), statistics.median(cpu[name])
-            print(f"  {name:28s} wall {med * 1000:7.1f} ms (min {min(ts) * 1000:6.1f}, max {max(ts) * 1000:6.1f}), "
+            base, base_min = statistics.median(times[floor(name)]), min(times[floor(name)])
+            base_cpu = statistics.median(cpu[floor(name)])
+            print(f"  {name:31s} wall {med * 1000:7.1f} ms (min {min(ts) * 1000:6.1f}, max {max(ts) * 1000:6.1f}), "
                   f"cpu {cmed * 1000:6.1f} ms   {med / base:4.2f}x, min {min(ts) / base_min:4.2f}x, "
                   f"cpu {cmed / base_cpu:4.2f}x")
             result["cases"][name] = {"median_ms": med * 1000, "min_ms": min(ts) * 1000,  # type: ignore[index]
                                      "max_ms": max(ts) * 1000, "cpu_ms": cmed * 1000, "ratio": med / base,
                                      "ratio_min": min(ts) / base_min, "ratio_cpu": cmed / base_cpu}
         for name, (argv, env) in cases.items():
-            if not name.startswith("cowdisk"):
+            if not name.startswith("cowdisk") or "-S" in name:
                 continue
             mods = importtime(argv, env)
             total = sum(s for _, s, _ in mods)
@@ -201,8 +214,9 @@ def main() -> int:
                 print(f"    {c / 1000:7.1f} ms  {m}  (self {s / 1000:.1f})")
             result["cases"][name]["modules"] = len(mods)  # type: ignore[index]
             result["cases"][name]["cowdisk_modules"] = ours  # type: ignore[index]
-    srcs = {"this": SRC} | ({"before": os.path.abspath(a.client_before)} if a.client_before else {})
-    result["client_import"] = client_import(a.runs, srcs)
+        # inside the scratch: its PYTHONPYCACHEPREFIX points into the scratch dir (removed with it)
+        srcs = {"this": SRC} | ({"before": os.path.abspath(a.client_before)} if a.client_before else {})
+        result["client_import"] = client_import(a.runs, srcs)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(result, f, indent=2)

@@ -321,6 +321,18 @@ class App:
             t.add_row(Text(k), Text(v))
         self.out.print(t)
 
+    def show(self, doc: dict[str, Any], title: str, rows: Callable[[dict[str, Any]], dict[str, Any]], *,
+             key: str = "id") -> None:
+        """One object as its command shows it: the document with ``--json``, its ``key`` (the
+        id, or what a script uses next: a URL) alone with ``-q``, else :meth:`kv` of
+        ``rows(doc)`` (the human fields)."""
+        if self.json:
+            self.emit(doc)
+        elif self.quiet:
+            self.line(doc[key])
+        else:
+            self.kv(title, rows(doc))
+
     def listing(self, rows: Sequence[dict[str, Any]], columns: Sequence[Column], *, headings: bool = True,
                 only: Sequence[Column] | None = None, title: str | None = None) -> None:
         """Rows as a table (terminal) or tab-separated raw values (otherwise). ``columns`` are

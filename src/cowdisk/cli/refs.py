@@ -73,18 +73,10 @@ def lazy_cell(d: Any) -> str:
 
 
 def show_template(app: App, store: StoreAPI, t: Template, title: str) -> None:
-    d = store.template_doc(t)
-    if app.json:
-        app.emit(d)
-        return
-    if app.quiet:
-        app.line(d["id"])
-        return
-    app.kv(title, {"id": d["id"], "names": d["names"], "size": f"{human_bytes(d['size'])} ({d['size']} bytes)",
-                   "on disk": human_bytes(d["disk_bytes"]), "digest": f"sha256:{d['digest']}",
-                   "state": d["state"], "source": d["source"], "path": d["path"],
-                   "volumes": d["users"], "owner": owner_name(d["owner"]) + (", shared" if d["shared"] else ""),
-                   "created": when(d["created"])} | ({"lazy": f"manifest {d['lazy']['manifest']}, "
-                                                       + lazy_cell(d["lazy"])
-                                                       + (", served" if d["lazy"]["served"] else ", not served")}
-                                                      if d.get("lazy") else {}))
+    app.show(store.template_doc(t), title, lambda d: {
+        "id": d["id"], "names": d["names"], "size": f"{human_bytes(d['size'])} ({d['size']} bytes)",
+        "on disk": human_bytes(d["disk_bytes"]), "digest": f"sha256:{d['digest']}", "state": d["state"],
+        "source": d["source"], "path": d["path"], "volumes": d["users"],
+        "owner": owner_name(d["owner"]) + (", shared" if d["shared"] else ""), "created": when(d["created"])}
+        | ({"lazy": f"manifest {d['lazy']['manifest']}, " + lazy_cell(d["lazy"])
+                    + (", served" if d["lazy"]["served"] else ", not served")} if d.get("lazy") else {}))

@@ -147,17 +147,11 @@ def template_push(app: App, ref: str, to: str | None) -> None:
     store = app.store()
     with app.progress(f"push {ref}") as progress:
         r = store.push_template(template_ref(ref), to, progress=progress)
-    if app.json:
-        app.emit(r)
-        return
-    if app.quiet:
-        app.line(r["url"])
-        return
-    app.kv(f"template {r['id']} pushed", {
+    app.show(r, f"template {r['id']} pushed", lambda r: {
         "url": r["url"], "manifest": f"sha256:{r['manifest']}", "digest": f"sha256:{r['digest']}",
         "chunks": f"{r['chunks']} of {human_bytes(r['chunk_size'])} ({r['zero_chunks']} zero, not stored)",
         "uploaded": f"{r['uploaded_chunks']} chunks, {human_bytes(r['uploaded_bytes'])}",
-        "already there": f"{r['present_chunks']} chunks"})
+        "already there": f"{r['present_chunks']} chunks"}, key="url")
 
 
 @template.command("pull")
@@ -189,15 +183,10 @@ def template_pull(app: App, source: str, name: str | None, at: str | None, lazy:
         store = app.store(create=True)  # made here when there is none, as pull makes it
         with app.progress(f"pull --lazy {source}") as progress:
             d = store.lazy_template(source, name, at=at, prefetch=prefetch, progress=progress)
-        if app.json:
-            app.emit(d)
-        elif app.quiet:
-            app.line(d["url"])
-        else:
-            app.kv(f"lazy template {d['manifest'][:16]}", {
-                "id": d["id"], "url": d["url"], "template": f"sha256:{d['template']}", "size": human_bytes(d["size"]),
-                "cached": f"{human_bytes(d['cached_bytes'])} ({d['cached_chunks']} of {d['data_chunks']} chunks)",
-                "cache": d["cache"], "server": f"nbdkit PID {d['pid']}"})
+        app.show(d, f"lazy template {d['manifest'][:16]}", lambda d: {
+            "id": d["id"], "url": d["url"], "template": f"sha256:{d['template']}", "size": human_bytes(d["size"]),
+            "cached": f"{human_bytes(d['cached_bytes'])} ({d['cached_chunks']} of {d['data_chunks']} chunks)",
+            "cache": d["cache"], "server": f"nbdkit PID {d['pid']}"}, key="url")
         return
     _new_template(app, name, f"pull {source}",
                   lambda store, progress: store.pull_template(source, name, at=at, progress=progress))

@@ -33,15 +33,10 @@ USAGE_COLUMNS = [Column("id"), Column("state"), Column("template_id", "template"
 
 
 def _show_volume(app: App, store: StoreAPI, v: Volume, title: str, extra: dict[str, Any] | None = None) -> None:
-    d = v.as_dict()
-    if extra:
-        d.update(extra)
-    if app.json:
-        app.emit(d)
-        return
-    if app.quiet:
-        app.line(d["id"])
-        return
+    app.show(v.as_dict() | (extra or {}), title, _volume_rows)
+
+
+def _volume_rows(d: dict[str, Any]) -> dict[str, Any]:
     rows = {"id": d["id"], "state": d["state"], "backend": d["backend"], "template": d["template_id"],
             "size": human_bytes(d["size"]), "link": d["link"], "links": d["links"], "device": d["device"],
             "data": d["data_path"], "parent": d["parent"], "owner": owner_name(d["owner"]),
@@ -53,7 +48,7 @@ def _show_volume(app: App, store: StoreAPI, v: Volume, title: str, extra: dict[s
         rows["on disk"] = f"{human_bytes(u['own_bytes'])} own, {human_bytes(u['disk_bytes'])} allocated, " \
                           f"{human_bytes(u['apparent_bytes'])} apparent"
         rows["health"] = u["health"]
-    app.kv(title, rows)
+    return rows
 
 
 @click.group(cls=CowdiskSubGroup)

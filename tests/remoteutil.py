@@ -61,20 +61,12 @@ def closed_port() -> int:
         return int(s.getsockname()[1])
 
 
-def offline_lazy(store, image: str, *, hold: set[int] | None = None, chunk_size: int = CHUNK,
-                 timeout: float = 1.0) -> tuple[str, object]:
-    """What `template pull --lazy` leaves on a host, made without an object store: the
-    image cut into chunks by the project's format (remote/chunks.py), the store's cache of
-    its manifest, the chunks ``hold`` (None: every data chunk) fetched into it by the
-    cache's own fetch path (remote/cache.py: checked, written, synced, then recorded) from
-    the chunks in memory, and a remote config whose endpoint refuses connections (a chunk
-    the cache lacks is then an error to its reader, never data). Returns the manifest's
-    URL (a manifest the cache holds is not fetched again) and the manifest. ``timeout``: the
-    config's (a fetch's bound is three times it)."""
+def chunked(image: str, chunk_size: int = CHUNK) -> tuple[object, dict[str, bytes]]:
+    """``image`` cut into chunks by the project's format (remote/chunks.py): its manifest and
+    the objects a push would store (key -> compressed chunk), holes and zero chunks left out."""
     import hashlib
 
     from cowdisk.digest import sha256_file
-    from cowdisk.remote.cache import ChunkCache
     from cowdisk.remote.chunks import Manifest, chunk_key, compress, read_chunks
 
     size = os.path.getsize(image)
@@ -91,18 +83,50 @@ def offline_lazy(store, image: str, *, hold: set[int] | None = None, chunk_size:
             names.append(name)
     finally:
         os.close(fd)
-    m = Manifest(sha256_file(image), size, chunk_size, tuple(names))
+    return Manifest(sha256_file(image), size, chunk_size, tuple(names)), blobs
+
+
+def chunk_dir(blobs: dict[str, bytes], d: str):
+    """The objects written as files under ``d`` (``d/chunks/<sha256>``, as the bucket's keys),
+    and a ``get(key)`` reading them: a local source for the cache's own fetch path
+    (remote/cache.py ChunkCache: checked, written, synced, recorded), as the object store's
+    client would hand it the bytes. A file altered in ``d`` is a chunk altered in the bucket."""
+    for key, blob in blobs.items():
+        os.makedirs(os.path.dirname(os.path.join(d, key)), exist_ok=True)
+        with open(os.path.join(d, key), "wb") as f:
+            f.write(blob)
+
+    def get(key: str) -> bytes:
+        with open(os.path.join(d, key), "rb") as f:
+            return f.read()
+
+    return get
+
+
+def offline_lazy(store, image: str, *, hold: set[int] | None = None, chunk_size: int = CHUNK,
+                 timeout: float = 1.0, **config: object) -> tuple[str, object]:
+    """What `template pull --lazy` leaves on a host, made without an object store: the
+    image cut into chunks by the project's format (remote/chunks.py), the store's cache of
+    its manifest, the chunks ``hold`` (None: every data chunk) fetched into it by the
+    cache's own fetch path (remote/cache.py: checked, written, synced, then recorded) from
+    the chunks in memory, and a remote config whose endpoint refuses connections (a chunk
+    the cache lacks is then an error to its reader, never data). Returns the manifest's
+    URL (a manifest the cache holds is not fetched again) and the manifest. ``timeout``: the
+    config's (a fetch's bound is three times it); ``config``: more keys of it (cache_cap)."""
+    from cowdisk.remote.cache import ChunkCache
+
+    m, blobs = chunked(image, chunk_size)
     cache = os.path.join(store.data_root, "lazy", m.digest)
     ChunkCache.create(cache, m)
     c = ChunkCache(cache, m, lambda key: blobs[key], where=lambda key: key)
     try:
-        for i, name in enumerate(names):
+        for i, name in enumerate(m.chunks):
             if name is not None and (hold is None or i in hold):
                 c.ensure(i)
     finally:
         c.close()
     cfg = {"endpoint": f"http://127.0.0.1:{closed_port()}", "access_key": "k", "secret_key": "s",
-           "bucket": "cowdisk-templates", "region": "default", "timeout": timeout}
+           "bucket": "cowdisk-templates", "region": "default", "timeout": timeout, **config}
     path = os.path.join(store.root, "remote.toml")
     with open(path, "w") as f:
         f.write("[remote]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in cfg.items()))

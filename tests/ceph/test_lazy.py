@@ -200,9 +200,10 @@ def _read_all_ignoring_errors(path: str) -> None:
 
 def test_read_order_prefetch_and_the_cache_cap(tmp_path, rgw, hosts):
     """B reads chunks 9, 2, 5 and records that order as the manifest's sidecar; C's
-    ``--prefetch`` fetches those first, then the rest. C's cap of 4 MiB: gc leaves a served
-    template's chunks, and evicts them once it is no longer served (holes punched, the
-    record emptied first); served again, it reads right."""
+    ``--prefetch`` fetches those first, then the rest. C's cap of 4 MiB: gc evicts 12 single
+    chunks of the served template (the least recently used) and it reads on, right
+    (fetching them again); once it is no longer served gc evicts it whole (holes punched,
+    the record emptied first); served again, it reads right."""
     from cowdisk.store import Store
 
     a, b, prefix = hosts
@@ -232,8 +233,14 @@ def test_read_order_prefetch_and_the_cache_cap(tmp_path, rgw, hosts):
         assert set(order[:3]) == {9, 2, 5} and sorted(order) == list(range(16))  # those first (8 in flight)
         assert dc["cached_bytes"] == 16 * CHUNK
         notes = c.gc().orphans_removed
-        assert any("over the cap" in n for n in notes), notes  # served: kept
-        assert c.lazy_templates()[0]["cached_bytes"] == 16 * CHUNK
+        assert any("(served): evicted 12 chunks" in n for n in notes), notes  # served: the least recently used
+        assert c.lazy_templates()[0]["cached_bytes"] == 4 * CHUNK
+        f3, pid3 = str(tmp_path / "c0.img"), str(tmp_path / "c0.pid")
+        lazy.export_file(lazy.server(dc["cache"]), f3, pid3)
+        try:
+            assert sha(f3) == sha(img)  # the evicted ones fetched again
+        finally:
+            lazy.unexport_file(f3, pid3)
         assert c.stop_lazy_template(dc["manifest"])
         notes = c.gc().orphans_removed
         assert any("evicted 16 chunks" in n for n in notes), notes

@@ -16,6 +16,19 @@ append) fails its check and is ignored. A chunk that fails its check, or whose f
 does not finish within the bound, is an error (EIO, ETIMEDOUT) to the reader: never
 wrong or zero data. Every process serving the template reads the same record, so a
 chunk fetched once serves every later volume on the host.
+
+    state         shared memory of the processes using the cache (mmap): the eviction
+                  epoch (8 bytes), then each chunk's last use (4 bytes, seconds)
+
+Eviction (:func:`evict`) drops single chunks while servers read the template: it takes
+the byte locks of the chunks it drops (no fetch of them in flight), rewrites the record
+without them (temporary file, fsync, rename, directory fsync: never a listed chunk
+without its bytes), bumps the epoch, and only then punches the holes. A read is a
+seqlock's reader: it notes the epoch, checks its chunks are held, reads, and reads again
+if the epoch moved meanwhile (after reloading the record): bytes read across a punch are
+never served, and a chunk evicted is fetched again (checked) when read. The last-use
+times are what ``gc`` evicts by (least recently used first); they are a hint, not
+crash-critical.
 """
 
 from __future__ import annotations
@@ -24,6 +37,7 @@ import concurrent.futures as cf
 import contextlib
 import errno
 import fcntl
+import mmap
 import os
 import struct
 import threading
@@ -42,6 +56,13 @@ CRASH_POINTS = ("fetch:written", "fetch:synced", "fetch:recorded", "evict:writte
 ENTRY = struct.Struct("<II")
 FETCH_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 MAGIC = 0x636F7764  # "cowd"
+STATE_HEAD = 8
+"""The state file: the epoch (little-endian u64), then a u32 last-use time per chunk."""
+RECORD_LOCK = 1 << 40
+"""Byte of fetch.lock an eviction holds exclusively while it replaces the record, and a
+fetch shared while it appends to it (a chunk's lock is its index's byte)."""
+EVICT_LOCK = RECORD_LOCK + 1
+"""Byte of fetch.lock that keeps evictions of one cache one at a time."""
 
 
 def _entry(index: int) -> bytes:
@@ -69,43 +90,113 @@ def read_record(dir: str) -> list[int]:
         return record_order(f.read())
 
 
-def evict(dir: str, manifest: Manifest, drop: set[int]) -> int:
-    """Drop chunks ``drop`` from the cache in ``dir`` (which no server serves: the caller
-    holds its lock); returns the bytes freed. The new record goes first (written to a
-    temporary file, fsynced, renamed over ``held``, the directory fsynced), then the holes
-    are punched: a kill in between leaves chunks on disk that the record no longer lists,
-    fetched again when read. Never a listed chunk without its bytes."""
+def last_used(dir: str, manifest: Manifest) -> list[int]:
+    """Each chunk's last use (seconds since the epoch; 0: never) in the cache in ``dir``."""
+    try:
+        with open(os.path.join(dir, "state"), "rb") as f:
+            f.seek(STATE_HEAD)
+            raw = f.read(4 * len(manifest.chunks))
+    except FileNotFoundError:
+        raw = b""
+    raw = raw[:len(raw) - len(raw) % 4]
+    return list(struct.unpack(f"<{len(raw) // 4}I", raw)) + [0] * (len(manifest.chunks) - len(raw) // 4)
+
+
+def evict(dir: str, manifest: Manifest, drop: set[int], stray: set[int] | frozenset[int] = frozenset()) -> int:
+    """Drop chunks ``drop`` from the cache in ``dir``, while servers may read it, and punch
+    the chunks ``stray`` unless the record lists them (bytes a kill left unlisted:
+    :func:`unlisted`; one a fetch recorded meanwhile stays); returns the bytes freed (of the
+    chunks the record listed). Under the byte locks of the chunks
+    (no fetch of them in flight; OFD locks: they keep out a fetch of this process too),
+    the new record goes first (written to a temporary file, fsynced, renamed over
+    ``held``, the directory fsynced), then the epoch is bumped (a reader reading across
+    it reads again, knowing the chunks gone), then the holes are punched: a kill in
+    between leaves chunks on disk that the record no longer lists, fetched again when
+    read (a later eviction of them punches them). Never a listed chunk without its bytes."""
     from ..kernel import fs
 
-    order = read_record(dir)
-    keep = [i for i in order if i not in drop]
-    gone = [i for i in order if i in drop]
-    if not gone:
+    if not drop and not stray:
         return 0
-    held = os.path.join(dir, "held")
-    tmp = held + f".tmp-{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    lock = os.open(os.path.join(dir, "fetch.lock"), os.O_RDWR | os.O_CLOEXEC)
+    try:  # (closing it releases every lock taken on it)
+        _ofd_lock(lock, EVICT_LOCK, fcntl.F_WRLCK)
+        for i in sorted(drop | stray):  # ascending, as every evictor: no deadlock; a fetcher holds one only
+            _ofd_lock(lock, i, fcntl.F_WRLCK)
+        _ofd_lock(lock, RECORD_LOCK, fcntl.F_WRLCK)  # no append while it is replaced
+        order = read_record(dir)
+        keep = [i for i in order if i not in drop]
+        gone = [i for i in order if i in drop]
+        if gone:
+            held = os.path.join(dir, "held")
+            tmp = held + f".tmp-{os.getpid()}"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                os.write(fd, b"".join(_entry(i) for i in keep))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            failpoints.hit("evict", "written")
+            os.replace(tmp, held)
+            dfd = os.open(dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+            failpoints.hit("evict", "recorded")
+        _bump_epoch(dir, manifest)
+        _ofd_lock(lock, RECORD_LOCK, fcntl.F_UNLCK)
+        data = os.open(os.path.join(dir, "data"), os.O_RDWR | os.O_CLOEXEC)
+        try:
+            for i in sorted((drop | stray) - set(keep)):  # listed no more, or bytes a kill left unlisted
+                if 0 <= i < len(manifest.chunks) and manifest.chunks[i] is not None:
+                    fs.punch_hole(data, i * manifest.chunk_size, manifest.length(i))
+                    failpoints.hit("evict", "punched")
+        finally:
+            os.close(data)
+    finally:
+        os.close(lock)
+    return sum(manifest.length(i) for i in gone)
+
+
+def unlisted(dir: str, manifest: Manifest) -> set[int]:
+    """Chunks with bytes in ``data`` that the record does not list (a kill between a fetch's
+    write and its record, or inside an eviction): space the cap does not see; an eviction
+    of them punches them."""
+    from ..kernel import fs
+
+    held = set(read_record(dir))
+    cs = manifest.chunk_size
+    out: set[int] = set()
+    fd = os.open(os.path.join(dir, "data"), os.O_RDONLY | os.O_CLOEXEC)
     try:
-        os.write(fd, b"".join(_entry(i) for i in keep))
-        os.fsync(fd)
+        for off, length in fs.data_segments(fd, manifest.size):
+            out.update(i for i in range(off // cs, (off + length + cs - 1) // cs) if i not in held)
     finally:
         os.close(fd)
-    failpoints.hit("evict", "written")
-    os.replace(tmp, held)
-    dfd = os.open(dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    return {i for i in out if manifest.chunks[i] is not None}
+
+
+def _state_size(manifest: Manifest) -> int:
+    return STATE_HEAD + 4 * len(manifest.chunks)
+
+
+def _open_state(dir: str, manifest: Manifest) -> int:
+    """The state file (made, or grown, to its size: a cache made before it existed)."""
+    fd = os.open(os.path.join(dir, "state"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    if os.fstat(fd).st_size < _state_size(manifest):
+        os.ftruncate(fd, _state_size(manifest))
+    return fd
+
+
+def _bump_epoch(dir: str, manifest: Manifest) -> None:
+    """One more eviction (under EVICT_LOCK: one writer). Written through the page cache the
+    readers' maps share."""
+    fd = _open_state(dir, manifest)
     try:
-        os.fsync(dfd)
+        (e,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+        os.pwrite(fd, struct.pack("<Q", e + 1), 0)
     finally:
-        os.close(dfd)
-    failpoints.hit("evict", "recorded")
-    data = os.open(os.path.join(dir, "data"), os.O_RDWR | os.O_CLOEXEC)
-    try:
-        for i in gone:
-            fs.punch_hole(data, i * manifest.chunk_size, manifest.length(i))
-            failpoints.hit("evict", "punched")
-    finally:
-        os.close(data)
-    return sum(manifest.length(i) for i in gone)
+        os.close(fd)
 
 
 @dataclass
@@ -150,10 +241,18 @@ class ChunkCache:
         self._held: set[int] = set()
         self._record_pos = 0
         self._lock = threading.Lock()
+        self._append_lock = threading.Lock()
         self._chunk_locks: dict[int, threading.Lock] = {}
         self._data = os.open(os.path.join(dir, "data"), os.O_RDWR | os.O_CLOEXEC)
         self._record = os.open(os.path.join(dir, "held"), os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
         self._flock = os.open(os.path.join(dir, "fetch.lock"), os.O_RDWR | os.O_CLOEXEC)
+        sfd = _open_state(dir, manifest)
+        try:
+            self._state = mmap.mmap(sfd, _state_size(manifest))
+        finally:
+            os.close(sfd)
+        self._used = memoryview(self._state)[STATE_HEAD:].cast("I")
+        self._epoch = -1
         self.refresh()
 
     @staticmethod
@@ -168,13 +267,15 @@ class ChunkCache:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, mpath)
-        for name in ("data", "held", "fetch.lock"):
+        for name in ("data", "fetch.lock", "held"):  # held last: a cache with it is whole
             fd = os.open(os.path.join(dir, name), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             try:
                 if name == "data" and os.fstat(fd).st_size != manifest.size:
                     os.ftruncate(fd, manifest.size)
             finally:
                 os.close(fd)
+            if name == "fetch.lock":
+                os.close(_open_state(dir, manifest))
 
     @staticmethod
     def read_manifest(dir: str) -> Manifest:
@@ -182,6 +283,8 @@ class ChunkCache:
             return Manifest.from_bytes(f.read(), os.path.basename(dir.rstrip("/")))
 
     def close(self) -> None:
+        self._used.release()
+        self._state.close()
         for fd in (self._data, self._record, self._flock):
             with contextlib.suppress(OSError):
                 os.close(fd)
@@ -189,13 +292,32 @@ class ChunkCache:
     # -- the record ----------------------------------------------------------------------
 
     def refresh(self) -> None:
-        """Read the entries other processes appended since the last look."""
+        """Read the entries other processes appended since the last look; the whole record
+        again when an eviction replaced it (the epoch moved, or the file was renamed over)."""
         with self._lock:
+            e = self._epoch_now()
+            if e != self._epoch or os.fstat(self._record).st_nlink == 0:
+                self._reload(e)
+                return
             size = os.fstat(self._record).st_size
             if size > self._record_pos:
                 start = self._record_pos - self._record_pos % ENTRY.size
                 self._held |= parse_record(os.pread(self._record, size - start, start))
                 self._record_pos = size - size % ENTRY.size
+
+    def _reload(self, epoch: int) -> None:
+        """The record read whole from its path (``self._lock`` held), as of ``epoch`` (read
+        before it: an eviction renames before it bumps)."""
+        fd = os.open(os.path.join(self.dir, "held"), os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
+        os.close(self._record)
+        self._record = fd
+        size = os.fstat(fd).st_size
+        self._held = parse_record(os.pread(fd, size, 0))
+        self._record_pos = size - size % ENTRY.size
+        self._epoch = epoch
+
+    def _epoch_now(self) -> int:
+        return int(struct.unpack_from("<Q", self._state, 0)[0])
 
     def held(self) -> set[int]:
         self.refresh()
@@ -214,9 +336,15 @@ class ChunkCache:
             raise RemoteError("read lazy template", self.dir, errno.EINVAL,
                               detail=f"{length} bytes at {offset} past its size {self.m.size}")
         cs = self.m.chunk_size
-        for i in range(offset // cs, (offset + length + cs - 1) // cs):
-            self.ensure(i)
-        out = os.pread(self._data, length, offset)
+        while True:  # a seqlock's reader: an eviction between the look and the read reads again
+            e = self._epoch_now()
+            if e != self._epoch:
+                self.refresh()
+            for i in range(offset // cs, (offset + length + cs - 1) // cs):
+                self.ensure(i)
+            out = os.pread(self._data, length, offset)
+            if self._epoch_now() == e:
+                break
         if len(out) != length:
             raise RemoteError("read lazy template", self.dir, errno.EIO, detail=f"short read at {offset}")
         return out
@@ -225,6 +353,9 @@ class ChunkCache:
         """Make chunk ``index`` held (fetch, check, write, record); True when it had to fetch."""
         if self.m.chunks[index] is None:
             return False  # zeros: a hole in data
+        now = int(time.time())
+        if self._used[index] != now:
+            self._used[index] = now  # the least recently used are evicted first
         with self._lock:
             if index in self._held:
                 self.stats.cache_hits += 1
@@ -236,7 +367,7 @@ class ChunkCache:
                 if index in self._held:
                     self.stats.cache_hits += 1
                     return False
-            with _range_lock(self._flock, index):  # another process may be fetching it: look again under its lock
+            with _range_lock(self._flock, index):  # another process may be fetching it (or evicting it): look again
                 self.refresh()
                 with self._lock:
                     if index in self._held:
@@ -267,8 +398,12 @@ class ChunkCache:
         failpoints.hit("fetch", "written")
         os.fdatasync(self._data)  # the bytes are on disk before the record lists them
         failpoints.hit("fetch", "synced")
-        os.write(self._record, _entry(index))
-        os.fdatasync(self._record)
+        with self._append_lock, _range_lock(self._flock, RECORD_LOCK, shared=True):  # not while it is replaced
+            if os.fstat(self._record).st_nlink == 0:  # an eviction renamed a new record over it
+                with self._lock:
+                    self._reload(self._epoch)
+            os.write(self._record, _entry(index))
+            os.fdatasync(self._record)
         failpoints.hit("fetch", "recorded")
         with self._lock:
             self._held.add(index)
@@ -304,12 +439,20 @@ def _pwrite_all(fd: int, data: bytes, off: int) -> None:
         off += n
 
 
+def _ofd_lock(fd: int, byte: int, kind: int) -> None:
+    """An open file description lock (F_OFD_SETLKW) on byte ``byte`` of ``fd``: ``kind``
+    F_RDLCK, F_WRLCK or F_UNLCK. Unlike a POSIX record lock it belongs to the open file,
+    not the process: it conflicts with another open of the file in this process too (an
+    eviction beside a fetch), and closing another descriptor of the file keeps it."""
+    fcntl.fcntl(fd, fcntl.F_OFD_SETLKW, struct.pack("hhqqi4x", kind, os.SEEK_SET, byte, 1, 0))
+
+
 @contextlib.contextmanager
-def _range_lock(fd: int, index: int) -> Iterator[None]:
-    """Byte ``index`` of fetch.lock, exclusively (a POSIX record lock: one fetcher of a chunk
-    across processes; the threads of one process are kept apart by their own lock)."""
-    fcntl.lockf(fd, fcntl.LOCK_EX, 1, index)
+def _range_lock(fd: int, index: int, *, shared: bool = False) -> Iterator[None]:
+    """Byte ``index`` of fetch.lock (exclusive: one fetcher of a chunk across processes; the
+    threads of one process, which share the open file, are kept apart by their own lock)."""
+    _ofd_lock(fd, index, fcntl.F_RDLCK if shared else fcntl.F_WRLCK)
     try:
         yield
     finally:
-        fcntl.lockf(fd, fcntl.LOCK_UN, 1, index)
+        _ofd_lock(fd, index, fcntl.F_UNLCK)

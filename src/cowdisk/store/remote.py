@@ -308,30 +308,45 @@ class RemoteTemplates:
         return {"manifest": m.digest, "chunks": len(order), "url": url}
 
     def trim_lazy(self) -> list[str]:
-        """Trim the lazy templates' caches to the remote config's ``cache_cap``: chunks of
-        templates no server serves (no volume needs them) go first, the least recently
-        used cache first; served templates keep theirs. Returns what was done."""
+        """Trim the lazy templates' caches to the remote config's ``cache_cap``: first the
+        chunks of templates no server serves (no volume needs them), the least recently
+        fetched cache first, whole; then single chunks of served templates, the least
+        recently used first, while their servers read on (a reader of an evicted chunk
+        fetches it again: :func:`cowdisk.remote.cache.evict`). Bytes a kill left in a cache
+        unlisted are punched first, cap or not. Returns what was done."""
         from ..errors import NotFound
         from ..remote import load
-        from ..remote.cache import ChunkCache, evict, read_record
+        from ..remote.cache import ChunkCache, evict, last_used, read_record, unlisted
         from ..remote.lazy import server
 
+        d = self.lazy_dir()
+        if not os.path.isdir(d):
+            return []
+        caches = [os.path.join(d, n) for n in os.listdir(d)
+                  if HEX64.match(n) and os.path.exists(os.path.join(d, n, "held"))]
+        notes = []
+        for c in caches:  # what kills left unlisted first: space the cap does not count
+            m = ChunkCache.read_manifest(c)
+            stray = unlisted(c, m)
+            if stray:
+                evict(c, m, set(), stray)
+                notes.append(f"lazy template {os.path.basename(c)[:16]}: punched {len(stray)} chunks a kill left "
+                             "unlisted")
         try:
             cap = load(self.root).cache_cap
         except NotFound:
-            return []
-        d = self.lazy_dir()
-        if not cap or not os.path.isdir(d):
-            return []
-        caches = [os.path.join(d, n) for n in os.listdir(d) if HEX64.match(n)]
+            return notes
+        if not cap:
+            return notes
         total = sum(int(self.lazy_doc(os.path.basename(c))["cached_bytes"]) for c in caches)
-        notes = []
+        served = []
         for c in sorted(caches, key=lambda p: os.stat(os.path.join(p, "held")).st_mtime):
             if total <= cap:
                 break
             name = os.path.basename(c)
-            with self._lazy_lock(name):
+            with self._lazy_lock(name):  # not while it is started
                 if server(c) is not None:
+                    served.append(c)
                     continue
                 m = ChunkCache.read_manifest(c)
                 held = read_record(c)
@@ -339,8 +354,27 @@ class RemoteTemplates:
             total -= freed
             notes.append(f"lazy template {name[:16]}: evicted {len(held)} chunks ({freed} bytes) to keep the cache "
                          f"under {cap} bytes")
+        if total > cap and served:
+            used = []
+            manifests = {}
+            for c in served:
+                m = manifests[c] = ChunkCache.read_manifest(c)
+                when = last_used(c, m)
+                used += [(when[i], c, i) for i in read_record(c)]
+            drop: dict[str, set[int]] = {}
+            for _, c, i in sorted(used):
+                if total <= cap:
+                    break
+                drop.setdefault(c, set()).add(i)
+                total -= manifests[c].length(i)
+            for c, chunks in drop.items():
+                name = os.path.basename(c)
+                with self._lazy_lock(name):
+                    freed = evict(c, manifests[c], chunks)
+                notes.append(f"lazy template {name[:16]} (served): evicted {len(chunks)} chunks ({freed} bytes), "
+                             f"the least recently used, to keep the cache under {cap} bytes")
         if total > cap:
-            notes.append(f"lazy templates: {total} bytes cached, over the cap of {cap}: held by served templates")
+            notes.append(f"lazy templates: {total} bytes cached, over the cap of {cap}")
         return notes
 
     def lazy_doc(self, manifest_digest: str) -> dict[str, Any]:

@@ -4,6 +4,7 @@
     python3 bench/faults.py                                   # host: copy, reflink-xfs, reflink-btrfs, pool
     python3 bench/faults.py --backends copy --kills 5000 --seed 7
     python3 lab/kernel_lab.py run --timeout 3000 -- python3 bench/faults.py --backends dm-snapshot --kills 1000
+    python3 bench/faults.py --lazy 2000                       # the chunk cache harness (tests/faults/lazy.py)
 
 Per backend: random operations (create, remove, checkpoint, restore in place and as a new
 id, fork, flatten, template import and remove), each SIGKILLed after a random delay drawn
@@ -15,6 +16,11 @@ witness), recoveries killed, violations. A violation is counted and printed, and
 goes on over a fresh set of volumes. Every store is destroyed and every scratch
 filesystem unmounted at the end, and the host is checked for leaks (tests/testutil.py).
 Exit status 1 when a violation was seen.
+
+``--lazy ROUNDS``: the random-kill harness over a lazy template's chunk cache instead
+(tests/faults/lazy.py: reads, prefetches, evictions, gc's trims and NBD reads through the
+served nbdkit, SIGKILLed at random moments, nbdkit too; the cache checked whole after
+each round), on a copy store; prints its counts.
 """
 
 from __future__ import annotations
@@ -64,6 +70,28 @@ def run_backend(backend: str, args: argparse.Namespace, base: str) -> Counts:
     return h.counts
 
 
+def run_lazy(args: argparse.Namespace, base: str) -> int:
+    from faults.lazy import LazyHarness
+
+    d = tempfile.mkdtemp(prefix=f"cowdisk-test-{os.getpid()}-faults-lazy-", dir=base)
+    os.environ["COWDISK_TEST_SCOPE"] = d
+    try:
+        with backend_store("copy", d) as s:
+            s.close()
+            h = LazyHarness(s.root, os.path.join(d, "work"), seed=args.seed, keep_going=True,
+                            log=lambda m: print(f"  {m}", flush=True))
+            c = h.run(args.lazy, progress_every=args.progress)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+    print(c.line())
+    for v in c.violations:
+        print(f"- {v}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(c.as_dict(), f, indent=1)
+    return 1 if c.violations else 0
+
+
 def main() -> int:
     default = ",".join(LAB_BACKENDS if in_lab() else HOST_BACKENDS)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -74,11 +102,15 @@ def main() -> int:
     p.add_argument("--progress", type=int, default=500, help="print the counts every N rounds (0: never)")
     p.add_argument("--dir", default=None, help="where the stores go (default: the temp dir)")
     p.add_argument("--json", default=None, help="write the counts to this file")
+    p.add_argument("--lazy", type=int, default=0, metavar="ROUNDS",
+                   help="run the chunk cache's harness (tests/faults/lazy.py) for ROUNDS rounds instead")
     args = p.parse_args()
     if os.geteuid() != 0:
         print("run as root (loop devices, mounts)", file=sys.stderr)
         return 2
     base = args.dir or tempfile.gettempdir()
+    if args.lazy:
+        return run_lazy(args, base)
     results = []
     for b in args.backends.split(","):
         print(f"{b}: {args.kills} kills", flush=True)

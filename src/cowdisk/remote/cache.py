@@ -399,11 +399,15 @@ class ChunkCache:
         os.fdatasync(self._data)  # the bytes are on disk before the record lists them
         failpoints.hit("fetch", "synced")
         with self._append_lock, _range_lock(self._flock, RECORD_LOCK, shared=True):  # not while it is replaced
-            if os.fstat(self._record).st_nlink == 0:  # an eviction renamed a new record over it
-                with self._lock:
+            with self._lock:  # (a reload replaces the descriptor: its own copy, synced outside the lock)
+                if os.fstat(self._record).st_nlink == 0:  # an eviction renamed a new record over it
                     self._reload(self._epoch)
-            os.write(self._record, _entry(index))
-            os.fdatasync(self._record)
+                fd = os.dup(self._record)
+            try:
+                os.write(fd, _entry(index))
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
         failpoints.hit("fetch", "recorded")
         with self._lock:
             self._held.add(index)

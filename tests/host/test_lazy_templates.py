@@ -77,6 +77,38 @@ def test_a_lazy_template_is_a_template_of_the_store(store, tmp_path) -> None:
     assert f"template {t.id}" in store.gc().orphans_removed
 
 
+def test_the_server_reads_held_chunks_and_never_serves_a_missing_one(store, tmp_path) -> None:
+    """The server's read path (nbd_plugin.pread -> ChunkCache.read_into: one preadv of the
+    cache's data file into nbdkit's buffer), read as the kernel's nbd device would: the held
+    chunks' bytes and a zero chunk's zeros; a read that also touches a chunk the cache lacks
+    and cannot fetch (the endpoint refuses) is EIO, never zeros nor the held part alone; the
+    server's counters count each chunk read from the cache, and the failed fetch."""
+    import errno
+
+    from cowdisk.remote import lazy
+    from remoteutil import nbd_pread
+
+    img = str(tmp_path / "t.img")
+    chunks = make_image(img, 8 * MiB)  # data chunks 0, 3 and 7
+    url, _ = offline_lazy(store, img, hold={0, 3})
+    d = store.lazy_template(url)
+    served = lazy.server(d["cache"])
+    assert served is not None
+    sock, _ = nbd.open_export(served.socket)
+    try:
+        assert nbd_pread(sock, 8192, MiB - 4096) == chunks[0][-4096:] + bytes(4096)  # chunk 0, then a hole
+        assert nbd_pread(sock, 2 * MiB, 3 * MiB) == chunks[3] + bytes(MiB)
+        with pytest.raises(OSError) as e:
+            nbd_pread(sock, 8192, 7 * MiB - 4096)  # a hole, then chunk 7: not held, not fetchable
+        assert e.value.errno == errno.EIO
+        st = lazy.stats(d["cache"])  # written before the reply when a fetch count changes
+        assert (st["cache_hits"], st["remote_reads"], st["fetched_chunks"]) == (2, 1, 0), st
+        assert nbd_pread(sock, 4096, 7 * MiB - 4096) == bytes(4096)  # the connection reads on
+        assert nbd_pread(sock, 4096, 0) == chunks[0][:4096]
+    finally:
+        sock.close()
+
+
 def test_nbd_handshake_errors_name_the_socket(tmp_path) -> None:
     """Nothing listening, or not an NBD server: an error naming the socket, no hang."""
     import socket

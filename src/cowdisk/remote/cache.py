@@ -332,22 +332,42 @@ class ChunkCache:
     def read(self, offset: int, length: int) -> bytes:
         """``length`` bytes at ``offset`` of the template; the chunks they touch are fetched
         first when the cache lacks them (RemoteError when one cannot be had)."""
-        if offset < 0 or length < 0 or offset + length > self.m.size:
+        if length < 0:
+            raise RemoteError("read lazy template", self.dir, errno.EINVAL, detail=f"{length} bytes at {offset}")
+        buf = bytearray(length)
+        self.read_into(buf, offset)
+        return bytes(buf)
+
+    def read_into(self, buf: bytearray | memoryview, offset: int) -> None:
+        """Fill ``buf`` with the template's bytes at ``offset``, as :meth:`read` (the server's
+        path: one preadv into the client's buffer, no copy). A chunk the record lists is
+        served at once, as :meth:`ensure` would after its first look (its last use noted,
+        counted as a cache hit); the others go through :meth:`ensure`."""
+        length = len(buf)
+        if offset < 0 or offset + length > self.m.size:
             raise RemoteError("read lazy template", self.dir, errno.EINVAL,
                               detail=f"{length} bytes at {offset} past its size {self.m.size}")
-        cs = self.m.chunk_size
+        cs, chunks, used = self.m.chunk_size, self.m.chunks, self._used
         while True:  # a seqlock's reader: an eviction between the look and the read reads again
             e = self._epoch_now()
             if e != self._epoch:
                 self.refresh()
+            now = int(time.time())
             for i in range(offset // cs, (offset + length + cs - 1) // cs):
-                self.ensure(i)
-            out = os.pread(self._data, length, offset)
+                if chunks[i] is None:
+                    continue  # zeros: a hole in data
+                if i in self._held:
+                    if used[i] != now:
+                        used[i] = now  # the least recently used are evicted first
+                    with self._lock:
+                        self.stats.cache_hits += 1
+                else:
+                    self.ensure(i)
+            n = os.preadv(self._data, [buf], offset)
             if self._epoch_now() == e:
                 break
-        if len(out) != length:
+        if n != length:
             raise RemoteError("read lazy template", self.dir, errno.EIO, detail=f"short read at {offset}")
-        return out
 
     def ensure(self, index: int) -> bool:
         """Make chunk ``index`` held (fetch, check, write, record); True when it had to fetch."""

@@ -98,7 +98,7 @@ def can_cache(h: int) -> int:
 
 def pread(h: int, buf: Any, offset: int, flags: int) -> None:
     try:
-        buf[:] = _cache.read(offset, len(buf))
+        _cache.read_into(buf, offset)
     except OSError as e:  # NBD carries few errnos (ETIMEDOUT, ECONNREFUSED would become EINVAL): EIO
         nbdkit.set_error(errno.EIO)
         sys.stderr.write(f"cowdisk lazy template: read {len(buf)} at {offset}: {e}\n")
@@ -128,6 +128,8 @@ def _write_stats() -> None:
         return
     now = time.monotonic()
     s = _cache.stats
+    if now - _stats_at < 1.0 and (s.remote_reads, s.fetched_chunks, s.check_failures) == _last[0]:
+        return  # the common case (a read of cached chunks within the second), without the lock
     with _stats_lock:
         # every change of a fetch count is written: keyed on remote_reads alone, a fetch that
         # ended just after another thread wrote (its read counted, not yet its chunk) was never

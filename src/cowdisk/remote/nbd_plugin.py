@@ -15,6 +15,7 @@ second of reads: the counters the daemon's metrics and ``template ls`` read.
 from __future__ import annotations
 
 import builtins
+import ctypes
 import errno
 import json
 import os
@@ -76,27 +77,75 @@ def thread_model() -> int:
     return int(nbdkit.THREAD_MODEL_PARALLEL)
 
 
-def open(readonly: bool) -> int:
-    return 1
+class Connection:
+    """The handle of one client connection: the Python thread states its nbdkit worker
+    threads keep (:func:`_keep_thread_state`), deleted at its close."""
+
+    def __init__(self) -> None:
+        self.kept: list[int] = []
 
 
-def get_size(h: int) -> int:
+_capi = ctypes.pythonapi  # nbdkit's Python's own C API (the plugin holds the GIL while calling it)
+_capi.PyThreadState_Get.restype = ctypes.c_void_p
+_capi.PyThreadState_Clear.argtypes = [ctypes.c_void_p]
+_capi.PyThreadState_Delete.argtypes = [ctypes.c_void_p]
+_capi.PyGILState_Release.argtypes = [ctypes.c_int]
+_PYGILSTATE_LOCKED = 0
+_worker = threading.local()
+
+
+def _keep_thread_state(h: Connection) -> None:
+    """Keep this nbdkit worker thread's Python thread state for its next calls.
+
+    nbdkit's Python plugin takes the GIL for each call with PyGILState_Ensure and gives it
+    back with PyGILState_Release. A worker thread (nbdkit's, 16 per connection) has no
+    Python thread state of its own, so each call made one and deleted it again, with its
+    16 KiB frame stack mmapped and unmapped (page faults, and TLB-shootdown IPIs across
+    the process's threads): about 40% of nbdkit's CPU time per 4 KiB read. One more
+    PyGILState_Ensure, once per worker thread, keeps its state (and this thread-local's
+    value) for the thread's later calls; :func:`close` deletes them once the
+    connection's workers have ended (nbdkit joins them before it calls close)."""
+    if getattr(_worker, "kept", False):
+        return
+    h.kept.append(_capi.PyThreadState_Get())
+    _capi.PyGILState_Ensure()
+    _worker.kept = True
+
+
+def open(readonly: bool) -> Connection:
+    return Connection()
+
+
+def close(h: Connection) -> None:
+    current = _capi.PyThreadState_Get()
+    for ts in h.kept:
+        if ts == current:  # no workers (nbdkit --threads 1): this very thread kept it
+            _capi.PyGILState_Release(_PYGILSTATE_LOCKED)  # the extra hold: deleted as this call returns
+            _worker.kept = False
+        else:  # the state of a worker thread that has ended
+            _capi.PyThreadState_Clear(ts)
+            _capi.PyThreadState_Delete(ts)
+    h.kept.clear()
+
+
+def get_size(h: Connection) -> int:
     return int(_cache.m.size)
 
 
-def can_write(h: int) -> bool:
+def can_write(h: Connection) -> bool:
     return False
 
 
-def can_multi_conn(h: int) -> bool:
+def can_multi_conn(h: Connection) -> bool:
     return True
 
 
-def can_cache(h: int) -> int:
+def can_cache(h: Connection) -> int:
     return int(nbdkit.CACHE_NATIVE)
 
 
-def pread(h: int, buf: Any, offset: int, flags: int) -> None:
+def pread(h: Connection, buf: Any, offset: int, flags: int) -> None:
+    _keep_thread_state(h)
     try:
         _cache.read_into(buf, offset)
     except OSError as e:  # NBD carries few errnos (ETIMEDOUT, ECONNREFUSED would become EINVAL): EIO
@@ -107,8 +156,9 @@ def pread(h: int, buf: Any, offset: int, flags: int) -> None:
         _write_stats()
 
 
-def cache(h: int, count: int, offset: int, flags: int) -> None:
+def cache(h: Connection, count: int, offset: int, flags: int) -> None:
     """NBD_CMD_CACHE: fetch the chunks of the range ahead (prefetch), no data returned."""
+    _keep_thread_state(h)
     try:
         cs = _cache.m.chunk_size
         for i in range(offset // cs, (offset + count + cs - 1) // cs):

@@ -15,6 +15,8 @@ PKGS="$PKGS ceph-mon ceph-mgr ceph-osd ceph-common python3-rados python3-rbd qem
 # tests and the demo; nbdkit with its Python plugin serves lazy templates (its embedded
 # Python is Debian's, hence Debian's zstandard and boto3 beside the pip ones)
 PKGS="$PKGS radosgw nbdkit nbdkit-plugin-python python3-zstandard python3-boto3"
+# a QEMU guest over a lazy template: its qcow2 overlay is made by qemu-img (docs/remote.md)
+PKGS="$PKGS qemu-utils"
 # the shells whose completion docs/cli.md shows (tests/host/test_doc_examples.py loads it in each)
 PKGS="$PKGS zsh fish"
 missing=""

@@ -147,7 +147,8 @@ class Vm:
     def __init__(self, guest, drive: str | os.PathLike, workdir: str | os.PathLike, *,
                  name: str = "vm", memory_mib: int = 256, incoming: str | os.PathLike | None = None,
                  transport: str = "fd", cache: str = "auto", extra_args: list[str] = (),
-                 cmdline: str | None = None, machine: str = "q35", drive_form: str = "qemu"):
+                 cmdline: str | None = None, machine: str = "q35", drive_form: str = "qemu",
+                 drive_args: list[str] | None = None):
         if transport not in ("fd", "exec"):
             raise ValueError("transport is 'fd' or 'exec'")
         self.guest = guest
@@ -162,6 +163,7 @@ class Vm:
         self.cmdline = cmdline or guest.cmdline
         self.machine = machine          # q35 or microvm (virtio-mmio, no PCI)
         self.drive_form = drive_form    # cowdisk.drive's "qemu" (-drive) or "qemu-blockdev"
+        self.drive_args = drive_args    # given: the drive's QEMU arguments as they are (e.g. a qcow2 overlay)
         self.proc: subprocess.Popen | None = None
         self.qmp: QMP | None = None
         self.lines: list[str] = []
@@ -188,8 +190,11 @@ class Vm:
                 "-qmp", f"unix:{qmp_path},server=on,wait=off",
                 "-kernel", self.guest.kernel, "-initrd", self.guest.initrd,
                 "-append", self.kernel_cmdline()]
-        argv += drive_cfg.config(self.drive_form, self.drive,
-                                 drive_cfg.DriveOptions(cache=cache, machine=self.machine))
+        if self.drive_args is not None:
+            argv += self.drive_args
+        else:
+            argv += drive_cfg.config(self.drive_form, self.drive,
+                                     drive_cfg.DriveOptions(cache=cache, machine=self.machine))
         if self.incoming:
             if self.transport == "fd":
                 argv += ["-incoming", f"fd:{incoming_fd}"]
@@ -434,6 +439,38 @@ class Vm:
     def poweroff(self, timeout: float = 60.0) -> int:
         self.command("poweroff", timeout=timeout)
         return self.wait_exit(timeout)
+
+
+def overlay(backing: str, path: str | os.PathLike) -> str:
+    """A new qcow2 overlay at ``path`` over the raw image ``backing`` (a file name or any
+    name QEMU opens: an NBD URL, a ``json:`` form), made by ``qemu-img``; returns its path."""
+    p = subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", backing, os.fspath(path)],
+                       capture_output=True, text=True, timeout=60)
+    if p.returncode != 0:
+        raise VmError(f"qemu-img create {path} over {backing}: {p.stderr.strip()}")
+    return os.fspath(path)
+
+
+def lazy_overlay(url: str, path: str | os.PathLike, *, reconnect_delay: int | None = None) -> str:
+    """A new qcow2 overlay at ``path`` whose backing file is the lazy template served at
+    ``url`` (``nbd+unix:///?socket=...``, as ``cowdisk template pull --lazy`` prints it), as
+    docs/remote.md shows: QEMU's own NBD client reads the template, the guest's writes stay
+    in the overlay. ``reconnect_delay`` (s): the backing is given in QEMU's ``json:`` form
+    with ``reconnect-delay``, so a restarted server is reconnected."""
+    prefix = "nbd+unix:///?socket="
+    if not url.startswith(prefix):
+        raise ValueError(f"not a lazy template's NBD URL: {url!r}")
+    backing = url
+    if reconnect_delay is not None:
+        backing = "json:" + json.dumps({"file": {"driver": "nbd", "server": {"type": "unix", "path": url[len(prefix):]},
+                                                 "reconnect-delay": reconnect_delay}}, separators=(",", ":"))
+    return overlay(backing, path)
+
+
+def qcow2_drive(path: str | os.PathLike) -> list[str]:
+    """QEMU's ``-drive`` for a qcow2 overlay on q35 (virtio-blk-pci; writeback: the overlay
+    may be on a filesystem without O_DIRECT)."""
+    return ["-drive", f"file={os.fspath(path)},format=qcow2,if=virtio,cache=writeback,id=rootfs"]
 
 
 def host_tsc_khz(default: int = 2_000_000) -> int:

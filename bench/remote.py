@@ -25,6 +25,20 @@ Sections (``--sections``, comma-separated):
   reads of the local template file, and the kernel floor: the same reads of the cache's
   own data file.
 
+* ``boot``: a guest boots from a template this host has never seen. The tests' tiny guest
+  (tests/vmm/guest.py: Debian's kernel, a busybox root) in an ext4 of ``--template-size``
+  with real host trees under /pad (as ``chunks`` builds them; the boot reads none of
+  them), pushed from host A at the default chunk size. Each of ``--boot-rounds`` rounds,
+  on a new host B: QEMU (TCG, q35, 256 MiB) boots to COWDISK-READY from a qcow2 overlay
+  (qemu-img) over (a) the template imported on host C, a local file; (b) the lazy
+  template with an empty cache, QEMU's NBD client on the URL ``template pull --lazy``
+  prints; (c) the same after ``pull --lazy --prefetch`` (a full cache). Each backing's
+  pages are dropped from the host's page cache first; the local boot goes first in even
+  rounds, last in odd ones. Printed: the boot times and the ratios lazy / local, the
+  chunks and bytes the empty-cache boot fetched over the template's size (the issue's
+  goal: at most 10%) and the time its fetches took (the server's sum), and the chunks
+  the full-cache boot fetched (0).
+
 The gateway: ``--config FILE`` (a remote.toml), else a private single-node cluster with
 a gateway is started in the work directory (lab/ceph_cluster.py) and ended at the end.
 Run as root: ``python3 bench/remote.py``.
@@ -43,6 +57,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import TYPE_CHECKING
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "src"))
@@ -55,6 +70,9 @@ from cowdisk.kernel import fs  # noqa: E402
 from cowdisk.remote import config as rconfig  # noqa: E402
 from cowdisk.remote.chunks import chunk_key, compress, read_chunks  # noqa: E402
 
+if TYPE_CHECKING:
+    from cowdisk.store import Store
+
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 TREE_SOURCES = ("/etc", "/usr/sbin", "/usr/lib/python3.11", "/usr/lib/python3", "/usr/share/zoneinfo", "/usr/bin")
 
@@ -66,19 +84,24 @@ def run(*argv: str) -> str:
     return p.stdout
 
 
-def real_template(work: str, size: int) -> tuple[str, list[str]]:
+def real_template(work: str, size: int, *, base: str | None = None, under: str = "",
+                  name: str = "v1.img") -> tuple[str, list[str]]:
     """An ext4 image of ``size`` built from a copy of real host trees (mkfs.ext4 -d), and
-    its regular files (paths in the image, sorted)."""
+    its regular files (paths in the image, sorted). ``base``: a root tree the image starts
+    from (a guest's), the host trees then go under ``under`` in it."""
     tree = os.path.join(work, "tree")
-    os.makedirs(tree)
+    if base is not None:
+        run("cp", "-a", "--", base, tree)
+    else:
+        os.makedirs(tree)
     for src in TREE_SOURCES:
         if os.path.isdir(src):
-            dst = os.path.join(tree, src.lstrip("/"))
+            dst = os.path.join(tree, under.strip("/"), src.lstrip("/"))
             os.makedirs(os.path.dirname(dst), exist_ok=True)
             run("cp", "-a", "--", src, dst)
     files = sorted("/" + os.path.relpath(os.path.join(d, n), tree) for d, _, names in os.walk(tree) for n in names
                    if os.path.isfile(os.path.join(d, n)) and not os.path.islink(os.path.join(d, n)))
-    img = os.path.join(work, "v1.img")
+    img = os.path.join(work, name)
     run("mkfs.ext4", "-q", "-F", "-E", "root_owner=0:0,lazy_itable_init=0", "-d", tree, img, str(size // KiB) + "K")
     shutil.rmtree(tree)
     return img, files
@@ -210,6 +233,21 @@ def section_chunks(args: argparse.Namespace, work: str, cfg: rconfig.RemoteConfi
     return rows
 
 
+def host_store(work: str, name: str, cfg: rconfig.RemoteConfig, prefix: str) -> "Store":
+    """A store (copy backend) at ``<work>/<name>``, a host of its own, with the remote config
+    of ``cfg`` at ``prefix`` (the default chunk size)."""
+    from cowdisk.store import Store
+
+    root = os.path.join(work, name)
+    os.makedirs(root)
+    with open(os.path.join(root, "remote.toml"), "w") as f:
+        f.write("[remote]\n" + "".join(f'{k} = {json.dumps(v)}\n' for k, v in {
+            "endpoint": cfg.endpoint, "access_key": cfg.access_key, "secret_key": cfg.secret_key,
+            "bucket": cfg.bucket, "region": cfg.region, "prefix": prefix}.items()))
+    os.chmod(os.path.join(root, "remote.toml"), 0o600)
+    return Store(root, backend="copy")
+
+
 def fio_randread(path: str, runtime: int) -> float:
     """IOPS of 4 KiB random reads of ``path`` (4 jobs, psync, buffered with the page cache
     dropped first: a FUSE file may refuse O_DIRECT)."""
@@ -221,23 +259,12 @@ def fio_randread(path: str, runtime: int) -> float:
 
 def section_lazy(args: argparse.Namespace, work: str, cfg: rconfig.RemoteConfig) -> dict[str, object]:
     from cowdisk.remote import lazy
-    from cowdisk.store import Store
 
     v1 = os.path.join(work, "v1.img")
     if not os.path.exists(v1):
         v1, _ = real_template(work, parse_size(args.template_size))
     prefix = f"bench-lazy-{os.getpid()}"
-    roots = []
-    for name in ("host-a", "host-b", "host-c"):
-        root = os.path.join(work, name)
-        os.makedirs(root)
-        with open(os.path.join(root, "remote.toml"), "w") as f:
-            f.write("[remote]\n" + "".join(f'{k} = {json.dumps(v)}\n' for k, v in {
-                "endpoint": cfg.endpoint, "access_key": cfg.access_key, "secret_key": cfg.secret_key,
-                "bucket": cfg.bucket, "region": cfg.region, "prefix": prefix}.items()))
-        os.chmod(os.path.join(root, "remote.toml"), 0o600)
-        roots.append(root)
-    a, b, c = (Store(r, backend="copy") for r in roots)
+    a, b, c = (host_store(work, name, cfg, prefix) for name in ("host-a", "host-b", "host-c"))
     out: dict[str, object] = {}
     f, pidf = os.path.join(work, "lazy.img"), os.path.join(work, "qsd.pid")
     try:
@@ -289,6 +316,115 @@ def section_lazy(args: argparse.Namespace, work: str, cfg: rconfig.RemoteConfig)
     return out
 
 
+def drop_page_cache(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fdatasync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def section_boot(args: argparse.Namespace, work: str, cfg: rconfig.RemoteConfig) -> dict[str, object]:
+    """The tests' tiny guest (tests/vmm/guest.py) in a ``--template-size`` ext4 with real host
+    trees under /pad, pushed from host A; each round on a new host B: QEMU (TCG) boots to
+    COWDISK-READY from a qcow2 overlay over (a) the template imported on host C (a local
+    file), (b) the lazy template with an empty cache (the URL ``pull --lazy`` prints), (c)
+    the same after ``--prefetch`` (a full cache). Boot: QEMU started to COWDISK-READY; each
+    backing's pages dropped from the host's page cache first."""
+    import statistics
+
+    sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
+    from vmm import guest as guestlib
+    from vmm.qemu import Vm, lazy_overlay, overlay, qcow2_drive
+
+    guest = guestlib.build()
+    t0 = time.monotonic()
+    img, _ = real_template(work, parse_size(args.template_size), base=guest.rootfs_dir, under="pad",
+                           name="guest.img")
+    fd = os.open(img, os.O_RDONLY)
+    size = os.fstat(fd).st_size
+    allocated = sum(length for _, length in fs.data_segments(fd, size))
+    os.close(fd)
+    print(f"guest template: {fmt_bytes(size)}, {fmt_bytes(allocated)} allocated, built in "
+          f"{time.monotonic() - t0:.0f} s", file=sys.stderr)
+    prefix = f"bench-boot-{os.getpid()}"
+    a, c = host_store(work, "boot-a", cfg, prefix), host_store(work, "boot-c", cfg, prefix)
+    stores = [a, c]
+
+    def boot(backing_overlay: str, name: str, drop: str) -> float:
+        drop_page_cache(drop)
+        with Vm(guest, backing_overlay, work, name=name, drive_args=qcow2_drive(backing_overlay)) as vm:
+            vm.wait_ready(timeout=300)
+            took = float(vm.times["boot"])
+        os.unlink(backing_overlay)
+        return took
+
+    rounds: list[dict[str, float | int]] = []
+    try:
+        a.import_template(img, "guest")
+        t = time.monotonic()
+        url = a.push_template("guest")["url"]
+        push_s = time.monotonic() - t
+        c.import_template(img, "guest")
+        local = c.template("guest").path
+        os.unlink(img)
+        for r in range(args.boot_rounds):
+            b = host_store(work, f"boot-b{r}", cfg, prefix)
+            stores.append(b)
+            row: dict[str, float | int] = {}
+            if r % 2 == 0:  # the local boot first in even rounds, last in odd ones
+                row["local_s"] = boot(overlay(local, os.path.join(work, "local.qcow2")), f"local{r}", local)
+            d = b.lazy_template(url)
+            data = os.path.join(d["cache"], "data")
+            row["empty_s"] = boot(lazy_overlay(d["url"], os.path.join(work, "empty.qcow2")), f"empty{r}", data)
+            d = b.lazy_templates()[0]
+            row.update(fetched_chunks=d["stats"]["fetched_chunks"], fetched_bytes=d["stats"]["fetched_bytes"],
+                       cached_bytes=d["cached_bytes"], data_chunks=d["data_chunks"],
+                       fetch_sum_s=d["stats"]["fetch_sum"])
+            t = time.monotonic()
+            d = b.lazy_template(url, prefetch=True)
+            row["prefetch_s"] = time.monotonic() - t
+            before = b.lazy_templates()[0]["stats"]["fetched_chunks"]
+            row["full_s"] = boot(lazy_overlay(d["url"], os.path.join(work, "full.qcow2")), f"full{r}", data)
+            row["full_fetched_chunks"] = b.lazy_templates()[0]["stats"]["fetched_chunks"] - before
+            if r % 2 == 1:
+                row["local_s"] = boot(overlay(local, os.path.join(work, "local.qcow2")), f"local{r}", local)
+            rounds.append(row)
+            print(json.dumps(row), file=sys.stderr)
+    finally:
+        for s in stores:
+            s.destroy()
+            s.close()
+    med = {k: statistics.median(float(r[k]) for r in rounds) for k in rounds[0]}
+    cols = [f"round {i + 1}" for i in range(len(rounds))] + ["median"]  # ratios: of the medians
+
+    def line(what: str, key: str, f: str = "{:.2f}") -> list[str]:
+        return [what, *(f.format(r[key]) for r in rounds), f.format(med[key])]
+
+    def ratio(what: str, key: str) -> list[str]:
+        return [what, *(f"{float(r[key]) / float(r['local_s']):.2f}x" for r in rounds),
+                f"{med[key] / med['local_s']:.2f}x"]
+
+    table(["what", *cols], [
+        line("boot to COWDISK-READY (s): local template", "local_s"),
+        line("boot (s): lazy, empty cache", "empty_s"),
+        line("boot (s): lazy, full cache (after prefetch)", "full_s"),
+        ratio("lazy empty / local", "empty_s"),
+        ratio("lazy full / local", "full_s"),
+        line("empty-cache boot: chunks fetched", "fetched_chunks", "{:.0f}"),
+        ["empty-cache boot: chunk bytes fetched / template size (goal <= 10%)",
+         *(f"{int(r['cached_bytes']) / size:.1%}" for r in rounds), f"{med['cached_bytes'] / size:.1%}"],
+        ["empty-cache boot: bytes transferred (zstd)", *(fmt_bytes(int(r["fetched_bytes"])) for r in rounds),
+         fmt_bytes(int(med["fetched_bytes"]))],
+        line("empty-cache boot: time in fetches (s, sum; each waits for the gateway)", "fetch_sum_s"),
+        line("full-cache boot: chunks fetched", "full_fetched_chunks", "{:.0f}"),
+        line("prefetch of the rest (s)", "prefetch_s")])
+    print(f"template {fmt_bytes(size)} ({fmt_bytes(allocated)} allocated, {rounds[0]['data_chunks']} data chunks), "
+          f"pushed in {push_s:.1f} s")
+    return {"size": size, "allocated": allocated, "push_s": round(push_s, 2), "rounds": rounds}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sections", default="chunks")
@@ -298,6 +434,7 @@ def main() -> int:
     ap.add_argument("--json", help="write the figures here")
     ap.add_argument("--rounds", type=int, default=2, help="lazy: fio rounds, alternating lazy and local")
     ap.add_argument("--fio-runtime", type=int, default=10)
+    ap.add_argument("--boot-rounds", type=int, default=3, help="boot: rounds (a new host B each)")
     ap.add_argument("--workdir", help="where to work (default: a new directory under /var/tmp)")
     args = ap.parse_args()
     work = tempfile.mkdtemp(prefix="cdbench-remote-", dir=args.workdir or "/var/tmp")
@@ -316,6 +453,8 @@ def main() -> int:
             out["chunks"] = section_chunks(args, work, cfg)
         if "lazy" in args.sections.split(","):
             out["lazy"] = section_lazy(args, work, cfg)
+        if "boot" in args.sections.split(","):
+            out["boot"] = section_boot(args, work, cfg)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(out, f, indent=1)

@@ -23,7 +23,12 @@ Sections (``--sections``, comma-separated):
   page cache dropped first) through the lazy template's file (the qemu-storage-daemon
   FUSE export Firecracker and Cloud Hypervisor get) with a full cache, against the same
   reads of the local template file, and the kernel floor: the same reads of the cache's
-  own data file.
+  own data file (the data file's pages are dropped before each run too: they are what
+  the lazy file and the server read); then the two parts of the lazy file's path apart:
+  the cache's data file through the same FUSE export with no NBD and no server (what any
+  server could reach through that export), and the lazy template's NBD server read
+  directly, one connection per job (fio's NBD engine: what the kernel's nbd device of
+  the dm path reads; the device itself is lab-only).
 
 * ``boot``: a guest boots from a template this host has never seen. The tests' tiny guest
   (tests/vmm/guest.py: Debian's kernel, a busybox root) in an ext4 of ``--template-size``
@@ -248,13 +253,34 @@ def host_store(work: str, name: str, cfg: rconfig.RemoteConfig, prefix: str) -> 
     return Store(root, backend="copy")
 
 
-def fio_randread(path: str, runtime: int) -> float:
-    """IOPS of 4 KiB random reads of ``path`` (4 jobs, psync, buffered with the page cache
-    dropped first: a FUSE file may refuse O_DIRECT)."""
-    out = run("fio", "--name=r", f"--filename={path}", "--rw=randread", "--bs=4k", "--ioengine=psync",
-              "--numjobs=4", "--group_reporting", "--invalidate=1", f"--runtime={runtime}", "--time_based",
-              "--readonly", "--output-format=json")
-    return float(json.loads(out)["jobs"][0]["read"]["iops"])
+def fio_randread(target: str, runtime: int) -> float:
+    """IOPS of 4 KiB random reads of ``target`` (4 jobs, psync, buffered with the page cache
+    dropped first: a FUSE file may refuse O_DIRECT); an ``nbd+unix://`` URL is read by fio's
+    NBD engine instead, one connection per job (as the kernel's nbd device of the dm path
+    connects to the server: multi-conn)."""
+    argv = ["fio", "--name=r", "--rw=randread", "--bs=4k", "--numjobs=4", "--group_reporting",
+            f"--runtime={runtime}", "--time_based", "--readonly", "--output-format=json"]
+    if target.startswith("nbd+unix://"):
+        argv += ["--ioengine=nbd", f"--uri={target}"]
+    else:
+        argv += [f"--filename={target}", "--ioengine=psync", "--invalidate=1"]
+    out = run(*argv)
+    return float(json.loads(out[out.index("{"):])["jobs"][0]["read"]["iops"])  # the nbd engine prints a line first
+
+
+def export_plain(path: str, mountpoint: str, pidfile: str) -> None:
+    """``path`` exported as the file ``mountpoint`` by qemu-storage-daemon's FUSE export
+    reading it directly (no NBD, no server): the ceiling of the export the lazy file uses."""
+    with open(mountpoint, "a"):
+        pass
+    run("qemu-storage-daemon", "--blockdev", f"driver=file,node-name=f,filename={path},read-only=on",
+        "--export", f"type=fuse,id=e,node-name=f,mountpoint={mountpoint},writable=off", "--pidfile", pidfile,
+        "--daemonize")
+
+
+LAZY_FILE = "lazy (FUSE file, full cache)"
+PLAIN_FILE = "cache data file through the same FUSE export, no NBD (the export's ceiling)"
+LAZY_NBD = "lazy NBD server, 4 connections (what the dm path's nbd device reads)"
 
 
 def section_lazy(args: argparse.Namespace, work: str, cfg: rconfig.RemoteConfig) -> dict[str, object]:
@@ -267,6 +293,7 @@ def section_lazy(args: argparse.Namespace, work: str, cfg: rconfig.RemoteConfig)
     a, b, c = (host_store(work, name, cfg, prefix) for name in ("host-a", "host-b", "host-c"))
     out: dict[str, object] = {}
     f, pidf = os.path.join(work, "lazy.img"), os.path.join(work, "qsd.pid")
+    plain, plain_pid = os.path.join(work, "data-fuse.img"), os.path.join(work, "qsd-data.pid")
     try:
         a.import_template(v1, "base")
         t = time.monotonic()
@@ -289,16 +316,24 @@ def section_lazy(args: argparse.Namespace, work: str, cfg: rconfig.RemoteConfig)
         size = int(d["size"])
         out["size"] = size
         out["cached_bytes"] = d["cached_bytes"]
-        lazy.export_file(lazy.server(d["cache"]), f, pidf)
-        local = c.template("base").path
-        iops = {"lazy (FUSE file, full cache)": [], "local template file": [], "cache data file (floor)": []}
+        fetched_after_prefetch = int(lazy.stats(d["cache"]).get("fetched_chunks", 0))
+        served = lazy.server(d["cache"])
+        assert served is not None
+        lazy.export_file(served, f, pidf)
+        export_plain(os.path.join(d["cache"], "data"), plain, plain_pid)
+        targets = {LAZY_FILE: f, "local template file": c.template("base").path,
+                   "cache data file (floor)": os.path.join(d["cache"], "data"), PLAIN_FILE: plain, LAZY_NBD: served.url}
+        iops: dict[str, list[float]] = {k: [] for k in targets}
         for _ in range(args.rounds):
-            iops["lazy (FUSE file, full cache)"].append(fio_randread(f, args.fio_runtime))
-            iops["local template file"].append(fio_randread(local, args.fio_runtime))
-            iops["cache data file (floor)"].append(fio_randread(os.path.join(d["cache"], "data"), args.fio_runtime))
+            for k, target in targets.items():
+                drop_page_cache(os.path.join(d["cache"], "data"))  # under the lazy file and the server too
+                iops[k].append(fio_randread(target, args.fio_runtime))
         out["iops"] = {k: round(sum(v) / len(v)) for k, v in iops.items()}
+        st = lazy.stats(d["cache"])
+        out["fetched_during_reads"] = st.get("fetched_chunks", 0) - fetched_after_prefetch
     finally:
         lazy.unexport_file(f, pidf)
+        lazy.unexport_file(plain, plain_pid)
         for s in (a, b, c):
             s.destroy()
             s.close()
@@ -312,7 +347,8 @@ def section_lazy(args: argparse.Namespace, work: str, cfg: rconfig.RemoteConfig)
         ["prefetch of every chunk (s); cached / size",
          f"{out['prefetch_s']}; {int(str(out['cached_bytes'])) / size:.1%}"],
         *[[f"4 KiB random reads, IOPS: {k}", str(v)] for k, v in i.items()],
-        ["lazy / local", f"{i['lazy (FUSE file, full cache)'] / max(1, i['local template file']):.2f}x"]])
+        ["chunks fetched during the reads (a full cache: 0)", str(out["fetched_during_reads"])],
+        *[[f"{k} / local", f"{i[k] / max(1, i['local template file']):.2f}x"] for k in (LAZY_FILE, PLAIN_FILE, LAZY_NBD)]])
     return out
 
 

@@ -72,15 +72,60 @@ def randread_iops(dev: str, seconds: float) -> float:
     return float(json.loads(out)["jobs"][0]["read"]["iops"])
 
 
+def device_floor(d: str, cache: str, tag: str, seconds: float, rounds: int) -> list[list[str]]:
+    """The same 4 KiB random reads of one set of bytes (the lazy template's cache, every
+    chunk held) by three raw devices, alternating: the lazy template's own server through a
+    new /dev/nbdN (its Python plugin), nbdkit's C ``file`` plugin over the cache's data file
+    through another (the NBD floor), and a loop device over that data file (the kernel's
+    floor). Each device is held open by this process while fio runs (an nbd device here
+    disconnects at its last close)."""
+    from cowdisk.kernel import loop, nbd
+    from cowdisk.remote import lazy
+
+    data = os.path.join(cache, "data")
+    sock = os.path.join(d, "floor.sock")
+    server = subprocess.Popen(["nbdkit", "--foreground", "--unix", sock, "--readonly", "--threads", "16", "file", data],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    held: list[int] = []
+    lo = None
+    try:
+        deadline = time.monotonic() + 30
+        while not os.path.exists(sock):
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"nbdkit file {data} did not start")
+            time.sleep(0.02)
+        devs = {}
+        for name, srv in (("nbd: the lazy server (Python plugin)", lazy.socket_path(cache)),
+                          ("nbd: nbdkit file plugin on the data file (NBD floor)", sock)):
+            dev = nbd.connect(srv, f"{tag}:{len(devs)}")
+            held.append(os.open(dev.path, os.O_RDONLY))
+            devs[name] = dev.path
+        lo = loop.attach(data, read_only=True, label=tag)
+        devs["loop on the data file (kernel floor)"] = lo.path
+        iops: dict[str, list[float]] = {k: [] for k in devs}
+        for _ in range(rounds):
+            for name, path in devs.items():
+                iops[name].append(randread_iops(path, seconds))
+        kernel = statistics.median(iops["loop on the data file (kernel floor)"])
+        return [[name, f"{statistics.median(v):.0f}", f"{statistics.median(v) / kernel:.2f}x"] for name, v in iops.items()]
+    finally:
+        if lo is not None:
+            lo.close()
+        for fd in held:
+            os.close(fd)
+        server.terminate()
+        server.wait(30)
+
+
 def bench(backend: str, rounds: int, size: int, read_s: float, read_rounds: int,
-          reads: list[list[str]]) -> list[list[str]]:
+          reads: list[list[str]], floors: list[list[str]]) -> list[list[str]]:
     with workdir(new_tag(), os.environ.get("TMPDIR")) as d:
         s = Store(os.path.join(d, "store"), backend=backend)
         made: list[str] = []
         try:
             s.import_template(image(d, "local", size), "local")
             url, _ = offline_lazy(s, image(d, "lazy", size), chunk_size=512 << 10)
-            s.lazy_template(url, "lazy")
+            served = s.lazy_template(url, "lazy")
             first, later, removes = {}, {}, {}
             for name in ("local", "lazy"):
                 t0 = time.perf_counter()
@@ -105,6 +150,8 @@ def bench(backend: str, rounds: int, size: int, read_s: float, read_rounds: int,
                         iops[name].append(randread_iops(str(s.volume(f"{name}-0").device), read_s))
                 lo, la = statistics.median(iops["local"]), statistics.median(iops["lazy"])
                 reads.append([backend, f"{lo:.0f}", f"{la:.0f}", f"{la / lo:.2f}x"])
+                if backend == "dm-snapshot":  # once: the devices under the volumes, over the same bytes
+                    floors.extend(device_floor(d, str(served["cache"]), new_tag(), read_s, read_rounds))
             ratio = statistics.median(later["lazy"]) / statistics.median(later["local"])
             return [[backend, f"{first['local'] * 1000:.1f}", f"{first['lazy'] * 1000:.1f}", ms(later["local"]),
                      ms(later["lazy"]), f"{ratio:.2f}x", ms(removes["local"]), ms(removes["lazy"])]]
@@ -127,14 +174,18 @@ def main() -> None:
                  "(python3 lab/kernel_lab.py run -- python3 bench/lazy_volume.py)")
     rows: list[list[str]] = []
     reads: list[list[str]] = []
+    floors: list[list[str]] = []
     for backend in ("dm-thin", "dm-snapshot"):
-        rows += bench(backend, a.rounds, a.size * MiB, a.read_seconds, a.read_rounds, reads)
+        rows += bench(backend, a.rounds, a.size * MiB, a.read_seconds, a.read_rounds, reads, floors)
     table(["backend", "first local (ms)", "first lazy (ms)", "create local (ms)", "create lazy (ms)",
            "lazy / local", "remove local (ms)", "remove lazy (ms)"], rows)
     if reads:
         print(f"\n4 KiB random reads of a volume's device (fio O_DIRECT, psync, 4 jobs, {a.read_seconds:g} s, "
               f"median of {a.read_rounds} alternating rounds; goal: lazy at least 0.5x local)")
         table(["backend", "local (IOPS)", "lazy, full cache (IOPS)", "lazy / local"], reads)
+    if floors:
+        print("\nthe same reads of the lazy template's bytes by the devices under the volumes")
+        table(["device", "IOPS", "/ kernel floor"], floors)
 
 
 if __name__ == "__main__":

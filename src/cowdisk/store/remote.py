@@ -183,6 +183,20 @@ class RemoteTemplates:
 
         return serve(cache, config, location, bound=bound).socket
 
+    @staticmethod
+    def _location(cache: str) -> str:
+        """Where the lazy template of ``cache`` is fetched from (written by its pull)."""
+        with open(os.path.join(cache, "location")) as f:
+            return f.read().strip()
+
+    def _serve_again(self, cache: str, location: str) -> str:
+        """Serve ``cache`` (pulled before) with the remote config of ``location`` and its
+        fetch bound, as its pull did; returns the server's socket."""
+        from ..remote import load
+
+        cfg = load(self.root, location)
+        return self._serve(cache, cfg.source, location, 3 * cfg.timeout)
+
     def _register_lazy(self, m: "Manifest", location: str, name: str | None) -> str:
         """The template of manifest ``m`` in the registry: a lazy template (its descriptor
         published like an import's file, owned by the caller), or the template of that
@@ -210,7 +224,6 @@ class RemoteTemplates:
     def serve_template(self, path: str) -> str:
         """Start (or find) the server of the lazy template whose descriptor is ``path``;
         returns its unix socket (a volume's block device connects to it)."""
-        from ..remote import load
         from ..remote.lazy import keeper, server
 
         d = lazy_descriptor(path)
@@ -220,14 +233,12 @@ class RemoteTemplates:
             return running.socket
         with self._lazy_lock(d["manifest"]):
             try:
-                with open(os.path.join(cache, "location")) as f:
-                    location = f.read().strip()
+                location = self._location(cache)
             except FileNotFoundError:
                 raise NotFound(f"serve lazy template {d['manifest'][:16]}: its cache {cache} is gone",
                                op="serve lazy template", obj=d["manifest"],
                                hint=f"`cowdisk template pull --lazy {d['source']}` makes it again") from None
-            cfg = load(self.root, location)
-            return self._serve(cache, cfg.source, location, 3 * cfg.timeout)  # (one whose keeper is gone: anew)
+            return self._serve_again(cache, location)  # (one whose keeper is gone: anew)
 
     def keep_served(self) -> list[str]:
         """Every lazy template served on this host has its server under a keeper (recovery
@@ -237,7 +248,6 @@ class RemoteTemplates:
         again, and the kernel's nbd devices that were connected to the dead server get a
         connection to the new one (their I/O waits 30 s for one). Returns what was done."""
         from ..kernel import nbd
-        from ..remote import load
         from ..remote.lazy import KEEPER_PIDFILE, PIDFILE, keeper
 
         d = self.lazy_dir()
@@ -250,10 +260,7 @@ class RemoteTemplates:
             with self._lazy_lock(name):
                 if keeper(cache) is not None:
                     continue
-                with open(os.path.join(cache, "location")) as f:
-                    location = f.read().strip()
-                cfg = load(self.root, location)
-                sock = self._serve(cache, cfg.source, location, 3 * cfg.timeout)
+                sock = self._serve_again(cache, self._location(cache))
                 again = nbd.reconnect_noted(sock) if nbd.available()[0] else []
                 notes.append(f"lazy template {name[:16]}: its keeper was gone; served again"
                              + "".join(f", nbd{i} reconnected" for i in again))
@@ -302,9 +309,7 @@ class RemoteTemplates:
         cache = self._cache(manifest_digest, "record read order")
         m = ChunkCache.read_manifest(cache)
         order = read_record(cache)
-        with open(os.path.join(cache, "location")) as f:
-            location = f.read().strip()
-        url = put_order(ObjectStore(load(self.root, location)), m, order)
+        url = put_order(ObjectStore(load(self.root, self._location(cache))), m, order)
         return {"manifest": m.digest, "chunks": len(order), "url": url}
 
     def trim_lazy(self) -> list[str]:
@@ -324,9 +329,9 @@ class RemoteTemplates:
             return []
         caches = [os.path.join(d, n) for n in os.listdir(d)
                   if HEX64.match(n) and os.path.exists(os.path.join(d, n, "held"))]
+        manifests = {c: ChunkCache.read_manifest(c) for c in caches}
         notes = []
-        for c in caches:  # what kills left unlisted first: space the cap does not count
-            m = ChunkCache.read_manifest(c)
+        for c, m in manifests.items():  # what kills left unlisted first: space the cap does not count
             stray = unlisted(c, m)
             if stray:
                 evict(c, m, set(), stray)
@@ -348,18 +353,15 @@ class RemoteTemplates:
                 if server(c) is not None:
                     served.append(c)
                     continue
-                m = ChunkCache.read_manifest(c)
                 held = read_record(c)
-                freed = evict(c, m, set(held))
+                freed = evict(c, manifests[c], set(held))
             total -= freed
             notes.append(f"lazy template {name[:16]}: evicted {len(held)} chunks ({freed} bytes) to keep the cache "
                          f"under {cap} bytes")
         if total > cap and served:
             used = []
-            manifests = {}
             for c in served:
-                m = manifests[c] = ChunkCache.read_manifest(c)
-                when = last_used(c, m)
+                when = last_used(c, manifests[c])
                 used += [(when[i], c, i) for i in read_record(c)]
             drop: dict[str, set[int]] = {}
             for _, c, i in sorted(used):

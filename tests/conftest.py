@@ -46,9 +46,55 @@ def pytest_configure(config) -> None:
         os.environ[SEED_ENV] = str(seed)
 
 
+MIN_FREE_GIB = 8
+"""What a whole run writes under its temp dir at most, with a margin (about 6 GiB of stores,
+images and mkfs scratch; the Ceph cluster's OSD and the lab's disks beside it)."""
+
+
 def pytest_sessionstart(session) -> None:
-    """Scope the leak witness (testutil.host_state) to this session's temp dirs."""
-    os.environ["COWDISK_TEST_SCOPE"] = str(session.config._tmp_path_factory.getbasetemp())
+    """Scope the leak witness (testutil.host_state) to this session's temp dirs, and stop at
+    once, saying so, when their filesystem cannot hold a run: on a full disk every tier fails
+    in its own words (a Ceph monitor that never answers, a lab that cannot write its disk)."""
+    base = str(session.config._tmp_path_factory.getbasetemp())
+    os.environ["COWDISK_TEST_SCOPE"] = base
+    st = os.statvfs(base)
+    free = st.f_bavail * st.f_frsize
+    if free < MIN_FREE_GIB << 30 and not session.config.option.collectonly:
+        pytest.exit(f"the tests need {MIN_FREE_GIB} GiB free under {base}, and its filesystem has "
+                    f"{free / (1 << 30):.1f} GiB: free some space (df -h {base})", returncode=4)
+
+
+def pytest_sessionfinish(session) -> None:
+    """Leave nothing pytest cannot remove: a test that failed before its store's teardown
+    leaves chattr +i template images, and pytest's own clean-up of old temp dirs then fails
+    on them for good (those runs' gigabytes filled this machine's disk once). Clear the flag
+    on every such file under this session's temp dir and name them in the report."""
+    if os.geteuid() != 0:
+        return
+    from cowdisk.kernel import fs
+
+    base = str(session.config._tmp_path_factory.getbasetemp())
+    left = []
+    for d, _, files in os.walk(base):
+        for name in files:
+            p = os.path.join(d, name)
+            try:
+                fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+            except OSError:
+                continue
+            try:
+                if fs.get_flags(fd) & fs.FS_IMMUTABLE_FL:
+                    fs.set_immutable_fd(fd, False, p)
+                    left.append(os.path.relpath(p, base))
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+    tr = session.config.pluginmanager.get_plugin("terminalreporter")
+    if left and tr is not None:
+        tr.ensure_newline()
+        tr.write_line(f"tests left {len(left)} chattr +i file(s) under {base} (flag cleared): "
+                      + ", ".join(sorted(left)[:10]), yellow=True)
 
 
 def tier_of(path) -> str | None:

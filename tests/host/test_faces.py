@@ -40,6 +40,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
         d.top = str(top)  # type: ignore[attr-defined]
         yield d
     shutil.rmtree(sockdir, ignore_errors=True)
+    with Store(root, backend="copy") as s:  # its templates are chattr +i: pytest cannot remove them
+        s.destroy_store(force=True)
 
 
 def cli(root: str, *args: str, sock: str | None = None) -> subprocess.CompletedProcess[str]:

@@ -59,7 +59,8 @@ def pytest_sessionstart(session) -> None:
     os.environ["COWDISK_TEST_SCOPE"] = base
     st = os.statvfs(base)
     free = st.f_bavail * st.f_frsize
-    if free < MIN_FREE_GIB << 30 and not session.config.option.collectonly:
+    in_lab = os.environ.get("COWDISK_IN_LAB") == "1"  # the lab's scratch disk is sized for its tier
+    if free < MIN_FREE_GIB << 30 and not in_lab and not session.config.option.collectonly:
         pytest.exit(f"the tests need {MIN_FREE_GIB} GiB free under {base}, and its filesystem has "
                     f"{free / (1 << 30):.1f} GiB: free some space (df -h {base})", returncode=4)
 

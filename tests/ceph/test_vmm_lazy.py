@@ -10,7 +10,9 @@
       and writes
     the boot fetched a fraction of the template's chunks (chunk 0, none of the padding's,
       under half of those holding data); a second guest (its own overlay, the backing given
-      with QEMU's reconnect-delay) boots, does not see the first one's write, fetches 0 chunks
+      with QEMU's reconnect-delay) boots, does not see the first one's write, fetches 0 chunks;
+      its server SIGKILLed under it, the keeper starts it again and the guest reads on (its NBD
+      client reconnects): 4 MiB of /root/pad, fetched now, hash right in the guest
     witness: the guest's writes are in its overlay (read back with debugfs), the cache holds
       the template's bytes and the bucket is what A pushed, object for object
 
@@ -21,9 +23,11 @@ whole data path.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
+import signal
 import shutil
 import subprocess
 import sys
@@ -53,11 +57,16 @@ def guest_image(guest, work) -> str:
     """The guest's rootfs with ``/root/pad`` (16 MiB never read at boot), as a 64 MiB ext4."""
     tree = work / "rootfs"
     shutil.copytree(guest.rootfs_dir, tree, symlinks=True)
-    with open(tree / "root" / "pad", "wb") as f:  # numbered lines: no chunk of it alike, quick to push
-        f.write(b"".join(b"cowdisk padding line %012d\n" % i for i in range(PAD // 34)))
+    with open(tree / "root" / "pad", "wb") as f:
+        f.write(pad_bytes())
     img = guestlib.make_ext4_image(tree, work / "guest.img", size_mib=64)
     shutil.rmtree(tree)
     return str(img)
+
+
+def pad_bytes() -> bytes:
+    """/root/pad: numbered lines, so no chunk of it is alike and it is quick to push."""
+    return b"".join(b"cowdisk padding line %012d\n" % i for i in range(PAD // 34))
 
 
 def pad_chunks(img: str, chunk_size: int) -> set[int]:
@@ -130,9 +139,21 @@ def test_guest_boots_on_b_from_a_template_only_a_pushed(guest, tmp_path, hosts, 
         with pytest.raises(VmError, match="no such file"):
             vm.command("cat", "w")  # the first guest's write is in its overlay only
         vm.command("write", "w", "written-on-B2")
+        again = b.lazy_templates()[0]
+        assert set(read_record(cache)) == fetched and again["stats"]["fetched_chunks"] == len(fetched), again["stats"]
+        # the server SIGKILLed under the running guest: its keeper starts it again on the same
+        # socket, QEMU's NBD client reconnects (reconnect-delay) and the guest's next reads,
+        # of /root/pad's first 4 MiB whose chunks no one fetched yet, go on and are right
+        os.kill(again["pid"], signal.SIGKILL)
+        head = 4 * MiB
+        assert vm.command("sum", "/root/pad", str(head), timeout=120) == hashlib.sha256(pad_bytes()[:head]).hexdigest()
+        restarted = b.lazy_templates()[0]
+        assert restarted["pid"] not in (None, again["pid"]), restarted
+        new = set(read_record(cache)) - fetched
+        assert len(new & pad) >= head // m.chunk_size - 2 and restarted["stats"]["fetched_chunks"] == len(new), restarted
+        with open(os.path.join(cache, "nbdkit.log")) as f:
+            assert f"(pid {again['pid']}) ended (signal 9); starting it again" in f.read()
         assert vm.poweroff() == 0
-    again = b.lazy_templates()[0]
-    assert set(read_record(cache)) == fetched and again["stats"]["fetched_chunks"] == len(fetched), again["stats"]
     print("VMM-LAZY-RESULT " + json.dumps({"data_chunks": d["data_chunks"], "fetched_chunks": len(fetched),
                                            "fetched_bytes": d["stats"]["fetched_bytes"], "size": d["size"]}))
 

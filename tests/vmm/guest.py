@@ -25,7 +25,8 @@ memory, so after a migrate-restore it is the original boot's); ``cat NAME``
 (one line: the content of /data/NAME); ``write NAME VALUE`` (writes VALUE to
 /data/NAME, syncs); ``put NAME VALUE`` (the same without sync: the file may be
 in the guest's page cache only); ``write2`` (writes ``/data/b`` = "<bootid> <content of
-/data/a>", syncs, answers with that content); ``ls`` (names in /data);
+/data/a>", syncs, answers with that content); ``ls`` (names in /data); ``sum PATH [N]``
+(the SHA-256 of any file in the guest, or of its first N bytes, read through its disk);
 ``poweroff`` (syncs, remounts / read-only, powers off).
 
 CLI: ``python3 tests/vmm/guest.py build`` builds (or finds) the guest and
@@ -145,6 +146,13 @@ while :; do
             echo "COWDISK-ERR $tag write2 failed"
         fi ;;
     ls) echo "COWDISK-OK $tag $(ls /data | tr '\n' ' ')" ;;
+    sum)
+        if [ -n "$a2" ]; then h=$(head -c "$a2" "$a1" | sha256sum); else h=$(sha256sum "$a1"); fi
+        if [ -n "$h" ]; then
+            echo "COWDISK-OK $tag ${h%% *}"
+        else
+            echo "COWDISK-ERR $tag read failed $a1"
+        fi ;;
     poweroff)
         sync
         echo "COWDISK-OK $tag poweroff"

@@ -545,7 +545,7 @@ def _qemu_cmd(prep: Prepared, jobdir: str, nonce: str, scratch_img: str | None,
     if interactive:
         append.append("cowdisk_lab.interactive=1")
     cmd = [
-        QEMU, "-machine", "q35,accel=tcg", "-cpu", os.environ.get("COWDISK_LAB_CPU", "max"), "-smp", "2", "-m", "1024",
+        QEMU, "-machine", "q35,accel=tcg", "-cpu", os.environ.get("COWDISK_LAB_CPU", "max"), "-smp", "2", "-m", os.environ.get("COWDISK_LAB_MEM", "1024"),
         "-nographic", "-no-reboot", "-nodefaults",
         "-kernel", str(prep.kernel), "-initrd", str(prep.initrd),
         "-append", " ".join(append),

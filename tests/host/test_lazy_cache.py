@@ -11,17 +11,21 @@ over the same cache is tests/host/test_faults_random_lazy.py.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import random
 import signal
 import struct
+import threading
 import time
 
 import pytest
 
+from cowdisk.backends.dm_common import TemplateLoops, template_label
+from cowdisk.errors import RemoteError
 from cowdisk.kernel import nbd
-from cowdisk.remote.cache import ChunkCache, evict, last_used, read_record
+from cowdisk.remote.cache import LOOP_LOCK, ChunkCache, evict, last_used, loops_over, read_record
 from remoteutil import chunk_dir, chunked, nbd_pread, offline_lazy
 from testutil import MiB
 
@@ -155,3 +159,69 @@ def test_readers_in_other_processes_never_read_an_evicted_chunk(tmp_path) -> Non
         for i in read_record(cache):
             f.seek(i * cs)
             assert hashlib.sha256(f.read(cs)).hexdigest() == m.chunks[i], i
+
+
+def _waiting_on(path: str, byte: int) -> bool:
+    """Whether /proc/locks shows a process waiting for a lock on byte ``byte`` of ``path``."""
+    ino = os.stat(path).st_ino
+    with open("/proc/locks") as f:
+        for line in f:
+            w = line.split()
+            if "->" in w and w[w.index("->") + 5].endswith(f":{ino}") and w[w.index("->") + 6] == str(byte):
+                return True
+    return False
+
+
+def test_no_chunk_is_evicted_while_a_loop_reads_a_whole_cache(store, tmp_path) -> None:
+    """A whole cache's data file under a read-only loop (the origin dm volumes over the
+    template get, made by the backend's own code over what the store's template ref gives:
+    dm_common.TemplateLoops under TemplateRef.whole): gc with a cap of 1 byte evicts nothing,
+    served or not (a loop reads a punched hole as zeros); evict() itself refuses (EBUSY),
+    also when it was waiting for the lock while the loop was being set up; once the loop is
+    gone (autoclear), gc evicts the whole cache."""
+    img = str(tmp_path / "t.img")
+    data = random_image(img, 4, MiB)
+    url, m = offline_lazy(store, img, cache_cap=1)
+    doc = store.lazy_template(url, "lz")
+    cache, tid = doc["cache"], doc["id"]
+    ref = store.template_ref(store._templates.row("lz"))
+    assert ref.whole is not None
+    refused: list[BaseException] = []
+
+    def evictor() -> None:
+        try:
+            evict(cache, m, {0, 1, 2, 3})
+        except RemoteError as e:
+            refused.append(e)
+
+    loops = TemplateLoops(lambda t: None, lambda t, n, d: None)
+    with ref.whole() as whole:
+        assert whole == os.path.join(cache, "data")
+        t = threading.Thread(target=evictor)
+        t.start()  # waits for the loop's setup
+        deadline = time.monotonic() + 10
+        while not _waiting_on(os.path.join(cache, "fetch.lock"), LOOP_LOCK):
+            assert time.monotonic() < deadline and t.is_alive(), "the eviction did not wait for the loop's setup"
+            time.sleep(0.005)
+        fd, _ = loops.hold(tid, whole, template_label(store.tag, tid), direct_io=False)
+    try:
+        t.join(10)
+        assert [e.errno for e in refused] == [errno.EBUSY], refused
+        assert f"backs /dev/loop{loops_over(cache)[0]}" in str(refused[0])
+        for stopped in (False, True):  # served: single chunks; not served: the whole cache
+            if stopped:
+                store.stop_lazy_template(m.digest)
+            notes = store.gc().orphans_removed
+            assert any("not evicted" in n and "/dev/loop" in n for n in notes), notes
+            assert sorted(read_record(cache)) == [0, 1, 2, 3]
+            assert hashlib.sha256(open(os.path.join(cache, "data"), "rb").read()).hexdigest() == m.template
+            assert os.pread(fd, 4 * MiB, 0) == data
+    finally:
+        os.close(fd)
+    deadline = time.monotonic() + 10
+    while loops_over(cache):  # autoclear: gone at the last close
+        assert time.monotonic() < deadline, loops_over(cache)
+        time.sleep(0.01)
+    assert f"lazy template {m.digest[:16]}: evicted 4 chunks ({4 * MiB} bytes) to keep the cache under 1 bytes" \
+        in store.gc().orphans_removed
+    assert read_record(cache) == [] and os.stat(os.path.join(cache, "data")).st_blocks == 0

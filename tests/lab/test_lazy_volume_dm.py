@@ -20,11 +20,12 @@ import time
 
 import pytest
 
-from cowdisk.kernel import nbd
+from cowdisk.kernel import loop, nbd
 from cowdisk.kernel.procfs import process_name
+from cowdisk.remote.cache import ChunkCache, loops_over, read_record
 from cowdisk.remote.lazy import KEEPER_NAME, keeper
 from cowdisk.store import Store
-from remoteutil import offline_lazy
+from remoteutil import chunked, offline_lazy
 from testutil import MiB, make_tree, sha
 
 pytestmark = [pytest.mark.lab, pytest.mark.backends("dm-thin", "dm-snapshot")]
@@ -144,9 +145,60 @@ def test_volumes_over_a_lazy_template(store, backend, tmp_path) -> None:
     for v in ("v1", "v2"):
         store.remove_volume(v)
     wait_for(lambda: ours(store) == [], f"nbd devices left connected: {ours(store)}")
+    whole_cache_reads_through_a_loop(store, backend, img, m, missing)
     store.remove_template("lz")
     wait_for(lambda: nbdkits() == servers, "the template's nbdkit outlived it")
-    assert hashlib.sha256(open(data_file, "rb").read()).hexdigest() == cached
+
+
+def whole_cache_reads_through_a_loop(store: Store, backend: str, img: str, m, missing: int) -> None:
+    """The missing chunk fetched (the cache's own fetch path: checked, written, synced,
+    recorded), the cache is whole: a new volume's origin is a read-only autoclear loop
+    over the cache's data file, not the nbd device, and reads the template (e2fsck, every
+    byte). gc with a cap of 1 byte while it is attached evicts nothing (a loop reads a
+    punched hole as zeros): every chunk listed, the data file the template's bytes, the
+    volume reads right. Once the volume is gone the loop is gone too (autoclear) and gc
+    evicts. On dm-snapshot, first a create killed between the loop's setup and the table
+    (crash point create:template_loop): recovery undoes it and no loop is left."""
+    cache = os.path.join(store.data_root, "lazy", m.digest)
+    data_file = os.path.join(cache, "data")
+    _, blobs = chunked(img, CHUNK)
+    c = ChunkCache(cache, m, lambda key: blobs[key], where=str)
+    try:
+        assert c.ensure(missing)
+    finally:
+        c.close()
+    template = open(img, "rb").read()
+    assert sha(data_file) == hashlib.sha256(template).hexdigest()
+    if backend == "dm-snapshot":
+        create_killed_at(store, "create:template_loop")
+        wait_for(lambda: loops_over(cache) == [], f"loops left over the cache: {loops_over(cache)}")
+
+    v3 = store.create_volume("v3", "lz")
+    table = subprocess.run(["dmsetup", "table", store.dm_prefix + "v3"], capture_output=True, text=True,
+                           check=True).stdout.split()
+    origin = table[5] if backend == "dm-thin" else table[3]
+    n = loop.number_from_path(os.readlink(f"/sys/dev/block/{origin}"))
+    li = loop.info(n)
+    assert origin.startswith(f"{loop.LOOP_MAJOR}:") and li is not None, (table, li)
+    assert li.read_only and li.autoclear and os.path.samefile(li.backing_file, data_file), li
+    assert loops_over(cache) == [n] and ours(store) == []  # no nbd device for it
+    fsck = subprocess.run(["e2fsck", "-f", "-n", v3.device], capture_output=True, text=True)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+    assert pread_direct(v3.device, 0, SIZE) == template
+
+    with open(os.path.join(store.root, "remote.toml"), "a") as f:
+        f.write("cache_cap = 1\n")
+    notes = store.gc().orphans_removed
+    assert f"lazy template {m.digest[:16]}: not evicted: its cache file backs /dev/loop{n} (the origin of volumes " \
+           "over it)" in notes, notes
+    assert sorted(read_record(cache)) == [i for i, k in enumerate(m.chunks) if k is not None]
+    assert sha(data_file) == hashlib.sha256(template).hexdigest()
+    assert pread_direct(v3.device, 0, SIZE) == template
+
+    store.remove_volume("v3")
+    wait_for(lambda: loops_over(cache) == [], f"loops left over the cache: {loops_over(cache)}")
+    notes = store.gc().orphans_removed
+    assert read_record(cache) == [] and os.stat(data_file).st_blocks == 0, notes
 
 
 def server_killed_keeper_reconnects(store: Store, chunks: bytes) -> None:
@@ -190,13 +242,19 @@ def devices_come_and_go(store: Store, new: bytes) -> None:
 def killed_create_is_undone(store: Store) -> None:
     """A create killed once its dm device exists: recovery undoes it, and the nbd device is
     left to the two other volumes."""
+    create_killed_at(store, "create:dm")
+    wait_for(lambda: [len(d.holders) for d in ours(store)] == [2], f"nbd devices: {ours(store)}")
+
+
+def create_killed_at(store: Store, point: str) -> None:
+    """A create of volume "crash" over "lz" in a child SIGKILLed at crash point ``point``;
+    recovery (a store opened again) undoes it."""
     pid = os.fork()
     if pid == 0:
-        os.environ["COWDISK_CRASH_AT"] = "create:dm"
+        os.environ["COWDISK_CRASH_AT"] = point
         Store(store.root, recover=False).create_volume("crash", "lz")
         os._exit(3)
     _, status = os.waitpid(pid, 0)
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
     with Store(store.root) as again:  # recovery runs on open
         assert "crash" not in [v.id for v in again.volumes()]
-    wait_for(lambda: [len(d.holders) for d in ours(store)] == [2], f"nbd devices: {ours(store)}")

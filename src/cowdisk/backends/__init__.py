@@ -80,9 +80,10 @@ The contract (what the store relies on, and the conformance suite checks):
   ``held_digest`` answer for the template's size and ``template verify``
   (store/templates.py, ``Holder``).
 * **Lazy origin** (optional; dm-thin, dm-snapshot). A backend declaring ``LazyOrigin``
-  makes volumes over a lazy template (``TemplateRef.serve`` is set): it connects one
-  read-only nbd device per template to the server (``dm_common.hold_lazy_origin``) and
-  maps the template through it. The store refuses such a template on the others.
+  makes volumes over a lazy template (``TemplateRef.serve`` is set): it maps the template
+  through one read-only device per template (``dm_common.hold_lazy_origin``): a loop over
+  the cache's data file when the cache is whole (``TemplateRef.whole``), else an nbd device
+  connected to the server. The store refuses such a template on the others.
 * **Declared.** Each optional feature is a protocol below (``OpenCount``, ``Shared``, ...)
   that the backend class names among its bases; the store asks ``isinstance``.
 * **Scan.** ``scan()`` lists this store's kernel objects on the host (by the store's
@@ -119,6 +120,11 @@ class TemplateRef:
     """A lazy template (docs/remote.md): starts (or finds) the server of its chunk cache and
     returns its unix socket (NBD, read-only); None for every other template. The store
     makes volumes over one only on a backend declaring ``LazyOrigin``."""
+    whole: Callable[[], ContextManager[str | None]] | None = None
+    """A lazy template: a context giving its cache's data file when the cache holds every
+    data chunk (each checked against its SHA-256 when fetched: the file is the template's
+    bytes), else None. Inside it no eviction runs, and a loop bound to the file before it
+    ends pins the cache: nothing is evicted from it while the loop is bound."""
 
 
 @dataclass
@@ -264,7 +270,9 @@ class CopiesData(Protocol):
 class LazyOrigin(Protocol):
     """"Lazy origin": volumes over a lazy template, whose bytes a server on this host serves
     over NBD (``TemplateRef.serve``): the backend reads the template through a read-only
-    ``/dev/nbdN`` (dm-thin's external origin, dm-snapshot's origin), no data copied."""
+    ``/dev/nbdN`` (dm-thin's external origin, dm-snapshot's origin), or a read-only loop
+    over the cache's data file once the cache is whole (``TemplateRef.whole``); no data
+    copied."""
 
     lazy_origin: ClassVar[bool]
 

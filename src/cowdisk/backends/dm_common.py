@@ -12,10 +12,10 @@ from __future__ import annotations
 import errno
 import logging
 import os
-from typing import ClassVar, Iterator
+from typing import Callable, ClassVar, Iterator
 
 from ..errors import KernelError
-from ..kernel import blk, dm, nbd
+from ..kernel import blk, dm, loop, nbd
 from ..progress import Progress
 from . import KernelObject, LazyOrigin, OpenCount, Thaw, VolumeCtx
 
@@ -123,25 +123,88 @@ class DmVolumeBase(OpenCount, Thaw, LazyOrigin):
         return True
 
 
-# -- lazy templates: the template through a read-only nbd device (docs/remote.md) -------
+# -- a template's shared read-only loop ---------------------------------------------------
 
-def nbd_backend(tag: str, template_id: str) -> str:
-    """The backend identifier of this store's nbd device of a lazy template (sysfs
-    ``/sys/block/nbdN/backend``): how the store finds its own devices, never another's."""
+class TemplateLoops:
+    """A template's read-only loop, one per template and store, held by the dm tables that
+    use it (autoclear: it goes with the last of them, or with the process that made it if
+    that dies first) and found again through the store's record of it
+    (``BackendEnv.shared_loop_get``/``shared_loop_set``), checked against the loop's own
+    status, rather than made twice. dm-snapshot's origin over a template file; both dm
+    backends' origin over a whole lazy template's cache file."""
+
+    def __init__(self, get: Callable[[str], tuple[int, str] | None], put: Callable[[str, int, str], None]) -> None:
+        self._get = get
+        self._put = put
+
+    def hold(self, tid: str, path: str, label: str, *, direct_io: bool) -> tuple[int, str]:
+        """An open fd on template ``tid``'s loop over ``path`` (attached if there is none) and
+        its major:minor. Call with the template's lock held; keep the fd until a dm table
+        holds the loop."""
+        st = os.stat(path)
+        known = self._get(tid)
+        if known is not None:
+            n, devno = known
+            try:
+                fd = loop.open_loop(n)
+            except KernelError:
+                fd = -1  # gone, or in rundown after its last user left
+            if fd >= 0:
+                try:
+                    s = loop.get_status(fd)
+                    if (s.label == label[:63] and s.backing_inode == st.st_ino
+                            and s.backing_dev == st.st_dev and s.read_only
+                            and s.direct_io == direct_io):
+                        return fd, devno
+                except KernelError:
+                    pass
+                os.close(fd)
+        lp = loop.attach(path, read_only=True, autoclear=True, label=label, direct_io=direct_io)
+        try:
+            devno = lp.devno
+            self._put(tid, lp.number, devno)
+        except BaseException:
+            lp.close()  # (autoclear: the loop goes with it)
+            raise
+        return lp.fd, devno
+
+
+# -- lazy templates: the template through a read-only loop or nbd device (docs/remote.md) --
+
+def template_label(tag: str, template_id: str) -> str:
+    """The label of this store's loop of a template (``lo_file_name``), and the backend
+    identifier of its nbd device of a lazy one (sysfs ``/sys/block/nbdN/backend``): how the
+    store finds its own devices, never another's."""
     return f"{tag}:t:{template_id}"
 
 
-def hold_lazy_origin(ctx: VolumeCtx) -> tuple[int, str]:
-    """An open read-only fd on this store's nbd device of ``ctx.template`` (a lazy
-    template), connected to its server (started when it is not running; a dead connection
-    replaced), and its major:minor. Call with the template's lock held; keep the fd until
-    a dm table holds the device: the kernel disconnects it at the last close of its last
-    opener (DISCONNECT_ON_CLOSE), so no device outlives the volumes that use it."""
+def hold_lazy_origin(ctx: VolumeCtx, loops: TemplateLoops, *, direct_io: bool) -> tuple[int, str]:
+    """An open read-only fd on the device a volume over ``ctx.template`` (a lazy template)
+    reads the template through, and its major:minor. Call with the template's lock held;
+    keep the fd until a dm table holds the device.
+
+    A whole cache (``TemplateRef.whole``: every data chunk held, each checked) gives a
+    read-only loop over its data file, the template's loop (``loops``; autoclear): no
+    server, no NBD. The cache's eviction refuses while a loop is bound to the file, and the
+    look at the cache and the loop's setup are under the lock evictions take, so the loop
+    never reads a hole an eviction punched. Otherwise: this store's nbd device of the
+    template, connected to its server (started when it is not running; a dead connection
+    replaced); the kernel disconnects it at the last close of its last opener
+    (DISCONNECT_ON_CLOSE), so no device outlives the volumes that use it. A volume keeps the
+    device it was attached with until its next attach."""
     t = ctx.template
+    if t.whole is not None:
+        with t.whole() as data:
+            if data is not None:
+                size = os.stat(data).st_size
+                if size != t.size:
+                    raise KernelError("use lazy template", t.id, errno.EIO,
+                                      detail=f"its cache file {data} is {size} bytes, the template has {t.size}")
+                return loops.hold(t.id, data, template_label(ctx.tag, t.id), direct_io=direct_io)
     if t.serve is None:
         raise KernelError("use lazy template", t.id, errno.EINVAL, detail="no server for it")
     sock = t.serve()
-    name = nbd_backend(ctx.tag, t.id)
+    name = template_label(ctx.tag, t.id)
     for _ in range(3):  # a device whose last opener (udev's probe) closed just now is disconnected
         found = nbd.find(name, first=nbd.noted(sock))
         dev = found[0] if found else nbd.connect(sock, name, dead_conn_timeout=DEAD_CONN_TIMEOUT)

@@ -30,7 +30,8 @@ from typing import Callable, ClassVar, Iterator, Mapping
 from ..errors import InUse, InvalidArgument, KernelError
 from ..kernel import dm, dm_status, fs, loop
 from . import BackendEnv, KernelObject, Usage, VolumeCtx, check_options
-from .dm_common import DmVolumeBase, dm_available, hold_lazy_origin, lazy_origins, release_lazy_origin
+from .dm_common import (DmVolumeBase, TemplateLoops, dm_available, hold_lazy_origin, lazy_origins, release_lazy_origin,
+                        template_label)
 
 COW = "cow.img"
 CHUNK_SECTORS = 128
@@ -111,8 +112,7 @@ class DmSnapshotBackend(DmVolumeBase):
         self.chunk_sectors = chunk_sectors
         self.direct_io = direct_io
         self.data_root = os.path.abspath(data_root)
-        self._shared_get = shared_loop_get
-        self._shared_set = shared_loop_set
+        self.template_loops = TemplateLoops(shared_loop_get, shared_loop_set)
 
     # -- the shared template loop ----------------------------------------------------
 
@@ -120,34 +120,13 @@ class DmSnapshotBackend(DmVolumeBase):
         """An open fd on the template's shared loop (attached if needed) and its major:minor.
 
         Call with the template lock held; keep the fd until a dm table holds the loop. A
-        lazy template's origin is its nbd device instead (``hold_lazy_origin``).
+        lazy template's origin is a loop over its whole cache or its nbd device
+        (``hold_lazy_origin``).
         """
-        if ctx.template.serve is not None:
-            return hold_lazy_origin(ctx)
         t = ctx.template
-        label = f"{ctx.tag}:t:{t.id}"
-        st = os.stat(t.path)
-        known = self._shared_get(t.id)
-        if known is not None:
-            n, devno = known
-            try:
-                fd = loop.open_loop(n)
-            except KernelError:
-                fd = -1  # gone, or in rundown after its last user left
-            if fd >= 0:
-                try:
-                    s = loop.get_status(fd)
-                    if (s.label == label[:63] and s.backing_inode == st.st_ino
-                            and s.backing_dev == st.st_dev and s.read_only
-                            and s.direct_io == self.direct_io):
-                        return fd, devno
-                except KernelError:
-                    pass
-                os.close(fd)
-        lp = loop.attach(t.path, read_only=True, autoclear=True, label=label, direct_io=self.direct_io)
-        devno = lp.devno
-        self._shared_set(t.id, lp.number, devno)
-        return lp.fd, devno
+        if t.serve is not None:
+            return hold_lazy_origin(ctx, self.template_loops, direct_io=self.direct_io)
+        return self.template_loops.hold(t.id, t.path, template_label(ctx.tag, t.id), direct_io=self.direct_io)
 
     # -- lifecycle ---------------------------------------------------------------
 

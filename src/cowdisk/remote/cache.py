@@ -20,6 +20,12 @@ chunk fetched once serves every later volume on the host.
     state         shared memory of the processes using the cache (mmap): the eviction
                   epoch (8 bytes), then each chunk's last use (4 bytes, seconds)
 
+A cache whose record lists every data chunk is *whole* (:func:`whole`): ``data`` is then
+the template's bytes, and the volumes made over it read ``data`` through a read-only loop
+device (:func:`whole_data`), not through the server. A loop reads a punched hole as zeros,
+so :func:`evict` drops nothing while a loop is bound to ``data``; one lock byte
+(``LOOP_LOCK``) orders the two.
+
 Eviction (:func:`evict`) drops single chunks while servers read the template: it takes
 the byte locks of the chunks it drops (no fetch of them in flight), rewrites the record
 without them (temporary file, fsync, rename, directory fsync: never a listed chunk
@@ -63,6 +69,11 @@ RECORD_LOCK = 1 << 40
 fetch shared while it appends to it (a chunk's lock is its index's byte)."""
 EVICT_LOCK = RECORD_LOCK + 1
 """Byte of fetch.lock that keeps evictions of one cache one at a time."""
+LOOP_LOCK = RECORD_LOCK + 2
+"""Byte of fetch.lock held exclusively by an eviction from before it looks for loops over
+``data`` until its holes are punched, and by a volume's origin from its look at the record
+(:func:`whole_data`) until its loop over ``data`` exists: a loop is only made over a whole
+cache, and no chunk of a cache a loop reads is dropped."""
 
 
 def _entry(index: int) -> bytes:
@@ -119,6 +130,12 @@ def evict(dir: str, manifest: Manifest, drop: set[int], stray: set[int] | frozen
         return 0
     lock = os.open(os.path.join(dir, "fetch.lock"), os.O_RDWR | os.O_CLOEXEC)
     try:  # (closing it releases every lock taken on it)
+        _ofd_lock(lock, LOOP_LOCK, fcntl.F_WRLCK)  # no loop made over data until the holes are punched
+        busy = loops_over(dir)
+        if busy:  # a loop reads a hole as zeros: wrong bytes to the volumes over it
+            raise RemoteError("evict chunks", os.path.join(dir, "data"), errno.EBUSY,
+                              detail=f"it backs /dev/loop{busy[0]} (the origin of volumes over the template): no "
+                                     "chunk is dropped while a loop reads it")
         _ofd_lock(lock, EVICT_LOCK, fcntl.F_WRLCK)
         for i in sorted(drop | stray):  # ascending, as every evictor: no deadlock; a fetcher holds one only
             _ofd_lock(lock, i, fcntl.F_WRLCK)
@@ -156,6 +173,41 @@ def evict(dir: str, manifest: Manifest, drop: set[int], stray: set[int] | frozen
     finally:
         os.close(lock)
     return sum(manifest.length(i) for i in gone)
+
+
+def whole(dir: str, manifest: Manifest) -> bool:
+    """Whether the record of the cache in ``dir`` lists every data chunk of ``manifest`` (each
+    was checked against its SHA-256 and its bytes synced before it was listed): ``data`` then
+    holds the template's bytes, its holes the zero chunks."""
+    held = set(read_record(dir))
+    return all(i in held for i, c in enumerate(manifest.chunks) if c is not None)
+
+
+def loops_over(dir: str) -> list[int]:
+    """The loop devices bound to the cache's ``data`` file (by its device and inode)."""
+    from ..kernel import loop
+
+    return [li.number for li in loop.find_by_backing(os.path.join(dir, "data"))]
+
+
+@contextlib.contextmanager
+def whole_data(dir: str) -> Iterator[str | None]:
+    """The cache's ``data`` file when the cache is :func:`whole`, else None, under LOOP_LOCK:
+    a loop made over the file inside the block is bound before an eviction can look for
+    one (:func:`evict` refuses while any is), and no eviction is between the look at the
+    record and the loop. A cache without its lock file (never made whole) gives None."""
+    try:
+        lock = os.open(os.path.join(dir, "fetch.lock"), os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        lock = -1
+    if lock < 0:
+        yield None
+        return
+    try:
+        _ofd_lock(lock, LOOP_LOCK, fcntl.F_WRLCK)
+        yield os.path.join(dir, "data") if whole(dir, ChunkCache.read_manifest(dir)) else None
+    finally:
+        os.close(lock)  # (releases the lock)
 
 
 def unlisted(dir: str, manifest: Manifest) -> set[int]:

@@ -233,11 +233,13 @@ class StoreParts:
 
     def template_ref(self, t: TemplateRow) -> TemplateRef:
         """What the backend knows of template ``t``: a lazy template's ref starts (or finds)
-        its server when the backend asks (``TemplateRef.serve``)."""
+        its server when the backend asks (``TemplateRef.serve``), and gives its cache's data
+        file once the cache is whole (``TemplateRef.whole``)."""
         if not is_lazy(t.path):
             return TemplateRef(t.id, t.path, t.size, t.digest)
         path = t.path
-        return TemplateRef(t.id, t.path, t.size, t.digest, serve=lambda: self._remote().serve_template(path))
+        return TemplateRef(t.id, t.path, t.size, t.digest, serve=lambda: self._remote().serve_template(path),
+                           whole=lambda: self._remote().whole_data(path))
 
     def close(self) -> None:
         self.registry.close()

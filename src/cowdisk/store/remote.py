@@ -6,11 +6,12 @@ file, the lock, registering a pulled image like an import).
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
 import shutil
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ContextManager
 
 from .. import failpoints
 from ..digest import sha256_file
@@ -240,6 +241,15 @@ class RemoteTemplates:
                                hint=f"`cowdisk template pull --lazy {d['source']}` makes it again") from None
             return self._serve_again(cache, location)  # (one whose keeper is gone: anew)
 
+    def whole_data(self, path: str) -> ContextManager[str | None]:
+        """The data file of the cache of the lazy template whose descriptor is ``path`` when
+        the cache holds every data chunk, else None, in a context no eviction runs in
+        (:func:`cowdisk.remote.cache.whole_data`): a loop over the file made inside it pins
+        the cache (``TemplateRef.whole``)."""
+        from ..remote.cache import whole_data
+
+        return whole_data(self.lazy_dir(lazy_descriptor(path)["manifest"]))
+
     def keep_served(self) -> list[str]:
         """Every lazy template served on this host has its server under a keeper (recovery
         runs this; so does the daemon every few seconds): a server whose keeper was killed
@@ -318,10 +328,13 @@ class RemoteTemplates:
         fetched cache first, whole; then single chunks of served templates, the least
         recently used first, while their servers read on (a reader of an evicted chunk
         fetches it again: :func:`cowdisk.remote.cache.evict`). Bytes a kill left in a cache
-        unlisted are punched first, cap or not. Returns what was done."""
+        unlisted are punched first, cap or not. A cache whose data file a loop reads (the
+        origin of volumes over a whole cache) loses nothing while it does: it is passed
+        over here, and :func:`~cowdisk.remote.cache.evict` refuses it (EBUSY) under the lock
+        a loop's setup takes. Returns what was done."""
         from ..errors import NotFound
         from ..remote import load
-        from ..remote.cache import ChunkCache, evict, last_used, read_record, unlisted
+        from ..remote.cache import ChunkCache, last_used, loops_over, read_record, unlisted
         from ..remote.lazy import server
 
         d = self.lazy_dir()
@@ -330,11 +343,11 @@ class RemoteTemplates:
         caches = [os.path.join(d, n) for n in os.listdir(d)
                   if HEX64.match(n) and os.path.exists(os.path.join(d, n, "held"))]
         manifests = {c: ChunkCache.read_manifest(c) for c in caches}
-        notes = []
+        pinned = {c: n for c in caches if (n := loops_over(c))}
+        notes: list[str] = []
         for c, m in manifests.items():  # what kills left unlisted first: space the cap does not count
-            stray = unlisted(c, m)
-            if stray:
-                evict(c, m, set(), stray)
+            stray = set() if c in pinned else unlisted(c, m)
+            if stray and self._evict(c, m, set(), stray, notes) is not None:
                 notes.append(f"lazy template {os.path.basename(c)[:16]}: punched {len(stray)} chunks a kill left "
                              "unlisted")
         try:
@@ -349,12 +362,18 @@ class RemoteTemplates:
             if total <= cap:
                 break
             name = os.path.basename(c)
+            if c in pinned:
+                notes.append(f"lazy template {name[:16]}: not evicted: its cache file backs /dev/loop{pinned[c][0]} "
+                             "(the origin of volumes over it)")
+                continue
             with self._lazy_lock(name):  # not while it is started
                 if server(c) is not None:
                     served.append(c)
                     continue
                 held = read_record(c)
-                freed = evict(c, manifests[c], set(held))
+                freed = self._evict(c, manifests[c], set(held), set(), notes)
+            if freed is None:
+                continue
             total -= freed
             notes.append(f"lazy template {name[:16]}: evicted {len(held)} chunks ({freed} bytes) to keep the cache "
                          f"under {cap} bytes")
@@ -372,12 +391,30 @@ class RemoteTemplates:
             for c, chunks in drop.items():
                 name = os.path.basename(c)
                 with self._lazy_lock(name):
-                    freed = evict(c, manifests[c], chunks)
+                    freed = self._evict(c, manifests[c], chunks, set(), notes)
+                if freed is None:
+                    total += sum(manifests[c].length(i) for i in chunks)
+                    continue
                 notes.append(f"lazy template {name[:16]} (served): evicted {len(chunks)} chunks ({freed} bytes), "
                              f"the least recently used, to keep the cache under {cap} bytes")
         if total > cap:
             notes.append(f"lazy templates: {total} bytes cached, over the cap of {cap}")
         return notes
+
+    @staticmethod
+    def _evict(cache: str, m: "Manifest", drop: set[int], stray: set[int], notes: list[str]) -> int | None:
+        """:func:`cowdisk.remote.cache.evict`; None, with a note, when it refuses because a
+        loop reads the cache (made since trim_lazy looked): the other caches go on."""
+        from ..errors import RemoteError
+        from ..remote.cache import evict
+
+        try:
+            return evict(cache, m, drop, stray)
+        except RemoteError as e:
+            if e.errno != errno.EBUSY:
+                raise
+            notes.append(f"lazy template {os.path.basename(cache)[:16]}: not evicted: {e}")
+            return None
 
     def lazy_doc(self, manifest_digest: str) -> dict[str, Any]:
         """A lazy template on this host: its manifest's summary, the bytes its cache holds,

@@ -21,7 +21,7 @@ from ...kernel import blk, dm, dm_status, fs, loop, procfs
 from ...progress import Progress
 from .. import (BackendEnv, HoldsTemplates, KernelObject, OwnSpace, PreparesCopies, Usage, VolumeCtx, WatchesSpace,
                check_options)
-from ..dm_common import (DmVolumeBase, check_lazy_size, copy_device, hold_lazy_origin, lazy_origins,
+from ..dm_common import (DmVolumeBase, TemplateLoops, check_lazy_size, copy_device, hold_lazy_origin, lazy_origins,
                          release_lazy_origin)
 from .pool import (FLAT_PREFIX, OPTIONS, THIN_ID_FILE, MiB, ThinPool, _fsync_dir, _read_id, _wait_loops_gone,
                    _write_durable, thin_supported)
@@ -59,6 +59,11 @@ class DmThinBackend(ThinPool, DmVolumeBase, PreparesCopies, OwnSpace, WatchesSpa
         b = cls(env)
         b.open_pool()
         return b
+
+    def __init__(self, env: BackendEnv) -> None:
+        super().__init__(env)
+        self.template_loops = TemplateLoops(env.shared_loop_get, env.shared_loop_set)
+        """A whole lazy template's loop (its external origin, ``hold_lazy_origin``)."""
 
     # -- the template's thin device -----------------------------------------------------
 
@@ -131,13 +136,14 @@ class DmThinBackend(ThinPool, DmVolumeBase, PreparesCopies, OwnSpace, WatchesSpa
 
     @contextlib.contextmanager
     def _origin(self, ctx: VolumeCtx) -> Iterator[str | None]:
-        """The external origin a table of ``ctx``'s thin names: a lazy template's nbd device
-        (held open, under the template's lock, until the table holds it), else None."""
+        """The external origin a table of ``ctx``'s thin names: a lazy template's loop over its
+        whole cache or its nbd device (held open, under the template's lock, until the table
+        holds it), else None."""
         if ctx.template.serve is None:
             yield None
             return
         with ctx.template_lock():
-            fd, devno = hold_lazy_origin(ctx)
+            fd, devno = hold_lazy_origin(ctx, self.template_loops, direct_io=True)  # (as the pool's data loop)
             try:
                 yield devno
             finally:

@@ -32,6 +32,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -143,7 +144,7 @@ class LabError(RuntimeError):
 
 @dataclasses.dataclass
 class LabResult:
-    status: str  # "ok" (the command ran; see returncode), "timeout", "panic", "error"
+    status: str  # "ok" (the command ran; see returncode), "timeout", "panic", "error", "cancelled"
     returncode: int  # the command's exit status, or EXIT_TIMEOUT / EXIT_LAB_ERROR
     message: str = ""  # why the lab failed, if it did
     boot_seconds: float | None = None
@@ -545,7 +546,7 @@ def _qemu_cmd(prep: Prepared, jobdir: str, nonce: str, scratch_img: str | None,
     if interactive:
         append.append("cowdisk_lab.interactive=1")
     cmd = [
-        QEMU, "-machine", "q35,accel=tcg", "-cpu", os.environ.get("COWDISK_LAB_CPU", "max"), "-smp", "2", "-m", os.environ.get("COWDISK_LAB_MEM", "1024"),
+        QEMU, "-machine", "q35,accel=tcg", "-cpu", os.environ.get("COWDISK_LAB_CPU", "max"), "-smp", "2", "-m", os.environ.get("COWDISK_LAB_MEM", "3072"),
         "-nographic", "-no-reboot", "-nodefaults",
         "-kernel", str(prep.kernel), "-initrd", str(prep.initrd),
         "-append", " ".join(append),
@@ -568,8 +569,9 @@ def _check_path(p: str, what: str) -> None:
 def run_in_lab(argv: list[str], *, cwd: str | None = None, timeout: float = DEFAULT_TIMEOUT,
                scratch_size: str | int | None = DEFAULT_SCRATCH, env: dict[str, str] | None = None,
                out=None, show_boot: bool = False, dmesg_to: str | None = None,
-               interactive: bool = False) -> LabResult:
+               interactive: bool = False, cancel: threading.Event | None = None) -> LabResult:
     """Boot the lab, run argv inside it (cwd defaults to the caller's) and return the result.
+    ``cancel``, once set, ends the run (QEMU killed; status "cancelled") within a second.
 
     The command's output goes to ``out`` (a binary stream; default: this process's stdout)
     while it runs. Never raises for lab failures: they come back as a non-ok LabResult.
@@ -625,6 +627,11 @@ def run_in_lab(argv: list[str], *, cwd: str | None = None, timeout: float = DEFA
                 if left <= 0:
                     timed_out = True
                     break
+                if cancel is not None and cancel.is_set():
+                    proc.kill()  # our own QEMU, by its PID
+                    proc.wait()
+                    return LabResult("cancelled", EXIT_LAB_ERROR, "the kernel lab run was cancelled",
+                                     total_seconds=time.monotonic() - t0)
                 r, _, _ = select.select([fd], [], [], min(left, 1.0))
                 if r:
                     data = os.read(fd, 65536)

@@ -5,11 +5,16 @@ Loaded from tests/conftest.py (``pytest_plugins = ["_labplugin"]``).
 Lab tests are the tests under ``tests/lab/`` and any test marked ``lab``.
 
 * On the host (``COWDISK_IN_LAB`` unset) each selected lab test is replaced by a proxy item
-  with the same node id and no fixtures. The first proxy that runs boots the kernel lab
-  (lab/kernel_lab.py) once and runs all the selected lab tests inside it in one pytest
-  process; each proxy then reports its own test's result. A test skipped inside the lab,
-  or missing from the results, FAILS (lab tests must not skip silently). If the lab cannot
-  boot, every lab proxy fails with the reason.
+  with the same node id and no fixtures. The kernel lab (lab/kernel_lab.py) boots once and
+  runs all the selected lab tests inside it in one pytest process; each proxy then reports
+  its own test's result. A test skipped inside the lab, or missing from the results, FAILS
+  (lab tests must not skip silently). If the lab cannot boot, every lab proxy fails with
+  the reason.
+* When the session runs other tests too, the lab starts in the background as the test loop
+  starts, the host's tests run beside it, and the proxies run last: the first waits for the
+  lab and prints its output then. The lab's guest keeps about one host core busy (its tests run one at a
+  time), so on a 2-core machine the two halves overlap instead of adding up.
+  ``COWDISK_LAB_BACKGROUND=0`` runs it in the foreground at the first proxy, as before.
 * Inside the lab (``COWDISK_IN_LAB=1``) lab tests run normally.
 
 Options: ``--lab-timeout SECONDS`` (or ``COWDISK_LAB_TIMEOUT``; default 1800) bounds the run.
@@ -20,11 +25,13 @@ None outside the lab). Helper: ``running_in_lab()``.
 from __future__ import annotations
 
 import importlib.util
+import io
 import os
 import re
 import shutil
 import sys
 import tempfile
+import threading
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,6 +167,9 @@ class LabRun:
         self.done = False
         self.results: dict[tuple[str, str], LabOutcome] | None = None
         self.error: str | None = None
+        self._thread: threading.Thread | None = None
+        self._cancel = threading.Event()
+        self._log: io.BufferedRandom | None = None  # the lab's output while in the background
 
     def timeout(self) -> float:
         t = self.config.getoption("lab_timeout")
@@ -167,14 +177,62 @@ class LabRun:
             t = float(os.environ.get("COWDISK_LAB_TIMEOUT") or DEFAULT_TIMEOUT)
         return t
 
+    def start(self) -> None:
+        """Run the lab in a background thread, its output kept until ``ensure`` shows it."""
+        if self.done or self._thread is not None:
+            return
+        self._log = tempfile.TemporaryFile(prefix="cowdisk-lab-out-")
+        self._thread = threading.Thread(target=self._guarded, name="cowdisk-lab", daemon=True)
+        self._thread.start()
+
     def ensure(self) -> None:
+        """The lab's results: wait for the background run (showing its output), or run it now."""
+        if self._thread is not None:
+            if not self.done:
+                self.done = True
+                self._thread.join()
+                self._show_log()
+            return
         if self.done:
             return
         self.done = True
+        self._guarded()
+
+    def cancel(self) -> None:
+        """End a background run nobody waited for (the session stopped early): QEMU killed."""
+        if self._thread is not None and self._thread.is_alive():
+            self._cancel.set()
+            self._thread.join()
+
+    def _guarded(self) -> None:
         try:
             self._run()
         except Exception as e:  # the lab itself broke: every proxy fails with this reason
             self.error = f"kernel lab failed: {type(e).__name__}: {e}"
+
+    def _show_log(self) -> None:
+        if self._log is None:
+            return
+        capman = self.config.pluginmanager.getplugin("capturemanager")
+        with capman.global_and_fixture_disabled():
+            self._log.seek(0)
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+            shutil.copyfileobj(self._log, sys.stdout.buffer)
+            sys.stdout.flush()
+        self._log.close()
+        self._log = None
+
+    def _line(self, text: str) -> None:
+        """A status line: on the terminal, or into the background run's log."""
+        if self._log is not None:
+            self._log.write(f"{text}\n".encode())
+            return
+        capman = self.config.pluginmanager.getplugin("capturemanager")
+        tw = self.config.get_terminal_writer()
+        with capman.global_and_fixture_disabled():
+            tw.line(text, bold=True)
+            sys.stdout.flush()
 
     def _run(self) -> None:
         kl = load_kernel_lab()
@@ -186,18 +244,20 @@ class LabRun:
             if self.config.inipath:
                 argv += ["-c", str(self.config.inipath)]
             argv += ["--rootdir", str(self.config.rootpath), *self.nodeids]
-            capman = self.config.pluginmanager.getplugin("capturemanager")
-            tw = self.config.get_terminal_writer()
-            with capman.global_and_fixture_disabled():
-                tw.line("")
-                tw.line(f"[cowdisk-lab] running {len(self.nodeids)} lab test(s) in the kernel lab "
-                        f"(one boot, timeout {self.timeout():.0f}s)", bold=True)
-                sys.stdout.flush()
+            where = " in the background" if self._log is not None else ""
+            self._line(f"\n[cowdisk-lab] running {len(self.nodeids)} lab test(s) in the kernel lab{where} "
+                       f"(one boot, timeout {self.timeout():.0f}s)")
+            if self._log is not None:
                 res = kl.run_in_lab(argv, cwd=str(self.config.rootpath), timeout=self.timeout(),
-                                    out=sys.stdout.buffer, scratch_size=LAB_SCRATCH)
-                boot = f"{res.boot_seconds:.1f}s" if res.boot_seconds is not None else "n/a"
-                tw.line(f"[cowdisk-lab] {res.status}: exit status {res.returncode}, boot {boot}, "
-                        f"total {res.total_seconds:.1f}s", bold=True)
+                                    out=self._log, scratch_size=LAB_SCRATCH, cancel=self._cancel)
+            else:
+                capman = self.config.pluginmanager.getplugin("capturemanager")
+                with capman.global_and_fixture_disabled():
+                    res = kl.run_in_lab(argv, cwd=str(self.config.rootpath), timeout=self.timeout(),
+                                        out=sys.stdout.buffer, scratch_size=LAB_SCRATCH)
+            boot = f"{res.boot_seconds:.1f}s" if res.boot_seconds is not None else "n/a"
+            self._line(f"[cowdisk-lab] {res.status}: exit status {res.returncode}, boot {boot}, "
+                       f"total {res.total_seconds:.1f}s")
             if not res.ok:
                 tail = "" if res.started else f"\n--- last console output ---\n{res.output_tail[-3000:]}"
                 raise LabFailure(f"{res.message}{tail}")
@@ -259,6 +319,7 @@ def pytest_collection_modifyitems(session, config, items):
     if not lab_items:
         return
     labrun = LabRun(config, [it.nodeid for it in lab_items])
+    config.stash[_LABRUN_KEY] = labrun
     for i, it in enumerate(items):
         if not is_lab_item(it):
             continue
@@ -269,3 +330,29 @@ def pytest_collection_modifyitems(session, config, items):
         proxy.own_markers = list(it.own_markers)
         proxy.keywords.update(it.keywords)
         items[i] = proxy
+    if background(items):  # the lab's results are waited for last: everything else runs beside it
+        items[:] = [it for it in items if not isinstance(it, LabProxyItem)] + \
+            [it for it in items if isinstance(it, LabProxyItem)]
+
+
+def background(items) -> bool:
+    """Run the lab beside the host's tests: there are some, and $COWDISK_LAB_BACKGROUND is not 0."""
+    return os.environ.get("COWDISK_LAB_BACKGROUND") != "0" and not all(isinstance(it, LabProxyItem) for it in items)
+
+
+_LABRUN_KEY = pytest.StashKey[LabRun]()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtestloop(session):
+    """Start the lab in the background when the session has host tests to run beside it."""
+    run = session.config.stash.get(_LABRUN_KEY, None)
+    if run is not None and not session.config.option.collectonly and background(session.items):
+        run.start()  # else the first proxy runs it in the foreground
+    return None
+
+
+def pytest_sessionfinish(session):
+    run = session.config.stash.get(_LABRUN_KEY, None)
+    if run is not None:
+        run.cancel()

@@ -15,6 +15,7 @@ tier's backends, narrowed by ``@pytest.mark.backends(...)`` on a test.
 
 import contextlib
 import os
+import stat
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
@@ -79,7 +80,9 @@ def pytest_sessionfinish(session) -> None:
     for d, _, files in os.walk(base):
         for name in files:
             p = os.path.join(d, name)
-            try:
+            try:  # regular files only: a jail's device nodes and FIFOs are not opened
+                if not stat.S_ISREG(os.lstat(p).st_mode):
+                    continue
                 fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
             except OSError:
                 continue
@@ -93,7 +96,7 @@ def pytest_sessionfinish(session) -> None:
                 os.close(fd)
     tr = session.config.pluginmanager.get_plugin("terminalreporter")
     if left and tr is not None:
-        tr.ensure_newline()
+        tr.write("\n")  # after the progress line's [100%]
         tr.write_line(f"tests left {len(left)} chattr +i file(s) under {base} (flag cleared): "
                       + ", ".join(sorted(left)[:10]), yellow=True)
 

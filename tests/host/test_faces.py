@@ -39,9 +39,10 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
         d.start()
         d.top = str(top)  # type: ignore[attr-defined]
         yield d
+        d.stop()  # SIGTERM: its store workers end with it (a SIGKILLed daemon's outlive it a moment)
     shutil.rmtree(sockdir, ignore_errors=True)
     with Store(root, backend="copy") as s:  # its templates are chattr +i: pytest cannot remove them
-        s.destroy_store(force=True)
+        s.destroy()
 
 
 def cli(root: str, *args: str, sock: str | None = None) -> subprocess.CompletedProcess[str]:

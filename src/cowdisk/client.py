@@ -30,11 +30,12 @@ from __future__ import annotations
 import functools
 import json
 import os
-import socket
 import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Self
 from urllib.parse import quote, urlencode
+
+import _socket  # socket.py's enum conversions cost ~3 ms at import; a unix socket needs none of them
 
 from .contract import API, DEFAULT_SOCKET, IMAGE_TRANSPORTS, LOCK_TIMEOUT_HEADER, check_backend
 from .errors import CowdiskError, Unavailable, error_from_document
@@ -64,11 +65,11 @@ class _Conn:
     def __init__(self, path: str, timeout: float) -> None:
         self.path = path
         self.timeout = timeout
-        self.sock: socket.socket | None = None
+        self.sock: _socket.socket | None = None
         self.used = 0.0
 
     def connect(self) -> None:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
         s.settimeout(self.timeout)
         try:
             s.connect(self.path)

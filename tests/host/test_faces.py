@@ -6,6 +6,8 @@ One real daemon (``python -m cowdisk serve``, copy backend) serves the module's 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -194,3 +196,124 @@ def test_jobs_run_in_the_store_workers(served: Daemon) -> None:
         done = [r for r in recs if r.get("op") == op and r.get("job") and r.get("result") == "ok"]
         assert done and done[-1].get("worker") in workers, (op, done, workers)
     assert flat.id != t.id
+
+
+def _light(argv: list[str]) -> tuple[int | None, str, str]:
+    """(exit status or None, stdout, stderr) of the light path (cli/light.py) in this process."""
+    from cowdisk.cli import light
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = light.run(argv)
+    return code, out.getvalue(), err.getvalue()
+
+
+COMMON_TOKENS = [("--json",), ("-q",), ("--quiet",), ("--no-headings",), ("--filter=owner=0",), ("--timeout", "5"),
+                 ("--timeout=0",), ("--backend", "copy"), ("--backend=auto",), ("--root", "ROOT"), ("--root=ROOT",)]
+GOOD_TOKENS = {
+    ("volume", "ls"): COMMON_TOKENS + [("-o", "id,state"), ("-o", "+parent,OWNER"), ("--output=ID,template",),
+                                       ("--filter", "state=attached"), ("--filter", "template=base"), ("-t", "base"),
+                                       ("--template=base",)],
+    ("template", "ls"): COMMON_TOKENS + [("-o", "id,names"), ("-o", "+digest,OWNER"), ("--filter", "names=base"),
+                                         ("--filter=state=ready",), ("--lazy",)],
+}
+BAD_TOKENS = [
+    ("-o", "bogus"), ("--filter", "bogus=1"), ("--filter", "state"), ("--template", "nope"), ("--remote",),
+    ("--from", "s3://b"), ("--timeout", "-1"), ("--timeout=-1",), ("--timeout", "x"), ("--timeout=nan",), ("--backend", "bogus"), ("--backend", "dm-thin"),
+    ("--root", "/nonexistent"), ("-t",), ("extra",), ("--temp", "base"), ("-tbase",), ("-qq",), ("--",), ("-v",),
+]
+"""Tokens (with their values) of the two listings' argument vectors: ones the light path
+takes, and ones it leaves to click (a bad value, an error of the store, a form it does not read)."""
+
+BEFORE = ["--json", "-q", "--quiet", "--timeout", "--timeout=0", "--timeout=-1", "--root", "--root=ROOT", "--backend", "--backend=auto",
+          "-v"]
+
+
+def _both_paths(root: str, before: list[tuple[str, ...]], words: tuple[str, ...],
+                after: list[tuple[str, ...]]) -> tuple[list[str], int | None, str]:
+    """Run the argument vector both ways: (argv, the light path's status, its stdout); when
+    it took the vector, the click path (in this process) printed the same, with that status."""
+    from click.testing import CliRunner
+
+    from cowdisk.cli import cli as click_cli
+
+    argv = [t.replace("ROOT", root) for part in (*before, words, *after) for t in part]
+    if not any(t.startswith("--root") for t in argv):
+        argv = ["--root", root, *argv]
+    code, out, err = _light(argv)
+    if code is None:
+        assert (out, err) == ("", ""), argv
+    else:
+        r = CliRunner().invoke(click_cli, argv)
+        assert (code, out) == (r.exit_code, r.stdout), (argv, err, r.stderr)
+    return argv, code, out
+
+
+def test_the_light_path_prints_what_click_prints(served: Daemon, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`volume ls` and `template ls` through a daemon run without click (cli/light.py): each
+    argument vector the light path takes prints exactly what the click path prints, with
+    the same exit status; each it leaves prints nothing. Every error is the click path's.
+    First every good token alone and in pairs, then vectors drawn by hypothesis from good
+    and bad tokens (global options before the command, the command's after it)."""
+    import hypothesis
+    import hypothesis.strategies as st
+
+    monkeypatch.setenv("COWDISK_SOCKET", served.sock)
+    monkeypatch.delenv("COWDISK_ROOT", raising=False)
+    c = served.client
+    for vid in ("lt1", "lt2"):
+        c.create_volume(vid, "base")
+    c.checkpoint("lt2")
+    try:
+        for words, good in GOOD_TOKENS.items():
+            for i, tok in enumerate(good):
+                argv, code, out = _both_paths(served.root, [], words, [tok])
+                assert code is not None, argv  # the light path takes every good form
+                _both_paths(served.root, [], words, [tok, good[(i * 7 + 3) % len(good)]])
+            for tok in BAD_TOKENS:
+                argv, code, out = _both_paths(served.root, [], words, [tok])
+                assert code is None, argv  # left to click, which says what is wrong
+            argv, code, out = _both_paths(served.root, [("--json",)], words, [("-o", "id")])
+            assert code == 0 and json.loads(out), argv
+            # a name the later --backend overrides is still checked (hypothesis found it)
+            argv, code, out = _both_paths(served.root, [("--backend", "bogus")], words, [("--backend", "copy")])
+            assert code is None, argv
+
+        taken: list[list[str]] = []
+
+        @hypothesis.settings(max_examples=200, deadline=None, database=None,
+                             suppress_health_check=list(hypothesis.HealthCheck))
+        @hypothesis.given(st.lists(st.sampled_from([t for t in COMMON_TOKENS + BAD_TOKENS if t[0] in BEFORE]),
+                                   max_size=3),
+                          st.sampled_from([("volume", "ls"), ("template", "ls"), ("volume", "inspect")]),
+                          st.lists(st.sampled_from([*GOOD_TOKENS[("volume", "ls")], *GOOD_TOKENS[("template", "ls")],
+                                                    *BAD_TOKENS]), max_size=5))
+        def check(before: list[tuple[str, ...]], words: tuple[str, str], after: list[tuple[str, ...]]) -> None:
+            argv, code, _ = _both_paths(served.root, before, words, after)
+            if code is not None:
+                taken.append(argv)
+
+        check()
+        assert len(taken) > 20, taken  # the light path took a fair share of them
+    finally:
+        for vid in ("lt1", "lt2"):
+            c.remove_volume(vid)
+
+
+def test_a_listing_through_a_daemon_imports_no_click(served: Daemon, tmp_path) -> None:
+    """`cowdisk volume ls` (and `template ls`) through a daemon: not click, not the store;
+    the same document as the click path gives (-v makes the command go through click)."""
+    probe = ("import sys, json; from cowdisk.cli import main; code = main(sys.argv[2:]); "
+             "open(sys.argv[1], 'w').write(json.dumps(sorted(sys.modules)))")
+    for words in (("volume", "ls"), ("template", "ls")):
+        mods_file = tmp_path / "mods.json"
+        p = subprocess.run([sys.executable, "-c", probe, str(mods_file), "--root", served.root, *words, "--json"],
+                           capture_output=True, text=True, env=env(COWDISK_SOCKET=served.sock), timeout=60)
+        assert p.returncode == 0, p.stderr
+        mods = set(json.loads(mods_file.read_text()))
+        assert "cowdisk.client" in mods, words  # it went through the daemon
+        assert not {m for m in mods if m == "click" or m.startswith(("click.", "cowdisk.store.core", "rich",
+                                                                     "sqlite3", "cowdisk.registry"))}, words
+        slow = cli(served.root, *words, "--json", "-v", sock=served.sock)
+        assert slow.returncode == 0 and "using cowdiskd" in slow.stderr, slow.stderr
+        assert json.loads(p.stdout) == json.loads(slow.stdout)

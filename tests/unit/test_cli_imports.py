@@ -46,7 +46,9 @@ def test_version_imports_click_and_the_root_only(tmp_path) -> None:
     assert _heavy(mods) == []
     ours = {m for m in mods if m.startswith("cowdisk")}
     assert ours <= {"cowdisk", "cowdisk.errors", "cowdisk.progress", "cowdisk.units", "cowdisk.store",
-                    "cowdisk.defaults", "cowdisk.cli", "cowdisk.cli.app"}, sorted(ours)
+                    "cowdisk.defaults", "cowdisk.cli", "cowdisk.cli.app", "cowdisk.cli.base", "cowdisk.cli.light",
+                    "cowdisk.cli.root"}, sorted(ours)
+    assert "cowdisk.cli.lists" not in mods and "cowdisk.model" not in mods  # the light path's listings: not for this
     assert not {"json", "traceback", "dataclasses", "logging"} & mods  # the model's dataclasses, JSON: when a command needs them
     assert not {"cowdisk.cli.volumes", "cowdisk.cli.templates", "cowdisk.cli.serve", "cowdisk.cli.demo"} & mods
 

@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING, Any, Callable
 import click
 
 from ..errors import CowdiskError
-from .app import App, Column, CowdiskCommand, pass_app, table
-
+from .app import CowdiskCommand, pass_app, table
+from .base import App, Column
 REPORT_KEYS = ("rolled_back", "finished", "reactivated", "orphans_removed", "adopted", "quarantined", "kept",
                "in_quarantine", "errors")
 """The keys of a recovery report, in order: what ``recover``/``gc`` print on a root with no store."""

@@ -21,9 +21,8 @@ from ..digest import sha256_file
 from ..errors import CowdiskError, message_of
 from ..progress import Progress
 from ..store import Store, release_pool
-from .app import App, CowdiskCommand, human_bytes, table
-
-
+from .app import CowdiskCommand, table
+from .base import App, human_bytes
 def _make_tree(d: str) -> None:
     files = {
         "etc/hostname": "sandbox\n",

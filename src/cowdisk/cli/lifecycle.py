@@ -7,9 +7,8 @@ from typing import Any
 import click
 
 from ..errors import InvalidArgument
-from .app import App, CowdiskCommand, CowdiskGroup, human_bytes, pass_app
-
-
+from .app import CowdiskCommand, CowdiskGroup, pass_app
+from .base import App, human_bytes
 @click.group(cls=CowdiskGroup)
 def store() -> None:
     """Make, describe and delete a store (the state root at --root).

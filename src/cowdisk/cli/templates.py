@@ -10,20 +10,15 @@ import click
 
 from ..errors import InvalidArgument, NotFound
 from ..model import validate_id
-from .app import (App, Column, CowdiskSubGroup, complete_templates, human_bytes, list_options, matches, parse_filters,
-                  parse_size, pass_app, select_columns, when)
-from .refs import lazy_cell, owners_as_uids, parse_owner, show_template, template_ref
+from .app import CowdiskSubGroup, complete_templates, list_options, parse_size, pass_app
+from .base import App, human_bytes
+from .lists import TEMPLATE_COLUMNS, list_templates
+from .refs import parse_owner, show_template, template_ref
 
 if TYPE_CHECKING:
     from ..contract import StoreAPI
     from ..progress import Progress
     from ..store import Store, Template
-
-COLUMNS = [Column("id"), Column("names"), Column("size", human=human_bytes),
-           Column("disk_bytes", "on disk", human=human_bytes), Column("users", "volumes", human=lambda u: str(len(u))),
-           Column("state"), Column("created", human=when), Column("digest", default=False),
-           Column("path", default=False), Column("source", default=False), Column("owner", default=False),
-           Column("shared", default=False), Column("lazy", human=lazy_cell)]
 
 @click.group(cls=CowdiskSubGroup)
 def template() -> None:
@@ -119,19 +114,6 @@ def template_build(app: App, source: str | None, image: str | None, name: str | 
             source, name, size=nbytes, progress=progress, shared=shared), as_sudo_user=True)
 
 
-REMOTE_COLUMNS = [Column("manifest", human=lambda d: str(d)[:16]), Column("template", human=lambda d: str(d)[:16]),
-                  Column("size", human=human_bytes), Column("chunk_size", "chunk", human=human_bytes),
-                  Column("chunks"), Column("zero_chunks", "zero"), Column("local", human=lambda b: "yes" if b else "no"),
-                  Column("distinct_chunks", "distinct", default=False), Column("url", default=False)]
-
-
-LAZY_COLUMNS = [Column("manifest", human=lambda d: str(d)[:16]), Column("template", human=lambda d: str(d)[:16]),
-                Column("size", human=human_bytes), Column("cached_bytes", "cached", human=human_bytes),
-                Column("cached_chunks", "chunks"), Column("data_chunks", "of"),
-                Column("pid", "server", human=lambda p: f"PID {p}" if p else "-"),
-                Column("url", default=False), Column("cache", default=False)]
-
-
 @template.command("push")
 @click.argument("ref", shell_complete=complete_templates)
 @click.option("--to", "to", metavar="URL", help="s3://BUCKET[/PREFIX] (default: the remote config's location).")
@@ -212,7 +194,7 @@ def template_record_order(app: App, manifest: str) -> None:
 
 
 @template.command("ls")
-@list_options(COLUMNS, "templates", "names: one of them")
+@list_options(TEMPLATE_COLUMNS, "templates", "names: one of them")
 @click.option("--remote", is_flag=True, help="List the templates in the object store instead (their manifests; "
                                              "columns: manifest, template, size, chunk_size, chunks, zero_chunks, "
                                              "local, distinct_chunks, url).")
@@ -237,34 +219,7 @@ def template_ls(app: App, ids_only: bool, no_headings: bool, columns: str | None
       cowdisk template ls --json | jq -r '.templates[].id'
       cowdisk template ls --remote
     """
-    if at is not None and not remote:
-        raise InvalidArgument("template ls: --from needs --remote", op="list templates", obj=at)
-    if remote and lazy:
-        raise InvalidArgument("template ls: --remote or --lazy, not both", op="list templates", obj="")
-    cols = REMOTE_COLUMNS if remote else LAZY_COLUMNS if lazy else COLUMNS
-    only = select_columns(columns, cols)
-    wanted = owners_as_uids(parse_filters(filters, cols))
-    rows = []
-    if remote:
-        if app.has_store():
-            rows = app.store().remote_templates(at)
-        else:
-            from ..store.remote import remote_listing
-
-            rows = [{**r, "local": False} for r in remote_listing(app.root, at)]
-    elif lazy:
-        rows = app.store().lazy_templates() if app.has_store() else []
-    elif app.has_store():
-        store = app.store()
-        rows = [store.template_doc(t) for t in store.templates()]
-    rows = [r for r in rows if matches(r, wanted)]
-    if app.json:
-        app.emit({"templates": rows})
-    elif ids_only:
-        for r in rows:
-            app.line(r["manifest" if remote or lazy else "id"])
-    else:
-        app.listing(rows, cols, headings=not no_headings, only=only)
+    list_templates(app, ids_only, no_headings, columns, filters, remote, at, lazy)
 
 
 @template.command("inspect")

@@ -4,27 +4,21 @@ usage and remove volumes."""
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import TYPE_CHECKING, Any
 
 import click
 
 from ..errors import CowdiskError, InvalidArgument, NotFound
 from ..model import validate_id
-from .app import (App, Column, CowdiskSubGroup, LazyChoice, complete_templates, complete_volumes, human_bytes,
-                  list_options, matches, parse_filters, parse_size, pass_app, select_columns, when)
-from .refs import owner_name, owners_as_uids, parse_owner, show_template, template_ref
+from .app import CowdiskSubGroup, LazyChoice, complete_templates, complete_volumes, list_options, parse_size, pass_app
+from .base import App, Column, human_bytes, select_columns, when
+from .lists import VOLUME_COLUMNS, list_volumes
+from .refs import owner_name, parse_owner, show_template, template_ref
 
 if TYPE_CHECKING:
     from ..contract import StoreAPI
     from ..store import Volume
 
-COLUMNS = [Column("id"), Column("state"), Column("backend"), Column("template_id", "template"),
-           Column("size", human=human_bytes), Column("links", human=lambda ls: "\n".join(ls) or "-"),
-           Column("device", human=lambda d: d or "-"), Column("link", default=False),
-           Column("data_path", default=False), Column("parent", default=False),
-           Column("created", human=when, default=False), Column("error", default=False),
-           Column("owner", default=False)]
 USAGE_COLUMNS = [Column("id"), Column("state"), Column("template_id", "template"),
                  Column("own_bytes", "own", human=human_bytes), Column("disk_bytes", "allocated", human=human_bytes),
                  Column("apparent_bytes", "apparent", human=human_bytes), Column("cow", "cow used"),
@@ -91,7 +85,7 @@ def volume_create(app: App, vid: str, tref: str, size: str | None, no_grow_fs: b
 
 @volume.command("ls")
 @click.option("--template", "-t", "tref", help="Only volumes of this template.", shell_complete=complete_templates)
-@list_options(COLUMNS, "volumes", "state=attached, template=REF: an id, name or digest, owner=UID or user name, "
+@list_options(VOLUME_COLUMNS, "volumes", "state=attached, template=REF: an id, name or digest, owner=UID or user name, "
                                   "links: one of them")
 @pass_app
 def volume_ls(app: App, tref: str | None, ids_only: bool, no_headings: bool, columns: str | None,
@@ -109,24 +103,7 @@ def volume_ls(app: App, tref: str | None, ids_only: bool, no_headings: bool, col
       cowdisk volume ls -o +parent --filter state=checkpointed
       cowdisk volume ls --json | jq -r '.volumes[] | select(.state=="attached") | .id'
     """
-    only = select_columns(columns, COLUMNS)
-    wanted = owners_as_uids(parse_filters(filters, COLUMNS, extra=("template",)))
-    templates = wanted.pop("template", set()) | ({tref} if tref is not None else set())
-    vols: list[Volume] = []
-    if app.has_store():
-        store = app.store()
-        vols = store.volumes()
-        if templates:
-            tids = {store.template(template_ref(t)).id for t in templates}
-            vols = [v for v in vols if v.template_id in tids]
-    rows = [r for r in (v.as_dict() for v in vols) if matches(r, wanted)]
-    if app.json:
-        app.emit({"volumes": rows})
-    elif ids_only:
-        for r in rows:
-            app.line(r["id"])
-    else:
-        app.listing(rows, COLUMNS, headings=not no_headings, only=only)
+    list_volumes(app, tref, ids_only, no_headings, columns, filters)
 
 
 @volume.command("inspect")

@@ -4,7 +4,8 @@ directly, and through a cowdiskd serving it, as the systemd unit sets it up) sid
 with a bare ``python3 -c pass`` and an ``import cowdisk.client`` (the part of ``volume ls``
 through a daemon that is the client's) on the same machine, in alternating rounds so load hits every side
 alike; then the ``-X importtime`` top offenders of each command (cumulative time of the
-modules it imports, and which cowdisk modules are among them).
+modules it imports, and which cowdisk modules are among them). ``volume ls`` and ``template ls``
+through a daemon run without click (cli/light.py); the ``-v`` row is the same call through click.
 
     python3 bench/startup.py [--runs 20] [--top 12] [--json FILE] [--client-before SRC] [--client-only]
 
@@ -168,6 +169,12 @@ def main() -> int:
             "import cowdisk.client": ([sys.executable, "-c", "import cowdisk.client"], ENV),
             "cowdisk --version": (cowdisk("--version"), ENV),
             "cowdisk volume ls (daemon)": (cowdisk("--root", root, "volume", "ls"), daemon_env),
+            "cowdisk volume ls -o -q --filter (daemon)": (cowdisk("--root", root, "volume", "ls", "-o", "id,state",
+                                                                 "--filter", "state=attached", "--no-headings"),
+                                                         daemon_env),
+            "cowdisk template ls (daemon)": (cowdisk("--root", root, "template", "ls"), daemon_env),
+            # the same call through click (-v leaves the light path): what cli/light.py saves
+            "cowdisk -v volume ls (daemon, click)": (cowdisk("--root", root, "-v", "volume", "ls"), daemon_env),
             "cowdisk volume ls (direct)": (cowdisk("--root", root, "volume", "ls"), direct_env),
             # the interpreter's own floor: no site module, so no .pth file of this machine runs
             # (a sandbox's certifi hook costs ~20 ms here on both sides of the ratios above)
@@ -195,7 +202,7 @@ def main() -> int:
             med, cmed = statistics.median(ts), statistics.median(cpu[name])
             base, base_min = statistics.median(times[floor(name)]), min(times[floor(name)])
             base_cpu = statistics.median(cpu[floor(name)])
-            print(f"  {name:31s} wall {med * 1000:7.1f} ms (min {min(ts) * 1000:6.1f}, max {max(ts) * 1000:6.1f}), "
+            print(f"  {name:41s} wall {med * 1000:7.1f} ms (min {min(ts) * 1000:6.1f}, max {max(ts) * 1000:6.1f}), "
                   f"cpu {cmed * 1000:6.1f} ms   {med / base:4.2f}x, min {min(ts) / base_min:4.2f}x, "
                   f"cpu {cmed / base_cpu:4.2f}x")
             result["cases"][name] = {"median_ms": med * 1000, "min_ms": min(ts) * 1000,  # type: ignore[index]

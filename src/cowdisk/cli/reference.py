@@ -50,16 +50,13 @@ EXIT_CODES: dict[int, tuple[str, str]] = {
 tests/unit/test_docs.py checks that every error type's ``exit_code`` is here."""
 
 
-def commands(group: click.Group | None = None,
+def commands(group: click.Group,
              prefix: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], click.Command]]:
-    """Every command and group under ``group`` (the root by default) with its path, each
-    module imported (the root names them lazily)."""
-    from . import cli
-
-    top = cli if group is None else group
-    ctx = click.Context(top)
-    for name in top.list_commands(ctx):
-        cmd = top.get_command(ctx, name)
+    """Every command and group under ``group`` (``cowdisk.cli.cli``, the root) with its path,
+    each module imported (the root names them lazily)."""
+    ctx = click.Context(group)
+    for name in group.list_commands(ctx):
+        cmd = group.get_command(ctx, name)
         if cmd is None:
             continue
         yield prefix + (name,), cmd

@@ -27,7 +27,7 @@ from cowdisk.errors import RemoteError
 from cowdisk.kernel import nbd
 from cowdisk.remote.cache import LOOP_LOCK, ChunkCache, evict, last_used, loops_over, read_record
 from remoteutil import chunk_dir, chunked, nbd_pread, offline_lazy
-from testutil import MiB
+from testutil import MiB, cowdisk_cli
 
 pytestmark = [pytest.mark.root, pytest.mark.backends("copy")]
 
@@ -208,6 +208,12 @@ def test_no_chunk_is_evicted_while_a_loop_reads_a_whole_cache(store, tmp_path) -
         t.join(10)
         assert [e.errno for e in refused] == [errno.EBUSY], refused
         assert f"backs /dev/loop{loops_over(cache)[0]}" in str(refused[0])
+        # what the template's documents and the command line say of it: whole, read by that loop
+        lazy = store.template_doc(store.template("lz"))["lazy"]
+        assert (lazy["whole"], lazy["loops"]) == (True, loops_over(cache)) and len(lazy["loops"]) == 1
+        assert [(d["whole"], d["loops"]) for d in store.lazy_templates()] == [(True, lazy["loops"])]
+        out = cowdisk_cli(store.root, "template", "inspect", "lz").stdout
+        assert f"(4/4 chunks, whole, read by /dev/loop{lazy['loops'][0]})" in out, out
         for stopped in (False, True):  # served: single chunks; not served: the whole cache
             if stopped:
                 store.stop_lazy_template(m.digest)
@@ -225,3 +231,4 @@ def test_no_chunk_is_evicted_while_a_loop_reads_a_whole_cache(store, tmp_path) -
     assert f"lazy template {m.digest[:16]}: evicted 4 chunks ({4 * MiB} bytes) to keep the cache under 1 bytes" \
         in store.gc().orphans_removed
     assert read_record(cache) == [] and os.stat(os.path.join(cache, "data")).st_blocks == 0
+    assert [(d["whole"], d["loops"]) for d in store.lazy_templates()] == [(False, [])]

@@ -37,7 +37,7 @@ def test_a_lazy_template_is_a_template_of_the_store(store, tmp_path) -> None:
     assert os.path.basename(t.path) == "disk.lazy" and t.owner == 0
     doc = store.template_doc(t)
     assert doc["lazy"] == {"manifest": m.digest, "source": url, "cached_bytes": MiB, "cached_chunks": 1,
-                           "data_chunks": 3, "served": True}
+                           "data_chunks": 3, "whole": False, "loops": [], "served": True}
     assert doc["disk_bytes"] == MiB  # its bytes on this host: what the cache holds
     assert [x.id for x in store.templates()] == [t.id]
     ls = cowdisk_cli(store.root, "template", "ls", "-o", "id,lazy").stdout.splitlines()  # raw: not a terminal

@@ -182,6 +182,8 @@ def whole_cache_reads_through_a_loop(store: Store, backend: str, img: str, m, mi
     assert origin.startswith(f"{loop.LOOP_MAJOR}:") and li is not None, (table, li)
     assert li.read_only and li.autoclear and os.path.samefile(li.backing_file, data_file), li
     assert loops_over(cache) == [n] and ours(store) == []  # no nbd device for it
+    lazy = store.template_doc(store.template("lz"))["lazy"]  # what template inspect and ls show
+    assert (lazy["whole"], lazy["loops"]) == (True, [n]), lazy
     fsck = subprocess.run(["e2fsck", "-f", "-n", v3.device], capture_output=True, text=True)
     assert fsck.returncode == 0, fsck.stdout + fsck.stderr
     assert pread_direct(v3.device, 0, SIZE) == template

@@ -33,6 +33,8 @@ REMOTE_COLUMNS = [Column("manifest", human=lambda d: str(d)[:16]), Column("templ
 LAZY_COLUMNS = [Column("manifest", human=lambda d: str(d)[:16]), Column("template", human=lambda d: str(d)[:16]),
                 Column("size", human=human_bytes), Column("cached_bytes", "cached", human=human_bytes),
                 Column("cached_chunks", "chunks"), Column("data_chunks", "of"),
+                Column("whole", human=lambda b: "yes" if b else "no"),
+                Column("loops", "read by", human=lambda ls: ", ".join(f"/dev/loop{n}" for n in ls) or "-"),
                 Column("pid", "server", human=lambda p: f"PID {p}" if p else "-"),
                 Column("url", default=False), Column("cache", default=False)]
 

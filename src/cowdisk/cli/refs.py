@@ -68,7 +68,9 @@ def lazy_cell(d: Any) -> str:
     """A lazy template's cache in a cell (``-`` for a template with its file here)."""
     if not d:
         return "-"
-    return f"{human_bytes(d['cached_bytes'])} cached ({d['cached_chunks']}/{d['data_chunks']} chunks)"
+    loops = ", ".join(f"/dev/loop{n}" for n in d["loops"])
+    return (f"{human_bytes(d['cached_bytes'])} cached ({d['cached_chunks']}/{d['data_chunks']} chunks"
+            + (", whole" if d["whole"] else "") + (f", read by {loops}" if loops else "") + ")")
 
 
 def show_template(app: App, store: StoreAPI, t: Template, title: str) -> None:

@@ -200,9 +200,9 @@ def template_record_order(app: App, manifest: str) -> None:
                                              "local, distinct_chunks, url).")
 @click.option("--from", "at", metavar="URL", help="With --remote: s3://BUCKET[/PREFIX] (default: the remote "
                                                   "config's location).")
-@click.option("--lazy", is_flag=True, help="List the lazy templates on this host instead: cached bytes, served or "
-                                           "not (columns: manifest, template, size, cached_bytes, cached_chunks, "
-                                           "data_chunks, url, pid).")
+@click.option("--lazy", is_flag=True, help="List the lazy templates on this host instead: cached bytes, whole or "
+                                           "not, the loops reading it, served or not (columns: manifest, template, "
+                                           "size, cached_bytes, cached_chunks, data_chunks, whole, loops, url, pid).")
 @pass_app
 def template_ls(app: App, ids_only: bool, no_headings: bool, columns: str | None, filters: tuple[str, ...],
                 remote: bool, at: str | None, lazy: bool) -> None:

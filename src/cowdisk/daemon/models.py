@@ -87,7 +87,8 @@ TemplateOut = out_model(model.Template, "TemplateOut", disk_bytes=(int | None, F
     None, description="Bytes the template's file really takes (st_blocks); a lazy template's: the bytes its cache "
                       "holds")), lazy=(dict[str, Any] | None, Field(
     None, description="A lazy template (served from this host's chunk cache): manifest, source, cached_bytes, "
-                      "cached_chunks, data_chunks, served; null for a template with its image file here")))
+                      "cached_chunks, data_chunks, whole, loops, served; null for a template with its image file "
+                      "here")))
 
 
 TemplateList = create_model("TemplateList", templates=(list[TemplateOut], ...))  # type: ignore[valid-type]
@@ -363,6 +364,10 @@ class LazyOut(ManifestSummary):
     cached_chunks: int
     cached_bytes: int
     data_chunks: int
+    whole: bool = Field(description="Every data chunk is cached: a volume made now reads the cache file through a "
+                                    "loop device, not through the server")
+    loops: list[int] = Field(description="The loop devices reading the cache file (/dev/loopN: the origin of "
+                                         "volumes over the whole cache); its chunks are not evicted while any is")
     url: str | None = Field(description="nbd+unix:///?socket=... while served (QEMU opens it), else null")
     pid: int | None = Field(description="The serving nbdkit's PID, while served")
     stats: dict[str, Any] = Field(description="The server's counters: fetched chunks and bytes, reads from the "

@@ -418,8 +418,9 @@ class RemoteTemplates:
 
     def lazy_doc(self, manifest_digest: str) -> dict[str, Any]:
         """A lazy template on this host: its manifest's summary, the bytes its cache holds,
-        whether (and where) it is served, the serving process's counters."""
-        from ..remote.cache import ChunkCache, parse_record
+        whether it is whole and the loops reading it, whether (and where) it is served, the
+        serving process's counters."""
+        from ..remote.cache import ChunkCache, loops_over, parse_record, whole
         from ..remote.lazy import server, stats
 
         cache = self._cache(manifest_digest, "find lazy template")
@@ -430,6 +431,9 @@ class RemoteTemplates:
         return {**m.as_dict(), "cache": cache, "cached_chunks": len(held),
                 "cached_bytes": sum(m.length(i) for i in held),
                 "data_chunks": len(m.chunks) - m.as_dict()["zero_chunks"],
+                # every data chunk here: a volume made now reads the cache through a loop, not the server
+                "whole": whole(cache, m),
+                "loops": loops_over(cache),  # the loops reading it (the origin of volumes over it)
                 "url": s.url if s else None, "pid": s.pid if s else None, "stats": stats(cache)}
 
     def lazy_served(self, path: str) -> bool:
@@ -440,11 +444,13 @@ class RemoteTemplates:
 
     def lazy_summary(self, path: str) -> dict[str, Any]:
         """A lazy template's cache, as ``template ls`` and ``inspect`` show it: its manifest,
-        the bytes and chunks its cache holds, whether it is served."""
+        the bytes and chunks its cache holds, whether it is whole (new volumes then read it
+        through a loop) and the loops that read it, whether it is served."""
         d = lazy_descriptor(path)
         doc = self.lazy_doc(d["manifest"])
         return {"manifest": d["manifest"], "source": d["source"], "cached_bytes": doc["cached_bytes"],
-                "cached_chunks": doc["cached_chunks"], "data_chunks": doc["data_chunks"], "served": doc["pid"] is not None}
+                "cached_chunks": doc["cached_chunks"], "data_chunks": doc["data_chunks"], "whole": doc["whole"],
+                "loops": doc["loops"], "served": doc["pid"] is not None}
 
     def _cache(self, manifest_digest: str, op: str) -> str:
         """The cache of lazy template ``manifest_digest`` on this host (NotFound when there is none)."""

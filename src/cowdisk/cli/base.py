@@ -415,6 +415,7 @@ class App:
             self.close()
             raise SystemExit(int(errors[0]["exit_code"]))
 
+
 def error_doc(e: BaseException, code: int, command: str, hint: str = "") -> dict[str, Any]:
     return {"type": type(e).__name__, "exit_code": code, "message": message_of(e),
             "hint": getattr(e, "hint", "") or hint, "command": command, "op": getattr(e, "op", ""),

@@ -10,18 +10,19 @@ from .base import App, Column, human_bytes, matches, parse_filters, select_colum
 from .refs import lazy_cell, owners_as_uids, template_ref
 
 VOLUME_COLUMNS = [Column("id"), Column("state"), Column("backend"), Column("template_id", "template"),
-           Column("size", human=human_bytes), Column("links", human=lambda ls: "\n".join(ls) or "-"),
-           Column("device", human=lambda d: d or "-"), Column("link", default=False),
-           Column("data_path", default=False), Column("parent", default=False),
-           Column("created", human=when, default=False), Column("error", default=False),
-           Column("owner", default=False)]
+                  Column("size", human=human_bytes), Column("links", human=lambda ls: "\n".join(ls) or "-"),
+                  Column("device", human=lambda d: d or "-"), Column("link", default=False),
+                  Column("data_path", default=False), Column("parent", default=False),
+                  Column("created", human=when, default=False), Column("error", default=False),
+                  Column("owner", default=False)]
 
 
 TEMPLATE_COLUMNS = [Column("id"), Column("names"), Column("size", human=human_bytes),
-           Column("disk_bytes", "on disk", human=human_bytes), Column("users", "volumes", human=lambda u: str(len(u))),
-           Column("state"), Column("created", human=when), Column("digest", default=False),
-           Column("path", default=False), Column("source", default=False), Column("owner", default=False),
-           Column("shared", default=False), Column("lazy", human=lazy_cell)]
+                    Column("disk_bytes", "on disk", human=human_bytes),
+                    Column("users", "volumes", human=lambda u: str(len(u))), Column("state"),
+                    Column("created", human=when), Column("digest", default=False), Column("path", default=False),
+                    Column("source", default=False), Column("owner", default=False), Column("shared", default=False),
+                    Column("lazy", human=lazy_cell)]
 
 
 REMOTE_COLUMNS = [Column("manifest", human=lambda d: str(d)[:16]), Column("template", human=lambda d: str(d)[:16]),

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import InvalidArgument
 from ..model import validate_id
 from .base import App, human_bytes, when
+
 if TYPE_CHECKING:
     from ..contract import StoreAPI
     from ..model import Template

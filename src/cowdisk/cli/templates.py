@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from ..progress import Progress
     from ..store import Store, Template
 
+
 @click.group(cls=CowdiskSubGroup)
 def template() -> None:
     """Templates: immutable base disk images, known by digest and names.

@@ -179,7 +179,11 @@ def whole(dir: str, manifest: Manifest) -> bool:
     """Whether the record of the cache in ``dir`` lists every data chunk of ``manifest`` (each
     was checked against its SHA-256 and its bytes synced before it was listed): ``data`` then
     holds the template's bytes, its holes the zero chunks."""
-    held = set(read_record(dir))
+    return holds_every_chunk(manifest, set(read_record(dir)))
+
+
+def holds_every_chunk(manifest: Manifest, held: set[int]) -> bool:
+    """Whether ``held`` (a record's chunk indexes) lists every data chunk of ``manifest``."""
     return all(i in held for i, c in enumerate(manifest.chunks) if c is not None)
 
 

@@ -420,7 +420,7 @@ class RemoteTemplates:
         """A lazy template on this host: its manifest's summary, the bytes its cache holds,
         whether it is whole and the loops reading it, whether (and where) it is served, the
         serving process's counters."""
-        from ..remote.cache import ChunkCache, loops_over, parse_record, whole
+        from ..remote.cache import ChunkCache, holds_every_chunk, loops_over, parse_record
         from ..remote.lazy import server, stats
 
         cache = self._cache(manifest_digest, "find lazy template")
@@ -432,7 +432,7 @@ class RemoteTemplates:
                 "cached_bytes": sum(m.length(i) for i in held),
                 "data_chunks": len(m.chunks) - m.as_dict()["zero_chunks"],
                 # every data chunk here: a volume made now reads the cache through a loop, not the server
-                "whole": whole(cache, m),
+                "whole": holds_every_chunk(m, held),  # the record read above, not read again
                 "loops": loops_over(cache),  # the loops reading it (the origin of volumes over it)
                 "url": s.url if s else None, "pid": s.pid if s else None, "stats": stats(cache)}
 

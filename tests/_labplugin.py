@@ -24,6 +24,7 @@ None outside the lab). Helper: ``running_in_lab()``.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import io
 import os
@@ -244,17 +245,14 @@ class LabRun:
             if self.config.inipath:
                 argv += ["-c", str(self.config.inipath)]
             argv += ["--rootdir", str(self.config.rootpath), *self.nodeids]
-            where = " in the background" if self._log is not None else ""
-            self._line(f"\n[cowdisk-lab] running {len(self.nodeids)} lab test(s) in the kernel lab{where} "
-                       f"(one boot, timeout {self.timeout():.0f}s)")
-            if self._log is not None:
+            log = self._log  # the background run's; None: the terminal, capture off while it runs
+            self._line(f"\n[cowdisk-lab] running {len(self.nodeids)} lab test(s) in the kernel lab"
+                       f"{' in the background' if log is not None else ''} (one boot, timeout {self.timeout():.0f}s)")
+            capman = self.config.pluginmanager.getplugin("capturemanager")
+            with contextlib.nullcontext() if log is not None else capman.global_and_fixture_disabled():
                 res = kl.run_in_lab(argv, cwd=str(self.config.rootpath), timeout=self.timeout(),
-                                    out=self._log, scratch_size=LAB_SCRATCH, cancel=self._cancel)
-            else:
-                capman = self.config.pluginmanager.getplugin("capturemanager")
-                with capman.global_and_fixture_disabled():
-                    res = kl.run_in_lab(argv, cwd=str(self.config.rootpath), timeout=self.timeout(),
-                                        out=sys.stdout.buffer, scratch_size=LAB_SCRATCH)
+                                    out=log if log is not None else sys.stdout.buffer, scratch_size=LAB_SCRATCH,
+                                    cancel=self._cancel)
             boot = f"{res.boot_seconds:.1f}s" if res.boot_seconds is not None else "n/a"
             self._line(f"[cowdisk-lab] {res.status}: exit status {res.returncode}, boot {boot}, "
                        f"total {res.total_seconds:.1f}s")

@@ -219,14 +219,15 @@ GOOD_TOKENS = {
 }
 BAD_TOKENS = [
     ("-o", "bogus"), ("--filter", "bogus=1"), ("--filter", "state"), ("--template", "nope"), ("--remote",),
-    ("--from", "s3://b"), ("--timeout", "-1"), ("--timeout=-1",), ("--timeout", "x"), ("--timeout=nan",), ("--backend", "bogus"), ("--backend", "dm-thin"),
+    ("--from", "s3://b"), ("--timeout", "-1"), ("--timeout=-1",), ("--timeout", "x"), ("--timeout=nan",),
+    ("--backend", "bogus"), ("--backend", "dm-thin"),
     ("--root", "/nonexistent"), ("-t",), ("extra",), ("--temp", "base"), ("-tbase",), ("-qq",), ("--",), ("-v",),
 ]
 """Tokens (with their values) of the two listings' argument vectors: ones the light path
 takes, and ones it leaves to click (a bad value, an error of the store, a form it does not read)."""
 
-BEFORE = ["--json", "-q", "--quiet", "--timeout", "--timeout=0", "--timeout=-1", "--root", "--root=ROOT", "--backend", "--backend=auto",
-          "-v"]
+BEFORE = ["--json", "-q", "--quiet", "--timeout", "--timeout=0", "--timeout=-1", "--root", "--root=ROOT", "--backend",
+          "--backend=auto", "-v"]
 
 
 def _both_paths(root: str, before: list[tuple[str, ...]], words: tuple[str, ...],
